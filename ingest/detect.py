@@ -1,0 +1,148 @@
+"""Guess a log file's format from its first bytes and its first record's keys.
+
+Detection reads a bounded head of the file (the first array item's keys are read as parse
+events, so a huge or truncated first item costs nothing). When the keys fit no known format
+the error says what was seen, so the user can pick `--format` or fix the file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from itertools import islice
+from pathlib import Path
+
+import ijson
+
+from ingest.files import (
+    DEFAULT_MAX_LINE_BYTES,
+    Line,
+    first_json_byte,
+    head,
+    iter_lines,
+    looks_binary,
+    open_binary,
+)
+
+_SNIFF_LINES = 20
+_MESSAGE_LISTS = ("messages", "conversations", "conversation")
+_CHAI_KEYS = frozenset({"bot_id", "bot_name"})
+_CHAI_MESSAGE_KEYS = frozenset({"sender", "sent_date", "deleted", "sender_type", "is_user"})
+_TABULAR_SUFFIXES = (".csv", ".tsv")
+_CANONICAL_COLUMNS = frozenset({"prompt", "response", "conversation_id"})
+
+
+def detect_format(path: Path, *, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> str:
+    """One of "openai", "sharegpt", "chai", "battles", "csv", "parquet"; ValueError otherwise."""
+    path = Path(path)
+    start = head(path)
+    if start.startswith(b"PAR1"):
+        return "parquet"
+    if not start.strip():
+        raise ValueError(f"cannot detect the format of {path}: the file is empty")
+    if looks_binary(start):
+        raise ValueError(f"cannot detect the format of {path}: binary content, not a log")
+    first = first_json_byte(path)
+    if first == b"[":
+        keys, message_keys = _first_array_item_keys(path)
+        seen = f"a JSON array whose first item has keys {sorted(keys)}"
+    elif first == b"{":
+        keys, message_keys = _first_jsonl_keys(path, max_line_bytes)
+        seen = f"JSON lines whose first record has keys {sorted(keys)}"
+    else:
+        if _looks_tabular(path, start):
+            return "csv"
+        text = start[:80].decode("utf-8", errors="replace")
+        seen = f"text starting {text!r}"
+        keys, message_keys = set(), set()
+    found = classify(keys, message_keys)
+    if found is None:
+        raise ValueError(
+            f"cannot detect the format of {path}: saw {seen}; expected OpenAI chat "
+            "(messages), ShareGPT (conversations), Chai (messages with sender), battles "
+            "(winner, model_a, response_a), CSV or Parquet. Pass --format to choose one."
+        )
+    return found
+
+
+def classify(keys: set[str], message_keys: set[str]) -> str | None:
+    """The format whose keys these are: a record's top-level keys and its first message's keys."""
+    if "winner" in keys and ({"response_a", "model_a"} & keys):
+        return "battles"
+    if "conversations" in keys and {"from", "value"} & message_keys:
+        return "sharegpt"
+    if not set(_MESSAGE_LISTS) & keys:
+        return None
+    if _CHAI_KEYS & keys or _CHAI_MESSAGE_KEYS & message_keys:
+        return "chai"
+    if "role" in message_keys:
+        return "openai"
+    if "thumbs_up" in keys:  # Chai's conversation-level feedback, messages not telling
+        return "chai"
+    if "conversations" in keys:
+        return "sharegpt"
+    return None
+
+
+def _first_array_item_keys(path: Path) -> tuple[set[str], set[str]]:
+    """Keys of the first item and of its first message, from parse events (stops early)."""
+    keys: set[str] = set()
+    message_keys: set[str] = set()
+    message_prefixes = {f"item.{name}.item" for name in _MESSAGE_LISTS}
+    current: str | None = None  # the prefix of the first message while it is being read
+    done = False
+    with open_binary(path) as f:
+        try:
+            for prefix, event, value in ijson.parse(f):
+                if prefix == "item" and event == "map_key":
+                    keys.add(value)
+                elif prefix == "item" and event == "end_map":
+                    break
+                elif done or prefix not in message_prefixes:
+                    continue
+                elif event == "start_map":
+                    current = prefix
+                elif event == "map_key" and prefix == current:
+                    message_keys.add(value)
+                elif event == "end_map" and prefix == current:
+                    done = True
+        except ijson.JSONError:
+            pass  # a truncated or broken first item: classify what was seen
+    return keys, message_keys
+
+
+def _first_jsonl_keys(path: Path, max_line_bytes: int) -> tuple[set[str], set[str]]:
+    """Keys of the first JSON object among the first lines (bad lines are passed over)."""
+    lines = iter_lines(path, source=str(path), max_line_bytes=max_line_bytes)
+    for line in islice(lines, _SNIFF_LINES):
+        if not isinstance(line, Line):
+            continue
+        try:
+            record = json.loads(line.text)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            return set(record), _message_keys(record)
+    return set(), set()
+
+
+def _message_keys(record: dict) -> set[str]:
+    for name in _MESSAGE_LISTS:
+        messages = record.get(name)
+        if isinstance(messages, list) and messages and isinstance(messages[0], dict):
+            return set(messages[0])
+    return set()
+
+
+def _looks_tabular(path: Path, start: bytes) -> bool:
+    """A .csv/.tsv name, or a header line naming canonical columns."""
+    name = path.name.lower().removesuffix(".gz")
+    if name.endswith(_TABULAR_SUFFIXES):
+        return True
+    first_line = start.split(b"\n", 1)[0].decode("utf-8", errors="replace")
+    for delimiter in (",", "\t", ";"):
+        header = next(csv.reader(io.StringIO(first_line), delimiter=delimiter), [])
+        if len(header) > 1 and _CANONICAL_COLUMNS & {h.strip().lower() for h in header}:
+            return True
+    return False

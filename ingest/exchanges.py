@@ -1,0 +1,160 @@
+"""Split conversations into exchanges (one per model response) and read signals off the structure.
+
+Conventions, chosen so the reward model's labels mean what they say:
+- Every assistant message that answers a user message is an exchange; its prompt is the
+  nearest earlier user message, its context every earlier message before that prompt (system
+  messages included, regenerated responses excluded: the user never built on those).
+  Assistant messages before the first user message (a bot's greeting) are context only.
+- `user_turns_after` counts user messages after the response; `ended_conversation` is true
+  when there are none, except for a retried response: regenerating is a reaction, not leaving.
+- `seconds_to_next_user_message` is the gap to the next user message when both are dated.
+- Conversation-level thumbs and rating (Chai's `thumbs_up`) apply to the last response that was
+  kept (not retried), the one the user judged on leaving, and only when no response in the
+  conversation carries that signal itself. Free-text feedback stays on the conversation.
+- A conversation with user messages but no answer yields one exchange with an empty response
+  for its last user message: a saved input, waiting for replay.
+- `instruction` is the conversation's logged instruction, else the latest system message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import datetime
+
+from ingest.records import BattleRecord, Conversation, Exchange, Message
+
+
+def split_conversation(conv: Conversation) -> list[Exchange]:
+    """One Exchange per answered user message, in conversation order (see module docstring).
+
+    One pass over the messages: ShareGPT-sized logs split tens of thousands of these a second.
+    """
+    messages = conv.messages
+    users = [i for i, m in enumerate(messages) if m.role == "user"]
+    if not users:
+        return []
+    conversation_id = conv.id
+    thumbs_at = _feedback_target(conv, users[0], "thumbs")
+    rating_at = _feedback_target(conv, users[0], "rating")
+    kept: list[Message] = []  # earlier messages a later turn builds on (retries left out)
+    context: tuple[Message, ...] = ()
+    prompt: Message | None = None
+    system: str | None = None
+    users_seen = 0
+    exchanges = []
+    for i, m in enumerate(messages):
+        role = m.role
+        if role == "user":
+            context = tuple(kept)
+            prompt = m
+            users_seen += 1
+        elif role == "system":
+            system = m.content
+        elif prompt is not None:
+            after = len(users) - users_seen
+            next_user = messages[users[users_seen]] if after else None
+            exchanges.append(
+                Exchange(
+                    conversation_id=conversation_id,
+                    turn_index=i,
+                    context=context,
+                    prompt=prompt.content,
+                    response=m.content,
+                    model=m.model or conv.model,
+                    instruction=conv.instruction or system,
+                    created_at=m.created_at or conv.created_at,
+                    source=conv.source,
+                    external_id=m.external_id or conv.external_id,
+                    retried=m.retried,
+                    edited=m.edited,
+                    deleted=m.deleted,
+                    rating=conv.rating if i == rating_at else m.rating,
+                    thumbs=conv.thumbs if i == thumbs_at else m.thumbs,
+                    user_turns_after=after,
+                    ended_conversation=False if m.retried else after == 0,
+                    seconds_to_next_user_message=_gap(m, next_user),
+                    metadata=dict(m.metadata) if m.metadata else {},
+                )
+            )
+        if not m.retried:
+            kept.append(m)
+    if not exchanges:
+        return [_saved_input(conv, conversation_id, users[-1])]
+    return exchanges
+
+
+def _feedback_target(conv: Conversation, first_user: int, signal: str) -> int | None:
+    """The response a conversation-level signal ("thumbs" or "rating") applies to, if any.
+
+    The last kept (not retried) answer, and only when no answer carries that signal itself.
+    """
+    if getattr(conv, signal) is None:
+        return None
+    answers = [i for i, m in enumerate(conv.messages) if m.role == "assistant" and i > first_user]
+    if any(getattr(conv.messages[i], signal) is not None for i in answers):
+        return None
+    return next((i for i in reversed(answers) if not conv.messages[i].retried), None)
+
+
+def battle_exchanges(b: BattleRecord) -> tuple[Exchange, Exchange]:
+    """The two answers of a battle as one-turn exchanges, ids derived from content only.
+
+    No battle id goes into them, so an answer that appears in many battles (AlpacaEval's
+    baseline answers every prompt 28 times) is one exchange, and so is the same answer logged
+    elsewhere.
+    """
+    a = _one_turn(b, b.model_a, b.response_a)
+    other = _one_turn(b, b.model_b, b.response_b)
+    return a, other
+
+
+def _one_turn(b: BattleRecord, model: str, response: str) -> Exchange:
+    conv = Conversation(
+        messages=(
+            *b.context,
+            Message(role="user", content=b.prompt),
+            Message(role="assistant", content=response, model=model),
+        ),
+        source=b.source,
+        line=b.line,
+    )
+    # A judged pair says nothing about what the user did next: those signals stay unknown.
+    return replace(split_conversation(conv)[-1], user_turns_after=None, ended_conversation=None)
+
+
+def _saved_input(conv: Conversation, conversation_id: str, prompt_at: int) -> Exchange:
+    messages = conv.messages
+    prompt = messages[prompt_at]
+    return Exchange(
+        conversation_id=conversation_id,
+        turn_index=len(messages),
+        context=tuple(c for c in messages[:prompt_at] if not c.retried),
+        prompt=prompt.content,
+        response="",
+        model=conv.model,
+        instruction=conv.instruction or _latest_system(messages, prompt_at),
+        created_at=prompt.created_at or conv.created_at,
+        source=conv.source,
+        external_id=prompt.external_id or conv.external_id,
+        metadata=dict(prompt.metadata or {}),
+    )
+
+
+def _latest_system(messages: tuple[Message, ...], before: int) -> str | None:
+    for m in reversed(messages[:before]):
+        if m.role == "system":
+            return m.content
+    return None
+
+
+def _gap(response: Message, next_user: Message | None) -> float | None:
+    if next_user is None or response.created_at is None or next_user.created_at is None:
+        return None
+    return _seconds(response.created_at, next_user.created_at)
+
+
+def _seconds(start: datetime, end: datetime) -> float | None:
+    try:
+        return (end - start).total_seconds()
+    except TypeError:  # one naive, one aware: no defined gap
+        return None

@@ -1,0 +1,280 @@
+"""Low-level file access shared by every reader: gzip, bounded lines, streamed JSON records.
+
+Real log files are compressed, truncated, binary by mistake, or hold one 50 MB line. The
+functions here turn each of those into a `Reject` or `Truncation` the caller can count, so a
+reader only ever sees whole, decoded records and never holds more than one of them in memory.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import ijson
+
+from ingest.records import Reject, Truncation
+
+DEFAULT_MAX_LINE_BYTES = 8 * 1024 * 1024
+GZIP_MAGIC = b"\x1f\x8b"
+SNIFF_BYTES = 64 * 1024
+_SKIP_CHUNK = 1024 * 1024
+_EXCERPT_CHARS = 200
+# Bytes that never appear in a text log; a few are tolerated (stray form feeds, escapes).
+_CONTROL_BYTES = bytes(b for b in range(32) if b not in (9, 10, 12, 13, 27))
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    """One non-blank line of a text file, decoded, with where it is."""
+
+    number: int  # 1-based
+    offset: int  # byte offset of its first byte (in the decompressed stream)
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One parsed JSON record: a JSONL line or an item of a top-level JSON array."""
+
+    number: int  # 1-based line (JSONL) or item number (JSON array)
+    value: Any
+
+
+def is_gzip(path: Path) -> bool:
+    """True when the file starts with gzip's magic bytes, whatever its name says."""
+    with open(path, "rb") as raw:
+        return raw.read(2) == GZIP_MAGIC
+
+
+@contextmanager
+def open_binary(path: Path) -> Iterator[BinaryIO]:
+    """Open a file for binary reading, decompressing gzip transparently (by magic bytes)."""
+    if is_gzip(path):
+        with gzip.open(path, "rb") as gz:
+            yield gz  # type: ignore[misc]
+    else:
+        with open(path, "rb", buffering=1024 * 1024) as f:
+            yield f
+
+
+def head(path: Path, size: int = SNIFF_BYTES) -> bytes:
+    """The first `size` bytes of the (decompressed) file, for sniffing."""
+    with open_binary(path) as f:
+        try:
+            return f.read(size)
+        except (OSError, EOFError):  # a corrupt or cut gzip stream: show what was readable
+            return b""
+
+
+def looks_binary(data: bytes) -> bool:
+    """True for content that is not a text log: NUL bytes or many control bytes."""
+    if b"\x00" in data:
+        return True
+    if not data:
+        return False
+    controls = len(data) - len(data.translate(None, _CONTROL_BYTES))
+    return controls / len(data) > 0.05
+
+
+def whole_file_reject(path: Path, source: str) -> Reject | None:
+    """A reject for a file that holds no log at all (empty or binary), else None."""
+    start = head(path)
+    if not start.strip():
+        return Reject(source=source, line=0, reason="empty file")
+    if looks_binary(start) and not start.startswith(b"PAR1"):
+        return Reject(source=source, line=0, reason="binary file, not a log")
+    return None
+
+
+def excerpt(raw: bytes | str) -> str:
+    """The first characters of a record, decoded leniently, for a human to find it."""
+    if isinstance(raw, bytes):
+        raw = raw[: _EXCERPT_CHARS * 4].decode("utf-8", errors="replace")
+    return raw[:_EXCERPT_CHARS]
+
+
+def iter_lines(
+    path: Path,
+    *,
+    source: str,
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    keep_blank: bool = False,
+) -> Iterator[Line | Reject | Truncation]:
+    """Decoded lines; an over-long or non-UTF-8 line becomes a Reject and is skipped.
+
+    Blank lines are skipped unless `keep_blank` (CSV needs them inside quoted cells).
+
+    `readline(limit)` never returns more than `limit` bytes, so a 50 MB line costs one bounded
+    read plus chunked skipping, not 50 MB of memory. A file with no non-blank line (or an empty,
+    binary file) yields a single whole-file Reject at line 0.
+    """
+    problem = whole_file_reject(path, source)
+    if problem is not None:
+        yield problem
+        return
+    number = 0
+    offset = 0
+    with open_binary(path) as f:
+        while True:
+            try:
+                raw = f.readline(max_line_bytes + 1)
+            except (OSError, EOFError):  # a cut or corrupt gzip stream: the data ends here
+                yield Truncation(
+                    source=source, line=number + 1, byte_offset=offset, records_kept=number
+                )
+                return
+            if not raw:
+                return
+            number += 1
+            start = offset
+            offset += len(raw)
+            if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
+                skipped = _skip_rest_of_line(f)
+                offset += skipped
+                yield Reject(
+                    source=source,
+                    line=number,
+                    reason=f"line longer than {max_line_bytes} bytes "
+                    f"({len(raw) + skipped} bytes), skipped",
+                    excerpt=excerpt(raw),
+                )
+                continue
+            if not keep_blank and not raw.strip():
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield Reject(
+                    source=source,
+                    line=number,
+                    reason=f"invalid UTF-8 at byte {err.start} of the line",
+                    excerpt=excerpt(raw),
+                )
+                continue
+            yield Line(number=number, offset=start, text=text)
+
+
+def _skip_rest_of_line(f: BinaryIO) -> int:
+    """Read and drop bytes up to and including the next newline; return how many."""
+    skipped = 0
+    while True:
+        chunk = f.readline(_SKIP_CHUNK)
+        skipped += len(chunk)
+        if not chunk or chunk.endswith(b"\n"):
+            return skipped
+
+
+def first_json_byte(path: Path) -> bytes:
+    """The first non-whitespace byte of the (decompressed) file, BOM skipped; b"" if none."""
+    start = head(path).lstrip(b"\xef\xbb\xbf").lstrip()
+    return start[:1]
+
+
+def iter_json_records(
+    path: Path, *, source: str, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+) -> Iterator[Record | Reject | Truncation]:
+    """JSON records from a JSONL file or a top-level JSON array, whichever the file holds."""
+    if first_json_byte(path) == b"[":
+        problem = whole_file_reject(path, source)
+        if problem is not None:
+            yield problem
+            return
+        yield from _iter_json_array(path, source=source)
+    else:
+        yield from _iter_jsonl(path, source=source, max_line_bytes=max_line_bytes)
+
+
+def _iter_jsonl(
+    path: Path, *, source: str, max_line_bytes: int
+) -> Iterator[Record | Reject | Truncation]:
+    """Parse each line; a last line cut mid-record is a Truncation, any other bad line a Reject."""
+    kept = 0
+    pending: tuple[Line, str] | None = None  # the latest unparsable line: maybe the cut
+    for item in iter_lines(path, source=source, max_line_bytes=max_line_bytes):
+        if pending is not None:
+            yield _bad_line(source, *pending)
+            pending = None
+        if isinstance(item, Reject):
+            yield item
+            continue
+        if isinstance(item, Truncation):
+            yield replace(item, records_kept=kept)
+            return
+        try:
+            value = json.loads(item.text)
+        except json.JSONDecodeError as err:
+            pending = (item, f"invalid JSON: {err.msg} at column {err.colno}")
+            continue
+        kept += 1
+        yield Record(number=item.number, value=value)
+    if pending is not None:
+        line, reason = pending
+        if line.text.endswith("\n"):
+            yield _bad_line(source, line, reason)
+        else:  # the file stops inside this line: it was cut, not written wrong
+            yield Truncation(
+                source=source, line=line.number, byte_offset=line.offset, records_kept=kept
+            )
+
+
+def _bad_line(source: str, line: Line, reason: str) -> Reject:
+    return Reject(source=source, line=line.number, reason=reason, excerpt=excerpt(line.text))
+
+
+class _CountingReader:
+    """Counts the bytes ijson pulls, so a cut can be reported by byte offset."""
+
+    def __init__(self, inner: BinaryIO) -> None:
+        self._inner = inner
+        self.consumed = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._inner.read(size)
+        self.consumed += len(data)
+        return data
+
+
+def _iter_json_array(path: Path, *, source: str) -> Iterator[Record | Reject | Truncation]:
+    """Stream the items of a top-level array with ijson (C backend): never the whole file.
+
+    ijson cannot resume after a syntax error, so the first one ends the file: at the end of the
+    data it is a Truncation (every whole item before it was yielded), elsewhere a Reject.
+    `byte_offset` is where the data stops (the cut), in decompressed bytes.
+    """
+    number = 0
+    with open_binary(path) as f:
+        counting = _CountingReader(f)
+        try:
+            for value in ijson.items(counting, "item", use_float=True):
+                number += 1
+                yield Record(number=number, value=value)
+            return
+        except ijson.JSONError as err:
+            first = _first_line(err)
+            if "premature EOF" not in first:
+                yield Reject(
+                    source=source,
+                    line=number + 1,
+                    reason=f"invalid JSON in array item {number + 1} ({first}); "
+                    "the rest of the file could not be read",
+                )
+                return
+        except (OSError, EOFError):  # a cut or corrupt gzip stream ends the data here too
+            pass
+        yield Truncation(
+            source=source, line=number + 1, byte_offset=counting.consumed, records_kept=number
+        )
+
+
+def _first_line(err: Exception) -> str:
+    """The first line of an ijson error (yajl adds a caret drawing below it)."""
+    message = err.args[0] if err.args else str(err)
+    if isinstance(message, bytes):
+        message = message.decode("utf-8", errors="replace")
+    lines = str(message).splitlines()
+    return lines[0] if lines else "invalid JSON"

@@ -1,0 +1,118 @@
+"""OpenAI chat logs: one `{"messages": [{"role", "content"}], "model", ...}` object per line.
+
+Content may be a list of parts (only text parts are kept). Signals are read where a log has
+them: per message (`rating`, `thumbs`, `retried`, `edited`, `deleted`, `created_at`) and per
+line (`rating`, `thumbs`/`thumbs_up`, `feedback`). Every other key is kept as metadata.
+A JSON array of such objects is read too (streamed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ingest.files import Record, iter_json_records
+from ingest.readers import (
+    FieldError,
+    as_optional_text,
+    checked_conversation,
+    content_text,
+    field_reject,
+    leftover,
+    not_an_object,
+    read_signals,
+)
+from ingest.records import Conversation, Message, Parsed, Reject, UnknownRole, canonical_role
+
+if TYPE_CHECKING:
+    from ingest.readers import ReadOptions
+
+_MESSAGE_SIGNALS = (
+    "created_at",
+    "model",
+    "external_id",
+    "retried",
+    "edited",
+    "deleted",
+    "rating",
+    "thumbs",
+)
+_CONVERSATION_SIGNALS = ("created_at", "external_id", "rating", "thumbs")
+_FEEDBACK_KEYS = ("feedback_text", "feedback")
+_INSTRUCTION_KEYS = ("instruction", "instruction_id", "system_prompt_id")
+
+
+def read_openai(path: Path, *, options: ReadOptions) -> Iterator[Parsed]:
+    """Conversations, Rejects, UnknownRoles (and a Truncation for a cut file), in file order."""
+    source = options.source_for(path)
+    for item in iter_json_records(path, source=source, max_line_bytes=options.max_line_bytes):
+        if type(item) is not Record:
+            yield item
+            continue
+        unknown: list[UnknownRole] = []
+        parsed = _conversation(item.value, item.number, source, unknown)
+        yield from unknown
+        yield parsed
+
+
+def _conversation(
+    record: Any, number: int, source: str, unknown: list[UnknownRole]
+) -> Conversation | Reject:
+    if not isinstance(record, dict):
+        return not_an_object(source, number, record)
+    try:
+        raw_messages = record.get("messages")
+        if not isinstance(raw_messages, list):
+            raise FieldError("messages", "expected a list of {role, content} messages")
+        messages = []
+        for i, raw in enumerate(raw_messages):
+            parsed = _message(raw, f"messages[{i}]")
+            if isinstance(parsed, str):
+                unknown.append(UnknownRole(source=source, line=number, role=parsed))
+            else:
+                messages.append(parsed)
+        signals, used = read_signals(record, "", _CONVERSATION_SIGNALS)
+        if "external_id" not in signals and "conversation_id" in record:
+            signals["external_id"] = as_optional_text(record["conversation_id"], "conversation_id")
+            used.add("conversation_id")
+        model = as_optional_text(record.get("model"), "model")
+        feedback = _first_text(record, _FEEDBACK_KEYS)
+        instruction = _first_text(record, _INSTRUCTION_KEYS)
+        used |= {"messages", "model", *_FEEDBACK_KEYS, *_INSTRUCTION_KEYS}
+        conversation = Conversation(
+            messages=tuple(messages),
+            source=source,
+            line=number,
+            model=model,
+            instruction=instruction,
+            feedback_text=feedback,
+            metadata=leftover(record, used),
+            **signals,
+        )
+    except FieldError as err:
+        return field_reject(source, number, err, record)
+    return checked_conversation(conversation, record)
+
+
+def _message(raw: Any, name: str) -> Message | str:
+    """The Message, or the role name as logged when it is unknown (the message is skipped)."""
+    if not isinstance(raw, dict):
+        raise FieldError(name, "expected an object with role and content")
+    raw_role = raw.get("role")
+    if not isinstance(raw_role, str):
+        raise FieldError(f"{name}.role", "expected a role name")
+    role = canonical_role(raw_role)
+    if role is None:
+        return raw_role
+    content = content_text(raw.get("content"), f"{name}.content")
+    signals, used = read_signals(raw, name, _MESSAGE_SIGNALS)
+    extra = leftover(raw, used | {"role", "content"})
+    return Message(role=role, content=content, metadata=extra or None, **signals)
+
+
+def _first_text(record: dict[str, Any], keys: tuple[str, ...]) -> str | None:
+    for key in keys:
+        if key in record:
+            return as_optional_text(record[key], key)
+    return None

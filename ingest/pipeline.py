@@ -1,0 +1,289 @@
+"""The ingest step: files in any supported format → canonical rows in storage.
+
+Readers stream records; whole conversations are split into exchanges and written in batches,
+each batch one transaction that skips what is already stored. So a re-run stores nothing new,
+a killed run resumes by running it again, and a bad record costs only itself: it goes to the
+rejects file with its file, line, field and reason while the records around it are stored.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Any
+
+from sqlalchemy.engine import Engine
+from tqdm import tqdm
+
+from ingest.exchanges import battle_exchanges, split_conversation
+from ingest.readers import ReadOptions, read_file
+from ingest.records import (
+    BattleRecord,
+    Conversation,
+    Exchange,
+    Reject,
+    Truncation,
+    UnknownRole,
+    content_hash,
+)
+from storage.logs import finish_ingest_run, start_ingest_run, store_batch, utcnow
+
+
+@dataclass(frozen=True, slots=True)
+class IngestConfig:
+    """How to read: the format (None = detect), the column mapping, batch size, rejects file."""
+
+    format: str | None = None
+    mapping: Mapping[str, str] = field(default_factory=dict)
+    batch_size: int = 2000
+    max_line_bytes: int = 8 * 1024 * 1024
+    rejects_path: Path | None = None
+    progress: bool = True
+    limit: int | None = None  # stop after this many conversations/battles per file (samples)
+
+
+@dataclass(slots=True)
+class IngestSummary:
+    """What an ingest did, as printed by `convoscope ingest --json`."""
+
+    files: int = 0
+    read: int = 0  # exchanges read (each battle contributes two)
+    stored: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    conversations: int = 0
+    battles: int = 0
+    battles_stored: int = 0
+    rejects_file: str | None = None
+    truncated: list[dict[str, Any]] = field(default_factory=list)
+    unknown_roles: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def default_rejects_path() -> Path:
+    """A rejects file per run in the working directory, so runs never overwrite each other."""
+    return Path.cwd() / f"convoscope-rejects-{datetime.now():%Y%m%d-%H%M%S}.jsonl"
+
+
+def ingest_paths(paths: Sequence[Path], *, engine: Engine, config: IngestConfig) -> IngestSummary:
+    """Ingest every file in `paths` into the database behind `engine`."""
+    summary = IngestSummary()
+    rejects = _RejectsFile(config.rejects_path or default_rejects_path())
+    unknown_roles: Counter[str] = Counter()
+    try:
+        for path in paths:
+            _ingest_file(Path(path), engine, config, summary, rejects, unknown_roles)
+    finally:
+        rejects.close()
+    summary.rejects_file = str(rejects.path) if rejects.count else None
+    summary.unknown_roles = dict(unknown_roles)
+    return summary
+
+
+def _ingest_file(
+    path: Path,
+    engine: Engine,
+    config: IngestConfig,
+    summary: IngestSummary,
+    rejects: _RejectsFile,
+    unknown_roles: Counter[str],
+) -> None:
+    options = ReadOptions(
+        max_line_bytes=config.max_line_bytes, mapping=dict(config.mapping), source=str(path)
+    )
+    file_format = config.format or "auto"
+    run_id = start_ingest_run(engine, path=str(path), format=file_format)
+    before = (summary.read, summary.stored, summary.duplicates, summary.rejected)
+    batch = _Batch()
+    summary.files += 1
+    records = read_file(path, format=config.format, options=options)
+    bar = tqdm(
+        records,
+        desc=f"ingest {path.name}",
+        unit=" rec",
+        disable=None if config.progress else True,
+    )
+    taken = 0
+    for record in bar:
+        if config.limit is not None and taken >= config.limit:
+            break
+        if isinstance(record, (Conversation, BattleRecord)):
+            taken += 1
+        if isinstance(record, Conversation):
+            summary.conversations += 1
+            batch.add_conversation(record, split_conversation(record))
+        elif isinstance(record, BattleRecord):
+            summary.battles += 1
+            batch.add_battle(record, battle_exchanges(record))
+        elif isinstance(record, Reject):
+            summary.rejected += 1
+            rejects.write(record)
+        elif isinstance(record, Truncation):
+            summary.truncated.append(asdict(record))
+        elif isinstance(record, UnknownRole):
+            unknown_roles[record.role] += 1
+        if batch.size >= config.batch_size:
+            _flush(batch, engine, summary)
+    bar.close()
+    _flush(batch, engine, summary)
+    finish_ingest_run(
+        engine,
+        run_id,
+        read=summary.read - before[0],
+        stored=summary.stored - before[1],
+        duplicates=summary.duplicates - before[2],
+        rejected=summary.rejected - before[3],
+        truncated=any(t["source"] == str(path) for t in summary.truncated),
+    )
+
+
+def _flush(batch: _Batch, engine: Engine, summary: IngestSummary) -> None:
+    if not batch.size:
+        return
+    counts = store_batch(
+        engine,
+        conversation_rows=batch.conversations,
+        exchange_rows=batch.exchanges,
+        battle_rows=batch.battles,
+    )
+    summary.read += len(batch.exchanges)
+    summary.stored += counts.stored
+    summary.duplicates += counts.duplicates
+    summary.battles_stored += counts.battles_stored
+    batch.clear()
+
+
+class _Batch:
+    """Rows waiting to be written together in one transaction."""
+
+    def __init__(self) -> None:
+        self.conversations: list[dict[str, Any]] = []
+        self.exchanges: list[dict[str, Any]] = []
+        self.battles: list[dict[str, Any]] = []
+
+    @property
+    def size(self) -> int:
+        return len(self.exchanges)
+
+    def clear(self) -> None:
+        self.conversations, self.exchanges, self.battles = [], [], []
+
+    def add_conversation(self, conv: Conversation, parts: list[Exchange]) -> None:
+        now = utcnow()
+        self.conversations.append(
+            {
+                # The id is a hash of every message: reuse the one the split computed.
+                "id": parts[0].conversation_id if parts else conv.id,
+                "external_id": conv.external_id,
+                "source": conv.source,
+                "created_at": conv.created_at,
+                "n_messages": len(conv.messages),
+                "thumbs": conv.thumbs,
+                "rating": conv.rating,
+                "feedback_text": conv.feedback_text,
+                "metadata": _json_or_none(conv.metadata),
+                "ingested_at": now,
+            }
+        )
+        self.exchanges.extend(exchange_row(part, now) for part in parts)
+
+    def add_battle(self, record: BattleRecord, pair: tuple[Exchange, Exchange]) -> None:
+        now = utcnow()
+        a, b = pair
+        for part in pair:
+            self.conversations.append(
+                {
+                    "id": part.conversation_id,
+                    "external_id": record.external_id,
+                    "source": record.source,
+                    "created_at": None,
+                    "n_messages": len(part.context) + 2,
+                    "thumbs": None,
+                    "rating": None,
+                    "feedback_text": None,
+                    "metadata": None,
+                    "ingested_at": now,
+                }
+            )
+            self.exchanges.append(exchange_row(part, now))
+        self.battles.append(
+            {
+                "id": content_hash("battle", a.id, b.id, record.winner, record.judge),
+                "exchange_a": a.id,
+                "exchange_b": b.id,
+                "winner": record.winner,
+                "judge": record.judge,
+                "judge_preference": record.judge_preference,
+                "source": record.source,
+                "external_id": record.external_id,
+                "metadata": _json_or_none(record.metadata),
+                "ingested_at": now,
+            }
+        )
+
+
+def exchange_row(exchange: Exchange, ingested_at: datetime) -> dict[str, Any]:
+    """The storage row for an exchange (context and metadata as JSON text)."""
+    return {
+        "id": exchange.id,
+        "conversation_id": exchange.conversation_id,
+        "turn_index": exchange.turn_index,
+        "context": json.dumps(
+            [{"role": m.role, "content": m.content} for m in exchange.context],
+            ensure_ascii=False,
+        ),
+        "prompt": exchange.prompt,
+        "response": exchange.response,
+        "model": exchange.model,
+        "instruction": exchange.instruction,
+        "created_at": exchange.created_at,
+        "source": exchange.source,
+        "external_id": exchange.external_id,
+        "retried": exchange.retried,
+        "edited": exchange.edited,
+        "deleted": exchange.deleted,
+        "rating": exchange.rating,
+        "thumbs": exchange.thumbs,
+        "user_turns_after": exchange.user_turns_after,
+        "ended_conversation": exchange.ended_conversation,
+        "seconds_to_next_user_message": exchange.seconds_to_next_user_message,
+        "metadata": _json_or_none(exchange.metadata),
+        "ingested_at": ingested_at,
+    }
+
+
+def _json_or_none(value: Mapping[str, Any] | None) -> str | None:
+    return json.dumps(value, ensure_ascii=False, default=str) if value else None
+
+
+class _RejectsFile:
+    """Rejects as JSONL (file, line, field, reason, excerpt), created on the first reject."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.count = 0
+        self._handle: IO[str] | None = None
+
+    def write(self, reject: Reject) -> None:
+        if self._handle is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._handle = self.path.open("w", encoding="utf-8")
+        record = {
+            "file": reject.source,
+            "line": reject.line,
+            "field": reject.field,
+            "reason": reject.reason,
+            "excerpt": reject.excerpt,
+        }
+        self._handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.count += 1
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()

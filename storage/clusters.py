@@ -1,0 +1,154 @@
+"""Cluster runs, their clusters and assignments, and what people say about clusters.
+
+A run is written in one transaction, so a crash leaves either the whole run or none of it.
+Names, notes and tags that people give are keyed by the stable cluster id, not by run, so
+they survive re-clustering; a person's name always wins over the automatic one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from storage.logs import Row, insert_rows, utcnow
+from storage.schema import assignments, cluster_annotations, cluster_runs, clusters, tags
+
+
+def save_cluster_run(
+    engine: Engine, run: Row, cluster_rows: Sequence[Row], assignment_rows: Sequence[Row]
+) -> None:
+    """Store a finished run with all its clusters and assignments, atomically."""
+    with engine.begin() as conn:
+        insert_rows(conn, cluster_runs, [run])
+        insert_rows(conn, clusters, list(cluster_rows))
+        insert_rows(conn, assignments, list(assignment_rows))
+
+
+def add_assignments(engine: Engine, assignment_rows: Sequence[Row]) -> int:
+    """Assign new exchanges to an existing run's clusters; already assigned ones are kept."""
+    if not assignment_rows:
+        return 0
+    run_id = assignment_rows[0]["run_id"]
+    with engine.begin() as conn:
+        present = set(
+            conn.execute(
+                sa.select(assignments.c.exchange_id).where(assignments.c.run_id == run_id)
+            ).scalars()
+        )
+        new = [row for row in assignment_rows if row["exchange_id"] not in present]
+        insert_rows(conn, assignments, new)
+    return len(new)
+
+
+def latest_run(engine: Engine, on_field: str | None = None) -> Row | None:
+    """The newest cluster run (optionally for one `on` field), or None before any."""
+    query = sa.select(cluster_runs).order_by(cluster_runs.c.created_at.desc()).limit(1)
+    if on_field is not None:
+        query = query.where(cluster_runs.c.on_field == on_field)
+    with engine.connect() as conn:
+        row = conn.execute(query).mappings().first()
+    return dict(row) if row else None
+
+
+def load_clusters(engine: Engine, run_id: str) -> list[Row]:
+    """A run's clusters with the display name (a person's name wins) and tags."""
+    query = (
+        sa.select(
+            clusters, cluster_annotations.c.name.label("user_name"), cluster_annotations.c.note
+        )
+        .select_from(
+            clusters.outerjoin(
+                cluster_annotations, cluster_annotations.c.cluster_id == clusters.c.id
+            )
+        )
+        .where(clusters.c.run_id == run_id)
+        .order_by(clusters.c.level, clusters.c.size.desc())
+    )
+    with engine.connect() as conn:
+        rows = [dict(r) for r in conn.execute(query).mappings()]
+        tag_rows = conn.execute(
+            sa.select(tags.c.target_id, tags.c.tag).where(tags.c.target_kind == "cluster")
+        ).all()
+    by_cluster: dict[str, list[str]] = {}
+    for target, tag in tag_rows:
+        by_cluster.setdefault(target, []).append(tag)
+    for row in rows:
+        row["keywords"] = json.loads(row["keywords"])
+        row["representatives"] = json.loads(row["representatives"] or "[]")
+        row["name"] = row["user_name"] or row["auto_name"]
+        row["tags"] = sorted(by_cluster.get(row["id"], []))
+    return rows
+
+
+def load_assignments(engine: Engine, run_id: str) -> dict[str, str | None]:
+    """exchange id → cluster id (None = unassigned) for one run."""
+    query = sa.select(assignments.c.exchange_id, assignments.c.cluster_id).where(
+        assignments.c.run_id == run_id
+    )
+    with engine.connect() as conn:
+        return dict(conn.execute(query).all())
+
+
+def load_layout(engine: Engine, run_id: str) -> list[Row]:
+    """exchange id, cluster id and 2-D map position of every assigned row."""
+    query = sa.select(
+        assignments.c.exchange_id, assignments.c.cluster_id, assignments.c.x, assignments.c.y
+    ).where(assignments.c.run_id == run_id)
+    with engine.connect() as conn:
+        return [dict(r) for r in conn.execute(query).mappings()]
+
+
+def annotate_cluster(
+    engine: Engine, cluster_id: str, *, name: str | None = None, note: str | None = None
+) -> None:
+    """Set a person's name and/or note for a cluster (None leaves that field as it was)."""
+    with engine.begin() as conn:
+        current = (
+            conn.execute(
+                sa.select(cluster_annotations).where(cluster_annotations.c.cluster_id == cluster_id)
+            )
+            .mappings()
+            .first()
+        )
+        values: dict[str, Any] = {"updated_at": utcnow()}
+        if name is not None:
+            values["name"] = name.strip() or None
+        if note is not None:
+            values["note"] = note
+        if current is None:
+            conn.execute(sa.insert(cluster_annotations).values(cluster_id=cluster_id, **values))
+        else:
+            conn.execute(
+                sa.update(cluster_annotations)
+                .where(cluster_annotations.c.cluster_id == cluster_id)
+                .values(**values)
+            )
+
+
+def add_tag(engine: Engine, kind: str, target_id: str, tag: str) -> None:
+    """Tag a cluster or an exchange; tagging twice is a no-op."""
+    with engine.begin() as conn:
+        exists = conn.execute(
+            sa.select(sa.func.count())
+            .select_from(tags)
+            .where(tags.c.target_kind == kind, tags.c.target_id == target_id, tags.c.tag == tag)
+        ).scalar_one()
+        if not exists:
+            conn.execute(
+                sa.insert(tags).values(
+                    target_kind=kind, target_id=target_id, tag=tag, created_at=utcnow()
+                )
+            )
+
+
+def remove_tag(engine: Engine, kind: str, target_id: str, tag: str) -> None:
+    with engine.begin() as conn:
+        conn.execute(
+            sa.delete(tags).where(
+                tags.c.target_kind == kind, tags.c.target_id == target_id, tags.c.tag == tag
+            )
+        )

@@ -1,0 +1,102 @@
+"""Where the database is and how to connect to it: the one place that knows engine quirks.
+
+`--db` takes a SQLAlchemy URL or a plain file path; without it `$CONVOSCOPE_DB`, else a DuckDB
+file in the working directory. Opening a database brings its schema up to date (Alembic), and
+refuses one written by a newer convoscope rather than guessing at its tables.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+DEFAULT_DB_FILE = "convoscope.duckdb"
+
+
+class StorageError(RuntimeError):
+    """A database problem a user can act on (wrong URL, locked file, newer schema)."""
+
+
+def resolve_url(db: str | None = None) -> str:
+    """The database URL to use: the argument, else $CONVOSCOPE_DB, else ./convoscope.duckdb."""
+    raw = db or os.environ.get("CONVOSCOPE_DB") or DEFAULT_DB_FILE
+    if "://" not in raw:
+        path = Path(raw).expanduser().resolve()
+        scheme = "sqlite" if path.suffix in {".sqlite", ".sqlite3", ".db"} else "duckdb"
+        return f"{scheme}:///{path}"
+    if raw.startswith(("postgresql://", "postgres://")):
+        # psycopg 3 is the driver we install; SQLAlchemy would otherwise look for psycopg2.
+        return "postgresql+psycopg://" + raw.split("://", 1)[1]
+    return raw
+
+
+def dialect_name(url: str) -> str:
+    """'duckdb', 'sqlite' or 'postgresql' for a URL."""
+    return sa.make_url(url).get_backend_name()
+
+
+def make_engine(url: str, *, read_only: bool = False) -> Engine:
+    """An engine for the URL with the settings each backend needs to behave the same way."""
+    backend = dialect_name(url)
+    if backend == "duckdb":
+        database = sa.make_url(url).database
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        connect_args = {"read_only": True} if read_only else {}
+        # One pooled connection: opening a DuckDB file replays its WAL, which is far too
+        # slow to do per transaction; `engine.dispose()` releases the file for others.
+        return sa.create_engine(
+            url, connect_args=connect_args, poolclass=sa.pool.SingletonThreadPool
+        )
+    if backend == "sqlite":
+        engine = sa.create_engine(url, connect_args={"timeout": 30})
+        sa.event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    if backend == "postgresql":
+        return sa.create_engine(url, pool_pre_ping=True)
+    raise StorageError(
+        f"unsupported database URL {url!r}: use duckdb://, sqlite:// or postgresql://"
+    )
+
+
+def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:
+    """WAL lets readers (the UI) work while an ingest writes; foreign keys are off by design."""
+    cursor = dbapi_connection.cursor()  # type: ignore[attr-defined]
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def open_database(db: str | None = None, *, read_only: bool = False) -> Engine:
+    """Connect, migrate to the current schema (unless read-only) and return the engine."""
+    from storage.migrate import check_version, upgrade
+
+    url = resolve_url(db)
+    engine = make_engine(url, read_only=read_only)
+    try:
+        if read_only:
+            check_version(engine)
+        else:
+            upgrade(engine)
+    except sa.exc.OperationalError as error:
+        engine.dispose()
+        raise StorageError(_explain(url, error)) from error
+    except Exception:
+        engine.dispose()
+        raise
+    return engine
+
+
+def _explain(url: str, error: Exception) -> str:
+    text = str(error).splitlines()[0]
+    safe_url = sa.make_url(url).render_as_string(hide_password=True)
+    if "lock" in text.lower():
+        return (
+            f"database {safe_url} is in use by another process ({text}). "
+            "DuckDB allows one writer at a time: wait for it to finish, or use a "
+            "PostgreSQL URL for concurrent writers."
+        )
+    return f"cannot open database {safe_url}: {text}"

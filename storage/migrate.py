@@ -1,0 +1,81 @@
+"""Schema migrations through Alembic, run programmatically so users never call alembic.
+
+A database stamped with a revision this version does not know was written by a newer
+convoscope: we stop with a clear message instead of reading tables we do not understand.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.ddl.impl import DefaultImpl
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy.engine import Connection, Engine
+
+from storage.engine import StorageError
+
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+
+
+class DuckDBImpl(DefaultImpl):
+    """Alembic has no DuckDB support of its own; its generic DDL works, transactionally."""
+
+    __dialect__ = "duckdb"
+    transactional_ddl = True
+
+
+def _config(connection: Connection | None = None) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
+
+
+def head_revision() -> str:
+    """The newest schema revision this version of convoscope knows."""
+    head = ScriptDirectory.from_config(_config()).get_current_head()
+    assert head is not None, "no migrations found"
+    return head
+
+
+def current_revision(connection: Connection) -> str | None:
+    """The revision a database is stamped with (None for an empty database)."""
+    return MigrationContext.configure(connection).get_current_revision()
+
+
+def _refuse_newer(revision: str | None, url: str) -> None:
+    if revision is None:
+        return
+    script = ScriptDirectory.from_config(_config())
+    if revision not in {rev.revision for rev in script.walk_revisions()}:
+        raise StorageError(
+            f"database {url} has schema revision {revision}, which this convoscope "
+            f"(schema {head_revision()}) does not know: it was written by a newer version. "
+            "Upgrade convoscope (pip install -U convoscope) to open it."
+        )
+
+
+def check_version(engine: Engine) -> None:
+    """Refuse a database from a newer version; used by read-only openers that cannot migrate."""
+    with engine.connect() as connection:
+        revision = current_revision(connection)
+    _refuse_newer(revision, engine.url.render_as_string(hide_password=True))
+    if revision != head_revision():
+        raise StorageError(
+            f"database {engine.url.render_as_string(hide_password=True)} is not initialised or "
+            "is at an older schema; open it once without read-only (any convoscope command "
+            "that writes, e.g. `convoscope ingest`) to migrate it."
+        )
+
+
+def upgrade(engine: Engine) -> None:
+    """Bring the database to the newest schema; a no-op when it is already there."""
+    with engine.begin() as connection:
+        revision = current_revision(connection)
+        _refuse_newer(revision, engine.url.render_as_string(hide_password=True))
+        if revision != head_revision():
+            command.upgrade(_config(connection), "head")
