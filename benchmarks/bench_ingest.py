@@ -111,7 +111,8 @@ def main() -> None:
         rows.append(("ShareGPT package file", "parse only (ijson)", _run("parse-ijson", sharegpt)))
         for backend in ("duckdb", "sqlite"):
             db = f"{backend}:///{work / ('sharegpt.' + backend)}"
-            rows.append(("ShareGPT package file", f"ingest → {backend}", _run("ingest", sharegpt, db)))
+            result = _run("ingest", sharegpt, db)
+            rows.append(("ShareGPT package file", f"ingest → {backend}", result))
 
         n = 100_000 if args.quick else 1_000_000
         synthetic = work / "synthetic.jsonl"
@@ -121,8 +122,10 @@ def main() -> None:
         db = f"duckdb:///{work / 'synthetic.duckdb'}"
         rows.append((label, "ingest → duckdb", _run("ingest", synthetic, db)))
 
-    print(f"{'data':<28} {'phase':<26} {'rows':>9} {'seconds':>8} {'rows/s':>9} "
-          f"{'× parse':>8} {'peak MB':>8}")
+    print(
+        f"{'data':<28} {'phase':<26} {'rows':>9} {'seconds':>8} {'rows/s':>9} "
+        f"{'× parse':>8} {'peak MB':>8}"
+    )
     baseline: dict[str, float] = {}
     for data, phase, result in rows:
         if phase.startswith("parse"):

@@ -110,26 +110,32 @@ def _ingest_file(
         disable=None if config.progress else True,
     )
     taken = 0
-    for record in bar:
-        if config.limit is not None and taken >= config.limit:
-            break
-        if isinstance(record, (Conversation, BattleRecord)):
-            taken += 1
-        if isinstance(record, Conversation):
-            summary.conversations += 1
-            batch.add_conversation(record, split_conversation(record))
-        elif isinstance(record, BattleRecord):
-            summary.battles += 1
-            batch.add_battle(record, battle_exchanges(record))
-        elif isinstance(record, Reject):
-            summary.rejected += 1
-            rejects.write(record)
-        elif isinstance(record, Truncation):
-            summary.truncated.append(asdict(record))
-        elif isinstance(record, UnknownRole):
-            unknown_roles[record.role] += 1
-        if batch.size >= config.batch_size:
-            _flush(batch, engine, summary)
+    try:
+        for record in bar:
+            if config.limit is not None and taken >= config.limit:
+                break
+            if isinstance(record, Conversation | BattleRecord):
+                taken += 1
+            if isinstance(record, Conversation):
+                summary.conversations += 1
+                batch.add_conversation(record, split_conversation(record))
+            elif isinstance(record, BattleRecord):
+                summary.battles += 1
+                batch.add_battle(record, battle_exchanges(record))
+            elif isinstance(record, Reject):
+                summary.rejected += 1
+                rejects.write(record)
+            elif isinstance(record, Truncation):
+                summary.truncated.append(asdict(record))
+            elif isinstance(record, UnknownRole):
+                unknown_roles[record.role] += 1
+            if batch.size >= config.batch_size:
+                _flush(batch, engine, summary)
+    except ValueError as error:
+        # The file as a whole cannot be read (format not recognised, a mapped column that
+        # does not exist): reject the file and go on with the next one.
+        summary.rejected += 1
+        rejects.write(Reject(source=str(path), line=0, reason=str(error)))
     bar.close()
     _flush(batch, engine, summary)
     finish_ingest_run(

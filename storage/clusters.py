@@ -152,3 +152,36 @@ def remove_tag(engine: Engine, kind: str, target_id: str, tag: str) -> None:
                 tags.c.target_kind == kind, tags.c.target_id == target_id, tags.c.tag == tag
             )
         )
+
+
+def exchanges_in_clusters(
+    engine: Engine, run_id: str, *, cluster_id: str | None = None, tag: str | None = None
+) -> list[str]:
+    """Exchange ids of one run in a cluster (a topic or a parent group), or tagged `tag`
+    (directly, or through their cluster)."""
+    selected: set[str] = set()
+    with engine.connect() as conn:
+        cluster_ids: set[str] = set()
+        if cluster_id is not None:
+            children = conn.execute(
+                sa.select(clusters.c.id).where(
+                    clusters.c.run_id == run_id, clusters.c.parent_id == cluster_id
+                )
+            ).scalars()
+            cluster_ids.update([cluster_id, *children])
+        if tag is not None:
+            tagged = conn.execute(
+                sa.select(tags.c.target_kind, tags.c.target_id).where(tags.c.tag == tag)
+            ).all()
+            cluster_ids.update(t for kind, t in tagged if kind == "cluster")
+            selected.update(t for kind, t in tagged if kind == "exchange")
+        if cluster_ids:
+            selected.update(
+                conn.execute(
+                    sa.select(assignments.c.exchange_id).where(
+                        assignments.c.run_id == run_id,
+                        assignments.c.cluster_id.in_(sorted(cluster_ids)),
+                    )
+                ).scalars()
+            )
+    return sorted(selected)

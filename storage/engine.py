@@ -45,7 +45,12 @@ def make_engine(url: str, *, read_only: bool = False) -> Engine:
         database = sa.make_url(url).database
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
-        connect_args = {"read_only": True} if read_only else {}
+        # DuckDB's buffer pool would grow to 80 % of RAM; cap it so long ingests stay small
+        # (it spills to disk past the cap). $CONVOSCOPE_DUCKDB_MEMORY overrides.
+        config = {"memory_limit": os.environ.get("CONVOSCOPE_DUCKDB_MEMORY", "512MB")}
+        connect_args: dict[str, object] = {"config": config}
+        if read_only:
+            connect_args["read_only"] = True
         # One pooled connection: opening a DuckDB file replays its WAL, which is far too
         # slow to do per transaction; `engine.dispose()` releases the file for others.
         return sa.create_engine(

@@ -100,12 +100,28 @@ def store_batch(
 ) -> BatchCounts:
     """Store one batch atomically, skipping anything already stored."""
     with engine.begin() as conn:
-        new_conversations = _new_rows(conn, conversations, conversation_rows)
-        new_exchanges = _new_rows(conn, exchanges, exchange_rows)
-        new_battles = _new_rows(conn, battles, battle_rows)
-        insert_rows(conn, conversations, new_conversations)
-        insert_rows(conn, exchanges, new_exchanges)
-        insert_rows(conn, battles, new_battles)
+        return store_rows(
+            conn,
+            conversation_rows=conversation_rows,
+            exchange_rows=exchange_rows,
+            battle_rows=battle_rows,
+        )
+
+
+def store_rows(
+    conn: Connection,
+    *,
+    conversation_rows: Sequence[Row],
+    exchange_rows: Sequence[Row],
+    battle_rows: Sequence[Row] = (),
+) -> BatchCounts:
+    """`store_batch` inside a transaction the caller holds (to commit more with it)."""
+    new_conversations = _new_rows(conn, conversations, conversation_rows)
+    new_exchanges = _new_rows(conn, exchanges, exchange_rows)
+    new_battles = _new_rows(conn, battles, battle_rows)
+    insert_rows(conn, conversations, new_conversations)
+    insert_rows(conn, exchanges, new_exchanges)
+    insert_rows(conn, battles, new_battles)
     return BatchCounts(
         stored=len(new_exchanges),
         duplicates=len(exchange_rows) - len(new_exchanges),

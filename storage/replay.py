@@ -9,15 +9,14 @@ sends exactly the items that are not done, and never stores an answer twice.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Engine
 
-from storage.logs import Row, insert_rows, store_batch, utcnow
+from storage.logs import Row, insert_rows, store_rows, utcnow
 from storage.schema import exchanges, replay_items, replay_runs
 
 PENDING, DONE, FAILED = "pending", "done", "failed"
@@ -167,59 +166,38 @@ def record_outcomes(
     """Store the answers and mark their items, all in one transaction (see module docstring)."""
     if not outcomes:
         return
-    update = (
-        sa.update(replay_items)
-        .where(
-            replay_items.c.run_id == sa.bindparam("b_run_id"),
-            replay_items.c.exchange_id == sa.bindparam("b_exchange_id"),
-        )
-        .values(
-            status=sa.bindparam("b_status"),
-            attempts=sa.bindparam("b_attempts"),
-            error=sa.bindparam("b_error"),
-            response_exchange_id=sa.bindparam("b_response"),
-            latency_s=sa.bindparam("b_latency"),
-            prompt_tokens=sa.bindparam("b_prompt_tokens"),
-            completion_tokens=sa.bindparam("b_completion_tokens"),
-        )
-    )
-    params = [
+    rows = [
         {
-            "b_run_id": run_id,
-            "b_exchange_id": o.exchange_id,
-            "b_status": o.status,
-            "b_attempts": o.attempts,
-            "b_error": o.error,
-            "b_response": o.response_exchange_id,
-            "b_latency": o.latency_s,
-            "b_prompt_tokens": o.prompt_tokens,
-            "b_completion_tokens": o.completion_tokens,
+            "run_id": run_id,
+            "exchange_id": o.exchange_id,
+            "status": o.status,
+            "attempts": o.attempts,
+            "error": o.error,
+            "response_exchange_id": o.response_exchange_id,
+            "latency_s": o.latency_s,
+            "prompt_tokens": o.prompt_tokens,
+            "completion_tokens": o.completion_tokens,
         }
         for o in outcomes
     ]
     with engine.begin() as conn:
         if exchange_rows:
-            store_batch(
-                _OpenTransaction(conn),  # type: ignore[arg-type]
+            store_rows(
+                conn,
                 conversation_rows=conversation_rows,
                 exchange_rows=exchange_rows,
             )
-        conn.execute(update, params)
-
-
-class _OpenTransaction:
-    """Lets `store_batch` write inside a transaction already open on `conn`.
-
-    store_batch opens its own transaction from an engine; handing it this stand-in makes its
-    writes part of ours, so an answer and its item's status commit together.
-    """
-
-    def __init__(self, conn: Connection) -> None:
-        self._conn = conn
-
-    @contextmanager
-    def begin(self) -> Iterator[Connection]:
-        yield self._conn
+        # Replacing the items' rows costs two statements per batch; an UPDATE per item costs
+        # milliseconds each on DuckDB, whose executemany runs row by row.
+        for start in range(0, len(rows), _CHUNK):
+            chunk = rows[start : start + _CHUNK]
+            conn.execute(
+                sa.delete(replay_items).where(
+                    replay_items.c.run_id == run_id,
+                    replay_items.c.exchange_id.in_([row["exchange_id"] for row in chunk]),
+                )
+            )
+            insert_rows(conn, replay_items, chunk)
 
 
 def run_items(engine: Engine, run_id: str) -> list[Row]:

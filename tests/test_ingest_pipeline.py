@@ -226,3 +226,17 @@ def test_demo_ingests_a_sharegpt_sample(tmp_path: Path) -> None:
     assert summary["ingest"]["conversations"] == 40
     assert summary["stored_in_db"]["conversations"] == 40
     assert summary["stored_in_db"]["exchanges"] >= 40
+
+
+def test_an_unrecognised_file_is_rejected_and_the_others_are_stored(tmp_path: Path) -> None:
+    odd = tmp_path / "odd.jsonl"
+    odd.write_text('{"what": "is this"}\n')
+    good = tmp_path / "good.jsonl"
+    write_openai_jsonl(good, 2)
+    db = f"duckdb:///{tmp_path / 'x.duckdb'}"
+    result = convoscope("ingest", str(odd), str(good), "--json", db=db, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert (summary["stored"], summary["rejected"]) == (4, 1)
+    reject = json.loads(Path(summary["rejects_file"]).read_text().splitlines()[0])
+    assert reject["file"] == str(odd) and reject["line"] == 0 and "odd.jsonl" in reject["reason"]

@@ -1,0 +1,724 @@
+"""Replay: send saved inputs to an OpenAI-compatible endpoint and store the answers as logs.
+
+A replay is a stored run (storage.replay) whose items are the selected inputs (context + prompt,
+the instruction override as the system message). Requests go through the `openai` client with
+its own retries off, so this module alone decides what is retried: 429, 5xx, timeouts, dropped
+connections and malformed bodies, with exponential backoff, jitter and the server's Retry-After.
+Other errors (400, 401, 404...) fail at once: retrying cannot fix them.
+
+Answers are committed as they finish, grouped with whatever else finished meanwhile (group
+commit: one transaction per batch instead of one per answer, so the database never throttles a
+fast endpoint), each answer in the same transaction as its item's status. A SIGKILL therefore
+loses only the requests in flight; running the same run id again sends only the items not done.
+
+Each answer becomes an ordinary exchange (source `replay:<run id>`), so embedding, clustering
+and scoring treat it like any other log. The API key is read from the environment at call time
+and never stored, logged or kept in an error message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from email.utils import parsedate_to_datetime
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+import openai
+from sqlalchemy.engine import Engine
+from tqdm import tqdm
+
+from ingest.pipeline import exchange_row
+from ingest.records import Exchange, Message, content_hash
+from storage.logs import ExchangeFilter, iter_exchanges, utcnow
+from storage.replay import (
+    DONE,
+    FAILED,
+    PENDING,
+    ItemOutcome,
+    create_run,
+    exchanges_by_id,
+    get_run,
+    item_counts,
+    open_inputs,
+    record_outcomes,
+    run_items,
+    set_run_status,
+)
+
+REPLAY_SOURCE_PREFIX = "replay:"
+DUMMY_API_KEY = "sk-local-no-key"  # local servers want some bearer token, not a real one
+_RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+_ERROR_CHARS = 500
+_BOOT_CELLS = 4_000_000  # resampled values held at once by the bootstrap
+
+Select = ExchangeFilter | Sequence[str] | None
+
+
+class ReplayError(RuntimeError):
+    """A replay that cannot start (unknown ids, a run id reused with another model...)."""
+
+
+class MalformedResponse(ValueError):
+    """A 200 whose body is not a usable chat completion."""
+
+
+@dataclass(frozen=True)
+class ReplayConfig:
+    """Where to send, what to send with, and how hard to push.
+
+    `params` are generation parameters passed to the endpoint (temperature, max_tokens...).
+    `rate_limit` caps requests per second over all workers, retries included (None: no cap).
+    `sample` replays a deterministic sample of that many inputs (by `seed`); `dedupe` sends
+    identical requests (same messages) once.
+    """
+
+    model: str
+    base_url: str
+    instruction: str | None = None
+    params: Mapping[str, Any] = field(default_factory=dict)
+    api_key_env: str = "OPENAI_API_KEY"
+    concurrency: int = 8
+    rate_limit: float | None = None
+    max_attempts: int = 5
+    timeout_s: float = 60.0
+    backoff_base_s: float = 0.5
+    backoff_max_s: float = 30.0
+    retry_after_max_s: float = 120.0
+    sample: int | None = None
+    seed: int = 0
+    dedupe: bool = True
+    progress: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class ReplaySummary:
+    """What one call of `replay` did, as `convoscope replay --json` prints it."""
+
+    run_id: str
+    model: str
+    base_url: str
+    resumed: bool
+    items: int  # inputs in the run
+    already_done: int  # done before this call, not sent again
+    sent: int  # inputs sent in this call
+    requests: int  # HTTP requests in this call, retries included
+    done: int  # inputs answered in this call
+    failed: int  # inputs that failed every attempt in this call
+    retried: int  # retry attempts in this call
+    pending: int  # inputs of the run still without an answer (failed ones included)
+    seconds: float
+    status: str  # done | incomplete
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class RewardDiff:
+    """New answers' reward against the originals on the same inputs."""
+
+    n: int
+    mean_original: float
+    mean_new: float
+    mean_diff: float
+    ci_low: float  # 95 % bootstrap interval of mean_diff
+    ci_high: float
+    wins: int
+    ties: int
+    losses: int
+    win_rate: float  # (wins + ties / 2) / n
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayReport:
+    """A run's outcome and, given scores, how its answers compare with the originals."""
+
+    run_id: str
+    model: str
+    base_url: str
+    instruction: str | None
+    created_at: str
+    status: str
+    counts: dict[str, int]
+    pairs: int  # inputs with a stored new answer
+    mean_latency_s: float | None
+    prompt_tokens: int
+    completion_tokens: int
+    overall: RewardDiff | None
+    per_cluster: dict[str, RewardDiff]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def replay(
+    engine: Engine,
+    *,
+    config: ReplayConfig,
+    select: Select = None,
+    run_id: str | None = None,
+) -> ReplaySummary:
+    """Create (or resume, when `run_id` names a stored run) a replay and run it to the end.
+
+    `select` is an ExchangeFilter or a sequence of exchange ids (None: every logged exchange
+    that is not itself a replay); it only matters when the run is created: a resumed run
+    keeps its items and sends those not done yet.
+    """
+    return asyncio.run(areplay(engine, config=config, select=select, run_id=run_id))
+
+
+async def areplay(
+    engine: Engine,
+    *,
+    config: ReplayConfig,
+    select: Select = None,
+    run_id: str | None = None,
+) -> ReplaySummary:
+    """`replay` for callers that already run an event loop."""
+    started = time.perf_counter()
+    _check_config(config)
+    run_id = run_id or uuid.uuid4().hex
+    if not _RUN_ID.match(run_id):
+        raise ReplayError(f"run id {run_id!r}: use 1-32 letters, digits, '-' or '_'")
+    run = get_run(engine, run_id)
+    resumed = run is not None
+    if run is None:
+        ids = select_inputs(engine, select, config=config)
+        if not ids:
+            raise ReplayError("the selection matches no saved input to replay")
+        create_run(
+            engine,
+            run_id=run_id,
+            model=config.model,
+            base_url=public_url(config.base_url),
+            instruction=config.instruction,
+            params=_run_params(config),
+            exchange_ids=ids,
+        )
+    else:
+        _check_same_run(run, config)
+    inputs = open_inputs(engine, run_id)
+    before = item_counts(engine, run_id)
+    set_run_status(engine, run_id, "running")
+    stats = await _send_all(engine, run_id, inputs, config)
+    after = item_counts(engine, run_id)
+    status = "done" if after[PENDING] == 0 and after[FAILED] == 0 else "incomplete"
+    set_run_status(engine, run_id, status)
+    return ReplaySummary(
+        run_id=run_id,
+        model=config.model,
+        base_url=public_url(config.base_url),
+        resumed=resumed,
+        items=sum(after.values()),
+        already_done=before[DONE],
+        sent=len(inputs),
+        requests=stats.requests,
+        done=stats.done,
+        failed=stats.failed,
+        retried=stats.retried,
+        pending=after[PENDING] + after[FAILED],
+        seconds=round(time.perf_counter() - started, 3),
+        status=status,
+    )
+
+
+def select_inputs(engine: Engine, select: Select, *, config: ReplayConfig) -> list[str]:
+    """Ids of the exchanges to replay: selected, deduplicated by request, then sampled."""
+    if select is None or isinstance(select, ExchangeFilter):
+        where = select or ExchangeFilter()
+        named = set(where.sources)
+        rows = (
+            row
+            for batch in iter_exchanges(
+                engine, where=where, columns=("id", "context", "prompt", "source")
+            )
+            for row in batch
+            # Replays' own answers are inputs only when their run is asked for by name.
+            if not row["source"].startswith(REPLAY_SOURCE_PREFIX) or row["source"] in named
+        )
+    else:
+        wanted = list(dict.fromkeys(select))
+        found = exchanges_by_id(engine, wanted, columns=("id", "context", "prompt"))
+        missing = [i for i in wanted if i not in found]
+        if missing:
+            raise ReplayError(f"{len(missing)} exchange id(s) not found, e.g. {missing[0]!r}")
+        rows = (found[i] for i in wanted)
+    ids: list[str] = []
+    seen: set[str] = set()
+    for row in rows:
+        if not row["prompt"]:
+            continue
+        if config.dedupe:
+            messages = request_messages(row["context"], row["prompt"], config.instruction)
+            key = content_hash(json.dumps(messages, sort_keys=True))
+            if key in seen:
+                continue
+            seen.add(key)
+        ids.append(row["id"])
+    if config.sample is not None and config.sample < len(ids):
+        chosen = set(random.Random(config.seed).sample(ids, config.sample))
+        ids = [i for i in ids if i in chosen]
+    return ids
+
+
+def request_messages(
+    context: str | Sequence[Mapping[str, str]], prompt: str, instruction: str | None
+) -> list[dict[str, str]]:
+    """The chat messages for an input: its context, then its prompt; an instruction override
+    replaces the context's system messages with itself, first."""
+    earlier = json.loads(context) if isinstance(context, str) else context
+    messages = [{"role": m["role"], "content": m["content"]} for m in earlier]
+    if instruction is not None:
+        messages = [
+            {"role": "system", "content": instruction},
+            *(m for m in messages if m["role"] != "system"),
+        ]
+    messages.append({"role": "user", "content": prompt})
+    return messages
+
+
+def public_url(url: str) -> str:
+    """The endpoint without credentials or query: what may be stored and shown."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def _check_config(config: ReplayConfig) -> None:
+    if config.concurrency < 1:
+        raise ReplayError("concurrency must be at least 1")
+    if config.max_attempts < 1:
+        raise ReplayError("max_attempts must be at least 1")
+    if config.rate_limit is not None and config.rate_limit <= 0:
+        raise ReplayError("rate_limit must be positive (or None for no limit)")
+    if config.sample is not None and config.sample < 1:
+        raise ReplayError("sample must be at least 1")
+
+
+def _run_params(config: ReplayConfig) -> dict[str, Any]:
+    """What the run records about itself: never the key, only the variable it comes from."""
+    return {
+        "generation": dict(config.params),
+        "api_key_env": config.api_key_env,
+        "concurrency": config.concurrency,
+        "rate_limit": config.rate_limit,
+        "max_attempts": config.max_attempts,
+        "timeout_s": config.timeout_s,
+        "sample": config.sample,
+        "seed": config.seed,
+        "dedupe": config.dedupe,
+    }
+
+
+def _check_same_run(run: Mapping[str, Any], config: ReplayConfig) -> None:
+    """A resumed run must ask the same question, or its answers would not be comparable."""
+    stored = (run["model"], run["instruction"], run["params"].get("generation", {}))
+    wanted = (config.model, config.instruction, json.loads(json.dumps(dict(config.params))))
+    if stored != wanted:
+        raise ReplayError(
+            f"run {run['id']} was started with model {run['model']!r}, another instruction or "
+            "other generation parameters: resume it with the same ones, or start a new run"
+        )
+
+
+@dataclass(slots=True)
+class _Stats:
+    requests: int = 0
+    done: int = 0
+    failed: int = 0
+    retried: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Finished:
+    """An item's outcome and, when it succeeded, the rows to store with it."""
+
+    outcome: ItemOutcome
+    conversation_row: dict[str, Any] | None = None
+    exchange_row: dict[str, Any] | None = None
+
+
+class _RateLimiter:
+    """Spaces request starts at least 1/rate seconds apart, over all workers."""
+
+    def __init__(self, rate: float | None) -> None:
+        self._interval = 1.0 / rate if rate else 0.0
+        self._next = 0.0
+
+    async def wait(self) -> None:
+        if not self._interval:
+            return
+        now = time.monotonic()
+        slot = max(now, self._next)
+        self._next = slot + self._interval
+        if slot > now:
+            await asyncio.sleep(slot - now)
+
+
+async def _send_all(
+    engine: Engine, run_id: str, inputs: list[dict[str, Any]], config: ReplayConfig
+) -> _Stats:
+    """Send every input with `concurrency` workers; one writer commits what they finish."""
+    stats = _Stats()
+    if not inputs:
+        return stats
+    api_key = os.environ.get(config.api_key_env) or DUMMY_API_KEY
+    sender = _Sender(config, api_key, run_id, stats)
+    finished: asyncio.Queue[_Finished | None] = asyncio.Queue()
+    pending = iter(inputs)
+    bar = tqdm(
+        total=len(inputs),
+        desc=f"replay {run_id[:8]}",
+        unit=" req",
+        file=sys.stderr,
+        disable=None if config.progress else True,
+    )
+
+    async def worker() -> None:
+        for item in pending:  # one shared iterator: each input goes to exactly one worker
+            await finished.put(await sender.send(item))
+
+    async def writer() -> None:
+        while True:
+            batch: list[_Finished] = []
+            last = await finished.get()
+            while last is not None:
+                batch.append(last)
+                if finished.empty():
+                    break
+                last = finished.get_nowait()
+            if batch:
+                await asyncio.to_thread(_commit, engine, run_id, batch)
+                bar.update(len(batch))
+                bar.set_postfix(failed=stats.failed, retried=stats.retried, refresh=False)
+            if last is None:
+                return
+
+    try:
+        async with sender.client, asyncio.TaskGroup() as group:
+            group.create_task(writer())
+            workers = [
+                group.create_task(worker()) for _ in range(min(config.concurrency, len(inputs)))
+            ]
+            await asyncio.gather(*workers)
+            await finished.put(None)
+    finally:
+        bar.close()
+    return stats
+
+
+def _commit(engine: Engine, run_id: str, batch: list[_Finished]) -> None:
+    record_outcomes(
+        engine,
+        [f.outcome for f in batch],
+        run_id=run_id,
+        conversation_rows=[f.conversation_row for f in batch if f.conversation_row],
+        exchange_rows=[f.exchange_row for f in batch if f.exchange_row],
+    )
+
+
+class _Sender:
+    """Sends one input with retries and turns the result into rows to store."""
+
+    def __init__(self, config: ReplayConfig, api_key: str, run_id: str, stats: _Stats) -> None:
+        self.config = config
+        self.run_id = run_id
+        self.stats = stats
+        self.endpoint = public_url(config.base_url)
+        self.limiter = _RateLimiter(config.rate_limit)
+        self.rng = random.Random()
+        self._secret = api_key
+        self.client = openai.AsyncOpenAI(
+            base_url=config.base_url,
+            api_key=api_key,
+            max_retries=0,  # retries are ours: counted, logged and bounded by max_attempts
+            timeout=config.timeout_s,
+        )
+
+    async def send(self, item: Mapping[str, Any]) -> _Finished:
+        config = self.config
+        messages = request_messages(item["context"], item["prompt"], config.instruction)
+        attempts = int(item["attempts"])
+        for attempt in range(1, config.max_attempts + 1):
+            await self.limiter.wait()
+            attempts += 1
+            self.stats.requests += 1
+            started = time.perf_counter()
+            try:
+                completion = await self.client.chat.completions.create(
+                    model=config.model, messages=messages, **config.params
+                )
+                content = _content(completion)
+            except (openai.APIError, ValueError) as error:
+                retryable, retry_after = _classify(error)
+                if not retryable or attempt == config.max_attempts:
+                    self.stats.failed += 1
+                    return _Finished(
+                        ItemOutcome(
+                            exchange_id=item["id"],
+                            status=FAILED,
+                            attempts=attempts,
+                            error=self._describe(error),
+                        )
+                    )
+                self.stats.retried += 1
+                await asyncio.sleep(self._backoff(attempt, retry_after))
+                continue
+            latency = time.perf_counter() - started
+            self.stats.done += 1
+            return self._answer(item, messages, content, completion, latency, attempts)
+        raise AssertionError("unreachable: the last attempt returns")
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        """Exponential backoff with equal jitter, never shorter than the server's Retry-After."""
+        config = self.config
+        ceiling = min(config.backoff_max_s, config.backoff_base_s * 2 ** (attempt - 1))
+        delay = ceiling / 2 + self.rng.uniform(0, ceiling / 2)
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, config.retry_after_max_s))
+        return delay
+
+    def _describe(self, error: Exception) -> str:
+        """The failure record: kind, status and message, with the API key scrubbed out."""
+        status = getattr(error, "status_code", None)
+        text = f"{type(error).__name__}" + (f" {status}" if status else "") + f": {error}"
+        if self._secret:
+            text = text.replace(self._secret, "***")
+        return text[:_ERROR_CHARS]
+
+    def _answer(
+        self,
+        item: Mapping[str, Any],
+        messages: list[dict[str, str]],
+        content: str,
+        completion: Any,
+        latency: float,
+        attempts: int,
+    ) -> _Finished:
+        usage = getattr(completion, "usage", None)
+        prompt_tokens = getattr(usage, "prompt_tokens", None)
+        completion_tokens = getattr(usage, "completion_tokens", None)
+        now = utcnow()
+        source = REPLAY_SOURCE_PREFIX + self.run_id
+        conversation_id = content_hash("replay", self.run_id, item["id"])
+        exchange = Exchange(
+            conversation_id=conversation_id,
+            turn_index=len(messages),
+            context=tuple(Message(role=m["role"], content=m["content"]) for m in messages[:-1]),
+            prompt=item["prompt"],
+            response=content,
+            model=self.config.model,
+            instruction=(
+                self.config.instruction
+                if self.config.instruction is not None
+                else item["instruction"]
+            ),
+            created_at=now,
+            source=source,
+            external_id=item["external_id"],
+            metadata={
+                "replay_run": self.run_id,
+                "original_exchange_id": item["id"],
+                "original_model": item["model"],
+                "endpoint": self.endpoint,
+                "served_model": getattr(completion, "model", None),
+                "latency_s": round(latency, 6),
+                "attempts": attempts,
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": getattr(usage, "total_tokens", None),
+                "finish_reason": completion.choices[0].finish_reason,
+            },
+        )
+        conversation_row = {
+            "id": conversation_id,
+            "external_id": item["external_id"],
+            "source": source,
+            "created_at": now,
+            "n_messages": len(messages) + 1,
+            "thumbs": None,
+            "rating": None,
+            "feedback_text": None,
+            "metadata": json.dumps(
+                {"replay_run": self.run_id, "original_conversation_id": item["conversation_id"]}
+            ),
+            "ingested_at": now,
+        }
+        row = exchange_row(exchange, now)
+        return _Finished(
+            ItemOutcome(
+                exchange_id=item["id"],
+                status=DONE,
+                attempts=attempts,
+                response_exchange_id=row["id"],
+                latency_s=latency,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+            ),
+            conversation_row,
+            row,
+        )
+
+
+def _content(completion: Any) -> str:
+    """The answer text, or MalformedResponse when the body is not a usable completion."""
+    choices = getattr(completion, "choices", None)
+    if not choices:
+        raise MalformedResponse("the completion has no choices")
+    content = getattr(getattr(choices[0], "message", None), "content", None)
+    if not isinstance(content, str) or not content:
+        raise MalformedResponse("the completion's first choice has no text")
+    return content
+
+
+def _classify(error: Exception) -> tuple[bool, float | None]:
+    """Whether an error is worth retrying, and the wait the server asked for, if any."""
+    if isinstance(error, openai.APIStatusError):
+        status = error.status_code
+        retryable = status in (408, 409, 429) or status >= 500
+        return retryable, _retry_after(error.response.headers) if retryable else None
+    if isinstance(error, openai.APIConnectionError):  # timeouts included
+        return True, None
+    # Bodies that are not JSON, or not a chat completion, are usually a proxy's hiccup.
+    return isinstance(error, (ValueError, openai.APIResponseValidationError)), None
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds from `retry-after-ms` or `retry-after` (seconds or an HTTP date)."""
+    for name, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            seconds = float(value) / scale
+        except ValueError:
+            try:
+                when = parsedate_to_datetime(value)
+            except (TypeError, ValueError):
+                continue
+            seconds = (when - datetime.now(when.tzinfo)).total_seconds()
+        if math.isfinite(seconds):
+            return max(seconds, 0.0)
+    return None
+
+
+def compare(
+    engine: Engine,
+    run_id: str,
+    *,
+    scores: Mapping[str, float] | None = None,
+    cluster_of: Mapping[str, str] | None = None,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> ReplayReport:
+    """A run's report: counts, latency, tokens and, given scores by exchange id, the reward of
+    each new answer against its original (overall and per cluster of the original input)."""
+    run = get_run(engine, run_id)
+    if run is None:
+        raise ReplayError(f"no replay run {run_id!r}")
+    items = run_items(engine, run_id)
+    done = [i for i in items if i["status"] == DONE and i["response_exchange_id"]]
+    latencies = [i["latency_s"] for i in done if i["latency_s"] is not None]
+    overall: RewardDiff | None = None
+    per_cluster: dict[str, RewardDiff] = {}
+    if scores is not None:
+        scored = [
+            (i["exchange_id"], scores[i["exchange_id"]], scores[i["response_exchange_id"]])
+            for i in done
+            if i["exchange_id"] in scores and i["response_exchange_id"] in scores
+        ]
+        overall = _reward_diff([(o, n) for _, o, n in scored], n_boot=n_boot, seed=seed)
+        if cluster_of is not None:
+            groups: dict[str, list[tuple[float, float]]] = {}
+            for original, old, new in scored:
+                groups.setdefault(cluster_of.get(original, "unassigned"), []).append((old, new))
+            per_cluster = {
+                cluster: diff
+                for cluster, pairs in sorted(groups.items())
+                if (diff := _reward_diff(pairs, n_boot=n_boot, seed=seed)) is not None
+            }
+    return ReplayReport(
+        run_id=run_id,
+        model=run["model"],
+        base_url=run["base_url"],
+        instruction=run["instruction"],
+        created_at=run["created_at"].isoformat(),
+        status=run["status"],
+        counts=item_counts(engine, run_id),
+        pairs=len(done),
+        mean_latency_s=float(np.mean(latencies)) if latencies else None,
+        prompt_tokens=sum(i["prompt_tokens"] or 0 for i in done),
+        completion_tokens=sum(i["completion_tokens"] or 0 for i in done),
+        overall=overall,
+        per_cluster=per_cluster,
+    )
+
+
+def pairs(engine: Engine, run_id: str) -> list[dict[str, Any]]:
+    """Original and new answer side by side for every answered input of a run (for the UI)."""
+    done = [i for i in run_items(engine, run_id) if i["status"] == DONE]
+    wanted = [i["exchange_id"] for i in done] + [i["response_exchange_id"] for i in done]
+    found = exchanges_by_id(engine, wanted, columns=("id", "prompt", "response", "model"))
+    return [
+        {
+            "original_id": item["exchange_id"],
+            "new_id": item["response_exchange_id"],
+            "prompt": found[item["exchange_id"]]["prompt"],
+            "original_model": found[item["exchange_id"]]["model"],
+            "original_response": found[item["exchange_id"]]["response"],
+            "new_response": found[item["response_exchange_id"]]["response"],
+            "latency_s": item["latency_s"],
+        }
+        for item in done
+    ]
+
+
+def _reward_diff(
+    pairs: Sequence[tuple[float, float]], *, n_boot: int, seed: int
+) -> RewardDiff | None:
+    """Mean reward difference (new - original) with a percentile bootstrap CI, and win rate."""
+    if not pairs:
+        return None
+    values = np.asarray(pairs, dtype=float)
+    diffs = values[:, 1] - values[:, 0]
+    if len(diffs) > 1 and n_boot > 0:
+        rng = np.random.default_rng(seed)
+        step = max(1, _BOOT_CELLS // len(diffs))  # replicates per chunk: bounded memory
+        means = np.concatenate(
+            [
+                diffs[
+                    rng.integers(0, len(diffs), size=(min(step, n_boot - start), len(diffs)))
+                ].mean(axis=1)
+                for start in range(0, n_boot, step)
+            ]
+        )
+        low, high = np.percentile(means, [2.5, 97.5])
+    else:
+        low = high = diffs.mean()
+    wins, ties = int((diffs > 0).sum()), int((diffs == 0).sum())
+    return RewardDiff(
+        n=len(diffs),
+        mean_original=float(values[:, 0].mean()),
+        mean_new=float(values[:, 1].mean()),
+        mean_diff=float(diffs.mean()),
+        ci_low=float(low),
+        ci_high=float(high),
+        wins=wins,
+        ties=ties,
+        losses=len(diffs) - wins - ties,
+        win_rate=(wins + ties / 2) / len(diffs),
+    )

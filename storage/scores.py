@@ -1,0 +1,61 @@
+"""Per-exchange scores (reward model outputs and the like), keyed by (exchange, scorer).
+
+A scorer name says what produced the value, e.g. `reward:<model id>`; re-scoring with the
+same scorer replaces its values, so `apply` can be re-run safely.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from storage.logs import insert_rows, utcnow
+from storage.schema import scores
+
+_CHUNK = 5000
+
+
+def store_scores(engine: Engine, scorer: str, values: Mapping[str, float]) -> int:
+    """Store (or replace) one scorer's values for the given exchanges, atomically."""
+    now = utcnow()
+    ids = list(values)
+    with engine.begin() as conn:
+        for start in range(0, len(ids), _CHUNK):
+            chunk = ids[start : start + _CHUNK]
+            conn.execute(
+                sa.delete(scores).where(scores.c.scorer == scorer, scores.c.exchange_id.in_(chunk))
+            )
+        rows = [
+            {"exchange_id": i, "scorer": scorer, "value": float(values[i]), "created_at": now}
+            for i in ids
+        ]
+        insert_rows(conn, scores, rows)
+    return len(ids)
+
+
+def latest_scorer(engine: Engine, prefix: str) -> str | None:
+    """The most recently written scorer whose name starts with `prefix`."""
+    query = (
+        sa.select(scores.c.scorer)
+        .where(scores.c.scorer.startswith(prefix, autoescape=True))
+        .group_by(scores.c.scorer)
+        .order_by(sa.func.max(scores.c.created_at).desc())
+        .limit(1)
+    )
+    with engine.connect() as conn:
+        return conn.execute(query).scalar_one_or_none()
+
+
+def load_scores(engine: Engine, scorer: str) -> dict[str, float]:
+    """exchange id → value for one scorer."""
+    query = sa.select(scores.c.exchange_id, scores.c.value).where(scores.c.scorer == scorer)
+    with engine.connect() as conn:
+        return {exchange_id: value for exchange_id, value in conn.execute(query)}
+
+
+def latest_scores(engine: Engine, *, prefix: str) -> dict[str, float]:
+    """The values of the newest scorer starting with `prefix` (empty when there is none)."""
+    scorer = latest_scorer(engine, prefix)
+    return load_scores(engine, scorer) if scorer else {}
