@@ -72,10 +72,10 @@ def check_version(engine: Engine) -> None:
         )
 
 
-def upgrade(engine: Engine) -> None:
-    """Bring the database to the newest schema; a no-op when it is already there."""
+def upgrade(engine: Engine, target: str = "head") -> None:
+    """Bring the database to the newest schema (or `target`); a no-op when it is there."""
     with engine.begin() as connection:
         revision = current_revision(connection)
         _refuse_newer(revision, engine.url.render_as_string(hide_password=True))
-        if revision != head_revision():
-            command.upgrade(_config(connection), "head")
+        if revision != (head_revision() if target == "head" else target):
+            command.upgrade(_config(connection), target)

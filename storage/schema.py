@@ -190,6 +190,7 @@ replay_runs = sa.Table(
     sa.Column("instruction", sa.Text),
     sa.Column("params", sa.Text),
     sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("finished_at", sa.DateTime),
 )
 
 replay_items = sa.Table(
@@ -204,4 +205,29 @@ replay_items = sa.Table(
     sa.Column("latency_s", sa.Float),
     sa.Column("prompt_tokens", sa.Integer),
     sa.Column("completion_tokens", sa.Integer),
+)
+
+# What scoring concluded about each cluster of a run: reward mean and CI, behaviour rates,
+# expert leaderboard, routing suggestion, weakness and its reason (JSON: the UI reads it whole).
+cluster_reports = sa.Table(
+    "cluster_reports",
+    metadata,
+    sa.Column("run_id", Id, primary_key=True),
+    sa.Column("cluster_id", sa.String(32), primary_key=True),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+    sa.Column("weakness", sa.Float),
+    sa.Column("payload", sa.Text, nullable=False),
+)
+
+# Versioned instructions (system prompts) per cluster, written from the replay page.
+instructions = sa.Table(
+    "instructions",
+    metadata,
+    sa.Column("id", Id, primary_key=True),
+    sa.Column("cluster_id", sa.String(32), nullable=False, index=True),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("text", sa.Text, nullable=False),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+    sa.Column("replay_run_id", Id),
+    sa.Column("mean_reward", sa.Float),
 )

@@ -154,3 +154,18 @@ def test_urls_resolve_from_paths_and_environment(monkeypatch, tmp_path) -> None:
     assert resolve_url("logs.sqlite") == f"sqlite:///{tmp_path / 'logs.sqlite'}"
     monkeypatch.setenv("CONVOSCOPE_DB", "postgresql://u@127.0.0.1/db")
     assert resolve_url(None) == "postgresql+psycopg://u@127.0.0.1/db"
+
+
+def test_upgrading_an_old_database_keeps_its_rows(db_url: str) -> None:
+    from storage.engine import make_engine, resolve_url
+    from storage.migrate import current_revision, head_revision, upgrade
+
+    old = make_engine(resolve_url(db_url))
+    upgrade(old, "0001")  # a database as the first release left it
+    store_batch(old, conversation_rows=[_conversation(0)], exchange_rows=[_exchange(0)])
+    old.dispose()
+    engine = open_database(db_url)
+    with engine.connect() as conn:
+        assert current_revision(conn) == head_revision()
+    assert table_counts(engine)["exchanges"] == 1
+    engine.dispose()

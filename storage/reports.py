@@ -1,0 +1,93 @@
+"""Per-cluster scoring reports and versioned per-cluster instructions.
+
+A report is what scoring concluded about one cluster of one run (JSON payload plus its
+weakness, which is a column so "weakest first" is a plain ORDER BY). Writing a run's reports
+replaces that run's earlier ones in one transaction, so re-scoring is safe.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from storage.logs import Row, insert_rows, utcnow
+from storage.schema import cluster_reports, instructions
+
+
+def save_cluster_reports(
+    engine: Engine, run_id: str, reports: Mapping[str, Mapping[str, Any]]
+) -> None:
+    """Replace the reports of `run_id` with `reports` (cluster id → JSON-able payload)."""
+    now = utcnow()
+    rows = [
+        {
+            "run_id": run_id,
+            "cluster_id": cluster_id,
+            "created_at": now,
+            "weakness": payload.get("weakness"),
+            "payload": json.dumps(payload, default=float),
+        }
+        for cluster_id, payload in reports.items()
+    ]
+    with engine.begin() as conn:
+        conn.execute(sa.delete(cluster_reports).where(cluster_reports.c.run_id == run_id))
+        insert_rows(conn, cluster_reports, rows)
+
+
+def load_cluster_reports(engine: Engine, run_id: str) -> dict[str, dict[str, Any]]:
+    """cluster id → report payload, weakest first."""
+    query = (
+        sa.select(cluster_reports.c.cluster_id, cluster_reports.c.payload)
+        .where(cluster_reports.c.run_id == run_id)
+        .order_by(cluster_reports.c.weakness.desc().nulls_last())
+    )
+    with engine.connect() as conn:
+        return {cluster_id: json.loads(payload) for cluster_id, payload in conn.execute(query)}
+
+
+def save_instruction(
+    engine: Engine, cluster_id: str, text: str, *, replay_run_id: str | None = None
+) -> Row:
+    """Store a new version of a cluster's instruction; returns it with its version number."""
+    with engine.begin() as conn:
+        latest = conn.execute(
+            sa.select(sa.func.max(instructions.c.version)).where(
+                instructions.c.cluster_id == cluster_id
+            )
+        ).scalar_one_or_none()
+        row = {
+            "id": uuid.uuid4().hex,
+            "cluster_id": cluster_id,
+            "version": (latest or 0) + 1,
+            "text": text,
+            "created_at": utcnow(),
+            "replay_run_id": replay_run_id,
+            "mean_reward": None,
+        }
+        conn.execute(sa.insert(instructions).values(**row))
+    return row
+
+
+def set_instruction_reward(engine: Engine, instruction_id: str, mean_reward: float) -> None:
+    with engine.begin() as conn:
+        conn.execute(
+            sa.update(instructions)
+            .where(instructions.c.id == instruction_id)
+            .values(mean_reward=mean_reward)
+        )
+
+
+def load_instructions(engine: Engine, cluster_id: str | None = None) -> list[Row]:
+    """Instruction versions (of one cluster, or all), newest first."""
+    query = sa.select(instructions).order_by(
+        instructions.c.cluster_id, instructions.c.version.desc()
+    )
+    if cluster_id is not None:
+        query = query.where(instructions.c.cluster_id == cluster_id)
+    with engine.connect() as conn:
+        return [dict(r) for r in conn.execute(query).mappings()]
