@@ -79,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--model", action="append", default=[], help="only this model (repeat)")
     export.add_argument("--source", action="append", default=[], help="only this source file")
+    export.add_argument(
+        "--cluster", action="append", default=[], help="only this cluster or parent (repeat)"
+    )
+    export.add_argument("--tag", action="append", default=[], help="only rows tagged so (repeat)")
+    export.add_argument("--min-reward", type=float, help="only rows scored at least this")
+    export.add_argument("--max-reward", type=float, help="only rows scored at most this")
     export.set_defaults(handler=commands.export)
 
     embed = sub.add_parser("embed", parents=[common], help="embed stored exchanges")

@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 
-from app.export import export_exchanges
+from app.export import ExportSelection, export_exchanges
 from ingest.pipeline import IngestConfig, ingest_paths
 from storage.engine import open_database, resolve_url
 from storage.logs import ExchangeFilter, table_counts
@@ -43,10 +43,16 @@ def ingest(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def export(args: argparse.Namespace) -> dict[str, Any]:
+    selection = ExportSelection(
+        where=ExchangeFilter(models=tuple(args.model), sources=tuple(args.source)),
+        clusters=tuple(args.cluster),
+        tags=tuple(args.tag),
+        min_reward=args.min_reward,
+        max_reward=args.max_reward,
+    )
     engine = open_database(args.db)
     try:
-        where = ExchangeFilter(models=tuple(args.model), sources=tuple(args.source))
-        result = export_exchanges(engine, args.out, format=args.format, where=where)
+        result = export_exchanges(engine, args.out, format=args.format, selection=selection)
     finally:
         engine.dispose()
     return {"path": result.path, "format": result.format, "rows": result.rows}

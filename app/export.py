@@ -2,8 +2,9 @@
 
 Rows stream from storage in batches, so an export of millions of rows runs in bounded memory.
 Every row carries the ids a user needs to join it back to their own data (`external_id`,
-`conversation_id`, `turn_index`, `model`) and every signal. The file is written next to its
-target and renamed into place at the end, so a failed export never leaves half a file behind.
+`conversation_id`, `turn_index`, `model`), every signal, its cluster (id and label, a
+person's name winning), tags and reward score. The file is written next to its target and
+renamed into place at the end, so a failed export never leaves half a file behind.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import csv
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,7 +21,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from sqlalchemy.engine import Engine
 
+from storage.clusters import (
+    exchanges_in_clusters,
+    latest_run,
+    load_assignments,
+    load_clusters,
+    load_tags,
+)
 from storage.logs import ExchangeFilter, iter_exchanges
+from storage.scores import latest_scorer, load_scores
 
 ExportFormat = Literal["csv", "parquet", "jsonl", "openai"]
 FORMATS: tuple[str, ...] = ("csv", "parquet", "jsonl", "openai")
@@ -47,9 +56,27 @@ SCHEMA = pa.schema(
         ("user_turns_after", pa.int64()),
         ("ended_conversation", pa.bool_()),
         ("seconds_to_next_user_message", pa.float64()),
+        ("cluster_id", pa.string()),
+        ("cluster_label", pa.string()),
+        ("parent_cluster_id", pa.string()),
+        ("tags", pa.string()),  # comma-separated: the exchange's own and its cluster's
+        ("reward", pa.float64()),
+        ("reward_scorer", pa.string()),
     ]
 )
+EXCHANGE_COLUMNS: tuple[str, ...] = tuple(SCHEMA.names[: SCHEMA.get_field_index("cluster_id")])
 COLUMNS: tuple[str, ...] = tuple(SCHEMA.names)
+
+
+@dataclass(frozen=True, slots=True)
+class ExportSelection:
+    """Which exchanges to export: stored-field filters plus cluster, tag and reward bounds."""
+
+    where: ExchangeFilter = field(default_factory=ExchangeFilter)
+    clusters: tuple[str, ...] = ()  # topic or parent ids of the latest clustering
+    tags: tuple[str, ...] = ()
+    min_reward: float | None = None
+    max_reward: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,15 +97,15 @@ def export_exchanges(
     out: Path,
     *,
     format: str | None = None,
-    where: ExchangeFilter | None = None,
+    selection: ExportSelection | None = None,
 ) -> ExportResult:
-    """Write the filtered exchanges to `out` in `format`; returns how many rows were written."""
+    """Write the selected exchanges to `out` in `format`; returns how many rows were written."""
     chosen = format or guess_format(out)
     if chosen not in FORMATS:
         raise ValueError(f"unknown export format {chosen!r}: choose one of {', '.join(FORMATS)}")
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
-    batches = iter_exchanges(engine, where=where, columns=COLUMNS)
+    batches = iter_export_rows(engine, selection or ExportSelection())
     writer = {"csv": _write_csv, "parquet": _write_parquet, "jsonl": _write_jsonl}.get(
         chosen, _write_openai
     )
@@ -88,6 +115,68 @@ def export_exchanges(
     finally:
         partial.unlink(missing_ok=True)
     return ExportResult(path=str(out), format=chosen, rows=rows)
+
+
+def iter_export_rows(engine: Engine, selection: ExportSelection) -> Iterator[list[dict[str, Any]]]:
+    """Selected exchanges in batches, each row carrying its cluster, tags and reward."""
+    run = latest_run(engine)
+    assignment = load_assignments(engine, run["id"]) if run else {}
+    clusters = {c["id"]: c for c in load_clusters(engine, run["id"])} if run else {}
+    exchange_tags = load_tags(engine, "exchange")
+    scorer = latest_scorer(engine, "reward:")
+    rewards = load_scores(engine, scorer) if scorer else {}
+    wanted = _selected_ids(engine, run["id"] if run else None, selection, exchange_tags)
+    for batch in iter_exchanges(engine, where=selection.where, columns=EXCHANGE_COLUMNS):
+        rows = []
+        for row in batch:
+            if wanted is not None and row["id"] not in wanted:
+                continue
+            reward = rewards.get(row["id"])
+            if selection.min_reward is not None and (
+                reward is None or reward < selection.min_reward
+            ):
+                continue
+            if selection.max_reward is not None and (
+                reward is None or reward > selection.max_reward
+            ):
+                continue
+            cluster = clusters.get(assignment.get(row["id"]) or "")
+            tags = set(exchange_tags.get(row["id"], ())) | set(cluster["tags"] if cluster else ())
+            rows.append(
+                {
+                    **row,
+                    "cluster_id": cluster["id"] if cluster else None,
+                    "cluster_label": cluster["name"] if cluster else None,
+                    "parent_cluster_id": cluster["parent_id"] if cluster else None,
+                    "tags": ",".join(sorted(tags)) or None,
+                    "reward": reward,
+                    "reward_scorer": scorer if reward is not None else None,
+                }
+            )
+        if rows:
+            yield rows
+
+
+def _selected_ids(
+    engine: Engine,
+    run_id: str | None,
+    selection: ExportSelection,
+    exchange_tags: dict[str, list[str]],
+) -> set[str] | None:
+    """Ids allowed by the cluster and tag filters (both must hold), or None for no filter."""
+    wanted: set[str] | None = None
+    if selection.clusters:
+        wanted = set()
+        for cluster_id in selection.clusters:
+            if run_id:
+                wanted.update(exchanges_in_clusters(engine, run_id, cluster_id=cluster_id))
+    if selection.tags:
+        tagged = {i for i, tags in exchange_tags.items() if set(tags) & set(selection.tags)}
+        for tag in selection.tags:
+            if run_id:
+                tagged.update(exchanges_in_clusters(engine, run_id, tag=tag))
+        wanted = tagged if wanted is None else wanted & tagged
+    return wanted
 
 
 def _plain(row: dict[str, Any]) -> dict[str, Any]:

@@ -70,17 +70,12 @@ def load_clusters(engine: Engine, run_id: str) -> list[Row]:
     )
     with engine.connect() as conn:
         rows = [dict(r) for r in conn.execute(query).mappings()]
-        tag_rows = conn.execute(
-            sa.select(tags.c.target_id, tags.c.tag).where(tags.c.target_kind == "cluster")
-        ).all()
-    by_cluster: dict[str, list[str]] = {}
-    for target, tag in tag_rows:
-        by_cluster.setdefault(target, []).append(tag)
+    by_cluster = load_tags(engine, "cluster")
     for row in rows:
         row["keywords"] = json.loads(row["keywords"])
         row["representatives"] = json.loads(row["representatives"] or "[]")
         row["name"] = row["user_name"] or row["auto_name"]
-        row["tags"] = sorted(by_cluster.get(row["id"], []))
+        row["tags"] = by_cluster.get(row["id"], [])
     return rows
 
 
@@ -185,3 +180,13 @@ def exchanges_in_clusters(
                 ).scalars()
             )
     return sorted(selected)
+
+
+def load_tags(engine: Engine, kind: str) -> dict[str, list[str]]:
+    """target id → sorted tags, for one kind of target (cluster or exchange)."""
+    query = sa.select(tags.c.target_id, tags.c.tag).where(tags.c.target_kind == kind)
+    found: dict[str, list[str]] = {}
+    with engine.connect() as conn:
+        for target, tag in conn.execute(query):
+            found.setdefault(target, []).append(tag)
+    return {target: sorted(values) for target, values in found.items()}
