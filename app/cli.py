@@ -87,22 +87,81 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--max-reward", type=float, help="only rows scored at most this")
     export.set_defaults(handler=commands.export)
 
-    embed = sub.add_parser("embed", parents=[common], help="embed stored exchanges")
-    embed.add_argument(
+    embedding = argparse.ArgumentParser(add_help=False)
+    embedding.add_argument(
         "--model", help="sentence-transformers model name or directory (default: all-MiniLM-L6-v2)"
     )
-    embed.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    embed.add_argument(
+    embedding.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    embedding.add_argument(
         "--on",
         choices=["prompt", "response", "exchange"],
         default="prompt",
         help="what text stands for an exchange (default: prompt with a slice of context)",
     )
-    embed.add_argument(
+    embedding.add_argument(
         "--fast", action="store_true", help="static (model2vec) embeddings: much faster on CPU"
     )
-    embed.add_argument("--batch-size", type=int, default=64)
+    embedding.add_argument("--batch-size", type=int, default=64, help="texts per model call")
+
+    embed = sub.add_parser("embed", parents=[common, embedding], help="embed stored exchanges")
     embed.set_defaults(handler=commands.embed)
+
+    cluster = sub.add_parser(
+        "cluster", parents=[common, embedding], help="cluster embedded exchanges into topics"
+    )
+    cluster.add_argument(
+        "--min-cluster-size",
+        type=int,
+        help="smallest topic (default: 1 in 400 of the rows fitted, at least 10)",
+    )
+    cluster.add_argument(
+        "--sample-size", type=int, default=50_000, help="rows to fit on; the rest are assigned"
+    )
+    cluster.add_argument(
+        "--reducer", choices=["umap", "pca", "none"], default="umap", help="dimension reduction"
+    )
+    cluster.add_argument(
+        "--clusterer", choices=["hdbscan", "kmeans"], default="hdbscan", help="clustering"
+    )
+    cluster.add_argument("--k", type=int, help="number of clusters for --clusterer kmeans")
+    cluster.add_argument(
+        "--no-reassign",
+        action="store_true",
+        help="leave outliers unassigned (default: join the nearest cluster when close enough)",
+    )
+    cluster.add_argument("--parents", type=int, help="number of parent groups (default: auto)")
+    cluster.add_argument("--seed", type=int, default=42)
+    cluster.add_argument(
+        "--llm-names",
+        metavar="MODEL",
+        help="name clusters with this chat model (sends cluster examples to --llm-base-url)",
+    )
+    cluster.add_argument("--llm-base-url", help="OpenAI-compatible endpoint for --llm-names")
+    cluster.add_argument("--llm-api-key-env", default="OPENAI_API_KEY")
+    cluster.set_defaults(handler=commands.cluster)
+
+    assign = sub.add_parser(
+        "assign",
+        parents=[common, embedding],
+        help="put new exchanges into the latest clusters without a refit",
+    )
+    assign.set_defaults(handler=commands.assign)
+
+    listing = sub.add_parser("clusters", parents=[common], help="list clusters, weakest first")
+    listing.add_argument("--on", choices=["prompt", "response", "exchange"], default="prompt")
+    listing.add_argument("--level", type=int, choices=[0, 1], help="0 = topics, 1 = groups")
+    listing.set_defaults(handler=commands.clusters)
+
+    rename = sub.add_parser("rename", parents=[common], help="give a cluster a name of your own")
+    rename.add_argument("cluster_id")
+    rename.add_argument("name", help="the new name; an empty string restores the automatic one")
+    rename.set_defaults(handler=commands.rename)
+
+    tag = sub.add_parser("tag", parents=[common], help="tag a cluster (or untag with --remove)")
+    tag.add_argument("cluster_id")
+    tag.add_argument("tag")
+    tag.add_argument("--remove", action="store_true")
+    tag.set_defaults(handler=commands.tag)
 
     replay = sub.add_parser(
         "replay",

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import Engine
 
@@ -15,6 +15,9 @@ from app.export import ExportSelection, export_exchanges
 from ingest.pipeline import IngestConfig, ingest_paths
 from storage.engine import open_database, resolve_url
 from storage.logs import ExchangeFilter, table_counts
+
+if TYPE_CHECKING:  # imported lazily at run time: it pulls in torch
+    from ingest.embed_step import EmbedConfig
 
 
 class UserError(Exception):
@@ -58,24 +61,166 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
     return {"path": result.path, "format": result.format, "rows": result.rows}
 
 
-def embed(args: argparse.Namespace) -> dict[str, Any]:
-    from ingest.embed import EmbedderError
-    from ingest.embed_step import EmbedConfig, embed_exchanges
+def _embed_config(args: argparse.Namespace) -> EmbedConfig:
+    from ingest.embed_step import EmbedConfig
 
-    config = EmbedConfig(
+    return EmbedConfig(
         model=args.model,
         device=args.device,
         fast=args.fast,
         on=args.on,
         batch_size=args.batch_size,
     )
+
+
+def embed(args: argparse.Namespace) -> dict[str, Any]:
+    from ingest.embed import EmbedderError
+    from ingest.embed_step import embed_exchanges
+
     engine = open_database(args.db)
     try:
-        return embed_exchanges(engine, config=config).as_dict()
+        return embed_exchanges(engine, config=_embed_config(args)).as_dict()
     except EmbedderError as error:
         raise UserError(str(error)) from error
     finally:
         engine.dispose()
+
+
+def cluster(args: argparse.Namespace) -> dict[str, Any]:
+    from clustering.stages import PassThrough, kmeans_clusterer, pca_reducer
+    from clustering.step import ClusterStepConfig, cluster_exchanges
+    from clustering.topics import ClusterConfig
+    from ingest.embed import EmbedderError
+
+    if args.clusterer == "kmeans" and not args.k:
+        raise UserError("--clusterer kmeans needs --k (the number of clusters)")
+    if args.clusterer == "hdbscan" and args.k:
+        raise UserError("--k applies to --clusterer kmeans only")
+    topics = ClusterConfig(
+        min_cluster_size=args.min_cluster_size,
+        sample_size=args.sample_size,
+        reassign_outliers=not args.no_reassign,
+        n_parents=args.parents,
+        seed=args.seed,
+    )
+    reducers = {"pca": pca_reducer(topics.n_components, seed=args.seed), "none": PassThrough()}
+    clusterer = kmeans_clusterer(args.k, seed=args.seed) if args.clusterer == "kmeans" else None
+    engine = open_database(args.db)
+    try:
+        config = ClusterStepConfig(embed=_embed_config(args), topics=topics)
+        summary = cluster_exchanges(
+            engine,
+            config=config,
+            reducer=reducers.get(args.reducer),  # None = UMAP, the default
+            clusterer=clusterer,  # None = HDBSCAN, the default
+            namer=_llm_namer(args, engine),
+        )
+        return summary.as_dict()
+    except EmbedderError as error:
+        raise UserError(str(error)) from error
+    finally:
+        engine.dispose()
+
+
+def _llm_namer(args: argparse.Namespace, engine: Engine) -> Any:
+    """An LLM namer only when the user asked for one: log text never leaves otherwise."""
+    if not args.llm_names:
+        return None
+    if not args.llm_base_url:
+        raise UserError("--llm-names needs --llm-base-url (any OpenAI-compatible endpoint)")
+    import os
+
+    from clustering.llm_names import LLMNamer, openai_client
+    from storage.cache import StoredCache
+
+    client = openai_client(args.llm_base_url, api_key=os.environ.get(args.llm_api_key_env))
+    return LLMNamer(client, args.llm_names, cache=StoredCache(engine))
+
+
+def assign(args: argparse.Namespace) -> dict[str, Any]:
+    from clustering.step import ClusterStepConfig, assign_new
+
+    engine = open_database(args.db)
+    try:
+        return assign_new(engine, config=ClusterStepConfig(embed=_embed_config(args)))
+    finally:
+        engine.dispose()
+
+
+def clusters(args: argparse.Namespace) -> dict[str, Any]:
+    """The latest run's clusters, weakest first when scored, else largest first."""
+    from storage.clusters import latest_run, load_clusters
+    from storage.reports import load_cluster_reports
+
+    engine = open_database(args.db)
+    try:
+        run = latest_run(engine, on_field=args.on)
+        if run is None:
+            return {"run_id": None, "clusters": []}
+        rows = load_clusters(engine, run["id"])
+        reports = load_cluster_reports(engine, run["id"])
+    finally:
+        engine.dispose()
+    listed = []
+    for row in rows:
+        if args.level is not None and row["level"] != args.level:
+            continue
+        report = reports.get(row["id"], {})
+        listed.append(
+            {
+                "id": row["id"],
+                "parent": row["parent_id"],
+                "level": row["level"],
+                "name": row["name"],
+                "auto_name": row["auto_name"],
+                "keywords": row["keywords"],
+                "size": row["size"],
+                "share": row["share"],
+                "tags": row["tags"],
+                **{k: v for k, v in report.items() if k not in {"n", "share"}},
+            }
+        )
+    listed.sort(key=lambda c: (c["level"], -(c.get("weakness") or 0.0), -c["size"]))
+    return {
+        "run_id": run["id"],
+        "on": run["on_field"],
+        "embedder": run["embedder"],
+        "rows": run["n_rows"],
+        "unassigned_share": run["unassigned_share"],
+        "clusters": listed,
+    }
+
+
+def rename(args: argparse.Namespace) -> dict[str, Any]:
+    from storage.clusters import annotate_cluster
+
+    engine = open_database(args.db)
+    try:
+        _require_cluster(engine, args.cluster_id)
+        annotate_cluster(engine, args.cluster_id, name=args.name)
+    finally:
+        engine.dispose()
+    return {"cluster_id": args.cluster_id, "name": args.name or None}
+
+
+def tag(args: argparse.Namespace) -> dict[str, Any]:
+    from storage.clusters import add_tag, remove_tag
+
+    engine = open_database(args.db)
+    try:
+        _require_cluster(engine, args.cluster_id)
+        (remove_tag if args.remove else add_tag)(engine, "cluster", args.cluster_id, args.tag)
+    finally:
+        engine.dispose()
+    return {"cluster_id": args.cluster_id, "tag": args.tag, "removed": args.remove}
+
+
+def _require_cluster(engine: Engine, cluster_id: str) -> None:
+    from storage.clusters import latest_run, load_clusters
+
+    run = latest_run(engine)
+    if run is None or cluster_id not in {c["id"] for c in load_clusters(engine, run["id"])}:
+        raise UserError(f"no cluster {cluster_id!r} in the latest clustering (see `clusters`)")
 
 
 def replay(args: argparse.Namespace) -> dict[str, Any]:
@@ -177,6 +322,14 @@ def describe(command: str, result: dict[str, Any]) -> str:
         return _describe_ingest(result)
     if command == "export":
         return f"wrote {result['rows']} rows to {result['path']} ({result['format']})"
+    if command == "cluster":
+        return (
+            f"{result['rows']} exchanges → {result['clusters']} topics in {result['parents']} "
+            f"groups, {result['unassigned_share']:.1%} unassigned (run {result['run_id']}); "
+            f"ids: {result['events']}"
+        )
+    if command == "clusters":
+        return _describe_clusters(result)
     if command == "embed":
         return (
             f"{result['exchanges']} exchanges ({result['texts']} distinct {result['on']} texts): "
@@ -196,6 +349,20 @@ def describe(command: str, result: dict[str, Any]) -> str:
             f"{counts['exchanges']} exchanges, {counts['battles']} battles"
         )
     return str(result)
+
+
+def _describe_clusters(result: dict[str, Any]) -> str:
+    if not result["clusters"]:
+        return "no clusters yet: run `convoscope cluster`"
+    lines = [f"{'id':<6} {'size':>7} {'share':>6} {'reward':>7}  name — keywords"]
+    for c in result["clusters"]:
+        reward = c.get("reward_mean")
+        shown = f"{reward:7.2f}" if isinstance(reward, float) else f"{'':>7}"
+        keywords = ", ".join(c["keywords"][:5])
+        lines.append(
+            f"{c['id']:<6} {c['size']:>7} {c['share']:>6.1%} {shown}  {c['name']} — {keywords}"
+        )
+    return "\n".join(lines)
 
 
 def _describe_ingest(s: dict[str, Any]) -> str:

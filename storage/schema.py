@@ -126,6 +126,9 @@ clusters = sa.Table(
     sa.Column("share", sa.Float, nullable=False),
     sa.Column("centroid", sa.LargeBinary),
     sa.Column("representatives", sa.Text),  # JSON list of exchange ids
+    sa.Column("radius", sa.Float),  # farthest cosine distance at which a new row may join
+    sa.Column("x", sa.Float),  # where the cluster sits on the 2-D map (mean of its rows)
+    sa.Column("y", sa.Float),
 )
 
 cluster_annotations = sa.Table(
@@ -230,4 +233,14 @@ instructions = sa.Table(
     sa.Column("created_at", sa.DateTime, nullable=False),
     sa.Column("replay_run_id", Id),
     sa.Column("mean_reward", sa.Float),
+)
+
+# Answers of external models (LLM cluster names) cached by a hash of the request, so a re-run
+# sends only what it has not asked before.
+llm_cache = sa.Table(
+    "llm_cache",
+    metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+    sa.Column("created_at", sa.DateTime, nullable=False),
 )

@@ -1,4 +1,4 @@
-"""cluster reports, versioned instructions, replay run finish time
+"""cluster reports, versioned instructions, LLM cache, cluster radius and map position
 
 Revision ID: 0002
 Revises: 0001
@@ -41,9 +41,23 @@ def upgrade() -> None:
         op.f("ix_instructions_cluster_id"), "instructions", ["cluster_id"], unique=False
     )
     op.add_column("replay_runs", sa.Column("finished_at", sa.DateTime(), nullable=True))
+    op.add_column("clusters", sa.Column("radius", sa.Float(), nullable=True))
+    op.add_column("clusters", sa.Column("x", sa.Float(), nullable=True))
+    op.add_column("clusters", sa.Column("y", sa.Float(), nullable=True))
+    op.create_table(
+        "llm_cache",
+        sa.Column("key", sa.String(length=64), nullable=False),
+        sa.Column("value", sa.Text(), nullable=False),
+        sa.Column("created_at", sa.DateTime(), nullable=False),
+        sa.PrimaryKeyConstraint("key"),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("llm_cache")
+    op.drop_column("clusters", "y")
+    op.drop_column("clusters", "x")
+    op.drop_column("clusters", "radius")
     op.drop_column("replay_runs", "finished_at")
     op.drop_index(op.f("ix_instructions_cluster_id"), table_name="instructions")
     op.drop_table("instructions")

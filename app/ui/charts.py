@@ -1,0 +1,66 @@
+"""Plotly figures the pages show, built from cached frames (and cached themselves: building a
+100K-point figure costs about a second, most of it Plotly validating its traces).
+
+Labels that come from the logs (prompts, cluster names, model names) are HTML-escaped here,
+because Plotly renders a subset of HTML in hover labels and legends.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import plotly.graph_objects as go
+
+from app.ui.render import hover_text
+
+MAX_LEGEND = 25  # clusters beyond this are drawn but not listed in the legend
+
+
+def topic_map(points: pd.DataFrame, color_by: str) -> go.Figure:
+    """The 2-D topic map as WebGL scatter: one trace per cluster or model, or one trace
+    coloured by reward. `points` carries x, y, cluster, model, reward and an escaped `hover`."""
+    figure = go.Figure()
+    if color_by == "Reward" and points["reward"].notna().any():
+        figure.add_trace(
+            go.Scattergl(
+                x=points["x"],
+                y=points["y"],
+                mode="markers",
+                marker={
+                    "size": 4,
+                    "color": points["reward"],
+                    "colorscale": "RdYlGn",
+                    "colorbar": {"title": "reward"},
+                    "opacity": 0.75,
+                },
+                text=points["hover"],
+                hovertemplate="%{text}<extra></extra>",
+            )
+        )
+    else:
+        key = "model" if color_by == "Model" else "cluster"
+        groups = points[key].fillna("unknown")
+        for rank, name in enumerate(groups.value_counts().index):
+            mask = (groups == name).to_numpy()
+            label = hover_text(name, 40)
+            figure.add_trace(
+                go.Scattergl(
+                    x=points["x"][mask],
+                    y=points["y"][mask],
+                    mode="markers",
+                    name=label,
+                    marker={"size": 4, "opacity": 0.75},
+                    text=points["hover"][mask],
+                    hovertemplate="%{text}<extra>" + label + "</extra>",
+                    showlegend=rank < MAX_LEGEND,
+                )
+            )
+    figure.update_layout(
+        height=560,
+        margin={"l": 0, "r": 0, "t": 10, "b": 0},
+        xaxis={"visible": False},
+        yaxis={"visible": False},
+        legend={"itemsizing": "constant", "font": {"size": 11}},
+        hoverlabel={"align": "left"},
+        plot_bgcolor="rgba(0,0,0,0)",
+    )
+    return figure

@@ -1,0 +1,381 @@
+"""Cached reads and short writes: the only way the pages reach the database.
+
+DuckDB lets one process write a file at a time, and even a read-only connection holds a lock
+that keeps a writer out. So the UI never keeps a DuckDB connection open: each read opens the
+file read-only, runs its queries and closes it, and retries briefly when an ingest holds the
+lock; writes (renames, tags, notes) open a short read-write connection the same way. Pages run
+on every click, so results are cached (`st.cache_data`) under a version of the database that
+changes whenever anything the UI shows does (`storage.views.database_version`): a re-cluster,
+an ingest or a rename in another tab shows up on the next click, and nothing stale is served.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import sqlalchemy as sa
+import streamlit as st
+from sqlalchemy.engine import Engine
+
+from app.ui import charts
+from app.ui.render import hover_text
+from storage import views
+from storage.engine import StorageError, dialect_name, make_engine, open_database, resolve_url
+from storage.views import ViewFilter
+
+T = TypeVar("T")
+
+RETRY_SECONDS = 3.0  # how long a read or write waits for an ingest to release the lock
+MAP_POINTS = 100_000  # the topic map samples beyond this many points
+_LOCK_WORDS = ("lock", "different configuration", "database is locked")
+
+
+class DatabaseBusy(RuntimeError):
+    """Another process holds the database's write lock for longer than a page can wait."""
+
+
+# ------------------------------------------------------------------------------ connections
+
+
+@st.cache_resource(show_spinner=False)
+def _pooled_engine(url: str) -> Engine:
+    """SQLite and PostgreSQL handle concurrent readers themselves: one engine per URL."""
+    return make_engine(url)
+
+
+def _is_lock_error(error: BaseException) -> bool:
+    text = str(error).lower()
+    return any(word in text for word in _LOCK_WORDS)
+
+
+def _with_engine(url: str, fn: Callable[[Engine], T], *, write: bool) -> T:
+    if dialect_name(url) != "duckdb":
+        return fn(_pooled_engine(url))
+    deadline = time.monotonic() + RETRY_SECONDS
+    delay = 0.05
+    while True:
+        engine = make_engine(url, read_only=not write)
+        try:
+            return fn(engine)
+        except (sa.exc.DBAPIError, StorageError, OSError, RuntimeError) as error:
+            if not _is_lock_error(error):
+                raise
+            if time.monotonic() > deadline:
+                raise DatabaseBusy(busy_message(url)) from error
+        finally:
+            engine.dispose()
+        time.sleep(delay)
+        delay = min(delay * 2, 0.5)
+
+
+def busy_message(url: str) -> str:
+    safe = sa.make_url(url).render_as_string(hide_password=True)
+    return (
+        f"The database {safe} is busy: another process (an ingest, a clustering or scoring "
+        "run) is writing to it, and DuckDB lets only one process in while it writes. "
+        "Everything shown here is kept; try again when it finishes."
+    )
+
+
+def read(url: str, fn: Callable[[Engine], T]) -> T:
+    """Run `fn` on a short-lived read-only connection (retrying briefly while locked)."""
+    return _with_engine(url, fn, write=False)
+
+
+def write(url: str, fn: Callable[[Engine], T]) -> T:
+    """Run `fn` on a short-lived read-write connection, then invalidate the version."""
+    result = _with_engine(url, fn, write=True)
+    database_version.clear()
+    return result
+
+
+@st.cache_resource(show_spinner=False)
+def ensure_database(url: str) -> str:
+    """Create and migrate the database once per process, so a fresh install opens on an
+    empty state rather than an error; a database another process holds is left alone."""
+    if dialect_name(url) == "duckdb":
+        path = sa.make_url(url).database
+        if path and path != ":memory:" and Path(path).exists():
+            try:
+                open_database(url).dispose()
+            except StorageError as error:
+                if not _is_lock_error(error):
+                    raise
+            return url
+    open_database(url).dispose()
+    return url
+
+
+def database_url(argv: list[str]) -> str:
+    """`--db URL` after `streamlit run app/ui/app.py --`, else $CONVOSCOPE_DB, else default."""
+    for index, arg in enumerate(argv):
+        if arg == "--db" and index + 1 < len(argv):
+            return resolve_url(argv[index + 1])
+        if arg.startswith("--db="):
+            return resolve_url(arg.split("=", 1)[1])
+    return resolve_url(os.environ.get("CONVOSCOPE_DB"))
+
+
+# ---------------------------------------------------------------------------------- version
+
+
+@st.cache_data(show_spinner=False, ttl=1.0)
+def database_version(url: str) -> tuple[Any, ...]:
+    """Re-read at most once a second: cheap enough, and fresh for the next click."""
+    return read(url, views.database_version)
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """What every page needs: where the database is, its version, the run and the scorer."""
+
+    url: str
+    version: tuple[Any, ...]
+    run_id: str | None
+    scorer: str | None
+    flt: ViewFilter
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _run_and_scorer(url: str, version: tuple[Any, ...]) -> tuple[str | None, str | None]:
+    return read(url, lambda e: (views.latest_run_id(e), views.reward_scorer(e)))
+
+
+def context(url: str, flt: ViewFilter) -> Context:
+    version = database_version(url)
+    run_id, scorer = _run_and_scorer(url, version)
+    return Context(url=url, version=version, run_id=run_id, scorer=scorer, flt=flt)
+
+
+# ------------------------------------------------------------------------------ cached reads
+# Every loader takes (url, version, ...) so a changed database is a cache miss.
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def filter_options(url: str, version: tuple[Any, ...]) -> dict[str, Any]:
+    return read(url, views.filter_options)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def overview(
+    url: str, version: tuple[Any, ...], run_id: str | None, flt: ViewFilter, scorer: str | None
+) -> dict[str, Any]:
+    return read(url, lambda e: views.overview(e, run_id, flt, scorer=scorer))
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def cluster_table(
+    url: str, version: tuple[Any, ...], run_id: str, flt: ViewFilter, scorer: str | None
+) -> pd.DataFrame:
+    rows = read(url, lambda e: views.cluster_table(e, run_id, flt, scorer=scorer))
+    return pd.DataFrame(rows)
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)  # 100K rows: shared, not copied
+def map_points(
+    url: str,
+    version: tuple[Any, ...],
+    run_id: str,
+    flt: ViewFilter,
+    scorer: str | None,
+    limit: int = MAP_POINTS,
+) -> tuple[pd.DataFrame, int]:
+    rows, total = read(url, lambda e: views.map_points(e, run_id, flt, scorer=scorer, limit=limit))
+    names = cluster_names(url, version, run_id)
+    frame = pd.DataFrame(rows, columns=["id", "cluster_id", "x", "y", "model", "prompt", "reward"])
+    frame["cluster"] = frame["cluster_id"].map(names).fillna("unassigned")
+    frame["hover"] = [
+        f"{hover_text(prompt)}<br><i>{hover_text(cluster, 60)}</i>"
+        for prompt, cluster in zip(frame["prompt"], frame["cluster"], strict=True)
+    ]
+    return frame, total
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def topic_map(
+    url: str,
+    version: tuple[Any, ...],
+    run_id: str,
+    flt: ViewFilter,
+    scorer: str | None,
+    color_by: str,
+) -> go.Figure:
+    """The map figure, built once per (data, colouring); treated as read-only."""
+    points, _ = map_points(url, version, run_id, flt, scorer)
+    return charts.topic_map(points, color_by)
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def cluster_names(url: str, version: tuple[Any, ...], run_id: str) -> dict[str, str]:
+    return read(url, lambda e: views.cluster_names(e, run_id))
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def cluster_detail(
+    url: str, version: tuple[Any, ...], run_id: str, cluster_id: str
+) -> dict[str, Any] | None:
+    return read(url, lambda e: views.cluster_detail(e, run_id, cluster_id))
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def cluster_exchanges(
+    url: str,
+    version: tuple[Any, ...],
+    run_id: str,
+    cluster_id: str,
+    flt: ViewFilter,
+    scorer: str | None,
+    order: str,
+    limit: int,
+) -> list[dict[str, Any]]:
+    return read(
+        url,
+        lambda e: views.cluster_exchanges(
+            e, run_id, cluster_id, flt, scorer=scorer, order=order, limit=limit
+        ),
+    )
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def reward_values(
+    url: str,
+    version: tuple[Any, ...],
+    run_id: str,
+    cluster_id: str | None,
+    flt: ViewFilter,
+    scorer: str,
+) -> np.ndarray:
+    values = read(url, lambda e: views.reward_values(e, run_id, cluster_id, flt, scorer=scorer))
+    return np.asarray(values, dtype=float)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def keyword_search(
+    url: str,
+    version: tuple[Any, ...],
+    run_id: str | None,
+    text: str,
+    flt: ViewFilter,
+    scorer: str | None,
+    limit: int,
+) -> list[dict[str, Any]]:
+    return read(
+        url, lambda e: views.keyword_search(e, run_id, text, flt, scorer=scorer, limit=limit)
+    )
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def expert_matrix(url: str, version: tuple[Any, ...], run_id: str) -> pd.DataFrame:
+    return pd.DataFrame(read(url, lambda e: views.expert_matrix(e, run_id)))
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def routing_rows(url: str, version: tuple[Any, ...], run_id: str) -> pd.DataFrame:
+    return pd.DataFrame(read(url, lambda e: views.routing_rows(e, run_id)))
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def global_leaderboard(url: str, version: tuple[Any, ...], flt: ViewFilter) -> pd.DataFrame:
+    """Bradley–Terry over every judged battle the filter keeps (empty without battles)."""
+    from scoring.bradley_terry import BTConfig, leaderboard
+
+    battles = pd.DataFrame(read(url, lambda e: views.battle_models(e, flt)))
+    if battles.empty:
+        return pd.DataFrame()
+    return leaderboard(battles, config=BTConfig(n_bootstrap=100)).to_frame()
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def count_rows(
+    url: str,
+    version: tuple[Any, ...],
+    run_id: str | None,
+    flt: ViewFilter,
+    cluster_ids: tuple[str, ...],
+) -> int:
+    return read(url, lambda e: views.count_rows(e, run_id, flt, cluster_ids=cluster_ids))
+
+
+# ----------------------------------------------------------------------------- semantic index
+
+
+@dataclass(frozen=True)
+class SemanticIndex:
+    """Unit vectors of a run's exchanges, in the space its clustering used."""
+
+    embedder: str
+    ids: tuple[str, ...]
+    matrix: np.ndarray
+
+
+@st.cache_resource(show_spinner="Loading the embedding model…")
+def embedder_for(name: str) -> Any:
+    """The embedder a run was clustered with (the shipped model, a directory, or the fast
+    static variant of either); loaded once per process."""
+    from ingest.embed import load_embedder
+
+    fast_marker = "+model2vec-"
+    if fast_marker in name:
+        return load_embedder(name.split(fast_marker, 1)[0], fast=True)
+    return load_embedder(name, device="cpu")
+
+
+@st.cache_resource(show_spinner="Building the search index…", max_entries=2)
+def semantic_index(url: str, version: tuple[Any, ...], run_id: str) -> SemanticIndex | None:
+    """The run's vectors, found by recomputing each exchange's embedded text hash; None when
+    they are not all stored (the run's embedder differs from what was embedded)."""
+    import json
+
+    from ingest.embed_step import text_hash
+    from ingest.embed_text import text_for
+    from storage.vectors import load_vectors
+
+    def build(engine: Engine) -> SemanticIndex | None:
+        run = views.run_info(engine, run_id)
+        if run is None:
+            return None
+        ids: list[str] = []
+        hashes: list[str] = []
+        for batch in views.run_text_rows(engine, run_id):
+            for row in batch:
+                context = json.loads(row["context"]) if row["context"] else []
+                text = text_for(row["prompt"], row["response"], context, on=run["on_field"])
+                ids.append(row["id"])
+                hashes.append(text_hash(text))
+        try:
+            matrix = load_vectors(engine, run["embedder"], hashes)
+        except LookupError:
+            return None
+        return SemanticIndex(embedder=run["embedder"], ids=tuple(ids), matrix=matrix)
+
+    return read(url, build)
+
+
+def semantic_search(index: SemanticIndex, query: str, k: int) -> list[tuple[str, float]]:
+    """(exchange id, cosine similarity) of the `k` nearest exchanges to `query`."""
+    vector = embedder_for(index.embedder).embed([query])[0]
+    similarity = index.matrix @ vector
+    k = min(k, len(similarity))
+    top = np.argpartition(-similarity, k - 1)[:k] if k else np.array([], dtype=int)
+    top = top[np.argsort(-similarity[top])]
+    return [(index.ids[i], float(similarity[i])) for i in top]
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def hits_by_ids(
+    url: str,
+    version: tuple[Any, ...],
+    run_id: str | None,
+    ids: tuple[str, ...],
+    flt: ViewFilter,
+    scorer: str | None,
+) -> list[dict[str, Any]]:
+    return read(url, lambda e: views.exchanges_by_ids(e, run_id, ids, flt, scorer=scorer))

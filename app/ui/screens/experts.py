@@ -1,0 +1,128 @@
+"""Experts: the global leaderboard, the expert × cluster heat map of predicted win rates, and
+the routing suggestions ranked by what they would gain."""
+
+from __future__ import annotations
+
+import plotly.graph_objects as go
+import streamlit as st
+
+from app.ui import data, shell
+from app.ui.render import fmt_ci, hover_text, one_line
+
+c = shell.ctx()
+st.title("Experts")
+shell.filter_note(c.flt)
+
+board = data.global_leaderboard(c.url, c.version, c.flt)
+matrix = data.expert_matrix(c.url, c.version, c.run_id) if c.run_id else None
+if board.empty and (matrix is None or matrix.empty):
+    has_rows = data.overview(c.url, c.version, c.run_id, c.flt, None)["exchanges"]
+    if not has_rows:
+        shell.empty_state("exchanges")
+    else:
+        st.info(
+            "No expert comparisons yet: ingest judged battles (`convoscope ingest "
+            "battles.jsonl`), then run `convoscope score` for per-cluster leaderboards and "
+            "routing.",
+            icon=":material/info:",
+        )
+    st.stop()
+
+left, right = st.columns([2, 3], gap="large")
+with left:
+    st.subheader("Global leaderboard")
+    if board.empty:
+        st.caption("No judged battles pass the filter.")
+    else:
+        st.dataframe(
+            board.assign(
+                ci=[
+                    fmt_ci((lo, hi), 0)
+                    for lo, hi in zip(board["lower"], board["upper"], strict=True)
+                ],
+                win_share=board["wins"] / board["battles"],
+                tied_with=board["tied_with"].map(lambda t: ", ".join(t)),
+            )[["rank", "model", "rating", "ci", "battles", "win_share", "tied_with"]],
+            hide_index=True,
+            width="stretch",
+            column_config={
+                "rank": "Rank",
+                "model": "Model",
+                "rating": st.column_config.NumberColumn("Elo", format="%.0f"),
+                "ci": "95 % CI",
+                "battles": "Battles",
+                "win_share": st.column_config.ProgressColumn(
+                    "Wins", format="percent", min_value=0.0, max_value=1.0
+                ),
+                "tied_with": "Tied with",
+            },
+        )
+        st.caption("Bradley–Terry on every judged battle, Elo-scaled; ties count half.")
+
+with right:
+    st.subheader("Predicted win rate by cluster")
+    if matrix is None or matrix.empty:
+        st.caption("Run `convoscope score` for per-cluster leaderboards.")
+    else:
+        order = (
+            matrix.drop_duplicates("cluster_id")
+            .sort_values("weakness", ascending=False, na_position="last")
+            .head(40)
+        )
+        clusters = list(order["cluster_id"])
+        models = sorted(matrix["model"].dropna().unique())
+        pivot = matrix.pivot_table(
+            index="cluster_id", columns="model", values="win_rate", aggfunc="mean"
+        ).reindex(index=clusters, columns=models)
+        labels = [one_line(n, 40) for n in order["cluster"]]
+        heat = go.Figure(
+            go.Heatmap(
+                z=pivot.to_numpy(),
+                x=[hover_text(m, 30) for m in models],
+                y=[hover_text(label, 40) for label in labels],
+                colorscale="RdBu",
+                zmid=0.5,
+                zmin=0.0,
+                zmax=1.0,
+                colorbar={"title": "win rate"},
+                hovertemplate="%{y}<br>%{x}: %{z:.0%}<extra></extra>",
+                text=pivot.to_numpy(),
+                texttemplate="%{text:.0%}",
+            )
+        )
+        heat.update_layout(
+            height=max(260, 28 * len(clusters) + 80),
+            margin={"l": 0, "r": 0, "t": 10, "b": 0},
+            yaxis={"autorange": "reversed"},
+        )
+        st.plotly_chart(heat, width="stretch", key="expert_heat")
+        st.caption(
+            "Each cell: the expert's predicted chance of beating the cluster's other experts. "
+            "Clusters weakest first (top 40)."
+        )
+
+if c.run_id:
+    routes = data.routing_rows(c.url, c.version, c.run_id)
+    if not routes.empty:
+        st.subheader("Routing suggestions, biggest gain first")
+        st.dataframe(
+            routes.drop(columns=["cluster_id"]),
+            hide_index=True,
+            width="stretch",
+            column_config={
+                "cluster": st.column_config.TextColumn("Cluster", width="large"),
+                "share": st.column_config.ProgressColumn(
+                    "Share",
+                    format="percent",
+                    min_value=0.0,
+                    max_value=float(routes["share"].max() or 1.0),
+                ),
+                "served_by": "Served by today",
+                "best_expert": "Best expert",
+                "predicted_win_rate": st.column_config.NumberColumn(
+                    "Predicted win rate", format="percent"
+                ),
+                "gain": st.column_config.NumberColumn("Gain", format="%+.2f"),
+                "cheapest_within_tolerance": "Cheapest within tolerance",
+            },
+        )

@@ -1,0 +1,96 @@
+"""Export: the current filter (optionally some clusters) as a download or to a path, with
+cluster, its name, tags and every score on each row."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+import streamlit as st
+
+from app.ui import data, exporting, shell
+from app.ui.render import one_line
+
+c = shell.ctx()
+st.title("Export")
+shell.filter_note(c.flt)
+
+if not data.overview(c.url, c.version, c.run_id, c.flt, None)["exchanges"] and not c.flt.active:
+    shell.empty_state("exchanges")
+    st.stop()
+
+left, right = st.columns([2, 3], gap="large")
+with left:
+    fmt = st.radio(
+        "Format",
+        list(exporting.FORMATS),
+        format_func=lambda f: exporting.FORMATS[f][0],
+        key="export_format",
+        horizontal=True,
+    )
+    cluster_ids: tuple[str, ...] = ()
+    if c.run_id:
+        table = data.cluster_table(c.url, c.version, c.run_id, c.flt, c.scorer)
+        if not table.empty:
+            names = dict(zip(table["id"], table["name"], strict=True))
+            cluster_ids = tuple(
+                st.multiselect(
+                    "Only these clusters",
+                    list(table["id"]),
+                    format_func=lambda cid: one_line(names[cid], 60),
+                    placeholder="All clusters",
+                    key="export_clusters",
+                )
+            )
+    rows = data.count_rows(c.url, c.version, c.run_id, c.flt, cluster_ids)
+    st.metric("Rows to export", f"{rows:,}")
+    label, mime, suffix = exporting.FORMATS[fmt]
+    stamp = datetime.now().strftime("%Y%m%d-%H%M")
+    file_name = f"convoscope-{stamp}{'-openai' if fmt == 'openai' else ''}{suffix}"
+
+    def build() -> bytes:
+        return data.read(
+            c.url,
+            lambda e: exporting.export_bytes(
+                e, c.run_id, c.flt, format=fmt, cluster_ids=cluster_ids
+            ),
+        )
+
+    st.download_button(
+        f"Download {label}",
+        data=build,  # built when clicked, not on every rerun
+        file_name=file_name,
+        mime=mime,
+        type="primary",
+        disabled=rows == 0,
+        key="export_download",
+        width="stretch",
+    )
+
+    with st.form("export_path", border=False):
+        target = st.text_input("Or write to a file on the server", value=f"./{file_name}")
+        if st.form_submit_button("Write file", disabled=rows == 0):
+            out = Path(target).expanduser().resolve()
+            written = data.read(
+                c.url,
+                lambda e: exporting.export_to_path(
+                    e, c.run_id, c.flt, out, format=fmt, cluster_ids=cluster_ids
+                ),
+            )
+            st.success(f"Wrote {written:,} rows to {out}")
+
+with right:
+    st.subheader("What each row carries")
+    st.markdown(
+        "- **ids to join back:** `external_id`, `conversation_id`, `turn_index`, `model`, "
+        "`source`, `id`\n"
+        "- **the exchange:** `instruction`, `context`, `prompt`, `response`, `created_at`\n"
+        "- **signals:** `retried`, `edited`, `deleted`, `rating`, `thumbs`, "
+        "`user_turns_after`, `ended_conversation`, `seconds_to_next_user_message`\n"
+        "- **where it landed:** `cluster_id`, `cluster_label` (your name when you gave one), "
+        "`tags` (the cluster's and the exchange's, `; `-separated)\n"
+        "- **scores:** one `score:<scorer>` column per scorer, e.g. `score:reward:…`\n\n"
+        "OpenAI fine-tune JSONL keeps exchanges that have a response, as "
+        '`{"messages": [...]}` with the instruction as the system message.'
+    )
+    st.caption("The sidebar filters apply. Same data as `convoscope export`.")

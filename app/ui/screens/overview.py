@@ -1,0 +1,134 @@
+"""Overview: headline figures, the clusters weakest first, and the topic map."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from app.ui import data, shell
+from app.ui.render import fmt_ci, fmt_float, fmt_share, safe_label
+
+c = shell.ctx()
+st.title("Overview")
+shell.filter_note(c.flt)
+
+figures = data.overview(c.url, c.version, c.run_id, c.flt, c.scorer)
+if not figures["exchanges"] and not c.flt.active:
+    shell.empty_state("exchanges")
+    st.stop()
+
+cols = st.columns(6)
+cols[0].metric("Exchanges", f"{figures['exchanges']:,}")
+cols[1].metric("Conversations", f"{figures['conversations']:,}")
+cols[2].metric("Models", f"{figures['models']:,}")
+cols[3].metric(
+    "Clusters",
+    f"{figures['clusters']:,}",
+    help="Topics of the latest clustering run"
+    + (f"; {fmt_share(figures['assigned_share'])} of exchanges assigned" if c.run_id else ""),
+)
+cols[4].metric(
+    "Mean reward",
+    fmt_float(figures["reward_mean"]),
+    help=f"Scorer: {c.scorer}" if c.scorer else "Run `convoscope score` to get rewards",
+)
+cols[5].metric("Retry rate", fmt_share(figures["retry_rate"]))
+
+if c.run_id is None:
+    shell.empty_state("clusters")
+    st.stop()
+
+table = data.cluster_table(c.url, c.version, c.run_id, c.flt, c.scorer)
+if table.empty:
+    st.info("No cluster holds an exchange that passes the filter.", icon=":material/info:")
+    st.stop()
+if table["weakness"].isna().all():
+    shell.empty_state("reports")
+
+st.subheader("Clusters, weakest first")
+weakest = table.iloc[0]
+left, right = st.columns([3, 1], vertical_alignment="center")
+left.caption(
+    "Select a row to open its cluster. Weakness combines low reward with retries, edits and "
+    "abandoned conversations; the reason column says which weighed most."
+)
+if right.button(
+    f"Open weakest: {safe_label(weakest['name'], 40)}",
+    type="primary",
+    key="open_weakest",
+    width="stretch",
+):
+    shell.jump_to_cluster(weakest["id"])
+
+shown = pd.DataFrame(
+    {
+        "Cluster": table["name"],
+        "Group": table["parent"],
+        "Keywords": table["keywords"].map(lambda k: ", ".join(k[:6])),
+        "Size": table["n"],
+        "Share": table["share"],
+        "Reward": table["reward_mean"],
+        "Reward 95 % CI": table["reward_ci"].map(fmt_ci),
+        "Retry": table["retry_rate"],
+        "Ended": table["end_rate"],
+        "Best expert": table["best_expert"],
+        "Gain": table["gain"],
+        "Weakness": table["weakness"],
+        "Why": table["reason"],
+        "Tags": table["tags"].map(lambda t: ", ".join(t)),
+    }
+)
+max_share = float(max(table["share"].max(), 1e-9))
+selection = st.dataframe(
+    shown,
+    hide_index=True,
+    width="stretch",
+    height=min(38 + 35 * len(shown), 420),
+    on_select="rerun",
+    selection_mode="single-row",
+    key="cluster_table",
+    column_config={
+        "Cluster": st.column_config.TextColumn(width="medium", pinned=True),
+        "Group": st.column_config.TextColumn(width="small"),
+        "Keywords": st.column_config.TextColumn(width="medium"),
+        "Size": st.column_config.NumberColumn(format="%d", width="small"),
+        "Share": st.column_config.ProgressColumn(
+            format="percent", min_value=0.0, max_value=max_share, width="small"
+        ),
+        "Reward": st.column_config.NumberColumn(format="%.2f", width="small"),
+        "Reward 95 % CI": st.column_config.TextColumn(width="small"),
+        "Retry": st.column_config.NumberColumn(format="percent", width="small"),
+        "Ended": st.column_config.NumberColumn(format="percent", width="small"),
+        "Best expert": st.column_config.TextColumn(width="small"),
+        "Gain": st.column_config.NumberColumn(
+            format="%+.2f", help="Predicted win-rate gain of routing to the best expert"
+        ),
+        "Weakness": st.column_config.ProgressColumn(
+            format="%.2f",
+            min_value=0.0,
+            max_value=float(table["weakness"].fillna(0.0).max() or 1.0),
+        ),
+        "Why": st.column_config.TextColumn(width="large"),
+    },
+)
+rows = selection.selection.rows if selection else []
+if rows:
+    shell.jump_to_cluster(table.iloc[rows[0]]["id"])
+
+st.subheader("Topic map")
+color_by = st.segmented_control(
+    "Colour by", ["Cluster", "Reward", "Model"], default="Cluster", key="map_colour"
+)
+points, total = data.map_points(c.url, c.version, c.run_id, c.flt, c.scorer)
+if points.empty:
+    st.info("This clustering run stored no 2-D layout.", icon=":material/info:")
+    st.stop()
+if total > len(points):
+    st.caption(f"Showing a uniform sample of {len(points):,} of {total:,} exchanges.")
+
+figure = data.topic_map(c.url, c.version, c.run_id, c.flt, c.scorer, color_by or "Cluster")
+st.plotly_chart(figure, width="stretch", key="topic_map")
+st.caption(
+    f"{len(points):,} points · hover a point to read its prompt · "
+    "drag to zoom, double-click to reset"
+)

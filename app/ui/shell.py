@@ -1,0 +1,111 @@
+"""What every page shares: the sidebar filter, the page context, jumps and empty states."""
+
+from __future__ import annotations
+
+from datetime import date, datetime, time, timedelta
+from typing import Any
+
+import streamlit as st
+
+from app.ui import data
+from app.ui.render import escape_markdown
+from storage.views import ViewFilter
+
+CLUSTER_PAGE = "screens/cluster.py"
+PICK_KEY = "cluster_pick"  # the cluster page's selectbox; a jump sets it first
+
+EMPTY_HINTS = {
+    "exchanges": (
+        "No conversations in this database yet. Load some with "
+        "`convoscope ingest LOGS.jsonl` (OpenAI chat, ShareGPT, Chai, battles, CSV or "
+        "Parquet), or try `convoscope demo` for a ready-made sample."
+    ),
+    "clusters": (
+        "The conversations are stored but not clustered yet. Run `convoscope embed` and then "
+        "`convoscope cluster` (or `convoscope run LOGS…` for every step at once)."
+    ),
+    "reports": (
+        "Clusters have no scores yet, so they are ordered by size. Run `convoscope score` to "
+        "rank them weakest first, with reward, behaviour rates and expert leaderboards."
+    ),
+}
+
+
+def sidebar_filter(url: str) -> ViewFilter:
+    """Model, source, date and tag filters; they apply to every page."""
+    version = data.database_version(url)
+    options = data.filter_options(url, version)
+    side = st.sidebar
+    side.subheader("Filters")
+    models = side.multiselect("Model", options["models"], key="f_models", placeholder="All")
+    sources = side.multiselect("Source", options["sources"], key="f_sources", placeholder="All")
+    tags = side.multiselect("Tag", options["tags"], key="f_tags", placeholder="Any")
+    since = until = None
+    first, last = options["first"], options["last"]
+    if first is not None and last is not None and first.date() < last.date():
+        picked = side.date_input(
+            "Dates",
+            value=(first.date(), last.date()),
+            min_value=first.date(),
+            max_value=last.date(),
+            key="f_dates",
+        )
+        if isinstance(picked, tuple) and len(picked) == 2:
+            start, end = picked
+            if start > first.date():
+                since = datetime.combine(start, time.min)
+            if end < last.date():
+                until = datetime.combine(end + timedelta(days=1), time.min)
+    flt = ViewFilter(
+        models=tuple(models), sources=tuple(sources), since=since, until=until, tags=tuple(tags)
+    )
+    if flt.active:
+        side.button("Clear filters", on_click=_clear_filters, width="stretch")
+    side.caption("Database: " + escape_markdown(_short(url)))
+    return flt
+
+
+def _clear_filters() -> None:
+    for key in ("f_models", "f_sources", "f_tags", "f_dates"):
+        st.session_state.pop(key, None)
+
+
+def _short(url: str) -> str:
+    import sqlalchemy as sa
+
+    safe = sa.make_url(url).render_as_string(hide_password=True)
+    return safe if len(safe) <= 60 else "…" + safe[-59:]
+
+
+def ctx() -> data.Context:
+    """The context app.py computed for this run."""
+    return st.session_state["_ctx"]
+
+
+def jump_to_cluster(cluster_id: str) -> None:
+    st.session_state[PICK_KEY] = cluster_id
+    st.switch_page(CLUSTER_PAGE)
+
+
+def empty_state(kind: str) -> None:
+    st.info(EMPTY_HINTS[kind], icon=":material/info:")
+
+
+def filter_note(flt: ViewFilter) -> None:
+    """One line saying which filter is on (the values come from the logs: escaped)."""
+    if not flt.active:
+        return
+    parts: list[str] = []
+    for label, values in (("models", flt.models), ("sources", flt.sources), ("tags", flt.tags)):
+        if values:
+            parts.append(f"{label}: " + ", ".join(escape_markdown(v) for v in values))
+    if flt.since or flt.until:
+        parts.append(f"dates: {_day(flt.since)} to {_day(flt.until, end=True)}")
+    st.caption("Filtered — " + " · ".join(parts))
+
+
+def _day(value: datetime | None, *, end: bool = False) -> Any:
+    if value is None:
+        return "…"
+    day: date = (value - timedelta(days=1)).date() if end else value.date()
+    return day.isoformat()

@@ -1,0 +1,121 @@
+"""Embed → cluster → rename/tag → more data → assign → re-cluster, through the real CLI.
+
+A small real slice of CLINC150 (12 intents) stands in for a chat log: prompts only, answers
+empty (saved inputs). The checks are what a prompt engineer relies on: topics match the
+intents, names and tags people gave survive re-clustering, exports carry them.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from sklearn.metrics import normalized_mutual_info_score
+
+from clustering.step import ClusterStepConfig, cluster_exchanges
+from ingest.embed_step import EmbedConfig
+from storage.engine import open_database
+from tests.test_ingest_pipeline import convoscope
+
+INTENTS = (
+    "balance", "bill_due", "book_flight", "calories", "change_language", "cook_time",
+    "credit_score", "flip_coin", "lost_luggage", "pto_request", "tell_joke", "weather",
+)  # fmt: skip
+
+
+def _clinc_slice(path: Path, per_intent: tuple[int, int]) -> list[tuple[str, str]]:
+    data = json.loads(path.read_text())
+    by_intent: dict[str, list[str]] = {}
+    for text, intent in data["train"]:
+        if intent in INTENTS:
+            by_intent.setdefault(intent, []).append(text)
+    start, stop = per_intent
+    return [(text, intent) for intent in INTENTS for text in by_intent[intent][start:stop]]
+
+
+def _write_csv(path: Path, rows: list[tuple[str, str]]) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["question", "intent"])
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture
+def clinc(shared_file) -> Path:
+    return shared_file("clinc150.json")
+
+
+def test_topics_match_intents_and_survive_reclustering(clinc: Path, tmp_path: Path) -> None:
+    db = f"duckdb:///{tmp_path / 'topics.duckdb'}"
+    first = _clinc_slice(clinc, (0, 50))
+    log = _write_csv(tmp_path / "first.csv", first)
+    ingest = convoscope("ingest", str(log), "--map", "prompt=question", db=db, cwd=tmp_path)
+    assert ingest.returncode == 0, ingest.stderr
+
+    result = convoscope("cluster", "--device", "cpu", "--json", db=db, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["rows"] == len(first)
+    assert 8 <= summary["clusters"] <= 20
+    assert summary["unassigned_share"] <= 0.1
+
+    listing = json.loads(convoscope("clusters", "--json", db=db, cwd=tmp_path).stdout)
+    topics = [c for c in listing["clusters"] if c["level"] == 0]
+    groups = [c for c in listing["clusters"] if c["level"] == 1]
+    assert groups and all(t["parent"] in {g["id"] for g in groups} for t in topics)
+    assert all(t["keywords"] and t["name"] for t in topics)
+
+    export = tmp_path / "first.csv.out"
+    convoscope("export", "--out", str(export), "--format", "csv", db=db, cwd=tmp_path)
+    frame = pd.read_csv(export)
+    gold = dict(first)
+    frame["intent"] = frame["prompt"].map(gold)
+    assigned = frame[frame["cluster_id"].notna()]
+    nmi = normalized_mutual_info_score(assigned["intent"], assigned["cluster_id"])
+    assert nmi >= 0.75, f"NMI {nmi:.3f} on 12 CLINC intents"
+
+    # A person names and tags the cluster holding most "weather" questions.
+    weather = Counter(assigned[assigned["intent"] == "weather"]["cluster_id"]).most_common(1)
+    weather_id = weather[0][0]
+    renamed = convoscope("rename", weather_id, "Weather questions", db=db, cwd=tmp_path)
+    assert renamed.returncode == 0, renamed.stderr
+    assert convoscope("tag", weather_id, "smalltalk", db=db, cwd=tmp_path).returncode == 0
+
+    # New data arrives: assigned without a refit, then a full re-clustering.
+    second = _clinc_slice(clinc, (50, 65))
+    more = _write_csv(tmp_path / "second.csv", second)
+    assert (
+        convoscope("ingest", str(more), "--map", "prompt=question", db=db, cwd=tmp_path).returncode
+        == 0
+    )
+    assigned_new = json.loads(convoscope("assign", "--json", db=db, cwd=tmp_path).stdout)
+    assert assigned_new["assigned"] + assigned_new["unassigned"] == len(second)
+    assert assigned_new["assigned"] >= 0.8 * len(second)
+
+    # The refit runs in-process: UMAP compiles for ~30 s in every new process.
+    engine = open_database(db)
+    config = ClusterStepConfig(embed=EmbedConfig(device="cpu", progress=False))
+    again = cluster_exchanges(engine, config=config)
+    engine.dispose()
+    assert again.rows == len(first) + len(second)
+    assert again.events["kept"] >= summary["clusters"] // 2
+
+    out = tmp_path / "second.csv.out"
+    convoscope("export", "--out", str(out), "--tag", "smalltalk", db=db, cwd=tmp_path)
+    tagged = pd.read_csv(out) if out.suffix == ".csv" else pd.read_json(out, lines=True)
+    tagged["intent"] = tagged["prompt"].map({**gold, **dict(second)})
+    assert (tagged["cluster_label"] == "Weather questions").all()
+    assert tagged["tags"].str.contains("smalltalk").all()
+    assert (tagged["intent"] == "weather").mean() >= 0.8
+
+
+def test_cluster_on_an_empty_database_is_a_clear_error(tmp_path: Path) -> None:
+    db = f"duckdb:///{tmp_path / 'empty.duckdb'}"
+    result = convoscope("cluster", "--device", "cpu", db=db, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "ingest" in result.stderr and "Traceback" not in result.stderr
