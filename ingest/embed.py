@@ -194,7 +194,10 @@ def error_summary(exc: BaseException) -> str:
 
 def load_sentence_transformer(name_or_path: str, device: str) -> tuple[SentenceTransformer, str]:
     """Load a local directory or a hub id (cache first, hub only when online) → (model, name)."""
+    import transformers
     from sentence_transformers import SentenceTransformer
+
+    transformers.logging.disable_progress_bar()  # a bar per weight file is noise on stderr
 
     if name_or_path in DEFAULT_ALIASES:
         path = str(default_model_path())

@@ -204,3 +204,21 @@ def iter_exchanges(
         result = conn.execution_options(stream_results=True, yield_per=batch_size).execute(query)
         for partition in result.mappings().partitions(batch_size):
             yield [dict(row) for row in partition]
+
+
+def load_battles(engine: Engine) -> list[Row]:
+    """Every battle with the models and prompts of its two exchanges."""
+    a, b = exchanges.alias("a"), exchanges.alias("b")
+    query = sa.select(
+        battles.c.id,
+        battles.c.exchange_a,
+        battles.c.exchange_b,
+        battles.c.winner,
+        battles.c.judge_preference,
+        a.c.model.label("model_a"),
+        b.c.model.label("model_b"),
+    ).select_from(
+        battles.join(a, a.c.id == battles.c.exchange_a).join(b, b.c.id == battles.c.exchange_b)
+    )
+    with engine.connect() as conn:
+        return [dict(r) for r in conn.execute(query).mappings()]

@@ -47,6 +47,8 @@ def command(db_url: str, *, host: str = "127.0.0.1", port: int = 8501) -> list[s
         "true",
         "--browser.gatherUsageStats",
         "false",
+        "--client.toolbarMode",
+        "minimal",  # no "Deploy" button: this app is run locally, not on Streamlit Cloud
         "--",
         "--db",
         db_url,

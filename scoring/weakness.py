@@ -1,0 +1,140 @@
+"""Which clusters are weakest: low reward that we are sure of, on traffic that matters.
+
+Per cluster: mean reward with a bootstrap CI, retry / edit / end rates (over the rows where
+the signal is known — an unknown signal is not a 0), and its share of traffic. Weakness is
+the shortfall of the CI's lower bound below the overall mean reward, times the traffic share:
+a small cluster whose CI is wide because it has few rows cannot outrank a large, surely bad
+one, and a large cluster that is merely average scores 0. Each cluster carries a sentence
+saying why it ranks where it does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+RATES = {"retry_rate": "retried", "edit_rate": "edited", "end_rate": "ended_conversation"}
+
+
+@dataclass(frozen=True, slots=True)
+class WeaknessConfig:
+    """Bootstrap settings and when a rate is worth naming in the reason."""
+
+    n_bootstrap: int = 1000
+    ci: float = 0.95
+    notable_ratio: float = 1.25  # a rate this many times the overall rate is named
+    seed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterWeakness:
+    """One cluster's metrics and its place in the weakness ranking."""
+
+    cluster_id: str
+    n: int
+    traffic_share: float
+    mean_reward: float
+    reward_lower: float
+    reward_upper: float
+    retry_rate: float | None  # None when no row of the cluster has the signal
+    edit_rate: float | None
+    end_rate: float | None
+    weakness: float
+    reason: str
+
+
+def bootstrap_mean_ci(
+    values: np.ndarray, *, n_bootstrap: int = 1000, ci: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
+    """Mean of the non-NaN values and its percentile bootstrap interval."""
+    v = np.asarray(values, dtype=float)
+    v = v[~np.isnan(v)]
+    if len(v) == 0:
+        return float("nan"), float("nan"), float("nan")
+    mean = float(v.mean())
+    if len(v) == 1 or n_bootstrap <= 0:
+        return mean, mean, mean
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, len(v), (n_bootstrap, len(v)))].mean(axis=1)
+    tail = (1.0 - ci) / 2.0
+    lo, hi = np.quantile(means, [tail, 1.0 - tail])
+    return mean, float(min(lo, mean)), float(max(hi, mean))
+
+
+def _rate(frame: pd.DataFrame, column: str) -> float | None:
+    if column not in frame.columns:
+        return None
+    known = frame[column].dropna()
+    return float(known.astype(float).mean()) if len(known) else None
+
+
+def rank_clusters(
+    frame: pd.DataFrame, *, config: WeaknessConfig = WeaknessConfig()
+) -> list[ClusterWeakness]:
+    """Clusters weakest first, from rows with `cluster_id`, `reward` and (optionally) the
+    signal columns `retried`, `edited`, `ended_conversation`."""
+    total = len(frame)
+    if total == 0:
+        return []
+    overall = float(frame["reward"].astype(float).mean())
+    overall_rates = {name: _rate(frame, col) for name, col in RATES.items()}
+    results = []
+    for cid, rows in frame.groupby(frame["cluster_id"].astype(str), sort=True):
+        mean, lo, hi = bootstrap_mean_ci(
+            rows["reward"].to_numpy(dtype=float),
+            n_bootstrap=config.n_bootstrap,
+            ci=config.ci,
+            seed=config.seed,
+        )
+        share = len(rows) / total
+        shortfall = max(0.0, overall - lo) if not np.isnan(lo) else 0.0
+        rates = {name: _rate(rows, col) for name, col in RATES.items()}
+        results.append(
+            ClusterWeakness(
+                cluster_id=str(cid),
+                n=len(rows),
+                traffic_share=share,
+                mean_reward=mean,
+                reward_lower=lo,
+                reward_upper=hi,
+                retry_rate=rates["retry_rate"],
+                edit_rate=rates["edit_rate"],
+                end_rate=rates["end_rate"],
+                weakness=shortfall * share,
+                reason=_reason(mean, lo, hi, overall, share, rates, overall_rates, config),
+            )
+        )
+    return sorted(results, key=lambda r: (-r.weakness, r.reward_lower, r.cluster_id))
+
+
+def _reason(
+    mean: float,
+    lo: float,
+    hi: float,
+    overall: float,
+    share: float,
+    rates: dict[str, float | None],
+    overall_rates: dict[str, float | None],
+    config: WeaknessConfig,
+) -> str:
+    """A sentence a person can act on: how bad, how sure, how much traffic, which signals."""
+    if np.isnan(mean):
+        return f"no reward scores yet; {share:.0%} of traffic"
+    if hi < overall:
+        verdict = "surely below"
+    elif lo < overall:
+        verdict = "possibly below" if mean < overall else "not clearly different from"
+    else:
+        verdict = "above"
+    parts = [
+        f"mean reward {mean:.3f} [{lo:.3f}, {hi:.3f}] is {verdict} the overall {overall:.3f}",
+        f"{share:.0%} of traffic",
+    ]
+    for name, value in rates.items():
+        base = overall_rates[name]
+        if value is not None and base and value >= config.notable_ratio * base:
+            label = name.replace("_", " ")
+            parts.append(f"{label} {value:.0%} vs {base:.0%} overall")
+    return "; ".join(parts)

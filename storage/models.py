@@ -1,0 +1,70 @@
+"""Trained artefacts (reward heads, win predictors), versioned with config, data and metrics.
+
+The artefact's files travel inside the database (zipped into `payload`), so a model and the
+scores it wrote can never be separated, whatever the database kind.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import uuid
+import zipfile
+from collections.abc import Mapping
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from storage.logs import Row, utcnow
+from storage.schema import trained_models
+
+
+def save_model(
+    engine: Engine,
+    kind: str,
+    *,
+    files: Mapping[str, bytes],
+    config: Mapping[str, Any],
+    metrics: Mapping[str, Any],
+    data_fingerprint: str | None = None,
+) -> str:
+    """Store a trained artefact; returns its id."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    model_id = uuid.uuid4().hex
+    with engine.begin() as conn:
+        conn.execute(
+            sa.insert(trained_models).values(
+                id=model_id,
+                kind=kind,
+                created_at=utcnow(),
+                config=json.dumps(config, default=str),
+                metrics=json.dumps(metrics, default=float),
+                data_fingerprint=data_fingerprint,
+                payload=buffer.getvalue(),
+            )
+        )
+    return model_id
+
+
+def latest_model(engine: Engine, kind: str) -> Row | None:
+    """The newest artefact of a kind, with `files` unpacked and config/metrics parsed."""
+    query = (
+        sa.select(trained_models)
+        .where(trained_models.c.kind == kind)
+        .order_by(trained_models.c.created_at.desc())
+        .limit(1)
+    )
+    with engine.connect() as conn:
+        row = conn.execute(query).mappings().first()
+    if row is None:
+        return None
+    found = dict(row)
+    with zipfile.ZipFile(io.BytesIO(bytes(found.pop("payload")))) as archive:
+        found["files"] = {name: archive.read(name) for name in archive.namelist()}
+    found["config"] = json.loads(found["config"] or "{}")
+    found["metrics"] = json.loads(found["metrics"] or "{}")
+    return found

@@ -1,0 +1,61 @@
+"""Joint labels from behaviour signals: unknown is never bad."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from scoring.labels import LabelConfig, joint_labels
+
+
+def _conversation_rows() -> pd.DataFrame:
+    """Signals as ingest stores them for a few synthetic conversations' responses."""
+    return pd.DataFrame(
+        [
+            # retried right away, then the user left
+            {"retried": True, "edited": None, "user_turns_after": 0, "rating": None},
+            # user went on for 5 turns, no retry: good
+            {"retried": False, "edited": False, "user_turns_after": 5, "rating": None},
+            # nothing known at all: no label, weight 0
+            {"retried": None, "edited": None, "user_turns_after": None, "rating": None},
+            # only a 5-star rating
+            {"retried": None, "edited": None, "user_turns_after": None, "rating": 5.0},
+            # continued 4 turns but regenerated: no length credit, retry says bad
+            {"retried": True, "edited": None, "user_turns_after": 4, "rating": None},
+            # middle length: neither ended nor continued; thumbs down
+            {"retried": None, "edited": None, "user_turns_after": 2, "thumbs": -1},
+        ]
+    )
+
+
+def test_joint_target_and_null_handling() -> None:
+    labels = joint_labels(_conversation_rows())
+    f = labels.frame
+    assert f.loc[0, "label"] == 0.0 and f.loc[0, "weight"] == 2.0  # retry + ended
+    assert f.loc[1, "label"] == 1.0 and f.loc[1, "weight"] == 3.0  # retry, edit, length
+    assert math.isnan(f.loc[2, "label"]) and f.loc[2, "weight"] == 0.0
+    assert f.loc[3, "label"] == 1.0 and f.loc[3, "weight"] == 1.0
+    assert math.isnan(f.loc[4, "label_length"]) and f.loc[4, "label"] == 0.0
+    assert math.isnan(f.loc[5, "label_length"]) and f.loc[5, "label"] == 0.0
+    c = labels.counts
+    assert c["retry"] == {"known": 3, "good": 1, "bad": 2, "unknown": 3}
+    assert c["joint"]["unknown"] == 1 and c["joint"]["known"] == 5
+
+
+def test_weights_are_configurable_and_pandas_nulls_are_unknown() -> None:
+    rows = pd.DataFrame(
+        {
+            "retried": pd.array([True, pd.NA], dtype="boolean"),
+            "rating": [5.0, float("nan")],
+            "battle_wins": [None, 3.0],
+            "battle_count": [None, 4.0],
+        }
+    )
+    labels = joint_labels(rows, LabelConfig(alpha_retry=3.0, alpha_rating=1.0))
+    assert labels.frame.loc[0, "label"] == 0.25  # (3·0 + 1·1) / 4
+    assert labels.frame.loc[0, "weight"] == 4.0
+    assert labels.frame.loc[1, "label"] == 0.75  # battles only
+    assert labels.counts["retry"]["unknown"] == 1
+    labels = joint_labels(rows, LabelConfig(alpha_retry=0.0))
+    assert labels.frame.loc[0, "label"] == 1.0

