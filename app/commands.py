@@ -230,7 +230,7 @@ def route(args: argparse.Namespace) -> dict[str, Any]:
         if args.export:
             table = load_routing_table(engine)
             args.export.write_text(json.dumps(table, indent=2))
-            return {"path": str(args.export), "clusters": len(table.get("clusters", {}))}
+            return {"path": str(args.export), "clusters": len(table["clusters"])}
         prompts = _route_prompts(args)
         predictor, encoder = load_predictor(engine)
     finally:

@@ -1,0 +1,106 @@
+"""The score step on a small real slice: judged battles plus logs with behaviour signals."""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clustering.stages import kmeans_clusterer, pca_reducer
+from clustering.step import ClusterStepConfig, cluster_exchanges
+from clustering.topics import ClusterConfig
+from ingest.embed_step import EmbedConfig
+from ingest.pipeline import IngestConfig, ingest_paths
+from scoring.step import ScoreConfig, load_predictor, load_routing_table, score_all
+from storage.engine import open_database
+from storage.reports import load_cluster_reports
+from storage.scores import latest_scores
+from tests.test_ingest_pipeline import convoscope
+
+
+def _signal_log(path: Path) -> Path:
+    """Chats where one expert's answers get retried and the other's keep the user talking."""
+    with path.open("w") as handle:
+        for i in range(40):
+            good = i % 2 == 0
+            answer = {"role": "assistant", "content": "Here is a detailed plan: day one, museums."}
+            if not good:
+                answer["retried"] = True  # the user regenerated it
+            else:
+                answer["rating"] = 5
+            messages = [
+                {"role": "user", "content": f"Help me plan a trip to city number {i}"},
+                answer,
+            ]
+            if good:
+                messages += [
+                    {"role": "user", "content": "Great, and day two?"},
+                    {"role": "assistant", "content": "Day two: the old town and a river cruise."},
+                    {"role": "user", "content": "Thanks!"},
+                ]
+            record = {"messages": messages, "model": "helpful-bot" if good else "terse-bot"}
+            handle.write(json.dumps(record) + "\n")
+    return path
+
+
+@pytest.fixture
+def scored_db(shared_file, tmp_path: Path) -> str:
+    battles = tmp_path / "battles.jsonl"
+    with gzip.open(shared_file("alpacaeval_battles_dev.jsonl.gz"), "rt") as source:
+        battles.write_text("".join(itertools.islice(source, 200)))
+    db = f"duckdb:///{tmp_path / 'scored.duckdb'}"
+    engine = open_database(db)
+    config = IngestConfig(progress=False, rejects_path=tmp_path / "rejects.jsonl")
+    ingest_paths([battles, _signal_log(tmp_path / "chats.jsonl")], engine=engine, config=config)
+    embed = EmbedConfig(device="cpu", progress=False)
+    topics = ClusterConfig(layout=False)
+    cluster_exchanges(
+        engine,
+        config=ClusterStepConfig(embed=embed, topics=topics),
+        reducer=pca_reducer(10),
+        clusterer=kmeans_clusterer(6),
+    )
+    engine.dispose()
+    return db
+
+
+def test_score_trains_applies_and_reports_every_cluster(scored_db: str, tmp_path: Path) -> None:
+    engine = open_database(scored_db)
+    result = score_all(engine, config=ScoreConfig(embed=EmbedConfig(device="cpu", progress=False)))
+    assert result["labels"]["retry"]["bad"] == 20  # the retried answers, and only those
+    assert result["labels"]["battle"]["known"] >= 200  # the baseline answer recurs
+    assert result["clusters"] == 6
+    rewards = latest_scores(engine, prefix="reward:")
+    assert len(rewards) == result["exchanges"]
+
+    from storage.clusters import latest_run
+
+    reports = load_cluster_reports(engine, latest_run(engine)["id"])
+    weakest = next(iter(reports.values()))
+    assert {"reward_mean", "reward_ci", "weakness", "reason", "routing"} <= set(weakest)
+    assert weakest["reward_ci"][0] <= weakest["reward_mean"] <= weakest["reward_ci"][1]
+    weakness = [r["weakness"] for r in reports.values()]
+    assert weakness == sorted(weakness, reverse=True)
+    assert any(r["leaderboard"] for r in reports.values())
+
+    predictor, encoder = load_predictor(engine)
+    assert {"helpful-bot", "terse-bot", "gpt4_1106_preview"} <= set(predictor.experts)
+    assert encoder == "all-MiniLM-L6-v2"
+    table = load_routing_table(engine)
+    assert {c["cluster_id"] for c in table["clusters"]} == set(reports)
+    from scoring.routing import apply_routing_table
+
+    centroid = np.asarray(table["clusters"][0]["centroid"])
+    assert apply_routing_table(table, centroid, per_cluster=True) == table["clusters"][0]["expert"]
+    engine.dispose()
+
+    routed = convoscope("route", "Plan a weekend in Lisbon", "--json", db=scored_db, cwd=tmp_path)
+    assert routed.returncode == 0, routed.stderr
+    ranking = json.loads(routed.stdout)["routes"][0]["experts"]
+    assert len(ranking) == len(predictor.experts)
+    listing = json.loads(convoscope("clusters", "--json", db=scored_db, cwd=tmp_path).stdout)
+    assert all("reward_mean" in c for c in listing["clusters"] if c["level"] == 0)
