@@ -218,25 +218,16 @@ def test_export_round_trips_ids_and_signals(tmp_path: Path) -> None:
     assert roles[0] == "system" and roles[-2:] == ["user", "assistant"]
 
 
-def test_demo_ingests_a_sharegpt_sample(tmp_path: Path) -> None:
+def test_demo_runs_the_whole_job_on_a_sharegpt_sample(tmp_path: Path) -> None:
     db = f"duckdb:///{tmp_path / 'demo.duckdb'}"
-    result = convoscope("demo", "--sample", "40", "--json", db=db, cwd=tmp_path)
+    result = convoscope("demo", "--sample", "60", "--no-ui", "--json", db=db, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
-    assert summary["ingest"]["conversations"] == 40
-    assert summary["stored_in_db"]["conversations"] == 40
-    assert summary["stored_in_db"]["exchanges"] >= 40
-
-
-def test_an_unrecognised_file_is_rejected_and_the_others_are_stored(tmp_path: Path) -> None:
-    odd = tmp_path / "odd.jsonl"
-    odd.write_text('{"what": "is this"}\n')
-    good = tmp_path / "good.jsonl"
-    write_openai_jsonl(good, 2)
-    db = f"duckdb:///{tmp_path / 'x.duckdb'}"
-    result = convoscope("ingest", str(odd), str(good), "--json", db=db, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    summary = json.loads(result.stdout)
-    assert (summary["stored"], summary["rejected"]) == (4, 1)
-    reject = json.loads(Path(summary["rejects_file"]).read_text().splitlines()[0])
-    assert reject["file"] == str(odd) and reject["line"] == 0 and "odd.jsonl" in reject["reason"]
+    assert summary["ingest"]["conversations"] == 60
+    assert summary["stored_in_db"]["conversations"] == 60
+    exchanges = summary["stored_in_db"]["exchanges"]
+    assert exchanges >= 60
+    assert summary["embed"]["exchanges"] == exchanges
+    assert summary["cluster"]["rows"] == exchanges and summary["cluster"]["clusters"] >= 2
+    assert summary["score"]["exchanges"] == exchanges
+    assert summary["score"]["labels"]["length"]["known"] > 0  # structural labels were mined
