@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument(
         "--rejects", type=Path, help="where bad records go (default: ./convoscope-rejects-*.jsonl)"
     )
-    ingest.add_argument("--batch-size", type=int, default=2000, help=argparse.SUPPRESS)
+    ingest.add_argument("--batch-size", type=int, default=10_000, help=argparse.SUPPRESS)
     ingest.add_argument(
         "--max-line-mb", type=float, default=8.0, help="longer lines are rejected (default 8)"
     )

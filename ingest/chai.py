@@ -21,7 +21,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ingest.files import Record, iter_json_records
 from ingest.readers import (
     FieldError,
     as_bool,
@@ -32,6 +31,7 @@ from ingest.readers import (
     field_reject,
     leftover,
     not_an_object,
+    read_json_conversations,
     read_signals,
 )
 from ingest.records import (
@@ -68,15 +68,7 @@ _CONVERSATION_USED = frozenset(
 
 def read_chai(path: Path, *, options: ReadOptions) -> Iterator[Parsed]:
     """Conversations, Rejects, UnknownRoles (and a Truncation for a cut file), in file order."""
-    source = options.source_for(path)
-    for item in iter_json_records(path, source=source, max_line_bytes=options.max_line_bytes):
-        if type(item) is not Record:
-            yield item
-            continue
-        unknown: list[UnknownRole] = []
-        parsed = _conversation(item.value, item.number, source, unknown)
-        yield from unknown
-        yield parsed
+    return read_json_conversations(path, options, _conversation)
 
 
 def _conversation(

@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ingest.files import Record, iter_json_records
 from ingest.readers import (
     FieldError,
     as_optional_text,
@@ -21,6 +20,7 @@ from ingest.readers import (
     field_reject,
     leftover,
     not_an_object,
+    read_json_conversations,
     read_signals,
 )
 from ingest.records import Conversation, Message, Parsed, Reject, UnknownRole, canonical_role
@@ -45,15 +45,7 @@ _INSTRUCTION_KEYS = ("instruction", "instruction_id", "system_prompt_id")
 
 def read_openai(path: Path, *, options: ReadOptions) -> Iterator[Parsed]:
     """Conversations, Rejects, UnknownRoles (and a Truncation for a cut file), in file order."""
-    source = options.source_for(path)
-    for item in iter_json_records(path, source=source, max_line_bytes=options.max_line_bytes):
-        if type(item) is not Record:
-            yield item
-            continue
-        unknown: list[UnknownRole] = []
-        parsed = _conversation(item.value, item.number, source, unknown)
-        yield from unknown
-        yield parsed
+    return read_json_conversations(path, options, _conversation)
 
 
 def _conversation(

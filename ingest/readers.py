@@ -17,8 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from ingest.detect import detect_format
-from ingest.files import DEFAULT_MAX_LINE_BYTES, excerpt, whole_file_reject
-from ingest.records import Conversation, Parsed, Reject
+from ingest.files import (
+    DEFAULT_MAX_LINE_BYTES,
+    Record,
+    excerpt,
+    iter_json_records,
+    whole_file_reject,
+)
+from ingest.records import Conversation, Parsed, Reject, UnknownRole
 
 FORMATS = ("openai", "sharegpt", "chai", "battles", "csv", "parquet")
 
@@ -73,6 +79,25 @@ def _reader(format: str) -> Callable[..., Iterator[Parsed]]:
     if format not in readers:
         raise ValueError(f"unknown format {format!r}; expected one of {', '.join(FORMATS)}")
     return readers[format]
+
+
+ConvertRecord = Callable[[Any, int, str, list[UnknownRole]], Conversation | Reject]
+
+
+def read_json_conversations(
+    path: Path, options: ReadOptions, convert: ConvertRecord
+) -> Iterator[Parsed]:
+    """The loop every JSON conversation format shares: records → `convert` → conversations,
+    with file-level problems (Rejects, a Truncation) and unknown roles passed through."""
+    source = options.source_for(path)
+    for item in iter_json_records(path, source=source, max_line_bytes=options.max_line_bytes):
+        if type(item) is not Record:
+            yield item
+            continue
+        unknown: list[UnknownRole] = []
+        parsed = convert(item.value, item.number, source, unknown)
+        yield from unknown
+        yield parsed
 
 
 class FieldError(ValueError):

@@ -11,8 +11,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ingest.files import Record, iter_json_records
-from ingest.readers import FieldError, checked_conversation, field_reject, not_an_object
+from ingest.readers import (
+    FieldError,
+    checked_conversation,
+    field_reject,
+    not_an_object,
+    read_json_conversations,
+)
 from ingest.records import (
     ROLE_ALIASES,
     Conversation,
@@ -31,15 +36,7 @@ _USED = frozenset({"id", "conversations", "model"})
 
 def read_sharegpt(path: Path, *, options: ReadOptions) -> Iterator[Parsed]:
     """Conversations, Rejects, UnknownRoles and at most one Truncation, in file order."""
-    source = options.source_for(path)
-    for item in iter_json_records(path, source=source, max_line_bytes=options.max_line_bytes):
-        if type(item) is not Record:
-            yield item
-            continue
-        unknown: list[UnknownRole] = []
-        parsed = _conversation(item.value, item.number, source, unknown)
-        yield from unknown
-        yield parsed
+    return read_json_conversations(path, options, _conversation)
 
 
 def _conversation(
