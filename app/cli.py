@@ -177,7 +177,21 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--alpha-thumbs", type=float, default=1.0, help="weight of thumbs")
     score.add_argument("--alpha-battle", type=float, default=1.0, help="weight of judged battles")
     score.add_argument("--epochs", type=int, default=10, help="reward head training epochs")
+    score.add_argument(
+        "--reward-model",
+        metavar="DIR",
+        help="score with your own sequence-classification reward model instead of training",
+    )
     score.set_defaults(handler=commands.score)
+
+    reward = sub.add_parser(
+        "reward", parents=[common], help="score (prompt, response) pairs from a JSONL file"
+    )
+    reward.add_argument(
+        "--file", type=Path, required=True, help='JSONL lines {"prompt": ..., "response": ...}'
+    )
+    reward.add_argument("--reward-model", metavar="DIR", help="your own reward model directory")
+    reward.set_defaults(handler=commands.reward)
 
     route = sub.add_parser(
         "route", parents=[common], help="rank experts for a prompt (or export the routing table)"

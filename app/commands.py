@@ -212,12 +212,45 @@ def score(args: argparse.Namespace) -> dict[str, Any]:
             alpha_battle=args.alpha_battle,
         ),
         head=HeadConfig(epochs=args.epochs),
+        reward_model_dir=args.reward_model,
     )
     engine = open_database(args.db)
     try:
         return score_all(engine, config=config)
     finally:
         engine.dispose()
+
+
+def reward(args: argparse.Namespace) -> dict[str, Any]:
+    """Rewards for the (prompt, response) lines of a file, by the latest reward model."""
+    from scoring.step import score_texts
+
+    if not args.file.exists():
+        raise UserError(f"no such file: {args.file}")
+    prompts, responses = [], []
+    for number, line in enumerate(args.file.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            prompts.append(str(record["prompt"]))
+            responses.append(str(record["response"]))
+        except (ValueError, KeyError, TypeError) as error:
+            raise UserError(
+                f"{args.file}:{number}: expected a JSON object with prompt and response"
+            ) from error
+    engine = open_database(args.db)
+    try:
+        scores, model = score_texts(engine, prompts, responses, reward_model_dir=args.reward_model)
+    finally:
+        engine.dispose()
+    return {
+        "reward_model": model,
+        "scores": [
+            {"prompt": p, "response": r, "reward": float(s)}
+            for p, r, s in zip(prompts, responses, scores, strict=True)
+        ],
+    }
 
 
 def route(args: argparse.Namespace) -> dict[str, Any]:

@@ -64,6 +64,7 @@ class ScoreConfig:
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     holdout_share: float = 0.2
     seed: int = 0
+    reward_model_dir: str | None = None  # a user's own sequence-classification reward model
 
 
 def score_all(engine: Engine, *, config: ScoreConfig) -> dict[str, Any]:
@@ -83,9 +84,14 @@ def score_all(engine: Engine, *, config: ScoreConfig) -> dict[str, Any]:
         ),
     )
     holdout = _holdout(frame["conversation_id"], config.holdout_share, config.seed)
-    reward_id, rewards, reward_metrics = _reward(
-        engine, frame, features, labels.frame, battles, holdout, config
-    )
+    if config.reward_model_dir:
+        reward_id, rewards, reward_metrics = _own_reward(
+            engine, frame, labels.frame, battles, config
+        )
+    else:
+        reward_id, rewards, reward_metrics = _reward(
+            engine, frame, features, labels.frame, battles, holdout, config, encoder
+        )
     result: dict[str, Any] = {
         "exchanges": len(frame),
         "labels": labels.counts,
@@ -173,6 +179,7 @@ def _reward(
     battles: pd.DataFrame,
     holdout: np.ndarray,
     config: ScoreConfig,
+    encoder: str,
 ) -> tuple[str, np.ndarray, dict[str, Any]]:
     """Train the reward head on the training conversations, measure it on the held-out ones."""
     label = labels["label"].to_numpy(dtype=float)
@@ -190,12 +197,71 @@ def _reward(
         engine,
         "reward_head",
         files=files,
-        config={"head": asdict(config.head), "labels": asdict(config.labels)},
+        config={"head": asdict(config.head), "labels": asdict(config.labels), "encoder": encoder},
         metrics=metrics,
         data_fingerprint=str(len(frame)),
     )
     store_scores(engine, f"reward:{model_id}", dict(zip(frame["id"], scores.tolist(), strict=True)))
     return model_id, scores, metrics
+
+
+def _own_reward(
+    engine: Engine,
+    frame: pd.DataFrame,
+    labels: pd.DataFrame,
+    battles: pd.DataFrame,
+    config: ScoreConfig,
+) -> tuple[str, np.ndarray, dict[str, Any]]:
+    """Score every exchange with the user's own reward model; measure it on all labels."""
+    from scoring.reward_model import SequenceClassifierReward
+
+    assert config.reward_model_dir is not None
+    model = SequenceClassifierReward(config.reward_model_dir)
+    scores = model.score(list(frame["prompt"]), list(frame["response"]))
+    everything = np.ones(len(frame), dtype=bool)
+    metrics = _reward_metrics(
+        scores,
+        labels["label"].to_numpy(dtype=float),
+        everything,
+        _battle_pairs(frame, battles, everything),
+    )
+    model_id = save_model(
+        engine,
+        "reward_external",
+        files={"source.txt": config.reward_model_dir.encode()},
+        config={"directory": config.reward_model_dir},
+        metrics=metrics,
+    )
+    store_scores(engine, f"reward:{model_id}", dict(zip(frame["id"], scores.tolist(), strict=True)))
+    return model_id, scores, metrics
+
+
+def score_texts(
+    engine: Engine, prompts: list[str], responses: list[str], *, reward_model_dir: str | None = None
+) -> tuple[np.ndarray, str]:
+    """Rewards for (prompt, response) pairs from a file: the stored head, or a user's model."""
+    if reward_model_dir:
+        from scoring.reward_model import SequenceClassifierReward
+
+        return SequenceClassifierReward(reward_model_dir).score(
+            prompts, responses
+        ), reward_model_dir
+    stored = latest_model(engine, "reward_head")
+    if stored is None:
+        raise ValueError("no reward model yet: run `convoscope score` (or pass --reward-model DIR)")
+    from ingest.embed import load_embedder
+
+    encoder = stored["config"].get("encoder", "all-MiniLM-L6-v2")
+    embedder = load_embedder(None if encoder == "all-MiniLM-L6-v2" else encoder)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, data in stored["files"].items():
+            (Path(tmp) / name).write_bytes(data)
+        head = RewardHead.load(tmp)
+    extra = simple_features(
+        np.array([len(r) for r in responses]), np.array([len(p) for p in prompts])
+    )
+    features = head_features(embedder.embed(prompts), embedder.embed(responses), extra)
+    return head.score(features), stored["id"]
 
 
 def _reward_metrics(

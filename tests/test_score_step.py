@@ -68,6 +68,15 @@ def scored_db(shared_file, tmp_path: Path) -> str:
     return db
 
 
+def _pairs_file(path: Path) -> Path:
+    lines = [
+        {"prompt": "What is 2+2?", "response": "4."},
+        {"prompt": "What is 2+2?", "response": "I like turtles."},
+    ]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
 def test_score_trains_applies_and_reports_every_cluster(scored_db: str, tmp_path: Path) -> None:
     engine = open_database(scored_db)
     result = score_all(engine, config=ScoreConfig(embed=EmbedConfig(device="cpu", progress=False)))
@@ -104,3 +113,44 @@ def test_score_trains_applies_and_reports_every_cluster(scored_db: str, tmp_path
     assert len(ranking) == len(predictor.experts)
     listing = json.loads(convoscope("clusters", "--json", db=scored_db, cwd=tmp_path).stdout)
     assert all("reward_mean" in c for c in listing["clusters"] if c["level"] == 0)
+
+    pairs = _pairs_file(tmp_path / "pairs.jsonl")
+    scored = convoscope("reward", "--file", str(pairs), "--json", db=scored_db, cwd=tmp_path)
+    assert scored.returncode == 0, scored.stderr
+    answer = json.loads(scored.stdout)
+    assert answer["reward_model"] == result["reward_model"]
+    assert len(answer["scores"]) == 2 and all(np.isfinite(s["reward"]) for s in answer["scores"])
+
+
+def test_reward_file_and_a_users_own_reward_model(scored_db: str, tmp_path: Path) -> None:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from ingest.embed import default_model_path
+
+    own = tmp_path / "own-reward-model"  # a real sequence-classification directory
+    AutoModelForSequenceClassification.from_pretrained(
+        str(default_model_path()), num_labels=1
+    ).save_pretrained(own)
+    AutoTokenizer.from_pretrained(str(default_model_path())).save_pretrained(own)
+
+    engine = open_database(scored_db)
+    config = ScoreConfig(embed=EmbedConfig(device="cpu", progress=False), reward_model_dir=str(own))
+    result = score_all(engine, config=config)
+    assert len(latest_scores(engine, prefix="reward:")) == result["exchanges"]
+    engine.dispose()
+
+    pairs = _pairs_file(tmp_path / "pairs.jsonl")
+    untrained = convoscope("reward", "--file", str(pairs), db=scored_db, cwd=tmp_path)
+    assert untrained.returncode == 2 and "convoscope score" in untrained.stderr
+    scored = convoscope(
+        "reward", "--file", str(pairs), "--reward-model", str(own), "--json",
+        db=scored_db, cwd=tmp_path,
+    )  # fmt: skip
+    assert scored.returncode == 0, scored.stderr
+    rewards = [s["reward"] for s in json.loads(scored.stdout)["scores"]]
+    assert len(rewards) == 2 and all(np.isfinite(rewards))
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "no response"}\n')
+    refused = convoscope("reward", "--file", str(bad), db=scored_db, cwd=tmp_path)
+    assert refused.returncode == 2 and "bad.jsonl:1" in refused.stderr
