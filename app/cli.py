@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", parents=[common], help="ingest a ShareGPT sample into the default database"
     )
     demo.add_argument(
-        "--sample", type=int, default=3000, help="conversations to take (default 3000)"
+        "--sample", type=int, default=800, help="conversations to take (default 800)"
     )
     demo.add_argument("--full", action="store_true", help="take every whole conversation")
     demo.add_argument(
