@@ -244,9 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo", parents=[common], help="ingest a ShareGPT sample into the default database"
     )
-    demo.add_argument(
-        "--sample", type=int, default=800, help="conversations to take (default 800)"
-    )
+    demo.add_argument("--sample", type=int, default=800, help="conversations to take (default 800)")
     demo.add_argument("--full", action="store_true", help="take every whole conversation")
     demo.add_argument(
         "--no-ui", action="store_true", help="stop after scoring instead of opening the UI"

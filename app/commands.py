@@ -262,6 +262,7 @@ def route(args: argparse.Namespace) -> dict[str, Any]:
     try:
         if args.export:
             table = load_routing_table(engine)
+            table["instructions"] = _best_instructions(engine)
             args.export.write_text(json.dumps(table, indent=2))
             return {"path": str(args.export), "clusters": len(table["clusters"])}
         prompts = _route_prompts(args)
@@ -345,15 +346,18 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
     """Run or resume a replay, or report on one (`replay report RUN`)."""
     from ingest.replay import ReplayConfig, ReplayError, compare
     from ingest.replay import replay as run_replay
+    from storage.reports import save_instruction
 
     engine = open_database(args.db)
     try:
         if args.action == "report":
             if not args.run_id:
                 raise UserError("replay report needs the run id: convoscope replay report RUN")
-            return compare(
+            report = compare(
                 engine, args.run_id, scores=_reward_scores(engine), cluster_of=_cluster_of(engine)
             ).as_dict()
+            _record_instruction_reward(engine, args.run_id, report)
+            return report
         if not args.model or not args.base_url:
             raise UserError("replay needs --model and --base-url (or `replay report RUN`)")
         instruction = args.instruction.read_text(encoding="utf-8") if args.instruction else None
@@ -370,11 +374,49 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
             seed=args.seed,
         )
         select = _replay_selection(engine, args)
-        return run_replay(engine, config=config, select=select, run_id=args.resume).as_dict()
+        summary = run_replay(engine, config=config, select=select, run_id=args.resume).as_dict()
+        if instruction is not None and args.cluster and not args.resume:
+            # An instruction tried on a cluster becomes that cluster's next version.
+            version = save_instruction(
+                engine, args.cluster, instruction, replay_run_id=summary["run_id"]
+            )
+            summary["instruction_version"] = version["version"]
+        return summary
     except ReplayError as error:
         raise UserError(str(error)) from error
     finally:
         engine.dispose()
+
+
+def _record_instruction_reward(engine: Engine, run_id: str, report: dict[str, Any]) -> None:
+    """The mean reward of a replay's new answers becomes its instruction version's score."""
+    from storage.reports import load_instructions, set_instruction_reward
+
+    overall = report.get("overall")
+    if not overall or overall.get("mean_new") is None:
+        return
+    for version in load_instructions(engine):
+        if version["replay_run_id"] == run_id:
+            set_instruction_reward(engine, version["id"], overall["mean_new"])
+
+
+def _best_instructions(engine: Engine) -> dict[str, dict[str, Any]]:
+    """Per cluster, the best-scoring instruction version (else the newest)."""
+    from storage.reports import load_instructions
+
+    best: dict[str, dict[str, Any]] = {}
+    for version in load_instructions(engine):  # newest first within a cluster
+        current = best.get(version["cluster_id"])
+        score = version["mean_reward"]
+        if current is None or (
+            score is not None and (current["mean_reward"] is None or score > current["mean_reward"])
+        ):
+            best[version["cluster_id"]] = {
+                "version": version["version"],
+                "text": version["text"],
+                "mean_reward": score,
+            }
+    return best
 
 
 def _replay_selection(engine: Engine, args: argparse.Namespace) -> ExchangeFilter | list[str]:

@@ -46,3 +46,41 @@ def test_replay_without_model_is_a_clear_error(tmp_path: Path) -> None:
     result = convoscope("replay", "--base-url", "http://127.0.0.1:9/v1", db=db, cwd=tmp_path)
     assert result.returncode == 2
     assert "--model" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_instruction_replayed_on_a_cluster_is_versioned(tmp_path: Path) -> None:
+    from clustering.stages import kmeans_clusterer, pca_reducer
+    from clustering.step import ClusterStepConfig, cluster_exchanges
+    from clustering.topics import ClusterConfig
+    from ingest.embed_step import EmbedConfig
+    from storage.engine import open_database
+    from storage.reports import load_instructions
+
+    log = tmp_path / "chat.jsonl"
+    write_openai_jsonl(log, 12)
+    db = f"duckdb:///{tmp_path / 'versions.duckdb'}"
+    assert convoscope("ingest", str(log), db=db, cwd=tmp_path).returncode == 0
+    engine = open_database(db)
+    config = ClusterStepConfig(
+        embed=EmbedConfig(device="cpu", progress=False), topics=ClusterConfig(layout=False)
+    )
+    cluster_exchanges(engine, config=config, reducer=pca_reducer(5), clusterer=kmeans_clusterer(2))
+    engine.dispose()
+
+    instruction = tmp_path / "instruction.txt"
+    with OpenAIServer() as server:
+        for text in ("Answer briefly.", "Answer with a number only."):
+            instruction.write_text(text)
+            result = convoscope(
+                "replay", "--model", "m2", "--base-url", server.base_url, "--cluster", "t0",
+                "--instruction", str(instruction), "--json", db=db, cwd=tmp_path,
+            )  # fmt: skip
+            assert result.returncode == 0, result.stderr
+    engine = open_database(db)
+    versions = load_instructions(engine, "t0")
+    engine.dispose()
+    assert [(v["version"], v["text"]) for v in versions] == [
+        (2, "Answer with a number only."),
+        (1, "Answer briefly."),
+    ]
+    assert all(v["replay_run_id"] for v in versions)
