@@ -39,6 +39,7 @@ PAGES = [
         "screens/experts.py", title="Experts", icon=":material/leaderboard:", url_path="experts"
     ),
     st.Page("screens/export.py", title="Export", icon=":material/download:", url_path="export"),
+    st.Page("screens/replay.py", title="Replay", icon=":material/replay:", url_path="replay"),
 ]
 
 

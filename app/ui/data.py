@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -30,6 +30,9 @@ from app.ui.render import hover_text
 from storage import views
 from storage.engine import StorageError, dialect_name, make_engine, open_database, resolve_url
 from storage.views import ViewFilter
+
+if TYPE_CHECKING:
+    from ingest.replay import ReplayConfig, ReplaySummary, RewardDiff
 
 T = TypeVar("T")
 
@@ -379,3 +382,83 @@ def hits_by_ids(
     scorer: str | None,
 ) -> list[dict[str, Any]]:
     return read(url, lambda e: views.exchanges_by_ids(e, run_id, ids, flt, scorer=scorer))
+
+
+# ------------------------------------------------------------------------------------ replay
+# Replay runs and instruction versions are outside `database_version` (a run in another process
+# writes items long before its answers), so their loaders expire after a second instead.
+
+
+@st.cache_data(show_spinner=False, ttl=1.0)
+def replay_runs(url: str) -> list[dict[str, Any]]:
+    """Every replay run, newest first, with its item counts."""
+    from storage.replay import list_runs
+
+    return read(url, list_runs)
+
+
+@st.cache_data(show_spinner=False, ttl=1.0)
+def instruction_versions(url: str, cluster_id: str) -> list[dict[str, Any]]:
+    """A cluster's saved instructions, newest first."""
+    from storage.reports import load_instructions
+
+    return read(url, lambda e: load_instructions(e, cluster_id))
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def replay_pairs(
+    url: str, version: tuple[Any, ...], run_id: str, done: int
+) -> tuple[list[dict[str, Any]], RewardDiff | None]:
+    """A run's original and new answers with their rewards (None where unscored), and the
+    overall reward comparison (None before the answers are scored); `done` keys the cache."""
+    from ingest.replay import compare, pairs
+    from storage.scores import latest_scores
+
+    def build(engine: Engine) -> tuple[list[dict[str, Any]], RewardDiff | None]:
+        rows = pairs(engine, run_id)
+        scores = latest_scores(engine, prefix="reward:")
+        for row in rows:
+            row["original_reward"] = scores.get(row["original_id"])
+            row["new_reward"] = scores.get(row["new_id"])
+        overall = compare(engine, run_id, scores=scores, n_boot=500).overall if scores else None
+        return rows, overall
+
+    return read(url, build)
+
+
+def run_replay(
+    url: str, cluster_run_id: str, cluster_id: str, config: ReplayConfig
+) -> tuple[ReplaySummary, dict[str, Any] | None]:
+    """Replay a cluster's saved inputs (not earlier replays' answers) with `config`, then save
+    its instruction as the cluster's next version, linked to the run. Returns the summary and
+    the saved version (None without an instruction). Synchronous: the page waits on it."""
+    from ingest.replay import REPLAY_SOURCE_PREFIX, replay
+    from storage.clusters import exchanges_in_clusters
+    from storage.replay import exchanges_by_id
+    from storage.reports import save_instruction
+
+    def go(engine: Engine) -> tuple[ReplaySummary, dict[str, Any] | None]:
+        ids = exchanges_in_clusters(engine, cluster_run_id, cluster_id=cluster_id)
+        found = exchanges_by_id(engine, ids, columns=("id", "source"))
+        inputs = [i for i in ids if not found[i]["source"].startswith(REPLAY_SOURCE_PREFIX)]
+        summary = replay(engine, config=config, select=inputs)
+        saved = None
+        if config.instruction is not None:
+            saved = save_instruction(
+                engine, cluster_id, config.instruction, replay_run_id=summary.run_id
+            )
+        return summary, saved
+
+    result = write(url, go)
+    replay_runs.clear()
+    instruction_versions.clear()
+    return result
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def replay_failures(url: str, run_id: str, failed: int) -> list[dict[str, Any]]:
+    """A run's failed items with their last error (endpoint text: show it as text)."""
+    from storage.replay import FAILED, run_items
+
+    items = read(url, lambda e: run_items(e, run_id))
+    return [i for i in items if i["status"] == FAILED]

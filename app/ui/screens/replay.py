@@ -1,0 +1,232 @@
+"""Replay: rewrite a cluster's instruction, send its saved inputs to a model with it, and read
+the original and new answers side by side. Each run saves the instruction as the cluster's next
+version, linked to the run, so the best-scoring version can ship with the routing table.
+
+The API key never reaches the page: the user names the environment variable that holds it, and
+the replay reads it at call time.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import openai
+import streamlit as st
+
+from app.ui import data, shell
+from app.ui.render import escape_markdown, fmt_float, fmt_share, one_line, safe_label
+from ingest.replay import ReplayConfig, ReplayError
+
+PAIRS_SHOWN = 50  # side-by-side answers drawn at once; the rest are counted
+
+c = shell.ctx()
+st.title("Replay")
+st.caption(
+    "Send a cluster's saved inputs to a model with a rewritten instruction, then compare the "
+    "new answers with the originals. Sidebar filters do not apply here: a replay takes the "
+    "whole cluster."
+)
+if c.run_id is None:
+    shell.empty_state(
+        "exchanges"
+        if not data.overview(c.url, c.version, None, c.flt, None)["exchanges"]
+        else "clusters"
+    )
+    st.stop()
+
+names = data.cluster_names(c.url, c.version, c.run_id)
+table = data.cluster_table(c.url, c.version, c.run_id, c.flt, c.scorer)
+weakest_first = [cid for cid in table["id"] if cid in names] if not table.empty else []
+ids = weakest_first + sorted(set(names) - set(weakest_first), key=lambda cid: names[cid].lower())
+if st.session_state.get("replay_cluster") not in names:
+    picked_before = st.session_state.get(shell.PICK_KEY)
+    st.session_state["replay_cluster"] = picked_before if picked_before in names else ids[0]
+picked: str = st.selectbox(
+    "Cluster (weakest first)",
+    ids,
+    key="replay_cluster",
+    format_func=lambda cid: one_line(names[cid], 80),
+)
+
+
+def _version_label(row: dict[str, Any]) -> str:
+    """Numbers and dates only: safe in an expander label."""
+    parts = [f"Version {row['version']}", f"{row['created_at']:%Y-%m-%d %H:%M}"]
+    if row.get("mean_reward") is not None:
+        parts.append(f"mean reward {fmt_float(row['mean_reward'])}")
+    return " · ".join(parts)
+
+
+versions = data.instruction_versions(c.url, picked)
+form_side, versions_side = st.columns([3, 2], gap="large")
+
+with versions_side:
+    st.subheader("Instruction versions")
+    if not versions:
+        st.caption("No saved instruction for this cluster yet: the first run saves version 1.")
+    for i, row in enumerate(versions):
+        with st.expander(_version_label(row), expanded=i == 0):
+            st.text(row["text"])
+            if row.get("replay_run_id"):
+                st.caption(f"Replay run `{escape_markdown(row['replay_run_id'])}`")
+
+with form_side:
+    with st.form("replay_form", border=False):
+        instruction = st.text_area(
+            "Instruction (system message)",
+            value=versions[0]["text"] if versions else "",
+            height=180,
+            key=f"replay_instruction_{picked}",
+            help="Replaces the inputs' own system messages. Leave empty to keep them.",
+        )
+        left, right = st.columns(2)
+        model = left.text_input("Model", key="replay_model", placeholder="gpt-4o-mini")
+        base_url = right.text_input(
+            "Base URL",
+            key="replay_base_url",
+            placeholder="http://127.0.0.1:8000/v1",
+            help="Any OpenAI-compatible chat completions endpoint.",
+        )
+        key_env = left.text_input(
+            "API key variable",
+            value="OPENAI_API_KEY",
+            key="replay_key_env",
+            help="The environment variable holding the key; the key itself is never shown or "
+            "stored.",
+        )
+        sample = right.number_input(
+            "Sample size", min_value=1, max_value=100_000, value=20, step=10, key="replay_sample"
+        )
+        concurrency = left.number_input(
+            "Concurrency", min_value=1, max_value=256, value=8, key="replay_concurrency"
+        )
+        submitted = st.form_submit_button("Run replay", type="primary", key="replay_run")
+
+    if key_env.strip() and not os.environ.get(key_env.strip()):
+        st.caption(
+            f"`{escape_markdown(key_env.strip())}` is not set: a placeholder key is sent "
+            "(enough for local servers)."
+        )
+
+    if submitted:
+        if not model.strip() or not base_url.strip().startswith(("http://", "https://")):
+            st.error("Give a model name and an http(s) base URL first.", icon=":material/error:")
+        else:
+            config = ReplayConfig(
+                model=model.strip(),
+                base_url=base_url.strip(),
+                instruction=instruction if instruction.strip() else None,
+                api_key_env=key_env.strip() or "OPENAI_API_KEY",
+                concurrency=int(concurrency),
+                sample=int(sample),
+                progress=False,
+            )
+            with st.status(
+                f"Replaying up to {int(sample)} inputs of this cluster…", expanded=False
+            ) as status:
+                try:
+                    summary, saved = data.run_replay(c.url, c.run_id, picked, config)
+                except (ReplayError, openai.OpenAIError, ValueError) as error:
+                    status.update(label="Replay could not start", state="error")
+                    st.error(escape_markdown(str(error)), icon=":material/error:")
+                else:
+                    st.session_state["replay_open"] = summary.run_id
+                    done_label = (
+                        f"Replay {summary.status}: {summary.done} answered, "
+                        f"{summary.failed} failed, {summary.retried} retries "
+                        f"in {summary.seconds:.1f} s"
+                    )
+                    status.update(
+                        label=done_label,
+                        state="complete" if summary.status == "done" else "error",
+                    )
+                    if saved is not None:
+                        st.toast(f"Instruction saved as version {saved['version']}")
+
+st.divider()
+st.subheader("Replay runs")
+runs = data.replay_runs(c.url)
+if not runs:
+    st.info(
+        "No replay runs yet. Write an instruction above and press Run replay, or use "
+        "`convoscope replay` from the command line.",
+        icon=":material/info:",
+    )
+    st.stop()
+
+by_id = {run["id"]: run for run in runs}
+if st.session_state.get("replay_open") not in by_id:
+    st.session_state["replay_open"] = runs[0]["id"]
+
+
+def _run_label(run_id: str) -> str:
+    run = by_id[run_id]
+    counts = run["counts"]
+    total = sum(counts.values())
+    return (
+        f"{run['created_at']:%Y-%m-%d %H:%M} · {one_line(run['model'], 40)} · "
+        f"{counts['done']}/{total} answered · {run['status']}"
+    )
+
+
+opened: str = st.selectbox("Open a run", list(by_id), key="replay_open", format_func=_run_label)
+run = by_id[opened]
+rows, overall = data.replay_pairs(c.url, c.version, opened, run["counts"]["done"])
+
+facts = [
+    f"model {safe_label(run['model'], 60)}",
+    f"endpoint {safe_label(run['base_url'], 80)}",
+    f"{run['counts']['done']} answered",
+    f"{run['counts']['failed']} failed",
+    f"{run['counts']['pending']} pending",
+]
+st.caption(" · ".join(facts))
+if run["instruction"]:
+    with st.expander("Instruction of this run"):
+        st.text(run["instruction"])
+if overall is not None:
+    m = st.columns(4)
+    m[0].metric("Original reward", fmt_float(overall.mean_original))
+    m[1].metric(
+        "New reward",
+        fmt_float(overall.mean_new),
+        delta=f"{overall.mean_diff:+.2f}",
+        help=f"95 % CI of the difference {overall.ci_low:+.2f} – {overall.ci_high:+.2f}",
+    )
+    m[2].metric("Win rate of new", fmt_share(overall.win_rate))
+    m[3].metric("Scored pairs", f"{overall.n:,}")
+elif rows:
+    st.caption(
+        "The new answers have no reward yet: run `convoscope score` to score them, then "
+        "compare here."
+    )
+
+if run["counts"]["failed"]:
+    failures = data.replay_failures(c.url, opened, run["counts"]["failed"])
+    with st.expander(f"{len(failures)} failed inputs: why"):
+        st.caption(
+            f"Retry them with `convoscope replay --resume {escape_markdown(opened)}` and the "
+            "same model, base URL and instruction."
+        )
+        for failure in failures[:PAIRS_SHOWN]:
+            st.text(f"{failure['exchange_id']}: {failure['error'] or 'unknown error'}")
+if not rows:
+    st.caption("This run has no answered input yet.")
+if len(rows) > PAIRS_SHOWN:
+    st.caption(f"Showing {PAIRS_SHOWN} of {len(rows):,} answered inputs.")
+for i, pair in enumerate(rows[:PAIRS_SHOWN], start=1):
+    with st.expander(f"{i}. {safe_label(pair['prompt'], 90)}", expanded=i == 1):
+        st.text(pair["prompt"])
+        old, new = st.columns(2)
+        old.caption(
+            f"Original · {safe_label(pair['original_model'] or 'unknown model', 50)} · "
+            f"reward {fmt_float(pair['original_reward'])}"
+        )
+        old.text(pair["original_response"] or "(no response stored)")
+        latency = f" · {pair['latency_s']:.2f} s" if pair["latency_s"] is not None else ""
+        new.caption(
+            f"New · {safe_label(run['model'], 50)} · reward {fmt_float(pair['new_reward'])}"
+            f"{latency}"
+        )
+        new.text(pair["new_response"] or "(empty answer)")

@@ -1,0 +1,159 @@
+"""The Replay page through Streamlit's AppTest: a real DuckDB file built by tests/ui_database.py
+and a real OpenAI-compatible server on 127.0.0.1 that the page's replay talks to over HTTP."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from streamlit.testing.v1 import AppTest
+
+from storage.clusters import exchanges_in_clusters
+from storage.engine import open_database
+from storage.replay import list_runs
+from storage.reports import load_instructions
+from storage.schema import assignments, cluster_reports, cluster_runs, clusters
+from tests.openai_server import Fault, OpenAIServer, answer_for
+from tests.ui_database import XSS_PROMPT, BuiltDatabase, build
+
+APP = str(Path(__file__).resolve().parents[1] / "app" / "ui" / "app.py")
+PAGE = "screens/replay.py"
+INSTRUCTION = "Answer refund questions with the policy link first. <b>Be brief</b>."
+KEY_ENV = "CONVOSCOPE_TEST_REPLAY_KEY"
+SECRET = "sk-test-secret-never-shown"
+
+
+@pytest.fixture
+def built(tmp_path: Path) -> BuiltDatabase:
+    return build(f"duckdb:///{tmp_path / 'replay.duckdb'}", n_exchanges=120, seed=5)
+
+
+def _page(url: str, monkeypatch: pytest.MonkeyPatch) -> AppTest:
+    monkeypatch.setenv("CONVOSCOPE_DB", url)
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.switch_page(PAGE)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def _texts(at: AppTest) -> list[str]:
+    return [t.value for t in at.text]
+
+
+def _markdown_texts(at: AppTest) -> list[str]:
+    """Every string the page hands to a Markdown renderer."""
+    texts = [e.value for e in (*at.markdown, *at.title, *at.caption, *at.subheader)]
+    texts += [e.label for e in at.expander]
+    texts += [e.proto.body for e in (*at.warning, *at.info, *at.error, *at.success)]
+    return texts
+
+
+def _everything(at: AppTest) -> str:
+    widgets: list[Any] = [*at.text_input, *at.text_area]
+    return "\n".join([*_texts(at), *_markdown_texts(at), *(str(w.value) for w in widgets)])
+
+
+def test_replay_runs_the_edited_instruction_and_shows_answers_side_by_side(
+    built: BuiltDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    engine = open_database(built.url, read_only=True)
+    members = exchanges_in_clusters(engine, built.run_id, cluster_id=built.weakest_id)
+    engine.dispose()
+    at = _page(built.url, monkeypatch)
+    assert any("No replay runs yet" in body for body in (i.proto.body for i in at.info))
+
+    with OpenAIServer() as server:
+        at.selectbox(key="replay_cluster").select(built.weakest_id).run()
+        at.text_area(key=f"replay_instruction_{built.weakest_id}").input(INSTRUCTION)
+        at.text_input(key="replay_model").input("test-model")
+        at.text_input(key="replay_base_url").input(server.base_url)
+        at.text_input(key="replay_key_env").input(KEY_ENV)
+        at.number_input(key="replay_sample").set_value(len(members))
+        at.button(key="replay_run").click().run()
+        received = list(server.received)
+    assert not at.exception, [e.value for e in at.exception]
+
+    # The server got every input of the cluster once, each with the instruction as system.
+    assert len(received) == len(members)
+    for request in received:
+        messages = request["body"]["messages"]
+        assert messages[0] == {"role": "system", "content": INSTRUCTION}
+        assert [m["role"] for m in messages].count("system") == 1
+        assert request["body"]["model"] == "test-model"
+        assert request["authorization"] == f"Bearer {SECRET}"
+
+    # Side by side: the script-tag prompt as plain text, its original and new answer beside it.
+    texts = _texts(at)
+    assert XSS_PROMPT in texts
+    new_answer = answer_for(
+        [{"role": "system", "content": INSTRUCTION}, {"role": "user", "content": XSS_PROMPT}]
+    )
+    assert new_answer in texts
+    assert any("not bold" in t and "<b>" in t for t in texts)  # an original answer, unrendered
+    injected = [t for t in _markdown_texts(at) if "script" in t or "onerror" in t]
+    assert injected  # the prompt's expander label and the cluster's name
+    for text in injected:
+        unescaped = re.search(r"(?<!\\)[<>\[\]$`*]", text)
+        assert unescaped is None, f"unescaped markup {unescaped.group()!r} in {text!r}"
+    assert SECRET not in _everything(at)
+
+    engine = open_database(built.url, read_only=True)
+    runs = list_runs(engine)
+    versions = load_instructions(engine, built.weakest_id)
+    engine.dispose()
+    assert len(runs) == 1 and runs[0]["counts"]["done"] == len(members)
+    assert [(v["version"], v["text"], v["replay_run_id"]) for v in versions] == [
+        (1, INSTRUCTION, runs[0]["id"])
+    ]
+    assert SECRET not in str(runs[0])
+
+    # A later visit: the latest version prefills the editor and the run opens side by side.
+    at = _page(built.url, monkeypatch)
+    at.selectbox(key="replay_cluster").select(built.weakest_id).run()
+    assert at.text_area(key=f"replay_instruction_{built.weakest_id}").value == INSTRUCTION
+    assert at.selectbox(key="replay_open").value == runs[0]["id"]
+    assert XSS_PROMPT in _texts(at) and new_answer in _texts(at)
+    assert INSTRUCTION in _texts(at)  # the version list and the run's instruction, as text
+
+
+def test_replay_page_empty_states(built: BuiltDatabase, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = open_database(built.url)
+    with engine.begin() as conn:
+        for table in (cluster_reports, assignments, clusters, cluster_runs):
+            conn.execute(sa.delete(table))
+    engine.dispose()
+    at = _page(built.url, monkeypatch)
+    hints = [i.proto.body for i in at.info]
+    assert any("convoscope cluster" in h for h in hints), hints
+    assert not at.button
+
+
+def test_replay_page_on_an_empty_database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    at = _page(f"duckdb:///{tmp_path / 'empty.duckdb'}", monkeypatch)
+    hints = [i.proto.body for i in at.info]
+    assert any("convoscope ingest" in h for h in hints), hints
+
+
+def test_a_refused_replay_says_why_without_the_key(
+    built: BuiltDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 401 is not retried: every input fails, and the page lists the endpoint's reason."""
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    at = _page(built.url, monkeypatch)
+    with OpenAIServer(faults=[Fault(status=401, echo_auth=True)]) as server:
+        at.text_input(key="replay_model").input("test-model")
+        at.text_input(key="replay_base_url").input(server.base_url)
+        at.text_input(key="replay_key_env").input(KEY_ENV)
+        at.number_input(key="replay_sample").set_value(3)
+        at.button(key="replay_run").click().run()
+        assert server.total_requests() == 3
+    assert not at.exception, [e.value for e in at.exception]
+    failed = next(e for e in at.expander if "failed inputs" in e.label)
+    assert failed.label.startswith("3 ")
+    assert len([t for t in _texts(at) if "401" in t]) == 3
+    assert SECRET not in _everything(at)
