@@ -204,28 +204,32 @@ def build_parser() -> argparse.ArgumentParser:
     replay = sub.add_parser(
         "replay",
         parents=[common],
-        help="send saved inputs to an OpenAI-compatible endpoint (or: replay report RUN)",
+        help="send saved inputs to an OpenAI-compatible endpoint (or: replay report|judge RUN)",
         description="`convoscope replay --model M --base-url URL [selection]` runs or resumes a "
-        "replay; `convoscope replay report RUN` compares its answers with the originals. "
+        "replay; `convoscope replay report RUN` compares its answers with the originals; "
+        "`convoscope replay judge RUN --model JUDGE --base-url URL` asks a chat model which "
+        "answer is better (order randomised) and adds its verdicts to the report. "
         "The API key is read from $OPENAI_API_KEY (or --api-key-env) and never stored.",
     )
-    replay.add_argument("action", nargs="?", choices=["run", "report"], default="run")
-    replay.add_argument("run_id", nargs="?", metavar="RUN", help="the run to report on")
-    replay.add_argument("--model", help="model name the endpoint serves")
+    replay.add_argument("action", nargs="?", choices=["run", "report", "judge"], default="run")
+    replay.add_argument("run_id", nargs="?", metavar="RUN", help="the run to report on or judge")
+    replay.add_argument("--model", help="model name the endpoint serves (for judge: the judge)")
     replay.add_argument("--base-url", help="e.g. http://127.0.0.1:8000/v1")
     replay.add_argument("--cluster", help="only exchanges in this cluster (latest clustering)")
     replay.add_argument("--tag", help="only exchanges tagged so, or in clusters tagged so")
     replay.add_argument(
         "--filter", type=_parse_mapping, default={}, help="model=NAME,source=FILE (repeatable keys)"
     )
-    replay.add_argument("--sample", type=int, help="replay a deterministic sample of N inputs")
+    replay.add_argument(
+        "--sample", type=int, help="replay (or judge) a deterministic sample of N inputs"
+    )
     replay.add_argument("--seed", type=int, default=0)
     replay.add_argument(
         "--instruction", type=Path, help="file whose text becomes the system message"
     )
     replay.add_argument("--concurrency", type=int, default=8)
     replay.add_argument("--rate-limit", type=float, help="requests per second at most")
-    replay.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    replay.add_argument("--timeout", type=float, help="seconds per request (60; judge: 120)")
     replay.add_argument("--max-attempts", type=int, default=5)
     replay.add_argument("--api-key-env", default="OPENAI_API_KEY")
     replay.add_argument("--resume", metavar="RUN", help="finish an interrupted run")

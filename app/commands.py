@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -343,20 +344,29 @@ def _require_cluster(engine: Engine, cluster_id: str) -> None:
 
 
 def replay(args: argparse.Namespace) -> dict[str, Any]:
-    """Run or resume a replay, or report on one (`replay report RUN`)."""
+    """Run or resume a replay, report on one (`replay report RUN`) or judge it."""
     from ingest.replay import ReplayConfig, ReplayError, compare
     from ingest.replay import replay as run_replay
+    from scoring.judge import JudgeError, judge_results
     from storage.reports import save_instruction
 
     engine = open_database(args.db)
     try:
+        if args.action in ("report", "judge") and not args.run_id:
+            raise UserError(
+                f"replay {args.action} needs the run id: convoscope replay {args.action} RUN"
+            )
+        if args.action == "judge":
+            return _judge(engine, args)
         if args.action == "report":
-            if not args.run_id:
-                raise UserError("replay report needs the run id: convoscope replay report RUN")
+            cluster_of = _cluster_of(engine)
             report = compare(
-                engine, args.run_id, scores=_reward_scores(engine), cluster_of=_cluster_of(engine)
+                engine, args.run_id, scores=_reward_scores(engine), cluster_of=cluster_of
             ).as_dict()
             _record_instruction_reward(engine, args.run_id, report)
+            overall, per_cluster = judge_results(engine, args.run_id, cluster_of=cluster_of)
+            report["judge"] = asdict(overall) if overall else None
+            report["judge_per_cluster"] = {c: asdict(r) for c, r in per_cluster.items()}
             return report
         if not args.model or not args.base_url:
             raise UserError("replay needs --model and --base-url (or `replay report RUN`)")
@@ -368,10 +378,10 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
             api_key_env=args.api_key_env,
             concurrency=args.concurrency,
             rate_limit=args.rate_limit,
-            timeout_s=args.timeout,
             max_attempts=args.max_attempts,
             sample=args.sample,
             seed=args.seed,
+            **({"timeout_s": args.timeout} if args.timeout else {}),
         )
         select = _replay_selection(engine, args)
         summary = run_replay(engine, config=config, select=select, run_id=args.resume).as_dict()
@@ -382,10 +392,33 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
             )
             summary["instruction_version"] = version["version"]
         return summary
-    except ReplayError as error:
+    except (ReplayError, JudgeError) as error:
         raise UserError(str(error)) from error
     finally:
         engine.dispose()
+
+
+def _judge(engine: Engine, args: argparse.Namespace) -> dict[str, Any]:
+    """`replay judge RUN --model JUDGE --base-url URL`: verdicts stored, then summarised."""
+    from scoring.judge import JudgeConfig, judge_replay, judge_results
+
+    if not args.model or not args.base_url:
+        raise UserError("replay judge needs --model (the judge) and --base-url")
+    config = JudgeConfig(
+        model=args.model,
+        base_url=args.base_url,
+        api_key_env=args.api_key_env,
+        concurrency=args.concurrency,
+        rate_limit=args.rate_limit,
+        max_attempts=args.max_attempts,
+        sample=args.sample,
+        seed=args.seed,
+        **({"timeout_s": args.timeout} if args.timeout else {}),
+    )
+    summary = judge_replay(engine, args.run_id, config=config).as_dict()
+    overall, _ = judge_results(engine, args.run_id, judge=args.model)
+    summary["result"] = asdict(overall) if overall else None
+    return summary
 
 
 def _record_instruction_reward(engine: Engine, run_id: str, report: dict[str, Any]) -> None:
@@ -520,6 +553,10 @@ def describe(command: str, result: dict[str, Any]) -> str:
             f"{result['exchanges']} exchanges ({result['texts']} distinct {result['on']} texts): "
             f"embedded {result['embedded']} with {result['model']}, {result['cached']} cached"
         )
+    if command == "replay" and "judged" in result:
+        return _describe_judge(result)
+    if command == "replay" and "pairs" in result:
+        return _describe_replay_report(result)
     if command == "replay" and "status" in result:
         return (
             f"replay {result['run_id']} ({result['model']}): {result['done']} done, "
@@ -557,6 +594,51 @@ def describe(command: str, result: dict[str, Any]) -> str:
     if command == "ui":
         return f"UI stopped (exit code {result['exit_code']})"
     return str(result)
+
+
+def _describe_judge(result: dict[str, Any]) -> str:
+    line = (
+        f"judge {result['judge']} on replay {result['run_id']}: {result['judged']} judged, "
+        f"{result['already_judged']} judged before, {result['failed']} failed"
+    )
+    if result["errors"]:
+        line += f" (first: {result['errors'][0]})"
+    if result["result"]:
+        line += "\n" + _judge_line("overall", result["result"])
+    return line
+
+
+def _judge_line(label: str, r: dict[str, Any]) -> str:
+    return (
+        f"{label}: the new answer wins {r['win_rate']:.0%} (95% CI {r['ci_low']:.0%}-"
+        f"{r['ci_high']:.0%}) of {r['n']} judged pairs ({r['new_wins']} won, {r['ties']} tied, "
+        f"{r['original_wins']} lost)"
+    )
+
+
+def _describe_replay_report(result: dict[str, Any]) -> str:
+    counts = result["counts"]
+    lines = [
+        f"replay {result['run_id']} ({result['model']}, {result['status']}): {result['pairs']} "
+        f"answered, {counts.get('failed', 0)} failed, {counts.get('pending', 0)} pending"
+    ]
+    if result["overall"]:
+        o = result["overall"]
+        lines.append(
+            f"reward: original {o['mean_original']:.3f}, new {o['mean_new']:.3f}, difference "
+            f"{o['mean_diff']:+.3f} (95% CI {o['ci_low']:+.3f} to {o['ci_high']:+.3f}); new "
+            f"wins {o['win_rate']:.0%} of {o['n']}"
+        )
+    else:
+        lines.append("reward: not scored yet (run `convoscope score`)")
+    if result.get("judge"):
+        lines.append(_judge_line("judge", result["judge"]))
+    for cluster, d in result["per_cluster"].items():
+        lines.append(
+            f"  {cluster:<8} n={d['n']:<5} reward diff {d['mean_diff']:+.3f} "
+            f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] new wins {d['win_rate']:.0%}"
+        )
+    return "\n".join(lines)
 
 
 def _describe_clusters(result: dict[str, Any]) -> str:

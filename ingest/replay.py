@@ -1,10 +1,8 @@
 """Replay: send saved inputs to an OpenAI-compatible endpoint and store the answers as logs.
 
 A replay is a stored run (storage.replay) whose items are the selected inputs (context + prompt,
-the instruction override as the system message). Requests go through the `openai` client with
-its own retries off, so this module alone decides what is retried: 429, 5xx, timeouts, dropped
-connections and malformed bodies, with exponential backoff, jitter and the server's Retry-After.
-Other errors (400, 401, 404...) fail at once: retrying cannot fix them.
+the instruction override as the system message). Requests go through `ingest.chat_client`, which
+owns the retry policy (429, 5xx, timeouts and malformed bodies retried with backoff and jitter).
 
 Answers are committed as they finish, grouped with whatever else finished meanwhile (group
 commit: one transaction per batch instead of one per answer, so the database never throttles a
@@ -20,25 +18,21 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import os
 import random
 import re
 import sys
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
-from email.utils import parsedate_to_datetime
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
-import openai
 from sqlalchemy.engine import Engine
 from tqdm import tqdm
 
+from ingest.chat_client import Answer, CallStats, ChatClient, Failure, public_url
 from ingest.pipeline import exchange_row
 from ingest.records import Exchange, Message, content_hash
 from storage.logs import ExchangeFilter, iter_exchanges, utcnow
@@ -58,9 +52,7 @@ from storage.replay import (
 )
 
 REPLAY_SOURCE_PREFIX = "replay:"
-DUMMY_API_KEY = "sk-local-no-key"  # local servers want some bearer token, not a real one
 _RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
-_ERROR_CHARS = 500
 _BOOT_CELLS = 4_000_000  # resampled values held at once by the bootstrap
 
 Select = ExchangeFilter | Sequence[str] | None
@@ -70,10 +62,6 @@ class ReplayError(RuntimeError):
     """A replay that cannot start (unknown ids, a run id reused with another model...)."""
 
 
-class MalformedResponse(ValueError):
-    """A 200 whose body is not a usable chat completion."""
-
-
 @dataclass(frozen=True)
 class ReplayConfig:
     """Where to send, what to send with, and how hard to push.
@@ -81,7 +69,8 @@ class ReplayConfig:
     `params` are generation parameters passed to the endpoint (temperature, max_tokens...).
     `rate_limit` caps requests per second over all workers, retries included (None: no cap).
     `sample` replays a deterministic sample of that many inputs (by `seed`); `dedupe` sends
-    identical requests (same messages) once.
+    identical requests (same messages) once. `on_progress(finished, total)` is called after
+    each group commit (the UI draws its progress bar with it).
     """
 
     model: str
@@ -100,6 +89,7 @@ class ReplayConfig:
     seed: int = 0
     dedupe: bool = True
     progress: bool = True
+    on_progress: Callable[[int, int], None] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,15 +279,6 @@ def request_messages(
     return messages
 
 
-def public_url(url: str) -> str:
-    """The endpoint without credentials or query: what may be stored and shown."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
-
-
 def _check_config(config: ReplayConfig) -> None:
     if config.concurrency < 1:
         raise ReplayError("concurrency must be at least 1")
@@ -335,14 +316,6 @@ def _check_same_run(run: Mapping[str, Any], config: ReplayConfig) -> None:
         )
 
 
-@dataclass(slots=True)
-class _Stats:
-    requests: int = 0
-    done: int = 0
-    failed: int = 0
-    retried: int = 0
-
-
 @dataclass(frozen=True, slots=True)
 class _Finished:
     """An item's outcome and, when it succeeded, the rows to store with it."""
@@ -352,32 +325,15 @@ class _Finished:
     exchange_row: dict[str, Any] | None = None
 
 
-class _RateLimiter:
-    """Spaces request starts at least 1/rate seconds apart, over all workers."""
-
-    def __init__(self, rate: float | None) -> None:
-        self._interval = 1.0 / rate if rate else 0.0
-        self._next = 0.0
-
-    async def wait(self) -> None:
-        if not self._interval:
-            return
-        now = time.monotonic()
-        slot = max(now, self._next)
-        self._next = slot + self._interval
-        if slot > now:
-            await asyncio.sleep(slot - now)
-
-
 async def _send_all(
     engine: Engine, run_id: str, inputs: list[dict[str, Any]], config: ReplayConfig
-) -> _Stats:
+) -> CallStats:
     """Send every input with `concurrency` workers; one writer commits what they finish."""
-    stats = _Stats()
+    client = ChatClient(config, os.environ.get(config.api_key_env))
+    stats = client.stats
     if not inputs:
         return stats
-    api_key = os.environ.get(config.api_key_env) or DUMMY_API_KEY
-    sender = _Sender(config, api_key, run_id, stats)
+    sender = _Sender(config, client, run_id)
     finished: asyncio.Queue[_Finished | None] = asyncio.Queue()
     pending = iter(inputs)
     bar = tqdm(
@@ -393,6 +349,7 @@ async def _send_all(
             await finished.put(await sender.send(item))
 
     async def writer() -> None:
+        committed = 0
         while True:
             batch: list[_Finished] = []
             last = await finished.get()
@@ -404,12 +361,15 @@ async def _send_all(
             if batch:
                 await asyncio.to_thread(_commit, engine, run_id, batch)
                 bar.update(len(batch))
+                committed += len(batch)
+                if config.on_progress is not None:
+                    config.on_progress(committed, len(inputs))
                 bar.set_postfix(failed=stats.failed, retried=stats.retried, refresh=False)
             if last is None:
                 return
 
     try:
-        async with sender.client, asyncio.TaskGroup() as group:
+        async with client, asyncio.TaskGroup() as group:
             group.create_task(writer())
             workers = [
                 group.create_task(worker()) for _ in range(min(config.concurrency, len(inputs)))
@@ -432,83 +392,35 @@ def _commit(engine: Engine, run_id: str, batch: list[_Finished]) -> None:
 
 
 class _Sender:
-    """Sends one input with retries and turns the result into rows to store."""
+    """Sends one input through the shared client and turns the result into rows to store."""
 
-    def __init__(self, config: ReplayConfig, api_key: str, run_id: str, stats: _Stats) -> None:
+    def __init__(self, config: ReplayConfig, client: ChatClient, run_id: str) -> None:
         self.config = config
+        self.client = client
         self.run_id = run_id
-        self.stats = stats
         self.endpoint = public_url(config.base_url)
-        self.limiter = _RateLimiter(config.rate_limit)
-        self.rng = random.Random()
-        self._secret = api_key
-        self.client = openai.AsyncOpenAI(
-            base_url=config.base_url,
-            api_key=api_key,
-            max_retries=0,  # retries are ours: counted, logged and bounded by max_attempts
-            timeout=config.timeout_s,
-        )
 
     async def send(self, item: Mapping[str, Any]) -> _Finished:
         config = self.config
         messages = request_messages(item["context"], item["prompt"], config.instruction)
-        attempts = int(item["attempts"])
-        for attempt in range(1, config.max_attempts + 1):
-            await self.limiter.wait()
-            attempts += 1
-            self.stats.requests += 1
-            started = time.perf_counter()
-            try:
-                completion = await self.client.chat.completions.create(
-                    model=config.model, messages=messages, **config.params
+        result = await self.client.complete(
+            config.model, messages, config.params, attempts_before=int(item["attempts"])
+        )
+        if isinstance(result, Failure):
+            return _Finished(
+                ItemOutcome(
+                    exchange_id=item["id"],
+                    status=FAILED,
+                    attempts=result.attempts,
+                    error=result.error,
                 )
-                content = _content(completion)
-            except (openai.APIError, ValueError) as error:
-                retryable, retry_after = _classify(error)
-                if not retryable or attempt == config.max_attempts:
-                    self.stats.failed += 1
-                    return _Finished(
-                        ItemOutcome(
-                            exchange_id=item["id"],
-                            status=FAILED,
-                            attempts=attempts,
-                            error=self._describe(error),
-                        )
-                    )
-                self.stats.retried += 1
-                await asyncio.sleep(self._backoff(attempt, retry_after))
-                continue
-            latency = time.perf_counter() - started
-            self.stats.done += 1
-            return self._answer(item, messages, content, completion, latency, attempts)
-        raise AssertionError("unreachable: the last attempt returns")
-
-    def _backoff(self, attempt: int, retry_after: float | None) -> float:
-        """Exponential backoff with equal jitter, never shorter than the server's Retry-After."""
-        config = self.config
-        ceiling = min(config.backoff_max_s, config.backoff_base_s * 2 ** (attempt - 1))
-        delay = ceiling / 2 + self.rng.uniform(0, ceiling / 2)
-        if retry_after is not None:
-            delay = max(delay, min(retry_after, config.retry_after_max_s))
-        return delay
-
-    def _describe(self, error: Exception) -> str:
-        """The failure record: kind, status and message, with the API key scrubbed out."""
-        status = getattr(error, "status_code", None)
-        text = f"{type(error).__name__}" + (f" {status}" if status else "") + f": {error}"
-        if self._secret:
-            text = text.replace(self._secret, "***")
-        return text[:_ERROR_CHARS]
+            )
+        return self._answer(item, messages, result)
 
     def _answer(
-        self,
-        item: Mapping[str, Any],
-        messages: list[dict[str, str]],
-        content: str,
-        completion: Any,
-        latency: float,
-        attempts: int,
+        self, item: Mapping[str, Any], messages: list[dict[str, str]], answer: Answer
     ) -> _Finished:
+        completion, latency, attempts = answer.completion, answer.latency_s, answer.attempts
         usage = getattr(completion, "usage", None)
         prompt_tokens = getattr(usage, "prompt_tokens", None)
         completion_tokens = getattr(usage, "completion_tokens", None)
@@ -520,7 +432,7 @@ class _Sender:
             turn_index=len(messages),
             context=tuple(Message(role=m["role"], content=m["content"]) for m in messages[:-1]),
             prompt=item["prompt"],
-            response=content,
+            response=answer.content,
             model=self.config.model,
             instruction=(
                 self.config.instruction
@@ -572,48 +484,6 @@ class _Sender:
             conversation_row,
             row,
         )
-
-
-def _content(completion: Any) -> str:
-    """The answer text, or MalformedResponse when the body is not a usable completion."""
-    choices = getattr(completion, "choices", None)
-    if not choices:
-        raise MalformedResponse("the completion has no choices")
-    content = getattr(getattr(choices[0], "message", None), "content", None)
-    if not isinstance(content, str) or not content:
-        raise MalformedResponse("the completion's first choice has no text")
-    return content
-
-
-def _classify(error: Exception) -> tuple[bool, float | None]:
-    """Whether an error is worth retrying, and the wait the server asked for, if any."""
-    if isinstance(error, openai.APIStatusError):
-        status = error.status_code
-        retryable = status in (408, 409, 429) or status >= 500
-        return retryable, _retry_after(error.response.headers) if retryable else None
-    if isinstance(error, openai.APIConnectionError):  # timeouts included
-        return True, None
-    # Bodies that are not JSON, or not a chat completion, are usually a proxy's hiccup.
-    return isinstance(error, (ValueError, openai.APIResponseValidationError)), None
-
-
-def _retry_after(headers: Mapping[str, str]) -> float | None:
-    """Seconds from `retry-after-ms` or `retry-after` (seconds or an HTTP date)."""
-    for name, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
-        value = headers.get(name)
-        if value is None:
-            continue
-        try:
-            seconds = float(value) / scale
-        except ValueError:
-            try:
-                when = parsedate_to_datetime(value)
-            except (TypeError, ValueError):
-                continue
-            seconds = (when - datetime.now(when.tzinfo)).total_seconds()
-        if math.isfinite(seconds):
-            return max(seconds, 0.0)
-    return None
 
 
 def compare(

@@ -1,4 +1,4 @@
-"""Replay runs and their items: the only SQL the replay step runs.
+"""Replay runs, their items and their judges' verdicts: the only SQL replay and judge run.
 
 A run is created with all its items pending in one transaction. Each finished item is written
 in the same transaction as the exchange it produced (`record_outcomes`), so after a crash an
@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from storage.logs import Row, insert_rows, store_rows, utcnow
-from storage.schema import exchanges, replay_items, replay_runs
+from storage.schema import battles, exchanges, replay_items, replay_runs
 
 PENDING, DONE, FAILED = "pending", "done", "failed"
 
@@ -207,5 +207,14 @@ def run_items(engine: Engine, run_id: str) -> list[Row]:
         .where(replay_items.c.run_id == run_id)
         .order_by(replay_items.c.exchange_id)
     )
+    with engine.connect() as conn:
+        return [dict(row) for row in conn.execute(query).mappings()]
+
+
+def load_verdicts(engine: Engine, source: str) -> list[Row]:
+    """Judged battles stored under `source` (a replay's LLM-judge verdicts)."""
+    query = sa.select(
+        battles.c.exchange_a, battles.c.exchange_b, battles.c.winner, battles.c.judge
+    ).where(battles.c.source == source)
     with engine.connect() as conn:
         return [dict(row) for row in conn.execute(query).mappings()]

@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -63,8 +64,15 @@ class _Server(ThreadingHTTPServer):
 class OpenAIServer:
     """A threaded HTTP server; use as a context manager or call start()/stop()."""
 
-    def __init__(self, *, delay_s: float = 0.0, faults: list[Fault] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        delay_s: float = 0.0,
+        faults: list[Fault] | None = None,
+        responder: Callable[[list[dict[str, Any]]], str] = answer_for,
+    ) -> None:
         self.delay_s = delay_s
+        self.responder = responder  # the answer text for a request's messages
         self.faults: list[Fault] = list(faults or [])
         self.requests: Counter[str] = Counter()  # per prompt: requests received
         self.answered: Counter[str] = Counter()  # per prompt: 200 answers written
@@ -176,7 +184,7 @@ def _handler_for(server: OpenAIServer) -> type[BaseHTTPRequestHandler]:
             if fault and fault.malformed:
                 self._send_bytes(200, b'{"id": "chatcmpl-x", "choices": [{"index": 0, "mess')
                 return
-            answer = answer_for(messages)
+            answer = server.responder(messages)
             prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in messages)
             completion_tokens = len(answer.split())
             self._send(

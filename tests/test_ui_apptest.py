@@ -299,7 +299,14 @@ def test_export_page_writes_names_tags_and_scores(
 
 @pytest.mark.parametrize(
     "page",
-    [None, "screens/cluster.py", "screens/search.py", "screens/experts.py", "screens/export.py"],
+    [
+        None,
+        "screens/cluster.py",
+        "screens/search.py",
+        "screens/experts.py",
+        "screens/export.py",
+        "screens/replay.py",
+    ],
 )
 def test_every_page_has_a_helpful_empty_state(
     page: str | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -77,6 +77,7 @@ def test_replay_runs_the_edited_instruction_and_shows_answers_side_by_side(
         at.button(key="replay_run").click().run()
         received = list(server.received)
     assert not at.exception, [e.value for e in at.exception]
+    assert at.get("progress")[-1].proto.value == 100  # progress was drawn to the end
 
     # The server got every input of the cluster once, each with the instruction as system.
     assert len(received) == len(members)
@@ -157,3 +158,25 @@ def test_a_refused_replay_says_why_without_the_key(
     assert failed.label.startswith("3 ")
     assert len([t for t in _texts(at) if "401" in t]) == 3
     assert SECRET not in _everything(at)
+
+
+def test_judge_from_the_replay_page(built: BuiltDatabase, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.test_replay_judge import prefers_replayed
+
+    at = _page(built.url, monkeypatch)
+    with OpenAIServer() as server:
+        at.text_input(key="replay_model").input("test-model")
+        at.text_input(key="replay_base_url").input(server.base_url)
+        at.number_input(key="replay_sample").set_value(5)
+        at.button(key="replay_run").click().run()
+    with OpenAIServer(responder=prefers_replayed) as judge:
+        at.text_input(key="judge_model").input("judge-model")
+        at.text_input(key="judge_base_url").input(judge.base_url)
+        at.button(key="judge_run").click().run()
+        assert judge.total_requests() == 5
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("5 judged" in s.proto.body for s in at.success)
+    at = _page(built.url, monkeypatch)
+    assert next(m.value for m in at.metric if m.label.startswith("LLM judge")) == "100.0 %"
+    captions = [c.value for c in at.caption]
+    assert sum("Judge judge\\-model: the new answer" in c for c in captions) == 5, captions

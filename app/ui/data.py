@@ -33,6 +33,7 @@ from storage.views import ViewFilter
 
 if TYPE_CHECKING:
     from ingest.replay import ReplayConfig, ReplaySummary, RewardDiff
+    from scoring.judge import JudgeConfig, JudgeResult, JudgeSummary
 
 T = TypeVar("T")
 
@@ -412,14 +413,19 @@ def replay_pairs(
     """A run's original and new answers with their rewards (None where unscored), and the
     overall reward comparison (None before the answers are scored); `done` keys the cache."""
     from ingest.replay import compare, pairs
+    from scoring.judge import JUDGE_SOURCE_PREFIX
+    from storage.replay import load_verdicts
     from storage.scores import latest_scores
 
     def build(engine: Engine) -> tuple[list[dict[str, Any]], RewardDiff | None]:
         rows = pairs(engine, run_id)
         scores = latest_scores(engine, prefix="reward:")
+        verdicts = {v["exchange_a"]: v for v in load_verdicts(engine, JUDGE_SOURCE_PREFIX + run_id)}
         for row in rows:
             row["original_reward"] = scores.get(row["original_id"])
             row["new_reward"] = scores.get(row["new_id"])
+            verdict = verdicts.get(row["original_id"])
+            row["judge"] = (verdict["judge"], verdict["winner"]) if verdict else None
         overall = compare(engine, run_id, scores=scores, n_boot=500).overall if scores else None
         return rows, overall
 
@@ -453,6 +459,24 @@ def run_replay(
     replay_runs.clear()
     instruction_versions.clear()
     return result
+
+
+@st.cache_data(show_spinner=False, ttl=1.0)
+def judge_result(url: str, run_id: str) -> JudgeResult | None:
+    """The LLM judge's verdicts on a run, all judges together (None before any)."""
+    from scoring.judge import judge_results
+
+    return read(url, lambda e: judge_results(e, run_id)[0])
+
+
+def run_judge(url: str, run_id: str, config: JudgeConfig) -> JudgeSummary:
+    """Judge a run's answered pairs not judged by this model yet. Synchronous."""
+    from scoring.judge import judge_replay
+
+    summary = write(url, lambda e: judge_replay(e, run_id, config=config))
+    judge_result.clear()
+    replay_pairs.clear()
+    return summary
 
 
 @st.cache_data(show_spinner=False, max_entries=16)

@@ -68,7 +68,12 @@ with left:
     )
 
     with st.form("export_path", border=False):
-        target = st.text_input("Or write to a file on the server", value=f"./{file_name}")
+        # A default without the minute stamp: Streamlit keys a widget on its default value,
+        # so a stamp that changes between reruns would drop what the user typed.
+        target = st.text_input(
+            "Or write to a file on the server",
+            value=f"./convoscope-export{'-openai' if fmt == 'openai' else ''}{suffix}",
+        )
         if st.form_submit_button("Write file", disabled=rows == 0):
             out = Path(target).expanduser().resolve()
             written = data.read(

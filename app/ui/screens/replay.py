@@ -17,6 +17,7 @@ import streamlit as st
 from app.ui import data, shell
 from app.ui.render import escape_markdown, fmt_float, fmt_share, one_line, safe_label
 from ingest.replay import ReplayConfig, ReplayError
+from scoring.judge import JudgeConfig, JudgeError
 
 PAIRS_SHOWN = 50  # side-by-side answers drawn at once; the rest are counted
 
@@ -113,18 +114,22 @@ with form_side:
         if not model.strip() or not base_url.strip().startswith(("http://", "https://")):
             st.error("Give a model name and an http(s) base URL first.", icon=":material/error:")
         else:
-            config = ReplayConfig(
-                model=model.strip(),
-                base_url=base_url.strip(),
-                instruction=instruction if instruction.strip() else None,
-                api_key_env=key_env.strip() or "OPENAI_API_KEY",
-                concurrency=int(concurrency),
-                sample=int(sample),
-                progress=False,
-            )
             with st.status(
-                f"Replaying up to {int(sample)} inputs of this cluster…", expanded=False
+                f"Replaying up to {int(sample)} inputs of this cluster…", expanded=True
             ) as status:
+                bar = st.progress(0.0, text="Sending…")
+                config = ReplayConfig(
+                    model=model.strip(),
+                    base_url=base_url.strip(),
+                    instruction=instruction if instruction.strip() else None,
+                    api_key_env=key_env.strip() or "OPENAI_API_KEY",
+                    concurrency=int(concurrency),
+                    sample=int(sample),
+                    progress=False,
+                    on_progress=lambda done, total: bar.progress(
+                        done / total, text=f"{done:,} of {total:,} inputs finished"
+                    ),
+                )
                 try:
                     summary, saved = data.run_replay(c.url, c.run_id, picked, config)
                 except (ReplayError, openai.OpenAIError, ValueError) as error:
@@ -140,6 +145,7 @@ with form_side:
                     status.update(
                         label=done_label,
                         state="complete" if summary.status == "done" else "error",
+                        expanded=False,
                     )
                     if saved is not None:
                         st.toast(f"Instruction saved as version {saved['version']}")
@@ -158,6 +164,52 @@ if not runs:
 by_id = {run["id"]: run for run in runs}
 if st.session_state.get("replay_open") not in by_id:
     st.session_state["replay_open"] = runs[0]["id"]
+
+
+def _judge_form(run_id: str) -> None:
+    """Ask a chat model which answer is better, pair by pair, in a random order."""
+    with st.expander("Judge these answers with an LLM"):
+        st.caption(
+            "Sends each input with both answers, in a random order, to the judge model. Log "
+            "text leaves this machine only when you press Judge."
+        )
+        with st.form("judge_form", border=False):
+            left, right = st.columns(2)
+            judge_model = left.text_input("Judge model", key="judge_model")
+            judge_url = right.text_input(
+                "Judge base URL", key="judge_base_url", placeholder="http://127.0.0.1:8000/v1"
+            )
+            judge_key = left.text_input(
+                "API key variable", value="OPENAI_API_KEY", key="judge_key_env"
+            )
+            judge_sample = right.number_input(
+                "Pairs to judge", min_value=1, max_value=100_000, value=50, key="judge_sample"
+            )
+            go = st.form_submit_button("Judge", key="judge_run")
+        if not go:
+            return
+        if not judge_model.strip() or not judge_url.strip().startswith(("http://", "https://")):
+            st.error("Give a judge model and an http(s) base URL.", icon=":material/error:")
+            return
+        config = JudgeConfig(
+            model=judge_model.strip(),
+            base_url=judge_url.strip(),
+            api_key_env=judge_key.strip() or "OPENAI_API_KEY",
+            sample=int(judge_sample),
+            progress=False,
+        )
+        with st.spinner("Judging…"):
+            try:
+                summary = data.run_judge(c.url, run_id, config)
+            except (JudgeError, openai.OpenAIError, ValueError) as error:
+                st.error(escape_markdown(str(error)), icon=":material/error:")
+                return
+        st.success(
+            f"{summary.judged} judged, {summary.already_judged} judged before, "
+            f"{summary.failed} without a verdict"
+        )
+        for reason in summary.errors:
+            st.text(reason)
 
 
 def _run_label(run_id: str) -> str:
@@ -201,6 +253,17 @@ elif rows:
         "The new answers have no reward yet: run `convoscope score` to score them, then "
         "compare here."
     )
+verdict = data.judge_result(c.url, opened)
+if verdict is not None:
+    st.metric(
+        "LLM judge: new answer wins",
+        fmt_share(verdict.win_rate),
+        help=f"95 % CI {fmt_share(verdict.ci_low)} – {fmt_share(verdict.ci_high)} over "
+        f"{verdict.n} judged pairs: {verdict.new_wins} won, {verdict.ties} tied, "
+        f"{verdict.original_wins} lost",
+    )
+if rows:
+    _judge_form(opened)
 
 if run["counts"]["failed"]:
     failures = data.replay_failures(c.url, opened, run["counts"]["failed"])
@@ -230,3 +293,7 @@ for i, pair in enumerate(rows[:PAIRS_SHOWN], start=1):
             f"{latency}"
         )
         new.text(pair["new_response"] or "(empty answer)")
+        if pair["judge"] is not None:
+            judge, winner = pair["judge"]
+            outcome = {"a": "the original", "b": "the new answer", "tie": "a tie"}[winner]
+            st.caption(f"Judge {safe_label(judge, 40)}: {outcome}")

@@ -1,0 +1,204 @@
+"""One chat completion at a time against an OpenAI-compatible endpoint, with the retry policy
+that replay and the LLM judge share.
+
+The `openai` client's own retries are off, so this module alone decides what is retried: 429,
+408/409, 5xx, timeouts, dropped connections and malformed bodies, with exponential backoff,
+jitter and the server's Retry-After. Other errors (400, 401, 404...) fail at once: retrying
+cannot fix them. The API key is given by the caller (read from the environment at call time),
+never stored, and scrubbed from every error text this module returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from email.utils import parsedate_to_datetime
+from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
+
+import openai
+
+DUMMY_API_KEY = "sk-local-no-key"  # local servers want some bearer token, not a real one
+_ERROR_CHARS = 500
+
+
+class CallPolicy(Protocol):
+    """Where to send and how hard to push (ReplayConfig and JudgeConfig both are one)."""
+
+    base_url: str
+    timeout_s: float
+    rate_limit: float | None
+    max_attempts: int
+    backoff_base_s: float
+    backoff_max_s: float
+    retry_after_max_s: float
+
+
+class MalformedResponse(ValueError):
+    """A 200 whose body is not a usable chat completion."""
+
+
+@dataclass(slots=True)
+class CallStats:
+    """Counts over every call of one client: HTTP requests, retries, answers, failures."""
+
+    requests: int = 0
+    retried: int = 0
+    done: int = 0
+    failed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    content: str
+    completion: Any  # the openai ChatCompletion (usage, served model, finish reason)
+    latency_s: float  # of the attempt that succeeded
+    attempts: int  # including those before, when the caller resumes an item
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    error: str  # kind, status and message, the key scrubbed out
+    attempts: int
+
+
+def public_url(url: str) -> str:
+    """The endpoint without credentials or query string: safe to store and show."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+class ChatClient:
+    """An AsyncOpenAI client plus a rate limiter and the retry policy; an async context."""
+
+    def __init__(self, policy: CallPolicy, api_key: str | None) -> None:
+        self.policy = policy
+        self.stats = CallStats()
+        self._secret = api_key or DUMMY_API_KEY
+        self._limiter = _RateLimiter(policy.rate_limit)
+        self._rng = random.Random()
+        self._client = openai.AsyncOpenAI(
+            base_url=policy.base_url,
+            api_key=self._secret,
+            max_retries=0,  # retries are ours: counted, logged and bounded by max_attempts
+            timeout=policy.timeout_s,
+        )
+
+    async def __aenter__(self) -> ChatClient:
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self._client.close()
+
+    async def complete(
+        self,
+        model: str,
+        messages: list[dict[str, str]],
+        params: Mapping[str, Any],
+        *,
+        attempts_before: int = 0,
+    ) -> Answer | Failure:
+        """The first usable answer within `max_attempts`, or why there was none."""
+        attempts = attempts_before
+        for attempt in range(1, self.policy.max_attempts + 1):
+            await self._limiter.wait()
+            attempts += 1
+            self.stats.requests += 1
+            started = time.perf_counter()
+            try:
+                completion = await self._client.chat.completions.create(
+                    model=model, messages=messages, **params
+                )
+                content = _content(completion)
+            except (openai.APIError, ValueError) as error:
+                retryable, retry_after = _classify(error)
+                if not retryable or attempt == self.policy.max_attempts:
+                    self.stats.failed += 1
+                    return Failure(self._describe(error), attempts)
+                self.stats.retried += 1
+                await asyncio.sleep(self._backoff(attempt, retry_after))
+                continue
+            self.stats.done += 1
+            return Answer(content, completion, time.perf_counter() - started, attempts)
+        raise AssertionError("unreachable: the last attempt returns")
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        """Exponential backoff with equal jitter, never shorter than the server's Retry-After."""
+        policy = self.policy
+        ceiling = min(policy.backoff_max_s, policy.backoff_base_s * 2 ** (attempt - 1))
+        delay = ceiling / 2 + self._rng.uniform(0, ceiling / 2)
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, policy.retry_after_max_s))
+        return delay
+
+    def _describe(self, error: Exception) -> str:
+        status = getattr(error, "status_code", None)
+        text = f"{type(error).__name__}" + (f" {status}" if status else "") + f": {error}"
+        return text.replace(self._secret, "***")[:_ERROR_CHARS]
+
+
+class _RateLimiter:
+    """Spaces request starts at least 1/rate seconds apart, over all workers."""
+
+    def __init__(self, rate: float | None) -> None:
+        self._interval = 1.0 / rate if rate else 0.0
+        self._next = 0.0
+
+    async def wait(self) -> None:
+        if not self._interval:
+            return
+        now = time.monotonic()
+        slot = max(now, self._next)
+        self._next = slot + self._interval
+        if slot > now:
+            await asyncio.sleep(slot - now)
+
+
+def _content(completion: Any) -> str:
+    """The answer text, or MalformedResponse when the body is not a usable completion."""
+    choices = getattr(completion, "choices", None)
+    if not choices:
+        raise MalformedResponse("the completion has no choices")
+    content = getattr(getattr(choices[0], "message", None), "content", None)
+    if not isinstance(content, str) or not content:
+        raise MalformedResponse("the completion's first choice has no text")
+    return content
+
+
+def _classify(error: Exception) -> tuple[bool, float | None]:
+    """Whether an error is worth retrying, and the wait the server asked for, if any."""
+    if isinstance(error, openai.APIStatusError):
+        status = error.status_code
+        retryable = status in (408, 409, 429) or status >= 500
+        return retryable, _retry_after(error.response.headers) if retryable else None
+    if isinstance(error, openai.APIConnectionError):  # timeouts included
+        return True, None
+    # Bodies that are not JSON, or not a chat completion, are usually a proxy's hiccup.
+    return isinstance(error, (ValueError, openai.APIResponseValidationError)), None
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds from `retry-after-ms` or `retry-after` (seconds or an HTTP date)."""
+    for name, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            seconds = float(value) / scale
+        except ValueError:
+            try:
+                when = parsedate_to_datetime(value)
+            except (TypeError, ValueError):
+                continue
+            seconds = (when - datetime.now(when.tzinfo)).total_seconds()
+        if math.isfinite(seconds):
+            return max(seconds, 0.0)
+    return None

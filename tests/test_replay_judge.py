@@ -1,0 +1,156 @@
+"""The pairwise LLM judge of a replay, against a real loopback OpenAI-style server acting as judge.
+
+The judge server answers like a judge that prefers replayed answers (they start with "answer "):
+it reads which of "Answer A" / "Answer B" is the replayed one, so the test sees whether the
+randomised presentation order is mapped back correctly.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy.engine import Engine
+
+from ingest.replay import replay
+from scoring.judge import (
+    JudgeConfig,
+    JudgeError,
+    judge_replay,
+    judge_results,
+    parse_verdict,
+)
+from storage.logs import load_battles
+from storage.replay import load_verdicts
+from tests.openai_server import Fault, OpenAIServer, last_user_message
+from tests.test_ingest_pipeline import convoscope
+from tests.test_replay import config_for, logged_db
+
+_ANSWERS = re.compile(r"\[Answer A\]\n(.*)\n\n\[Answer B\]\n(.*)\n\nCompare", re.DOTALL)
+
+
+def prefers_replayed(messages: list[dict[str, Any]]) -> str:
+    """A judge's reply that picks whichever shown answer came from the replay."""
+    first, _second = _ANSWERS.search(last_user_message(messages)).groups()  # type: ignore[union-attr]
+    return f"The replayed one is better.\nVerdict: {'A' if first.startswith('answer ') else 'B'}"
+
+
+def shown_first_was_new(request: dict[str, Any]) -> bool:
+    first, _ = _ANSWERS.search(request["prompt"]).groups()  # type: ignore[union-attr]
+    return first.startswith("answer ")
+
+
+def judge_config(server: OpenAIServer, **overrides: object) -> JudgeConfig:
+    settings: dict[str, object] = {
+        "model": "judge-model",
+        "base_url": server.base_url,
+        "concurrency": 4,
+        "backoff_base_s": 0.02,
+        "backoff_max_s": 0.1,
+        "timeout_s": 10.0,
+        "progress": False,
+    }
+    settings.update(overrides)
+    return JudgeConfig(**settings)  # type: ignore[arg-type]
+
+
+def replayed_db(url: str, tmp_path: Path, n: int) -> tuple[Engine, str]:
+    engine = logged_db(url, tmp_path, n)
+    with OpenAIServer() as server:
+        summary = replay(engine, config=config_for(server))
+    assert summary.done == n
+    return engine, summary.run_id
+
+
+def test_judge_maps_randomised_order_back_and_is_idempotent(db_url: str, tmp_path: Path) -> None:
+    engine, run_id = replayed_db(db_url, tmp_path, 24)
+    with OpenAIServer(responder=prefers_replayed) as judge:
+        summary = judge_replay(engine, run_id, config=judge_config(judge))
+        assert (summary.judged, summary.failed, summary.sent) == (24, 0, 24)
+        # Both presentation orders were used, and the judge saw the instruction-free pair.
+        orders = [shown_first_was_new(r) for r in judge.received]
+        assert 0 < sum(orders) < len(orders)
+        assert all(r["body"]["temperature"] == 0 for r in judge.received)
+
+        # Whatever the order shown, the stored winner is the new answer (exchange_b).
+        verdicts = load_verdicts(engine, f"judge:{run_id}")
+        assert len(verdicts) == 24 and {v["winner"] for v in verdicts} == {"b"}
+        overall, _ = judge_results(engine, run_id)
+        assert overall is not None and (overall.n, overall.new_wins) == (24, 24)
+        assert overall.win_rate == 1.0
+
+        # A re-run sends nothing: every pair already has this judge's verdict.
+        again = judge_replay(engine, run_id, config=judge_config(judge))
+        assert (again.sent, again.already_judged, again.requests) == (0, 24, 0)
+        assert judge.total_requests() == 24
+    # Verdicts are battles: the leaderboards learn from them like from any judged battle.
+    battles = load_battles(engine)
+    assert len(battles) == 24 and {b["model_b"] for b in battles} == {"new-model"}
+    engine.dispose()
+
+
+def test_judge_retries_faults_and_rejudges_unparseable_replies(db_url: str, tmp_path: Path) -> None:
+    engine, run_id = replayed_db(db_url, tmp_path, 8)
+    faults = [Fault(status=429, retry_after="0", times=3), Fault(status=500, times=2)]
+    replies = iter(["I cannot decide."] * 2)
+
+    def flaky(messages: list[dict[str, Any]]) -> str:
+        return next(replies, None) or prefers_replayed(messages)
+
+    with OpenAIServer(faults=faults, responder=flaky) as judge:
+        summary = judge_replay(
+            engine, run_id, config=judge_config(judge, concurrency=1, max_attempts=6)
+        )
+        assert summary.retried == 5
+        assert (summary.judged, summary.failed) == (6, 2)
+        assert "Verdict" in summary.errors[0]
+        # The two without a verdict are judged on the next run, and only they.
+        again = judge_replay(engine, run_id, config=judge_config(judge))
+        assert (again.sent, again.judged, again.failed) == (2, 2, 0)
+    assert len(load_verdicts(engine, f"judge:{run_id}")) == 8
+    engine.dispose()
+
+
+def test_judge_of_an_unknown_or_unanswered_run_is_a_clear_error(tmp_path: Path) -> None:
+    engine = logged_db(f"duckdb:///{tmp_path / 'j.duckdb'}", tmp_path, 2)
+    with pytest.raises(JudgeError, match="no replay run"):
+        judge_replay(engine, "nope", config=JudgeConfig(model="j", base_url="http://127.0.0.1:9"))
+    engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("reply", "verdict"),
+    [
+        ("Both fine.\nVerdict: A", "a"),
+        ("verdict: b", "b"),
+        ("**Verdict:** [[tie]]", "tie"),
+        ("Verdict: A... on reflection, Verdict: B", "b"),
+        ("B", "b"),
+        ("Answer A is better", None),
+    ],
+)
+def test_parse_verdict(reply: str, verdict: str | None) -> None:
+    assert parse_verdict(reply) == verdict
+
+
+def test_judge_from_the_cli_and_in_the_report(tmp_path: Path) -> None:
+    db = f"duckdb:///{tmp_path / 'cli.duckdb'}"
+    engine, run_id = replayed_db(db, tmp_path, 6)
+    engine.dispose()
+    with OpenAIServer(responder=prefers_replayed) as judge:
+        result = convoscope(
+            "replay", "judge", run_id, "--model", "judge-model", "--base-url", judge.base_url,
+            "--json", db=db, cwd=tmp_path,
+        )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["judged"] == 6 and summary["result"]["win_rate"] == 1.0
+
+    report = convoscope("replay", "report", run_id, db=db, cwd=tmp_path)
+    assert report.returncode == 0, report.stderr
+    assert "judge: the new answer wins 100%" in report.stdout
+    missing = convoscope("replay", "judge", run_id, db=db, cwd=tmp_path)
+    assert missing.returncode == 2 and "--model" in missing.stderr
