@@ -19,6 +19,7 @@ from typing import IO, Any
 from sqlalchemy.engine import Engine
 from tqdm import tqdm
 
+from ingest.detect import detect_format
 from ingest.exchanges import battle_exchanges, split_conversation
 from ingest.readers import ReadOptions, read_file
 from ingest.records import (
@@ -97,8 +98,7 @@ def _ingest_file(
     options = ReadOptions(
         max_line_bytes=config.max_line_bytes, mapping=dict(config.mapping), source=str(path)
     )
-    file_format = config.format or "auto"
-    run_id = start_ingest_run(engine, path=str(path), format=file_format)
+    run_id = start_ingest_run(engine, path=str(path), format=_format_name(path, config))
     before = (summary.read, summary.stored, summary.duplicates, summary.rejected)
     batch = _Batch()
     summary.files += 1
@@ -149,6 +149,16 @@ def _ingest_file(
     )
 
 
+def _format_name(path: Path, config: IngestConfig) -> str:
+    """The format the run records: the one asked for, else the detected one."""
+    if config.format:
+        return config.format
+    try:
+        return detect_format(path, max_line_bytes=config.max_line_bytes)
+    except (ValueError, OSError):
+        return "unknown"  # read_file rejects the file with the reason
+
+
 def _flush(batch: _Batch, engine: Engine, summary: IngestSummary) -> None:
     if not batch.size:
         return
@@ -197,7 +207,15 @@ class _Batch:
                 "ingested_at": now,
             }
         )
-        self.exchanges.extend(exchange_row(part, now) for part in parts)
+        # Each exchange's context repeats the turns before it: encode every message once and
+        # join, instead of encoding the whole context again per exchange (quadratic).
+        encoded: dict[int, str] = {}
+        for part in parts:
+            for m in part.context:
+                if id(m) not in encoded:
+                    encoded[id(m)] = _message_json(m.role, m.content)
+            context = "[" + ", ".join(encoded[id(m)] for m in part.context) + "]"
+            self.exchanges.append(exchange_row(part, now, context_json=context))
 
     def add_battle(self, record: BattleRecord, pair: tuple[Exchange, Exchange]) -> None:
         now = utcnow()
@@ -234,16 +252,19 @@ class _Batch:
         )
 
 
-def exchange_row(exchange: Exchange, ingested_at: datetime) -> dict[str, Any]:
-    """The storage row for an exchange (context and metadata as JSON text)."""
+def exchange_row(
+    exchange: Exchange, ingested_at: datetime, *, context_json: str | None = None
+) -> dict[str, Any]:
+    """The storage row for an exchange (context and metadata as JSON text); `context_json`
+    is the context already encoded, when the caller has it."""
+    if context_json is None:
+        context_json = "[" + ", ".join(_message_json(m.role, m.content) for m in exchange.context)
+        context_json += "]"
     return {
         "id": exchange.id,
         "conversation_id": exchange.conversation_id,
         "turn_index": exchange.turn_index,
-        "context": json.dumps(
-            [{"role": m.role, "content": m.content} for m in exchange.context],
-            ensure_ascii=False,
-        ),
+        "context": context_json,
         "prompt": exchange.prompt,
         "response": exchange.response,
         "model": exchange.model,
@@ -262,6 +283,11 @@ def exchange_row(exchange: Exchange, ingested_at: datetime) -> dict[str, Any]:
         "metadata": _json_or_none(exchange.metadata),
         "ingested_at": ingested_at,
     }
+
+
+def _message_json(role: str, content: str) -> str:
+    """One context message as JSON, exactly as json.dumps writes it inside a list."""
+    return json.dumps({"role": role, "content": content}, ensure_ascii=False)
 
 
 def _json_or_none(value: Mapping[str, Any] | None) -> str | None:

@@ -15,6 +15,7 @@ import sqlalchemy as sa
 
 from storage.engine import open_database
 from storage.logs import iter_exchanges, table_counts
+from storage.schema import ingest_runs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,6 +69,9 @@ def test_ingest_reports_stores_and_is_idempotent(db_url: str, tmp_path: Path) ->
     assert (again["stored"], again["duplicates"]) == (0, 100)
     engine = open_database(db_url)
     assert table_counts(engine) == {"conversations": 50, "exchanges": 100, "battles": 0}
+    with engine.connect() as conn:
+        runs = conn.execute(sa.select(ingest_runs.c.format, ingest_runs.c.stored)).all()
+    assert sorted(runs) == [("openai", 0), ("openai", 100)]  # the detected format, per run
     rows = [r for batch in iter_exchanges(engine) for r in batch]
     engine.dispose()
     second_turn = next(r for r in rows if r["external_id"] == "conv-7" and r["turn_index"] == 4)
