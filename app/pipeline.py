@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 
+from clustering.stages import Clusterer, Reducer
 from clustering.step import ClusterStepConfig, cluster_exchanges
 from ingest.embed_step import embed_exchanges
 from ingest.pipeline import IngestConfig, ingest_paths
@@ -27,16 +28,24 @@ class PipelineConfig:
 
 
 def run_pipeline(
-    engine: Engine, paths: Sequence[Path], *, config: PipelineConfig
+    engine: Engine,
+    paths: Sequence[Path],
+    *,
+    config: PipelineConfig,
+    reducer: Reducer | None = None,
+    clusterer: Clusterer | None = None,
 ) -> dict[str, Any]:
-    """Run every step on `paths` and return each step's summary."""
+    """Run every step on `paths` and return each step's summary (stages as in
+    `cluster_exchanges`: None means UMAP and HDBSCAN)."""
     from scoring.step import ScoreConfig, score_all
 
     result: dict[str, Any] = {}
     if paths:
         result["ingest"] = ingest_paths(paths, engine=engine, config=config.ingest).as_dict()
     result["embed"] = embed_exchanges(engine, config=config.cluster.embed).as_dict()
-    result["cluster"] = cluster_exchanges(engine, config=config.cluster).as_dict()
+    result["cluster"] = cluster_exchanges(
+        engine, config=config.cluster, reducer=reducer, clusterer=clusterer
+    ).as_dict()
     if config.score:
         result["score"] = score_all(engine, config=ScoreConfig(on=config.cluster.embed.on))
     return result
