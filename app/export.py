@@ -5,17 +5,21 @@ Every row carries the ids a user needs to join it back to their own data (`exter
 `conversation_id`, `turn_index`, `model`), every signal, its cluster (id and label, a
 person's name winning), tags and reward score. The file is written next to its target and
 renamed into place at the end, so a failed export never leaves half a file behind.
+
+The writers here serve the CLI and the UI (app/ui/exporting.py), whose rows differ only in
+their columns (the UI carries one `score:<scorer>` column per scorer).
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -30,42 +34,44 @@ from storage.clusters import (
 )
 from storage.logs import ExchangeFilter, iter_exchanges
 from storage.scores import latest_scorer, load_scores
+from storage.views import EXCHANGE_EXPORT_COLUMNS
 
-ExportFormat = Literal["csv", "parquet", "jsonl", "openai"]
-FORMATS: tuple[str, ...] = ("csv", "parquet", "jsonl", "openai")
+# Format name → (label, MIME type, file suffix).
+FORMATS: dict[str, tuple[str, str, str]] = {
+    "csv": ("CSV", "text/csv", ".csv"),
+    "parquet": ("Parquet", "application/vnd.apache.parquet", ".parquet"),
+    "jsonl": ("JSONL", "application/jsonl", ".jsonl"),
+    "openai": ("OpenAI fine-tune JSONL", "application/jsonl", ".jsonl"),
+}
+# Parquet types of the typed columns (explicit, so all-NULL batches type right); every other
+# column is a string, and `score:<scorer>` columns are floats.
+_TYPES: dict[str, pa.DataType] = {
+    "turn_index": pa.int64(),
+    "created_at": pa.timestamp("us"),
+    "retried": pa.bool_(),
+    "edited": pa.bool_(),
+    "deleted": pa.bool_(),
+    "rating": pa.float64(),
+    "thumbs": pa.int64(),
+    "user_turns_after": pa.int64(),
+    "ended_conversation": pa.bool_(),
+    "seconds_to_next_user_message": pa.float64(),
+    "reward": pa.float64(),
+}
+TAG_SEPARATOR = "; "  # tags in CSV/Parquet cells; JSONL carries them as a list
 
-# Column order and Parquet types of every export (explicit, so all-NULL batches type right).
-SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("external_id", pa.string()),
-        ("conversation_id", pa.string()),
-        ("turn_index", pa.int64()),
-        ("model", pa.string()),
-        ("source", pa.string()),
-        ("created_at", pa.timestamp("us")),
-        ("instruction", pa.string()),
-        ("context", pa.string()),
-        ("prompt", pa.string()),
-        ("response", pa.string()),
-        ("retried", pa.bool_()),
-        ("edited", pa.bool_()),
-        ("deleted", pa.bool_()),
-        ("rating", pa.float64()),
-        ("thumbs", pa.int64()),
-        ("user_turns_after", pa.int64()),
-        ("ended_conversation", pa.bool_()),
-        ("seconds_to_next_user_message", pa.float64()),
-        ("cluster_id", pa.string()),
-        ("cluster_label", pa.string()),
-        ("parent_cluster_id", pa.string()),
-        ("tags", pa.string()),  # comma-separated: the exchange's own and its cluster's
-        ("reward", pa.float64()),
-        ("reward_scorer", pa.string()),
-    ]
+# The CLI's column order: the exchange, then where it landed and its reward.
+COLUMNS: tuple[str, ...] = (
+    *EXCHANGE_EXPORT_COLUMNS,
+    "cluster_id",
+    "cluster_label",
+    "parent_cluster_id",
+    "tags",
+    "reward",
+    "reward_scorer",
 )
-EXCHANGE_COLUMNS: tuple[str, ...] = tuple(SCHEMA.names[: SCHEMA.get_field_index("cluster_id")])
-COLUMNS: tuple[str, ...] = tuple(SCHEMA.names)
+
+Batches = Iterable[list[dict[str, Any]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,19 +107,8 @@ def export_exchanges(
 ) -> ExportResult:
     """Write the selected exchanges to `out` in `format`; returns how many rows were written."""
     chosen = format or guess_format(out)
-    if chosen not in FORMATS:
-        raise ValueError(f"unknown export format {chosen!r}: choose one of {', '.join(FORMATS)}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")
     batches = iter_export_rows(engine, selection or ExportSelection())
-    writer = {"csv": _write_csv, "parquet": _write_parquet, "jsonl": _write_jsonl}.get(
-        chosen, _write_openai
-    )
-    try:
-        rows = writer(batches, partial)
-        os.replace(partial, out)
-    finally:
-        partial.unlink(missing_ok=True)
+    rows = write_file(batches, COLUMNS, chosen, out)
     return ExportResult(path=str(out), format=chosen, rows=rows)
 
 
@@ -126,7 +121,7 @@ def iter_export_rows(engine: Engine, selection: ExportSelection) -> Iterator[lis
     scorer = latest_scorer(engine, "reward:")
     rewards = load_scores(engine, scorer) if scorer else {}
     wanted = _selected_ids(engine, run["id"] if run else None, selection, exchange_tags)
-    for batch in iter_exchanges(engine, where=selection.where, columns=EXCHANGE_COLUMNS):
+    for batch in iter_exchanges(engine, where=selection.where, columns=EXCHANGE_EXPORT_COLUMNS):
         rows = []
         for row in batch:
             if wanted is not None and row["id"] not in wanted:
@@ -148,7 +143,7 @@ def iter_export_rows(engine: Engine, selection: ExportSelection) -> Iterator[lis
                     "cluster_id": cluster["id"] if cluster else None,
                     "cluster_label": cluster["name"] if cluster else None,
                     "parent_cluster_id": cluster["parent_id"] if cluster else None,
-                    "tags": ",".join(sorted(tags)) or None,
+                    "tags": TAG_SEPARATOR.join(sorted(tags)) or None,
                     "reward": reward,
                     "reward_scorer": scorer if reward is not None else None,
                 }
@@ -179,58 +174,108 @@ def _selected_ids(
     return wanted
 
 
+def arrow_schema(names: Sequence[str]) -> pa.Schema:
+    return pa.schema(
+        [(n, pa.float64() if n.startswith("score:") else _TYPES.get(n, pa.string())) for n in names]
+    )
+
+
+def write_file(batches: Batches, names: Sequence[str], format: str, out: Path) -> int:
+    """Write rows to `out` atomically (a `.partial` sibling renamed into place); the count."""
+    _check_format(format)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    try:
+        with partial.open("wb") as handle:
+            rows = write_rows(batches, names, format, handle)
+        os.replace(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)
+    return rows
+
+
+def write_rows(batches: Batches, names: Sequence[str], format: str, handle: IO[bytes]) -> int:
+    """Write rows to a binary handle in `format`; returns how many were written."""
+    _check_format(format)
+    if format == "parquet":
+        return _parquet(batches, names, handle)
+    text = io.TextIOWrapper(handle, encoding="utf-8", newline="", write_through=True)
+    try:
+        if format == "csv":
+            return _csv(batches, names, text)
+        if format == "jsonl":
+            return _jsonl(batches, text)
+        return _openai(batches, text)
+    finally:
+        text.detach()
+
+
+def _check_format(format: str) -> None:
+    if format not in FORMATS:
+        raise ValueError(f"unknown export format {format!r}: choose one of {', '.join(FORMATS)}")
+
+
 def _plain(row: dict[str, Any]) -> dict[str, Any]:
-    """JSON-ready values: timestamps as ISO strings, context as a list."""
+    """JSON-ready values: timestamps as ISO strings, context and tags as lists."""
     plain = dict(row)
     if plain.get("created_at") is not None:
         plain["created_at"] = plain["created_at"].isoformat()
     plain["context"] = json.loads(plain["context"]) if plain.get("context") else []
+    plain["tags"] = plain["tags"].split(TAG_SEPARATOR) if plain.get("tags") else []
     return plain
 
 
-def _write_csv(batches: Iterator[list[dict[str, Any]]], path: Path) -> int:
+def _csv(batches: Batches, names: Sequence[str], text: IO[str]) -> int:
+    writer = csv.DictWriter(text, fieldnames=list(names))
+    writer.writeheader()
     count = 0
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
-        writer.writeheader()
-        for batch in batches:
-            writer.writerows(batch)
-            count += len(batch)
+    for batch in batches:
+        writer.writerows(batch)
+        count += len(batch)
     return count
 
 
-def _write_jsonl(batches: Iterator[list[dict[str, Any]]], path: Path) -> int:
+def _jsonl(batches: Batches, text: IO[str]) -> int:
     count = 0
-    with path.open("w", encoding="utf-8") as handle:
-        for batch in batches:
-            for row in batch:
-                handle.write(json.dumps(_plain(row), ensure_ascii=False) + "\n")
-            count += len(batch)
+    for batch in batches:
+        for row in batch:
+            text.write(json.dumps(_plain(row), ensure_ascii=False) + "\n")
+        count += len(batch)
     return count
 
 
-def _write_parquet(batches: Iterator[list[dict[str, Any]]], path: Path) -> int:
+def _openai(batches: Batches, text: IO[str]) -> int:
+    """One {"messages": [...]} per exchange with an answer; the cluster and tags ride along
+    as metadata, which OpenAI's fine-tuning ignores."""
     count = 0
-    with pq.ParquetWriter(path, SCHEMA) as writer:
-        for batch in batches:
-            writer.write_table(pa.Table.from_pylist(batch, schema=SCHEMA))
-            count += len(batch)
+    for batch in batches:
+        for row in batch:
+            if not row["response"]:
+                continue
+            messages = json.loads(row["context"]) if row["context"] else []
+            if row["instruction"] and not any(m.get("role") == "system" for m in messages):
+                messages.insert(0, {"role": "system", "content": row["instruction"]})
+            messages.append({"role": "user", "content": row["prompt"]})
+            messages.append({"role": "assistant", "content": row["response"]})
+            record = {
+                "messages": messages,
+                "metadata": {
+                    "exchange_id": row["id"],
+                    "cluster_id": row["cluster_id"],
+                    "cluster_label": row["cluster_label"],
+                    "tags": row["tags"],
+                },
+            }
+            text.write(json.dumps(record, ensure_ascii=False) + "\n")
+            count += 1
     return count
 
 
-def _write_openai(batches: Iterator[list[dict[str, Any]]], path: Path) -> int:
-    """OpenAI fine-tune JSONL: one {"messages": [...]} per exchange with a non-empty answer."""
+def _parquet(batches: Batches, names: Sequence[str], handle: IO[bytes]) -> int:
+    schema = arrow_schema(names)
     count = 0
-    with path.open("w", encoding="utf-8") as handle:
+    with pq.ParquetWriter(handle, schema) as writer:
         for batch in batches:
-            for row in batch:
-                if not row["response"]:
-                    continue
-                messages = json.loads(row["context"]) if row["context"] else []
-                if row["instruction"] and not any(m["role"] == "system" for m in messages):
-                    messages.insert(0, {"role": "system", "content": row["instruction"]})
-                messages.append({"role": "user", "content": row["prompt"]})
-                messages.append({"role": "assistant", "content": row["response"]})
-                handle.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
-                count += 1
+            writer.write_table(pa.Table.from_pylist(batch, schema=schema))
+            count += len(batch)
     return count

@@ -34,9 +34,8 @@ from storage.schema import (
 _CHUNK = 5000  # ids per IN (...) probe: under SQLite's bound-parameter limit
 PROMPT_PREVIEW = 200  # characters of a prompt carried by map points and search hits
 
-# What an export row holds before its scores: the ids a user joins on, the text and signals,
-# then where the exchange landed (cluster id, the name shown for it, tags).
-EXPORT_COLUMNS: tuple[str, ...] = (
+# The exchange columns of every export: the ids a user joins on, the text and signals.
+EXCHANGE_EXPORT_COLUMNS: tuple[str, ...] = (
     "id",
     "external_id",
     "conversation_id",
@@ -56,11 +55,9 @@ EXPORT_COLUMNS: tuple[str, ...] = (
     "user_turns_after",
     "ended_conversation",
     "seconds_to_next_user_message",
-    "cluster_id",
-    "cluster_label",
-    "tags",
 )
-_EXCHANGE_EXPORT = EXPORT_COLUMNS[: EXPORT_COLUMNS.index("cluster_id")]
+# What a UI export row holds before its scores: then where the exchange landed.
+EXPORT_COLUMNS: tuple[str, ...] = (*EXCHANGE_EXPORT_COLUMNS, "cluster_id", "cluster_label", "tags")
 # Exchange columns a drill-down shows beside the chat turns.
 DETAIL_COLUMNS: tuple[str, ...] = (
     "id",
@@ -760,7 +757,9 @@ def export_rows(
     scorers = score_names(engine)
     cluster_id = assignments.c.cluster_id if run_id else sa.null()
     query = (
-        sa.select(*(exchanges.c[c] for c in _EXCHANGE_EXPORT), cluster_id.label("cluster_id"))
+        sa.select(
+            *(exchanges.c[c] for c in EXCHANGE_EXPORT_COLUMNS), cluster_id.label("cluster_id")
+        )
         .select_from(_joined(run_id, None))
         .where(*_conditions(run_id, flt))
         .order_by(exchanges.c.conversation_id, exchanges.c.turn_index, exchanges.c.id)
