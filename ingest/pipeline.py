@@ -1,7 +1,9 @@
 """The ingest step: files in any supported format → canonical rows in storage.
 
 Readers stream records; whole conversations are split into exchanges and written in batches,
-each batch one transaction that skips what is already stored. So a re-run stores nothing new,
+each batch one transaction that skips what is already stored. A batch is written on a thread
+while the next one is read (the databases release the GIL while they insert and commit), with
+one batch in flight at most, so memory stays bounded. So a re-run stores nothing new,
 a killed run resumes by running it again, and a bad record costs only itself: it goes to the
 rejects file with its file, line, field and reason while the records around it are stored.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -77,10 +80,12 @@ def ingest_paths(paths: Sequence[Path], *, engine: Engine, config: IngestConfig)
     summary = IngestSummary()
     rejects = _RejectsFile(config.rejects_path or default_rejects_path())
     unknown_roles: Counter[str] = Counter()
+    writer = _BatchWriter(engine, summary)
     try:
         for path in paths:
-            _ingest_file(Path(path), engine, config, summary, rejects, unknown_roles)
+            _ingest_file(Path(path), engine, config, summary, rejects, unknown_roles, writer)
     finally:
+        writer.close()
         rejects.close()
     summary.rejects_file = str(rejects.path) if rejects.count else None
     summary.unknown_roles = dict(unknown_roles)
@@ -94,6 +99,7 @@ def _ingest_file(
     summary: IngestSummary,
     rejects: _RejectsFile,
     unknown_roles: Counter[str],
+    writer: _BatchWriter,
 ) -> None:
     options = ReadOptions(
         max_line_bytes=config.max_line_bytes, mapping=dict(config.mapping), source=str(path)
@@ -130,14 +136,16 @@ def _ingest_file(
             elif isinstance(record, UnknownRole):
                 unknown_roles[record.role] += 1
             if batch.size >= config.batch_size:
-                _flush(batch, engine, summary)
+                writer.submit(batch.take())
     except ValueError as error:
         # The file as a whole cannot be read (format not recognised, a mapped column that
         # does not exist): reject the file and go on with the next one.
         summary.rejected += 1
         rejects.write(Reject(source=str(path), line=0, reason=str(error)))
-    bar.close()
-    _flush(batch, engine, summary)
+    finally:
+        bar.close()
+        writer.drain()  # the batch in flight is committed even when reading failed
+    _store(batch.take(), engine, summary)
     finish_ingest_run(
         engine,
         run_id,
@@ -159,20 +167,55 @@ def _format_name(path: Path, config: IngestConfig) -> str:
         return "unknown"  # read_file rejects the file with the reason
 
 
-def _flush(batch: _Batch, engine: Engine, summary: IngestSummary) -> None:
-    if not batch.size:
+def _store(rows: _Rows, engine: Engine, summary: IngestSummary) -> None:
+    """Write one batch in one transaction and count what it added."""
+    if not rows.exchanges:
         return
     counts = store_batch(
         engine,
-        conversation_rows=batch.conversations,
-        exchange_rows=batch.exchanges,
-        battle_rows=batch.battles,
+        conversation_rows=rows.conversations,
+        exchange_rows=rows.exchanges,
+        battle_rows=rows.battles,
     )
-    summary.read += len(batch.exchanges)
+    summary.read += len(rows.exchanges)
     summary.stored += counts.stored
     summary.duplicates += counts.duplicates
     summary.battles_stored += counts.battles_stored
-    batch.clear()
+
+
+class _BatchWriter:
+    """Stores batches on one background thread, in order, one in flight at most."""
+
+    def __init__(self, engine: Engine, summary: IngestSummary) -> None:
+        self._engine = engine
+        self._summary = summary
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="convoscope-writer")
+        self._pending: Future[None] | None = None
+
+    def submit(self, rows: _Rows) -> None:
+        self.drain()  # a write error surfaces here, before more is read
+        self._pending = self._pool.submit(_store, rows, self._engine, self._summary)
+
+    def close(self) -> None:
+        try:
+            self.drain()
+        finally:
+            self._pool.shutdown()
+
+    def drain(self) -> None:
+        """Wait for the batch in flight (raising its error, if it failed)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+
+@dataclass(frozen=True, slots=True)
+class _Rows:
+    """One batch's rows, handed from the reader to the writer."""
+
+    conversations: list[dict[str, Any]]
+    exchanges: list[dict[str, Any]]
+    battles: list[dict[str, Any]]
 
 
 class _Batch:
@@ -187,8 +230,11 @@ class _Batch:
     def size(self) -> int:
         return len(self.exchanges)
 
-    def clear(self) -> None:
+    def take(self) -> _Rows:
+        """The rows gathered so far; the batch starts empty again."""
+        rows = _Rows(self.conversations, self.exchanges, self.battles)
         self.conversations, self.exchanges, self.battles = [], [], []
+        return rows
 
     def add_conversation(self, conv: Conversation, parts: list[Exchange]) -> None:
         now = utcnow()
