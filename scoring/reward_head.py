@@ -7,6 +7,12 @@ of a truncated text cannot see it. The head is trained at once on the joint beha
 (pointwise, weighted cross-entropy) and on battles (pairwise Bradley–Terry loss on the score
 difference), so one score serves both. Nothing here touches a transformer: it trains in
 seconds on a CPU from vectors the embed step already stored.
+
+What the head reads is the caller's choice. On AlpacaEval battles (GPT-4-turbo as judge) the
+structural features of `scoring.features.text_features` alone, with `STRUCTURAL_HEAD`, beat
+every mix with the 128-token MiniLM embeddings tried (pairwise accuracy 0.87–0.89 against
+0.83–0.86 with the embeddings: the embedding of a truncated answer says little about its
+quality and lets a wide head memorise the training prompts).
 """
 
 from __future__ import annotations
@@ -31,6 +37,10 @@ class HeadConfig:
     batch_size: int = 1024
     pair_weight: float = 1.0  # battles' loss relative to the pointwise loss
     seed: int = 0
+
+
+# For the few dozen structural features: a narrow head with no dropout, trained longer.
+STRUCTURAL_HEAD = HeadConfig(hidden=32, dropout=0.0, epochs=30, lr=1e-2)
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,10 @@ expert), the best expert, the gain over the experts that actually served the clu
 by their traffic), and — given a cost per expert — the cheapest expert whose win rate is within
 a tolerance of the best. The exported table holds the encoder's name, the projection W, θ_m,
 b_m and each cluster's centroid and choice: a gateway embeds the prompt with the same encoder
-and either takes argmax_m θ_m·(W x) + b_m, or the choice of the nearest centroid.
+and either takes argmax_m θ_m·(W x) + b_m, or the choice of the nearest centroid. When the
+predictor uses prompt features, x is the embedding followed by those features, standardised
+with the table's mean and std and scaled; a gateway that cannot compute them passes zeros
+there (the average prompt), which loses some accuracy but nothing else.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from scoring.features import PROMPT_ONLY_FEATURES
 from scoring.predictor import WinPredictor
 
 TABLE_KIND = "convoscope.routing_table"
@@ -50,22 +54,26 @@ def win_rate_matrix(
     prompts: np.ndarray,
     experts: list[str],
     reference: str | None = None,
+    texts: list[str] | None = None,
 ) -> np.ndarray:
     """P(expert beats reference | prompt): rows are prompts, columns are `experts`."""
-    s = predictor.scores(prompts, experts)
+    s = predictor.scores(prompts, experts, texts)
     if reference is None:
-        ref = predictor.scores(prompts).mean(axis=1)
+        ref = predictor.scores(prompts, texts=texts).mean(axis=1)
     else:
-        ref = predictor.scores(prompts, [reference])[:, 0]
+        ref = predictor.scores(prompts, [reference], texts)[:, 0]
     return 1.0 / (1.0 + np.exp(-(s - ref[:, None])))
 
 
 def route_prompts(
-    predictor: WinPredictor, prompts: np.ndarray, candidates: list[str] | None = None
+    predictor: WinPredictor,
+    prompts: np.ndarray,
+    candidates: list[str] | None = None,
+    texts: list[str] | None = None,
 ) -> list[str]:
-    """The expert with the highest score for each prompt."""
+    """The expert with the highest score for each prompt (from its embedding and text only)."""
     experts = list(candidates) if candidates else predictor.experts
-    return [experts[i] for i in predictor.scores(prompts, experts).argmax(axis=1)]
+    return [experts[i] for i in predictor.scores(prompts, experts, texts).argmax(axis=1)]
 
 
 def cluster_routes(
@@ -76,14 +84,18 @@ def cluster_routes(
     *,
     costs: dict[str, float] | None = None,
     config: RoutingConfig = RoutingConfig(),
+    texts: list[str] | None = None,
 ) -> list[ClusterRoute]:
-    """One suggestion per cluster from its prompts' embeddings (and who served each row)."""
+    """One suggestion per cluster from its prompts' embeddings and texts (and who served each
+    row)."""
     experts = list(config.candidates) if config.candidates else list(predictor.experts)
     cluster_ids = np.asarray(cluster_ids).astype(str)
+    all_texts = None if texts is None else np.asarray(texts, dtype=object)
     routes = []
     for cid in sorted(set(cluster_ids)):
         rows = np.flatnonzero(cluster_ids == cid)
-        wr = win_rate_matrix(predictor, prompts[rows], experts, config.reference)
+        mine = None if all_texts is None else list(all_texts[rows])
+        wr = win_rate_matrix(predictor, prompts[rows], experts, config.reference, mine)
         rates = wr.mean(axis=0)
         best = int(rates.argmax())
         served_rate = None
@@ -92,7 +104,13 @@ def cluster_routes(
             known = [i for i, m in enumerate(served) if m is not None and m == m]
             if known:
                 models = sorted({served[i] for i in known})
-                own = win_rate_matrix(predictor, prompts[rows][known], models, config.reference)
+                own = win_rate_matrix(
+                    predictor,
+                    prompts[rows][known],
+                    models,
+                    config.reference,
+                    None if mine is None else [mine[i] for i in known],
+                )
                 col = {m: j for j, m in enumerate(models)}
                 served_rate = float(np.mean([own[k, col[served[i]]] for k, i in enumerate(known)]))
         cheapest, cheapest_rate, cheapest_cost = None, None, None
@@ -148,12 +166,18 @@ def routing_table(
         )
     return {
         "kind": TABLE_KIND,
-        "version": 1,
+        "version": 2,
         "encoder": {"name": encoder, "normalize": True},
         "rule": (
-            "x = encoder(prompt), unit length; per-prompt: argmax_m theta[m]·(projection x) "
-            "+ bias[m]; per-cluster: the expert of the centroid with the highest cosine to x"
+            "x = encoder(prompt), unit length, then (if prompt_features) text_scale × "
+            "(features − text_mean) / text_std, or zeros; per-prompt: argmax_m "
+            "theta[m]·(projection x) + bias[m]; per-cluster: the expert of the centroid with "
+            "the highest cosine to the embedding"
         ),
+        "prompt_features": list(PROMPT_ONLY_FEATURES) if predictor.uses_texts else [],
+        "text_mean": predictor.text_mean.astype(float).tolist(),
+        "text_std": predictor.text_std.astype(float).tolist(),
+        "text_scale": predictor.config.text_scale,
         "experts": experts,
         "projection": predictor.projection.astype(float).tolist(),
         "theta": theta.astype(float).tolist(),
@@ -164,8 +188,18 @@ def routing_table(
     }
 
 
-def apply_routing_table(table: dict, embedding: np.ndarray, *, per_cluster: bool = False) -> str:
-    """What a gateway does with the table (numpy only): the expert for one prompt embedding."""
+def apply_routing_table(
+    table: dict,
+    embedding: np.ndarray,
+    *,
+    per_cluster: bool = False,
+    features: np.ndarray | None = None,
+) -> str:
+    """What a gateway does with the table (numpy only): the expert for one prompt embedding.
+
+    `features`: the prompt's raw `prompt_features` row when the table names some (None =
+    the average prompt's, zeros after standardising).
+    """
     if table.get("kind") != TABLE_KIND:
         raise ValueError("not a convoscope routing table")
     x = np.asarray(embedding, dtype=float)
@@ -174,6 +208,12 @@ def apply_routing_table(table: dict, embedding: np.ndarray, *, per_cluster: bool
         cents = np.asarray([c["centroid"] for c in table["clusters"]], dtype=float)
         cents = cents / np.maximum(np.linalg.norm(cents, axis=1, keepdims=True), 1e-12)
         return table["clusters"][int((cents @ x).argmax())]["expert"]
+    if table.get("prompt_features"):
+        mean = np.asarray(table["text_mean"], dtype=float)
+        extra = np.zeros_like(mean)
+        if features is not None:
+            extra = (np.asarray(features, dtype=float) - mean) / np.asarray(table["text_std"])
+        x = np.concatenate([x, table["text_scale"] * extra])
     z = np.asarray(table["projection"], dtype=float) @ x
     s = np.asarray(table["theta"], dtype=float) @ z + np.asarray(table["bias"], dtype=float)
     return table["experts"][int(s.argmax())]

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from scoring.features import prompt_features
 from scoring.predictor import PredictorConfig, WinPredictor
 from scoring.routing import (
     RoutingConfig,
@@ -121,3 +122,28 @@ def test_routing_table_round_trips_json(data: tuple[pd.DataFrame, np.ndarray]) -
     chosen = route_prompts(model, x[:20], list(config.candidates))
     assert [apply_routing_table(back, v) for v in x[:20]] == chosen
     assert apply_routing_table(back, centroids["2"], per_cluster=True) == routes[2].best_expert
+
+
+def test_prompt_texts_feed_features_and_travel_with_the_table(
+    data: tuple[pd.DataFrame, np.ndarray], tmp_path: Path
+) -> None:
+    df, x = data
+    texts = list(df.groupby("prompt_index")["prompt"].first().sort_index())
+    model = WinPredictor(CONFIG).fit(x, df, texts=texts)
+    assert model.uses_texts and model.projection.shape[1] > x.shape[1]
+    with_texts = model.scores(x[:20], texts=texts[:20])
+    # Without texts the features sit at their training mean: scores move, shapes do not.
+    assert not np.allclose(model.scores(x[:20]), with_texts)
+    again = WinPredictor.load(model.save(tmp_path / "pred"))
+    np.testing.assert_allclose(again.scores(x[:20], texts=texts[:20]), with_texts, rtol=1e-5)
+    # The gateway's numpy-only rule, given the same raw features, routes as the tool does.
+    config = RoutingConfig(candidates=tuple(sorted(MODELS)))
+    routes = cluster_routes(model, x, np.full(len(x), "0"), config=config, texts=texts)
+    table = json.loads(
+        json.dumps(routing_table(model, routes, {"0": x.mean(0)}, encoder="e", config=config))
+    )
+    chosen = route_prompts(model, x[:20], list(config.candidates), texts[:20])
+    feats = prompt_features(texts[:20])
+    assert [
+        apply_routing_table(table, v, features=f) for v, f in zip(x[:20], feats, strict=True)
+    ] == chosen

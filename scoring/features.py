@@ -1,0 +1,163 @@
+"""Cheap structural features of a (prompt, response) text pair, for the reward head.
+
+A sentence embedding of a truncated response cannot see how long it is or how it is laid out,
+yet judges (human and LLM alike) reward long, well-structured answers and punish refusals and
+answers cut off mid-sentence. These counts are computed from the raw text with a few regular
+expressions, so they cost nothing next to the embedding and work for any language model's
+output. Counts are log-scaled (their effect saturates) and every value is finite.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import numpy as np
+
+_WORD = re.compile(r"\w+")
+_BULLET = re.compile(r"^\s*[-*•+]\s+\S", re.MULTILINE)
+_NUMBERED = re.compile(r"^\s*\d+[.)]\s+\S", re.MULTILINE)
+_HEADER = re.compile(r"^\s*#{1,6}\s+\S", re.MULTILINE)
+_BOLD = re.compile(r"\*\*[^*\n]+\*\*|__[^_\n]+__")
+_CODE_BLOCK = re.compile(r"```")
+_INLINE_CODE = re.compile(r"(?<!`)`[^`\n]+`(?!`)")
+_TABLE_ROW = re.compile(r"^\s*\|.*\|\s*$", re.MULTILINE)
+_SENTENCE_END = re.compile(r"[.!?](?:\s|$)")
+_REFUSAL = re.compile(
+    r"\b(?:I(?:'m| am) sorry|I apologi[sz]e|as an AI|I (?:cannot|can't|can not|am unable|"
+    r"won't)|I'm not able|I do not have (?:access|the ability)|language model)\b",
+    re.IGNORECASE,
+)
+_CLOSING = re.compile(
+    r"\b(?:in summary|in conclusion|overall|to summari[sz]e|remember|note that)\b", re.IGNORECASE
+)
+
+RESPONSE_FEATURES = (
+    "log_chars",
+    "log_words",
+    "log_lines",
+    "log_paragraphs",
+    "log_bullets",
+    "log_numbered",
+    "log_headers",
+    "log_bold",
+    "log_code_blocks",
+    "log_inline_code",
+    "log_table_rows",
+    "log_sentences",
+    "mean_word_len",
+    "unique_word_ratio",
+    "refusal",
+    "closing_phrase",
+    "ends_unfinished",
+    "prompt_word_overlap",
+    "log_chars_over_prompt",
+)
+PROMPT_FEATURES = ("prompt_log_chars", "prompt_log_words", "prompt_log_lines")
+FEATURE_NAMES = RESPONSE_FEATURES + PROMPT_FEATURES
+
+# What kind of answer a prompt asks for: experts differ by task (one writes code better, another
+# explains better) and the judge's length preference matters less when a short answer is asked.
+_PROMPT_CUES = {
+    "asks_brief": r"\b(?:brief|briefly|short|concise|one word|single word|one sentence|"
+    r"in \d+ words|yes or no|only|just)\b",
+    "asks_list": r"\b(?:list|steps|ways|examples|ideas|tips|suggest|recommend)\b",
+    "asks_creative": r"\b(?:write|story|poem|essay|letter|email|song|joke|blog|article|lyrics)\b",
+    "asks_explain": r"\b(?:explain|why|how|describe|what is|what are|difference|compare)\b",
+    "asks_transform": r"\b(?:classify|categori[sz]e|identify|extract|convert|translate|rewrite|"
+    r"correct|grammar|rephrase|paraphrase|summari[sz]e)\b",
+    "asks_code": r"```|\b(?:code|python|javascript|java|c\+\+|function|sql|program|script|"
+    r"regex|html|css|bash)\b",
+    "asks_math": r"\d+\s*[-+*/^=]\s*\d+|\b(?:calculate|solve|equation|math|probability)\b",
+    "asks_opinion": r"\b(?:you think|your opinion|should i|would you|do you)\b",
+}
+PROMPT_CUE_PATTERNS = {k: re.compile(v, re.IGNORECASE) for k, v in _PROMPT_CUES.items()}
+PROMPT_ONLY_FEATURES = (
+    "log_chars",
+    "log_words",
+    "log_lines",
+    "has_question",
+    "ends_with_question",
+    "has_colon",
+    "digit_share",
+    *PROMPT_CUE_PATTERNS,
+)
+
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def _row(response: str, prompt: str) -> list[float]:
+    """One exchange's features, in the order of FEATURE_NAMES."""
+    words, prompt_words = _words(response), _words(prompt)
+    lines = [ln for ln in response.splitlines() if ln.strip()]
+    paragraphs = [p for p in re.split(r"\n\s*\n", response) if p.strip()]
+    stripped = response.rstrip()
+    unique = len(set(words)) / len(words) if words else 0.0
+    p_set = set(prompt_words)
+    overlap = sum(w in p_set for w in set(words)) / len(p_set) if p_set else 0.0
+    counts = [
+        len(response),
+        len(words),
+        len(lines),
+        len(paragraphs),
+        len(_BULLET.findall(response)),
+        len(_NUMBERED.findall(response)),
+        len(_HEADER.findall(response)),
+        len(_BOLD.findall(response)),
+        len(_CODE_BLOCK.findall(response)) // 2,
+        len(_INLINE_CODE.findall(response)),
+        len(_TABLE_ROW.findall(response)),
+        len(_SENTENCE_END.findall(response)),
+    ]
+    return [
+        *np.log1p(counts).tolist(),
+        float(np.mean([len(w) for w in words])) if words else 0.0,
+        unique,
+        float(bool(_REFUSAL.search(response[:400]))),
+        float(bool(_CLOSING.search(response[-600:]))),
+        float(bool(stripped) and stripped[-1] not in ".!?)]}\"'`*:|"),
+        overlap,
+        float(np.log1p(len(response)) - np.log1p(len(prompt))),
+        float(np.log1p(len(prompt))),
+        float(np.log1p(len(prompt_words))),
+        float(np.log1p(sum(1 for ln in prompt.splitlines() if ln.strip()))),
+    ]
+
+
+def _prompt_row(prompt: str) -> list[float]:
+    """One prompt's features, in the order of PROMPT_ONLY_FEATURES."""
+    words = _WORD.findall(prompt)
+    lines = sum(1 for ln in prompt.splitlines() if ln.strip())
+    return [
+        float(np.log1p(len(prompt))),
+        float(np.log1p(len(words))),
+        float(np.log1p(lines)),
+        float("?" in prompt),
+        float(prompt.rstrip().endswith("?")),
+        float(":" in prompt),
+        sum(c.isdigit() for c in prompt) / max(1, len(prompt)),
+        *(float(bool(p.search(prompt))) for p in PROMPT_CUE_PATTERNS.values()),
+    ]
+
+
+def prompt_features(prompts: Iterable[str]) -> np.ndarray:
+    """Prompt-only features (n, len(PROMPT_ONLY_FEATURES)): length and the kind of task asked.
+
+    They use nothing but the prompt, so a router may use them before any expert has answered.
+    """
+    rows = [_prompt_row(p if isinstance(p, str) else "") for p in prompts]
+    return np.asarray(rows, dtype=np.float32).reshape(len(rows), len(PROMPT_ONLY_FEATURES))
+
+
+def text_features(responses: Iterable[str], prompts: Iterable[str]) -> np.ndarray:
+    """Structural features (n, len(FEATURE_NAMES)) for paired responses and prompts.
+
+    Missing texts (None / NaN) count as empty, so a row is always defined.
+    """
+    rows = [
+        _row(r if isinstance(r, str) else "", p if isinstance(p, str) else "")
+        for r, p in zip(responses, prompts, strict=True)
+    ]
+    return np.asarray(rows, dtype=np.float32).reshape(len(rows), len(FEATURE_NAMES))
