@@ -175,7 +175,21 @@ def build_parser() -> argparse.ArgumentParser:
         "score",
         parents=[common, embedding],
         help="train the reward model and win predictor, score exchanges, rank clusters",
+        description="`convoscope score` does everything; `score reward train` only trains the "
+        "reward model and scores every exchange with it; `score reward apply [--model-id ID]` "
+        "scores every exchange with a stored reward model, without training.",
     )
+    score.add_argument(
+        "what", nargs="*", metavar="reward train|apply", help="only the reward model step"
+    )
+    score.add_argument(
+        "--mode",
+        choices=["head", "finetune"],
+        default="head",
+        help="head: on stored embeddings (seconds); finetune: the bundled MiniLM (minutes)",
+    )
+    score.add_argument("--steps", type=int, default=300, help="fine-tuning steps (--mode finetune)")
+    score.add_argument("--model-id", help="the stored reward model `score reward apply` uses")
     score.add_argument("--alpha-retry", type=float, default=1.0, help="weight of retries")
     score.add_argument("--alpha-edit", type=float, default=1.0, help="weight of edits")
     score.add_argument(

@@ -206,12 +206,19 @@ def clusters(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def score(args: argparse.Namespace) -> dict[str, Any]:
+    """`score` (everything), `score reward train` or `score reward apply`."""
     from dataclasses import replace
 
     from scoring.labels import LabelConfig
     from scoring.reward_head import HeadConfig
-    from scoring.step import ScoreConfig, score_all
+    from scoring.reward_model import FineTuneConfig
+    from scoring.reward_step import apply_reward
+    from scoring.step import ScoreConfig, score_all, train_reward_only
 
+    if args.what not in ([], ["reward", "train"], ["reward", "apply"]):
+        raise UserError("use `score`, `score reward train` or `score reward apply`")
+    if args.steps < 1:
+        raise UserError("--steps must be at least 1")
     config = ScoreConfig(
         on=args.on,
         embed=replace(_embed_config(args), progress=True),
@@ -224,10 +231,16 @@ def score(args: argparse.Namespace) -> dict[str, Any]:
             alpha_battle=args.alpha_battle,
         ),
         head=HeadConfig(epochs=args.epochs),
+        mode=args.mode,
+        finetune=FineTuneConfig(steps=args.steps, device=args.device),
         reward_model_dir=args.reward_model,
     )
     engine = open_database(args.db)
     try:
+        if args.what == ["reward", "apply"]:
+            return apply_reward(engine, model_id=args.model_id, embed=config.embed)
+        if args.what == ["reward", "train"]:
+            return train_reward_only(engine, config=config)
         return score_all(engine, config=config)
     finally:
         engine.dispose()
@@ -235,7 +248,7 @@ def score(args: argparse.Namespace) -> dict[str, Any]:
 
 def reward(args: argparse.Namespace) -> dict[str, Any]:
     """Rewards for the (prompt, response) lines of a file, by the latest reward model."""
-    from scoring.step import score_texts
+    from scoring.reward_step import score_texts
 
     if not args.file.exists():
         raise UserError(f"no such file: {args.file}")
@@ -285,7 +298,7 @@ def route(args: argparse.Namespace) -> dict[str, Any]:
     vectors = embedder.embed(prompts)
     results = []
     for prompt, vector in zip(prompts, vectors, strict=True):
-        ranking = predictor.rank(vector[None, :])
+        ranking = predictor.rank(vector[None, :], text=prompt)
         results.append(
             {
                 "prompt": prompt,
@@ -610,13 +623,19 @@ def describe(command: str, result: dict[str, Any]) -> str:
             f"{counts['exchanges']} exchanges, {counts['battles']} battles"
         )
         return "\n".join(lines)
+    if command == "score" and "scorer" in result:
+        return (
+            f"scored {result['exchanges']} exchanges with stored {result['kind']} "
+            f"{result['reward_model']} (mean reward {result['mean_reward']:.3f})"
+        )
     if command == "score":
         metrics = ", ".join(
             f"{k} {v:.3f}" for k, v in result["reward_metrics"].items() if isinstance(v, float)
         )
+        reports = f"; {result['clusters']} cluster reports" if "clusters" in result else ""
         return (
             f"scored {result['exchanges']} exchanges with reward model {result['reward_model']}"
-            f" ({metrics or 'no held-out labels'}); {result['clusters']} cluster reports"
+            f" ({metrics or 'no held-out labels'}){reports}"
         )
     if command == "route" and "routes" in result:
         return "\n".join(

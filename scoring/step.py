@@ -1,9 +1,10 @@
 """The score step: behaviour labels → reward model → per-exchange rewards → cluster reports.
 
 1. Labels are mined from stored signals (`scoring.labels`) and battle outcomes.
-2. The reward model (the cheap mode: a head on stored prompt and response embeddings) is
-   trained on 80 % of conversations and judged on the rest (engagement AUC, battle pairwise
-   accuracy); it scores every exchange, and is stored with its config and metrics.
+2. The reward model (scoring.reward_step: by default a head on stored prompt and response
+   embeddings, or a fine-tuned transformer) is trained on 80 % of conversations and judged
+   on the rest (engagement AUC, battle pairwise accuracy); it scores every exchange, and is
+   stored with its config and metrics.
 3. The expert win predictor learns P(expert wins | prompt) from battles and single-expert
    logs; it is stored too, and `route` uses it.
 4. Every cluster of the latest run gets a report: reward mean with a bootstrap CI, behaviour
@@ -15,28 +16,32 @@ from __future__ import annotations
 
 import io
 import json
-import tempfile
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from sqlalchemy.engine import Engine
 
-from ingest.embed_step import EmbedConfig, embed_exchanges, exchange_texts
+from ingest.embed_step import EmbedConfig
 from scoring.bradley_terry import BTConfig, leaderboard
 from scoring.labels import LabelConfig, joint_labels
 from scoring.predictor import PredictorConfig, WinPredictor
-from scoring.reward_head import HeadConfig, Pairs, RewardHead, head_features, simple_features
+from scoring.reward_head import HeadConfig
+from scoring.reward_model import FineTuneConfig
+from scoring.reward_step import (
+    TrainedReward,
+    exchange_embeddings,
+    train_finetuned,
+    train_head,
+    use_external,
+)
 from scoring.routing import RoutingConfig, cluster_routes, routing_table
 from scoring.weakness import WeaknessConfig, rank_clusters
 from storage.clusters import latest_run, load_assignments, load_clusters
 from storage.logs import iter_exchanges, load_battles
 from storage.models import latest_model, save_model
 from storage.reports import save_cluster_reports
-from storage.scores import store_scores
-from storage.vectors import load_vectors
 
 SIGNAL_COLUMNS = (
     "id",
@@ -64,6 +69,8 @@ class ScoreConfig:
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     holdout_share: float = 0.2
     seed: int = 0
+    mode: str = "head"  # head (on stored embeddings) | finetune (the transformer)
+    finetune: FineTuneConfig = field(default_factory=FineTuneConfig)
     reward_model_dir: str | None = None  # a user's own sequence-classification reward model
 
 
@@ -75,28 +82,15 @@ def score_all(engine: Engine, *, config: ScoreConfig) -> dict[str, Any]:
     battles = pd.DataFrame(load_battles(engine))
     frame = _with_battle_outcomes(frame, battles)
     labels = joint_labels(frame, config.labels)
-    prompts, responses, encoder = _embeddings(engine, frame, config.embed)
-    features = head_features(
-        prompts,
-        responses,
-        simple_features(
-            frame["response"].str.len().to_numpy(), frame["prompt"].str.len().to_numpy()
-        ),
+    prompts, responses, encoder = exchange_embeddings(engine, list(frame["id"]), config.embed)
+    reward = train_reward(
+        engine, frame, labels.frame, battles, (prompts, responses, encoder), config
     )
-    holdout = _holdout(frame["conversation_id"], config.holdout_share, config.seed)
-    if config.reward_model_dir:
-        reward_id, rewards, reward_metrics = _own_reward(
-            engine, frame, labels.frame, battles, config
-        )
-    else:
-        reward_id, rewards, reward_metrics = _reward(
-            engine, frame, features, labels.frame, battles, holdout, config, encoder
-        )
     result: dict[str, Any] = {
         "exchanges": len(frame),
         "labels": labels.counts,
-        "reward_model": reward_id,
-        "reward_metrics": reward_metrics,
+        "reward_model": reward.model_id,
+        "reward_metrics": reward.metrics,
     }
     predictor = _predictor(frame, prompts, labels.frame["label"].to_numpy(), battles, config)
     if predictor is not None:
@@ -108,9 +102,63 @@ def score_all(engine: Engine, *, config: ScoreConfig) -> dict[str, Any]:
             metrics={"experts": len(predictor.experts)},
         )
     result["clusters"] = _cluster_reports(
-        engine, frame, rewards, prompts, predictor, battles, config
+        engine, frame, reward.scores, prompts, predictor, battles, config
     )
     return result
+
+
+def train_reward(
+    engine: Engine,
+    frame: pd.DataFrame,
+    labels: pd.DataFrame,
+    battles: pd.DataFrame,
+    embedded: tuple[np.ndarray, np.ndarray, str] | None,
+    config: ScoreConfig,
+) -> TrainedReward:
+    """The reward model `config` asks for, trained (or loaded), stored and applied to every
+    row of `frame`; `embedded` = (prompt vectors, response vectors, encoder) for the head."""
+    if config.reward_model_dir:
+        return use_external(engine, frame, labels, battles, config.reward_model_dir)
+    holdout = _holdout(frame["conversation_id"], config.holdout_share, config.seed)
+    if config.mode == "finetune":
+        return train_finetuned(
+            engine,
+            frame,
+            labels,
+            battles,
+            holdout,
+            config=config.finetune,
+            label_config=config.labels,
+        )
+    if config.mode != "head":
+        raise ValueError(f"unknown reward mode {config.mode!r}: use head or finetune")
+    return train_head(
+        engine,
+        frame,
+        embedded or exchange_embeddings(engine, list(frame["id"]), config.embed),
+        labels,
+        battles,
+        holdout,
+        config=config.head,
+        label_config=config.labels,
+    )
+
+
+def train_reward_only(engine: Engine, *, config: ScoreConfig) -> dict[str, Any]:
+    """`convoscope score reward train`: labels → reward model → every exchange scored."""
+    frame = _exchange_frame(engine)
+    if frame.empty:
+        raise ValueError("no exchanges stored: ingest some first")
+    battles = pd.DataFrame(load_battles(engine))
+    labels = joint_labels(_with_battle_outcomes(frame, battles), config.labels)
+    reward = train_reward(engine, frame, labels.frame, battles, None, config)
+    return {
+        "exchanges": len(frame),
+        "labels": labels.counts,
+        "mode": "external" if config.reward_model_dir else config.mode,
+        "reward_model": reward.model_id,
+        "reward_metrics": reward.metrics,
+    }
 
 
 def _exchange_frame(engine: Engine) -> pd.DataFrame:
@@ -135,154 +183,12 @@ def _with_battle_outcomes(frame: pd.DataFrame, battles: pd.DataFrame) -> pd.Data
     return frame
 
 
-def _embeddings(
-    engine: Engine, frame: pd.DataFrame, embed: EmbedConfig
-) -> tuple[np.ndarray, np.ndarray, str]:
-    """Prompt and response vectors of every exchange, in `frame` order (embedding what is new)."""
-    matrices = []
-    name = ""
-    for on in ("prompt", "response"):
-        config = EmbedConfig(**{**asdict(embed), "on": on})
-        name = embed_exchanges(engine, config=config).model
-        by_id = {item.exchange_id: item.text_hash for item in exchange_texts(engine, on=on)}
-        matrices.append(load_vectors(engine, name, [by_id[i] for i in frame["id"]]))
-    return matrices[0], matrices[1], name
-
-
 def _holdout(groups: pd.Series, share: float, seed: int) -> np.ndarray:
     """A boolean mask holding out whole conversations, so no conversation leaks across."""
     unique = groups.unique()
     rng = np.random.default_rng(seed)
     held = set(rng.choice(unique, size=max(1, int(len(unique) * share)), replace=False))
     return groups.isin(held).to_numpy()
-
-
-def _battle_pairs(frame: pd.DataFrame, battles: pd.DataFrame, keep: np.ndarray) -> Pairs | None:
-    if battles.empty:
-        return None
-    index = {exchange_id: i for i, exchange_id in enumerate(frame["id"])}
-    decided = battles[battles["winner"].isin(["a", "b", "tie"])]
-    a = decided["exchange_a"].map(index).to_numpy()
-    b = decided["exchange_b"].map(index).to_numpy()
-    mask = keep[a] & keep[b]
-    if not mask.any():
-        return None
-    outcome = decided["winner"].map({"a": 1.0, "b": 0.0, "tie": 0.5}).to_numpy()
-    return Pairs(a=a[mask], b=b[mask], outcome=outcome[mask])
-
-
-def _reward(
-    engine: Engine,
-    frame: pd.DataFrame,
-    features: np.ndarray,
-    labels: pd.DataFrame,
-    battles: pd.DataFrame,
-    holdout: np.ndarray,
-    config: ScoreConfig,
-    encoder: str,
-) -> tuple[str, np.ndarray, dict[str, Any]]:
-    """Train the reward head on the training conversations, measure it on the held-out ones."""
-    label = labels["label"].to_numpy(dtype=float)
-    weight = labels["weight"].to_numpy(dtype=float)
-    train_labels = np.where(holdout, np.nan, label)
-    head = RewardHead(config.head).fit(
-        features, labels=train_labels, weights=weight, pairs=_battle_pairs(frame, battles, ~holdout)
-    )
-    scores = head.score(features)
-    metrics = _reward_metrics(scores, label, holdout, _battle_pairs(frame, battles, holdout))
-    with tempfile.TemporaryDirectory() as tmp:
-        head.save(tmp)
-        files = {p.name: p.read_bytes() for p in Path(tmp).iterdir()}
-    model_id = save_model(
-        engine,
-        "reward_head",
-        files=files,
-        config={"head": asdict(config.head), "labels": asdict(config.labels), "encoder": encoder},
-        metrics=metrics,
-        data_fingerprint=str(len(frame)),
-    )
-    store_scores(engine, f"reward:{model_id}", dict(zip(frame["id"], scores.tolist(), strict=True)))
-    return model_id, scores, metrics
-
-
-def _own_reward(
-    engine: Engine,
-    frame: pd.DataFrame,
-    labels: pd.DataFrame,
-    battles: pd.DataFrame,
-    config: ScoreConfig,
-) -> tuple[str, np.ndarray, dict[str, Any]]:
-    """Score every exchange with the user's own reward model; measure it on all labels."""
-    from scoring.reward_model import SequenceClassifierReward
-
-    assert config.reward_model_dir is not None
-    model = SequenceClassifierReward(config.reward_model_dir)
-    scores = model.score(list(frame["prompt"]), list(frame["response"]))
-    everything = np.ones(len(frame), dtype=bool)
-    metrics = _reward_metrics(
-        scores,
-        labels["label"].to_numpy(dtype=float),
-        everything,
-        _battle_pairs(frame, battles, everything),
-    )
-    model_id = save_model(
-        engine,
-        "reward_external",
-        files={"source.txt": config.reward_model_dir.encode()},
-        config={"directory": config.reward_model_dir},
-        metrics=metrics,
-    )
-    store_scores(engine, f"reward:{model_id}", dict(zip(frame["id"], scores.tolist(), strict=True)))
-    return model_id, scores, metrics
-
-
-def score_texts(
-    engine: Engine, prompts: list[str], responses: list[str], *, reward_model_dir: str | None = None
-) -> tuple[np.ndarray, str]:
-    """Rewards for (prompt, response) pairs from a file: the stored head, or a user's model."""
-    if reward_model_dir:
-        from scoring.reward_model import SequenceClassifierReward
-
-        return SequenceClassifierReward(reward_model_dir).score(
-            prompts, responses
-        ), reward_model_dir
-    stored = latest_model(engine, "reward_head")
-    if stored is None:
-        raise ValueError("no reward model yet: run `convoscope score` (or pass --reward-model DIR)")
-    from ingest.embed import load_embedder
-
-    encoder = stored["config"].get("encoder", "all-MiniLM-L6-v2")
-    embedder = load_embedder(None if encoder == "all-MiniLM-L6-v2" else encoder)
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, data in stored["files"].items():
-            (Path(tmp) / name).write_bytes(data)
-        head = RewardHead.load(tmp)
-    extra = simple_features(
-        np.array([len(r) for r in responses]), np.array([len(p) for p in prompts])
-    )
-    features = head_features(embedder.embed(prompts), embedder.embed(responses), extra)
-    return head.score(features), stored["id"]
-
-
-def _reward_metrics(
-    scores: np.ndarray, label: np.ndarray, holdout: np.ndarray, pairs: Pairs | None
-) -> dict[str, Any]:
-    from sklearn.metrics import roc_auc_score
-
-    metrics: dict[str, Any] = {"held_out_exchanges": int(holdout.sum())}
-    known = holdout & ~np.isnan(label)
-    binary = label[known] >= 0.5
-    if known.any() and 0 < binary.sum() < len(binary):
-        metrics["engagement_auc"] = float(roc_auc_score(binary, scores[known]))
-    if pairs is not None:
-        decided = pairs.outcome != 0.5
-        if decided.any():
-            a_better = scores[pairs.a[decided]] > scores[pairs.b[decided]]
-            metrics["battle_pairwise_accuracy"] = float(
-                np.mean(a_better == (pairs.outcome[decided] == 1.0))
-            )
-            metrics["held_out_battles"] = int(decided.sum())
-    return metrics
 
 
 def _predictor(
@@ -317,7 +223,9 @@ def _predictor(
             "label": label[single.to_numpy()],
         }
     )
-    return WinPredictor(config.predictor).fit(prompts, battles=battle_rows, singles=singles)
+    return WinPredictor(config.predictor).fit(
+        prompts, battles=battle_rows, singles=singles, texts=list(frame["prompt"].fillna(""))
+    )
 
 
 def _cluster_reports(
@@ -350,6 +258,7 @@ def _cluster_reports(
             data["cluster_id"].to_numpy(),
             served_by=data["model"].fillna("").to_numpy(),
             config=config.routing,
+            texts=list(frame.loc[assigned, "prompt"].fillna("")),
         )
         routes = {r.cluster_id: r for r in routed}
     reports: dict[str, dict[str, Any]] = {}

@@ -1,4 +1,5 @@
-"""Trained artefacts (reward heads, win predictors), versioned with config, data and metrics.
+"""Trained artefacts (reward models, win predictors, routing tables), versioned with their
+config, data and metrics.
 
 The artefact's files travel inside the database (zipped into `payload`), so a model and the
 scores it wrote can never be separated, whatever the database kind.
@@ -10,7 +11,7 @@ import io
 import json
 import uuid
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -50,14 +51,25 @@ def save_model(
     return model_id
 
 
-def latest_model(engine: Engine, kind: str) -> Row | None:
-    """The newest artefact of a kind, with `files` unpacked and config/metrics parsed."""
+def latest_model(engine: Engine, kind: str | Sequence[str]) -> Row | None:
+    """The newest artefact of a kind (or of any of several), with `files` unpacked and
+    config/metrics parsed."""
+    kinds = [kind] if isinstance(kind, str) else list(kind)
     query = (
         sa.select(trained_models)
-        .where(trained_models.c.kind == kind)
+        .where(trained_models.c.kind.in_(kinds))
         .order_by(trained_models.c.created_at.desc())
         .limit(1)
     )
+    return _unpacked(engine, query)
+
+
+def load_model(engine: Engine, model_id: str) -> Row | None:
+    """One artefact by id (None when there is none), unpacked like `latest_model`."""
+    return _unpacked(engine, sa.select(trained_models).where(trained_models.c.id == model_id))
+
+
+def _unpacked(engine: Engine, query: sa.Select) -> Row | None:
     with engine.connect() as conn:
         row = conn.execute(query).mappings().first()
     if row is None:

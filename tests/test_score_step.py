@@ -85,6 +85,13 @@ def test_score_trains_applies_and_reports_every_cluster(scored_db: str, tmp_path
     assert result["clusters"] == 6
     rewards = latest_scores(engine, prefix="reward:")
     assert len(rewards) == result["exchanges"]
+    from scoring.reward_step import apply_reward
+    from storage.models import latest_model
+
+    assert latest_model(engine, "reward_head")["config"]["features"] == "text"
+    apply_reward(engine)  # the stored head, reloaded, reads the same inputs: the same scores
+    again = latest_scores(engine, prefix="reward:")
+    assert all(again[i] == pytest.approx(r, abs=1e-5) for i, r in rewards.items())
 
     from storage.clusters import latest_run
 
@@ -140,8 +147,9 @@ def test_reward_file_and_a_users_own_reward_model(scored_db: str, tmp_path: Path
     engine.dispose()
 
     pairs = _pairs_file(tmp_path / "pairs.jsonl")
-    untrained = convoscope("reward", "--file", str(pairs), db=scored_db, cwd=tmp_path)
-    assert untrained.returncode == 2 and "convoscope score" in untrained.stderr
+    stored = convoscope("reward", "--file", str(pairs), "--json", db=scored_db, cwd=tmp_path)
+    assert stored.returncode == 0, stored.stderr  # the stored external model scores the file
+    assert json.loads(stored.stdout)["reward_model"] == result["reward_model"]
     scored = convoscope(
         "reward", "--file", str(pairs), "--reward-model", str(own), "--json",
         db=scored_db, cwd=tmp_path,
@@ -154,3 +162,36 @@ def test_reward_file_and_a_users_own_reward_model(scored_db: str, tmp_path: Path
     bad.write_text('{"prompt": "no response"}\n')
     refused = convoscope("reward", "--file", str(bad), db=scored_db, cwd=tmp_path)
     assert refused.returncode == 2 and "bad.jsonl:1" in refused.stderr
+
+
+def test_reward_train_finetune_then_apply(scored_db: str, tmp_path: Path) -> None:
+    """`score reward train --mode finetune` fine-tunes MiniLM (a few steps here), stores it in
+    the database; `apply` scores every exchange with it again, without training."""
+    from scoring.reward_step import apply_reward
+    from storage.models import latest_model
+
+    trained = convoscope(
+        "score", "reward", "train", "--mode", "finetune", "--steps", "2", "--device", "cpu",
+        "--json", db=scored_db, cwd=tmp_path,
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr
+    result = json.loads(trained.stdout)
+    assert result["mode"] == "finetune" and "battle_pairwise_accuracy" in result["reward_metrics"]
+    engine = open_database(scored_db)
+    stored = latest_model(engine, "reward_finetuned")
+    assert stored is not None and stored["id"] == result["reward_model"]
+    assert "backbone/config.json" in stored["files"] and "head.pt" in stored["files"]
+    before = latest_scores(engine, prefix="reward:")
+    assert len(before) == result["exchanges"]
+
+    applied = apply_reward(engine, model_id=result["reward_model"])
+    assert applied["exchanges"] == result["exchanges"] and applied["kind"] == "reward_finetuned"
+    after = latest_scores(engine, prefix="reward:")
+    some = next(iter(before))
+    assert after[some] == pytest.approx(before[some], abs=1e-4)  # the same model, reloaded
+    with pytest.raises(ValueError, match="no stored model"):
+        apply_reward(engine, model_id="nope")
+    engine.dispose()
+
+    wrong = convoscope("score", "reward", "fit", db=scored_db, cwd=tmp_path)
+    assert wrong.returncode == 2 and "score reward train" in wrong.stderr

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from scoring.features import FEATURE_NAMES, PROMPT_ONLY_FEATURES, prompt_features, text_features
 from scoring.labels import joint_labels
 from scoring.reward_head import HeadConfig, Pairs, RewardHead, head_features, simple_features
 from scoring.reward_model import (
@@ -116,3 +117,52 @@ def test_users_own_sequence_classifier_directory(tmp_path: Path) -> None:
     rm = SequenceClassifierReward(own, max_length=64, device="cpu")
     s = rm.score(["What is 2+2?", "What is 2+2?"], ["4", "The answer is four."])
     assert s.shape == (2,) and np.isfinite(s).all()
+
+
+def test_text_features_see_structure_refusals_and_cut_offs() -> None:
+    prompt = "List three ways to save water at home."
+    plain = "Take shorter showers."
+    structured = (
+        "## Ways to save water\n\n1. **Shorter showers**: cut five minutes.\n"
+        "2. Fix leaks.\n3. Run full loads only.\n\n- Bonus: use `greywater`.\n"
+    )
+    refusal = "I'm sorry, but as an AI I cannot help with that and"
+    f = pd.DataFrame(
+        text_features([plain, structured, refusal, None], [prompt] * 3 + [None]),
+        columns=list(FEATURE_NAMES),
+    )
+    assert np.isfinite(f.to_numpy()).all()
+    assert f.loc[1, "log_chars"] > f.loc[0, "log_chars"]
+    assert f.loc[1, ["log_numbered", "log_headers", "log_bold", "log_bullets"]].gt(0).all()
+    assert f.loc[0, ["log_numbered", "log_headers", "log_bold", "log_bullets"]].eq(0).all()
+    assert f.loc[1, "log_inline_code"] > 0
+    assert f.loc[2, "refusal"] == 1 and f.loc[0, "refusal"] == 0
+    assert f.loc[2, "ends_unfinished"] == 1 and f.loc[0, "ends_unfinished"] == 0
+    assert f.loc[1, "prompt_word_overlap"] > f.loc[0, "prompt_word_overlap"]
+    assert f.loc[3].eq(0).all()  # a missing response and prompt read as empty
+
+
+def test_prompt_features_name_the_task() -> None:
+    f = pd.DataFrame(
+        prompt_features(["Write a Python function that adds 2+2?", "Why is the sky blue?", ""]),
+        columns=list(PROMPT_ONLY_FEATURES),
+    )
+    assert f.loc[0, ["asks_code", "asks_creative", "asks_math", "ends_with_question"]].eq(1).all()
+    assert f.loc[1, ["asks_explain", "has_question"]].eq(1).all()
+    assert f.loc[1, "asks_code"] == 0
+    assert f.loc[2].eq(0).all()
+
+
+def test_head_inputs_name_their_feature_set() -> None:
+    """A stored head records which features it read; the older length-only set still works,
+    so heads trained before the text features keep scoring."""
+    from scoring.reward_step import head_inputs
+
+    frame = pd.DataFrame({"prompt": ["Hi?", "List three fruits"], "response": ["Hello.", None]})
+    vectors = np.ones((2, 4), dtype=np.float32)
+    text = head_inputs(vectors, vectors, frame, "text")
+    lengths = head_inputs(vectors, vectors, frame, "lengths")
+    assert text.shape == (2, 3 * 4 + len(FEATURE_NAMES)) and lengths.shape == (2, 3 * 4 + 3)
+    assert np.isfinite(text).all() and np.isfinite(lengths).all()
+    with pytest.raises(ValueError, match="newer convoscope"):
+        head_inputs(vectors, vectors, frame, "v9")

@@ -1,0 +1,366 @@
+"""Reward models trained, stored and applied: `convoscope score reward train|apply`.
+
+Three kinds are stored (storage.models), each with its config, data fingerprint and held-out
+metrics, and each writes its scores under `reward:<model id>`:
+- `reward_head`: a head on the stored prompt and response embeddings (the cheap default:
+  seconds on a CPU);
+- `reward_finetuned`: the bundled MiniLM fine-tuned on (context + prompt, response) with the
+  behaviour labels and a pairwise loss on battles (`--mode finetune`; minutes on a CPU);
+- `reward_external`: a user's own sequence-classification directory (nothing trained).
+`apply` scores every stored exchange with a stored model, without training: new logs and
+replayed answers get rewards comparable with the old ones.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+from sqlalchemy.engine import Engine
+
+from ingest.embed_step import EmbedConfig, embed_exchanges, exchange_texts
+from scoring.features import text_features
+from scoring.labels import LabelConfig
+from scoring.reward_head import HeadConfig, Pairs, RewardHead, head_features, simple_features
+from scoring.reward_model import FineTuneConfig, join_context
+from storage.logs import iter_exchanges
+from storage.models import latest_model, load_model, save_model
+from storage.scores import store_scores
+from storage.vectors import load_vectors
+
+REWARD_KINDS = ("reward_head", "reward_finetuned", "reward_external")
+DEFAULT_ENCODER = "all-MiniLM-L6-v2"
+_CONTEXT_CHARS = 500  # of the earlier turns a fine-tuned model reads before the prompt
+# What a head reads beside the embeddings: "lengths" (the first heads: three length features)
+# or "text" (scoring.features: length, layout, refusals, truncation). A stored head names its
+# set, so heads trained before "text" existed still score with the inputs they were fit on.
+HEAD_FEATURES = "text"
+
+
+class TextScorer(Protocol):
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray: ...
+
+
+@dataclass(frozen=True, slots=True)
+class TrainedReward:
+    model_id: str
+    scores: np.ndarray  # one per row of the frame it was trained on
+    metrics: dict[str, Any]
+
+
+def exchange_embeddings(
+    engine: Engine, ids: Sequence[str], embed: EmbedConfig
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """Prompt and response vectors of these exchanges, in order (embedding what is new)."""
+    matrices = []
+    name = ""
+    for on in ("prompt", "response"):
+        config = EmbedConfig(**{**asdict(embed), "on": on})
+        name = embed_exchanges(engine, config=config).model
+        by_id = {item.exchange_id: item.text_hash for item in exchange_texts(engine, on=on)}
+        matrices.append(load_vectors(engine, name, [by_id[i] for i in ids]))
+    return matrices[0], matrices[1], name
+
+
+def head_inputs(
+    prompts: np.ndarray,
+    responses: np.ndarray,
+    frame: pd.DataFrame,
+    features: str = HEAD_FEATURES,
+) -> np.ndarray:
+    """The reward head's features for the frame's rows (training and applying alike)."""
+    if features == "text":
+        extra = text_features(frame["response"], frame["prompt"])
+    elif features == "lengths":
+        extra = simple_features(
+            frame["response"].fillna("").str.len().to_numpy(),
+            frame["prompt"].fillna("").str.len().to_numpy(),
+        )
+    else:
+        raise ValueError(f"unknown head features {features!r}: this head needs a newer convoscope")
+    return head_features(prompts, responses, extra)
+
+
+def battle_pairs(frame: pd.DataFrame, battles: pd.DataFrame, keep: np.ndarray) -> Pairs | None:
+    """The battles between two kept rows of the frame, as row indices."""
+    if battles.empty:
+        return None
+    index = {exchange_id: i for i, exchange_id in enumerate(frame["id"])}
+    decided = battles[battles["winner"].isin(["a", "b", "tie"])]
+    a = decided["exchange_a"].map(index)
+    b = decided["exchange_b"].map(index)
+    present = (a.notna() & b.notna()).to_numpy()
+    a_idx = a.to_numpy()[present].astype(int)
+    b_idx = b.to_numpy()[present].astype(int)
+    mask = keep[a_idx] & keep[b_idx]
+    if not mask.any():
+        return None
+    outcome = decided["winner"].map({"a": 1.0, "b": 0.0, "tie": 0.5}).to_numpy()[present]
+    return Pairs(a=a_idx[mask], b=b_idx[mask], outcome=outcome[mask])
+
+
+def train_head(
+    engine: Engine,
+    frame: pd.DataFrame,
+    embedded: tuple[np.ndarray, np.ndarray, str],
+    labels: pd.DataFrame,
+    battles: pd.DataFrame,
+    holdout: np.ndarray,
+    *,
+    config: HeadConfig,
+    label_config: LabelConfig,
+    features_kind: str = HEAD_FEATURES,
+) -> TrainedReward:
+    """Train the head on the training conversations, measure it on the held-out ones.
+
+    `embedded`: (prompt vectors, response vectors, encoder name) in frame order."""
+    prompts, responses, encoder = embedded
+    features = head_inputs(prompts, responses, frame, features_kind)
+    label = labels["label"].to_numpy(dtype=float)
+    weight = labels["weight"].to_numpy(dtype=float)
+    head = RewardHead(config).fit(
+        features,
+        labels=np.where(holdout, np.nan, label),
+        weights=weight,
+        pairs=battle_pairs(frame, battles, ~holdout),
+    )
+    scores = head.score(features)
+    metrics = reward_metrics(scores, label, holdout, battle_pairs(frame, battles, holdout))
+    with tempfile.TemporaryDirectory() as tmp:
+        head.save(tmp)
+        files = {p.name: p.read_bytes() for p in Path(tmp).iterdir()}
+    model_id = save_model(
+        engine,
+        "reward_head",
+        files=files,
+        config={
+            "head": asdict(config),
+            "labels": asdict(label_config),
+            "encoder": encoder,
+            "features": features_kind,
+        },
+        metrics=metrics,
+        data_fingerprint=str(len(frame)),
+    )
+    _store(engine, model_id, frame, scores)
+    return TrainedReward(model_id, scores, metrics)
+
+
+def train_finetuned(
+    engine: Engine,
+    frame: pd.DataFrame,
+    labels: pd.DataFrame,
+    battles: pd.DataFrame,
+    holdout: np.ndarray,
+    *,
+    config: FineTuneConfig,
+    label_config: LabelConfig,
+) -> TrainedReward:
+    """Fine-tune the transformer reward model on the training conversations and battles."""
+    from scoring.reward_model import TransformerReward
+
+    label = labels["label"].to_numpy(dtype=float)
+    weight = labels["weight"].to_numpy(dtype=float)
+    prompts = model_prompts(engine, frame)
+    responses = frame["response"].fillna("").tolist()
+    model = TransformerReward(config).fit(
+        prompts,
+        responses,
+        labels=np.where(holdout, np.nan, label),
+        weights=weight,
+        pairs=battle_pairs(frame, battles, ~holdout),
+    )
+    scores = model.score(prompts, responses)
+    metrics = reward_metrics(scores, label, holdout, battle_pairs(frame, battles, holdout))
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save(tmp)
+        files = {
+            str(p.relative_to(tmp)): p.read_bytes() for p in Path(tmp).rglob("*") if p.is_file()
+        }
+    model_id = save_model(
+        engine,
+        "reward_finetuned",
+        files=files,
+        config={"finetune": asdict(config), "labels": asdict(label_config)},
+        metrics=metrics,
+        data_fingerprint=str(len(frame)),
+    )
+    _store(engine, model_id, frame, scores)
+    return TrainedReward(model_id, scores, metrics)
+
+
+def use_external(
+    engine: Engine,
+    frame: pd.DataFrame,
+    labels: pd.DataFrame,
+    battles: pd.DataFrame,
+    directory: str,
+) -> TrainedReward:
+    """Score every exchange with the user's own reward model; measure it on all labels."""
+    from scoring.reward_model import SequenceClassifierReward
+
+    scores = SequenceClassifierReward(directory).score(
+        list(frame["prompt"]), list(frame["response"].fillna(""))
+    )
+    everything = np.ones(len(frame), dtype=bool)
+    metrics = reward_metrics(
+        scores,
+        labels["label"].to_numpy(dtype=float),
+        everything,
+        battle_pairs(frame, battles, everything),
+    )
+    model_id = save_model(
+        engine,
+        "reward_external",
+        files={"source.txt": directory.encode()},
+        config={"directory": directory},
+        metrics=metrics,
+    )
+    _store(engine, model_id, frame, scores)
+    return TrainedReward(model_id, scores, metrics)
+
+
+def apply_reward(
+    engine: Engine, *, model_id: str | None = None, embed: EmbedConfig | None = None
+) -> dict[str, Any]:
+    """Score every stored exchange with a stored reward model (the newest by default)."""
+    stored = _stored_reward(engine, model_id)
+    rows = [
+        r for batch in iter_exchanges(engine, columns=("id", "prompt", "response")) for r in batch
+    ]
+    frame = pd.DataFrame(rows, columns=["id", "prompt", "response"])
+    if frame.empty:
+        raise ValueError("no exchanges stored: ingest some first")
+    frame["response"] = frame["response"].fillna("")
+    if stored["kind"] == "reward_head":
+        encoder = stored["config"].get("encoder", DEFAULT_ENCODER)
+        config = embed or EmbedConfig()
+        config = EmbedConfig(
+            **{**asdict(config), "model": None if encoder == DEFAULT_ENCODER else encoder}
+        )
+        prompts, responses, _ = exchange_embeddings(engine, list(frame["id"]), config)
+        features = head_inputs(prompts, responses, frame, _head_features(stored))
+        scores = _head(stored).score(features)
+    else:
+        texts = model_prompts(engine, frame) if stored["kind"] == "reward_finetuned" else None
+        scorer = _text_scorer(stored)
+        scores = scorer.score(texts or list(frame["prompt"]), list(frame["response"]))
+    _store(engine, stored["id"], frame, scores)
+    return {
+        "reward_model": stored["id"],
+        "kind": stored["kind"],
+        "exchanges": len(frame),
+        "scorer": f"reward:{stored['id']}",
+        "mean_reward": float(np.mean(scores)),
+    }
+
+
+def score_texts(
+    engine: Engine, prompts: list[str], responses: list[str], *, reward_model_dir: str | None = None
+) -> tuple[np.ndarray, str]:
+    """Rewards for (prompt, response) pairs from a file: the newest stored reward model (of
+    any kind), or a user's model directory."""
+    if reward_model_dir:
+        from scoring.reward_model import SequenceClassifierReward
+
+        scorer = SequenceClassifierReward(reward_model_dir)
+        return scorer.score(prompts, responses), reward_model_dir
+    stored = _stored_reward(engine, None)
+    if stored["kind"] != "reward_head":
+        return _text_scorer(stored).score(prompts, responses), stored["id"]
+    from ingest.embed import load_embedder
+
+    encoder = stored["config"].get("encoder", DEFAULT_ENCODER)
+    embedder = load_embedder(None if encoder == DEFAULT_ENCODER else encoder)
+    frame = pd.DataFrame({"prompt": prompts, "response": responses})
+    features = head_inputs(
+        embedder.embed(prompts), embedder.embed(responses), frame, _head_features(stored)
+    )
+    return _head(stored).score(features), stored["id"]
+
+
+def model_prompts(engine: Engine, frame: pd.DataFrame) -> list[str]:
+    """What a text reward model reads as the prompt: the end of the earlier turns, then it."""
+    tails: dict[str, str] = {}
+    wanted = set(frame["id"])
+    for batch in iter_exchanges(engine, columns=("id", "context")):
+        for row in batch:
+            if row["id"] in wanted and row["context"] and row["context"] != "[]":
+                turns = json.loads(row["context"])
+                text = "\n".join(f"{m['role']}: {m['content']}" for m in turns)
+                tails[row["id"]] = text[-_CONTEXT_CHARS:]
+    return [
+        join_context(tails.get(i), p) for i, p in zip(frame["id"], frame["prompt"], strict=True)
+    ]
+
+
+def reward_metrics(
+    scores: np.ndarray, label: np.ndarray, holdout: np.ndarray, pairs: Pairs | None
+) -> dict[str, Any]:
+    """Held-out engagement AUC and pairwise battle accuracy."""
+    from sklearn.metrics import roc_auc_score
+
+    metrics: dict[str, Any] = {"held_out_exchanges": int(holdout.sum())}
+    known = holdout & ~np.isnan(label)
+    binary = label[known] >= 0.5
+    if known.any() and 0 < binary.sum() < len(binary):
+        metrics["engagement_auc"] = float(roc_auc_score(binary, scores[known]))
+    if pairs is not None:
+        decided = pairs.outcome != 0.5
+        if decided.any():
+            a_better = scores[pairs.a[decided]] > scores[pairs.b[decided]]
+            metrics["battle_pairwise_accuracy"] = float(
+                np.mean(a_better == (pairs.outcome[decided] == 1.0))
+            )
+            metrics["held_out_battles"] = int(decided.sum())
+    return metrics
+
+
+def _stored_reward(engine: Engine, model_id: str | None) -> dict[str, Any]:
+    stored = (
+        latest_model(engine, REWARD_KINDS) if model_id is None else load_model(engine, model_id)
+    )
+    if stored is None:
+        raise ValueError(
+            "no reward model yet: run `convoscope score` (or pass --reward-model DIR)"
+            if model_id is None
+            else f"no stored model {model_id!r}: see `convoscope score --json` for ids"
+        )
+    if stored["kind"] not in REWARD_KINDS:
+        raise ValueError(f"model {model_id} is a {stored['kind']}, not a reward model")
+    return stored
+
+
+def _head_features(stored: dict[str, Any]) -> str:
+    return stored["config"].get("features", "lengths")
+
+
+def _head(stored: dict[str, Any]) -> RewardHead:
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, data in stored["files"].items():
+            (Path(tmp) / name).write_bytes(data)
+        return RewardHead.load(tmp)
+
+
+def _text_scorer(stored: dict[str, Any]) -> TextScorer:
+    """A fine-tuned model unpacked from the database, or the user's directory it names."""
+    from scoring.reward_model import SequenceClassifierReward, TransformerReward
+
+    if stored["kind"] == "reward_external":
+        return SequenceClassifierReward(stored["config"]["directory"])
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, data in stored["files"].items():
+            target = Path(tmp) / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        return TransformerReward.load(tmp)
+
+
+def _store(engine: Engine, model_id: str, frame: pd.DataFrame, scores: np.ndarray) -> None:
+    store_scores(engine, f"reward:{model_id}", dict(zip(frame["id"], scores.tolist(), strict=True)))
