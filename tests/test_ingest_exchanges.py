@@ -140,3 +140,25 @@ def test_battle_exchanges_share_ids_for_identical_answers() -> None:
     assert b1.ended_conversation is None and b1.user_turns_after is None
     plain = conversation(Message("user", "p"), Message("assistant", "answer 1", model="m1"))
     assert split_conversation(plain)[0].conversation_id == b1.conversation_id
+
+
+def test_content_ids_never_change() -> None:
+    """Ids are how a re-ingest finds what is stored: a changed hash would store every exchange
+    of an old database a second time. These values are the ones every release so far computed."""
+    from ingest.records import content_hash
+
+    assert content_hash("exchange", "c1", 3, "Hi é \udc80", None, 1.5, True) == (
+        "143a58af751bc40d574f26ec3eb4498c"
+    )
+    conv = Conversation(
+        messages=(Message(role="user", content="Hi"), Message(role="assistant", content="Hello")),
+        source="f.jsonl",
+        line=1,
+        external_id="x",
+    )
+    assert conv.id == content_hash(
+        "conversation", "x", 2, "user", "Hi", None, "assistant", "Hello", None
+    )
+    assert split_conversation(conv)[0].id == content_hash(
+        "exchange", conv.id, 1, "Hi", "Hello", None
+    )
