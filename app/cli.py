@@ -204,6 +204,24 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="score with your own sequence-classification reward model instead of training",
     )
+    score.add_argument(
+        "--costs",
+        type=Path,
+        metavar="FILE",
+        help='cost per expert, a JSON object {"model": cost}: each cluster then also names the '
+        "cheapest expert within --cost-tolerance of the best",
+    )
+    score.add_argument(
+        "--cost-tolerance",
+        type=float,
+        default=0.02,
+        help="predicted win rate the cheapest choice may give up (default 0.02)",
+    )
+    score.add_argument(
+        "--route-cheapest",
+        action="store_true",
+        help="the exported routing table sends each cluster to that cheapest expert",
+    )
     score.set_defaults(handler=commands.score)
 
     reward = sub.add_parser(

@@ -213,12 +213,18 @@ def score(args: argparse.Namespace) -> dict[str, Any]:
     from scoring.reward_head import HeadConfig
     from scoring.reward_model import FineTuneConfig
     from scoring.reward_step import apply_reward
+    from scoring.routing import RoutingConfig
     from scoring.step import ScoreConfig, score_all, train_reward_only
 
     if args.what not in ([], ["reward", "train"], ["reward", "apply"]):
         raise UserError("use `score`, `score reward train` or `score reward apply`")
     if args.steps < 1:
         raise UserError("--steps must be at least 1")
+    if not 0 <= args.cost_tolerance <= 1:
+        raise UserError("--cost-tolerance is a win-rate difference, between 0 and 1")
+    costs = _expert_costs(args.costs) if args.costs else None
+    if args.route_cheapest and not costs:
+        raise UserError("--route-cheapest needs --costs FILE")
     config = ScoreConfig(
         on=args.on,
         embed=replace(_embed_config(args), progress=True),
@@ -234,6 +240,9 @@ def score(args: argparse.Namespace) -> dict[str, Any]:
         mode=args.mode,
         finetune=FineTuneConfig(steps=args.steps, device=args.device),
         reward_model_dir=args.reward_model,
+        routing=RoutingConfig(tolerance=args.cost_tolerance),
+        costs=costs,
+        route_cheapest=args.route_cheapest,
     )
     engine = open_database(args.db)
     try:
@@ -244,6 +253,25 @@ def score(args: argparse.Namespace) -> dict[str, Any]:
         return score_all(engine, config=config)
     finally:
         engine.dispose()
+
+
+def _expert_costs(path: Path) -> dict[str, float]:
+    """`--costs FILE`: a JSON object of expert name → cost (per request, per token: any unit,
+    only the order matters)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"no such file: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{path}: not JSON ({error})") from None
+    if not isinstance(data, dict) or not data:
+        raise UserError(f'{path}: expected a JSON object {{"expert name": cost, ...}}')
+    costs = {}
+    for name, cost in data.items():
+        if isinstance(cost, bool) or not isinstance(cost, int | float) or not cost >= 0:
+            raise UserError(f"{path}: the cost of {name!r} must be a number ≥ 0, not {cost!r}")
+        costs[name] = float(cost)
+    return costs
 
 
 def reward(args: argparse.Namespace) -> dict[str, Any]:

@@ -72,6 +72,8 @@ class ScoreConfig:
     mode: str = "head"  # head (on stored embeddings) | finetune (the transformer)
     finetune: FineTuneConfig = field(default_factory=FineTuneConfig)
     reward_model_dir: str | None = None  # a user's own sequence-classification reward model
+    costs: dict[str, float] | None = None  # per expert (any unit): enables the cheapest choice
+    route_cheapest: bool = False  # the routing table picks the cheapest within tolerance
 
 
 def score_all(engine: Engine, *, config: ScoreConfig) -> dict[str, Any]:
@@ -257,6 +259,7 @@ def _cluster_reports(
             prompts[assigned],
             data["cluster_id"].to_numpy(),
             served_by=data["model"].fillna("").to_numpy(),
+            costs=config.costs,
             config=config.routing,
             texts=list(frame.loc[assigned, "prompt"].fillna("")),
         )
@@ -284,6 +287,8 @@ def _cluster_reports(
                 "served_by": {str(k): float(v) for k, v in served.items() if k},
                 "gain": route.gain,
                 "cheapest_within_tolerance": route.cheapest_expert,
+                "cheapest_win_rate": route.cheapest_win_rate,
+                "cheapest_cost": route.cheapest_cost,
             },
         }
     save_cluster_reports(engine, run["id"], reports)
@@ -300,6 +305,7 @@ def _cluster_reports(
             centroids,
             encoder=run["embedder"],
             config=config.routing,
+            use_cheapest=config.route_cheapest,
         )
         save_model(
             engine,

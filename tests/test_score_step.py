@@ -79,7 +79,11 @@ def _pairs_file(path: Path) -> Path:
 
 def test_score_trains_applies_and_reports_every_cluster(scored_db: str, tmp_path: Path) -> None:
     engine = open_database(scored_db)
-    result = score_all(engine, config=ScoreConfig(embed=EmbedConfig(device="cpu", progress=False)))
+    costs = {"helpful-bot": 5.0, "terse-bot": 1.0, "gpt4_1106_preview": 10.0}
+    config = ScoreConfig(
+        embed=EmbedConfig(device="cpu", progress=False), costs=costs, route_cheapest=True
+    )
+    result = score_all(engine, config=config)
     assert result["labels"]["retry"]["bad"] == 20  # the retried answers, and only those
     assert result["labels"]["battle"]["known"] >= 200  # the baseline answer recurs
     assert result["clusters"] == 6
@@ -108,6 +112,14 @@ def test_score_trains_applies_and_reports_every_cluster(scored_db: str, tmp_path
     assert encoder == "all-MiniLM-L6-v2"
     table = load_routing_table(engine)
     assert {c["cluster_id"] for c in table["clusters"]} == set(reports)
+    priced = [e for e in table["clusters"] if e["route"]["cheapest_expert"]]
+    assert priced  # --route-cheapest: the cheapest expert within tolerance serves
+    for entry in priced:
+        route = entry["route"]
+        assert entry["expert"] == route["cheapest_expert"]
+        assert costs[route["cheapest_expert"]] <= costs.get(route["best_expert"], np.inf)
+        assert route["cheapest_win_rate"] >= route["best_win_rate"] - 0.02
+        assert reports[entry["cluster_id"]]["routing"]["cheapest_cost"] == route["cheapest_cost"]
     from scoring.routing import apply_routing_table
 
     centroid = np.asarray(table["clusters"][0]["centroid"])
@@ -127,6 +139,26 @@ def test_score_trains_applies_and_reports_every_cluster(scored_db: str, tmp_path
     answer = json.loads(scored.stdout)
     assert answer["reward_model"] == result["reward_model"]
     assert len(answer["scores"]) == 2 and all(np.isfinite(s["reward"]) for s in answer["scores"])
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "no such file"),
+        ("[1, 2]", "expected a JSON object"),
+        ('{"a": "cheap"}', "the cost of 'a' must be a number"),
+        ('{"a": -1}', "the cost of 'a' must be a number"),
+        ("{nope", "not JSON"),
+    ],
+)
+def test_score_refuses_a_bad_costs_file(tmp_path: Path, content: str | None, message: str) -> None:
+    costs = tmp_path / "costs.json"
+    if content is not None:
+        costs.write_text(content)
+    db = f"duckdb:///{tmp_path / 'empty.duckdb'}"
+    refused = convoscope("score", "--costs", str(costs), db=db, cwd=tmp_path)
+    assert refused.returncode == 2 and message in refused.stderr
+    assert "costs.json" in refused.stderr
 
 
 def test_reward_file_and_a_users_own_reward_model(scored_db: str, tmp_path: Path) -> None:
