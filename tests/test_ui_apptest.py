@@ -103,6 +103,8 @@ def test_cluster_page_rename_tags_and_note_persist(
     at = _app(fresh_db.url, monkeypatch)
     at.button(key="open_weakest").click().run()
     assert at.selectbox(key="cluster_pick").value == fresh_db.weakest_id
+    cheapest = [c.value for c in at.caption if c.value.startswith("Cheapest expert")]
+    assert cheapest and cheapest[0].endswith("(predicted win rate 61.0 %), cost 0.5")
 
     _by_label(at.text_input, "Name").input("Refund trouble")
     _by_label(at.button, "Rename").click().run()

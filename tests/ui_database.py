@@ -297,6 +297,8 @@ def _reports(
                 "served_by": served,
                 "gain": float(0.05 + 0.1 * weakness[c]),
                 "cheapest_within_tolerance": board[1]["model"],
+                "cheapest_win_rate": 0.61,
+                "cheapest_cost": 0.5,
             },
             "weakness": float(weakness[c]),
             "reason": "low reward and many retries" if c == 0 else "some retries",

@@ -162,9 +162,12 @@ with side:
                 )
             )
         if routing.get("cheapest_within_tolerance"):
+            rate, cost = routing.get("cheapest_win_rate"), routing.get("cheapest_cost")
             st.caption(
                 "Cheapest expert within tolerance: "
                 + escape_markdown(str(routing["cheapest_within_tolerance"]))
+                + (f" (predicted win rate {fmt_share(rate)})" if rate is not None else "")
+                + (f", cost {float(cost):g}" if cost is not None else "")
             )
     else:
         st.caption("No routing suggestion (needs battles or several experts).")
