@@ -28,6 +28,18 @@ _REFUSAL = re.compile(
     r"won't)|I'm not able|I do not have (?:access|the ability)|language model)\b",
     re.IGNORECASE,
 )
+# Chat-template text leaking into the answer (a weak model continuing the conversation).
+_TEMPLATE_LEAK = re.compile(
+    r"(?:^|\n)\s*(?:###\s*(?:Instruction|Response|Input)|Human:|User:|Assistant:|<\|)",
+    re.IGNORECASE,
+)
+_AFFIRMATION = re.compile(
+    r"^\s*(?:sure|certainly|of course|absolutely|great question|here(?:'s| is| are))\b",
+    re.IGNORECASE,
+)
+_URL = re.compile(r"https?://")
+_EMOJI = re.compile("[\U0001f300-\U0001faff\u2600-\u27bf]")
+_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]")
 _CLOSING = re.compile(
     r"\b(?:in summary|in conclusion|overall|to summari[sz]e|remember|note that)\b", re.IGNORECASE
 )
@@ -54,7 +66,25 @@ RESPONSE_FEATURES = (
     "log_chars_over_prompt",
 )
 PROMPT_FEATURES = ("prompt_log_chars", "prompt_log_words", "prompt_log_lines")
-FEATURE_NAMES = RESPONSE_FEATURES + PROMPT_FEATURES
+# Added after the first release, so they come last: the older columns stay a prefix.
+QUALITY_FEATURES = (
+    # Degenerate or off-target answers: template leaks, repeated lines and word trigrams,
+    # a script other than the prompt's, a copy of the prompt; and style: an opening
+    # affirmation, links, emoji, sentence length, the longest line (walls of text).
+    "template_leak",
+    "affirmation",
+    "repeated_lines",
+    "repeated_trigrams",
+    "non_ascii_gap",
+    "cjk_mismatch",
+    "log_urls",
+    "log_emoji",
+    "log_words_per_sentence",
+    "echoes_prompt",
+    "log_longest_line",
+)
+# Only ever append: a stored reward head reads the first N columns it was trained on.
+FEATURE_NAMES = RESPONSE_FEATURES + PROMPT_FEATURES + QUALITY_FEATURES
 
 # What kind of answer a prompt asks for: experts differ by task (one writes code better, another
 # explains better) and the judge's length preference matters less when a short answer is asked.
@@ -88,6 +118,10 @@ def _words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
+def _non_ascii_share(text: str) -> float:
+    return sum(ord(c) > 127 for c in text) / max(1, len(text))
+
+
 def _row(response: str, prompt: str) -> list[float]:
     """One exchange's features, in the order of FEATURE_NAMES."""
     words, prompt_words = _words(response), _words(prompt)
@@ -97,6 +131,8 @@ def _row(response: str, prompt: str) -> list[float]:
     unique = len(set(words)) / len(words) if words else 0.0
     p_set = set(prompt_words)
     overlap = sum(w in p_set for w in set(words)) / len(p_set) if p_set else 0.0
+    trigrams = list(zip(words, words[1:], words[2:], strict=False))
+    n_sentences = len(_SENTENCE_END.findall(response))
     counts = [
         len(response),
         len(words),
@@ -109,8 +145,9 @@ def _row(response: str, prompt: str) -> list[float]:
         len(_CODE_BLOCK.findall(response)) // 2,
         len(_INLINE_CODE.findall(response)),
         len(_TABLE_ROW.findall(response)),
-        len(_SENTENCE_END.findall(response)),
+        n_sentences,
     ]
+    stripped_lines = [ln.strip() for ln in lines]
     return [
         *np.log1p(counts).tolist(),
         float(np.mean([len(w) for w in words])) if words else 0.0,
@@ -123,6 +160,17 @@ def _row(response: str, prompt: str) -> list[float]:
         float(np.log1p(len(prompt))),
         float(np.log1p(len(prompt_words))),
         float(np.log1p(sum(1 for ln in prompt.splitlines() if ln.strip()))),
+        float(bool(_TEMPLATE_LEAK.search(response))),
+        float(bool(_AFFIRMATION.search(response[:80]))),
+        1.0 - len(set(stripped_lines)) / len(lines) if lines else 0.0,
+        1.0 - len(set(trigrams)) / len(trigrams) if trigrams else 0.0,
+        abs(_non_ascii_share(response) - _non_ascii_share(prompt)),
+        float(bool(_CJK.search(response)) != bool(_CJK.search(prompt))),
+        float(np.log1p(len(_URL.findall(response)))),
+        float(np.log1p(len(_EMOJI.findall(response)))),
+        float(np.log1p(len(words) / max(1, n_sentences))),
+        float(len(prompt) > 30 and prompt.strip()[:200] in response),
+        float(np.log1p(max((len(ln) for ln in stripped_lines), default=0))),
     ]
 
 

@@ -39,8 +39,10 @@ class HeadConfig:
     seed: int = 0
 
 
-# For the few dozen structural features: a narrow head with no dropout, trained longer.
-STRUCTURAL_HEAD = HeadConfig(hidden=32, dropout=0.0, epochs=30, lr=1e-2)
+# For the few dozen structural features: a narrow head trained longer, with light dropout: on
+# inner AlpacaEval folds (never the test fold) the head without it overfits the training
+# prompts (pairwise accuracy 0.880; 0.888 at dropout 0.1, 0.884 at 0.2, 0.883 at 0.3).
+STRUCTURAL_HEAD = HeadConfig(hidden=32, dropout=0.1, epochs=30, lr=1e-2)
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,7 +25,7 @@ import pandas as pd
 from sqlalchemy.engine import Engine
 
 from ingest.embed_step import EmbedConfig, embed_exchanges, exchange_texts
-from scoring.features import text_features
+from scoring.features import FEATURE_NAMES, text_features
 from scoring.labels import LabelConfig
 from scoring.reward_head import HeadConfig, Pairs, RewardHead, head_features, simple_features
 from scoring.reward_model import FineTuneConfig, join_context
@@ -38,9 +38,10 @@ REWARD_KINDS = ("reward_head", "reward_finetuned", "reward_external")
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
 _CONTEXT_CHARS = 500  # of the earlier turns a fine-tuned model reads before the prompt
 # What a head reads beside the embeddings: "lengths" (the first heads: three length features)
-# or "text" (scoring.features: length, layout, refusals, truncation). A stored head names its
-# set, so heads trained before "text" existed still score with the inputs they were fit on.
-HEAD_FEATURES = "text"
+# or "text:N" (the first N columns of scoring.features.text_features: length, layout,
+# refusals, truncation, degenerate output). A stored head names its set, and text features
+# are only ever appended, so a head keeps scoring with the inputs it was fit on.
+HEAD_FEATURES = f"text:{len(FEATURE_NAMES)}"
 
 
 class TextScorer(Protocol):
@@ -75,8 +76,9 @@ def head_inputs(
     features: str = HEAD_FEATURES,
 ) -> np.ndarray:
     """The reward head's features for the frame's rows (training and applying alike)."""
-    if features == "text":
-        extra = text_features(frame["response"], frame["prompt"])
+    kind, _, columns = features.partition(":")
+    if kind == "text" and columns.isdigit() and int(columns) <= len(FEATURE_NAMES):
+        extra = text_features(frame["response"], frame["prompt"])[:, : int(columns)]
     elif features == "lengths":
         extra = simple_features(
             frame["response"].fillna("").str.len().to_numpy(),

@@ -92,7 +92,7 @@ def test_score_trains_applies_and_reports_every_cluster(scored_db: str, tmp_path
     from scoring.reward_step import apply_reward
     from storage.models import latest_model
 
-    assert latest_model(engine, "reward_head")["config"]["features"] == "text"
+    assert latest_model(engine, "reward_head")["config"]["features"].startswith("text:")
     apply_reward(engine)  # the stored head, reloaded, reads the same inputs: the same scores
     again = latest_scores(engine, prefix="reward:")
     assert all(again[i] == pytest.approx(r, abs=1e-5) for i, r in rewards.items())

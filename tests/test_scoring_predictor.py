@@ -147,3 +147,41 @@ def test_prompt_texts_feed_features_and_travel_with_the_table(
     assert [
         apply_routing_table(table, v, features=f) for v, f in zip(x[:20], feats, strict=True)
     ] == chosen
+
+
+def test_lopsided_experts_are_pulled_harder_to_the_mean() -> None:
+    """The per-expert prior grows as an expert's win share leaves even odds (less learnt per
+    battle), is uniform at power 0, and models saved before it load as fitted (power 0)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 8)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    n = 300
+    battles = pd.DataFrame(
+        {
+            "prompt_index": rng.integers(0, 60, n),
+            "model_a": "ref",
+            "model_b": np.where(np.arange(n) % 2 == 0, "even", "weak"),
+        }
+    )
+    even_won = rng.random(n) < 0.5
+    battles["winner"] = np.where(
+        battles["model_b"] == "even",
+        np.where(even_won, "b", "a"),
+        np.where(even_won & (rng.random(n) < 0.05), "b", "a"),
+    )
+    contested = WinPredictor(PredictorConfig(prior_info_power=2.0)).fit(x, battles)
+    uniform = WinPredictor(PredictorConfig(prior_info_power=0.0)).fit(x, battles)
+    spread = {
+        name: {
+            m: float(np.linalg.norm(model.theta[i] - model.theta.mean(0)))
+            for i, m in enumerate(model.experts)
+        }
+        for name, model in (("scaled", contested), ("uniform", uniform))
+    }
+    # Relative to the uniform prior, the weak expert's profile shrinks more than the even one's.
+    ratio_weak = spread["scaled"]["weak"] / spread["uniform"]["weak"]
+    ratio_even = spread["scaled"]["even"] / spread["uniform"]["even"]
+    assert ratio_weak < ratio_even
+    old = contested.to_dict()
+    del old["config"]["prior_info_power"]
+    assert WinPredictor.from_dict(old).config.prior_info_power == 0.0

@@ -160,9 +160,32 @@ def test_head_inputs_name_their_feature_set() -> None:
 
     frame = pd.DataFrame({"prompt": ["Hi?", "List three fruits"], "response": ["Hello.", None]})
     vectors = np.ones((2, 4), dtype=np.float32)
-    text = head_inputs(vectors, vectors, frame, "text")
+    text = head_inputs(vectors, vectors, frame)
+    older = head_inputs(vectors, vectors, frame, "text:22")  # a head from before 11 were added
     lengths = head_inputs(vectors, vectors, frame, "lengths")
     assert text.shape == (2, 3 * 4 + len(FEATURE_NAMES)) and lengths.shape == (2, 3 * 4 + 3)
+    assert np.array_equal(older, text[:, : 3 * 4 + 22])
     assert np.isfinite(text).all() and np.isfinite(lengths).all()
-    with pytest.raises(ValueError, match="newer convoscope"):
-        head_inputs(vectors, vectors, frame, "v9")
+    for unknown in ("v9", f"text:{len(FEATURE_NAMES) + 1}", "text"):
+        with pytest.raises(ValueError, match="newer convoscope"):
+            head_inputs(vectors, vectors, frame, unknown)
+
+
+def test_text_features_flag_degenerate_answers() -> None:
+    """Template leaks, loops, a switch of script and a copied prompt are what weak models do;
+    the head can only learn to punish them if the features see them."""
+    prompt = "Explain briefly why the sky is blue, in plain words please."
+    good = "Sunlight scatters off air molecules. Blue light scatters most, so the sky looks blue."
+    looped = "The sky is blue.\nThe sky is blue.\nThe sky is blue.\n### Instruction: next"
+    foreign = "天空是蓝色的，因为瑞利散射。"
+    echo = prompt + " Because of scattering."
+    f = pd.DataFrame(
+        text_features([good, looped, foreign, echo], [prompt] * 4), columns=list(FEATURE_NAMES)
+    )
+    assert np.isfinite(f.to_numpy()).all()
+    assert f.loc[1, "template_leak"] == 1 and f.loc[0, "template_leak"] == 0
+    assert f.loc[1, "repeated_lines"] == 0.5  # 2 distinct of 4 and f.loc[0, "repeated_lines"] == 0
+    assert f.loc[1, "repeated_trigrams"] > f.loc[0, "repeated_trigrams"]
+    assert f.loc[2, "cjk_mismatch"] == 1 and f.loc[0, "cjk_mismatch"] == 0
+    assert f.loc[2, "non_ascii_gap"] > 0.5
+    assert f.loc[3, "echoes_prompt"] == 1 and f.loc[0, "echoes_prompt"] == 0
