@@ -48,6 +48,12 @@ class TextScorer(Protocol):
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray: ...
 
 
+class SavedModel(Protocol):
+    """A trained reward model that writes its files into a directory."""
+
+    def save(self, directory: str | Path) -> Path: ...
+
+
 @dataclass(frozen=True, slots=True)
 class TrainedReward:
     model_id: str
@@ -134,24 +140,13 @@ def train_head(
     )
     scores = head.score(features)
     metrics = reward_metrics(scores, label, holdout, battle_pairs(frame, battles, holdout))
-    with tempfile.TemporaryDirectory() as tmp:
-        head.save(tmp)
-        files = {p.name: p.read_bytes() for p in Path(tmp).iterdir()}
-    model_id = save_model(
-        engine,
-        "reward_head",
-        files=files,
-        config={
-            "head": asdict(config),
-            "labels": asdict(label_config),
-            "encoder": encoder,
-            "features": features_kind,
-        },
-        metrics=metrics,
-        data_fingerprint=str(len(frame)),
-    )
-    _store(engine, model_id, frame, scores)
-    return TrainedReward(model_id, scores, metrics)
+    config_record = {
+        "head": asdict(config),
+        "labels": asdict(label_config),
+        "encoder": encoder,
+        "features": features_kind,
+    }
+    return _version(engine, "reward_head", head, config_record, metrics, frame, scores)
 
 
 def train_finetuned(
@@ -180,6 +175,21 @@ def train_finetuned(
     )
     scores = model.score(prompts, responses)
     metrics = reward_metrics(scores, label, holdout, battle_pairs(frame, battles, holdout))
+    config_record = {"finetune": asdict(config), "labels": asdict(label_config)}
+    return _version(engine, "reward_finetuned", model, config_record, metrics, frame, scores)
+
+
+def _version(
+    engine: Engine,
+    kind: str,
+    model: SavedModel,
+    config: dict[str, Any],
+    metrics: dict[str, Any],
+    frame: pd.DataFrame,
+    scores: np.ndarray,
+) -> TrainedReward:
+    """Store a trained model as a new version (its files, config and held-out metrics) and
+    the scores it gave every exchange."""
     with tempfile.TemporaryDirectory() as tmp:
         model.save(tmp)
         files = {
@@ -187,9 +197,9 @@ def train_finetuned(
         }
     model_id = save_model(
         engine,
-        "reward_finetuned",
+        kind,
         files=files,
-        config={"finetune": asdict(config), "labels": asdict(label_config)},
+        config=config,
         metrics=metrics,
         data_fingerprint=str(len(frame)),
     )
