@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.engine import Engine
 
 from app.export import ExportSelection, export_exchanges
+from app.line_files import LineRecord, read_line_file
 from ingest.pipeline import IngestConfig, ingest_paths
 from storage.engine import open_database, resolve_url
 from storage.logs import ExchangeFilter, table_counts
@@ -278,20 +279,9 @@ def reward(args: argparse.Namespace) -> dict[str, Any]:
     """Rewards for the (prompt, response) lines of a file, by the latest reward model."""
     from scoring.reward_step import score_texts
 
-    if not args.file.exists():
-        raise UserError(f"no such file: {args.file}")
-    prompts, responses = [], []
-    for number, line in enumerate(args.file.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            prompts.append(str(record["prompt"]))
-            responses.append(str(record["response"]))
-        except (ValueError, KeyError, TypeError) as error:
-            raise UserError(
-                f"{args.file}:{number}: expected a JSON object with prompt and response"
-            ) from error
+    records, rejected = _read_line_file(args.file, ("prompt", "response"))
+    prompts = [r.fields["prompt"] for r in records]
+    responses = [r.fields["response"] for r in records]
     engine = open_database(args.db)
     try:
         scores, model = score_texts(engine, prompts, responses, reward_model_dir=args.reward_model)
@@ -300,10 +290,35 @@ def reward(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "reward_model": model,
         "scores": [
-            {"prompt": p, "response": r, "reward": float(s)}
-            for p, r, s in zip(prompts, responses, scores, strict=True)
+            {"line": r.line, "prompt": p, "response": a, "reward": float(s)}
+            for r, p, a, s in zip(records, prompts, responses, scores, strict=True)
         ],
+        "rejected": rejected,
     }
+
+
+def _read_line_file(
+    path: Path, fields: tuple[str, ...], *, plain_field: str | None = None
+) -> tuple[list[LineRecord], list[dict[str, Any]]]:
+    """A file's good lines, and its bad ones (warned about on stderr); no good line is an
+    error."""
+    if not path.is_file():
+        raise UserError(f"no such file: {path}")
+    records, rejects = read_line_file(path, fields, plain_field=plain_field)
+    for reject in rejects[:_WARN_AT_MOST]:
+        print(f"convoscope: warning: skipped {reject}", file=sys.stderr)
+    if len(rejects) > _WARN_AT_MOST:
+        more = len(rejects) - _WARN_AT_MOST
+        print(f"convoscope: warning: skipped {more} more bad lines", file=sys.stderr)
+    if not records:
+        first = f" (first: {rejects[0]})" if rejects else ""
+        expected = f"JSONL objects with {', '.join(fields)}"
+        raise UserError(f"{path}: no usable line; expected {expected}{first}")
+    return records, [r.as_dict() for r in rejects]
+
+
+# Bad lines named one by one on stderr; the JSON output lists them all.
+_WARN_AT_MOST = 20
 
 
 def route(args: argparse.Namespace) -> dict[str, Any]:
@@ -318,17 +333,18 @@ def route(args: argparse.Namespace) -> dict[str, Any]:
             table["instructions"] = _best_instructions(engine)
             args.export.write_text(json.dumps(table, indent=2))
             return {"path": str(args.export), "clusters": len(table["clusters"])}
-        prompts = _route_prompts(args)
+        prompts, lines, rejected = _route_prompts(args)
         predictor, encoder = load_predictor(engine)
     finally:
         engine.dispose()
     embedder = load_embedder(None if encoder == "all-MiniLM-L6-v2" else encoder, device="auto")
     vectors = embedder.embed(prompts)
     results = []
-    for prompt, vector in zip(prompts, vectors, strict=True):
+    for i, (prompt, vector) in enumerate(zip(prompts, vectors, strict=True)):
         ranking = predictor.rank(vector[None, :], text=prompt)
         results.append(
             {
+                **({"line": lines[i]} if lines else {}),
                 "prompt": prompt,
                 "recommended": ranking[0].model,
                 "experts": [
@@ -337,30 +353,19 @@ def route(args: argparse.Namespace) -> dict[str, Any]:
                 ],
             }
         )
-    return {"routes": results}
+    return {"routes": results, **({"rejected": rejected} if args.file else {})}
 
 
-def _route_prompts(args: argparse.Namespace) -> list[str]:
+def _route_prompts(args: argparse.Namespace) -> tuple[list[str], list[int], list[dict[str, Any]]]:
+    """The prompts to route, their line numbers (none for one prompt) and the bad lines."""
     if args.text and args.file:
         raise UserError("give a prompt or --file, not both")
     if args.text:
-        return [args.text]
+        return [args.text], [], []
     if not args.file:
         raise UserError("route needs a prompt, --file F or --export F")
-    prompts = []
-    for number, line in enumerate(args.file.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        if line.lstrip().startswith("{"):
-            try:
-                prompts.append(str(json.loads(line)["prompt"]))
-            except (ValueError, KeyError) as error:
-                raise UserError(
-                    f"{args.file}:{number}: expected a JSON object with prompt"
-                ) from error
-        else:
-            prompts.append(line.strip())
-    return prompts
+    records, rejected = _read_line_file(args.file, ("prompt",), plain_field="prompt")
+    return [r.fields["prompt"] for r in records], [r.line for r in records], rejected
 
 
 def rename(args: argparse.Namespace) -> dict[str, Any]:
@@ -664,6 +669,10 @@ def describe(command: str, result: dict[str, Any]) -> str:
         return (
             f"scored {result['exchanges']} exchanges with reward model {result['reward_model']}"
             f" ({metrics or 'no held-out labels'}){reports}"
+        )
+    if command == "reward":
+        return "\n".join(
+            f"{s.get('line', i + 1)}: {s['reward']:.3f}" for i, s in enumerate(result["scores"])
         )
     if command == "route" and "routes" in result:
         return "\n".join(

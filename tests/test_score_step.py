@@ -130,6 +130,19 @@ def test_score_trains_applies_and_reports_every_cluster(scored_db: str, tmp_path
     assert routed.returncode == 0, routed.stderr
     ranking = json.loads(routed.stdout)["routes"][0]["experts"]
     assert len(ranking) == len(predictor.experts)
+    prompts = tmp_path / "prompts.txt"  # plain lines and JSONL mixed; a bad line is skipped
+    prompts.write_text('Plan a weekend in Lisbon\n{"prompt": "Sort a list"}\n{"prompt": 3}\n')
+    routed = convoscope("route", "--file", str(prompts), "--json", db=scored_db, cwd=tmp_path)
+    assert routed.returncode == 0, routed.stderr
+    answer = json.loads(routed.stdout)
+    assert [(r["line"], r["prompt"]) for r in answer["routes"]] == [
+        (1, "Plan a weekend in Lisbon"),
+        (2, "Sort a list"),
+    ]
+    again = answer["routes"][0]["experts"]  # the same prompt ranks the same (batched: ≈)
+    assert [e["model"] for e in again] == [e["model"] for e in ranking]
+    assert [e["score"] for e in again] == pytest.approx([e["score"] for e in ranking], abs=1e-4)
+    assert [(r["line"], r["field"]) for r in answer["rejected"]] == [(3, "prompt")]
     listing = json.loads(convoscope("clusters", "--json", db=scored_db, cwd=tmp_path).stdout)
     assert all("reward_mean" in c for c in listing["clusters"] if c["level"] == 0)
 
@@ -182,6 +195,7 @@ def test_reward_file_and_a_users_own_reward_model(scored_db: str, tmp_path: Path
     stored = convoscope("reward", "--file", str(pairs), "--json", db=scored_db, cwd=tmp_path)
     assert stored.returncode == 0, stored.stderr  # the stored external model scores the file
     assert json.loads(stored.stdout)["reward_model"] == result["reward_model"]
+    rewards_stored = [s["reward"] for s in json.loads(stored.stdout)["scores"]]
     scored = convoscope(
         "reward", "--file", str(pairs), "--reward-model", str(own), "--json",
         db=scored_db, cwd=tmp_path,
@@ -190,10 +204,25 @@ def test_reward_file_and_a_users_own_reward_model(scored_db: str, tmp_path: Path
     rewards = [s["reward"] for s in json.loads(scored.stdout)["scores"]]
     assert len(rewards) == 2 and all(np.isfinite(rewards))
 
+    # A bad line costs only itself: the good lines around it are scored, with their numbers.
+    mixed = tmp_path / "mixed.jsonl"
+    good = pairs.read_text().splitlines()
+    mixed.write_text("\n".join([good[0], '{"prompt": "no response"}', "", good[1]]) + "\n")
+    partial = convoscope("reward", "--file", str(mixed), "--json", db=scored_db, cwd=tmp_path)
+    assert partial.returncode == 0, partial.stderr
+    answer = json.loads(partial.stdout)
+    assert [s["line"] for s in answer["scores"]] == [1, 4]
+    assert [s["reward"] for s in answer["scores"]] == pytest.approx(rewards_stored)
+    assert answer["rejected"] == [
+        {"file": str(mixed), "line": 2, "field": "response", "reason": "missing"}
+    ]
+    assert "mixed.jsonl:2: field 'response': missing" in partial.stderr
+
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "no response"}\n')
     refused = convoscope("reward", "--file", str(bad), db=scored_db, cwd=tmp_path)
     assert refused.returncode == 2 and "bad.jsonl:1" in refused.stderr
+    assert "no usable line" in refused.stderr
 
 
 def test_reward_train_finetune_then_apply(scored_db: str, tmp_path: Path) -> None:

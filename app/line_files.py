@@ -1,0 +1,84 @@
+"""The small input files `convoscope reward --file` and `route --file` score, line by line.
+
+A bad line costs only itself, as in ingest: it is reported with its file, line, field and
+reason, and the lines around it are still scored, so one stray line in a file of thousands
+never throws the rest away. Each result keeps its line number so callers can join it back.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class LineRecord:
+    """The fields read from one good line."""
+
+    line: int
+    fields: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class LineReject:
+    """Why one line was skipped."""
+
+    file: str
+    line: int
+    field: str | None
+    reason: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}"
+        field = f"field {self.field!r}: " if self.field else ""
+        return f"{where}: {field}{self.reason}"
+
+
+def read_line_file(
+    path: Path, fields: Sequence[str], *, plain_field: str | None = None
+) -> tuple[list[LineRecord], list[LineReject]]:
+    """JSONL objects whose `fields` are strings; with `plain_field`, a line that does not start
+    with `{` is that field's text as it stands. Blank lines are skipped silently."""
+    records: list[LineRecord] = []
+    rejects: list[LineReject] = []
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            try:
+                text = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as error:
+                reason = f"not valid UTF-8 (byte {error.start})"
+                rejects.append(LineReject(str(path), number, None, reason))
+                continue
+            if not text:
+                continue
+            if plain_field is not None and not text.startswith("{"):
+                records.append(LineRecord(number, {plain_field: text}))
+                continue
+            outcome = _parse(text, fields)
+            if isinstance(outcome, tuple):
+                rejects.append(LineReject(str(path), number, *outcome))
+            else:
+                records.append(LineRecord(number, outcome))
+    return records, rejects
+
+
+def _parse(text: str, fields: Sequence[str]) -> dict[str, str] | tuple[str | None, str]:
+    """The line's fields, or (field, reason) when it cannot be used."""
+    try:
+        value = json.loads(text)
+    except ValueError as error:
+        return None, f"not JSON ({error})"
+    if not isinstance(value, dict):
+        return None, f"expected a JSON object with {', '.join(fields)}"
+    for name in fields:
+        if name not in value:
+            return name, "missing"
+        if not isinstance(value[name], str):
+            return name, f"must be a string, not {type(value[name]).__name__}"
+    return {name: value[name] for name in fields}

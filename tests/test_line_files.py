@@ -1,0 +1,50 @@
+"""The line reader behind `reward --file` and `route --file`: bad lines cost only themselves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from app.line_files import read_line_file
+
+
+@pytest.mark.parametrize(
+    ("line", "field", "reason"),
+    [
+        (b"{nope", None, "not JSON"),
+        (b"[1, 2]", None, "expected a JSON object with prompt, response"),
+        (b'{"prompt": "p"}', "response", "missing"),
+        (b'{"prompt": "p", "response": null}', "response", "must be a string, not NoneType"),
+        (b'{"prompt": ["p"], "response": "r"}', "prompt", "must be a string, not list"),
+        (b'{"prompt": "\xff", "response": "r"}', None, "not valid UTF-8"),
+    ],
+)
+def test_a_bad_line_is_named_and_its_neighbours_kept(
+    tmp_path: Path, line: bytes, field: str | None, reason: str
+) -> None:
+    path = tmp_path / "pairs.jsonl"
+    path.write_bytes(
+        b'{"prompt": "a", "response": "b"}\n' + line + b'\n\n{"prompt": "c", "response": "d"}\n'
+    )
+    records, rejects = read_line_file(path, ("prompt", "response"))
+    assert [(r.line, r.fields) for r in records] == [
+        (1, {"prompt": "a", "response": "b"}),
+        (4, {"prompt": "c", "response": "d"}),
+    ]
+    assert len(rejects) == 1
+    reject = rejects[0]
+    assert (reject.file, reject.line, reject.field) == (str(path), 2, field)
+    assert reject.reason.startswith(reason)
+    assert str(reject).startswith(f"{path}:2: ")
+
+
+def test_plain_lines_are_the_plain_field(tmp_path: Path) -> None:
+    path = tmp_path / "prompts.txt"
+    path.write_text('  How do I sort a list?  \n{"prompt": "Plan a trip"}\n{"text": "x"}\n')
+    records, rejects = read_line_file(path, ("prompt",), plain_field="prompt")
+    assert [(r.line, r.fields["prompt"]) for r in records] == [
+        (1, "How do I sort a list?"),
+        (2, "Plan a trip"),
+    ]
+    assert [(r.line, r.field, r.reason) for r in rejects] == [(3, "prompt", "missing")]
