@@ -76,6 +76,7 @@ def test_overview_headline_figures_and_weakest_first(
     assert _metric(at, "Mean reward") not in ("—", "")
     table = at.dataframe[0].value
     assert table["Cluster"].iloc[0] == XSS_NAME  # the weakest, shown as plain text
+    assert at.dataframe[0].proto.placeholder == "—"  # an unknown rate is a dash, not "None"
     weakness = list(table["Weakness"])
     assert weakness == sorted(weakness, reverse=True)
     assert len(at.get("plotly_chart")) == 1

@@ -48,22 +48,26 @@ def hover_text(text: str | None, limit: int = 160) -> str:
     return html.escape(one_line(text, limit), quote=True)
 
 
+# What the UI shows for an unknown value (NULL signal, no CI), in text and in tables alike.
+MISSING = "—"
+
+
 def fmt_float(value: Any, digits: int = 2) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "—"
+        return MISSING
     return f"{float(value):.{digits}f}"
 
 
 def fmt_share(value: Any) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "—"
+        return MISSING
     return f"{100 * float(value):.1f} %"
 
 
 def fmt_ci(ci: Any, digits: int = 2) -> str:
     """[lo, hi] → "lo – hi"; nothing known → "—"."""
     if not ci or len(ci) != 2 or ci[0] is None or ci[1] is None:
-        return "—"
+        return MISSING
     return f"{float(ci[0]):.{digits}f} – {float(ci[1]):.{digits}f}"
 
 

@@ -11,6 +11,7 @@ import streamlit as st
 
 from app.ui import data, shell
 from app.ui.render import (
+    MISSING,
     escape_markdown,
     exchange_block,
     fmt_ci,
@@ -145,7 +146,7 @@ with side:
     st.subheader("Routing")
     if routing:
         r = st.columns(2)
-        r[0].metric("Best expert", one_line(str(routing.get("best_expert") or "—"), 30))
+        r[0].metric("Best expert", one_line(str(routing.get("best_expert") or MISSING), 30))
         r[1].metric(
             "Predicted win rate",
             fmt_share(routing.get("predicted_win_rate")),
@@ -187,6 +188,7 @@ with side:
                 }
             ),
             hide_index=True,
+            placeholder=MISSING,
             width="stretch",
             column_config={"Elo": st.column_config.NumberColumn(format="%.0f")},
         )

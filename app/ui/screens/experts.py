@@ -7,7 +7,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app.ui import data, shell
-from app.ui.render import fmt_ci, hover_text, one_line
+from app.ui.render import MISSING, fmt_ci, hover_text, one_line
 
 c = shell.ctx()
 st.title("Experts")
@@ -44,6 +44,7 @@ with left:
                 tied_with=board["tied_with"].map(lambda t: ", ".join(t)),
             )[["rank", "model", "rating", "ci", "battles", "win_share", "tied_with"]],
             hide_index=True,
+            placeholder=MISSING,
             width="stretch",
             column_config={
                 "rank": "Rank",
@@ -108,6 +109,7 @@ if c.run_id:
         st.dataframe(
             routes.drop(columns=["cluster_id"]),
             hide_index=True,
+            placeholder=MISSING,
             width="stretch",
             column_config={
                 "cluster": st.column_config.TextColumn("Cluster", width="large"),

@@ -6,7 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from app.ui import data, shell
-from app.ui.render import fmt_ci, fmt_float, fmt_share, safe_label
+from app.ui.render import MISSING, fmt_ci, fmt_float, fmt_share, safe_label
 
 c = shell.ctx()
 st.title("Overview")
@@ -82,6 +82,7 @@ max_share = float(max(table["share"].max(), 1e-9))
 selection = st.dataframe(
     shown,
     hide_index=True,
+    placeholder=MISSING,
     width="stretch",
     height=min(38 + 35 * len(shown), 420),
     on_select="rerun",

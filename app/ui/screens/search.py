@@ -7,7 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from app.ui import data, shell
-from app.ui.render import one_line
+from app.ui.render import MISSING, one_line
 
 c = shell.ctx()
 st.title("Search")
@@ -77,6 +77,7 @@ st.caption(f"{len(hits)} hits · select a row to open its cluster")
 selection = st.dataframe(
     shown,
     hide_index=True,
+    placeholder=MISSING,
     width="stretch",
     on_select="rerun",
     selection_mode="single-row",
