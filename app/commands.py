@@ -215,7 +215,7 @@ def score(args: argparse.Namespace) -> dict[str, Any]:
     from scoring.reward_model import FineTuneConfig
     from scoring.reward_step import apply_reward
     from scoring.routing import RoutingConfig
-    from scoring.step import ScoreConfig, score_all, train_reward_only
+    from scoring.step import ScoreConfig, refresh_reports, score_all, train_reward_only
 
     if args.what not in ([], ["reward", "train"], ["reward", "apply"]):
         raise UserError("use `score`, `score reward train` or `score reward apply`")
@@ -248,7 +248,8 @@ def score(args: argparse.Namespace) -> dict[str, Any]:
     engine = open_database(args.db)
     try:
         if args.what == ["reward", "apply"]:
-            return apply_reward(engine, model_id=args.model_id, embed=config.embed)
+            applied = apply_reward(engine, model_id=args.model_id, embed=config.embed)
+            return {**applied, "clusters": refresh_reports(engine, config=config)}
         if args.what == ["reward", "train"]:
             return train_reward_only(engine, config=config)
         return score_all(engine, config=config)
@@ -659,7 +660,8 @@ def describe(command: str, result: dict[str, Any]) -> str:
     if command == "score" and "scorer" in result:
         return (
             f"scored {result['exchanges']} exchanges with stored {result['kind']} "
-            f"{result['reward_model']} (mean reward {result['mean_reward']:.3f})"
+            f"{result['reward_model']} (mean reward {result['mean_reward']:.3f}); "
+            f"{result['clusters']} cluster reports"
         )
     if command == "score":
         metrics = ", ".join(

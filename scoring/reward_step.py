@@ -75,6 +75,12 @@ def exchange_embeddings(
     return matrices[0], matrices[1], name
 
 
+def embed_config_for(encoder: str, embed: EmbedConfig | None = None) -> EmbedConfig:
+    """`embed` (device, batch size...) with the embedder a stored model was trained on."""
+    model = None if encoder == DEFAULT_ENCODER else encoder
+    return EmbedConfig(**{**asdict(embed or EmbedConfig()), "model": model})
+
+
 def head_inputs(
     prompts: np.ndarray,
     responses: np.ndarray,
@@ -251,11 +257,7 @@ def apply_reward(
         raise ValueError("no exchanges stored: ingest some first")
     frame["response"] = frame["response"].fillna("")
     if stored["kind"] == "reward_head":
-        encoder = stored["config"].get("encoder", DEFAULT_ENCODER)
-        config = embed or EmbedConfig()
-        config = EmbedConfig(
-            **{**asdict(config), "model": None if encoder == DEFAULT_ENCODER else encoder}
-        )
+        config = embed_config_for(stored["config"].get("encoder", DEFAULT_ENCODER), embed)
         prompts, responses, _ = exchange_embeddings(engine, list(frame["id"]), config)
         features = head_inputs(prompts, responses, frame, _head_features(stored))
         scores = _head(stored).score(features)

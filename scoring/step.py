@@ -37,11 +37,12 @@ from scoring.reward_step import (
     use_external,
 )
 from scoring.routing import RoutingConfig, cluster_routes, routing_table
-from scoring.weakness import WeaknessConfig, rank_clusters
+from scoring.weakness import ClusterWeakness, WeaknessConfig, rank_clusters
 from storage.clusters import latest_run, load_assignments, load_clusters
 from storage.logs import iter_exchanges, load_battles
 from storage.models import latest_model, save_model
-from storage.reports import save_cluster_reports
+from storage.reports import load_cluster_reports, save_cluster_reports
+from storage.scores import latest_scores
 
 SIGNAL_COLUMNS = (
     "id",
@@ -160,6 +161,62 @@ def train_reward_only(engine: Engine, *, config: ScoreConfig) -> dict[str, Any]:
         "mode": "external" if config.reward_model_dir else config.mode,
         "reward_model": reward.model_id,
         "reward_metrics": reward.metrics,
+        "clusters": refresh_reports(engine, config=config),
+    }
+
+
+def refresh_reports(engine: Engine, *, config: ScoreConfig) -> int:
+    """Re-aggregate the cluster reports' reward figures (mean, CI, weakness and its reason)
+    from the newest reward scores, so that after `score reward train|apply` the cluster table
+    never shows an older model's rewards beside the new ones. Routing suggestions and
+    leaderboards do not depend on rewards: they are kept as `score` made them."""
+    run = latest_run(engine, on_field=config.on)
+    rewards = latest_scores(engine, prefix="reward:")
+    if run is None or not rewards:
+        return 0
+    frame = _exchange_frame(engine)
+    frame = frame[frame["id"].isin(rewards.keys())].reset_index(drop=True)
+    assignment = load_assignments(engine, run["id"])
+    data = _cluster_data(frame, frame["id"].map(rewards).to_numpy(dtype=float), assignment)
+    if data.empty:
+        return 0
+    before = load_cluster_reports(engine, run["id"])
+    battles = pd.DataFrame(load_battles(engine))
+    reports = {}
+    for w in rank_clusters(data, config=WeaknessConfig()):
+        kept = before.get(w.cluster_id) or {
+            "leaderboard": _cluster_leaderboard(battles, assignment, w.cluster_id, config),
+            "routing": None,
+        }
+        reports[w.cluster_id] = {**kept, **_reward_figures(w)}
+    save_cluster_reports(engine, run["id"], reports)
+    return len(reports)
+
+
+def _cluster_data(
+    frame: pd.DataFrame, rewards: np.ndarray, assignment: dict[str, str | None]
+) -> pd.DataFrame:
+    """The assigned exchanges' behaviour signals, model, cluster and reward."""
+    cluster_of = frame["id"].map(assignment)
+    assigned = cluster_of.notna().to_numpy()
+    data = frame.loc[assigned, ["retried", "edited", "ended_conversation", "model"]].copy()
+    data["cluster_id"] = cluster_of[assigned].to_numpy()
+    data["reward"] = rewards[assigned]
+    return data
+
+
+def _reward_figures(w: ClusterWeakness) -> dict[str, Any]:
+    """The part of a cluster report that follows from its rewards and behaviour signals."""
+    return {
+        "n": w.n,
+        "share": w.traffic_share,
+        "reward_mean": w.mean_reward,
+        "reward_ci": [w.reward_lower, w.reward_upper],
+        "retry_rate": w.retry_rate,
+        "edit_rate": w.edit_rate,
+        "end_rate": w.end_rate,
+        "weakness": w.weakness,
+        "reason": w.reason,
     }
 
 
@@ -244,11 +301,8 @@ def _cluster_reports(
     if run is None:
         return 0
     assignment = load_assignments(engine, run["id"])
-    cluster_of = frame["id"].map(assignment)
-    assigned = cluster_of.notna().to_numpy()
-    data = frame.loc[assigned, ["retried", "edited", "ended_conversation", "model"]].copy()
-    data["cluster_id"] = cluster_of[assigned].to_numpy()
-    data["reward"] = rewards[assigned]
+    data = _cluster_data(frame, rewards, assignment)
+    assigned = frame["id"].map(assignment).notna().to_numpy()
     if data.empty:
         return 0
     weakness = {w.cluster_id: w for w in rank_clusters(data, config=WeaknessConfig())}
@@ -269,15 +323,7 @@ def _cluster_reports(
         route = routes.get(cluster_id)
         served = data.loc[data["cluster_id"] == cluster_id, "model"].value_counts(normalize=True)
         reports[cluster_id] = {
-            "n": w.n,
-            "share": w.traffic_share,
-            "reward_mean": w.mean_reward,
-            "reward_ci": [w.reward_lower, w.reward_upper],
-            "retry_rate": w.retry_rate,
-            "edit_rate": w.edit_rate,
-            "end_rate": w.end_rate,
-            "weakness": w.weakness,
-            "reason": w.reason,
+            **_reward_figures(w),
             "leaderboard": _cluster_leaderboard(battles, assignment, cluster_id, config),
             "routing": None
             if route is None

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sqlalchemy.engine import Engine
 
 from clustering.stages import kmeans_clusterer, pca_reducer
 from clustering.step import ClusterStepConfig, cluster_exchanges
@@ -16,6 +17,7 @@ from clustering.topics import ClusterConfig
 from ingest.embed_step import EmbedConfig
 from ingest.pipeline import IngestConfig, ingest_paths
 from scoring.step import ScoreConfig, load_predictor, load_routing_table, score_all
+from storage.clusters import latest_run, load_assignments
 from storage.engine import open_database
 from storage.reports import load_cluster_reports
 from storage.scores import latest_scores
@@ -97,8 +99,6 @@ def test_score_trains_applies_and_reports_every_cluster(scored_db: str, tmp_path
     again = latest_scores(engine, prefix="reward:")
     assert all(again[i] == pytest.approx(r, abs=1e-5) for i, r in rewards.items())
 
-    from storage.clusters import latest_run
-
     reports = load_cluster_reports(engine, latest_run(engine)["id"])
     weakest = next(iter(reports.values()))
     assert {"reward_mean", "reward_ci", "weakness", "reason", "routing"} <= set(weakest)
@@ -152,6 +152,19 @@ def test_score_trains_applies_and_reports_every_cluster(scored_db: str, tmp_path
     answer = json.loads(scored.stdout)
     assert answer["reward_model"] == result["reward_model"]
     assert len(answer["scores"]) == 2 and all(np.isfinite(s["reward"]) for s in answer["scores"])
+
+    # `score reward apply` re-aggregates the reports' rewards and keeps the routing `score`
+    # made (with its costs) without being given them again.
+    applied = convoscope("score", "reward", "apply", "--json", db=scored_db, cwd=tmp_path)
+    assert applied.returncode == 0, applied.stderr
+    assert json.loads(applied.stdout)["clusters"] == 6
+    engine = open_database(scored_db)
+    after = load_cluster_reports(engine, latest_run(engine)["id"])
+    assert {k: r["routing"] for k, r in after.items()} == {
+        k: r["routing"] for k, r in reports.items()
+    }
+    _assert_reports_use(engine, latest_scores(engine, prefix="reward:"))
+    engine.dispose()
 
 
 @pytest.mark.parametrize(
@@ -244,6 +257,8 @@ def test_reward_train_finetune_then_apply(scored_db: str, tmp_path: Path) -> Non
     assert "backbone/config.json" in stored["files"] and "head.pt" in stored["files"]
     before = latest_scores(engine, prefix="reward:")
     assert len(before) == result["exchanges"]
+    _assert_reports_use(engine, before)  # the cluster table moved to the new model's rewards
+    assert result["clusters"] > 0
 
     applied = apply_reward(engine, model_id=result["reward_model"])
     assert applied["exchanges"] == result["exchanges"] and applied["kind"] == "reward_finetuned"
@@ -254,5 +269,23 @@ def test_reward_train_finetune_then_apply(scored_db: str, tmp_path: Path) -> Non
         apply_reward(engine, model_id="nope")
     engine.dispose()
 
+    reapplied = convoscope("score", "reward", "apply", "--json", db=scored_db, cwd=tmp_path)
+    assert reapplied.returncode == 0, reapplied.stderr
+    assert json.loads(reapplied.stdout)["clusters"] == result["clusters"]
+
     wrong = convoscope("score", "reward", "fit", db=scored_db, cwd=tmp_path)
     assert wrong.returncode == 2 and "score reward train" in wrong.stderr
+
+
+def _assert_reports_use(engine: Engine, rewards: dict[str, float]) -> None:
+    """Every cluster report's mean reward is the mean of `rewards` over its members."""
+    run = latest_run(engine, on_field="prompt")
+    assert run is not None
+    members: dict[str, list[float]] = {}
+    for exchange_id, cluster_id in load_assignments(engine, run["id"]).items():
+        if cluster_id is not None:
+            members.setdefault(cluster_id, []).append(rewards[exchange_id])
+    reports = load_cluster_reports(engine, run["id"])
+    assert reports and set(reports) <= set(members)
+    for cluster_id, report in reports.items():
+        assert report["reward_mean"] == pytest.approx(np.mean(members[cluster_id]), abs=1e-6)
