@@ -106,7 +106,7 @@ with form_side:
 
     if key_env.strip() and not os.environ.get(key_env.strip()):
         st.caption(
-            f"`{escape_markdown(key_env.strip())}` is not set: a placeholder key is sent "
+            f"{escape_markdown(key_env.strip())} is not set: a placeholder key is sent "
             "(enough for local servers)."
         )
 
