@@ -13,6 +13,7 @@ replayed answers get rewards comparable with the old ones.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 from collections.abc import Sequence
@@ -138,11 +139,9 @@ def train_head(
     features = head_inputs(prompts, responses, frame, features_kind)
     label = labels["label"].to_numpy(dtype=float)
     weight = labels["weight"].to_numpy(dtype=float)
+    train_pairs = battle_pairs(frame, battles, ~holdout)
     head = RewardHead(config).fit(
-        features,
-        labels=np.where(holdout, np.nan, label),
-        weights=weight,
-        pairs=battle_pairs(frame, battles, ~holdout),
+        features, labels=np.where(holdout, np.nan, label), weights=weight, pairs=train_pairs
     )
     scores = head.score(features)
     metrics = reward_metrics(scores, label, holdout, battle_pairs(frame, battles, holdout))
@@ -152,7 +151,8 @@ def train_head(
         "encoder": encoder,
         "features": features_kind,
     }
-    return _version(engine, "reward_head", head, config_record, metrics, frame, scores)
+    fingerprint = training_fingerprint(frame["id"], label, weight, holdout, train_pairs)
+    return _version(engine, "reward_head", head, config_record, metrics, frame, scores, fingerprint)
 
 
 def train_finetuned(
@@ -172,17 +172,40 @@ def train_finetuned(
     weight = labels["weight"].to_numpy(dtype=float)
     prompts = model_prompts(engine, frame)
     responses = frame["response"].fillna("").tolist()
+    train_pairs = battle_pairs(frame, battles, ~holdout)
     model = TransformerReward(config).fit(
         prompts,
         responses,
         labels=np.where(holdout, np.nan, label),
         weights=weight,
-        pairs=battle_pairs(frame, battles, ~holdout),
+        pairs=train_pairs,
     )
     scores = model.score(prompts, responses)
     metrics = reward_metrics(scores, label, holdout, battle_pairs(frame, battles, holdout))
     config_record = {"finetune": asdict(config), "labels": asdict(label_config)}
-    return _version(engine, "reward_finetuned", model, config_record, metrics, frame, scores)
+    fingerprint = training_fingerprint(frame["id"], label, weight, holdout, train_pairs)
+    return _version(
+        engine, "reward_finetuned", model, config_record, metrics, frame, scores, fingerprint
+    )
+
+
+def training_fingerprint(
+    ids: Sequence[str],
+    label: np.ndarray,
+    weight: np.ndarray,
+    holdout: np.ndarray,
+    pairs: Pairs | None,
+) -> str:
+    """sha256 of what a reward model learnt from: the exchanges, their joint labels and
+    weights, the held-out split and the training battles. Two versions with the same
+    fingerprint saw the same data; any new log, label or battle changes it."""
+    digest = hashlib.sha256("\n".join(ids).encode())
+    for array in (label, weight, holdout):
+        digest.update(np.ascontiguousarray(array, dtype=np.float64).tobytes())
+    if pairs is not None:
+        for array in (pairs.a, pairs.b, pairs.outcome):
+            digest.update(np.ascontiguousarray(array, dtype=np.float64).tobytes())
+    return digest.hexdigest()
 
 
 def _version(
@@ -193,9 +216,10 @@ def _version(
     metrics: dict[str, Any],
     frame: pd.DataFrame,
     scores: np.ndarray,
+    fingerprint: str,
 ) -> TrainedReward:
-    """Store a trained model as a new version (its files, config and held-out metrics) and
-    the scores it gave every exchange."""
+    """Store a trained model as a new version (its files, config, held-out metrics and the
+    fingerprint of its training data) and the scores it gave every exchange."""
     with tempfile.TemporaryDirectory() as tmp:
         model.save(tmp)
         files = {
@@ -207,7 +231,7 @@ def _version(
         files=files,
         config=config,
         metrics=metrics,
-        data_fingerprint=str(len(frame)),
+        data_fingerprint=fingerprint,
     )
     _store(engine, model_id, frame, scores)
     return TrainedReward(model_id, scores, metrics)

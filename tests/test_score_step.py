@@ -255,6 +255,7 @@ def test_reward_train_finetune_then_apply(scored_db: str, tmp_path: Path) -> Non
     stored = latest_model(engine, "reward_finetuned")
     assert stored is not None and stored["id"] == result["reward_model"]
     assert "backbone/config.json" in stored["files"] and "head.pt" in stored["files"]
+    assert len(stored["data_fingerprint"]) == 64  # sha256 of the data it learnt from
     before = latest_scores(engine, prefix="reward:")
     assert len(before) == result["exchanges"]
     _assert_reports_use(engine, before)  # the cluster table moved to the new model's rewards

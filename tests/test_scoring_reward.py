@@ -189,3 +189,27 @@ def test_text_features_flag_degenerate_answers() -> None:
     assert f.loc[2, "cjk_mismatch"] == 1 and f.loc[0, "cjk_mismatch"] == 0
     assert f.loc[2, "non_ascii_gap"] > 0.5
     assert f.loc[3, "echoes_prompt"] == 1 and f.loc[0, "echoes_prompt"] == 0
+
+
+def test_training_fingerprint_changes_with_any_training_data() -> None:
+    from scoring.reward_step import training_fingerprint
+
+    ids = ["e1", "e2", "e3"]
+    label = np.array([1.0, np.nan, 0.0])
+    weight = np.array([1.0, 0.0, 2.0])
+    holdout = np.array([False, False, True])
+    pairs = Pairs(np.array([0]), np.array([1]), np.array([1.0]))
+    base = training_fingerprint(ids, label, weight, holdout, pairs)
+    assert base == training_fingerprint(list(ids), label.copy(), weight, holdout, pairs)
+    assert len(base) == 64
+    changed = [
+        training_fingerprint(["e1", "e2", "e4"], label, weight, holdout, pairs),
+        training_fingerprint(ids, np.array([1.0, np.nan, 1.0]), weight, holdout, pairs),
+        training_fingerprint(ids, label, np.array([1.0, 0.0, 1.0]), holdout, pairs),
+        training_fingerprint(ids, label, weight, np.array([True, False, False]), pairs),
+        training_fingerprint(
+            ids, label, weight, holdout, Pairs(np.array([0]), np.array([1]), np.array([0.0]))
+        ),
+        training_fingerprint(ids, label, weight, holdout, None),
+    ]
+    assert base not in changed and len(set(changed)) == len(changed)
