@@ -161,27 +161,39 @@ def train_reward_only(engine: Engine, *, config: ScoreConfig) -> dict[str, Any]:
         "mode": "external" if config.reward_model_dir else config.mode,
         "reward_model": reward.model_id,
         "reward_metrics": reward.metrics,
-        "clusters": refresh_reports(engine, config=config),
+        "clusters": _refresh_reports(engine, frame, reward.scores, battles, config),
     }
 
 
 def refresh_reports(engine: Engine, *, config: ScoreConfig) -> int:
     """Re-aggregate the cluster reports' reward figures (mean, CI, weakness and its reason)
-    from the newest reward scores, so that after `score reward train|apply` the cluster table
-    never shows an older model's rewards beside the new ones. Routing suggestions and
-    leaderboards do not depend on rewards: they are kept as `score` made them."""
-    run = latest_run(engine, on_field=config.on)
+    from the newest stored reward scores, so that after `score reward train|apply` the
+    cluster table never shows an older model's rewards beside the new ones. Routing
+    suggestions and leaderboards do not depend on rewards: they are kept as `score` made
+    them. Returns how many reports were written."""
     rewards = latest_scores(engine, prefix="reward:")
-    if run is None or not rewards:
-        return 0
     frame = _exchange_frame(engine)
     frame = frame[frame["id"].isin(rewards.keys())].reset_index(drop=True)
+    scores = frame["id"].map(rewards).to_numpy(dtype=float)
+    return _refresh_reports(engine, frame, scores, pd.DataFrame(load_battles(engine)), config)
+
+
+def _refresh_reports(
+    engine: Engine,
+    frame: pd.DataFrame,
+    rewards: np.ndarray,
+    battles: pd.DataFrame,
+    config: ScoreConfig,
+) -> int:
+    """`refresh_reports` for rewards already in hand (one per row of `frame`)."""
+    run = latest_run(engine, on_field=config.on)
+    if run is None or frame.empty:
+        return 0
     assignment = load_assignments(engine, run["id"])
-    data = _cluster_data(frame, frame["id"].map(rewards).to_numpy(dtype=float), assignment)
+    data = _cluster_data(frame, rewards, assignment)
     if data.empty:
         return 0
     before = load_cluster_reports(engine, run["id"])
-    battles = pd.DataFrame(load_battles(engine))
     reports = {}
     for w in rank_clusters(data, config=WeaknessConfig()):
         kept = before.get(w.cluster_id) or {
@@ -196,12 +208,14 @@ def refresh_reports(engine: Engine, *, config: ScoreConfig) -> int:
 def _cluster_data(
     frame: pd.DataFrame, rewards: np.ndarray, assignment: dict[str, str | None]
 ) -> pd.DataFrame:
-    """The assigned exchanges' behaviour signals, model, cluster and reward."""
-    cluster_of = frame["id"].map(assignment)
-    assigned = cluster_of.notna().to_numpy()
-    data = frame.loc[assigned, ["retried", "edited", "ended_conversation", "model"]].copy()
-    data["cluster_id"] = cluster_of[assigned].to_numpy()
-    data["reward"] = rewards[assigned]
+    """The assigned exchanges' behaviour signals, model, cluster and reward, indexed by their
+    row positions in `frame`."""
+    cluster_of = frame["id"].map(assignment).to_numpy()
+    rows = np.flatnonzero(pd.notna(cluster_of))
+    columns = ["retried", "edited", "ended_conversation", "model"]
+    data = frame.iloc[rows][columns].set_axis(rows)
+    data["cluster_id"] = cluster_of[rows]
+    data["reward"] = rewards[rows]
     return data
 
 
@@ -302,7 +316,7 @@ def _cluster_reports(
         return 0
     assignment = load_assignments(engine, run["id"])
     data = _cluster_data(frame, rewards, assignment)
-    assigned = frame["id"].map(assignment).notna().to_numpy()
+    rows = data.index.to_numpy()
     if data.empty:
         return 0
     weakness = {w.cluster_id: w for w in rank_clusters(data, config=WeaknessConfig())}
@@ -310,12 +324,12 @@ def _cluster_reports(
     if predictor is not None:
         routed = cluster_routes(
             predictor,
-            prompts[assigned],
+            prompts[rows],
             data["cluster_id"].to_numpy(),
             served_by=data["model"].fillna("").to_numpy(),
             costs=config.costs,
             config=config.routing,
-            texts=list(frame.loc[assigned, "prompt"].fillna("")),
+            texts=list(frame["prompt"].iloc[rows].fillna("")),
         )
         routes = {r.cluster_id: r for r in routed}
     reports: dict[str, dict[str, Any]] = {}
