@@ -184,11 +184,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     score.add_argument(
         "--mode",
-        choices=["head", "finetune"],
+        choices=["head", "finetune", "ensemble"],
         default="head",
-        help="head: on stored embeddings (seconds); finetune: the bundled MiniLM (minutes)",
+        help="head: on stored embeddings (seconds); finetune: the bundled MiniLM (minutes); "
+        "ensemble: both, their standardised scores summed (the most accurate; use a GPU)",
     )
-    score.add_argument("--steps", type=int, default=300, help="fine-tuning steps (--mode finetune)")
+    score.add_argument(
+        "--steps", type=int, default=300, help="fine-tuning steps (--mode finetune|ensemble)"
+    )
+    score.add_argument(
+        "--max-length", type=int, default=128, help="tokens the fine-tuned model reads (≤ 512)"
+    )
+    score.add_argument(
+        "--finetune-batch-size",
+        type=int,
+        default=16,
+        help="texts per fine-tuning step (--batch-size is the embedder's)",
+    )
     score.add_argument("--model-id", help="the stored reward model `score reward apply` uses")
     score.add_argument("--alpha-retry", type=float, default=1.0, help="weight of retries")
     score.add_argument("--alpha-edit", type=float, default=1.0, help="weight of edits")

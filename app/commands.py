@@ -221,6 +221,10 @@ def score(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError("use `score`, `score reward train` or `score reward apply`")
     if args.steps < 1:
         raise UserError("--steps must be at least 1")
+    if not 8 <= args.max_length <= 512:
+        raise UserError("--max-length must be between 8 and 512 tokens (MiniLM reads 512 at most)")
+    if args.finetune_batch_size < 4:
+        raise UserError("--finetune-batch-size must be at least 4")
     if not 0 <= args.cost_tolerance <= 1:
         raise UserError("--cost-tolerance is a win-rate difference, between 0 and 1")
     costs = _expert_costs(args.costs) if args.costs else None
@@ -239,7 +243,12 @@ def score(args: argparse.Namespace) -> dict[str, Any]:
         ),
         head=HeadConfig(epochs=args.epochs),
         mode=args.mode,
-        finetune=FineTuneConfig(steps=args.steps, device=args.device),
+        finetune=FineTuneConfig(
+            steps=args.steps,
+            max_length=args.max_length,
+            batch_size=args.finetune_batch_size,
+            device=args.device,
+        ),
         reward_model_dir=args.reward_model,
         routing=RoutingConfig(tolerance=args.cost_tolerance),
         costs=costs,

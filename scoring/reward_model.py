@@ -4,7 +4,8 @@ The default backbone is the bundled all-MiniLM-L6-v2, loaded with `transformers`
 local directory (no hub). Input is the text pair (context + prompt, response); a linear head
 on the mean-pooled output gives a reward logit. It trains on behaviour labels (weighted
 cross-entropy) and on battles (Bradley–Terry loss on the logit difference) together. Defaults
-are sized for a CPU (128 tokens, a few hundred steps); a GPU is used when present. A user's own
+are sized for a CPU (128 tokens, a few hundred steps); a GPU is used when present, in bf16
+(on an H200, 512 tokens and 1,600 steps of 32 battles take two minutes). A user's own
 sequence-classification reward model directory can be loaded instead (`SequenceClassifierReward`).
 """
 
@@ -47,6 +48,7 @@ class FineTuneConfig:
     lr: float = 3e-5
     head_lr: float = 1e-3
     weight_decay: float = 0.01
+    warmup: float = 0.06  # share of the steps with a rising learning rate, then linear decay
     pair_weight: float = 1.0
     device: str = "auto"
     seed: int = 0
@@ -65,7 +67,7 @@ class TransformerReward(torch.nn.Module):
         self.config = config
         path = config.backbone or default_backbone()
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.backbone = AutoModel.from_pretrained(path)
+        self.backbone = AutoModel.from_pretrained(path, dtype=torch.float32)
         self.head = torch.nn.Linear(self.backbone.config.hidden_size, 1)
         self.device_ = pick_device(config.device)
         self.to(self.device_)
@@ -79,9 +81,11 @@ class TransformerReward(torch.nn.Module):
             padding=True,
             return_tensors="pt",
         ).to(self.device_)
-        hidden = self.backbone(**enc).last_hidden_state
+        # bf16 on a GPU: twice the throughput, and the pooled logit needs no more precision.
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device_.type == "cuda"):
+            hidden = self.backbone(**enc).last_hidden_state
         mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        pooled = ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)).float()
         return self.head(pooled).squeeze(-1)
 
     def fit(
@@ -111,6 +115,10 @@ class TransformerReward(torch.nn.Module):
             ],
             weight_decay=cfg.weight_decay,
         )
+        warm = max(1, int(cfg.warmup * cfg.steps))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min((s + 1) / warm, max(0.0, (cfg.steps - s) / (cfg.steps - warm + 1)))
+        )
         bce = torch.nn.functional.binary_cross_entropy_with_logits
         half = cfg.batch_size // 2 if len(point) and n_pairs else cfg.batch_size
         self.train()
@@ -131,6 +139,7 @@ class TransformerReward(torch.nn.Module):
                 loss = loss + cfg.pair_weight * bce(d, y)
             loss.backward()
             opt.step()
+            schedule.step()
         self.eval()
         return self
 

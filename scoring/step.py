@@ -32,6 +32,7 @@ from scoring.reward_model import FineTuneConfig
 from scoring.reward_step import (
     TrainedReward,
     exchange_embeddings,
+    train_ensemble,
     train_finetuned,
     train_head,
     use_external,
@@ -70,7 +71,7 @@ class ScoreConfig:
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     holdout_share: float = 0.2
     seed: int = 0
-    mode: str = "head"  # head (on stored embeddings) | finetune (the transformer)
+    mode: str = "head"  # head (on stored embeddings) | finetune (the transformer) | ensemble
     finetune: FineTuneConfig = field(default_factory=FineTuneConfig)
     reward_model_dir: str | None = None  # a user's own sequence-classification reward model
     costs: dict[str, float] | None = None  # per expert (any unit): enables the cheapest choice
@@ -133,12 +134,25 @@ def train_reward(
             config=config.finetune,
             label_config=config.labels,
         )
-    if config.mode != "head":
-        raise ValueError(f"unknown reward mode {config.mode!r}: use head or finetune")
+    if config.mode not in ("head", "ensemble"):
+        raise ValueError(f"unknown reward mode {config.mode!r}: use head, finetune or ensemble")
+    embedded = embedded or exchange_embeddings(engine, list(frame["id"]), config.embed)
+    if config.mode == "ensemble":
+        return train_ensemble(
+            engine,
+            frame,
+            embedded,
+            labels,
+            battles,
+            holdout,
+            head_config=config.head,
+            finetune_config=config.finetune,
+            label_config=config.labels,
+        )
     return train_head(
         engine,
         frame,
-        embedded or exchange_embeddings(engine, list(frame["id"]), config.embed),
+        embedded,
         labels,
         battles,
         holdout,

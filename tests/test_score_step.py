@@ -187,6 +187,24 @@ def test_score_refuses_a_bad_costs_file(tmp_path: Path, content: str | None, mes
     assert "costs.json" in refused.stderr
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--steps", "0"], "--steps must be at least 1"),
+        (["--max-length", "1024"], "--max-length must be between 8 and 512"),
+        (["--finetune-batch-size", "1"], "--finetune-batch-size must be at least 4"),
+    ],
+)
+def test_score_refuses_bad_fine_tuning_flags(
+    tmp_path: Path, flags: list[str], message: str
+) -> None:
+    db = f"duckdb:///{tmp_path / 'empty.duckdb'}"
+    refused = convoscope(
+        "score", "reward", "train", "--mode", "ensemble", *flags, db=db, cwd=tmp_path
+    )
+    assert refused.returncode == 2 and message in refused.stderr
+
+
 def test_reward_file_and_a_users_own_reward_model(scored_db: str, tmp_path: Path) -> None:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -276,6 +294,52 @@ def test_reward_train_finetune_then_apply(scored_db: str, tmp_path: Path) -> Non
 
     wrong = convoscope("score", "reward", "fit", db=scored_db, cwd=tmp_path)
     assert wrong.returncode == 2 and "score reward train" in wrong.stderr
+
+    _assert_ensemble_trains_and_applies(scored_db, tmp_path)
+
+
+def _assert_ensemble_trains_and_applies(scored_db: str, tmp_path: Path) -> None:
+    """`--mode ensemble` stores a head, a fine-tuned model and their ensemble (the newest);
+    its rewards are the sum of the members' standardised rewards, and `apply` and
+    `reward --file` use it."""
+    from scoring.reward_step import REWARD_KINDS, Ensemble, apply_reward
+    from storage.models import latest_model, load_model
+    from storage.scores import load_scores
+
+    trained = convoscope(
+        "score", "reward", "train", "--mode", "ensemble", "--steps", "2", "--device", "cpu",
+        "--json", db=scored_db, cwd=tmp_path,
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr
+    result = json.loads(trained.stdout)
+    assert result["mode"] == "ensemble" and "battle_pairwise_accuracy" in result["reward_metrics"]
+    engine = open_database(scored_db)
+    stored = latest_model(engine, REWARD_KINDS)
+    assert stored is not None and stored["kind"] == "reward_ensemble"
+    assert stored["id"] == result["reward_model"]
+    ensemble = Ensemble.load(stored)
+    kinds = [load_model(engine, member)["kind"] for member, _, _ in ensemble.members]
+    assert kinds == ["reward_head", "reward_finetuned"]
+    assert set(result["reward_metrics"]["members"]) == {m for m, _, _ in ensemble.members}
+    rewards = load_scores(engine, f"reward:{stored['id']}")
+    parts = [load_scores(engine, f"reward:{member}") for member, _, _ in ensemble.members]
+    ids = sorted(rewards)
+    expected = ensemble.combine([np.array([part[i] for i in ids]) for part in parts])
+    assert [rewards[i] for i in ids] == pytest.approx(expected.tolist(), abs=1e-6)
+    assert abs(float(np.mean(expected))) < 1.0  # standardised on the training rows
+
+    applied = apply_reward(engine)
+    assert applied["reward_model"] == stored["id"] and applied["kind"] == "reward_ensemble"
+    again = load_scores(engine, f"reward:{stored['id']}")
+    assert [again[i] for i in ids] == pytest.approx([rewards[i] for i in ids], abs=1e-4)
+    engine.dispose()
+
+    pairs = _pairs_file(tmp_path / "pairs.jsonl")
+    scored = convoscope("reward", "--file", str(pairs), "--json", db=scored_db, cwd=tmp_path)
+    assert scored.returncode == 0, scored.stderr
+    answer = json.loads(scored.stdout)
+    assert answer["reward_model"] == stored["id"] and len(answer["scores"]) == 2
+    assert all(np.isfinite([s["reward"] for s in answer["scores"]]))
 
 
 def _assert_reports_use(engine: Engine, rewards: dict[str, float]) -> None:
