@@ -198,24 +198,11 @@ def main() -> None:
     parser.add_argument("--folds", default="0,1,2,3,4", help="held-out folds, in order")
     parser.add_argument("--budget", type=float, default=float("inf"), help="seconds for --train")
     args = parser.parse_args()
-    folds = [int(k) for k in args.folds.split(",")]
-    if args.prepare:
-        prepare(args.prepare)
-    elif args.train:
-        train(
-            args.train,
-            args.out,
-            steps=args.steps,
-            max_length=args.max_length,
-            batch_size=args.batch_size,
-            budget=args.budget,
-            folds=folds,
-        )
-    elif args.report:
-        report(args.data or Path("/tmp/convoscope_bench/finetune_data"), args.report)
-    else:
-        data = Path("/tmp/convoscope_bench/finetune_data")
+    everything = not (args.prepare or args.train or args.report)
+    data = args.prepare or args.train or args.data or Path("/tmp/convoscope_bench/finetune_data")
+    if args.prepare or everything:
         prepare(data)
+    if args.train or everything:
         train(
             data,
             args.out,
@@ -223,9 +210,10 @@ def main() -> None:
             max_length=args.max_length,
             batch_size=args.batch_size,
             budget=args.budget,
-            folds=folds,
+            folds=[int(k) for k in args.folds.split(",")],
         )
-        report(data, args.out)
+    if args.report or everything:
+        report(data, args.report or args.out)
 
 
 if __name__ == "__main__":

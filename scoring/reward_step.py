@@ -234,39 +234,16 @@ class Ensemble:
 
 def train_ensemble(
     engine: Engine,
+    members: Sequence[TrainedReward],
     frame: pd.DataFrame,
-    embedded: tuple[np.ndarray, np.ndarray, str],
     labels: pd.DataFrame,
     battles: pd.DataFrame,
     holdout: np.ndarray,
     *,
-    head_config: HeadConfig,
-    finetune_config: FineTuneConfig,
     label_config: LabelConfig,
 ) -> TrainedReward:
-    """Train the head and the fine-tuned model on the same split, store each, then store
-    their ensemble (the newest model, so `apply` and the reports use it)."""
-    members = [
-        train_head(
-            engine,
-            frame,
-            embedded,
-            labels,
-            battles,
-            holdout,
-            config=head_config,
-            label_config=label_config,
-        ),
-        train_finetuned(
-            engine,
-            frame,
-            labels,
-            battles,
-            holdout,
-            config=finetune_config,
-            label_config=label_config,
-        ),
-    ]
+    """Store the ensemble of models just trained (and stored) on the same split: the newest
+    model, so `apply` and the reports use it."""
     ensemble = Ensemble.of(members, ~holdout)
     scores = ensemble.combine([m.scores for m in members])
     label = labels["label"].to_numpy(dtype=float)

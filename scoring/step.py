@@ -123,41 +123,39 @@ def train_reward(
     row of `frame`; `embedded` = (prompt vectors, response vectors, encoder) for the head."""
     if config.reward_model_dir:
         return use_external(engine, frame, labels, battles, config.reward_model_dir)
-    holdout = _holdout(frame["conversation_id"], config.holdout_share, config.seed)
-    if config.mode == "finetune":
-        return train_finetuned(
-            engine,
-            frame,
-            labels,
-            battles,
-            holdout,
-            config=config.finetune,
-            label_config=config.labels,
-        )
-    if config.mode not in ("head", "ensemble"):
+    if config.mode not in ("head", "finetune", "ensemble"):
         raise ValueError(f"unknown reward mode {config.mode!r}: use head, finetune or ensemble")
-    embedded = embedded or exchange_embeddings(engine, list(frame["id"]), config.embed)
-    if config.mode == "ensemble":
-        return train_ensemble(
-            engine,
-            frame,
-            embedded,
-            labels,
-            battles,
-            holdout,
-            head_config=config.head,
-            finetune_config=config.finetune,
-            label_config=config.labels,
+    holdout = _holdout(frame["conversation_id"], config.holdout_share, config.seed)
+    members = []
+    if config.mode in ("head", "ensemble"):
+        members.append(
+            train_head(
+                engine,
+                frame,
+                embedded or exchange_embeddings(engine, list(frame["id"]), config.embed),
+                labels,
+                battles,
+                holdout,
+                config=config.head,
+                label_config=config.labels,
+            )
         )
-    return train_head(
-        engine,
-        frame,
-        embedded,
-        labels,
-        battles,
-        holdout,
-        config=config.head,
-        label_config=config.labels,
+    if config.mode in ("finetune", "ensemble"):
+        members.append(
+            train_finetuned(
+                engine,
+                frame,
+                labels,
+                battles,
+                holdout,
+                config=config.finetune,
+                label_config=config.labels,
+            )
+        )
+    if len(members) == 1:
+        return members[0]
+    return train_ensemble(
+        engine, members, frame, labels, battles, holdout, label_config=config.labels
     )
 
 
