@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -51,34 +52,37 @@ def prepare(directory: Path) -> None:
         fold=fold_of_prompt[df["prompt_id"].to_numpy()],
         features=text_features(rows["response"], rows["prompt"]),
     )
-    _copy_backbone_fp16(directory / "backbone")
-
-
-def _copy_backbone_fp16(target: Path) -> None:
-    """The bundled MiniLM with its weights halved (the upload limit); `--train` widens them."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
     from scoring.reward_model import default_backbone
 
-    source = Path(default_backbone())
-    target.mkdir(parents=True, exist_ok=True)
-    for item in source.iterdir():
-        if item.is_file() and item.name != "model.safetensors":
-            shutil.copy(item, target / item.name)
-    weights = load_file(source / "model.safetensors")
-    save_file({k: v.half().contiguous() for k, v in weights.items()}, target / "model.fp16")
+    _copy_backbone(
+        Path(default_backbone()),
+        directory / "backbone",
+        weights_from="model.safetensors",
+        weights_to="model.fp16",
+        dtype="float16",
+    )
 
 
-def _widen_backbone(directory: Path) -> Path:
+def _copy_backbone(
+    source: Path, target: Path, *, weights_from: str, weights_to: str, dtype: str
+) -> Path:
+    """A model directory copied with its weights cast: to fp16 for the trip to the GPU machine
+    (the upload limit), back to fp32 there for training."""
+    import shutil
+
+    import torch
     from safetensors.torch import load_file, save_file
 
-    file = directory / "model.safetensors"
-    if not file.exists():
-        weights = load_file(directory / "model.fp16")
-        save_file({k: v.float().contiguous() for k, v in weights.items()}, file)
-    return directory
+    target.mkdir(parents=True, exist_ok=True)
+    for item in source.iterdir():
+        if item.is_file() and item.name not in ("model.safetensors", "model.fp16"):
+            shutil.copy(item, target / item.name)
+    weights = load_file(source / weights_from)
+    save_file(
+        {k: v.to(getattr(torch, dtype)).contiguous() for k, v in weights.items()},
+        target / weights_to,
+    )
+    return target
 
 
 def pair_accuracy(score: np.ndarray, a: np.ndarray, b: np.ndarray, winner: np.ndarray) -> float:
@@ -110,11 +114,17 @@ def train(
     answers = pd.read_parquet(data / "answers.parquet")
     prompts, responses = list(answers["prompt"]), list(answers["response"].fillna(""))
     battles = dict(np.load(data / "battles.npz"))
-    backbone = str(_widen_backbone(data / "backbone"))
+    backbone = _copy_backbone(
+        data / "backbone",
+        Path(tempfile.mkdtemp(prefix="convoscope-backbone-")),
+        weights_from="model.fp16",
+        weights_to="model.safetensors",
+        dtype="float32",
+    )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"# {len(prompts)} answers, {len(battles['a'])} battles on {device}", flush=True)
     config = FineTuneConfig(
-        backbone=backbone,
+        backbone=str(backbone),
         max_length=max_length,
         steps=steps,
         batch_size=batch_size,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -350,16 +350,7 @@ def apply_reward(
     if frame.empty:
         raise ValueError("no exchanges stored: ingest some first")
     frame["response"] = frame["response"].fillna("")
-    if stored["kind"] == "reward_ensemble":
-        ensemble = Ensemble.load(stored)
-        scores = ensemble.combine(
-            [
-                _stored_scores(engine, _stored_reward(engine, member), frame, embed)
-                for member, _, _ in ensemble.members
-            ]
-        )
-    else:
-        scores = _stored_scores(engine, stored, frame, embed)
+    scores = _model_scores(engine, stored, lambda one: _stored_scores(engine, one, frame, embed))
     _store(engine, stored["id"], frame, scores)
     return {
         "reward_model": stored["id"],
@@ -368,6 +359,18 @@ def apply_reward(
         "scorer": f"reward:{stored['id']}",
         "mean_reward": float(np.mean(scores)),
     }
+
+
+def _model_scores(
+    engine: Engine, stored: dict[str, Any], score_one: Callable[[dict[str, Any]], np.ndarray]
+) -> np.ndarray:
+    """A stored model's rewards from `score_one`; an ensemble's from its stored members."""
+    if stored["kind"] != "reward_ensemble":
+        return score_one(stored)
+    ensemble = Ensemble.load(stored)
+    return ensemble.combine(
+        [score_one(_stored_reward(engine, member)) for member, _, _ in ensemble.members]
+    )
 
 
 def _stored_scores(
@@ -394,14 +397,8 @@ def score_texts(
         scorer = SequenceClassifierReward(reward_model_dir)
         return scorer.score(prompts, responses), reward_model_dir
     stored = _stored_reward(engine, None)
-    if stored["kind"] == "reward_ensemble":
-        ensemble = Ensemble.load(stored)
-        parts = [
-            _file_scores(_stored_reward(engine, member), prompts, responses)
-            for member, _, _ in ensemble.members
-        ]
-        return ensemble.combine(parts), stored["id"]
-    return _file_scores(stored, prompts, responses), stored["id"]
+    scores = _model_scores(engine, stored, lambda one: _file_scores(one, prompts, responses))
+    return scores, stored["id"]
 
 
 def _file_scores(stored: dict[str, Any], prompts: list[str], responses: list[str]) -> np.ndarray:

@@ -126,7 +126,7 @@ def train_reward(
     if config.mode not in ("head", "finetune", "ensemble"):
         raise ValueError(f"unknown reward mode {config.mode!r}: use head, finetune or ensemble")
     holdout = _holdout(frame["conversation_id"], config.holdout_share, config.seed)
-    members = []
+    members: list[TrainedReward] = []
     if config.mode in ("head", "ensemble"):
         members.append(
             train_head(

@@ -262,12 +262,7 @@ def test_reward_train_finetune_then_apply(scored_db: str, tmp_path: Path) -> Non
     from scoring.reward_step import apply_reward
     from storage.models import latest_model
 
-    trained = convoscope(
-        "score", "reward", "train", "--mode", "finetune", "--steps", "2", "--device", "cpu",
-        "--json", db=scored_db, cwd=tmp_path,
-    )  # fmt: skip
-    assert trained.returncode == 0, trained.stderr
-    result = json.loads(trained.stdout)
+    result = _train_reward("finetune", scored_db, tmp_path)
     assert result["mode"] == "finetune" and "battle_pairwise_accuracy" in result["reward_metrics"]
     engine = open_database(scored_db)
     stored = latest_model(engine, "reward_finetuned")
@@ -298,6 +293,16 @@ def test_reward_train_finetune_then_apply(scored_db: str, tmp_path: Path) -> Non
     _assert_ensemble_trains_and_applies(scored_db, tmp_path)
 
 
+def _train_reward(mode: str, db: str, cwd: Path) -> dict:
+    """`score reward train --mode MODE` with two CPU fine-tuning steps; its --json result."""
+    trained = convoscope(
+        "score", "reward", "train", "--mode", mode, "--steps", "2", "--device", "cpu", "--json",
+        db=db, cwd=cwd,
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr
+    return json.loads(trained.stdout)
+
+
 def _assert_ensemble_trains_and_applies(scored_db: str, tmp_path: Path) -> None:
     """`--mode ensemble` stores a head, a fine-tuned model and their ensemble (the newest);
     its rewards are the sum of the members' standardised rewards, and `apply` and
@@ -306,12 +311,7 @@ def _assert_ensemble_trains_and_applies(scored_db: str, tmp_path: Path) -> None:
     from storage.models import latest_model, load_model
     from storage.scores import load_scores
 
-    trained = convoscope(
-        "score", "reward", "train", "--mode", "ensemble", "--steps", "2", "--device", "cpu",
-        "--json", db=scored_db, cwd=tmp_path,
-    )  # fmt: skip
-    assert trained.returncode == 0, trained.stderr
-    result = json.loads(trained.stdout)
+    result = _train_reward("ensemble", scored_db, tmp_path)
     assert result["mode"] == "ensemble" and "battle_pairwise_accuracy" in result["reward_metrics"]
     engine = open_database(scored_db)
     stored = latest_model(engine, REWARD_KINDS)
