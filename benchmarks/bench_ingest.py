@@ -8,6 +8,8 @@ ingest can beat: a streaming `ijson` parse of the ShareGPT array, and `json.load
 line of the synthetic JSONL. Targets (issue 2): ingest ≤ 3× parse-only time, and 1M exchanges
 with peak memory under 1 GB. "parse + hashes" is the floor of an idempotent ingest:
 the same parse plus the sha256 ids (conversation, exchanges) that make re-ingesting a no-op.
+"read back" streams every stored exchange with its whole context: the price of storing
+contexts as references (storage/contexts.py), paid by the steps that read them.
 """
 
 from __future__ import annotations
@@ -88,6 +90,15 @@ def _phase(name: str, path: Path, db: str | None) -> dict[str, float]:
             for line in handle:
                 json.loads(line)
                 count += 1
+    elif name == "read":
+        from storage.engine import open_database
+        from storage.logs import iter_exchanges
+
+        engine = open_database(db)
+        count = 0
+        for batch in iter_exchanges(engine, columns=("id", "context", "prompt", "response")):
+            count += len(batch)
+        engine.dispose()
     else:
         from ingest.pipeline import IngestConfig, ingest_paths
         from storage.engine import open_database
@@ -99,7 +110,9 @@ def _phase(name: str, path: Path, db: str | None) -> dict[str, float]:
         count = summary.stored
     seconds = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"seconds": seconds, "count": count, "peak_mb": peak_mb}
+    db_file = Path(db.split(":///", 1)[1]) if db else None
+    db_mb = db_file.stat().st_size / 2**20 if db_file and db_file.exists() else 0.0
+    return {"seconds": seconds, "count": count, "peak_mb": peak_mb, "db_mb": db_mb}
 
 
 def _run(name: str, path: Path, db: str | None = None) -> dict[str, float]:
@@ -132,6 +145,9 @@ def main() -> None:
             db = f"{backend}:///{work / ('sharegpt.' + backend)}"
             result = _run("ingest", sharegpt, db)
             rows.append(("ShareGPT package file", f"ingest → {backend}", result))
+        # What storing contexts as references costs when they are read back whole.
+        db = f"duckdb:///{work / 'sharegpt.duckdb'}"
+        rows.append(("ShareGPT package file", "read back ← duckdb", _run("read", sharegpt, db)))
 
         n = 100_000 if args.quick else 1_000_000
         synthetic = work / "synthetic.jsonl"
@@ -143,7 +159,7 @@ def main() -> None:
 
     print(
         f"{'data':<28} {'phase':<26} {'rows':>9} {'seconds':>8} {'rows/s':>9} "
-        f"{'× parse':>8} {'peak MB':>8}"
+        f"{'× parse':>8} {'peak MB':>8} {'db MB':>6}"
     )
     baseline: dict[str, float] = {}
     for data, phase, result in rows:
@@ -153,9 +169,11 @@ def main() -> None:
         rate = result["count"] / result["seconds"]
         print(
             f"{data:<28} {phase:<26} {result['count']:>9.0f} {result['seconds']:>8.1f} "
-            f"{rate:>9.0f} {ratio:>8.2f} {result['peak_mb']:>8.0f}"
+            f"{rate:>9.0f} {ratio:>8.2f} {result['peak_mb']:>8.0f} "
+            + (f"{result['db_mb']:>6.0f}" if result["db_mb"] else "")
         )
-    print("rows = conversations for the ShareGPT parse, exchanges stored otherwise")
+    print("rows = conversations for the ShareGPT parse, exchanges stored or read otherwise;")
+    print("db MB = the database file after the phase (contexts stored as references)")
 
 
 if __name__ == "__main__":

@@ -29,11 +29,13 @@ from ingest.records import (
     BattleRecord,
     Conversation,
     Exchange,
+    Message,
     Reject,
     Truncation,
     UnknownRole,
     content_hash,
 )
+from storage.contexts import encode_context
 from storage.logs import finish_ingest_run, start_ingest_run, store_batch, utcnow
 
 
@@ -253,15 +255,14 @@ class _Batch:
                 "ingested_at": now,
             }
         )
-        # Each exchange's context repeats the turns before it: encode every message once and
-        # join, instead of encoding the whole context again per exchange (quadratic).
-        encoded: dict[int, str] = {}
-        for part in parts:
-            for m in part.context:
-                if id(m) not in encoded:
-                    encoded[id(m)] = _message_json(m.role, m.content)
-            context = "[" + ", ".join(encoded[id(m)] for m in part.context) + "]"
-            self.exchanges.append(exchange_row(part, now, context_json=context))
+        # Each exchange's context repeats the turns before it: store a reference to the
+        # exchange it continues and only what came after that (storage/contexts.py).
+        ids = [part.id for part in parts]
+        for k, part in enumerate(parts):
+            parent, tail = _context_parent(parts, ids, k)
+            self.exchanges.append(
+                exchange_row(part, now, exchange_id=ids[k], context=tail, context_parent=parent)
+            )
 
     def add_battle(self, record: BattleRecord, pair: tuple[Exchange, Exchange]) -> None:
         now = utcnow()
@@ -299,18 +300,22 @@ class _Batch:
 
 
 def exchange_row(
-    exchange: Exchange, ingested_at: datetime, *, context_json: str | None = None
+    exchange: Exchange,
+    ingested_at: datetime,
+    *,
+    exchange_id: str | None = None,
+    context: Sequence[Message] | None = None,
+    context_parent: str | None = None,
 ) -> dict[str, Any]:
-    """The storage row for an exchange (context and metadata as JSON text); `context_json`
-    is the context already encoded, when the caller has it."""
-    if context_json is None:
-        context_json = "[" + ", ".join(_message_json(m.role, m.content) for m in exchange.context)
-        context_json += "]"
+    """The storage row for an exchange (context and metadata as JSON text): its whole
+    context, or `context_parent` and the messages after it; `exchange_id` when known."""
+    messages = exchange.context if context is None else context
     return {
-        "id": exchange.id,
+        "id": exchange.id if exchange_id is None else exchange_id,
         "conversation_id": exchange.conversation_id,
         "turn_index": exchange.turn_index,
-        "context": context_json,
+        "context": encode_context((m.role, m.content) for m in messages),
+        "context_parent": context_parent,
         "prompt": exchange.prompt,
         "response": exchange.response,
         "model": exchange.model,
@@ -331,9 +336,29 @@ def exchange_row(
     }
 
 
-def _message_json(role: str, content: str) -> str:
-    """One context message as JSON, exactly as json.dumps writes it inside a list."""
-    return json.dumps({"role": role, "content": content}, ensure_ascii=False)
+def _context_parent(
+    parts: Sequence[Exchange], ids: Sequence[str], k: int
+) -> tuple[str | None, tuple[Message, ...]]:
+    """The nearest earlier exchange whose context, prompt and response begin exchange k's
+    context, and the messages after them; (None, whole context) when there is none.
+
+    A few steps back suffice: the one before is the parent unless it was regenerated (then
+    its response is not in later contexts) or several responses answered one prompt.
+    """
+    context = parts[k].context
+    for j in range(k - 1, max(k - 4, -1), -1):
+        earlier = parts[j]
+        n = len(earlier.context)
+        if (
+            len(context) >= n + 2
+            and context[n].role == "user"
+            and context[n].content == earlier.prompt
+            and context[n + 1].role == "assistant"
+            and context[n + 1].content == earlier.response
+            and context[:n] == earlier.context
+        ):
+            return ids[j], context[n + 2 :]
+    return None, context
 
 
 def _json_or_none(value: Mapping[str, Any] | None) -> str | None:

@@ -58,11 +58,14 @@ def make_engine(url: str, *, read_only: bool = False) -> Engine:
         connect_args: dict[str, object] = {"config": config}
         if read_only:
             connect_args["read_only"] = True
-        # One pooled connection: opening a DuckDB file replays its WAL, which is far too
-        # slow to do per transaction; `engine.dispose()` releases the file for others.
-        return sa.create_engine(
-            url, connect_args=connect_args, poolclass=sa.pool.SingletonThreadPool
-        )
+        # Pooled connections: opening a DuckDB file replays its WAL, far too slow to do per
+        # transaction; `engine.dispose()` releases the file for others. A file gets several
+        # (connections to one database in the process are cheap), so a reader can look
+        # things up while another connection streams a result: a DuckDB connection runs one
+        # result at a time. An in-memory database is one per connection: one per thread.
+        memory = not database or database == ":memory:"
+        pool = sa.pool.SingletonThreadPool if memory else sa.pool.QueuePool
+        return sa.create_engine(url, connect_args=connect_args, poolclass=pool)
     if backend == "sqlite":
         engine = sa.create_engine(url, connect_args={"timeout": 30})
         sa.event.listen(engine, "connect", _sqlite_pragmas)

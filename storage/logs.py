@@ -3,7 +3,9 @@
 Every write is one transaction per batch that skips rows already stored (by content-hash id):
 a process killed mid-ingest leaves whole batches only, and running the same ingest again
 stores exactly what is missing. DuckDB gets its rows through Arrow, because its row-at-a-time
-`executemany` is two orders of magnitude slower; SQLite and PostgreSQL use plain executemany.
+`executemany` is two orders of magnitude slower, and skips stored ids inside the insert;
+SQLite and PostgreSQL probe for stored ids, then use plain executemany. Contexts are stored
+as references (storage/contexts.py) and resolved by the readers here.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import pyarrow as pa
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from storage.contexts import ContextResolver, context_columns
 from storage.schema import battles, conversations, exchanges, ingest_runs
 
 Row = dict[str, Any]
@@ -42,11 +45,6 @@ def utcnow() -> datetime:
 
 
 def _existing_ids(conn: Connection, table: sa.Table, ids: Sequence[str]) -> set[str]:
-    if conn.dialect.name == "duckdb":  # a join against an Arrow view beats a huge IN list
-        with _duckdb_view(conn, pa.table({"id": pa.array(ids, pa.string())})) as view:
-            duck = conn.connection.driver_connection
-            query = f'SELECT t.id FROM "{table.name}" t JOIN {view} v ON t.id = v.id'
-            return {row[0] for row in duck.execute(query).fetchall()}
     found: set[str] = set()
     id_column = table.c.id
     for start in range(0, len(ids), _PROBE_CHUNK):
@@ -60,14 +58,42 @@ def insert_rows(conn: Connection, table: sa.Table, rows: list[Row]) -> None:
     if not rows:
         return
     if conn.dialect.name == "duckdb":
-        columns = [c.name for c in table.columns if c.name in rows[0]]
-        with _duckdb_view(conn, pa.Table.from_pylist(rows).select(columns)) as view:
-            names = ", ".join(f'"{name}"' for name in columns)
-            conn.connection.driver_connection.execute(
-                f'INSERT INTO "{table.name}" ({names}) SELECT {names} FROM {view}'
-            )
+        _duckdb_insert(conn, table, rows)
     else:
         conn.execute(sa.insert(table), rows)
+
+
+def _duckdb_insert(conn: Connection, table: sa.Table, rows: list[Row], *, skip: str = "") -> int:
+    """Insert through an Arrow view; `skip=" ON CONFLICT DO NOTHING"` leaves out rows whose
+    key is stored. Returns how many rows were inserted."""
+    columns = [c for c in table.columns if c.name in rows[0]]
+    arrow = pa.table(
+        {c.name: pa.array([row[c.name] for row in rows], _arrow_type(c.type)) for c in columns}
+    )
+    with _duckdb_view(conn, arrow) as view:
+        names = ", ".join(f'"{c.name}"' for c in columns)
+        result = conn.connection.driver_connection.execute(
+            f'INSERT INTO "{table.name}" ({names}) SELECT {names} FROM {view}{skip}'
+        )
+        return int(result.fetchone()[0])
+
+
+def _arrow_type(column_type: sa.types.TypeEngine[Any]) -> pa.DataType:
+    """The Arrow type for a column: declared, because inferring it costs more than the copy."""
+    for sql_type, arrow_type in _ARROW_TYPES:
+        if isinstance(column_type, sql_type):
+            return arrow_type
+    raise TypeError(f"no Arrow type for {column_type!r}")
+
+
+_ARROW_TYPES: tuple[tuple[type[sa.types.TypeEngine[Any]], pa.DataType], ...] = (
+    (sa.Boolean, pa.bool_()),
+    (sa.Integer, pa.int64()),
+    (sa.Float, pa.float64()),
+    (sa.DateTime, pa.timestamp("us")),
+    (sa.LargeBinary, pa.binary()),
+    (sa.String, pa.string()),  # Text is a String
+)
 
 
 @contextmanager
@@ -82,13 +108,21 @@ def _duckdb_view(conn: Connection, arrow: pa.Table) -> Iterator[str]:
         duck.unregister(view)
 
 
-def _new_rows(conn: Connection, table: sa.Table, rows: Iterable[Row]) -> list[Row]:
-    """Rows whose id is neither stored already nor repeated earlier in the same batch."""
+def _store_new(conn: Connection, table: sa.Table, rows: Iterable[Row]) -> int:
+    """Insert the rows whose id is neither stored already nor repeated earlier in `rows`;
+    returns how many that was. DuckDB skips stored ids inside the insert (ON CONFLICT), which
+    saves a join of every batch against the whole table; the others probe first."""
     unique: dict[str, Row] = {}
     for row in rows:
         unique.setdefault(row["id"], row)
+    if not unique:
+        return 0
+    if conn.dialect.name == "duckdb":
+        return _duckdb_insert(conn, table, list(unique.values()), skip=" ON CONFLICT DO NOTHING")
     existing = _existing_ids(conn, table, list(unique))
-    return [row for row_id, row in unique.items() if row_id not in existing]
+    new = [row for row_id, row in unique.items() if row_id not in existing]
+    insert_rows(conn, table, new)
+    return len(new)
 
 
 def store_batch(
@@ -116,16 +150,12 @@ def store_rows(
     battle_rows: Sequence[Row] = (),
 ) -> BatchCounts:
     """`store_batch` inside a transaction the caller holds (to commit more with it)."""
-    new_conversations = _new_rows(conn, conversations, conversation_rows)
-    new_exchanges = _new_rows(conn, exchanges, exchange_rows)
-    new_battles = _new_rows(conn, battles, battle_rows)
-    insert_rows(conn, conversations, new_conversations)
-    insert_rows(conn, exchanges, new_exchanges)
-    insert_rows(conn, battles, new_battles)
+    _store_new(conn, conversations, conversation_rows)
+    stored = _store_new(conn, exchanges, exchange_rows)
     return BatchCounts(
-        stored=len(new_exchanges),
-        duplicates=len(exchange_rows) - len(new_exchanges),
-        battles_stored=len(new_battles),
+        stored=stored,
+        duplicates=len(exchange_rows) - stored,
+        battles_stored=_store_new(conn, battles, battle_rows),
     )
 
 
@@ -196,14 +226,19 @@ def iter_exchanges(
     columns: Sequence[str] | None = None,
     batch_size: int = 5000,
 ) -> Iterator[list[Row]]:
-    """Stream exchanges in batches of dicts, in a stable order (conversation, turn)."""
+    """Stream exchanges in batches of dicts, in a stable order (conversation, turn), each
+    context whole."""
     selected = [exchanges.c[name] for name in columns] if columns else list(exchanges.c)
+    selected, added = context_columns(selected)
     query = sa.select(*selected).order_by(exchanges.c.conversation_id, exchanges.c.turn_index)
     query = (where or ExchangeFilter()).apply(query)
-    with engine.connect() as conn:
+    with engine.connect() as conn, engine.connect() as lookup:
+        resolver = ContextResolver(lookup, added)
         result = conn.execution_options(stream_results=True, yield_per=batch_size).execute(query)
         for partition in result.mappings().partitions(batch_size):
-            yield [dict(row) for row in partition]
+            rows = [dict(row) for row in partition]
+            resolver.resolve(rows)
+            yield rows
 
 
 def load_battles(engine: Engine) -> list[Row]:

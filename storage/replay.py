@@ -16,6 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from storage.contexts import context_columns, resolve_contexts
 from storage.logs import Row, insert_rows, store_rows, utcnow
 from storage.schema import battles, exchanges, replay_items, replay_runs
 
@@ -145,13 +146,15 @@ def exchanges_by_id(
     engine: Engine, ids: Sequence[str], *, columns: Sequence[str] = INPUT_COLUMNS
 ) -> dict[str, Row]:
     """Exchanges with these ids (those that exist), keyed by id."""
-    selected = [exchanges.c[name] for name in columns]
+    selected, added = context_columns([exchanges.c[name] for name in columns])
     found: dict[str, Row] = {}
     with engine.connect() as conn:
         for start in range(0, len(ids), _CHUNK):
             chunk = list(ids[start : start + _CHUNK])
             query = sa.select(*selected).where(exchanges.c.id.in_(chunk))
-            found.update((row["id"], dict(row)) for row in conn.execute(query).mappings())
+            rows = [dict(row) for row in conn.execute(query).mappings()]
+            resolve_contexts(conn, rows, added)
+            found.update((row["id"], row) for row in rows)
     return found
 
 

@@ -36,7 +36,10 @@ exchanges = sa.Table(
     sa.Column("id", Id, primary_key=True),
     sa.Column("conversation_id", Id, nullable=False, index=True),
     sa.Column("turn_index", sa.Integer, nullable=False),
-    sa.Column("context", sa.Text, nullable=False),  # JSON list of {role, content}
+    # JSON list of {role, content}: the whole context, or, when context_parent is set, the
+    # messages after that earlier exchange's response (storage/contexts.py resolves it).
+    sa.Column("context", sa.Text, nullable=False),
+    sa.Column("context_parent", Id),
     sa.Column("prompt", sa.Text, nullable=False),
     sa.Column("response", sa.Text, nullable=False),
     sa.Column("model", sa.Text),

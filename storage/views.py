@@ -18,6 +18,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from storage.contexts import ContextResolver, context_columns, resolve_contexts
 from storage.logs import Row
 from storage.schema import (
     assignments,
@@ -432,7 +433,7 @@ def cluster_exchanges(
 ) -> list[Row]:
     """Exchanges of one cluster with their reward: the `worst` (lowest reward, else most
     behavioural complaints), or the `representative` ones the clustering picked."""
-    columns = [exchanges.c[name] for name in DETAIL_COLUMNS]
+    columns, added = context_columns([exchanges.c[name] for name in DETAIL_COLUMNS])
     reward = scores.c.value if scorer else sa.null()
     query = (
         sa.select(*columns, reward.label("reward"))
@@ -451,10 +452,9 @@ def cluster_exchanges(
             )[:limit]
             if not ids:
                 return []
-            found = {
-                r["id"]: dict(r)
-                for r in conn.execute(query.where(exchanges.c.id.in_(ids))).mappings()
-            }
+            rows = [dict(r) for r in conn.execute(query.where(exchanges.c.id.in_(ids))).mappings()]
+            resolve_contexts(conn, rows, added)
+            found = {r["id"]: r for r in rows}
             return [found[i] for i in ids if i in found]
         if order != "worst":
             raise ValueError(f"order must be 'worst' or 'representative', not {order!r}")
@@ -467,7 +467,9 @@ def cluster_exchanges(
         if scorer:
             ordering.insert(0, scores.c.value.asc().nulls_last())
         query = query.order_by(*ordering).limit(limit)
-        return [dict(r) for r in conn.execute(query).mappings()]
+        rows = [dict(r) for r in conn.execute(query).mappings()]
+        resolve_contexts(conn, rows, added)
+        return rows
 
 
 def reward_values(
@@ -568,8 +570,10 @@ def _hits(
 def run_text_rows(engine: Engine, run_id: str) -> Iterator[list[Row]]:
     """(id, prompt, response, context) of every exchange assigned in a run, in batches: what
     a semantic index needs to recompute the embedded text and find its vector."""
+    columns = [exchanges.c.id, exchanges.c.prompt, exchanges.c.response, exchanges.c.context]
+    columns, added = context_columns(columns)
     query = (
-        sa.select(exchanges.c.id, exchanges.c.prompt, exchanges.c.response, exchanges.c.context)
+        sa.select(*columns)
         .select_from(
             exchanges.join(
                 assignments,
@@ -578,12 +582,15 @@ def run_text_rows(engine: Engine, run_id: str) -> Iterator[list[Row]]:
                 ),
             )
         )
-        .order_by(exchanges.c.id)
+        .order_by(exchanges.c.conversation_id, exchanges.c.turn_index)  # parents first
     )
-    with engine.connect() as conn:
+    with engine.connect() as conn, engine.connect() as lookup:
+        resolver = ContextResolver(lookup, added)
         result = conn.execution_options(stream_results=True, yield_per=_CHUNK).execute(query)
         for part in result.mappings().partitions(_CHUNK):
-            yield [dict(r) for r in part]
+            rows = [dict(r) for r in part]
+            resolver.resolve(rows)
+            yield rows
 
 
 def run_info(engine: Engine, run_id: str) -> Row | None:
@@ -756,9 +763,11 @@ def export_rows(
     names = cluster_names(engine, run_id) if run_id else {}
     scorers = score_names(engine)
     cluster_id = assignments.c.cluster_id if run_id else sa.null()
+    selected, added = context_columns([exchanges.c[c] for c in EXCHANGE_EXPORT_COLUMNS])
     query = (
         sa.select(
-            *(exchanges.c[c] for c in EXCHANGE_EXPORT_COLUMNS), cluster_id.label("cluster_id")
+            *selected,
+            cluster_id.label("cluster_id"),
         )
         .select_from(_joined(run_id, None))
         .where(*_conditions(run_id, flt))
@@ -766,7 +775,8 @@ def export_rows(
     )
     if cluster_ids and run_id is not None:
         query = query.where(assignments.c.cluster_id.in_(list(cluster_ids)))
-    with engine.connect() as conn:
+    with engine.connect() as conn, engine.connect() as lookup:
+        resolver = ContextResolver(lookup, added)
         cluster_tags = _tags_by_target(conn, "cluster")
         exchange_tags = _tags_by_target(conn, "exchange")
         parent_of = (
@@ -783,7 +793,8 @@ def export_rows(
         result = conn.execution_options(stream_results=True, yield_per=batch_size).execute(query)
         for part in result.mappings().partitions(batch_size):
             batch = [dict(r) for r in part]
-            values = _scores_for(conn, [r["id"] for r in batch]) if scorers else {}
+            resolver.resolve(batch)
+            values = _scores_for(lookup, [r["id"] for r in batch]) if scorers else {}
             for row in batch:
                 cid = row["cluster_id"]
                 row["cluster_label"] = names.get(cid) if cid else None

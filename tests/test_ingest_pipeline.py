@@ -82,6 +82,109 @@ def test_ingest_reports_stores_and_is_idempotent(db_url: str, tmp_path: Path) ->
     assert second_turn["retried"] is None  # unknown, not False
 
 
+def _tricky_conversations() -> list[dict]:
+    """Conversations whose contexts are not simply "every turn before": a greeting before the
+    first user message, a system message mid-way, a regenerated response, two answers to one
+    prompt, two user messages in a row, non-ASCII text, and one long chat (deep references)."""
+
+    def msg(role: str, content: str, **signals: object) -> dict:
+        return {"role": role, "content": content, **signals}
+
+    tricky = [
+        msg("assistant", "Bonjour ! Comment puis-je aider ?"),
+        msg("user", "Écris un haïku."),
+        msg("assistant", "Vieil étang…", regenerated=True),
+        msg("assistant", "Une grenouille plonge."),
+        msg("system", "Réponds en anglais."),
+        msg("user", "Translate it."),
+        msg("assistant", "An old pond."),
+        msg("assistant", "A frog jumps in."),
+        msg("user", "Shorter."),
+        msg("user", "Much shorter."),
+        msg("assistant", "Pond. Frog. Splash."),
+        msg("user", "Thanks 🙂"),
+        msg("assistant", "You're welcome."),
+    ]
+    long_chat = []
+    for turn in range(40):
+        answer = msg("assistant", f'done {turn} "ok"', model=("even", "odd")[turn % 2])
+        long_chat += [msg("user", f"step {turn}?"), answer]
+    return [
+        {"id": "tricky", "model": "m", "messages": tricky},
+        {"id": "long", "model": "m", "messages": long_chat},
+    ]
+
+
+def test_contexts_are_stored_once_and_read_whole(db_url: str, tmp_path: Path) -> None:
+    from ingest.exchanges import split_conversation
+    from ingest.readers import ReadOptions, read_file
+    from ingest.records import Conversation
+    from storage.logs import ExchangeFilter
+    from storage.replay import exchanges_by_id
+    from storage.scores import store_scores
+    from storage.views import ViewFilter, export_rows
+
+    log = tmp_path / "tricky.jsonl"
+    log.write_text(
+        "".join(json.dumps(c, ensure_ascii=False) + "\n" for c in _tricky_conversations())
+    )
+    result = convoscope("ingest", str(log), "--json", db=db_url, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    # The contexts the split gives, encoded as every context was before references existed.
+    expected = {}
+    for record in read_file(log, format=None, options=ReadOptions(source=str(log))):
+        assert isinstance(record, Conversation)
+        for part in split_conversation(record):
+            messages = [{"role": m.role, "content": m.content} for m in part.context]
+            expected[part.id] = json.dumps(messages, ensure_ascii=False)
+    assert len(expected) == 6 + 40
+
+    engine = open_database(db_url)
+    rows = [r for batch in iter_exchanges(engine) for r in batch]
+    assert {r["id"]: r["context"] for r in rows} == expected
+    assert "context_parent" not in rows[0]  # references never leave storage
+    again = exchanges_by_id(engine, list(expected))
+    assert {i: r["context"] for i, r in again.items()} == expected
+    # Small batches: a parent in the batch before, or (filtered) out of the stream, read on
+    # the side; only the columns asked for come back.
+    small = iter_exchanges(engine, columns=("id", "context"), batch_size=3)
+    assert {r["id"]: r["context"] for batch in small for r in batch} == expected
+    odd = [
+        r
+        for batch in iter_exchanges(
+            engine, where=ExchangeFilter(models=("odd",)), columns=("id", "context"), batch_size=3
+        )
+        for r in batch
+    ]
+    assert len(odd) == 20 and set(odd[0]) == {"id", "context"}
+    assert {r["id"]: r["context"] for r in odd} == {r["id"]: expected[r["id"]] for r in odd}
+    # Exports stream too, and look up scores beside the stream: every row comes back.
+    store_scores(engine, "reward_test", {i: float(n) for n, i in enumerate(expected)})
+    exported_rows = [r for b in export_rows(engine, None, ViewFilter(), batch_size=4) for r in b]
+    assert {r["id"]: (r["context"], r["score:reward_test"]) for r in exported_rows} == {
+        i: (c, float(n)) for n, (i, c) in enumerate(expected.items())
+    }
+    with engine.connect() as conn:
+        stored = conn.execute(sa.text("SELECT context, context_parent FROM exchanges")).all()
+    engine.dispose()
+    # Stored: each turn refers to the one it continues, so the 40-turn chat stores no context
+    # text at all (whole contexts: 1,560 messages). The other chat's first two answers have
+    # no earlier answer to refer to (they keep the greeting); the two answers to "Translate
+    # it." keep the system message that came after their parent; "Much shorter." keeps the
+    # second answer before it and "Shorter.", which nothing answered.
+    assert sum(parent is not None for _, parent in stored) == 4 + 39
+    assert sum(len(json.loads(context)) for context, _ in stored) == 1 + 1 + 1 + 1 + 2
+    assert max(len(context) for context, _ in stored) < 200
+
+    out = tmp_path / "out.jsonl"
+    exported = convoscope("export", "--out", str(out), "--format", "jsonl", db=db_url, cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {r["id"]: r["context"] for r in records} == {
+        i: json.loads(c) for i, c in expected.items()
+    }
+
+
 def test_bad_records_are_rejected_with_file_line_and_reason(tmp_path: Path) -> None:
     log = tmp_path / "mixed.jsonl"
     bad = {
