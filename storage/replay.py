@@ -131,7 +131,7 @@ def item_counts(engine: Engine, run_id: str) -> dict[str, int]:
 
 def open_inputs(engine: Engine, run_id: str) -> list[Row]:
     """Items not done yet (pending or failed), each with its original exchange and attempts."""
-    columns = [exchanges.c[name] for name in INPUT_COLUMNS]
+    columns, added = context_columns([exchanges.c[name] for name in INPUT_COLUMNS])
     query = (
         sa.select(*columns, replay_items.c.attempts)
         .join(replay_items, replay_items.c.exchange_id == exchanges.c.id)
@@ -139,7 +139,9 @@ def open_inputs(engine: Engine, run_id: str) -> list[Row]:
         .order_by(exchanges.c.conversation_id, exchanges.c.turn_index, exchanges.c.id)
     )
     with engine.connect() as conn:
-        return [dict(row) for row in conn.execute(query).mappings()]
+        rows = [dict(row) for row in conn.execute(query).mappings()]
+        resolve_contexts(conn, rows, added)
+    return rows
 
 
 def exchanges_by_id(

@@ -131,6 +131,36 @@ def test_replay_stores_answers_like_logs(db_url: str, tmp_path: Path, server: Op
     engine.dispose()
 
 
+def test_later_turns_are_replayed_with_their_whole_context(
+    tmp_path: Path, server: OpenAIServer
+) -> None:
+    """Later turns store their context as a reference to the turn before; the request must
+    still carry every earlier message."""
+    log = tmp_path / "multi.jsonl"
+    with log.open("w", encoding="utf-8") as handle:
+        for i in range(3):
+            messages = [{"role": "system", "content": "Answer in one word."}]
+            for turn in range(3):
+                messages += [
+                    {"role": "user", "content": f"conversation {i}, turn {turn}?"},
+                    {"role": "assistant", "content": f"answer {i}.{turn}"},
+                ]
+            handle.write(json.dumps({"id": f"conv-{i}", "messages": messages}) + "\n")
+    engine = open_database(f"duckdb:///{tmp_path / 'multi.duckdb'}")
+    ingest_paths(
+        [log], engine=engine, config=IngestConfig(progress=False, rejects_path=tmp_path / "r")
+    )
+    summary = replay(engine, config=config_for(server))
+    assert (summary.items, summary.done) == (9, 9)
+    sent = {body["prompt"]: body["body"]["messages"] for body in server.received}
+    for batch in iter_exchanges(engine, where=ExchangeFilter(sources=(str(log),))):
+        for row in batch:
+            whole = [*json.loads(row["context"]), {"role": "user", "content": row["prompt"]}]
+            assert sent[row["prompt"]] == whole
+    assert len(sent["conversation 2, turn 2?"]) == 1 + 2 * 2 + 1
+    engine.dispose()
+
+
 def test_instruction_override_is_the_system_message(
     duckdb_url: str, tmp_path: Path, server: OpenAIServer
 ) -> None:
