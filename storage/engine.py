@@ -8,6 +8,7 @@ refuses one written by a newer convoscope rather than guessing at its tables.
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -23,6 +24,8 @@ class StorageError(RuntimeError):
 def resolve_url(db: str | None = None) -> str:
     """The database URL to use: the argument, else $CONVOSCOPE_DB, else ./convoscope.duckdb."""
     raw = db or os.environ.get("CONVOSCOPE_DB") or DEFAULT_DB_FILE
+    if raw == ":memory:":  # an in-memory DuckDB database, not a file of that name
+        return "duckdb:///:memory:"
     if "://" not in raw:
         path = Path(raw).expanduser().resolve()
         scheme = "sqlite" if path.suffix in {".sqlite", ".sqlite3", ".db"} else "duckdb"
@@ -42,9 +45,12 @@ def make_engine(url: str, *, read_only: bool = False) -> Engine:
     """An engine for the URL with the settings each backend needs to behave the same way."""
     backend = dialect_name(url)
     if backend == "duckdb":
-        database = sa.make_url(url).database
+        parsed = sa.make_url(url)
+        database = parsed.database
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
+        else:  # a named in-memory database: the engine's connections share it (see below)
+            parsed = parsed.set(database=f":memory:{uuid.uuid4().hex}")
         # DuckDB's buffer pool would grow to 80 % of RAM; cap it so long ingests stay small
         # (it spills to disk past the cap). $CONVOSCOPE_DUCKDB_MEMORY overrides.
         # A checkpoint rewrites the changed blocks into the file; at DuckDB's default (every
@@ -59,13 +65,11 @@ def make_engine(url: str, *, read_only: bool = False) -> Engine:
         if read_only:
             connect_args["read_only"] = True
         # Pooled connections: opening a DuckDB file replays its WAL, far too slow to do per
-        # transaction; `engine.dispose()` releases the file for others. A file gets several
-        # (connections to one database in the process are cheap), so a reader can look
-        # things up while another connection streams a result: a DuckDB connection runs one
-        # result at a time. An in-memory database is one per connection: one per thread.
-        memory = not database or database == ":memory:"
-        pool = sa.pool.SingletonThreadPool if memory else sa.pool.QueuePool
-        return sa.create_engine(url, connect_args=connect_args, poolclass=pool)
+        # transaction; `engine.dispose()` releases the file (or drops the in-memory
+        # database). Several of them (connections to one database in a process are cheap),
+        # so a reader can look things up while another connection streams a result: a
+        # DuckDB connection runs one result at a time.
+        return sa.create_engine(parsed, connect_args=connect_args, poolclass=sa.pool.QueuePool)
     if backend == "sqlite":
         engine = sa.create_engine(url, connect_args={"timeout": 30})
         sa.event.listen(engine, "connect", _sqlite_pragmas)

@@ -152,6 +152,7 @@ def test_urls_resolve_from_paths_and_environment(monkeypatch, tmp_path) -> None:
     monkeypatch.delenv("CONVOSCOPE_DB", raising=False)
     assert resolve_url(None) == f"duckdb:///{tmp_path / 'convoscope.duckdb'}"
     assert resolve_url("logs.sqlite") == f"sqlite:///{tmp_path / 'logs.sqlite'}"
+    assert resolve_url(":memory:") == "duckdb:///:memory:"  # not a file of that name
     monkeypatch.setenv("CONVOSCOPE_DB", "postgresql://u@127.0.0.1/db")
     assert resolve_url(None) == "postgresql+psycopg://u@127.0.0.1/db"
 
@@ -168,4 +169,27 @@ def test_upgrading_an_old_database_keeps_its_rows(db_url: str) -> None:
     with engine.connect() as conn:
         assert current_revision(conn) == head_revision()
     assert table_counts(engine)["exchanges"] == 1
+    engine.dispose()
+
+
+@pytest.mark.parametrize("where", ["file", "memory"])
+def test_duckdb_connections_share_the_database_and_stream_side_by_side(
+    where: str, tmp_path
+) -> None:
+    """A reader looks things up on a second connection while the first streams: a DuckDB
+    connection runs one result at a time, so one shared connection would end the stream."""
+    from storage.schema import exchanges
+
+    engine = open_database(":memory:" if where == "memory" else str(tmp_path / "x.duckdb"))
+    rows = [_exchange(i) for i in range(6)]
+    store_batch(engine, conversation_rows=[_conversation(i) for i in range(3)], exchange_rows=rows)
+    seen: list[str] = []
+    with engine.connect() as streaming, engine.connect() as other:
+        query = sa.select(exchanges.c.id).order_by(exchanges.c.id)
+        result = streaming.execution_options(stream_results=True, yield_per=2).execute(query)
+        for part in result.partitions(2):
+            seen += [row.id for row in part]
+            count = sa.select(sa.func.count()).select_from(exchanges)
+            assert other.execute(count).scalar_one() == 6
+    assert seen == sorted(r["id"] for r in rows)
     engine.dispose()
