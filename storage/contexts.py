@@ -16,14 +16,14 @@ context is always the whole JSON list of {role, content}, byte for byte what it 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 # json's C encoder for a str with ensure_ascii=False (the Python fallback when it is absent).
 from json.encoder import encode_basestring as _quoted  # type: ignore[attr-defined]
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Engine
 
 from storage.schema import exchanges
 
@@ -126,9 +126,25 @@ class ContextResolver:
                 self._after[parent] = chains.messages_after(parent)
 
 
-def resolve_contexts(conn: Connection, rows: Sequence[Row], added: frozenset[str]) -> None:
-    """Whole contexts for rows read all at once (not streamed), in place."""
+def read_with_contexts(conn: Connection, query: sa.Select, added: frozenset[str]) -> list[Row]:
+    """A query's rows read at once, each context whole (`added` from context_columns)."""
+    rows = [dict(row) for row in conn.execute(query).mappings()]
     ContextResolver(conn, added).resolve(rows)
+    return rows
+
+
+def stream_with_contexts(
+    engine: Engine, query: sa.Select, added: frozenset[str], batch_size: int
+) -> Iterator[list[Row]]:
+    """A query's rows in batches, each context whole: the stream runs on one connection and
+    parents it lacks are read on a second. Order the query by (conversation, turn)."""
+    with engine.connect() as conn, engine.connect() as lookup:
+        resolver = ContextResolver(lookup, added)
+        result = conn.execution_options(stream_results=True, yield_per=batch_size).execute(query)
+        for part in result.mappings().partitions(batch_size):
+            rows = [dict(row) for row in part]
+            resolver.resolve(rows)
+            yield rows
 
 
 def _pieces(stored: str | None) -> list[str]:

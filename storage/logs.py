@@ -21,7 +21,7 @@ import pyarrow as pa
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from storage.contexts import ContextResolver, context_columns
+from storage.contexts import context_columns, stream_with_contexts
 from storage.schema import battles, conversations, exchanges, ingest_runs
 
 Row = dict[str, Any]
@@ -78,14 +78,6 @@ def _duckdb_insert(conn: Connection, table: sa.Table, rows: list[Row], *, skip: 
         return int(result.fetchone()[0])
 
 
-def _arrow_type(column_type: sa.types.TypeEngine[Any]) -> pa.DataType:
-    """The Arrow type for a column: declared, because inferring it costs more than the copy."""
-    for sql_type, arrow_type in _ARROW_TYPES:
-        if isinstance(column_type, sql_type):
-            return arrow_type
-    raise TypeError(f"no Arrow type for {column_type!r}")
-
-
 _ARROW_TYPES: tuple[tuple[type[sa.types.TypeEngine[Any]], pa.DataType], ...] = (
     (sa.Boolean, pa.bool_()),
     (sa.Integer, pa.int64()),
@@ -94,6 +86,14 @@ _ARROW_TYPES: tuple[tuple[type[sa.types.TypeEngine[Any]], pa.DataType], ...] = (
     (sa.LargeBinary, pa.binary()),
     (sa.String, pa.string()),  # Text is a String
 )
+
+
+def _arrow_type(column_type: sa.types.TypeEngine[Any]) -> pa.DataType:
+    """The Arrow type for a column: declared, because inferring it costs more than the copy."""
+    for sql_type, arrow_type in _ARROW_TYPES:
+        if isinstance(column_type, sql_type):
+            return arrow_type
+    raise TypeError(f"no Arrow type for {column_type!r}")
 
 
 @contextmanager
@@ -232,13 +232,7 @@ def iter_exchanges(
     selected, added = context_columns(selected)
     query = sa.select(*selected).order_by(exchanges.c.conversation_id, exchanges.c.turn_index)
     query = (where or ExchangeFilter()).apply(query)
-    with engine.connect() as conn, engine.connect() as lookup:
-        resolver = ContextResolver(lookup, added)
-        result = conn.execution_options(stream_results=True, yield_per=batch_size).execute(query)
-        for partition in result.mappings().partitions(batch_size):
-            rows = [dict(row) for row in partition]
-            resolver.resolve(rows)
-            yield rows
+    yield from stream_with_contexts(engine, query, added, batch_size)
 
 
 def load_battles(engine: Engine) -> list[Row]:

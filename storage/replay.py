@@ -16,7 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from storage.contexts import context_columns, resolve_contexts
+from storage.contexts import context_columns, read_with_contexts
 from storage.logs import Row, insert_rows, store_rows, utcnow
 from storage.schema import battles, exchanges, replay_items, replay_runs
 
@@ -139,9 +139,7 @@ def open_inputs(engine: Engine, run_id: str) -> list[Row]:
         .order_by(exchanges.c.conversation_id, exchanges.c.turn_index, exchanges.c.id)
     )
     with engine.connect() as conn:
-        rows = [dict(row) for row in conn.execute(query).mappings()]
-        resolve_contexts(conn, rows, added)
-    return rows
+        return read_with_contexts(conn, query, added)
 
 
 def exchanges_by_id(
@@ -154,9 +152,7 @@ def exchanges_by_id(
         for start in range(0, len(ids), _CHUNK):
             chunk = list(ids[start : start + _CHUNK])
             query = sa.select(*selected).where(exchanges.c.id.in_(chunk))
-            rows = [dict(row) for row in conn.execute(query).mappings()]
-            resolve_contexts(conn, rows, added)
-            found.update((row["id"], row) for row in rows)
+            found.update((row["id"], row) for row in read_with_contexts(conn, query, added))
     return found
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from storage.contexts import ContextResolver, context_columns, resolve_contexts
+from storage.contexts import context_columns, read_with_contexts, stream_with_contexts
 from storage.logs import Row
 from storage.schema import (
     assignments,
@@ -452,8 +452,7 @@ def cluster_exchanges(
             )[:limit]
             if not ids:
                 return []
-            rows = [dict(r) for r in conn.execute(query.where(exchanges.c.id.in_(ids))).mappings()]
-            resolve_contexts(conn, rows, added)
+            rows = read_with_contexts(conn, query.where(exchanges.c.id.in_(ids)), added)
             found = {r["id"]: r for r in rows}
             return [found[i] for i in ids if i in found]
         if order != "worst":
@@ -467,9 +466,7 @@ def cluster_exchanges(
         if scorer:
             ordering.insert(0, scores.c.value.asc().nulls_last())
         query = query.order_by(*ordering).limit(limit)
-        rows = [dict(r) for r in conn.execute(query).mappings()]
-        resolve_contexts(conn, rows, added)
-        return rows
+        return read_with_contexts(conn, query, added)
 
 
 def reward_values(
@@ -584,13 +581,7 @@ def run_text_rows(engine: Engine, run_id: str) -> Iterator[list[Row]]:
         )
         .order_by(exchanges.c.conversation_id, exchanges.c.turn_index)  # parents first
     )
-    with engine.connect() as conn, engine.connect() as lookup:
-        resolver = ContextResolver(lookup, added)
-        result = conn.execution_options(stream_results=True, yield_per=_CHUNK).execute(query)
-        for part in result.mappings().partitions(_CHUNK):
-            rows = [dict(r) for r in part]
-            resolver.resolve(rows)
-            yield rows
+    yield from stream_with_contexts(engine, query, added, _CHUNK)
 
 
 def run_info(engine: Engine, run_id: str) -> Row | None:
@@ -775,8 +766,7 @@ def export_rows(
     )
     if cluster_ids and run_id is not None:
         query = query.where(assignments.c.cluster_id.in_(list(cluster_ids)))
-    with engine.connect() as conn, engine.connect() as lookup:
-        resolver = ContextResolver(lookup, added)
+    with engine.connect() as conn:
         cluster_tags = _tags_by_target(conn, "cluster")
         exchange_tags = _tags_by_target(conn, "exchange")
         parent_of = (
@@ -790,11 +780,8 @@ def export_rows(
             if run_id
             else {}
         )
-        result = conn.execution_options(stream_results=True, yield_per=batch_size).execute(query)
-        for part in result.mappings().partitions(batch_size):
-            batch = [dict(r) for r in part]
-            resolver.resolve(batch)
-            values = _scores_for(lookup, [r["id"] for r in batch]) if scorers else {}
+        for batch in stream_with_contexts(engine, query, added, batch_size):
+            values = _scores_for(conn, [r["id"] for r in batch]) if scorers else {}
             for row in batch:
                 cid = row["cluster_id"]
                 row["cluster_label"] = names.get(cid) if cid else None
