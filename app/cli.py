@@ -184,13 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     score.add_argument(
         "--mode",
-        choices=["head", "finetune", "ensemble"],
-        default="head",
-        help="head: on stored embeddings (seconds); finetune: the bundled MiniLM (minutes); "
-        "ensemble: both, their standardised scores summed (the most accurate; use a GPU)",
+        default="head+lexical",
+        help="reward members, joined by +: head (embeddings and the answer's structure, "
+        "seconds), lexical (the answer's word n-grams, seconds), finetune (the bundled MiniLM: "
+        "minutes, use a GPU); several are trained on one split and their standardised scores "
+        "summed; ensemble = all three, the most accurate (default: head+lexical)",
     )
     score.add_argument(
-        "--steps", type=int, default=300, help="fine-tuning steps (--mode finetune|ensemble)"
+        "--steps", type=int, default=300, help="fine-tuning steps (modes with finetune)"
     )
     score.add_argument(
         "--max-length", type=int, default=128, help="tokens the fine-tuned model reads (≤ 512)"

@@ -213,12 +213,16 @@ def score(args: argparse.Namespace) -> dict[str, Any]:
     from scoring.labels import LabelConfig
     from scoring.reward_head import HeadConfig
     from scoring.reward_model import FineTuneConfig
-    from scoring.reward_step import apply_reward
+    from scoring.reward_step import apply_reward, reward_members
     from scoring.routing import RoutingConfig
     from scoring.step import ScoreConfig, refresh_reports, score_all, train_reward_only
 
     if args.what not in ([], ["reward", "train"], ["reward", "apply"]):
         raise UserError("use `score`, `score reward train` or `score reward apply`")
+    try:
+        reward_members(args.mode)
+    except ValueError as error:
+        raise UserError(str(error)) from None
     if args.steps < 1:
         raise UserError("--steps must be at least 1")
     if not 8 <= args.max_length <= 512:
@@ -679,7 +683,7 @@ def describe(command: str, result: dict[str, Any]) -> str:
         reports = f"; {result['clusters']} cluster reports" if "clusters" in result else ""
         return (
             f"scored {result['exchanges']} exchanges with reward model {result['reward_model']}"
-            f" ({metrics or 'no held-out labels'}){reports}"
+            f" ({result['mode']}; {metrics or 'no held-out labels'}){reports}"
         )
     if command == "reward":
         return "\n".join(

@@ -1,9 +1,10 @@
-"""Engagement labels on ShareGPT: held-out AUC of the reward head, beside plain length.
+"""Engagement labels on ShareGPT: held-out AUC of the reward models, beside plain length.
 
 ShareGPT logs carry no retries, ratings or thumbs, so the only labels are structural: an answer
 after which the user left (no further user turn) is bad, one the user built on for 3+ more
 turns is good (scoring.labels). The reward head is trained on 80 % of conversations and
-judged on the other 20 %, exactly as `convoscope score` does; the baselines, in the same run
+judged on the other 20 %, exactly as `convoscope score` does, beside the n-gram model and
+their ensemble (the default `--mode head+lexical`); the baselines, in the same run
 on the same held-out rows, are "the longer answer is better" and the head with the first
 release's length-only features.
 
@@ -39,7 +40,15 @@ def main() -> None:
     from ingest.pipeline import IngestConfig, ingest_paths
     from scoring.labels import LabelConfig, joint_labels
     from scoring.reward_head import HeadConfig
-    from scoring.reward_step import exchange_embeddings, train_head
+    from scoring.reward_lexical import LexicalConfig
+    from scoring.reward_step import (
+        HEAD_FEATURES,
+        Ensemble,
+        exchange_embeddings,
+        reward_metrics,
+        train_head,
+        train_lexical,
+    )
     from scoring.step import _exchange_frame, _holdout
     from storage.engine import open_database
 
@@ -61,9 +70,9 @@ def main() -> None:
         print(f"# ingest + embed {len(frame)} exchanges: {time.time() - t0:.0f}s", file=sys.stderr)
         holdout = _holdout(frame["conversation_id"], 0.2, 0)
         empty = pd.DataFrame(columns=["exchange_a", "exchange_b", "winner"])
-        results = {}
-        for kind in ("text", "lengths"):
-            trained = train_head(
+        results, heads = {}, {}
+        for kind in (HEAD_FEATURES, "lengths"):
+            heads[kind] = trained = train_head(
                 engine,
                 frame,
                 embedded,
@@ -75,6 +84,20 @@ def main() -> None:
                 features_kind=kind,
             )
             results[kind] = trained.metrics["engagement_auc"]
+        lexical = train_lexical(
+            engine,
+            frame,
+            labels,
+            empty,
+            holdout,
+            config=LexicalConfig(),
+            label_config=LabelConfig(),
+        )
+        results["lexical"] = lexical.metrics["engagement_auc"]
+        members = [heads[HEAD_FEATURES], lexical]  # as `score --mode head+lexical` (the default)
+        summed = Ensemble.of(members, ~holdout).combine([m.scores for m in members])
+        label = labels["label"].to_numpy(dtype=float)
+        results["ensemble"] = reward_metrics(summed, label, holdout, None)["engagement_auc"]
         engine.dispose()
 
     label = labels["label"].to_numpy(dtype=float)
@@ -87,7 +110,9 @@ def main() -> None:
     print(f"| {'scorer':<44} | {'AUC':>6} |")
     print(f"|{'-' * 46}|{'-' * 8}|")
     rows = [
-        ("reward head: embeddings + text features", results["text"]),
+        ("head + lexical (the default)", results["ensemble"]),
+        ("lexical: the answer's word n-grams", results["lexical"]),
+        ("reward head: embeddings + text features", results[HEAD_FEATURES]),
         ("reward head: embeddings + lengths (before)", results["lengths"]),
         ("longer answer is better", float(roc_auc_score(good, length))),
     ]

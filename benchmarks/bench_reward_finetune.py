@@ -20,8 +20,12 @@ import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -159,30 +163,47 @@ def train(
 
 
 def report(data: Path, out: Path) -> None:
-    """Each run beside the reward head, their ensemble (as `--mode ensemble` builds it: each
-    standardised on the training answers, then summed) and "the longer answer wins", all on
-    the same held-out battles."""
+    """Each run beside the reward head, the n-gram model, the ensembles `--mode` builds from
+    them (each member standardised on the training answers, then summed: `head+lexical`, and
+    `ensemble`, all three) and "the longer answer wins", all on the same held-out battles."""
     import pandas as pd
 
     answers = pd.read_parquet(data / "answers.parquet")
     battles = dict(np.load(data / "battles.npz"))
     length = answers["response"].fillna("").str.len().to_numpy(dtype=float)
-    print("| fold | fine-tuned | head | ensemble | longer wins | fine-tune s |")
-    print("|------|------------|------|----------|-------------|-------------|")
+    print(
+        "| fold | fine-tuned | head | lexical | head+lexical | all three | longer wins "
+        "| fine-tune s |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for line in (out / "runs.jsonl").read_text(encoding="utf-8").splitlines():
         record = json.loads(line)
         fold = record["fold"]
         held = battles["fold"] == fold
         head = reward_head_scores(battles, ~held)
+        lexical = lexical_scores(answers, battles, ~held)
         tuned = np.load(out / f"{record['run']}_fold{fold}.npy").astype(np.float64)
         train_rows = np.unique(np.concatenate([battles["a"][~held], battles["b"][~held]]))
-        ensemble = sum((s - s[train_rows].mean()) / s[train_rows].std() for s in (head, tuned))
+        z = [(s - s[train_rows].mean()) / s[train_rows].std() for s in (head, lexical, tuned)]
         a, b, w = battles["a"][held], battles["b"][held], battles["winner"][held]
-        accuracy = [pair_accuracy(s, a, b, w) for s in (tuned, head, ensemble, length)]
-        print(
-            f"| {fold} | {accuracy[0]:.3f} | {accuracy[1]:.3f} | {accuracy[2]:.3f} "
-            f"| {accuracy[3]:.3f} | {record['train_s']:.0f} |"
-        )
+        scores = (tuned, head, lexical, z[0] + z[1], z[0] + z[1] + z[2], length)
+        accuracy = " | ".join(f"{pair_accuracy(s, a, b, w):.3f}" for s in scores)
+        print(f"| {fold} | {accuracy} | {record['train_s']:.0f} |")
+
+
+def lexical_scores(
+    answers: pd.DataFrame, battles: dict[str, np.ndarray], train: np.ndarray
+) -> np.ndarray:
+    """The n-gram reward model (scoring.reward_lexical), trained on the training battles'
+    winners as the score step gives them."""
+    from scoring.reward_head import Pairs
+    from scoring.reward_lexical import LexicalReward
+
+    outcome = np.select([battles["winner"] == 1, battles["winner"] == 0], [1.0, 0.0], 0.5)
+    pairs = Pairs(battles["a"][train], battles["b"][train], outcome[train])
+    prompts = answers["prompt"].fillna("").tolist()
+    responses = answers["response"].fillna("").tolist()
+    return LexicalReward().fit(prompts, responses, pairs=pairs).score(prompts, responses)
 
 
 def reward_head_scores(battles: dict[str, np.ndarray], train: np.ndarray) -> np.ndarray:

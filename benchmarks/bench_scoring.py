@@ -87,7 +87,7 @@ def pair_accuracy(score: np.ndarray, ia: np.ndarray, ib: np.ndarray, winner: pd.
     return float(np.mean((score[ia[keep]] > score[ib[keep]]) == a_won))
 
 
-def reward_head_eval(
+def reward_eval(
     df: pd.DataFrame,
     rows: pd.DataFrame,
     feats: np.ndarray,
@@ -95,26 +95,35 @@ def reward_head_eval(
     ib: np.ndarray,
     train: np.ndarray,
     test: np.ndarray,
-) -> tuple[float, float]:
-    """(head accuracy, longer-wins accuracy) on the test battles.
+) -> dict[str, float]:
+    """Pairwise accuracy on the test battles of the head, the n-gram model, their ensemble
+    (as `score --mode head+lexical` builds it) and "the longer answer wins".
 
-    The head learns from the training battles alone, pairwise, on the judge's graded
+    Both models learn from the training battles alone. The head learns from the judge's graded
     preference: adding each answer's share of battles won as a pointwise target (the joint
-    label) cost 3 points of accuracy here.
+    label) cost 3 points of accuracy here. The n-gram model learns from the winners, as the
+    score step gives them (graded preferences: 0.887 against 0.889).
     """
     from scoring.reward_head import STRUCTURAL_HEAD, Pairs, RewardHead
+    from scoring.reward_lexical import LexicalReward
 
     tr = df[train]
     head = RewardHead(STRUCTURAL_HEAD).fit(
         feats, pairs=Pairs(ia[train], ib[train], tr["outcome"].to_numpy())
     )
-    s = head.score(feats)
-    length = rows["response"].str.len().to_numpy().astype(float)
-    te = df[test]
-    return (
-        pair_accuracy(s, ia[test], ib[test], te["winner"]),
-        pair_accuracy(length, ia[test], ib[test], te["winner"]),
+    winner = tr["winner"].map({"a": 1.0, "b": 0.0, "tie": 0.5}).to_numpy()
+    responses = list(rows["response"].fillna(""))
+    lexical = LexicalReward().fit(
+        list(rows["prompt"]), responses, pairs=Pairs(ia[train], ib[train], winner)
     )
+    scores = {"head": head.score(feats), "lexical": lexical.score(list(rows["prompt"]), responses)}
+    rows_seen = np.unique(np.concatenate([ia[train], ib[train]]))
+    scores["ensemble"] = sum(
+        (s - s[rows_seen].mean()) / s[rows_seen].std() for s in list(scores.values())
+    )
+    scores["longer"] = rows["response"].str.len().to_numpy().astype(float)
+    te = df[test]
+    return {k: pair_accuracy(s, ia[test], ib[test], te["winner"]) for k, s in scores.items()}
 
 
 def finetune_eval(
@@ -252,22 +261,29 @@ def main() -> None:
     new_models = set(rng.choice(models, size=7, replace=False))
     results: list[tuple[str, str, float, str, float]] = []
 
-    head, longer, preds = [], [], []
+    rewards, preds = [], []
     for k in range(1 if args.quick else folds):
         t = time.time()
         test = fold == k
-        a, b = reward_head_eval(df, rows, feats, ia, ib, ~test, test)
-        head.append(a)
-        longer.append(b)
+        rewards.append(reward_eval(df, rows, feats, ia, ib, ~test, test))
         preds.append(predictor_eval(df, x, texts, ~test, test))
-        print(f"# fold {k}: {time.time() - t:.0f}s {preds[-1]}", file=sys.stderr)
+        print(f"# fold {k}: {time.time() - t:.0f}s {rewards[-1]} {preds[-1]}", file=sys.stderr)
 
-    def mean(key: str) -> float:
-        return float(np.mean([p[key] for p in preds]))
+    def mean(key: str, of: list[dict[str, float]] = preds) -> float:
+        return float(np.mean([p[key] for p in of]))
 
     split = "prompts, 1 of 5 folds" if args.quick else f"prompts, {folds}-fold"
+    longer = mean("longer", rewards)
     results += [
-        ("reward head: pairwise acc", split, np.mean(head), "longer wins", np.mean(longer)),
+        ("reward head: pairwise acc", split, mean("head", rewards), "longer wins", longer),
+        ("reward lexical: pairwise acc", split, mean("lexical", rewards), "longer wins", longer),
+        (
+            "reward head+lexical: pairwise acc",
+            split,
+            mean("ensemble", rewards),
+            "longer wins",
+            longer,
+        ),
         ("predictor: within-model AUC", split, mean("auc_within"), "global ranking", 0.5),
         ("predictor: accuracy", split, mean("acc"), "per-model win rate", mean("acc_base")),
         ("predictor: log-loss", split, mean("logloss"), "per-model win rate", mean("logloss_base")),
@@ -285,9 +301,12 @@ def main() -> None:
     # predictor sees only 20 battles of each (a new expert) on training prompts.
     test_p = fold == 0
     is_new = df["model_b"].isin(new_models).to_numpy()
-    a, b = reward_head_eval(df, rows, feats, ia, ib, ~test_p & ~is_new, test_p & is_new)
+    r = reward_eval(df, rows, feats, ia, ib, ~test_p & ~is_new, test_p & is_new)
     split = "7 new models × held-out prompts"
-    results.append(("reward head: pairwise acc", split, a, "longer wins", b))
+    results += [
+        (f"reward {name}: pairwise acc", split, r[key], "longer wins", r["longer"])
+        for name, key in (("head", "head"), ("lexical", "lexical"), ("head+lexical", "ensemble"))
+    ]
     few = df[~test_p & is_new].groupby("model_b").head(20).index
     train_m = (~test_p & ~is_new) | df.index.isin(few)
     pm = predictor_eval(df, x, texts, train_m, test_p, new_models)

@@ -28,13 +28,17 @@ from scoring.bradley_terry import BTConfig, leaderboard
 from scoring.labels import LabelConfig, joint_labels
 from scoring.predictor import PredictorConfig, WinPredictor
 from scoring.reward_head import HeadConfig
+from scoring.reward_lexical import LexicalConfig
 from scoring.reward_model import FineTuneConfig
 from scoring.reward_step import (
+    DEFAULT_MODE,
     TrainedReward,
     exchange_embeddings,
+    reward_members,
     train_ensemble,
     train_finetuned,
     train_head,
+    train_lexical,
     use_external,
 )
 from scoring.routing import RoutingConfig, cluster_routes, routing_table
@@ -71,7 +75,11 @@ class ScoreConfig:
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     holdout_share: float = 0.2
     seed: int = 0
-    mode: str = "head"  # head (on stored embeddings) | finetune (the transformer) | ensemble
+    # Reward members, joined by + (scoring.reward_step.reward_members): head (on stored
+    # embeddings and structure), lexical (word n-grams), finetune (the transformer); ensemble
+    # = all three.
+    mode: str = DEFAULT_MODE
+    lexical: LexicalConfig = field(default_factory=LexicalConfig)
     finetune: FineTuneConfig = field(default_factory=FineTuneConfig)
     reward_model_dir: str | None = None  # a user's own sequence-classification reward model
     costs: dict[str, float] | None = None  # per expert (any unit): enables the cheapest choice
@@ -93,6 +101,7 @@ def score_all(engine: Engine, *, config: ScoreConfig) -> dict[str, Any]:
     result: dict[str, Any] = {
         "exchanges": len(frame),
         "labels": labels.counts,
+        "mode": "external" if config.reward_model_dir else config.mode,
         "reward_model": reward.model_id,
         "reward_metrics": reward.metrics,
     }
@@ -123,26 +132,34 @@ def train_reward(
     row of `frame`; `embedded` = (prompt vectors, response vectors, encoder) for the head."""
     if config.reward_model_dir:
         return use_external(engine, frame, labels, battles, config.reward_model_dir)
-    if config.mode not in ("head", "finetune", "ensemble"):
-        raise ValueError(f"unknown reward mode {config.mode!r}: use head, finetune or ensemble")
+    names = reward_members(config.mode)
     holdout = _holdout(frame["conversation_id"], config.holdout_share, config.seed)
     members: list[TrainedReward] = []
-    if config.mode in ("head", "ensemble"):
-        members.append(
-            train_head(
+    for name in names:
+        if name == "head":
+            embedded = embedded or exchange_embeddings(engine, list(frame["id"]), config.embed)
+            trained = train_head(
                 engine,
                 frame,
-                embedded or exchange_embeddings(engine, list(frame["id"]), config.embed),
+                embedded,
                 labels,
                 battles,
                 holdout,
                 config=config.head,
                 label_config=config.labels,
             )
-        )
-    if config.mode in ("finetune", "ensemble"):
-        members.append(
-            train_finetuned(
+        elif name == "lexical":
+            trained = train_lexical(
+                engine,
+                frame,
+                labels,
+                battles,
+                holdout,
+                config=config.lexical,
+                label_config=config.labels,
+            )
+        else:
+            trained = train_finetuned(
                 engine,
                 frame,
                 labels,
@@ -151,7 +168,7 @@ def train_reward(
                 config=config.finetune,
                 label_config=config.labels,
             )
-        )
+        members.append(trained)
     if len(members) == 1:
         return members[0]
     return train_ensemble(

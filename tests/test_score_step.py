@@ -91,10 +91,12 @@ def test_score_trains_applies_and_reports_every_cluster(scored_db: str, tmp_path
     assert result["clusters"] == 6
     rewards = latest_scores(engine, prefix="reward:")
     assert len(rewards) == result["exchanges"]
-    from scoring.reward_step import apply_reward
+    from scoring.reward_step import REWARD_KINDS, apply_reward
     from storage.models import latest_model
 
     assert latest_model(engine, "reward_head")["config"]["features"].startswith("text:")
+    default = latest_model(engine, REWARD_KINDS)  # head+lexical: their ensemble is the newest
+    assert default["kind"] == "reward_ensemble" and default["id"] == result["reward_model"]
     apply_reward(engine)  # the stored head, reloaded, reads the same inputs: the same scores
     again = latest_scores(engine, prefix="reward:")
     assert all(again[i] == pytest.approx(r, abs=1e-5) for i, r in rewards.items())
@@ -193,6 +195,8 @@ def test_score_refuses_a_bad_costs_file(tmp_path: Path, content: str | None, mes
         (["--steps", "0"], "--steps must be at least 1"),
         (["--max-length", "1024"], "--max-length must be between 8 and 512"),
         (["--finetune-batch-size", "1"], "--finetune-batch-size must be at least 4"),
+        (["--mode", "head+magic"], "unknown reward mode 'head+magic'"),
+        (["--mode", "head+head"], "unknown reward mode 'head+head'"),
     ],
 )
 def test_score_refuses_bad_fine_tuning_flags(
@@ -304,7 +308,8 @@ def _train_reward(mode: str, db: str, cwd: Path) -> dict:
 
 
 def _assert_ensemble_trains_and_applies(scored_db: str, tmp_path: Path) -> None:
-    """`--mode ensemble` stores a head, a fine-tuned model and their ensemble (the newest);
+    """`--mode ensemble` stores a head, a lexical model, a fine-tuned model and their
+    ensemble (the newest);
     its rewards are the sum of the members' standardised rewards, and `apply` and
     `reward --file` use it."""
     from scoring.reward_step import REWARD_KINDS, Ensemble, apply_reward
@@ -319,7 +324,7 @@ def _assert_ensemble_trains_and_applies(scored_db: str, tmp_path: Path) -> None:
     assert stored["id"] == result["reward_model"]
     ensemble = Ensemble.load(stored)
     kinds = [load_model(engine, member)["kind"] for member, _, _ in ensemble.members]
-    assert kinds == ["reward_head", "reward_finetuned"]
+    assert kinds == ["reward_head", "reward_lexical", "reward_finetuned"]
     assert set(result["reward_metrics"]["members"]) == {m for m, _, _ in ensemble.members}
     rewards = load_scores(engine, f"reward:{stored['id']}")
     parts = [load_scores(engine, f"reward:{member}") for member, _, _ in ensemble.members]

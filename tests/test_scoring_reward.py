@@ -14,6 +14,7 @@ import pytest
 from scoring.features import FEATURE_NAMES, PROMPT_ONLY_FEATURES, prompt_features, text_features
 from scoring.labels import joint_labels
 from scoring.reward_head import HeadConfig, Pairs, RewardHead, head_features, simple_features
+from scoring.reward_lexical import LexicalReward
 from scoring.reward_model import (
     FineTuneConfig,
     SequenceClassifierReward,
@@ -88,6 +89,35 @@ def test_head_trains_on_battles_and_behaviour_and_scores(
     np.testing.assert_allclose(again.score(feats), s, rtol=1e-5)
     with pytest.raises(ValueError, match="nothing to train"):
         RewardHead().fit(feats, np.full(len(feats), np.nan))
+
+
+def test_lexical_model_learns_words_from_battles_and_labels(
+    slice_: tuple[pd.DataFrame, pd.DataFrame], tmp_path: Path
+) -> None:
+    """The n-gram model ranks held-out battles better than chance from the training battles,
+    learns which words behaviour labels punish, and reloads to the same scores."""
+    battles, answers = slice_
+    prompts, responses = list(answers["prompt"]), list(answers["r"])
+    train = battles["prompt_id"].astype(int) < 30
+    model = LexicalReward().fit(prompts, responses, pairs=_pairs(battles[train], answers))
+    held = _pairs(battles[~train & (battles["winner"] != "tie")], answers)
+    s = model.score(prompts, responses)
+    acc = np.mean((s[held.a] > s[held.b]) == (held.outcome == 1.0))
+    assert acc >= 0.7  # chance is 0.5
+    again = LexicalReward.load(model.save(tmp_path / "lexical"))
+    np.testing.assert_allclose(again.score(prompts, responses), s, rtol=1e-6)
+
+    # Pointwise behaviour labels (soft ones too): apologies were retried, plans were kept.
+    texts = [f"Sorry, I cannot help with trip {i}." for i in range(20)]
+    texts += [f"Here is a detailed plan for trip {i}: museums, then dinner." for i in range(20)]
+    labels = np.array([0.0] * 19 + [np.nan] + [1.0] * 19 + [0.8])
+    behaviour = LexicalReward().fit([""] * 40, texts, labels=labels)
+    unseen = behaviour.score(["", ""], ["Sorry, I cannot do that.", "Here is a plan: museums."])
+    assert unseen[0] < 0 < unseen[1]  # logits: P(good) below and above one half
+    with pytest.raises(ValueError, match="nothing to train"):
+        LexicalReward().fit(["p"], ["r"], labels=np.array([np.nan]))
+    with pytest.raises(ValueError, match="no words"):
+        LexicalReward().fit(["p", "p"], ["", "!"], labels=np.array([1.0, 0.0]))
 
 
 def test_transformer_fine_tunes_saves_and_loads(

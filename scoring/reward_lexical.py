@@ -1,0 +1,182 @@
+"""The lexical reward model: a linear score on the response's word n-grams (TF-IDF).
+
+Judges reward a style as much as a length: an answer that opens with "Certainly!", signs
+off with "In summary", says "it's important to note" or "However," reads as careful, and
+one that says "I don't know" or repeats the question does not. Counts of layout (the
+structural head) miss these words, and a sentence embedding of a truncated answer blurs them.
+A sparse logistic model over the answer's word 1–2-grams learns them in seconds on a CPU, and
+it errs on different answers than the head: on AlpacaEval battles (held-out prompts, 5-fold)
+it scores 0.889 pairwise alone, the head 0.886, and their ensemble 0.895.
+
+Training is one convex fit (scikit-learn's L-BFGS logistic regression) on two kinds of rows:
+labelled answers, pointwise (features plus an intercept column), and battles, as the
+difference of the two answers' features with no intercept (Bradley–Terry). Soft targets (a
+label of 0.7, a tie) enter as a positive row weighted by the target and a negative row
+weighted by its complement. What is saved is plain: the vocabulary as JSON, the IDF weights
+and coefficients as arrays; nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from scipy import sparse
+
+from scoring.reward_head import Pairs
+
+if TYPE_CHECKING:
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+# Weight of the intercept column of pointwise rows: large, so the L2 penalty barely touches it.
+_INTERCEPT = 10.0
+# Words of two or more word characters, lower-cased: scikit-learn's default, spelt out so a
+# stored model keeps reading its n-grams the same way whatever a later default becomes.
+_TOKEN_PATTERN = r"(?u)\b\w\w+\b"
+
+
+@dataclass(frozen=True, slots=True)
+class LexicalConfig:
+    """Vocabulary and regularisation; defaults chosen on AlpacaEval battles (5-fold: 1–2-grams
+    0.889, 1–3-grams 0.891 at a third more time; C from 3 to 30 within 0.001)."""
+
+    ngram_max: int = 2
+    min_df: int = 5  # an n-gram must occur in this many training answers
+    max_features: int = 300_000
+    c: float = 10.0  # inverse L2 strength (scikit-learn's C)
+    pair_weight: float = 1.0  # a battle's weight relative to a labelled answer
+    max_iter: int = 3000
+
+
+class LexicalReward:
+    """fit / score on (prompt, response) texts; only the response is read."""
+
+    def __init__(self, config: LexicalConfig = LexicalConfig()) -> None:
+        self.config = config
+        self.vectorizer: TfidfVectorizer | None = None
+        self.coef = np.zeros(0)
+        self.intercept = 0.0
+
+    def _new_vectorizer(
+        self, vocabulary: list[str] | None = None, min_df: int = 1
+    ) -> TfidfVectorizer:
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
+        cfg = self.config
+        return TfidfVectorizer(
+            ngram_range=(1, cfg.ngram_max),
+            min_df=min_df,
+            max_features=None if vocabulary is not None else cfg.max_features,
+            sublinear_tf=True,
+            lowercase=True,
+            token_pattern=_TOKEN_PATTERN,
+            norm="l2",
+            dtype=np.float32,
+            vocabulary=vocabulary,
+        )
+
+    def fit(
+        self,
+        prompts: Sequence[str],
+        responses: Sequence[str],
+        labels: np.ndarray | None = None,
+        weights: np.ndarray | None = None,
+        pairs: Pairs | None = None,
+    ) -> LexicalReward:
+        """Train on pointwise labels in [0, 1] (NaN = unlabelled, skipped) and/or pairs.
+
+        The vocabulary comes from the answers that take part in training, so nothing about
+        held-out rows leaks into it. `prompts` is accepted for the common interface."""
+        from sklearn.linear_model import LogisticRegression
+
+        del prompts
+        texts = [r if isinstance(r, str) else "" for r in responses]
+        point = np.zeros(0, dtype=np.int64)
+        if labels is not None:
+            lab = np.asarray(labels, dtype=np.float64)
+            wt = np.ones_like(lab) if weights is None else np.asarray(weights, dtype=np.float64)
+            point = np.flatnonzero(~np.isnan(lab) & (wt > 0))
+        n_pairs = 0 if pairs is None else len(pairs.a)
+        if len(point) == 0 and n_pairs == 0:
+            raise ValueError("nothing to train on: no labelled rows and no pairs")
+        used = np.unique(np.concatenate([point, *(() if pairs is None else (pairs.a, pairs.b))]))
+        # A few dozen answers (a small log, a test) keep every n-gram they have.
+        min_df = self.config.min_df if len(used) >= 100 * self.config.min_df else 1
+        try:
+            self.vectorizer = self._new_vectorizer(min_df=min_df).fit([texts[i] for i in used])
+        except ValueError as error:  # scikit-learn: "empty vocabulary"
+            raise ValueError(
+                f"the training answers have no words to learn from ({error})"
+            ) from None
+        x = self.vectorizer.transform(texts).tocsr()
+
+        blocks, targets, row_weights = [], [], []
+        if len(point):
+            ones = sparse.csr_matrix(np.full((len(point), 1), _INTERCEPT))
+            blocks.append(sparse.hstack([x[point], ones]))
+            targets.append(lab[point])
+            row_weights.append(wt[point])
+        if n_pairs:
+            diff = x[np.asarray(pairs.a)] - x[np.asarray(pairs.b)]
+            blocks.append(sparse.hstack([diff, sparse.csr_matrix((n_pairs, 1))]))
+            targets.append(np.asarray(pairs.outcome, dtype=np.float64))
+            row_weights.append(np.full(n_pairs, self.config.pair_weight))
+        design = sparse.vstack(blocks).tocsr()
+        target = np.concatenate(targets)
+        weight = np.concatenate(row_weights)
+        # A soft target p: a positive row weighted p and a negative row weighted 1 − p.
+        model = LogisticRegression(
+            C=self.config.c, fit_intercept=False, max_iter=self.config.max_iter
+        )
+        model.fit(
+            sparse.vstack([design, design]),
+            np.concatenate([np.ones(len(target)), np.zeros(len(target))]),
+            sample_weight=np.concatenate([weight * target, weight * (1 - target)]),
+        )
+        self.coef = model.coef_[0, :-1].astype(np.float64)
+        self.intercept = float(model.coef_[0, -1] * _INTERCEPT) if len(point) else 0.0
+        return self
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+        """Reward logits, higher is better; σ(score) is P(good) when trained on labels."""
+        del prompts
+        if self.vectorizer is None:
+            raise RuntimeError("the lexical model is not trained: call fit() or load() first")
+        texts = [r if isinstance(r, str) else "" for r in responses]
+        return self.vectorizer.transform(texts) @ self.coef + self.intercept
+
+    def save(self, directory: str | Path) -> Path:
+        """The vocabulary (n-grams in column order) and config as JSON, weights as .npz."""
+        if self.vectorizer is None:
+            raise RuntimeError("the lexical model is not trained")
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        vocabulary = self.vectorizer.vocabulary_
+        terms = sorted(vocabulary, key=vocabulary.__getitem__)
+        meta = {
+            "kind": "convoscope.reward_lexical",
+            "version": 1,
+            "config": asdict(self.config),
+            "intercept": self.intercept,
+            "terms": terms,
+        }
+        (path / "lexical.json").write_text(json.dumps(meta), encoding="utf-8")
+        np.savez(path / "lexical.npz", idf=self.vectorizer.idf_, coef=self.coef)
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> LexicalReward:
+        """Inverse of `save`."""
+        path = Path(directory)
+        meta = json.loads((path / "lexical.json").read_text(encoding="utf-8"))
+        model = cls(LexicalConfig(**meta["config"]))
+        data = np.load(path / "lexical.npz")
+        model.vectorizer = model._new_vectorizer(vocabulary=list(meta["terms"]))
+        model.vectorizer.idf_ = data["idf"]
+        model.coef = data["coef"].astype(np.float64)
+        model.intercept = float(meta["intercept"])
+        return model
