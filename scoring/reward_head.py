@@ -54,6 +54,26 @@ class Pairs:
     outcome: np.ndarray  # 1 = a won, 0 = b won, 0.5 = tie (soft values allowed)
 
 
+def labelled_rows(
+    labels: np.ndarray | None,
+    weights: np.ndarray | None,
+    pairs: Pairs | None,
+    dtype: type = np.float32,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows to fit pointwise, labels, weights) for a reward model's `fit`: a row counts when
+    its label is known and its weight positive; weights default to 1. Every reward model
+    refuses the same way when there is neither a labelled row nor a pair to learn from."""
+    if labels is None:
+        lab = wt = np.zeros(0, dtype=dtype)
+    else:
+        lab = np.asarray(labels, dtype=dtype)
+        wt = np.ones_like(lab) if weights is None else np.asarray(weights, dtype=dtype)
+    point = np.flatnonzero(~np.isnan(lab) & (wt > 0))
+    if len(point) == 0 and (pairs is None or len(pairs.a) == 0):
+        raise ValueError("nothing to train on: no labelled rows and no pairs")
+    return point, lab, wt
+
+
 def simple_features(response_chars: np.ndarray, prompt_chars: np.ndarray) -> np.ndarray:
     """Length features: log response length, log prompt length, and their difference."""
     r = np.log1p(np.asarray(response_chars, dtype=np.float32))
@@ -110,16 +130,10 @@ class RewardHead:
         opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         bce = torch.nn.functional.binary_cross_entropy_with_logits
 
-        point_idx = np.zeros(0, dtype=np.int64)
-        if labels is not None:
-            lab = np.asarray(labels, dtype=np.float32)
-            wt = np.ones_like(lab) if weights is None else np.asarray(weights, dtype=np.float32)
-            point_idx = np.flatnonzero(~np.isnan(lab) & (wt > 0))
-            y_point = torch.as_tensor(np.nan_to_num(lab))
-            w_point = torch.as_tensor(wt)
+        point_idx, lab, wt = labelled_rows(labels, weights, pairs)
+        y_point = torch.as_tensor(np.nan_to_num(lab))
+        w_point = torch.as_tensor(wt)
         n_pairs = 0 if pairs is None else len(pairs.a)
-        if len(point_idx) == 0 and n_pairs == 0:
-            raise ValueError("nothing to train on: no labelled rows and no pairs")
         if n_pairs:
             pa = torch.as_tensor(np.array(pairs.a, dtype=np.int64))
             pb = torch.as_tensor(np.array(pairs.b, dtype=np.int64))

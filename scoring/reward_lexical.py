@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy import sparse
 
-from scoring.reward_head import Pairs
+from scoring.reward_head import Pairs, labelled_rows
 
 if TYPE_CHECKING:
     from sklearn.feature_extraction.text import TfidfVectorizer
@@ -95,14 +95,8 @@ class LexicalReward:
 
         del prompts
         texts = [r if isinstance(r, str) else "" for r in responses]
-        point = np.zeros(0, dtype=np.int64)
-        if labels is not None:
-            lab = np.asarray(labels, dtype=np.float64)
-            wt = np.ones_like(lab) if weights is None else np.asarray(weights, dtype=np.float64)
-            point = np.flatnonzero(~np.isnan(lab) & (wt > 0))
+        point, lab, wt = labelled_rows(labels, weights, pairs, dtype=np.float64)
         n_pairs = 0 if pairs is None else len(pairs.a)
-        if len(point) == 0 and n_pairs == 0:
-            raise ValueError("nothing to train on: no labelled rows and no pairs")
         used = np.unique(np.concatenate([point, *(() if pairs is None else (pairs.a, pairs.b))]))
         # A few dozen answers (a small log, a test) keep every n-gram they have.
         min_df = self.config.min_df if len(used) >= 100 * self.config.min_df else 1

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
-from scoring.reward_head import Pairs
+from scoring.reward_head import Pairs, labelled_rows
 
 
 def default_backbone() -> str:
@@ -100,14 +100,8 @@ class TransformerReward(torch.nn.Module):
         cfg = self.config
         torch.manual_seed(cfg.seed)
         rng = np.random.default_rng(cfg.seed)
-        point = np.zeros(0, dtype=np.int64)
-        if labels is not None:
-            lab = np.asarray(labels, dtype=np.float32)
-            wt = np.ones_like(lab) if weights is None else np.asarray(weights, dtype=np.float32)
-            point = np.flatnonzero(~np.isnan(lab) & (wt > 0))
+        point, lab, wt = labelled_rows(labels, weights, pairs)
         n_pairs = 0 if pairs is None else len(pairs.a)
-        if len(point) == 0 and n_pairs == 0:
-            raise ValueError("nothing to train on: no labelled rows and no pairs")
         opt = torch.optim.AdamW(
             [
                 {"params": self.backbone.parameters(), "lr": cfg.lr},

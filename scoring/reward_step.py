@@ -198,24 +198,11 @@ def train_finetuned(
     """Fine-tune the transformer reward model on the training conversations and battles."""
     from scoring.reward_model import TransformerReward
 
-    label = labels["label"].to_numpy(dtype=float)
-    weight = labels["weight"].to_numpy(dtype=float)
+    record = {"finetune": asdict(config), "labels": asdict(label_config)}
     prompts = model_prompts(engine, frame)
-    responses = frame["response"].fillna("").tolist()
-    train_pairs = battle_pairs(frame, battles, ~holdout)
-    model = TransformerReward(config).fit(
-        prompts,
-        responses,
-        labels=np.where(holdout, np.nan, label),
-        weights=weight,
-        pairs=train_pairs,
-    )
-    scores = model.score(prompts, responses)
-    metrics = reward_metrics(scores, label, holdout, battle_pairs(frame, battles, holdout))
-    config_record = {"finetune": asdict(config), "labels": asdict(label_config)}
-    fingerprint = training_fingerprint(frame["id"], label, weight, holdout, train_pairs)
-    return _version(
-        engine, "reward_finetuned", model, config_record, metrics, frame, scores, fingerprint
+    model = TransformerReward(config)
+    return _train_text_reward(
+        engine, "reward_finetuned", model, record, prompts, frame, labels, battles, holdout
     )
 
 
@@ -230,12 +217,45 @@ def train_lexical(
     label_config: LabelConfig,
 ) -> TrainedReward:
     """Fit the n-gram model on the training conversations and battles."""
+    record = {"lexical": asdict(config), "labels": asdict(label_config)}
+    prompts = frame["prompt"].fillna("").tolist()
+    model = LexicalReward(config)
+    return _train_text_reward(
+        engine, "reward_lexical", model, record, prompts, frame, labels, battles, holdout
+    )
+
+
+class TextReward(TextScorer, SavedModel, Protocol):
+    """A reward model trained on texts (the fine-tuned transformer, the n-gram model)."""
+
+    def fit(
+        self,
+        prompts: Sequence[str],
+        responses: Sequence[str],
+        labels: np.ndarray | None = None,
+        weights: np.ndarray | None = None,
+        pairs: Pairs | None = None,
+    ) -> TextReward: ...
+
+
+def _train_text_reward(
+    engine: Engine,
+    kind: str,
+    model: TextReward,
+    config_record: dict[str, Any],
+    prompts: list[str],
+    frame: pd.DataFrame,
+    labels: pd.DataFrame,
+    battles: pd.DataFrame,
+    holdout: np.ndarray,
+) -> TrainedReward:
+    """Fit a text reward model on the training rows' labels and battles, measure it on the
+    held-out ones, and store it as a new version of `kind` with its scores."""
     label = labels["label"].to_numpy(dtype=float)
     weight = labels["weight"].to_numpy(dtype=float)
-    prompts = frame["prompt"].fillna("").tolist()
     responses = frame["response"].fillna("").tolist()
     train_pairs = battle_pairs(frame, battles, ~holdout)
-    model = LexicalReward(config).fit(
+    model.fit(
         prompts,
         responses,
         labels=np.where(holdout, np.nan, label),
@@ -244,11 +264,8 @@ def train_lexical(
     )
     scores = model.score(prompts, responses)
     metrics = reward_metrics(scores, label, holdout, battle_pairs(frame, battles, holdout))
-    config_record = {"lexical": asdict(config), "labels": asdict(label_config)}
     fingerprint = training_fingerprint(frame["id"], label, weight, holdout, train_pairs)
-    return _version(
-        engine, "reward_lexical", model, config_record, metrics, frame, scores, fingerprint
-    )
+    return _version(engine, kind, model, config_record, metrics, frame, scores, fingerprint)
 
 
 @dataclass(frozen=True, slots=True)
