@@ -59,7 +59,7 @@ def _conversation(
             raise FieldError("messages", "expected a list of {role, content} messages")
         messages = []
         for i, raw in enumerate(raw_messages):
-            parsed = _message(raw, f"messages[{i}]")
+            parsed = _message(raw, i)
             if isinstance(parsed, str):
                 unknown.append(UnknownRole(source=source, line=number, role=parsed))
             else:
@@ -87,17 +87,26 @@ def _conversation(
     return checked_conversation(conversation, record)
 
 
-def _message(raw: Any, name: str) -> Message | str:
-    """The Message, or the role name as logged when it is unknown (the message is skipped)."""
+def _message(raw: Any, index: int) -> Message | str:
+    """The Message, or the role name as logged when it is unknown (the message is skipped).
+
+    Field names for errors (`messages[3].content`) are built only when needed: this runs for
+    every message of a log, and most messages are a plain role and string content.
+    """
     if not isinstance(raw, dict):
-        raise FieldError(name, "expected an object with role and content")
+        raise FieldError(f"messages[{index}]", "expected an object with role and content")
     raw_role = raw.get("role")
     if not isinstance(raw_role, str):
-        raise FieldError(f"{name}.role", "expected a role name")
+        raise FieldError(f"messages[{index}].role", "expected a role name")
     role = canonical_role(raw_role)
     if role is None:
         return raw_role
-    content = content_text(raw.get("content"), f"{name}.content")
+    content = raw.get("content")
+    if not isinstance(content, str):
+        content = content_text(content, f"messages[{index}].content")
+    if len(raw) == 2 and "content" in raw:  # nothing but role and content: no signals to read
+        return Message(role=role, content=content)
+    name = f"messages[{index}]"
     signals, used = read_signals(raw, name, _MESSAGE_SIGNALS)
     extra = leftover(raw, used | {"role", "content"})
     return Message(role=role, content=content, metadata=extra or None, **signals)

@@ -35,7 +35,7 @@ ROLE_ALIASES: dict[str, Role] = {
 
 def canonical_role(raw: str) -> Role | None:
     """The canonical role for a role name as logged, or None when it is unknown."""
-    return ROLE_ALIASES.get(raw.strip().lower())
+    return ROLE_ALIASES.get(raw) or ROLE_ALIASES.get(raw.strip().lower())
 
 
 def content_hash(*parts: str | int | float | bool | None) -> str:
@@ -51,6 +51,9 @@ def content_hash(*parts: str | int | float | bool | None) -> str:
         if isinstance(part, str):
             data = part.encode("utf-8", "surrogatepass")
             append(b"s%d:" % len(data))
+        elif part is None:  # the commonest non-text part (a message with no model)
+            append(b"r4:None")
+            continue
         else:
             data = repr(part).encode()
             append(b"r%d:" % len(data))
@@ -94,8 +97,10 @@ class Conversation:
     @property
     def id(self) -> str:
         """Content-derived id: the source's id plus the messages, so colliding ids never merge."""
-        fields = (value for m in self.messages for value in (m.role, m.content, m.model))
-        return content_hash("conversation", self.external_id, len(self.messages), *fields)
+        parts: list[str | int | None] = ["conversation", self.external_id, len(self.messages)]
+        for m in self.messages:
+            parts += (m.role, m.content, m.model)
+        return content_hash(*parts)
 
 
 @dataclass(frozen=True, slots=True)
