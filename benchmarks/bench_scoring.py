@@ -1,6 +1,8 @@
 """Scoring benchmark on the AlpacaEval battles: reward model, expert win predictor, routing.
 
-Run from the repository root: `python benchmarks/bench_scoring.py [--quick]`.
+Run from the repository root: `python benchmarks/bench_scoring.py [--quick]`. `--heldout FILE`
+adds rows for a second battles file in the same format (other experts, other prompts): every
+model trained on all of `--data` (the shared AlpacaEval dev file by default), measured there.
 Embeddings (all-MiniLM-L6-v2, bundled) are cached under /tmp so a second run skips them.
 """
 
@@ -20,18 +22,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpacaeval_battles_dev.jsonl.gz"
 CACHE = Path(os.environ.get("CONVOSCOPE_BENCH_CACHE", "/tmp/convoscope_bench"))
-BASELINE = "gpt4_1106_preview"
 
 
 def load_battles(path: Path = DATA) -> pd.DataFrame:
-    """The battles file as a frame, with `winner` mapped to the canonical a / b / tie."""
-    with gzip.open(path, "rt", encoding="utf-8") as fh:
-        df = pd.DataFrame([json.loads(line) for line in fh])
+    """The battles file (JSONL, gzipped or not) as a frame, `winner` as a / b / tie.
+
+    Another file in the same format works too (`--heldout`): without `prompt_id` the prompts
+    are numbered in file order, without `judge_preference` the outcome is the winner.
+    """
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as fh:
+        df = pd.DataFrame([json.loads(line) for line in fh if line.strip()])
     df["winner"] = df["winner"].map({"model_a": "a", "model_b": "b", "tie": "tie"})
-    df["prompt_id"] = df["prompt_id"].astype(int)
+    if "prompt_id" in df:
+        df["prompt_id"] = df["prompt_id"].astype(int)
+    else:
+        df["prompt_id"] = pd.factorize(df["prompt"])[0]
     # The judge's graded preference (1 = a surely better … 2 = b surely better) as P(a wins):
     # the predictor learns from it; accuracies are still counted on `winner`.
-    df["outcome"] = 2.0 - df["judge_preference"].astype(float)
+    if "judge_preference" in df:
+        df["outcome"] = 2.0 - df["judge_preference"].astype(float)
+    else:
+        df["outcome"] = df["winner"].map({"a": 1.0, "b": 0.0, "tie": 0.5})
     return df
 
 
@@ -185,10 +197,10 @@ def predictor_eval(
     te = te[te["model_b"].isin(new_models)] if new_models else te
     y = (te["winner"] == "b").to_numpy()
     p = np.empty(len(te))
-    for m, g in te.groupby("model_b"):
+    for (m, opponent), g in te.groupby(["model_b", "model_a"]):
         pos = te.index.get_indexer(g.index)
         ids = g["prompt_id"].to_numpy()
-        p[pos] = model.win_probability(x[ids], m, BASELINE, list(text_arr[ids]))
+        p[pos] = model.win_probability(x[ids], m, opponent, list(text_arr[ids]))
     # Baseline: each model's win rate over its training battles (add-one smoothed).
     won = tr.assign(w=tr["winner"].map({"a": 0.0, "b": 1.0, "tie": 0.5})).groupby("model_b")["w"]
     rate = ((won.sum() + 0.5) / (won.count() + 1)).reindex(te["model_b"]).fillna(0.5).to_numpy()
@@ -228,6 +240,42 @@ def predictor_eval(
     return out
 
 
+def heldout_eval(dev: pd.DataFrame, held: pd.DataFrame) -> list[tuple[str, str, float, str, float]]:
+    """Rows for a second battles file: every model trained on all of `dev`, measured on `held`.
+
+    The reward models score the held-out answers; the predictor ranks the held-out prompts for
+    each held-out expert (an expert it never saw scores as the mean expert) and, when every
+    held-out expert is known, routes them.
+    """
+    from scoring.features import text_features
+
+    both = pd.concat([dev.assign(held=False), held.assign(held=True)], ignore_index=True)
+    both["prompt_id"] = pd.factorize(both["prompt"])[0]  # one numbering over both files
+    rows, ia, ib = answers_table(both)
+    feats = text_features(rows["response"], rows["prompt"])
+    prompts = both.groupby("prompt_id")["prompt"].first().sort_index()
+    emb = embed_cached(sorted(set(prompts)))
+    x = np.stack([emb[t] for t in prompts])
+    test = both["held"].to_numpy()
+    r = reward_eval(both, rows, feats, ia, ib, ~test, test)
+    known = set(dev["model_a"]) | set(dev["model_b"])
+    new_models = set(held["model_b"]) - known
+    p = predictor_eval(both, x, list(prompts), ~test, test, new_models)
+    split = f"held-out file, {len(held)} battles"
+    out = [
+        (f"reward {name}: pairwise acc", split, r[key], "longer wins", r["longer"])
+        for name, key in (("head", "head"), ("lexical", "lexical"), ("head+lexical", "ensemble"))
+    ]
+    who = f"{len(new_models)} new experts" if new_models else "known experts"
+    out += [
+        ("predictor: within-model AUC", f"{split}, {who}", p["auc_within"], "global ranking", 0.5),
+        ("predictor: accuracy", f"{split}, {who}", p["acc"], "per-model win rate", p["acc_base"]),
+    ]
+    if "route" in p:
+        out.append(("routing: judge win rate", split, p["route"], "best single", p["best_single"]))
+    return out
+
+
 def main() -> None:
     import argparse
     import time
@@ -237,13 +285,19 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--finetune-steps", type=int, default=150)
     parser.add_argument("--finetune-eval", type=int, default=300)
+    parser.add_argument("--data", type=Path, default=DATA, help="battles JSONL (.gz)")
+    parser.add_argument(
+        "--heldout",
+        type=Path,
+        help="a second battles file: train on all of --data, report on this one too",
+    )
     args = parser.parse_args()
     folds = args.folds
 
     from scoring.features import text_features
 
     t0 = time.time()
-    df = load_battles()
+    df = load_battles(args.data)
     rows, ia, ib = answers_table(df)
     emb_p = embed_cached(sorted(set(df.prompt)))
     prompts = df.groupby("prompt_id")["prompt"].first().sort_index()
@@ -316,6 +370,26 @@ def main() -> None:
         ("predictor: log-loss", split, pm["logloss"], "per-model win rate", pm["logloss_base"]),
     ]
 
+    # The hard case for a new expert: one as strong as the reference, so its battles are
+    # close. Each of the four experts that win most often is left out in turn (the 7 new
+    # models above nearly always lose, which "the longer answer wins" mostly gets right too).
+    won = (df["winner"] == "b").groupby(df["model_b"]).mean()
+    strong = [
+        reward_eval(df, rows, feats, ia, ib, ~test_p & ~is_m, test_p & is_m)
+        for is_m in (df["model_b"].eq(m).to_numpy() for m in won.nlargest(4).index)
+    ]
+    split = "4 strongest models, each unseen × held-out prompts"
+    results += [
+        (
+            f"reward {name}: pairwise acc",
+            split,
+            mean(key, strong),
+            "longer wins",
+            mean("longer", strong),
+        )
+        for name, key in (("head", "head"), ("lexical", "lexical"), ("head+lexical", "ensemble"))
+    ]
+
     if not args.quick and args.finetune_steps > 0:
         t = time.time()
         a, b, n = finetune_eval(
@@ -327,10 +401,15 @@ def main() -> None:
         )
         print(f"# fine-tune: {time.time() - t:.0f}s", file=sys.stderr)
 
-    print(f"| {'measure':<38} | {'split':<34} | {'value':>7} | {'baseline':<20} | {'value':>7} |")
-    print(f"|{'-' * 40}|{'-' * 36}|{'-' * 9}|{'-' * 22}|{'-' * 9}|")
+    if args.heldout:
+        t = time.time()
+        results += heldout_eval(df, load_battles(args.heldout))
+        print(f"# held-out file: {time.time() - t:.0f}s", file=sys.stderr)
+
+    print(f"| {'measure':<38} | {'split':<50} | {'value':>7} | {'baseline':<20} | {'value':>7} |")
+    print(f"|{'-' * 40}|{'-' * 52}|{'-' * 9}|{'-' * 22}|{'-' * 9}|")
     for name, split, v, base_name, base in results:
-        print(f"| {name:<38} | {split:<34} | {v:>7.3f} | {base_name:<20} | {base:>7.3f} |")
+        print(f"| {name:<38} | {split:<50} | {v:>7.3f} | {base_name:<20} | {base:>7.3f} |")
     print(f"\ntotal {time.time() - t0:.0f}s; new models: {sorted(new_models)}", file=sys.stderr)
 
 
