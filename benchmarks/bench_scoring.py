@@ -240,6 +240,23 @@ def predictor_eval(
     return out
 
 
+REWARD_ROWS = (("head", "head"), ("lexical", "lexical"), ("head+lexical", "ensemble"))
+
+
+def reward_rows(
+    split: str, results: list[dict[str, float]]
+) -> list[tuple[str, str, float, str, float]]:
+    """Table rows for the reward models (mean over `results`) beside "the longer answer wins"."""
+
+    def mean(key: str) -> float:
+        return float(np.mean([r[key] for r in results]))
+
+    return [
+        (f"reward {name}: pairwise acc", split, mean(key), "longer wins", mean("longer"))
+        for name, key in REWARD_ROWS
+    ]
+
+
 def heldout_eval(dev: pd.DataFrame, held: pd.DataFrame) -> list[tuple[str, str, float, str, float]]:
     """Rows for a second battles file: every model trained on all of `dev`, measured on `held`.
 
@@ -262,10 +279,7 @@ def heldout_eval(dev: pd.DataFrame, held: pd.DataFrame) -> list[tuple[str, str, 
     new_models = set(held["model_b"]) - known
     p = predictor_eval(both, x, list(prompts), ~test, test, new_models)
     split = f"held-out file, {len(held)} battles"
-    out = [
-        (f"reward {name}: pairwise acc", split, r[key], "longer wins", r["longer"])
-        for name, key in (("head", "head"), ("lexical", "lexical"), ("head+lexical", "ensemble"))
-    ]
+    out = reward_rows(split, [r])
     who = f"{len(new_models)} new experts" if new_models else "known experts"
     out += [
         ("predictor: within-model AUC", f"{split}, {who}", p["auc_within"], "global ranking", 0.5),
@@ -357,10 +371,7 @@ def main() -> None:
     is_new = df["model_b"].isin(new_models).to_numpy()
     r = reward_eval(df, rows, feats, ia, ib, ~test_p & ~is_new, test_p & is_new)
     split = "7 new models × held-out prompts"
-    results += [
-        (f"reward {name}: pairwise acc", split, r[key], "longer wins", r["longer"])
-        for name, key in (("head", "head"), ("lexical", "lexical"), ("head+lexical", "ensemble"))
-    ]
+    results += reward_rows(split, [r])
     few = df[~test_p & is_new].groupby("model_b").head(20).index
     train_m = (~test_p & ~is_new) | df.index.isin(few)
     pm = predictor_eval(df, x, texts, train_m, test_p, new_models)
@@ -378,17 +389,7 @@ def main() -> None:
         reward_eval(df, rows, feats, ia, ib, ~test_p & ~is_m, test_p & is_m)
         for is_m in (df["model_b"].eq(m).to_numpy() for m in won.nlargest(4).index)
     ]
-    split = "4 strongest models, each unseen × held-out prompts"
-    results += [
-        (
-            f"reward {name}: pairwise acc",
-            split,
-            mean(key, strong),
-            "longer wins",
-            mean("longer", strong),
-        )
-        for name, key in (("head", "head"), ("lexical", "lexical"), ("head+lexical", "ensemble"))
-    ]
+    results += reward_rows("4 strongest models, each unseen × held-out prompts", strong)
 
     if not args.quick and args.finetune_steps > 0:
         t = time.time()

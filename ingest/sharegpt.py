@@ -19,7 +19,6 @@ from ingest.readers import (
     read_json_conversations,
 )
 from ingest.records import (
-    ROLE_ALIASES,
     Conversation,
     Message,
     Parsed,
@@ -58,7 +57,7 @@ def _conversation(
                 raise FieldError(f"conversations[{i}].from", "expected a role name")
             if not isinstance(value, str):
                 raise FieldError(f"conversations[{i}].value", "expected a string")
-            role = ROLE_ALIASES.get(raw_role) or canonical_role(raw_role)
+            role = canonical_role(raw_role)
             if role is None:
                 unknown.append(UnknownRole(source=source, line=number, role=raw_role))
                 continue
