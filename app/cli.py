@@ -70,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     ingest = sub.add_parser(
         "ingest", parents=[common, reading], help="read log files into the database"
     )
-    ingest.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    ingest.add_argument(
+        "paths", nargs="+", type=Path, metavar="PATH", help="a log file, or a folder of them"
+    )
     ingest.add_argument("--batch-size", type=int, default=10_000, help=argparse.SUPPRESS)
     ingest.set_defaults(handler=commands.ingest)
 

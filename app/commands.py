@@ -16,6 +16,7 @@ from sqlalchemy.engine import Engine
 
 from app.export import ExportSelection, export_exchanges
 from app.line_files import LineRecord, read_line_file
+from ingest.files import LOG_SUFFIXES, log_files_in
 from ingest.pipeline import IngestConfig, ingest_paths
 from storage.engine import open_database, resolve_url
 from storage.logs import ExchangeFilter, table_counts
@@ -33,18 +34,34 @@ def ingest(args: argparse.Namespace) -> dict[str, Any]:
     if args.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
     config = _ingest_config(args, batch_size=args.batch_size)
+    paths = _log_paths(args.paths)
     engine = open_database(args.db)
     try:
-        summary = ingest_paths(list(args.paths), engine=engine, config=config)
+        summary = ingest_paths(paths, engine=engine, config=config)
     finally:
         engine.dispose()
     return {"db": _safe_url(args.db), **summary.as_dict()}
 
 
-def _ingest_config(args: argparse.Namespace, **extra: Any) -> IngestConfig:
-    missing = [str(p) for p in args.paths if not p.exists()]
+def _log_paths(paths: list[Path]) -> list[Path]:
+    """The files to ingest: each file as given, each folder as the log files below it."""
+    missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise UserError(f"no such file: {', '.join(missing)}")
+    files: list[Path] = []
+    for path in paths:
+        if not path.is_dir():
+            files.append(path)
+            continue
+        found = log_files_in(path)
+        if not found:
+            names = ", ".join(f"*{s}" for s in LOG_SUFFIXES)
+            raise UserError(f"no log files in folder {path} (looked for {names}, also .gz)")
+        files += found
+    return files
+
+
+def _ingest_config(args: argparse.Namespace, **extra: Any) -> IngestConfig:
     return IngestConfig(
         format=args.format,
         mapping=args.map,
@@ -584,9 +601,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     config = PipelineConfig(
         ingest=_ingest_config(args), cluster=cluster_config, score=not args.no_score
     )
+    paths = _log_paths(args.paths)
     engine = open_database(args.db)
     try:
-        result = run_pipeline(engine, list(args.paths), config=config, **stages)
+        result = run_pipeline(engine, paths, config=config, **stages)
         counts = table_counts(engine)
     except EmbedderError as error:
         raise UserError(str(error)) from error

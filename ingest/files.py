@@ -26,6 +26,10 @@ _SKIP_CHUNK = 1024 * 1024
 _EXCERPT_CHARS = 200
 # Bytes that never appear in a text log; a few are tolerated (stray form feeds, escapes).
 _CONTROL_BYTES = bytes(b for b in range(32) if b not in (9, 10, 12, 13, 27))
+# What a folder given to `ingest` expands to: files named like a log, gzipped or not.
+LOG_SUFFIXES = (".json", ".jsonl", ".ndjson", ".csv", ".tsv", ".parquet")
+# The rejects files an ingest writes (in the working directory unless told otherwise).
+REJECTS_PREFIX = "convoscope-rejects-"
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +47,27 @@ class Record:
 
     number: int  # 1-based line (JSONL) or item number (JSON array)
     value: Any
+
+
+def log_files_in(directory: Path) -> list[Path]:
+    """The log files below a folder, in name order: those named like a log (`LOG_SUFFIXES`,
+    optionally `.gz`), leaving out hidden files and folders and convoscope's own rejects files.
+
+    So `convoscope ingest logs/` takes a folder of daily exports, and running it again after
+    more days arrive stores only the new ones (the others are duplicates by content).
+    """
+    found = []
+    for path in sorted(directory.rglob("*")):
+        parts = path.relative_to(directory).parts
+        name = path.name.lower().removesuffix(".gz")
+        if (
+            path.is_file()
+            and name.endswith(LOG_SUFFIXES)
+            and not path.name.startswith(REJECTS_PREFIX)
+            and not any(part.startswith(".") for part in parts)
+        ):
+            found.append(path)
+    return found
 
 
 def is_gzip(path: Path) -> bool:

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from ingest.detect import detect_format
 from ingest.exchanges import battle_exchanges, split_conversation
+from ingest.files import REJECTS_PREFIX
 from ingest.readers import ReadOptions, read_file
 from ingest.records import (
     BattleRecord,
@@ -74,7 +75,7 @@ class IngestSummary:
 
 def default_rejects_path() -> Path:
     """A rejects file per run in the working directory, so runs never overwrite each other."""
-    return Path.cwd() / f"convoscope-rejects-{datetime.now():%Y%m%d-%H%M%S}.jsonl"
+    return Path.cwd() / f"{REJECTS_PREFIX}{datetime.now():%Y%m%d-%H%M%S}.jsonl"
 
 
 def ingest_paths(paths: Sequence[Path], *, engine: Engine, config: IngestConfig) -> IngestSummary:
@@ -139,9 +140,9 @@ def _ingest_file(
                 unknown_roles[record.role] += 1
             if batch.size >= config.batch_size:
                 writer.submit(batch.take())
-    except ValueError as error:
+    except (ValueError, OSError) as error:
         # The file as a whole cannot be read (format not recognised, a mapped column that
-        # does not exist): reject the file and go on with the next one.
+        # does not exist, no permission to read it): reject the file and go on with the next.
         summary.rejected += 1
         rejects.write(Reject(source=str(path), line=0, reason=str(error)))
     finally:

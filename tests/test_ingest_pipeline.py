@@ -241,6 +241,34 @@ def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     assert "no such file" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_folder_stands_for_the_log_files_below_it(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    (logs / "2026-12" / ".cache").mkdir(parents=True)
+    write_openai_jsonl(logs / "a.jsonl", 2)
+    with gzip.open(logs / "2026-12" / "b.jsonl.gz", "wt") as handle:
+        handle.write(openai_line(10) + "\n")
+    write_openai_jsonl(logs / "2026-12" / ".cache" / "hidden.jsonl", 4)  # left out
+    (logs / "notes.txt").write_text("not a log")  # left out: not named like one
+    (logs / "convoscope-rejects-20261205-120000.jsonl").write_text('{"file": "x"}\n')
+    db = f"duckdb:///{tmp_path / 'x.duckdb'}"
+
+    result = convoscope("ingest", str(logs), "--json", db=db, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert (summary["files"], summary["stored"], summary["rejected"]) == (2, 6, 0)
+    engine = open_database(db)
+    with engine.connect() as conn:
+        paths = conn.execute(sa.select(ingest_runs.c.path).order_by(ingest_runs.c.path)).scalars()
+        assert [Path(p).name for p in paths] == ["b.jsonl.gz", "a.jsonl"]
+    engine.dispose()
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = convoscope("ingest", str(empty), db=db, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "no log files in folder" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_sigkill_mid_ingest_then_rerun_completes_without_duplicates(tmp_path: Path) -> None:
     log = tmp_path / "big.jsonl.gz"
     n = 60_000
