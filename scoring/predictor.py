@@ -54,14 +54,19 @@ class PredictorConfig:
     max_iter: int = 300  # L-BFGS iterations
     single_weight: float = 1.0  # weight of a single-expert log row relative to a battle
     # Size of the standardised prompt features next to the unit embedding; 0 = embedding only.
-    text_scale: float = 0.3
+    text_scale: float = 0.2
     # Per-expert prior: prior_theta × (I_max / I_m)^power, with I_m = p_m (1 − p_m) the
     # information per battle of an expert winning a share p_m of its battles. An expert that
     # nearly always loses learns little about *which* prompts it wins from each battle, so its
     # prompt profile is pulled harder to the mean; a contested expert keeps more of its own,
     # which is what routing among the strong experts needs. 0 = the same pull for all
     # (how models saved before this field were fitted: they load with it).
-    prior_info_power: float = 2.0
+    # Power 3 with text_scale 0.2 was chosen by nested cross-validation on AlpacaEval (inner
+    # folds of each outer fold's training prompts picked it in 4 of 5 outer folds, against
+    # powers 2–3, prior_theta 1–2 and text_scale 0.2–0.3): outer within-model AUC 0.705
+    # against 0.697 for power 2 with text_scale 0.3, routing the same (0.728), and 0.720
+    # against 0.707 on 7 experts it saw 20 battles of.
+    prior_info_power: float = 3.0
 
 
 @dataclass(frozen=True, slots=True)
