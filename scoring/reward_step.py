@@ -79,18 +79,27 @@ class TrainedReward:
     metrics: dict[str, Any]
 
 
+def exchange_vectors(
+    engine: Engine, ids: Sequence[str], embed: EmbedConfig, on: str
+) -> tuple[np.ndarray, str]:
+    """The vectors of these exchanges' `on` texts (prompt or response), in order, embedding
+    what is new; and the encoder's name."""
+    config = EmbedConfig(**{**asdict(embed), "on": on})
+    name = embed_exchanges(engine, config=config).model
+    by_id = {item.exchange_id: item.text_hash for item in exchange_texts(engine, on=on)}
+    return load_vectors(engine, name, [by_id[i] for i in ids]), name
+
+
 def exchange_embeddings(
     engine: Engine, ids: Sequence[str], embed: EmbedConfig
 ) -> tuple[np.ndarray, np.ndarray, str]:
-    """Prompt and response vectors of these exchanges, in order (embedding what is new)."""
-    matrices = []
-    name = ""
-    for on in ("prompt", "response"):
-        config = EmbedConfig(**{**asdict(embed), "on": on})
-        name = embed_exchanges(engine, config=config).model
-        by_id = {item.exchange_id: item.text_hash for item in exchange_texts(engine, on=on)}
-        matrices.append(load_vectors(engine, name, [by_id[i] for i in ids]))
-    return matrices[0], matrices[1], name
+    """Prompt and response vectors of these exchanges, in order (embedding what is new).
+
+    Only the reward head reads response vectors, and embedding every answer is most of what a
+    first `score` costs on a CPU, so the other steps ask for prompts alone."""
+    prompts, _ = exchange_vectors(engine, ids, embed, "prompt")
+    responses, name = exchange_vectors(engine, ids, embed, "response")
+    return prompts, responses, name
 
 
 def reward_members(mode: str) -> tuple[str, ...]:

@@ -34,6 +34,7 @@ from scoring.reward_step import (
     DEFAULT_MODE,
     TrainedReward,
     exchange_embeddings,
+    exchange_vectors,
     reward_members,
     train_ensemble,
     train_finetuned,
@@ -94,10 +95,8 @@ def score_all(engine: Engine, *, config: ScoreConfig) -> dict[str, Any]:
     battles = pd.DataFrame(load_battles(engine))
     frame = _with_battle_outcomes(frame, battles)
     labels = joint_labels(frame, config.labels)
-    prompts, responses, encoder = exchange_embeddings(engine, list(frame["id"]), config.embed)
-    reward = train_reward(
-        engine, frame, labels.frame, battles, (prompts, responses, encoder), config
-    )
+    prompts, encoder = exchange_vectors(engine, list(frame["id"]), config.embed, "prompt")
+    reward = train_reward(engine, frame, labels.frame, battles, config)
     result: dict[str, Any] = {
         "exchanges": len(frame),
         "labels": labels.counts,
@@ -125,11 +124,10 @@ def train_reward(
     frame: pd.DataFrame,
     labels: pd.DataFrame,
     battles: pd.DataFrame,
-    embedded: tuple[np.ndarray, np.ndarray, str] | None,
     config: ScoreConfig,
 ) -> TrainedReward:
     """The reward model `config` asks for, trained (or loaded), stored and applied to every
-    row of `frame`; `embedded` = (prompt vectors, response vectors, encoder) for the head."""
+    row of `frame`. Responses are embedded only when the head is a member."""
     if config.reward_model_dir:
         return use_external(engine, frame, labels, battles, config.reward_model_dir)
     names = reward_members(config.mode)
@@ -137,7 +135,7 @@ def train_reward(
     members: list[TrainedReward] = []
     for name in names:
         if name == "head":
-            embedded = embedded or exchange_embeddings(engine, list(frame["id"]), config.embed)
+            embedded = exchange_embeddings(engine, list(frame["id"]), config.embed)
             trained = train_head(
                 engine,
                 frame,
@@ -183,7 +181,7 @@ def train_reward_only(engine: Engine, *, config: ScoreConfig) -> dict[str, Any]:
         raise ValueError("no exchanges stored: ingest some first")
     battles = pd.DataFrame(load_battles(engine))
     labels = joint_labels(_with_battle_outcomes(frame, battles), config.labels)
-    reward = train_reward(engine, frame, labels.frame, battles, None, config)
+    reward = train_reward(engine, frame, labels.frame, battles, config)
     return {
         "exchanges": len(frame),
         "labels": labels.counts,

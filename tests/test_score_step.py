@@ -14,13 +14,15 @@ from sqlalchemy.engine import Engine
 from clustering.stages import kmeans_clusterer, pca_reducer
 from clustering.step import ClusterStepConfig, cluster_exchanges
 from clustering.topics import ClusterConfig
-from ingest.embed_step import EmbedConfig
+from ingest.embed import DEFAULT_MODEL_NAME
+from ingest.embed_step import EmbedConfig, exchange_texts
 from ingest.pipeline import IngestConfig, ingest_paths
 from scoring.step import ScoreConfig, load_predictor, load_routing_table, score_all
 from storage.clusters import latest_run, load_assignments
 from storage.engine import open_database
 from storage.reports import load_cluster_reports
 from storage.scores import latest_scores
+from storage.vectors import missing_hashes
 from tests.test_ingest_pipeline import convoscope
 
 
@@ -166,6 +168,19 @@ def test_score_trains_applies_and_reports_every_cluster(scored_db: str, tmp_path
         k: r["routing"] for k, r in reports.items()
     }
     _assert_reports_use(engine, latest_scores(engine, prefix="reward:"))
+    engine.dispose()
+
+
+def test_a_reward_model_without_the_head_embeds_no_responses(scored_db: str) -> None:
+    """Embedding every answer is most of a first `score` on a CPU; only the head reads them."""
+    engine = open_database(scored_db)
+    embed = EmbedConfig(device="cpu", progress=False)
+    responses = sorted({item.text_hash for item in exchange_texts(engine, on="response")})
+    result = score_all(engine, config=ScoreConfig(embed=embed, mode="lexical"))
+    assert result["clusters"] == 6 and result["predictor"]  # prompts embedded, as before
+    assert len(missing_hashes(engine, DEFAULT_MODEL_NAME, responses)) == len(responses)
+    score_all(engine, config=ScoreConfig(embed=embed, mode="head"))
+    assert missing_hashes(engine, DEFAULT_MODEL_NAME, responses) == []
     engine.dispose()
 
 
