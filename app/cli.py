@@ -213,7 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--alpha-rating", type=float, default=1.0, help="weight of star ratings")
     score.add_argument("--alpha-thumbs", type=float, default=1.0, help="weight of thumbs")
     score.add_argument("--alpha-battle", type=float, default=1.0, help="weight of judged battles")
-    score.add_argument("--epochs", type=int, default=10, help="reward head training epochs")
+    score.add_argument(
+        "--epochs", type=int, help="reward head training epochs (default: the head's, 30)"
+    )
     score.add_argument(
         "--reward-model",
         metavar="DIR",

@@ -228,7 +228,7 @@ def score(args: argparse.Namespace) -> dict[str, Any]:
     from dataclasses import replace
 
     from scoring.labels import LabelConfig
-    from scoring.reward_head import HeadConfig
+    from scoring.reward_head import STRUCTURAL_HEAD
     from scoring.reward_model import FineTuneConfig
     from scoring.reward_step import apply_reward, reward_members
     from scoring.routing import RoutingConfig
@@ -242,6 +242,8 @@ def score(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError(str(error)) from None
     if args.steps < 1:
         raise UserError("--steps must be at least 1")
+    if args.epochs is not None and args.epochs < 1:
+        raise UserError("--epochs must be at least 1")
     if not 8 <= args.max_length <= 512:
         raise UserError("--max-length must be between 8 and 512 tokens (MiniLM reads 512 at most)")
     if args.finetune_batch_size < 4:
@@ -262,7 +264,7 @@ def score(args: argparse.Namespace) -> dict[str, Any]:
             alpha_thumbs=args.alpha_thumbs,
             alpha_battle=args.alpha_battle,
         ),
-        head=HeadConfig(epochs=args.epochs),
+        head=replace(STRUCTURAL_HEAD, epochs=args.epochs or STRUCTURAL_HEAD.epochs),
         mode=args.mode,
         finetune=FineTuneConfig(
             steps=args.steps,

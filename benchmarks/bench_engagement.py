@@ -5,8 +5,8 @@ after which the user left (no further user turn) is bad, one the user built on f
 turns is good (scoring.labels). The reward head is trained on 80 % of conversations and
 judged on the other 20 %, exactly as `convoscope score` does, beside the n-gram model and
 their ensemble (the default `--mode head+lexical`); the baselines, in the same run
-on the same held-out rows, are "the longer answer is better" and the head with the first
-release's length-only features.
+on the same held-out rows, are "the longer answer is better" and the heads of earlier
+releases, which also read the prompt and response embeddings.
 
     python benchmarks/bench_engagement.py [--conversations 1500] [--fast]
 
@@ -38,8 +38,9 @@ def main() -> None:
 
     from ingest.embed_step import EmbedConfig
     from ingest.pipeline import IngestConfig, ingest_paths
+    from scoring.features import FEATURE_NAMES
     from scoring.labels import LabelConfig, joint_labels
-    from scoring.reward_head import HeadConfig
+    from scoring.reward_head import STRUCTURAL_HEAD, HeadConfig
     from scoring.reward_lexical import LexicalConfig
     from scoring.reward_step import (
         HEAD_FEATURES,
@@ -71,15 +72,22 @@ def main() -> None:
         holdout = _holdout(frame["conversation_id"], 0.2, 0)
         empty = pd.DataFrame(columns=["exchange_a", "exchange_b", "winner"])
         results, heads = {}, {}
-        for kind in (HEAD_FEATURES, "lengths"):
+        # The default head (structure only, STRUCTURAL_HEAD), then the heads of earlier
+        # releases: embeddings with the text features, embeddings with three lengths.
+        older = f"text:{len(FEATURE_NAMES)}"
+        for kind, head in (
+            (HEAD_FEATURES, STRUCTURAL_HEAD),
+            (older, HeadConfig()),
+            ("lengths", HeadConfig()),
+        ):
             heads[kind] = trained = train_head(
                 engine,
                 frame,
-                embedded,
+                lambda: embedded,
                 labels,
                 empty,
                 holdout,
-                config=HeadConfig(),
+                config=head,
                 label_config=LabelConfig(),
                 features_kind=kind,
             )
@@ -112,8 +120,9 @@ def main() -> None:
     rows = [
         ("head + lexical (the default)", results["ensemble"]),
         ("lexical: the answer's word n-grams", results["lexical"]),
-        ("reward head: embeddings + text features", results[HEAD_FEATURES]),
-        ("reward head: embeddings + lengths (before)", results["lengths"]),
+        ("reward head: answer structure (the default)", results[HEAD_FEATURES]),
+        ("reward head: embeddings + structure (before)", results[older]),
+        ("reward head: embeddings + lengths (first)", results["lengths"]),
         ("longer answer is better", float(roc_auc_score(good, length))),
     ]
     for name, auc in rows:

@@ -55,11 +55,17 @@ DEFAULT_MODE = "head+lexical"
 _MODE_ALIASES = {"ensemble": REWARD_MEMBERS}
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
 _CONTEXT_CHARS = 500  # of the earlier turns a fine-tuned model reads before the prompt
-# What a head reads beside the embeddings: "lengths" (the first heads: three length features)
-# or "text:N" (the first N columns of scoring.features.text_features: length, layout,
-# refusals, truncation, degenerate output). A stored head names its set, and text features
-# are only ever appended, so a head keeps scoring with the inputs it was fit on.
-HEAD_FEATURES = f"text:{len(FEATURE_NAMES)}"
+# What a head reads. "structure:N" (the default): the first N columns of
+# scoring.features.text_features (length, layout, refusals, truncation, degenerate output),
+# nothing else. Heads from before read the prompt and response embeddings too, beside "text:N"
+# (those columns) or "lengths" (three length features): the embeddings lowered the head's
+# held-out accuracy on AlpacaEval battles and its engagement AUC on ShareGPT (0.665 against
+# 0.712 without them, benchmarks/bench_engagement.py) and embedding every answer was most of
+# what a first `score` cost on a CPU. A stored head names its set, and text features are only
+# ever appended, so every head keeps scoring with the inputs it was fit on.
+HEAD_FEATURES = f"structure:{len(FEATURE_NAMES)}"
+# Vectors of the rows' prompts and responses, computed only for a head that reads them.
+Vectors = Callable[[], tuple[np.ndarray, np.ndarray]]
 
 
 class TextScorer(Protocol):
@@ -121,16 +127,14 @@ def embed_config_for(encoder: str, embed: EmbedConfig | None = None) -> EmbedCon
     return EmbedConfig(**{**asdict(embed or EmbedConfig()), "model": model})
 
 
-def head_inputs(
-    prompts: np.ndarray,
-    responses: np.ndarray,
-    frame: pd.DataFrame,
-    features: str = HEAD_FEATURES,
-) -> np.ndarray:
-    """The reward head's features for the frame's rows (training and applying alike)."""
+def head_inputs(frame: pd.DataFrame, features: str, vectors: Vectors) -> np.ndarray:
+    """The reward head's features for the frame's rows (training and applying alike);
+    `vectors` is called only for the older sets that prefix the embeddings."""
     kind, _, columns = features.partition(":")
-    if kind == "text" and columns.isdigit() and int(columns) <= len(FEATURE_NAMES):
+    if kind in ("structure", "text") and columns.isdigit() and int(columns) <= len(FEATURE_NAMES):
         extra = text_features(frame["response"], frame["prompt"])[:, : int(columns)]
+        if kind == "structure":
+            return extra
     elif features == "lengths":
         extra = simple_features(
             frame["response"].fillna("").str.len().to_numpy(),
@@ -138,7 +142,12 @@ def head_inputs(
         )
     else:
         raise ValueError(f"unknown head features {features!r}: this head needs a newer convoscope")
-    return head_features(prompts, responses, extra)
+    return head_features(*vectors(), extra)
+
+
+def head_reads_embeddings(features: str) -> bool:
+    """Whether a head with this feature set reads the prompt and response embeddings."""
+    return not features.startswith("structure:")
 
 
 def battle_pairs(frame: pd.DataFrame, battles: pd.DataFrame, keep: np.ndarray) -> Pairs | None:
@@ -162,7 +171,7 @@ def battle_pairs(frame: pd.DataFrame, battles: pd.DataFrame, keep: np.ndarray) -
 def train_head(
     engine: Engine,
     frame: pd.DataFrame,
-    embedded: tuple[np.ndarray, np.ndarray, str],
+    embedded: Callable[[], tuple[np.ndarray, np.ndarray, str]],
     labels: pd.DataFrame,
     battles: pd.DataFrame,
     holdout: np.ndarray,
@@ -173,9 +182,11 @@ def train_head(
 ) -> TrainedReward:
     """Train the head on the training conversations, measure it on the held-out ones.
 
-    `embedded`: (prompt vectors, response vectors, encoder name) in frame order."""
-    prompts, responses, encoder = embedded
-    features = head_inputs(prompts, responses, frame, features_kind)
+    `embedded` gives (prompt vectors, response vectors, encoder name) in frame order; it is
+    called only for a feature set that reads them."""
+    read = embedded() if head_reads_embeddings(features_kind) else None
+    features = head_inputs(frame, features_kind, lambda: (read[0], read[1]))
+    encoder = read[2] if read else None
     label = labels["label"].to_numpy(dtype=float)
     weight = labels["weight"].to_numpy(dtype=float)
     train_pairs = battle_pairs(frame, battles, ~holdout)
@@ -465,10 +476,13 @@ def _stored_scores(
 ) -> np.ndarray:
     """One stored (non-ensemble) model's rewards for the frame's stored exchanges."""
     if stored["kind"] == "reward_head":
-        config = embed_config_for(stored["config"].get("encoder", DEFAULT_ENCODER), embed)
-        prompts, responses, _ = exchange_embeddings(engine, list(frame["id"]), config)
-        features = head_inputs(prompts, responses, frame, _head_features(stored))
-        return _head(stored).score(features)
+
+        def vectors() -> tuple[np.ndarray, np.ndarray]:
+            config = embed_config_for(stored["config"].get("encoder") or DEFAULT_ENCODER, embed)
+            prompts, responses, _ = exchange_embeddings(engine, list(frame["id"]), config)
+            return prompts, responses
+
+        return _head(stored).score(head_inputs(frame, _head_features(stored), vectors))
     texts = model_prompts(engine, frame) if stored["kind"] == "reward_finetuned" else None
     prompts = texts or frame["prompt"].fillna("").tolist()
     return _text_scorer(stored).score(prompts, list(frame["response"]))
@@ -495,13 +509,13 @@ def _file_scores(stored: dict[str, Any], prompts: list[str], responses: list[str
         return _text_scorer(stored).score(prompts, responses)
     from ingest.embed import load_embedder
 
-    encoder = stored["config"].get("encoder", DEFAULT_ENCODER)
-    embedder = load_embedder(None if encoder == DEFAULT_ENCODER else encoder)
+    def vectors() -> tuple[np.ndarray, np.ndarray]:
+        encoder = stored["config"].get("encoder") or DEFAULT_ENCODER
+        embedder = load_embedder(None if encoder == DEFAULT_ENCODER else encoder)
+        return embedder.embed(prompts), embedder.embed(responses)
+
     frame = pd.DataFrame({"prompt": prompts, "response": responses})
-    features = head_inputs(
-        embedder.embed(prompts), embedder.embed(responses), frame, _head_features(stored)
-    )
-    return _head(stored).score(features)
+    return _head(stored).score(head_inputs(frame, _head_features(stored), vectors))
 
 
 def model_prompts(engine: Engine, frame: pd.DataFrame) -> list[str]:

@@ -27,7 +27,7 @@ from ingest.embed_step import EmbedConfig
 from scoring.bradley_terry import BTConfig, leaderboard
 from scoring.labels import LabelConfig, joint_labels
 from scoring.predictor import PredictorConfig, WinPredictor
-from scoring.reward_head import HeadConfig
+from scoring.reward_head import STRUCTURAL_HEAD, HeadConfig
 from scoring.reward_lexical import LexicalConfig
 from scoring.reward_model import FineTuneConfig
 from scoring.reward_step import (
@@ -70,7 +70,7 @@ class ScoreConfig:
     on: str = "prompt"  # which clustering's clusters get reports
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     labels: LabelConfig = field(default_factory=LabelConfig)
-    head: HeadConfig = field(default_factory=HeadConfig)
+    head: HeadConfig = STRUCTURAL_HEAD
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
     leaderboard: BTConfig = field(default_factory=lambda: BTConfig(n_bootstrap=100))
     routing: RoutingConfig = field(default_factory=RoutingConfig)
@@ -135,11 +135,10 @@ def train_reward(
     members: list[TrainedReward] = []
     for name in names:
         if name == "head":
-            embedded = exchange_embeddings(engine, list(frame["id"]), config.embed)
             trained = train_head(
                 engine,
                 frame,
-                embedded,
+                lambda: exchange_embeddings(engine, list(frame["id"]), config.embed),
                 labels,
                 battles,
                 holdout,

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from sqlalchemy.engine import Engine
 
@@ -17,9 +18,19 @@ from clustering.topics import ClusterConfig
 from ingest.embed import DEFAULT_MODEL_NAME
 from ingest.embed_step import EmbedConfig, exchange_texts
 from ingest.pipeline import IngestConfig, ingest_paths
-from scoring.step import ScoreConfig, load_predictor, load_routing_table, score_all
+from scoring.features import FEATURE_NAMES
+from scoring.labels import LabelConfig
+from scoring.reward_head import HeadConfig
+from scoring.step import (
+    ScoreConfig,
+    _exchange_frame,
+    load_predictor,
+    load_routing_table,
+    score_all,
+)
 from storage.clusters import latest_run, load_assignments
 from storage.engine import open_database
+from storage.models import latest_model, load_model
 from storage.reports import load_cluster_reports
 from storage.scores import latest_scores
 from storage.vectors import missing_hashes
@@ -96,7 +107,7 @@ def test_score_trains_applies_and_reports_every_cluster(scored_db: str, tmp_path
     from scoring.reward_step import REWARD_KINDS, apply_reward
     from storage.models import latest_model
 
-    assert latest_model(engine, "reward_head")["config"]["features"].startswith("text:")
+    assert latest_model(engine, "reward_head")["config"]["features"].startswith("structure:")
     default = latest_model(engine, REWARD_KINDS)  # head+lexical: their ensemble is the newest
     assert default["kind"] == "reward_ensemble" and default["id"] == result["reward_model"]
     apply_reward(engine)  # the stored head, reloaded, reads the same inputs: the same scores
@@ -171,16 +182,41 @@ def test_score_trains_applies_and_reports_every_cluster(scored_db: str, tmp_path
     engine.dispose()
 
 
-def test_a_reward_model_without_the_head_embeds_no_responses(scored_db: str) -> None:
-    """Embedding every answer is most of a first `score` on a CPU; only the head reads them."""
+def test_the_default_head_reads_no_embeddings_an_older_head_still_does(scored_db: str) -> None:
+    """Embedding every answer was most of a first `score` on a CPU and lowered the head's
+    accuracy: the default head reads the answers' structure only. A head stored before, on
+    embeddings and text features, still scores with the inputs it was trained on."""
+    from scoring.reward_step import apply_reward, exchange_embeddings, train_head
+
     engine = open_database(scored_db)
     embed = EmbedConfig(device="cpu", progress=False)
     responses = sorted({item.text_hash for item in exchange_texts(engine, on="response")})
-    result = score_all(engine, config=ScoreConfig(embed=embed, mode="lexical"))
+    result = score_all(engine, config=ScoreConfig(embed=embed))
     assert result["clusters"] == 6 and result["predictor"]  # prompts embedded, as before
     assert len(missing_hashes(engine, DEFAULT_MODEL_NAME, responses)) == len(responses)
-    score_all(engine, config=ScoreConfig(embed=embed, mode="head"))
-    assert missing_hashes(engine, DEFAULT_MODEL_NAME, responses) == []
+    assert latest_model(engine, "reward_head")["config"]["encoder"] is None
+
+    frame = _exchange_frame(engine)
+    holdout = np.zeros(len(frame), dtype=bool)
+    labels = pd.DataFrame({"label": np.where(frame["retried"].eq(True), 0.0, 1.0), "weight": 1.0})
+    older = train_head(
+        engine,
+        frame,
+        lambda: exchange_embeddings(engine, list(frame["id"]), embed),
+        labels,
+        pd.DataFrame(columns=["exchange_a", "exchange_b", "winner"]),
+        holdout,
+        config=HeadConfig(epochs=2),
+        label_config=LabelConfig(),
+        features_kind=f"text:{len(FEATURE_NAMES)}",
+    )
+    assert missing_hashes(engine, DEFAULT_MODEL_NAME, responses) == []  # it read them
+    stored = load_model(engine, older.model_id)
+    assert stored["config"]["encoder"] == DEFAULT_MODEL_NAME
+    applied = apply_reward(engine, model_id=older.model_id, embed=embed)
+    assert applied["exchanges"] == len(frame)
+    rewards = latest_scores(engine, prefix="reward:")
+    assert np.allclose([rewards[i] for i in frame["id"]], older.scores, atol=1e-5)
     engine.dispose()
 
 

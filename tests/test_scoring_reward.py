@@ -184,21 +184,32 @@ def test_prompt_features_name_the_task() -> None:
 
 
 def test_head_inputs_name_their_feature_set() -> None:
-    """A stored head records which features it read; the older length-only set still works,
-    so heads trained before the text features keep scoring."""
-    from scoring.reward_step import head_inputs
+    """A stored head records which features it read. The default reads the answers' structure
+    alone and never asks for embeddings; the older sets prefix them, so heads trained before
+    keep scoring with what they were fit on."""
+    from scoring.reward_step import HEAD_FEATURES, head_inputs
 
     frame = pd.DataFrame({"prompt": ["Hi?", "List three fruits"], "response": ["Hello.", None]})
     vectors = np.ones((2, 4), dtype=np.float32)
-    text = head_inputs(vectors, vectors, frame)
-    older = head_inputs(vectors, vectors, frame, "text:22")  # a head from before 11 were added
-    lengths = head_inputs(vectors, vectors, frame, "lengths")
+    asked: list[int] = []
+
+    def embeddings() -> tuple[np.ndarray, np.ndarray]:
+        asked.append(1)
+        return vectors, vectors
+
+    structure = head_inputs(frame, HEAD_FEATURES, embeddings)
+    assert structure.shape == (2, len(FEATURE_NAMES)) and not asked
+    text = head_inputs(frame, f"text:{len(FEATURE_NAMES)}", embeddings)
+    older = head_inputs(frame, "text:22", embeddings)  # a head from before 11 were added
+    lengths = head_inputs(frame, "lengths", embeddings)
+    assert len(asked) == 3
     assert text.shape == (2, 3 * 4 + len(FEATURE_NAMES)) and lengths.shape == (2, 3 * 4 + 3)
+    assert np.array_equal(text[:, 3 * 4 :], structure)
     assert np.array_equal(older, text[:, : 3 * 4 + 22])
     assert np.isfinite(text).all() and np.isfinite(lengths).all()
-    for unknown in ("v9", f"text:{len(FEATURE_NAMES) + 1}", "text"):
+    for unknown in ("v9", f"text:{len(FEATURE_NAMES) + 1}", "text", "structure:x"):
         with pytest.raises(ValueError, match="newer convoscope"):
-            head_inputs(vectors, vectors, frame, unknown)
+            head_inputs(frame, unknown, embeddings)
 
 
 def test_text_features_flag_degenerate_answers() -> None:
