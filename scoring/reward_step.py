@@ -2,8 +2,8 @@
 
 Five kinds are stored (storage.models), each with its config, data fingerprint and held-out
 metrics, and each writes its scores under `reward:<model id>`:
-- `reward_head`: a head on the stored prompt and response embeddings and the answers'
-  structure (the cheap default: seconds on a CPU);
+- `reward_head`: a small neural head on the answers' structure (the cheap default: seconds
+  on a CPU; heads stored before also read the prompt and response embeddings);
 - `reward_lexical`: a linear model on the answer's word n-grams (`scoring.reward_lexical`:
   seconds on a CPU);
 - `reward_finetuned`: the bundled MiniLM fine-tuned on (context + prompt, response) with the
@@ -99,10 +99,9 @@ def exchange_vectors(
 def exchange_embeddings(
     engine: Engine, ids: Sequence[str], embed: EmbedConfig
 ) -> tuple[np.ndarray, np.ndarray, str]:
-    """Prompt and response vectors of these exchanges, in order (embedding what is new).
-
-    Only the reward head reads response vectors, and embedding every answer is most of what a
-    first `score` costs on a CPU, so the other steps ask for prompts alone."""
+    """Prompt and response vectors of these exchanges, in order (embedding what is new), for
+    the heads of earlier releases that read them; the other steps ask for prompts alone
+    (`exchange_vectors`): embedding every answer costs more than all the rest of a `score`."""
     prompts, _ = exchange_vectors(engine, ids, embed, "prompt")
     responses, name = exchange_vectors(engine, ids, embed, "response")
     return prompts, responses, name

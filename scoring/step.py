@@ -76,9 +76,8 @@ class ScoreConfig:
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     holdout_share: float = 0.2
     seed: int = 0
-    # Reward members, joined by + (scoring.reward_step.reward_members): head (on stored
-    # embeddings and structure), lexical (word n-grams), finetune (the transformer); ensemble
-    # = all three.
+    # Reward members, joined by + (scoring.reward_step.reward_members): head (on the answers'
+    # structure), lexical (word n-grams), finetune (the transformer); ensemble = all three.
     mode: str = DEFAULT_MODE
     lexical: LexicalConfig = field(default_factory=LexicalConfig)
     finetune: FineTuneConfig = field(default_factory=FineTuneConfig)
