@@ -144,11 +144,6 @@ def head_inputs(frame: pd.DataFrame, features: str, vectors: Vectors) -> np.ndar
     return head_features(*vectors(), extra)
 
 
-def head_reads_embeddings(features: str) -> bool:
-    """Whether a head with this feature set reads the prompt and response embeddings."""
-    return not features.startswith("structure:")
-
-
 def battle_pairs(frame: pd.DataFrame, battles: pd.DataFrame, keep: np.ndarray) -> Pairs | None:
     """The battles between two kept rows of the frame, as row indices."""
     if battles.empty:
@@ -183,9 +178,14 @@ def train_head(
 
     `embedded` gives (prompt vectors, response vectors, encoder name) in frame order; it is
     called only for a feature set that reads them."""
-    read = embedded() if head_reads_embeddings(features_kind) else None
-    features = head_inputs(frame, features_kind, lambda: (read[0], read[1]))
-    encoder = read[2] if read else None
+    encoders: list[str] = []  # the encoder's name, when the feature set reads embeddings
+
+    def vectors() -> tuple[np.ndarray, np.ndarray]:
+        prompts, responses, encoder = embedded()
+        encoders.append(encoder)
+        return prompts, responses
+
+    features = head_inputs(frame, features_kind, vectors)
     label = labels["label"].to_numpy(dtype=float)
     weight = labels["weight"].to_numpy(dtype=float)
     train_pairs = battle_pairs(frame, battles, ~holdout)
@@ -197,7 +197,7 @@ def train_head(
     config_record = {
         "head": asdict(config),
         "labels": asdict(label_config),
-        "encoder": encoder,
+        "encoder": encoders[0] if encoders else None,
         "features": features_kind,
     }
     fingerprint = training_fingerprint(frame["id"], label, weight, holdout, train_pairs)

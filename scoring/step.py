@@ -126,7 +126,7 @@ def train_reward(
     config: ScoreConfig,
 ) -> TrainedReward:
     """The reward model `config` asks for, trained (or loaded), stored and applied to every
-    row of `frame`. Responses are embedded only when the head is a member."""
+    row of `frame`. Responses are embedded only for a head whose feature set reads them."""
     if config.reward_model_dir:
         return use_external(engine, frame, labels, battles, config.reward_model_dir)
     names = reward_members(config.mode)
