@@ -187,10 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument(
         "--mode",
         default="head+lexical",
-        help="reward members, joined by +: head (embeddings and the answer's structure, "
-        "seconds), lexical (the answer's word n-grams, seconds), finetune (the bundled MiniLM: "
-        "minutes, use a GPU); several are trained on one split and their standardised scores "
-        "summed; ensemble = all three, the most accurate (default: head+lexical)",
+        help="reward members, joined by +: head (the answer's structure: length, layout, "
+        "refusals; seconds), lexical (the answer's word n-grams, seconds), finetune (the "
+        "bundled MiniLM: minutes, use a GPU); several are trained on one split and their "
+        "standardised scores summed; ensemble = all three, the most accurate "
+        "(default: head+lexical)",
     )
     score.add_argument(
         "--steps", type=int, default=300, help="fine-tuning steps (modes with finetune)"
@@ -242,10 +243,17 @@ def build_parser() -> argparse.ArgumentParser:
     score.set_defaults(handler=commands.score)
 
     reward = sub.add_parser(
-        "reward", parents=[common], help="score (prompt, response) pairs from a JSONL file"
+        "reward",
+        parents=[common],
+        help="score (prompt, response) pairs or judged battles from a JSONL file",
     )
     reward.add_argument(
-        "--file", type=Path, required=True, help='JSONL lines {"prompt": ..., "response": ...}'
+        "--file",
+        type=Path,
+        required=True,
+        help='JSONL lines {"prompt", "response"}, or battles {"prompt", "response_a", '
+        '"response_b"[, "winner", "model_a", "model_b"]}: with winners, the agreement with the '
+        "judge beside 'the longer answer wins'",
     )
     reward.add_argument("--reward-model", metavar="DIR", help="your own reward model directory")
     reward.set_defaults(handler=commands.reward)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.engine import Engine
 
 from app.export import ExportSelection, export_exchanges
-from app.line_files import LineRecord, read_line_file
+from app.line_files import LineRecord, LineReject, read_line_file
+from ingest.battles import parse_winner
 from ingest.files import LOG_SUFFIXES, log_files_in
 from ingest.pipeline import IngestConfig, ingest_paths
 from storage.engine import open_database, resolve_url
@@ -309,48 +311,121 @@ def _expert_costs(path: Path) -> dict[str, float]:
 
 
 def reward(args: argparse.Namespace) -> dict[str, Any]:
-    """Rewards for the (prompt, response) lines of a file, by the latest reward model."""
+    """Rewards for the lines of a file, by the latest reward model: (prompt, response) pairs,
+    and battles (prompt, response_a, response_b), whose judged winners, when given, measure how
+    often the rewards agree with the judge (scoring.agreement)."""
     from scoring.reward_step import score_texts
 
-    records, rejected = _read_line_file(args.file, ("prompt", "response"))
-    prompts = [r.fields["prompt"] for r in records]
-    responses = [r.fields["response"] for r in records]
+    records, rejected = _read_line_file(
+        args.file, _PAIR_FIELDS, alternative=_BATTLE_FIELDS, optional=_BATTLE_EXTRAS
+    )
+    bad_winners = _unknown_winners(args.file, records)
+    if bad_winners:
+        rejected += [r.as_dict() for r in bad_winners]
+        bad_lines = {b.line for b in bad_winners}
+        records = [r for r in records if r.line not in bad_lines]
+        if not records:
+            raise UserError(f"{args.file}: no usable line (first: {bad_winners[0]})")
+    pairs = [r for r in records if "response" in r.fields]
+    battles = [r for r in records if "response" not in r.fields]
+    prompts = [r.fields["prompt"] for r in pairs + battles + battles]
+    responses = [r.fields["response"] for r in pairs]
+    responses += [r.fields["response_a"] for r in battles]
+    responses += [r.fields["response_b"] for r in battles]
     engine = open_database(args.db)
     try:
         scores, model = score_texts(engine, prompts, responses, reward_model_dir=args.reward_model)
     finally:
         engine.dispose()
-    return {
+    n, m = len(pairs), len(battles)
+    result: dict[str, Any] = {
         "reward_model": model,
         "scores": [
-            {"line": r.line, "prompt": p, "response": a, "reward": float(s)}
-            for r, p, a, s in zip(records, prompts, responses, scores, strict=True)
+            {
+                "line": r.line,
+                "prompt": r.fields["prompt"],
+                "response": r.fields["response"],
+                "reward": float(s),
+            }
+            for r, s in zip(pairs, scores[:n], strict=True)
         ],
         "rejected": rejected,
     }
+    if battles:
+        result |= _battle_results(battles, zip(scores[n : n + m], scores[n + m :], strict=True))
+    return result
+
+
+def _battle_results(
+    battles: list[LineRecord], rewards: Iterable[tuple[float, float]]
+) -> dict[str, Any]:
+    """Each battle's rewards and preferred answer; with judged winners, the agreement with
+    the judge beside "the longer answer wins", overall and by expert."""
+    from scoring.agreement import JudgedBattle, agreement, agreement_by_model
+
+    scored, judged = [], []
+    for record, (a, b) in zip(battles, rewards, strict=True):
+        fields = record.fields
+        winner = parse_winner(fields.get("winner"))
+        models = {"model_a": fields.get("model_a"), "model_b": fields.get("model_b")}
+        scored.append(
+            {"line": record.line, "prompt": fields["prompt"], **models, "reward_a": float(a),
+             "reward_b": float(b), "preferred": "a" if a > b else "b", "winner": winner}
+        )  # fmt: skip
+        if winner is not None:
+            lengths = len(fields["response_a"]), len(fields["response_b"])
+            judged.append(JudgedBattle(float(a), float(b), *lengths, winner, **models))
+    result: dict[str, Any] = {"battles": scored}
+    if judged:
+        result["agreement"] = asdict(agreement(judged))
+        result["agreement_by_model"] = {m: asdict(a) for m, a in agreement_by_model(judged).items()}
+    return result
+
+
+# What a `reward --file` line holds: a pair, or a battle with optional verdict and experts.
+_PAIR_FIELDS = ("prompt", "response")
+_BATTLE_FIELDS = ("prompt", "response_a", "response_b")
+_BATTLE_EXTRAS = ("winner", "model_a", "model_b")
+
+
+def _unknown_winners(path: Path, records: list[LineRecord]) -> list[LineReject]:
+    """Battle lines whose winner is none of model_a, model_b, tie: skipped, like bad lines."""
+    rejects = [
+        LineReject(str(path), r.line, "winner", f"expected model_a, model_b or tie, got {w!r}")
+        for r in records
+        if (w := r.fields.get("winner")) is not None and parse_winner(w) is None
+    ]
+    _warn(rejects)
+    return rejects
 
 
 def _read_line_file(
-    path: Path, fields: tuple[str, ...], *, plain_field: str | None = None
+    path: Path, fields: tuple[str, ...], **shapes: Any
 ) -> tuple[list[LineRecord], list[dict[str, Any]]]:
     """A file's good lines, and its bad ones (warned about on stderr); no good line is an
-    error."""
+    error. `shapes`: read_line_file's plain_field, alternative and optional."""
     if not path.is_file():
         raise UserError(f"no such file: {path}")
-    records, rejects = read_line_file(path, fields, plain_field=plain_field)
+    records, rejects = read_line_file(path, fields, **shapes)
+    _warn(rejects)
+    if not records:
+        first = f" (first: {rejects[0]})" if rejects else ""
+        expected = f"JSONL objects with {', '.join(fields)}"
+        if shapes.get("alternative"):
+            expected += f" (or {', '.join(shapes['alternative'])})"
+        raise UserError(f"{path}: no usable line; expected {expected}{first}")
+    return records, [r.as_dict() for r in rejects]
+
+
+def _warn(rejects: list[LineReject]) -> None:
+    """Name the first bad lines on stderr (the JSON output lists them all)."""
     for reject in rejects[:_WARN_AT_MOST]:
         print(f"convoscope: warning: skipped {reject}", file=sys.stderr)
     if len(rejects) > _WARN_AT_MOST:
         more = len(rejects) - _WARN_AT_MOST
         print(f"convoscope: warning: skipped {more} more bad lines", file=sys.stderr)
-    if not records:
-        first = f" (first: {rejects[0]})" if rejects else ""
-        expected = f"JSONL objects with {', '.join(fields)}"
-        raise UserError(f"{path}: no usable line; expected {expected}{first}")
-    return records, [r.as_dict() for r in rejects]
 
 
-# Bad lines named one by one on stderr; the JSON output lists them all.
 _WARN_AT_MOST = 20
 
 
@@ -706,9 +781,7 @@ def describe(command: str, result: dict[str, Any]) -> str:
             f" ({result['mode']}; {metrics or 'no held-out labels'}){reports}"
         )
     if command == "reward":
-        return "\n".join(
-            f"{s.get('line', i + 1)}: {s['reward']:.3f}" for i, s in enumerate(result["scores"])
-        )
+        return _describe_rewards(result)
     if command == "route" and "routes" in result:
         return "\n".join(
             f"{r['recommended']}: "
@@ -718,6 +791,33 @@ def describe(command: str, result: dict[str, Any]) -> str:
     if command == "ui":
         return f"UI stopped (exit code {result['exit_code']})"
     return str(result)
+
+
+def _describe_rewards(result: dict[str, Any]) -> str:
+    """One line per pair, and per battle when they are few; then the agreement with the judge,
+    overall and by expert."""
+    lines = [f"{s['line']}: {s['reward']:.3f}" for s in result["scores"]]
+    battles = result.get("battles", [])
+    if len(battles) > _WARN_AT_MOST:
+        lines.append(f"{len(battles)} battles scored (--json lists each)")
+    else:
+        lines += [
+            f"{b['line']}: a {b['reward_a']:.3f}, b {b['reward_b']:.3f} → {b['preferred']}"
+            + (f" (judge: {b['winner']})" if b["winner"] else "")
+            for b in battles
+        ]
+    if "agreement" in result:
+        header = f"{'agreement with the judge':<40} {'battles':>7} {'reward':>7} {'longer':>7}"
+        lines += ["", header]
+        rows = [("all battles", result["agreement"]), *result["agreement_by_model"].items()]
+        lines += [
+            f"{name[:40]:<40} {a['battles']:>7} {a['accuracy']:>7.3f} {a['longer_wins']:>7.3f}"
+            for name, a in rows
+            if a["battles"]
+        ]
+        lines.append("(ties left out; reward: the higher reward is the winner's; longer: the")
+        lines.append("longer answer is)")
+    return "\n".join(lines)
 
 
 def _describe_judge(result: dict[str, Any]) -> str:

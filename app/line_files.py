@@ -41,10 +41,19 @@ class LineReject:
 
 
 def read_line_file(
-    path: Path, fields: Sequence[str], *, plain_field: str | None = None
+    path: Path,
+    fields: Sequence[str],
+    *,
+    plain_field: str | None = None,
+    alternative: Sequence[str] = (),
+    optional: Sequence[str] = (),
 ) -> tuple[list[LineRecord], list[LineReject]]:
     """JSONL objects whose `fields` are strings; with `plain_field`, a line that does not start
-    with `{` is that field's text as it stands. Blank lines are skipped silently."""
+    with `{` is that field's text as it stands. Blank lines are skipped silently.
+
+    A line that has one of the `alternative` fields the main shape lacks must have all of
+    them instead (a battle's two answers where a pair has one), and is named by that shape
+    when one is missing. `optional` fields are kept when they are strings."""
     records: list[LineRecord] = []
     rejects: list[LineReject] = []
     with path.open("rb") as handle:
@@ -60,7 +69,7 @@ def read_line_file(
             if plain_field is not None and not text.startswith("{"):
                 records.append(LineRecord(number, {plain_field: text}))
                 continue
-            outcome = _parse(text, fields)
+            outcome = _parse(text, fields, alternative, optional)
             if isinstance(outcome, tuple):
                 rejects.append(LineReject(str(path), number, *outcome))
             else:
@@ -68,7 +77,9 @@ def read_line_file(
     return records, rejects
 
 
-def _parse(text: str, fields: Sequence[str]) -> dict[str, str] | tuple[str | None, str]:
+def _parse(
+    text: str, fields: Sequence[str], alternative: Sequence[str], optional: Sequence[str]
+) -> dict[str, str] | tuple[str | None, str]:
     """The line's fields, or (field, reason) when it cannot be used."""
     try:
         value = json.loads(text)
@@ -76,9 +87,12 @@ def _parse(text: str, fields: Sequence[str]) -> dict[str, str] | tuple[str | Non
         return None, f"not JSON ({error})"
     if not isinstance(value, dict):
         return None, f"expected a JSON object with {', '.join(fields)}"
+    if any(name in value for name in alternative if name not in fields):
+        fields = alternative
     for name in fields:
         if name not in value:
             return name, "missing"
         if not isinstance(value[name], str):
             return name, f"must be a string, not {type(value[name]).__name__}"
-    return {name: value[name] for name in fields}
+    kept = {name: value[name] for name in optional if isinstance(value.get(name), str)}
+    return kept | {name: value[name] for name in fields}

@@ -59,6 +59,11 @@ def read_battles(path: Path, *, options: ReadOptions) -> Iterator[Parsed]:
         yield _battle(item.value, item.number, source)
 
 
+def parse_winner(raw: object) -> Winner | None:
+    """`a`, `b` or `tie` for a winner as logged (model_a, B, "tie (bothbad)"); None if unknown."""
+    return _WINNERS.get(raw.strip().lower()) if isinstance(raw, str) else None
+
+
 def _battle(record: Any, number: int, source: str) -> BattleRecord | Reject:
     if not isinstance(record, dict):
         return not_an_object(source, number, record)
@@ -67,7 +72,7 @@ def _battle(record: Any, number: int, source: str) -> BattleRecord | Reject:
         if not prompt.strip():
             raise FieldError("prompt", "empty prompt")
         raw_winner = record.get("winner")
-        winner = _WINNERS.get(raw_winner.strip().lower()) if isinstance(raw_winner, str) else None
+        winner = parse_winner(raw_winner)
         if winner is None:
             raise FieldError("winner", f"expected model_a, model_b or tie, got {raw_winner!r}")
         return BattleRecord(

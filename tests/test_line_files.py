@@ -48,3 +48,25 @@ def test_plain_lines_are_the_plain_field(tmp_path: Path) -> None:
         (2, "Plan a trip"),
     ]
     assert [(r.line, r.field, r.reason) for r in rejects] == [(3, "prompt", "missing")]
+
+
+def test_a_line_with_the_alternative_fields_must_have_all_of_them(tmp_path: Path) -> None:
+    path = tmp_path / "mixed.jsonl"
+    path.write_text(
+        '{"prompt": "p", "response": "r", "winner": "model_a"}\n'
+        '{"prompt": "p", "response_a": "x", "response_b": "y", "winner": "model_b"}\n'
+        '{"prompt": "p", "response_a": "x", "winner": null}\n'
+        '{"prompt": "p", "response_a": "x", "response_b": "y", "winner": null}\n'
+    )
+    records, rejects = read_line_file(
+        path,
+        ("prompt", "response"),
+        alternative=("prompt", "response_a", "response_b"),
+        optional=("winner",),
+    )
+    assert [(r.line, r.fields) for r in records] == [
+        (1, {"prompt": "p", "response": "r", "winner": "model_a"}),
+        (2, {"prompt": "p", "response_a": "x", "response_b": "y", "winner": "model_b"}),
+        (4, {"prompt": "p", "response_a": "x", "response_b": "y"}),
+    ]
+    assert [(r.line, r.field, r.reason) for r in rejects] == [(3, "response_b", "missing")]

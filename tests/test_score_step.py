@@ -311,6 +311,51 @@ def test_reward_file_and_a_users_own_reward_model(scored_db: str, tmp_path: Path
     assert "no usable line" in refused.stderr
 
 
+def test_reward_file_measures_battles_against_the_judge(
+    scored_db: str, shared_file, tmp_path: Path
+) -> None:
+    """Battles the reward model never saw (other lines of the AlpacaEval file) go through
+    `reward --file`: each answer gets the reward it gets as a pair line, and the agreement with
+    the judge is counted beside "the longer answer wins", overall and by expert."""
+    _train_reward("lexical", scored_db, tmp_path)
+    with gzip.open(shared_file("alpacaeval_battles_dev.jsonl.gz"), "rt") as source:
+        held = [json.loads(line) for line in itertools.islice(source, 200, 260)]
+    held[0]["winner"] = "tie"
+    lines = [json.dumps(b) for b in held]
+    lines.append(json.dumps({**held[1], "winner": "model_c"}))  # an unknown verdict: skipped
+    lines.append(json.dumps({"prompt": held[2]["prompt"], "response": held[2]["response_b"]}))
+    path = tmp_path / "held.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+
+    scored = convoscope("reward", "--file", str(path), "--json", db=scored_db, cwd=tmp_path)
+    assert scored.returncode == 0, scored.stderr
+    assert f"held.jsonl:{len(held) + 1}: field 'winner'" in scored.stderr
+    answer = json.loads(scored.stdout)
+    battles = answer["battles"]
+    assert [b["line"] for b in battles] == list(range(1, len(held) + 1))
+    assert battles[2]["reward_b"] == pytest.approx(answer["scores"][0]["reward"], abs=1e-6)
+    assert all(b["preferred"] == ("a" if b["reward_a"] > b["reward_b"] else "b") for b in battles)
+
+    decided = [(b, h) for b, h in zip(battles, held, strict=True) if b["winner"] != "tie"]
+    agreement = answer["agreement"]
+    assert (agreement["battles"], agreement["ties"]) == (len(held) - 1, 1)
+    won = [b["winner"] for b, _ in decided]
+    assert agreement["accuracy"] == pytest.approx(
+        np.mean([b["preferred"] == w for (b, _), w in zip(decided, won, strict=True)])
+    )
+    longer = ["a" if len(h["response_a"]) > len(h["response_b"]) else "b" for _, h in decided]
+    assert agreement["longer_wins"] == pytest.approx(np.mean(np.array(longer) == np.array(won)))
+    by_model = answer["agreement_by_model"]
+    assert set(by_model) == {h["model_a"] for h in held} | {h["model_b"] for h in held}
+    assert by_model["gpt4_1106_preview"] == agreement  # the reference plays every battle
+
+    table = convoscope("reward", "--file", str(path), db=scored_db, cwd=tmp_path)
+    assert table.returncode == 0, table.stderr
+    row = next(ln for ln in table.stdout.splitlines() if ln.startswith("all battles"))
+    figures = (agreement["battles"], agreement["accuracy"], agreement["longer_wins"])
+    assert row.split()[2:] == [str(figures[0]), *(f"{x:.3f}" for x in figures[1:])]
+
+
 def test_reward_train_finetune_then_apply(scored_db: str, tmp_path: Path) -> None:
     """`score reward train --mode finetune` fine-tunes MiniLM (a few steps here), stores it in
     the database; `apply` scores every exchange with it again, without training."""
