@@ -62,6 +62,7 @@ def agreement_by_model(battles: Sequence[JudgedBattle]) -> dict[str, Agreement]:
     """`agreement` over the battles each named expert took part in, by expert name."""
     taking_part: dict[str, list[JudgedBattle]] = {}
     for battle in battles:
-        for model in {battle.model_a, battle.model_b} - {None}:
-            taking_part.setdefault(model, []).append(battle)
+        for model in {battle.model_a, battle.model_b}:
+            if model is not None:
+                taking_part.setdefault(model, []).append(battle)
     return {model: agreement(taking_part[model]) for model in sorted(taking_part)}
