@@ -34,7 +34,6 @@ FOLDS = 5
 
 def prepare(directory: Path) -> None:
     """Everything the training stage reads, so it needs neither the data file nor pandas."""
-    import pandas as pd
     from bench_scoring import answers_table, load_battles
 
     from scoring.features import text_features
@@ -44,9 +43,8 @@ def prepare(directory: Path) -> None:
     rows, ia, ib = answers_table(df)
     n_prompts = int(df["prompt_id"].max()) + 1
     fold_of_prompt = np.random.default_rng(0).permutation(n_prompts) % FOLDS
-    pd.DataFrame({"prompt": rows["prompt"], "response": rows["response"]}).to_parquet(
-        directory / "answers.parquet", compression="zstd"
-    )
+    answers = rows[["prompt", "response", "model"]]
+    answers.to_parquet(directory / "answers.parquet", compression="zstd")
     np.savez(
         directory / "battles.npz",
         a=ia,
@@ -203,7 +201,9 @@ def lexical_scores(
     pairs = Pairs(battles["a"][train], battles["b"][train], outcome[train])
     prompts = answers["prompt"].fillna("").tolist()
     responses = answers["response"].fillna("").tolist()
-    return LexicalReward().fit(prompts, responses, pairs=pairs).score(prompts, responses)
+    authors = answers["model"].tolist() if "model" in answers else None  # older inputs: none
+    model = LexicalReward().fit(prompts, responses, pairs=pairs, authors=authors)
+    return model.score(prompts, responses)
 
 
 def reward_head_scores(battles: dict[str, np.ndarray], train: np.ndarray) -> np.ndarray:

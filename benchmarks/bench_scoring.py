@@ -126,7 +126,10 @@ def reward_eval(
     winner = tr["winner"].map({"a": 1.0, "b": 0.0, "tie": 0.5}).to_numpy()
     responses = list(rows["response"].fillna(""))
     lexical = LexicalReward().fit(
-        list(rows["prompt"]), responses, pairs=Pairs(ia[train], ib[train], winner)
+        list(rows["prompt"]),
+        responses,
+        pairs=Pairs(ia[train], ib[train], winner),
+        authors=list(rows["model"]),
     )
     scores = {"head": head.score(feats), "lexical": lexical.score(list(rows["prompt"]), responses)}
     rows_seen = np.unique(np.concatenate([ia[train], ib[train]]))

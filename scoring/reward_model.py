@@ -95,8 +95,11 @@ class TransformerReward(torch.nn.Module):
         labels: np.ndarray | None = None,
         weights: np.ndarray | None = None,
         pairs: Pairs | None = None,
+        authors: Sequence[str | None] | None = None,
     ) -> TransformerReward:
-        """Train for `steps` mini-batches, each mixing labelled rows and battles."""
+        """Train for `steps` mini-batches, each mixing labelled rows and battles (the text
+        alone: `authors` is not read)."""
+        del authors
         cfg = self.config
         torch.manual_seed(cfg.seed)
         rng = np.random.default_rng(cfg.seed)

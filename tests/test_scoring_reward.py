@@ -14,7 +14,7 @@ import pytest
 from scoring.features import FEATURE_NAMES, PROMPT_ONLY_FEATURES, prompt_features, text_features
 from scoring.labels import joint_labels
 from scoring.reward_head import HeadConfig, Pairs, RewardHead, head_features, simple_features
-from scoring.reward_lexical import LexicalReward
+from scoring.reward_lexical import LexicalConfig, LexicalReward, anchors
 from scoring.reward_model import (
     FineTuneConfig,
     SequenceClassifierReward,
@@ -118,6 +118,45 @@ def test_lexical_model_learns_words_from_battles_and_labels(
         LexicalReward().fit(["p"], ["r"], labels=np.array([np.nan]))
     with pytest.raises(ValueError, match="no words"):
         LexicalReward().fit(["p", "p"], ["", "!"], labels=np.array([1.0, 0.0]))
+
+
+def test_an_anchor_experts_style_is_discounted(tmp_path: Path) -> None:
+    """A reference that answers in every battle and wins most of them: a plain fit credits its
+    opening word as much as what really wins ("detailed"); the anchored fit credits the
+    reference itself, so its word counts far less next to the real signal."""
+    responses: list[str] = []
+    authors: list[str] = []
+    outcome = []
+    for i in range(80):
+        detailed = i % 4 == 0  # a quarter of the experts' answers are detailed: they win
+        responses += [f"certainly topic{i} answer", f"{'detailed ' * detailed}topic{i} answer"]
+        authors += ["reference", f"expert{i % 3}"]
+        outcome.append(0.0 if detailed else 1.0)
+    pairs = Pairs(np.arange(0, 160, 2), np.arange(1, 160, 2), np.array(outcome))
+    prompts = [""] * len(responses)
+
+    def weights(blend: float, who: list[str] | None) -> tuple[float, float]:
+        model = LexicalReward(LexicalConfig(anchor_blend=blend))
+        model.fit(prompts, responses, pairs=pairs, authors=who)
+        assert model.vectorizer is not None
+        assert model.anchors == (["reference"] if who else [])
+        assert (
+            LexicalReward.load(model.save(tmp_path / f"{blend}{bool(who)}")).anchors
+            == model.anchors
+        )
+        vocabulary = model.vectorizer.vocabulary_
+        return model.coef[vocabulary["certainly"]], model.coef[vocabulary["detailed"]]
+
+    plain_style, plain_quality = weights(0.0, authors)
+    style, quality = weights(1.0, authors)
+    assert 0 < style / quality < 0.5 * plain_style / plain_quality
+    assert weights(1.0, None) == (plain_style, plain_quality)  # no authors: the plain fit
+
+    names, column = anchors(authors, pairs, share=0.5)
+    assert names == ["reference"] and column is not None and column.shape == (160, 1)
+    np.testing.assert_array_equal(column.toarray()[:, 0], np.array(authors) == "reference")
+    assert anchors(authors, pairs, share=1.01) == ([], None)  # nobody plays in more than all
+    assert anchors(None, pairs, share=0.5) == ([], None)
 
 
 def test_transformer_fine_tunes_saves_and_loads(
