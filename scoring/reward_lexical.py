@@ -124,8 +124,9 @@ class LexicalReward:
         coef = self._solve(x, point, lab, wt, pairs)
         self.coef = coef[:n_terms]
         self.intercept = float(coef[-1] * _INTERCEPT) if len(point) else 0.0
-        self.anchors, anchor = anchors(authors, pairs, self.config.anchor_share)
+        names, anchor = anchors(authors, pairs, self.config.anchor_share)
         blend = self.config.anchor_blend
+        self.anchors = names if blend > 0 else []
         if anchor is not None and blend > 0:
             # The same fit with an indicator per anchor expert, which takes up the anchor's
             # win rate so its n-grams need not; blended at the plain fit's scale.
