@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.engine import Engine
 
 from app.export import ExportSelection, export_exchanges
-from app.line_files import LineRecord, LineReject, read_line_file
+from app.line_files import LineRecord, read_line_file
 from ingest.battles import parse_winner
 from ingest.files import LOG_SUFFIXES, log_files_in
 from ingest.pipeline import IngestConfig, ingest_paths
@@ -317,15 +317,12 @@ def reward(args: argparse.Namespace) -> dict[str, Any]:
     from scoring.reward_step import score_texts
 
     records, rejected = _read_line_file(
-        args.file, _PAIR_FIELDS, alternative=_BATTLE_FIELDS, optional=_BATTLE_EXTRAS
+        args.file,
+        _PAIR_FIELDS,
+        alternative=_BATTLE_FIELDS,
+        optional=_BATTLE_EXTRAS,
+        checks={"winner": _winner_problem},
     )
-    bad_winners = _unknown_winners(args.file, records)
-    if bad_winners:
-        rejected += [r.as_dict() for r in bad_winners]
-        bad_lines = {b.line for b in bad_winners}
-        records = [r for r in records if r.line not in bad_lines]
-        if not records:
-            raise UserError(f"{args.file}: no usable line (first: {bad_winners[0]})")
     pairs = [r for r in records if "response" in r.fields]
     battles = [r for r in records if "response" not in r.fields]
     prompts = [r.fields["prompt"] for r in pairs + battles + battles]
@@ -369,9 +366,16 @@ def _battle_results(
         winner = parse_winner(fields.get("winner"))
         models = {"model_a": fields.get("model_a"), "model_b": fields.get("model_b")}
         scored.append(
-            {"line": record.line, "prompt": fields["prompt"], **models, "reward_a": float(a),
-             "reward_b": float(b), "preferred": "a" if a > b else "b", "winner": winner}
-        )  # fmt: skip
+            {
+                "line": record.line,
+                "prompt": fields["prompt"],
+                **models,
+                "reward_a": float(a),
+                "reward_b": float(b),
+                "preferred": "a" if a > b else "b",
+                "winner": winner,
+            }
+        )
         if winner is not None:
             lengths = len(fields["response_a"]), len(fields["response_b"])
             judged.append(JudgedBattle(float(a), float(b), *lengths, winner, **models))
@@ -388,26 +392,24 @@ _BATTLE_FIELDS = ("prompt", "response_a", "response_b")
 _BATTLE_EXTRAS = ("winner", "model_a", "model_b")
 
 
-def _unknown_winners(path: Path, records: list[LineRecord]) -> list[LineReject]:
-    """Battle lines whose winner is none of model_a, model_b, tie: skipped, like bad lines."""
-    rejects = [
-        LineReject(str(path), r.line, "winner", f"expected model_a, model_b or tie, got {w!r}")
-        for r in records
-        if (w := r.fields.get("winner")) is not None and parse_winner(w) is None
-    ]
-    _warn(rejects)
-    return rejects
+def _winner_problem(raw: str) -> str | None:
+    """Why a battle line's winner cannot be read (it is none of model_a, model_b, tie)."""
+    return None if parse_winner(raw) else f"expected model_a, model_b or tie, got {raw!r}"
 
 
 def _read_line_file(
     path: Path, fields: tuple[str, ...], **shapes: Any
 ) -> tuple[list[LineRecord], list[dict[str, Any]]]:
     """A file's good lines, and its bad ones (warned about on stderr); no good line is an
-    error. `shapes`: read_line_file's plain_field, alternative and optional."""
+    error. `shapes`: read_line_file's plain_field, alternative, optional and checks."""
     if not path.is_file():
         raise UserError(f"no such file: {path}")
     records, rejects = read_line_file(path, fields, **shapes)
-    _warn(rejects)
+    for reject in rejects[:_WARN_AT_MOST]:
+        print(f"convoscope: warning: skipped {reject}", file=sys.stderr)
+    if len(rejects) > _WARN_AT_MOST:
+        more = len(rejects) - _WARN_AT_MOST
+        print(f"convoscope: warning: skipped {more} more bad lines", file=sys.stderr)
     if not records:
         first = f" (first: {rejects[0]})" if rejects else ""
         expected = f"JSONL objects with {', '.join(fields)}"
@@ -417,15 +419,7 @@ def _read_line_file(
     return records, [r.as_dict() for r in rejects]
 
 
-def _warn(rejects: list[LineReject]) -> None:
-    """Name the first bad lines on stderr (the JSON output lists them all)."""
-    for reject in rejects[:_WARN_AT_MOST]:
-        print(f"convoscope: warning: skipped {reject}", file=sys.stderr)
-    if len(rejects) > _WARN_AT_MOST:
-        more = len(rejects) - _WARN_AT_MOST
-        print(f"convoscope: warning: skipped {more} more bad lines", file=sys.stderr)
-
-
+# Bad lines named one by one on stderr; the JSON output lists them all.
 _WARN_AT_MOST = 20
 
 

@@ -8,7 +8,7 @@ never throws the rest away. Each result keeps its line number so callers can joi
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -47,13 +47,15 @@ def read_line_file(
     plain_field: str | None = None,
     alternative: Sequence[str] = (),
     optional: Sequence[str] = (),
+    checks: Mapping[str, Callable[[str], str | None]] | None = None,
 ) -> tuple[list[LineRecord], list[LineReject]]:
     """JSONL objects whose `fields` are strings; with `plain_field`, a line that does not start
     with `{` is that field's text as it stands. Blank lines are skipped silently.
 
     A line that has one of the `alternative` fields the main shape lacks must have all of
     them instead (a battle's two answers where a pair has one), and is named by that shape
-    when one is missing. `optional` fields are kept when they are strings."""
+    when one is missing. `optional` fields are kept when they are strings. `checks` maps a
+    field to a function that says what is wrong with its value (None when nothing is)."""
     records: list[LineRecord] = []
     rejects: list[LineReject] = []
     with path.open("rb") as handle:
@@ -69,7 +71,7 @@ def read_line_file(
             if plain_field is not None and not text.startswith("{"):
                 records.append(LineRecord(number, {plain_field: text}))
                 continue
-            outcome = _parse(text, fields, alternative, optional)
+            outcome = _parse(text, fields, alternative, optional, checks or {})
             if isinstance(outcome, tuple):
                 rejects.append(LineReject(str(path), number, *outcome))
             else:
@@ -78,7 +80,11 @@ def read_line_file(
 
 
 def _parse(
-    text: str, fields: Sequence[str], alternative: Sequence[str], optional: Sequence[str]
+    text: str,
+    fields: Sequence[str],
+    alternative: Sequence[str],
+    optional: Sequence[str],
+    checks: Mapping[str, Callable[[str], str | None]],
 ) -> dict[str, str] | tuple[str | None, str]:
     """The line's fields, or (field, reason) when it cannot be used."""
     try:
@@ -95,4 +101,8 @@ def _parse(
         if not isinstance(value[name], str):
             return name, f"must be a string, not {type(value[name]).__name__}"
     kept = {name: value[name] for name in optional if isinstance(value.get(name), str)}
-    return kept | {name: value[name] for name in fields}
+    kept |= {name: value[name] for name in fields}
+    for name, check in checks.items():
+        if name in kept and (problem := check(kept[name])) is not None:
+            return name, problem
+    return kept
