@@ -14,12 +14,16 @@ Conventions, chosen so the reward model's labels mean what they say:
 - A conversation with user messages but no answer yields one exchange with an empty response
   for its last user message: a saved input, waiting for replay.
 - `instruction` is the conversation's logged instruction, else the latest system message.
+- Tool use is part of a turn, not an answer: an assistant message that calls a tool and the
+  tool's result (role `tool`) are not exchanges. The answer that follows them keeps them in its
+  metadata (`tool_steps`), and later turns see them in their context.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 from datetime import datetime
+from typing import Any
 
 from ingest.records import BattleRecord, Conversation, Exchange, Message
 
@@ -41,6 +45,7 @@ def split_conversation(conv: Conversation) -> list[Exchange]:
     prompt: Message | None = None
     system: str | None = None
     users_seen = 0
+    steps: list[Message] = []  # tool calls and results since the prompt
     exchanges = []
     for i, m in enumerate(messages):
         role = m.role
@@ -48,8 +53,11 @@ def split_conversation(conv: Conversation) -> list[Exchange]:
             context = tuple(kept)
             prompt = m
             users_seen += 1
+            steps = []
         elif role == "system":
             system = m.content
+        elif _is_step(m):
+            steps.append(m)
         elif prompt is not None:
             after = len(users) - users_seen
             next_user = messages[users[users_seen]] if after else None
@@ -73,9 +81,10 @@ def split_conversation(conv: Conversation) -> list[Exchange]:
                     user_turns_after=after,
                     ended_conversation=False if m.retried else after == 0,
                     seconds_to_next_user_message=_gap(m, next_user),
-                    metadata=dict(m.metadata) if m.metadata else {},
+                    metadata=_with_steps(m.metadata, steps),
                 )
             )
+            steps = []
         if not m.retried:
             kept.append(m)
     if not exchanges:
@@ -90,10 +99,36 @@ def _feedback_target(conv: Conversation, first_user: int, signal: str) -> int | 
     """
     if getattr(conv, signal) is None:
         return None
-    answers = [i for i, m in enumerate(conv.messages) if m.role == "assistant" and i > first_user]
+    answers = [
+        i
+        for i, m in enumerate(conv.messages)
+        if m.role == "assistant" and i > first_user and not _is_step(m)
+    ]
     if any(getattr(conv.messages[i], signal) is not None for i in answers):
         return None
     return next((i for i in reversed(answers) if not conv.messages[i].retried), None)
+
+
+def _is_step(m: Message) -> bool:
+    """A tool's result, or an assistant message that calls a tool (OpenAI's `tool_calls`, or
+    the older `function_call`): a step towards the answer, not the answer."""
+    if m.role == "tool":
+        return True
+    extra = m.metadata
+    return (
+        bool(extra)
+        and m.role == "assistant"
+        and ("tool_calls" in extra or "function_call" in extra)
+    )
+
+
+def _with_steps(extra: dict[str, Any] | None, steps: list[Message]) -> dict[str, Any]:
+    out = dict(extra) if extra else {}
+    if steps:
+        out["tool_steps"] = [
+            {"role": s.role, "content": s.content, **(s.metadata or {})} for s in steps
+        ]
+    return out
 
 
 def battle_exchanges(b: BattleRecord) -> tuple[Exchange, Exchange]:

@@ -2,7 +2,8 @@
 
 Content may be a list of parts (only text parts are kept). Signals are read where a log has
 them: per message (`rating`, `thumbs`, `retried`, `edited`, `deleted`, `created_at`) and per
-line (`rating`, `thumbs`/`thumbs_up`, `feedback`). Every other key is kept as metadata.
+line (`rating`, `thumbs`/`thumbs_up`, `feedback`). Every other key is kept as metadata. A
+tool call with no text (`tool_calls`, `function_call`) reads as `name(arguments)`.
 A JSON array of such objects is read too (streamed).
 """
 
@@ -109,7 +110,23 @@ def _message(raw: Any, index: int) -> Message | str:
     name = f"messages[{index}]"
     signals, used = read_signals(raw, name, _MESSAGE_SIGNALS)
     extra = leftover(raw, used | {"role", "content"})
+    if not content and extra:
+        content = _calls_text(extra)
     return Message(role=role, content=content, metadata=extra or None, **signals)
+
+
+def _calls_text(extra: dict[str, Any]) -> str:
+    """`name(arguments)` per tool call of a message with no text, so a context that shows it
+    says what the model did rather than nothing; the calls themselves stay in metadata."""
+    calls = extra.get("tool_calls")
+    calls = calls if isinstance(calls, list) else [extra.get("function_call")]
+    lines = []
+    for call in calls:
+        function = call.get("function", call) if isinstance(call, dict) else None
+        if isinstance(function, dict) and isinstance(function.get("name"), str):
+            arguments = function.get("arguments")
+            lines.append(f"{function['name']}({arguments if isinstance(arguments, str) else ''})")
+    return "\n".join(lines)
 
 
 def _first_text(record: dict[str, Any], keys: tuple[str, ...]) -> str | None:

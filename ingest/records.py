@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
-Role = Literal["system", "user", "assistant"]
+Role = Literal["system", "user", "assistant", "tool"]
 Winner = Literal["a", "b", "tie"]
 
-# Roles seen in real logs, mapped to the three the rest of the tool knows.
+# Roles seen in real logs, mapped to the four the rest of the tool knows. A tool message (a
+# function's result fed back to the model) is part of a turn, never a prompt or an answer.
 ROLE_ALIASES: dict[str, Role] = {
     "system": "system",
     "developer": "system",
@@ -30,6 +31,9 @@ ROLE_ALIASES: dict[str, Role] = {
     "bard": "assistant",
     "bot": "assistant",
     "model": "assistant",
+    "tool": "tool",
+    "function": "tool",
+    "ipython": "tool",
 }
 
 

@@ -86,6 +86,50 @@ def test_chai_retry_from_a_real_file(tmp_path: Path) -> None:
     assert last.ended_conversation is True
 
 
+def test_tool_calls_are_steps_of_a_turn_not_answers(tmp_path: Path) -> None:
+    call = {
+        "id": "c1",
+        "type": "function",
+        "function": {"name": "weather", "arguments": '{"city": "Oslo"}'},
+    }
+    record = {
+        "thumbs": 1,
+        "messages": [
+            {"role": "user", "content": "weather in Oslo?"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "c1", "content": "sunny, 21C"},
+            {"role": "assistant", "content": "It is sunny."},
+            {"role": "user", "content": "and tomorrow?"},
+            {
+                "role": "assistant",
+                "content": None,
+                "function_call": {"name": "forecast", "arguments": "{}"},
+            },
+            {"role": "function", "name": "forecast", "content": "rain"},
+            {"role": "assistant", "content": "Rain."},
+        ],
+    }
+    path = tmp_path / "tools.jsonl"
+    path.write_text(json.dumps(record) + "\n", encoding="utf-8")
+    (conv,) = list(read_file(path))  # tool and function roles are known, not reported
+    first, second = split_conversation(conv)
+    assert (first.prompt, first.response, second.response) == (
+        "weather in Oslo?",
+        "It is sunny.",
+        "Rain.",
+    )
+    assert first.ended_conversation is False and first.user_turns_after == 1
+    assert first.metadata["tool_steps"] == [
+        {"role": "assistant", "content": 'weather({"city": "Oslo"})', "tool_calls": [call]},
+        {"role": "tool", "content": "sunny, 21C", "tool_call_id": "c1"},
+    ]
+    assert [s["content"] for s in second.metadata["tool_steps"]] == ["forecast({})", "rain"]
+    # a later turn sees the whole tool use in its context; the conversation's thumbs go to the
+    # last answer, not to a tool call
+    assert [m.role for m in second.context] == ["user", "assistant", "tool", "assistant"]
+    assert (first.thumbs, second.thumbs) == (None, 1)
+
+
 def test_per_message_feedback_wins_over_conversation_feedback() -> None:
     conv = conversation(
         Message("user", "q"),

@@ -115,11 +115,11 @@ def test_openai_bad_lines_are_rejected_and_good_ones_kept(tmp_path: Path) -> Non
 
 def test_unknown_role_is_reported_and_its_message_skipped(tmp_path: Path) -> None:
     record = openai_line("weather?", "sunny")
-    record["messages"].insert(1, {"role": "tool", "content": "{'temp': 20}"})
+    record["messages"].insert(1, {"role": "narrator", "content": "Meanwhile..."})
     path = write_jsonl(tmp_path / "chat.jsonl", [record])
     parsed = read_all(path)
     (unknown,) = of(UnknownRole, parsed)
-    assert unknown.role == "tool" and unknown.line == 1
+    assert unknown.role == "narrator" and unknown.line == 1
     (conv,) = of(Conversation, parsed)
     assert [m.role for m in conv.messages] == ["user", "assistant"]
 

@@ -24,7 +24,12 @@ import streamlit as st
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()<>#+\-.!|~:$&\"'=^@%;,?/])")
 _WHITESPACE = re.compile(r"\s+")
 
-ROLE_AVATARS = {"user": "user", "assistant": "assistant", "system": ":material/settings:"}
+ROLE_AVATARS = {
+    "user": "user",
+    "assistant": "assistant",
+    "system": ":material/settings:",
+    "tool": ":material/build:",
+}
 
 
 def escape_markdown(text: str) -> str:
