@@ -1,7 +1,8 @@
 """Where the database is and how to connect to it: the one place that knows engine quirks.
 
 `--db` takes a SQLAlchemy URL or a plain file path; without it `$CONVOSCOPE_DB`, else a DuckDB
-file in the working directory. Opening a database brings its schema up to date (Alembic), and
+file in the working directory. An existing file is opened with the engine its header names,
+a new one by its suffix. Opening a database brings its schema up to date (Alembic), and
 refuses one written by a newer convoscope rather than guessing at its tables.
 """
 
@@ -15,6 +16,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 DEFAULT_DB_FILE = "convoscope.duckdb"
+_SQLITE_SUFFIXES = {".sqlite", ".sqlite3", ".db"}
+_SQLITE_HEADER = b"SQLite format 3\x00"
+_DUCKDB_MAGIC = b"DUCK"  # at byte 8 of a DuckDB file
 
 
 class StorageError(RuntimeError):
@@ -28,12 +32,26 @@ def resolve_url(db: str | None = None) -> str:
         return "duckdb:///:memory:"
     if "://" not in raw:
         path = Path(raw).expanduser().resolve()
-        scheme = "sqlite" if path.suffix in {".sqlite", ".sqlite3", ".db"} else "duckdb"
-        return f"{scheme}:///{path}"
+        return f"{_file_scheme(path)}:///{path}"
     if raw.startswith(("postgresql://", "postgres://")):
         # psycopg 3 is the driver we install; SQLAlchemy would otherwise look for psycopg2.
         return "postgresql+psycopg://" + raw.split("://", 1)[1]
     return raw
+
+
+def _file_scheme(path: Path) -> str:
+    """The engine of a database file: an existing file's header says (DuckDB's own files are
+    often named `.db` too), a new file's suffix decides (`.sqlite`, `.sqlite3`, `.db`: SQLite)."""
+    try:
+        with path.open("rb") as handle:
+            header = handle.read(16)
+    except OSError:  # no file yet (or not readable: opening it will say why)
+        header = b""
+    if header.startswith(_SQLITE_HEADER):
+        return "sqlite"
+    if header[8:12] == _DUCKDB_MAGIC:
+        return "duckdb"
+    return "sqlite" if path.suffix in _SQLITE_SUFFIXES else "duckdb"
 
 
 def dialect_name(url: str) -> str:
@@ -48,7 +66,7 @@ def make_engine(url: str, *, read_only: bool = False) -> Engine:
         parsed = sa.make_url(url)
         database = parsed.database
         if database and database != ":memory:":
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
+            _make_parent(Path(database))
         else:  # a named in-memory database: the engine's connections share it (see below)
             parsed = parsed.set(database=f":memory:{uuid.uuid4().hex}")
         # DuckDB's buffer pool would grow to 80 % of RAM; cap it so long ingests stay small
@@ -71,6 +89,9 @@ def make_engine(url: str, *, read_only: bool = False) -> Engine:
         # DuckDB connection runs one result at a time.
         return sa.create_engine(parsed, connect_args=connect_args, poolclass=sa.pool.QueuePool)
     if backend == "sqlite":
+        path = database_file(url)
+        if path is not None:
+            _make_parent(path)
         engine = sa.create_engine(url, connect_args={"timeout": 30})
         sa.event.listen(engine, "connect", _sqlite_pragmas)
         return engine
@@ -81,12 +102,32 @@ def make_engine(url: str, *, read_only: bool = False) -> Engine:
     )
 
 
+def _make_parent(path: Path) -> None:
+    """Create a database file's folder (as DuckDB and SQLite files alike need), or say why not."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        in_the_way = isinstance(error, FileExistsError | NotADirectoryError)
+        why = "is a file, not a folder" if in_the_way else (error.strerror or str(error))
+        raise StorageError(
+            f"cannot create database {path}: {error.filename or path.parent}: {why}; "
+            "choose another --db path"
+        ) from error
+
+
 def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:
-    """WAL lets readers (the UI) work while an ingest writes; foreign keys are off by design."""
+    """Per-connection settings; foreign keys are off by design. WAL is set by `open_database`
+    once the file is known to be ours (it is stored in the file, so it changes the file)."""
     cursor = dbapi_connection.cursor()  # type: ignore[attr-defined]
-    cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
+
+
+def _use_wal(engine: Engine) -> None:
+    """WAL lets readers (the UI) work while an ingest writes to a SQLite file."""
+    if engine.dialect.name == "sqlite":
+        with engine.connect() as connection:
+            connection.exec_driver_sql("PRAGMA journal_mode=WAL")
 
 
 def open_database(db: str | None = None, *, read_only: bool = False) -> Engine:
@@ -94,19 +135,40 @@ def open_database(db: str | None = None, *, read_only: bool = False) -> Engine:
     from storage.migrate import check_version, upgrade
 
     url = resolve_url(db)
+    if read_only:
+        _require_file(url)
     engine = make_engine(url, read_only=read_only)
     try:
         if read_only:
             check_version(engine)
         else:
             upgrade(engine)
-    except sa.exc.OperationalError as error:
+            _use_wal(engine)
+    except sa.exc.DatabaseError as error:  # OperationalError included; also "not a database"
         engine.dispose()
         raise StorageError(_explain(url, error)) from error
     except Exception:
         engine.dispose()
         raise
     return engine
+
+
+def database_file(url: str) -> Path | None:
+    """The file a DuckDB or SQLite URL names; None for an in-memory database or a server."""
+    parsed = sa.make_url(url)
+    database = parsed.database
+    if parsed.get_backend_name() not in {"duckdb", "sqlite"} or not database:
+        return None
+    if database.startswith((":memory:", "file:")):
+        return None
+    return Path(database)
+
+
+def _require_file(url: str) -> None:
+    """A read-only open never creates a database: a missing file is an error, not an empty one."""
+    path = database_file(url)
+    if path is not None and not path.is_file():
+        raise StorageError(f"no database at {path}: check --db (or $CONVOSCOPE_DB)")
 
 
 def _explain(url: str, error: Exception) -> str:
@@ -117,5 +179,10 @@ def _explain(url: str, error: Exception) -> str:
             f"database {safe_url} is in use by another process ({text}). "
             "DuckDB allows one writer at a time: wait for it to finish, or use a "
             "PostgreSQL URL for concurrent writers."
+        )
+    if isinstance(error, sa.exc.DatabaseError) and "not a database" in text.lower():
+        return (
+            f"cannot open database {safe_url}: the file is not a "
+            f"{sa.make_url(url).get_backend_name()} database ({text}); check the --db path"
         )
     return f"cannot open database {safe_url}: {text}"

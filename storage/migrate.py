@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 from alembic.ddl.impl import DefaultImpl
@@ -59,6 +60,21 @@ def _refuse_newer(revision: str | None, url: str) -> None:
         )
 
 
+def _refuse_clashing_tables(connection: Connection, url: str) -> None:
+    """An unstamped database that already has a table of ours belongs to something else:
+    creating the rest beside it would mix two applications' tables (and SQLite cannot roll
+    the DDL back when a CREATE TABLE then fails), so nothing is written."""
+    from storage.schema import metadata
+
+    clashing = sorted(set(sa.inspect(connection).get_table_names()) & set(metadata.tables))
+    if clashing:
+        raise StorageError(
+            f"database {url} is not a convoscope database but already has table(s) named "
+            f"{', '.join(clashing)}; nothing was written. Use another database (or file) for "
+            "convoscope, e.g. --db convoscope.duckdb"
+        )
+
+
 def check_version(engine: Engine) -> None:
     """Refuse a database from a newer version; used by read-only openers that cannot migrate."""
     with engine.connect() as connection:
@@ -76,6 +92,9 @@ def upgrade(engine: Engine, target: str = "head") -> None:
     """Bring the database to the newest schema (or `target`); a no-op when it is there."""
     with engine.begin() as connection:
         revision = current_revision(connection)
-        _refuse_newer(revision, engine.url.render_as_string(hide_password=True))
+        url = engine.url.render_as_string(hide_password=True)
+        _refuse_newer(revision, url)
+        if revision is None:
+            _refuse_clashing_tables(connection, url)
         if revision != (head_revision() if target == "head" else target):
             command.upgrade(_config(connection), target)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from storage.engine import StorageError, open_database, resolve_url
+from storage.engine import StorageError, make_engine, open_database, resolve_url
 from storage.logs import ExchangeFilter, iter_exchanges, store_batch, table_counts, utcnow
 from storage.schema import metadata
 
@@ -170,6 +173,68 @@ def test_upgrading_an_old_database_keeps_its_rows(db_url: str) -> None:
         assert current_revision(conn) == head_revision()
     assert table_counts(engine)["exchanges"] == 1
     engine.dispose()
+
+
+def test_a_database_with_a_clashing_table_is_refused_and_left_alone(db_url: str) -> None:
+    other = make_engine(resolve_url(db_url))
+    with other.begin() as conn:  # another application's tables, one named like ours
+        conn.execute(sa.text("CREATE TABLE exchanges (id INTEGER)"))
+        conn.execute(sa.text("CREATE TABLE invoices (id INTEGER)"))
+    sqlite_file = Path(sa.make_url(db_url).database or "") if db_url.startswith("sqlite") else None
+    before = sqlite_file.read_bytes() if sqlite_file else None
+    with pytest.raises(StorageError, match=r"not a convoscope database.*exchanges"):
+        open_database(db_url)
+    assert set(sa.inspect(other).get_table_names()) == {"exchanges", "invoices"}
+    other.dispose()
+    if sqlite_file is not None:  # not even the journal mode changed
+        assert sqlite_file.read_bytes() == before
+
+
+def test_a_database_with_unrelated_tables_only_is_used(db_url: str) -> None:
+    other = make_engine(resolve_url(db_url))
+    with other.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE invoices (id INTEGER)"))
+    other.dispose()
+    engine = open_database(db_url)
+    assert {"invoices", "exchanges", "alembic_version"} <= set(sa.inspect(engine).get_table_names())
+    engine.dispose()
+
+
+def test_an_existing_file_opens_with_the_engine_its_header_names(tmp_path) -> None:
+    import duckdb
+
+    duckdb_file = tmp_path / "duck.db"  # DuckDB's own files are often named .db
+    duckdb.connect(str(duckdb_file)).close()
+    assert resolve_url(str(duckdb_file)) == f"duckdb:///{duckdb_file}"
+    open_database(str(duckdb_file)).dispose()
+    sqlite_file = tmp_path / "lite.duckdb"
+    open_database(f"sqlite:///{sqlite_file}").dispose()
+    assert resolve_url(str(sqlite_file)) == f"sqlite:///{sqlite_file}"
+    assert resolve_url(str(tmp_path / "new.db")) == f"sqlite:///{tmp_path / 'new.db'}"
+    text_file = tmp_path / "notes.db"
+    text_file.write_text("not a database at all, just some notes\n" * 10)
+    with pytest.raises(StorageError, match="not a sqlite database"):
+        open_database(str(text_file))
+    assert text_file.read_text().startswith("not a database")
+
+
+def test_file_databases_get_their_folder_or_a_clear_error(tmp_path) -> None:
+    engine = open_database(f"sqlite:///{tmp_path / 'new' / 'dir' / 'logs.sqlite'}")
+    engine.dispose()
+    assert (tmp_path / "new" / "dir" / "logs.sqlite").is_file()
+    blocker = tmp_path / "chat.jsonl"
+    blocker.write_text("{}\n")
+    for db in [str(blocker / "x.duckdb"), f"sqlite:///{blocker / 'x.sqlite'}"]:
+        with pytest.raises(StorageError, match=re.escape(f"{blocker}: is a file, not a folder")):
+            open_database(db)
+    assert blocker.read_text() == "{}\n"
+
+
+def test_read_only_open_never_creates_a_database(tmp_path) -> None:
+    for name in ["missing.duckdb", "missing.sqlite"]:
+        with pytest.raises(StorageError, match="no database at"):
+            open_database(str(tmp_path / name), read_only=True)
+        assert not (tmp_path / name).exists()
 
 
 @pytest.mark.parametrize("where", ["file", "memory"])
