@@ -31,6 +31,17 @@ def _parse_mapping(text: str) -> dict[str, str]:
     return mapping
 
 
+def _positive_float(text: str) -> float:
+    """A size limit: zero or less would reject every line."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="convoscope",
@@ -46,7 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Each subcommand also accepts --json after its name; SUPPRESS keeps the global value.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
+    common.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="print a JSON summary on stdout",
+    )
 
     reading = argparse.ArgumentParser(add_help=False)
     reading.add_argument(
@@ -61,10 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="CSV/Parquet columns for canonical fields, e.g. prompt=question,response=answer",
     )
     reading.add_argument(
-        "--rejects", type=Path, help="where bad records go (default: ./convoscope-rejects-*.jsonl)"
+        "--rejects",
+        type=Path,
+        help="where bad records go, appended to an existing file "
+        "(default: a new ./convoscope-rejects-*.jsonl)",
     )
     reading.add_argument(
-        "--max-line-mb", type=float, default=8.0, help="longer lines are rejected (default 8)"
+        "--max-line-mb",
+        type=_positive_float,
+        default=8.0,
+        help="longer lines are rejected (default 8)",
     )
 
     ingest = sub.add_parser(
@@ -338,10 +360,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    status = 0
     try:
         result = args.handler(args)
+    except commands.NothingDone as failure:  # still report what was tried
+        print(f"convoscope: error: {failure}", file=sys.stderr)
+        result, status = failure.result, 2
     except (StorageError, commands.UserError, FileNotFoundError, ValueError) as error:
         print(f"convoscope: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a path that cannot be written or read: name it, no traceback
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"convoscope: error: {where}{error.strerror or error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("convoscope: interrupted; what was stored is kept, re-run to finish", file=sys.stderr)
@@ -350,7 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(result, indent=2, default=str))
     else:
         print(commands.describe(args.command, result))
-    return 0
+    return status
 
 
 if __name__ == "__main__":

@@ -32,6 +32,18 @@ class UserError(Exception):
     """A mistake in how the command was called, explained in one line."""
 
 
+class NothingDone(UserError):
+    """The command ran but achieved nothing; its result is still reported (exit status 2)."""
+
+    def __init__(self, message: str, result: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+def warn(message: str) -> None:
+    print(f"convoscope: warning: {message}", file=sys.stderr)
+
+
 def ingest(args: argparse.Namespace) -> dict[str, Any]:
     if args.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
@@ -42,7 +54,17 @@ def ingest(args: argparse.Namespace) -> dict[str, Any]:
         summary = ingest_paths(paths, engine=engine, config=config)
     finally:
         engine.dispose()
-    return {"db": _safe_url(args.db), **summary.as_dict()}
+    result = {"db": _safe_url(args.db), **summary.as_dict()}
+    _warn_ingest(result)
+    if summary.unread_files == summary.files and not summary.read:
+        raise NothingDone("no file could be read (see the warnings above)", result)
+    return result
+
+
+def _warn_ingest(summary: dict[str, Any]) -> None:
+    """The summary's warnings on stderr: a file rejected whole would otherwise be a count."""
+    for message in summary["warnings"]:
+        warn(message)
 
 
 def _log_paths(paths: list[Path]) -> list[Path]:
@@ -676,6 +698,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     engine = open_database(args.db)
     try:
         result = run_pipeline(engine, paths, config=config, **stages)
+        if "ingest" in result:
+            _warn_ingest(result["ingest"])
         counts = table_counts(engine)
     except EmbedderError as error:
         raise UserError(str(error)) from error

@@ -6,6 +6,8 @@ while the next one is read (the databases release the GIL while they insert and 
 one batch in flight at most, so memory stays bounded. So a re-run stores nothing new,
 a killed run resumes by running it again, and a bad record costs only itself: it goes to the
 rejects file with its file, line, field and reason while the records around it are stored.
+A file rejected whole (line 0: empty, binary, an unknown mapped field) is also a warning in
+the summary, since a user would otherwise see only a count.
 """
 
 from __future__ import annotations
@@ -68,20 +70,41 @@ class IngestSummary:
     rejects_file: str | None = None
     truncated: list[dict[str, Any]] = field(default_factory=list)
     unknown_roles: dict[str, int] = field(default_factory=dict)
+    unread_files: int = 0  # files rejected whole (line 0): nothing of them was read
+    warnings: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
+_TABULAR_FORMATS = {"csv", "parquet"}  # the formats a --map column mapping applies to
+
+
 def default_rejects_path() -> Path:
-    """A rejects file per run in the working directory, so runs never overwrite each other."""
+    """A rejects file per run in the working directory; `_RejectsFile` creates it exclusively
+    (adding -2, -3... when the name is taken), so runs never overwrite each other."""
     return Path.cwd() / f"{REJECTS_PREFIX}{datetime.now():%Y%m%d-%H%M%S}.jsonl"
+
+
+def check_rejects_path(rejects: Path, inputs: Sequence[Path]) -> None:
+    """Refuse a rejects file that would overwrite an input log or cannot be a file, before
+    anything is read (a given rejects file is appended to, never truncated)."""
+    target = rejects.expanduser().resolve()
+    if any(target == Path(p).expanduser().resolve() for p in inputs):
+        raise ValueError(f"--rejects {rejects} is one of the files to ingest; choose another file")
+    if target.is_dir():
+        raise ValueError(f"--rejects {rejects} is a folder; give a file name")
+    folder = next(p for p in target.parents if p.exists())
+    if not folder.is_dir():
+        raise ValueError(f"--rejects {rejects}: {folder} is a file, not a folder")
 
 
 def ingest_paths(paths: Sequence[Path], *, engine: Engine, config: IngestConfig) -> IngestSummary:
     """Ingest every file in `paths` into the database behind `engine`."""
+    if config.rejects_path is not None:
+        check_rejects_path(config.rejects_path, paths)
     summary = IngestSummary()
-    rejects = _RejectsFile(config.rejects_path or default_rejects_path())
+    rejects = _RejectsFile(config.rejects_path)
     unknown_roles: Counter[str] = Counter()
     writer = _BatchWriter(engine, summary)
     try:
@@ -107,7 +130,13 @@ def _ingest_file(
     options = ReadOptions(
         max_line_bytes=config.max_line_bytes, mapping=dict(config.mapping), source=str(path)
     )
-    run_id = start_ingest_run(engine, path=str(path), format=_format_name(path, config))
+    format = _format_name(path, config)
+    if config.mapping and format not in _TABULAR_FORMATS | {"unknown"}:
+        summary.warnings.append(
+            f"{path}: --map ignored: the {format} format names its own fields "
+            "(a column mapping is for CSV and Parquet files)"
+        )
+    run_id = start_ingest_run(engine, path=str(path), format=format)
     before = (summary.read, summary.stored, summary.duplicates, summary.rejected)
     batch = _Batch()
     summary.files += 1
@@ -132,8 +161,7 @@ def _ingest_file(
                 summary.battles += 1
                 batch.add_battle(record, battle_exchanges(record))
             elif isinstance(record, Reject):
-                summary.rejected += 1
-                rejects.write(record)
+                _reject(record, summary, rejects)
             elif isinstance(record, Truncation):
                 summary.truncated.append(asdict(record))
             elif isinstance(record, UnknownRole):
@@ -143,8 +171,7 @@ def _ingest_file(
     except (ValueError, OSError) as error:
         # The file as a whole cannot be read (format not recognised, a mapped column that
         # does not exist, no permission to read it): reject the file and go on with the next.
-        summary.rejected += 1
-        rejects.write(Reject(source=str(path), line=0, reason=str(error)))
+        _reject(Reject(source=str(path), line=0, reason=str(error)), summary, rejects)
     finally:
         bar.close()
         writer.drain()  # the batch in flight is committed even when reading failed
@@ -158,6 +185,15 @@ def _ingest_file(
         rejected=summary.rejected - before[3],
         truncated=any(t["source"] == str(path) for t in summary.truncated),
     )
+
+
+def _reject(reject: Reject, summary: IngestSummary, rejects: _RejectsFile) -> None:
+    """Count and write a reject; one of a whole file (line 0) is also a warning."""
+    summary.rejected += 1
+    rejects.write(reject)
+    if reject.line == 0:
+        summary.unread_files += 1
+        summary.warnings.append(f"{reject.source}: not ingested: {reject.reason}")
 
 
 def _format_name(path: Path, config: IngestConfig) -> str:
@@ -367,17 +403,30 @@ def _json_or_none(value: Mapping[str, Any] | None) -> str | None:
 
 
 class _RejectsFile:
-    """Rejects as JSONL (file, line, field, reason, excerpt), created on the first reject."""
+    """Rejects as JSONL (file, line, field, reason, excerpt), opened on the first reject: a
+    given file is appended to (nothing in it is lost), the default one created exclusively."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, path: Path | None) -> None:
+        self.path = path or default_rejects_path()
+        self._exclusive = path is None
         self.count = 0
         self._handle: IO[str] | None = None
 
+    def _open(self) -> IO[str]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self._exclusive:
+            return self.path.open("a", encoding="utf-8")
+        first, n = self.path, 1
+        while True:
+            try:
+                return self.path.open("x", encoding="utf-8")
+            except FileExistsError:  # another run started in the same second
+                n += 1
+                self.path = first.with_name(f"{first.stem}-{n}{first.suffix}")
+
     def write(self, reject: Reject) -> None:
         if self._handle is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._handle = self.path.open("w", encoding="utf-8")
+            self._handle = self._open()
         record = {
             "file": reject.source,
             "line": reject.line,

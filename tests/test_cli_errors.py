@@ -1,0 +1,126 @@
+"""What the CLI says when a path, an option or a filter is wrong: one line naming it, exit 2,
+nothing on disk lost; and warnings where a command would otherwise succeed silently."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import sqlalchemy as sa
+
+from app.cli import main
+from ingest.files import REJECTS_PREFIX
+from storage.engine import open_database
+from storage.schema import ingest_runs
+from tests.test_ingest_pipeline import write_openai_jsonl
+
+
+def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """Run the CLI in this process: exit status, stdout, stderr."""
+    try:
+        code = main(list(args))
+    except SystemExit as exit:  # argparse refusing an argument
+        code = int(exit.code or 0)
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return code, out, err
+
+
+def test_rejects_never_overwrite_an_input_and_append_to_an_existing_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = tmp_path / "bad.jsonl"
+    write_openai_jsonl(log, 3, bad_lines={1: b"not json"})
+    original = log.read_bytes()
+    db = str(tmp_path / "x.duckdb")
+    code, _, err = cli(capsys, "--db", db, "ingest", str(log), "--rejects", str(log))
+    assert code == 2 and f"--rejects {log} is one of the files to ingest" in err
+    assert log.read_bytes() == original
+
+    rejects = tmp_path / "rejects.jsonl"
+    rejects.write_text('{"file": "earlier run"}\n')
+    for _ in range(2):
+        code, _, err = cli(capsys, "--db", db, "ingest", str(log), "--rejects", str(rejects))
+        assert code == 0, err
+    lines = rejects.read_text().splitlines()
+    assert lines[0] == '{"file": "earlier run"}'
+    assert [json.loads(line)["line"] for line in lines[1:]] == [2, 2]
+
+
+def test_a_default_rejects_file_taken_by_another_run_is_left_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    now = datetime.now()
+    taken = [  # another run's rejects, under every name this run could pick for two minutes
+        tmp_path / f"{REJECTS_PREFIX}{now + timedelta(seconds=s):%Y%m%d-%H%M%S}.jsonl"
+        for s in range(-1, 120)
+    ]
+    for path in taken:
+        path.write_text("another run\n")
+    log = tmp_path / "bad.jsonl"
+    write_openai_jsonl(log, 2, bad_lines={1: b"not json"})
+    code, out, err = cli(capsys, "--db", str(tmp_path / "x.duckdb"), "ingest", str(log), "--json")
+    assert code == 0, err
+    written = Path(json.loads(out)["rejects_file"])
+    assert written.name.startswith(REJECTS_PREFIX) and written.name.endswith("-2.jsonl")
+    assert json.loads(written.read_text())["line"] == 2
+    assert all(path.read_text() == "another run\n" for path in taken)
+
+
+def test_files_rejected_whole_are_warnings_and_all_of_them_fail(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    table = tmp_path / "qa.parquet"
+    pd.DataFrame({"question": ["q"], "answer": ["a"]}).to_parquet(table)
+    db = str(tmp_path / "x.duckdb")
+    typo = ("--map", "prompt=question,respons=answer", "--json")
+    code, out, err = cli(capsys, "--db", db, "ingest", str(table), *typo)
+    assert code == 2
+    assert f"warning: {table}: not ingested: unknown field(s) in the column mapping" in err
+    assert "respons" in err and "no file could be read" in err
+    assert json.loads(out)["rejected"] == 1  # the summary is still printed
+
+    log = tmp_path / "chat.jsonl"
+    write_openai_jsonl(log, 2)
+    code, out, err = cli(capsys, "--db", db, "ingest", str(table), str(log), *typo)
+    assert code == 0, err
+    assert json.loads(out)["stored"] == 4 and "not ingested" in err
+    assert f"{log}: --map ignored" in err  # a JSON format names its own fields
+
+
+def test_paths_that_cannot_be_written_are_one_line_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = tmp_path / "chat.jsonl"
+    write_openai_jsonl(log, 2, bad_lines={1: b"not json"})
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    db = str(tmp_path / "x.duckdb")
+    code, _, err = cli(capsys, "--db", db, "ingest", str(log), "--rejects", str(folder))
+    assert code == 2 and f"--rejects {folder} is a folder" in err
+    engine = open_database(db)
+    with engine.connect() as conn:  # refused before any run started
+        assert conn.execute(sa.select(sa.func.count()).select_from(ingest_runs)).scalar() == 0
+    engine.dispose()
+
+    code, _, err = cli(capsys, "--db", db, "ingest", str(log), "--rejects", str(log / "r.jsonl"))
+    assert code == 2 and f"{log} is a file, not a folder" in err
+    code, _, err = cli(capsys, "--db", str(log / "y.duckdb"), "ingest", str(log))
+    assert code == 2 and f"{log}: is a file, not a folder" in err
+    assert log.is_file() and not list(folder.iterdir())
+
+
+def test_a_non_positive_line_limit_is_refused_and_json_is_documented(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = tmp_path / "chat.jsonl"
+    write_openai_jsonl(log, 1)
+    for limit in ["0", "-1"]:
+        code, _, err = cli(capsys, "ingest", str(log), "--max-line-mb", limit)
+        assert code == 2 and "--max-line-mb: must be more than 0" in err
+    code, out, _ = cli(capsys, "ingest", "--help")
+    assert code == 0 and "--json" in out and "print a JSON summary on stdout" in out
