@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import Engine
 
-from app.export import ExportSelection, export_exchanges
+from app.export import ExportSelection, export_exchanges, matching_sources, why_empty
 from app.line_files import LineRecord, read_line_file
 from ingest.battles import parse_winner
 from ingest.files import LOG_SUFFIXES, log_files_in
@@ -96,16 +96,20 @@ def _ingest_config(args: argparse.Namespace, **extra: Any) -> IngestConfig:
 
 
 def export(args: argparse.Namespace) -> dict[str, Any]:
-    selection = ExportSelection(
-        where=ExchangeFilter(models=tuple(args.model), sources=tuple(args.source)),
-        clusters=tuple(args.cluster),
-        tags=tuple(args.tag),
-        min_reward=args.min_reward,
-        max_reward=args.max_reward,
-    )
-    engine = open_database(args.db)
+    engine = open_database(args.db, read_only=True)  # export only reads: no write lock
     try:
+        sources = matching_sources(engine, args.source)
+        selection = ExportSelection(
+            where=ExchangeFilter(models=tuple(args.model), sources=sources),
+            clusters=tuple(args.cluster),
+            tags=tuple(args.tag),
+            min_reward=args.min_reward,
+            max_reward=args.max_reward,
+        )
         result = export_exchanges(engine, args.out, format=args.format, selection=selection)
+        if not result.rows:
+            for reason in why_empty(engine, selection):
+                warn(f"no rows exported: {reason}")
     finally:
         engine.dispose()
     return {"path": result.path, "format": result.format, "rows": result.rows}

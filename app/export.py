@@ -4,7 +4,8 @@ Rows stream from storage in batches, so an export of millions of rows runs in bo
 Every row carries the ids a user needs to join it back to their own data (`external_id`,
 `conversation_id`, `turn_index`, `model`), every signal, its cluster (id and label, a
 person's name winning), tags and reward score. The file is written next to its target and
-renamed into place at the end, so a failed export never leaves half a file behind.
+renamed into place at the end, so a failed export never leaves half a file behind; a name
+ending in `.gz` is gzipped.
 
 The writers here serve the CLI and the UI (app/ui/exporting.py), whose rows differ only in
 their columns (the UI carries one `score:<scorer>` column per scorer).
@@ -13,6 +14,7 @@ their columns (the UI carries one `score:<scorer>` column per scorer).
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import json
 import os
@@ -34,7 +36,7 @@ from storage.clusters import (
 )
 from storage.logs import ExchangeFilter, iter_exchanges
 from storage.scores import latest_scorer, load_scores
-from storage.views import EXCHANGE_EXPORT_COLUMNS
+from storage.views import EXCHANGE_EXPORT_COLUMNS, filter_options
 
 # Format name → (label, MIME type, file suffix).
 FORMATS: dict[str, tuple[str, str, str]] = {
@@ -59,6 +61,17 @@ _TYPES: dict[str, pa.DataType] = {
     "reward": pa.float64(),
 }
 TAG_SEPARATOR = "; "  # tags in CSV/Parquet cells; JSONL carries them as a list
+# Signals an `openai` record carries in its metadata, beside the ids.
+_SIGNALS = (
+    "retried",
+    "edited",
+    "deleted",
+    "rating",
+    "thumbs",
+    "user_turns_after",
+    "ended_conversation",
+    "seconds_to_next_user_message",
+)
 
 # The CLI's column order: the exchange, then where it landed and its reward.
 COLUMNS: tuple[str, ...] = (
@@ -93,9 +106,81 @@ class ExportResult:
 
 
 def guess_format(path: Path) -> str:
-    """The export format a file name implies (`.parquet`, `.csv`, `.jsonl`), else jsonl."""
-    suffix = path.suffix.lower().lstrip(".")
+    """The export format a file name implies (`.parquet`, `.csv`, `.jsonl`, each optionally
+    `.gz`), else jsonl."""
+    name = path.name.lower().removesuffix(".gz")
+    suffix = Path(name).suffix.lstrip(".")
     return suffix if suffix in {"csv", "parquet", "jsonl"} else "jsonl"
+
+
+def check_out_path(out: Path, format: str) -> None:
+    """Refuse an output path that cannot be written, before any row is read."""
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give a file name, e.g. {out / 'export.jsonl'}")
+    folder = next(p for p in out.resolve().parents if p.exists())
+    if not folder.is_dir():
+        raise ValueError(f"--out {out}: {folder} is a file, not a folder")
+    if format == "parquet" and _gzipped(out):
+        raise ValueError(f"--out {out}: Parquet files are compressed already; drop the .gz")
+
+
+def _gzipped(out: Path) -> bool:
+    return out.name.lower().endswith(".gz")
+
+
+def matching_sources(engine: Engine, requested: Sequence[str]) -> tuple[str, ...]:
+    """The stored sources each `--source` means: the path as typed at ingest, the same file
+    by its absolute path, or its bare file name when one stored source has that name."""
+    stored = filter_options(engine)["sources"]
+    found: list[str] = []
+    for text in requested:
+        wanted = Path(text).expanduser().resolve()
+        same_file = [s for s in stored if s == text or Path(s).expanduser().resolve() == wanted]
+        named = [s for s in stored if Path(s).name == text]
+        found += same_file or (named if len(named) == 1 else [text])
+    return tuple(dict.fromkeys(found))
+
+
+def why_empty(engine: Engine, selection: ExportSelection) -> list[str]:
+    """Which filters of an export that wrote no rows match nothing, for a warning."""
+    options = filter_options(engine)
+    reasons = [
+        f"--model {m} matches no stored model ({_some(options['models'])})"
+        for m in selection.where.models
+        if m not in options["models"]
+    ]
+    reasons += [
+        f"--source {s} matches no stored source ({_some(options['sources'])})"
+        for s in selection.where.sources
+        if s not in options["sources"]
+    ]
+    run = latest_run(engine)
+    cluster_ids = {c["id"] for c in load_clusters(engine, run["id"])} if run else set()
+    reasons += [
+        f"--cluster {c} is not in the latest clustering"
+        + ("" if run else " (there is none yet: run `convoscope cluster`)")
+        for c in selection.clusters
+        if c not in cluster_ids
+    ]
+    reasons += [
+        f"--tag {t} is on no exchange or cluster ({_some(options['tags'])})"
+        for t in selection.tags
+        if t not in options["tags"]
+    ]
+    bounded = selection.min_reward is not None or selection.max_reward is not None
+    if bounded and latest_scorer(engine, "reward:") is None:
+        reasons.append("--min-reward/--max-reward: no reward scores yet (run `convoscope score`)")
+    if not options["sources"]:
+        reasons.append("the database holds no exchanges")
+    return reasons or ["each filter matches rows, but no row matches them all"]
+
+
+def _some(names: Sequence[str], shown: int = 5) -> str:
+    """A few stored names for a hint."""
+    if not names:
+        return "none stored"
+    more = f", ... ({len(names)} in all)" if len(names) > shown else ""
+    return "stored: " + ", ".join(names[:shown]) + more
 
 
 def export_exchanges(
@@ -107,6 +192,7 @@ def export_exchanges(
 ) -> ExportResult:
     """Write the selected exchanges to `out` in `format`; returns how many rows were written."""
     chosen = format or guess_format(out)
+    check_out_path(out, chosen)
     batches = iter_export_rows(engine, selection or ExportSelection())
     rows = write_file(batches, COLUMNS, chosen, out)
     return ExportResult(path=str(out), format=chosen, rows=rows)
@@ -181,13 +267,18 @@ def arrow_schema(names: Sequence[str]) -> pa.Schema:
 
 
 def write_file(batches: Batches, names: Sequence[str], format: str, out: Path) -> int:
-    """Write rows to `out` atomically (a `.partial` sibling renamed into place); the count."""
+    """Write rows to `out` atomically (a `.partial` sibling renamed into place), gzipped when
+    its name ends in `.gz`; the count."""
     _check_format(format)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
     try:
-        with partial.open("wb") as handle:
-            rows = write_rows(batches, names, format, handle)
+        with partial.open("wb") as raw:
+            if _gzipped(out):
+                with gzip.GzipFile(filename=out.name[:-3], mode="wb", fileobj=raw) as handle:
+                    rows = write_rows(batches, names, format, handle)  # type: ignore[arg-type]
+            else:
+                rows = write_rows(batches, names, format, raw)
         os.replace(partial, out)
     finally:
         partial.unlink(missing_ok=True)
@@ -245,30 +336,49 @@ def _jsonl(batches: Batches, text: IO[str]) -> int:
 
 
 def _openai(batches: Batches, text: IO[str]) -> int:
-    """One {"messages": [...]} per exchange with an answer; the cluster and tags ride along
-    as metadata, which OpenAI's fine-tuning ignores."""
+    """One {"messages": [...], "model"} per exchange with an answer (the model where known,
+    read back by the openai reader); the ids, signals, cluster and tags ride along as
+    metadata, which OpenAI's fine-tuning ignores. Fine-tune data: each record repeats its
+    conversation's history, so re-ingesting it is not a round trip."""
     count = 0
     for batch in batches:
         for row in batch:
             if not row["response"]:
                 continue
             messages = json.loads(row["context"]) if row["context"] else []
-            if row["instruction"] and not any(m.get("role") == "system" for m in messages):
-                messages.insert(0, {"role": "system", "content": row["instruction"]})
+            instruction = row["instruction"]
+            as_message = _instruction_text(instruction) and not any(
+                m.get("role") == "system" for m in messages
+            )
+            if as_message:
+                messages.insert(0, {"role": "system", "content": instruction})
             messages.append({"role": "user", "content": row["prompt"]})
             messages.append({"role": "assistant", "content": row["response"]})
-            record = {
-                "messages": messages,
-                "metadata": {
-                    "exchange_id": row["id"],
-                    "cluster_id": row["cluster_id"],
-                    "cluster_label": row["cluster_label"],
-                    "tags": row["tags"],
-                },
+            record: dict[str, Any] = {"messages": messages}
+            if row["model"]:
+                record["model"] = row["model"]
+            record["metadata"] = {
+                "exchange_id": row["id"],
+                "external_id": row["external_id"],
+                **{name: row[name] for name in _SIGNALS},
+                # An id (or text already in the messages) is kept here, never made a message.
+                "instruction": None if as_message else instruction,
+                "cluster_id": row["cluster_id"],
+                "cluster_label": row["cluster_label"],
+                "tags": row["tags"],
             }
             text.write(json.dumps(record, ensure_ascii=False) + "\n")
             count += 1
     return count
+
+
+def _instruction_text(instruction: str | None) -> bool:
+    """Whether a stored instruction is a system prompt's text rather than its id: logs give
+    either (`instruction` or `instruction_id`/`system_prompt_id`) and only the value is kept,
+    so a single short token (`sp-42`, `v3`) is taken for an id."""
+    if not instruction:
+        return False
+    return len(instruction.split()) > 1 or len(instruction) > 64
 
 
 def _parquet(batches: Batches, names: Sequence[str], handle: IO[bytes]) -> int:

@@ -3,10 +3,12 @@ nothing on disk lost; and warnings where a command would otherwise succeed silen
 
 from __future__ import annotations
 
+import gzip
 import json
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import duckdb
 import pandas as pd
 import pytest
 import sqlalchemy as sa
@@ -14,8 +16,9 @@ import sqlalchemy as sa
 from app.cli import main
 from ingest.files import REJECTS_PREFIX
 from storage.engine import open_database
+from storage.logs import iter_exchanges
 from storage.schema import ingest_runs
-from tests.test_ingest_pipeline import write_openai_jsonl
+from tests.test_ingest_pipeline import convoscope, write_openai_jsonl
 
 
 def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -111,6 +114,10 @@ def test_paths_that_cannot_be_written_are_one_line_errors(
     assert code == 2 and f"{log} is a file, not a folder" in err
     code, _, err = cli(capsys, "--db", str(log / "y.duckdb"), "ingest", str(log))
     assert code == 2 and f"{log}: is a file, not a folder" in err
+    code, _, err = cli(capsys, "--db", db, "export", "--out", str(folder))
+    assert code == 2 and f"--out {folder} is a folder" in err
+    code, _, err = cli(capsys, "--db", db, "export", "--out", str(log / "out.csv"))
+    assert code == 2 and f"{log} is a file, not a folder" in err
     assert log.is_file() and not list(folder.iterdir())
 
 
@@ -124,3 +131,99 @@ def test_a_non_positive_line_limit_is_refused_and_json_is_documented(
         assert code == 2 and "--max-line-mb: must be more than 0" in err
     code, out, _ = cli(capsys, "ingest", "--help")
     assert code == 0 and "--json" in out and "print a JSON summary on stdout" in out
+
+
+def _ingested(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[str, Path]:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    log = folder / "qa.jsonl"
+    lines = [
+        {
+            "messages": [
+                {"role": "user", "content": f"q{i}"},
+                {"role": "assistant", "content": "a"},
+            ],
+            "model": "bot-1",
+            "instruction_id": "sp-42",
+            "id": f"conv-{i}",
+            "rating": 4,
+        }
+        for i in range(3)
+    ]
+    log.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    db = str(tmp_path / "x.duckdb")
+    code, _, err = cli(capsys, "--db", db, "ingest", "in/qa.jsonl")
+    assert code == 0, err
+    return db, log
+
+
+def test_openai_export_carries_the_model_and_never_an_instruction_id(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    db, _ = _ingested(tmp_path, capsys)
+    code, _, err = cli(capsys, "--db", db, "export", "--out", "ft.jsonl", "--format", "openai")
+    assert code == 0, err
+    records = [json.loads(line) for line in (tmp_path / "ft.jsonl").read_text().splitlines()]
+    assert len(records) == 3
+    for record in records:
+        assert [m["role"] for m in record["messages"]] == ["user", "assistant"]
+        assert record["model"] == "bot-1"
+        meta = record["metadata"]
+        assert meta["external_id"].startswith("conv-") and meta["rating"] == 4
+        assert meta["instruction"] == "sp-42"
+
+    again = str(tmp_path / "again.duckdb")
+    code, _, err = cli(capsys, "--db", again, "ingest", "ft.jsonl")
+    assert code == 0, err
+    engine = open_database(again)
+    assert {row["model"] for batch in iter_exchanges(engine) for row in batch} == {"bot-1"}
+    engine.dispose()
+
+
+def test_export_sources_match_by_path_or_name_and_empty_exports_say_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    db, log = _ingested(tmp_path, capsys)
+    for source in ["in/qa.jsonl", str(log), "qa.jsonl"]:
+        code, out, err = cli(capsys, "--db", db, "export", "--out", "o.jsonl", "--source", source)
+        assert code == 0 and "wrote 3 rows" in out, (source, err)
+
+    filters = {
+        ("--source", "nope.jsonl"): "--source nope.jsonl matches no stored source (stored: in/qa",
+        ("--cluster", "t99"): "--cluster t99 is not in the latest clustering",
+        ("--tag", "nosuch"): "--tag nosuch is on no exchange or cluster",
+        ("--min-reward", "0.5"): "--min-reward/--max-reward: no reward scores yet",
+    }
+    for args, reason in filters.items():
+        code, out, err = cli(capsys, "--db", db, "export", "--out", "o.jsonl", *args)
+        assert code == 0 and "wrote 0 rows" in out
+        assert f"warning: no rows exported: {reason}" in err
+
+
+def test_a_gz_export_is_gzipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    db, _ = _ingested(tmp_path, capsys)
+    code, _, err = cli(capsys, "--db", db, "export", "--out", "o.csv.gz")
+    assert code == 0, err
+    with gzip.open(tmp_path / "o.csv.gz", "rt") as handle:
+        assert len(pd.read_csv(handle)) == 3
+    code, _, err = cli(capsys, "--db", db, "export", "--out", "o.parquet.gz")
+    assert code == 2 and "Parquet files are compressed already" in err
+
+
+def test_export_only_reads_so_it_runs_beside_another_reader(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    db, _ = _ingested(tmp_path, capsys)
+    reader = duckdb.connect(db, read_only=True)  # as the UI holds it
+    try:
+        result = convoscope("export", "--out", "o.jsonl", db=db, cwd=tmp_path)
+    finally:
+        reader.close()
+    assert result.returncode == 0, result.stderr
+    assert len((tmp_path / "o.jsonl").read_text().splitlines()) == 3
