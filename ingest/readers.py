@@ -226,7 +226,9 @@ def as_thumbs_up(value: Any, name: str) -> int | None:
 def as_datetime(value: Any, name: str) -> datetime | None:
     """ISO 8601 text or a Unix epoch (seconds, or milliseconds when too large for seconds).
 
-    Naive times are taken as UTC, so differences between messages are always defined.
+    Naive times are taken as UTC, so differences between messages are always defined; aware
+    times are converted to UTC, so every database stores the same instant (SQLite's column is
+    naive and would otherwise keep the local wall-clock time).
     """
     if _blank(value):
         return None
@@ -249,7 +251,7 @@ def as_datetime(value: Any, name: str) -> datetime | None:
         raise FieldError(name, f"expected an ISO date-time or epoch, got {_kind(value)}")
     if hasattr(moment, "to_pydatetime"):  # pandas.Timestamp
         moment = moment.to_pydatetime()
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC) if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def _from_epoch(seconds: float, name: str, raw: Any) -> datetime:

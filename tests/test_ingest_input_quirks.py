@@ -1,0 +1,34 @@
+"""Readers on the quirks of real input files (BOMs, odd Unicode, time zones, sloppy CSV headers),
+each on a real file written to tmp_path."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from ingest.readers import read_file
+
+
+def write_jsonl(path: Path, records: list[Any]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def openai_line(prompt: Any, answer: Any, **extra: Any) -> dict[str, Any]:
+    return {
+        "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
+        **extra,
+    }
+
+
+def test_time_zone_offsets_are_converted_to_utc(tmp_path: Path) -> None:
+    path = write_jsonl(
+        tmp_path / "chat.jsonl",
+        [openai_line("q", "a", created_at="2024-01-01T10:00:30+02:00")],
+    )
+    (conv,) = list(read_file(path))
+    assert conv.created_at.tzinfo is UTC
+    # SQLite's naive column stores the wall clock: it must be UTC's, not the writer's +02:00.
+    assert conv.created_at.replace(tzinfo=None) == datetime(2024, 1, 1, 8, 0, 30)
