@@ -265,6 +265,11 @@ def _from_epoch(seconds: float, name: str, raw: Any) -> datetime:
         raise FieldError(name, f"epoch out of range: {raw!r}") from None
 
 
+# Content part types that hold text (a refusal's is under "refusal"): an assistant's answer
+# logged as `output_text` or `refusal` parts is its response, not an empty one.
+_TEXT_PARTS = ("text", "input_text", "output_text", "refusal")
+
+
 def content_text(value: Any, name: str) -> str:
     """Message content: a string, or a list of parts whose text parts are joined.
 
@@ -280,8 +285,9 @@ def content_text(value: Any, name: str) -> str:
             if isinstance(part, str):
                 texts.append(part)
             elif isinstance(part, dict):
-                text = part.get("text")
-                if isinstance(text, str) and part.get("type", "text") in ("text", "input_text"):
+                kind = part.get("type", "text")
+                text = part.get("refusal" if kind == "refusal" else "text")
+                if isinstance(text, str) and kind in _TEXT_PARTS:
                     texts.append(text)
             else:
                 raise FieldError(f"{name}[{i}]", f"expected a content part, got {_kind(part)}")

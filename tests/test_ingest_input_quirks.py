@@ -32,3 +32,15 @@ def test_time_zone_offsets_are_converted_to_utc(tmp_path: Path) -> None:
     assert conv.created_at.tzinfo is UTC
     # SQLite's naive column stores the wall clock: it must be UTC's, not the writer's +02:00.
     assert conv.created_at.replace(tzinfo=None) == datetime(2024, 1, 1, 8, 0, 30)
+
+
+def test_output_text_and_refusal_parts_are_kept(tmp_path: Path) -> None:
+    path = write_jsonl(
+        tmp_path / "responses.jsonl",
+        [
+            openai_line("hi", [{"type": "output_text", "text": "Hello", "annotations": []}]),
+            openai_line("do it", [{"type": "refusal", "refusal": "I can't"}]),
+        ],
+    )
+    answers = [conv.messages[1].content for conv in read_file(path)]
+    assert answers == ["Hello", "I can't"]
