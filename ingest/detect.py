@@ -17,12 +17,14 @@ import ijson
 
 from ingest.files import (
     DEFAULT_MAX_LINE_BYTES,
+    UTF8_BOM,
     Line,
     first_json_byte,
     head,
     iter_lines,
     looks_binary,
     open_binary,
+    skip_bom,
 )
 
 _SNIFF_LINES = 20
@@ -93,6 +95,7 @@ def _first_array_item_keys(path: Path) -> tuple[set[str], set[str]]:
     current: str | None = None  # the prefix of the first message while it is being read
     done = False
     with open_binary(path) as f:
+        skip_bom(f)
         try:
             for prefix, event, value in ijson.parse(f):
                 if prefix == "item" and event == "map_key":
@@ -140,7 +143,7 @@ def _looks_tabular(path: Path, start: bytes) -> bool:
     name = path.name.lower().removesuffix(".gz")
     if name.endswith(_TABULAR_SUFFIXES):
         return True
-    first_line = start.split(b"\n", 1)[0].decode("utf-8", errors="replace")
+    first_line = start.removeprefix(UTF8_BOM).split(b"\n", 1)[0].decode("utf-8", errors="replace")
     for delimiter in (",", "\t", ";"):
         header = next(csv.reader(io.StringIO(first_line), delimiter=delimiter), [])
         if len(header) > 1 and _CANONICAL_COLUMNS & {h.strip().lower() for h in header}:

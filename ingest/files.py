@@ -21,6 +21,7 @@ from ingest.records import Reject, Truncation
 
 DEFAULT_MAX_LINE_BYTES = 8 * 1024 * 1024
 GZIP_MAGIC = b"\x1f\x8b"
+UTF8_BOM = b"\xef\xbb\xbf"  # Excel's "CSV UTF-8" and Windows editors start files with it
 SNIFF_BYTES = 64 * 1024
 _SKIP_CHUNK = 1024 * 1024
 _EXCERPT_CHARS = 200
@@ -87,6 +88,20 @@ def open_binary(path: Path) -> Iterator[BinaryIO]:
             yield f
 
 
+def skip_bom(f: BinaryIO) -> int:
+    """Read past a UTF-8 BOM at the start of `f` (peeked, so other files lose nothing);
+    return how many bytes were skipped, for byte offsets.
+
+    A BOM is no part of the first record: left in, it made that line invalid JSON, hid a JSON
+    array from ijson and renamed a CSV's first column.
+    """
+    try:
+        start = f.peek(len(UTF8_BOM))[: len(UTF8_BOM)]  # type: ignore[attr-defined]
+    except (OSError, EOFError):  # a corrupt gzip stream: the caller's own read reports it
+        return 0
+    return len(f.read(len(UTF8_BOM))) if start == UTF8_BOM else 0
+
+
 def head(path: Path, size: int = SNIFF_BYTES) -> bytes:
     """The first `size` bytes of the (decompressed) file, for sniffing."""
     with open_binary(path) as f:
@@ -109,7 +124,7 @@ def looks_binary(data: bytes) -> bool:
 def whole_file_reject(path: Path, source: str) -> Reject | None:
     """A reject for a file that holds no log at all (empty or binary), else None."""
     start = head(path)
-    if not start.strip():
+    if not start.removeprefix(UTF8_BOM).strip():
         return Reject(source=source, line=0, reason="empty file")
     if looks_binary(start) and not start.startswith(b"PAR1"):
         return Reject(source=source, line=0, reason="binary file, not a log")
@@ -143,8 +158,8 @@ def iter_lines(
         yield problem
         return
     number = 0
-    offset = 0
     with open_binary(path) as f:
+        offset = skip_bom(f)
         while True:
             try:
                 raw = f.readline(max_line_bytes + 1)
@@ -196,7 +211,7 @@ def _skip_rest_of_line(f: BinaryIO) -> int:
 
 def first_json_byte(path: Path) -> bytes:
     """The first non-whitespace byte of the (decompressed) file, BOM skipped; b"" if none."""
-    start = head(path).lstrip(b"\xef\xbb\xbf").lstrip()
+    start = head(path).removeprefix(UTF8_BOM).lstrip()
     return start[:1]
 
 
@@ -274,6 +289,7 @@ def _iter_json_array(path: Path, *, source: str) -> Iterator[Record | Reject | T
     number = 0
     with open_binary(path) as f:
         counting = _CountingReader(f)
+        counting.consumed = skip_bom(f)
         try:
             for value in ijson.items(counting, "item", use_float=True):
                 number += 1

@@ -3,12 +3,15 @@ each on a real file written to tmp_path."""
 
 from __future__ import annotations
 
+import gzip
 import json
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from ingest.detect import detect_format
 from ingest.readers import read_file
+from ingest.records import Conversation
 
 
 def write_jsonl(path: Path, records: list[Any]) -> Path:
@@ -44,3 +47,29 @@ def test_output_text_and_refusal_parts_are_kept(tmp_path: Path) -> None:
     )
     answers = [conv.messages[1].content for conv in read_file(path)]
     assert answers == ["Hello", "I can't"]
+
+
+BOM = b"\xef\xbb\xbf"
+
+
+def test_a_utf8_bom_is_skipped_in_jsonl_json_arrays_and_csv(tmp_path: Path) -> None:
+    jsonl = tmp_path / "chat.jsonl"
+    jsonl.write_bytes(BOM + (json.dumps(openai_line("q", "a")) + "\n").encode())
+    array = tmp_path / "sg.json"
+    item = {
+        "id": "x",
+        "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}],
+    }
+    array.write_bytes(BOM + json.dumps([item]).encode())
+    table = tmp_path / "excel.csv"
+    table.write_bytes(BOM + b"prompt,response\r\nq,a\r\n")
+    gzipped = tmp_path / "sg.json.gz"
+    gzipped.write_bytes(gzip.compress(array.read_bytes()))
+    for path in (jsonl, array, table, gzipped):
+        (conv,) = list(read_file(path))
+        assert [m.content for m in conv.messages] == ["q", "a"], path
+    assert [type(p) for p in read_file(array, format="sharegpt")] == [Conversation]
+    assert detect_format(array) == "sharegpt"
+    headerless_name = tmp_path / "excel.txt"  # detected by its header, not its name
+    headerless_name.write_bytes(table.read_bytes())
+    assert detect_format(headerless_name) == "csv"
