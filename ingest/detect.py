@@ -1,8 +1,10 @@
-"""Guess a log file's format from its first bytes and its first record's keys.
+"""Guess a log file's format from its first bytes and its first records' keys.
 
-Detection reads a bounded head of the file (the first array item's keys are read as parse
-events, so a huge or truncated first item costs nothing). When the keys fit no known format
-the error says what was seen, so the user can pick `--format` or fix the file.
+Detection reads a bounded head of the file: the first records (up to `_SNIFF_LINES`) in turn,
+until one fits a format, so a first record that is empty or incomplete (`{"messages": []}`, a
+battle without a winner) does not decide for the whole file. Array items' keys are read as
+parse events, so a huge or truncated item costs nothing. When no record fits a known format
+the error says what the first one held, so the user can pick `--format` or fix the file.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
 
@@ -46,26 +49,27 @@ def detect_format(path: Path, *, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -
     if looks_binary(start):
         raise ValueError(f"cannot detect the format of {path}: binary content, not a log")
     first = first_json_byte(path)
-    if first == b"[":
-        keys, message_keys = _first_array_item_keys(path)
-        seen = f"a JSON array whose first item has keys {sorted(keys)}"
-    elif first == b"{":
-        keys, message_keys = _first_jsonl_keys(path, max_line_bytes)
-        seen = f"JSON lines whose first record has keys {sorted(keys)}"
+    if first in (b"[", b"{"):
+        records = _array_item_keys(path) if first == b"[" else _jsonl_keys(path, max_line_bytes)
+        first_keys: set[str] | None = None
+        for keys, message_keys in records:
+            found = classify(keys, message_keys)
+            if found is not None:
+                return found
+            if first_keys is None:
+                first_keys = keys
+        kind = "a JSON array whose first item" if first == b"[" else "JSON lines whose first record"
+        seen = f"{kind} has keys {sorted(first_keys or ())}"
     else:
         if _looks_tabular(path, start):
             return "csv"
         text = start[:80].decode("utf-8", errors="replace")
         seen = f"text starting {text!r}"
-        keys, message_keys = set(), set()
-    found = classify(keys, message_keys)
-    if found is None:
-        raise ValueError(
-            f"cannot detect the format of {path}: saw {seen}; expected OpenAI chat "
-            "(messages), ShareGPT (conversations), Chai (messages with sender), battles "
-            "(winner, model_a, response_a), CSV or Parquet. Pass --format to choose one."
-        )
-    return found
+    raise ValueError(
+        f"cannot detect the format of {path}: saw {seen}; expected OpenAI chat "
+        "(messages), ShareGPT (conversations), Chai (messages with sender), battles "
+        "(winner, model_a, response_a), CSV or Parquet. Pass --format to choose one."
+    )
 
 
 def classify(keys: set[str], message_keys: set[str]) -> str | None:
@@ -87,21 +91,28 @@ def classify(keys: set[str], message_keys: set[str]) -> str | None:
     return None
 
 
-def _first_array_item_keys(path: Path) -> tuple[set[str], set[str]]:
-    """Keys of the first item and of its first message, from parse events (stops early)."""
+def _array_item_keys(path: Path) -> Iterator[tuple[set[str], set[str]]]:
+    """Keys of each object among the first items and of its first message, from parse events
+    (read lazily: the caller stops at the first item that fits a format)."""
     keys: set[str] = set()
     message_keys: set[str] = set()
     message_prefixes = {f"item.{name}.item" for name in _MESSAGE_LISTS}
     current: str | None = None  # the prefix of the first message while it is being read
     done = False
+    items = 0
     with open_binary(path) as f:
         skip_bom(f)
         try:
             for prefix, event, value in ijson.parse(f):
                 if prefix == "item" and event == "map_key":
                     keys.add(value)
-                elif prefix == "item" and event == "end_map":
-                    break
+                elif prefix == "item" and event not in ("start_map", "start_array"):
+                    if event == "end_map":  # else a list or a scalar item: no keys
+                        yield keys, message_keys
+                    items += 1
+                    if items == _SNIFF_LINES:
+                        return
+                    keys, message_keys, current, done = set(), set(), None, False
                 elif done or prefix not in message_prefixes:
                     continue
                 elif event == "start_map":
@@ -111,12 +122,13 @@ def _first_array_item_keys(path: Path) -> tuple[set[str], set[str]]:
                 elif event == "end_map" and prefix == current:
                     done = True
         except ijson.JSONError:
-            pass  # a truncated or broken first item: classify what was seen
-    return keys, message_keys
+            pass  # a truncated or broken item: classify what was seen of it
+    if keys:
+        yield keys, message_keys
 
 
-def _first_jsonl_keys(path: Path, max_line_bytes: int) -> tuple[set[str], set[str]]:
-    """Keys of the first JSON object among the first lines (bad lines are passed over)."""
+def _jsonl_keys(path: Path, max_line_bytes: int) -> Iterator[tuple[set[str], set[str]]]:
+    """Keys of each JSON object among the first lines (bad lines are passed over)."""
     lines = iter_lines(path, source=str(path), max_line_bytes=max_line_bytes)
     for line in islice(lines, _SNIFF_LINES):
         if not isinstance(line, Line):
@@ -126,8 +138,7 @@ def _first_jsonl_keys(path: Path, max_line_bytes: int) -> tuple[set[str], set[st
         except json.JSONDecodeError:
             continue
         if isinstance(record, dict):
-            return set(record), _message_keys(record)
-    return set(), set()
+            yield set(record), _message_keys(record)
 
 
 def _message_keys(record: dict) -> set[str]:

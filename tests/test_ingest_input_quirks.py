@@ -11,12 +11,16 @@ from typing import Any
 
 from ingest.detect import detect_format
 from ingest.readers import read_file
-from ingest.records import Conversation
+from ingest.records import Conversation, Parsed, Reject
 
 
 def write_jsonl(path: Path, records: list[Any]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     return path
+
+
+def of(kind: type, parsed: list[Parsed]) -> list[Any]:
+    return [p for p in parsed if isinstance(p, kind)]
 
 
 def openai_line(prompt: Any, answer: Any, **extra: Any) -> dict[str, Any]:
@@ -73,3 +77,20 @@ def test_a_utf8_bom_is_skipped_in_jsonl_json_arrays_and_csv(tmp_path: Path) -> N
     headerless_name = tmp_path / "excel.txt"  # detected by its header, not its name
     headerless_name.write_bytes(table.read_bytes())
     assert detect_format(headerless_name) == "csv"
+
+
+def test_detection_looks_past_a_first_record_that_fits_no_format(tmp_path: Path) -> None:
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": []}, openai_line("q", "a")])
+    assert detect_format(chat) == "openai"
+    parsed = list(read_file(chat))
+    assert [(r.line, r.reason) for r in of(Reject, parsed)] == [(1, "no messages")]
+    assert len(of(Conversation, parsed)) == 1
+    array = tmp_path / "chat.json"
+    array.write_text(json.dumps([{"messages": []}, 7, openai_line("q", "a")]), encoding="utf-8")
+    assert detect_format(array) == "openai"
+    battle = {"prompt": "p", "model_a": "m1", "response_a": "r1", "model_b": "m2"}
+    battles = write_jsonl(
+        tmp_path / "battles.jsonl",
+        [battle, {**battle, "response_b": "r2", "winner": "model_a"}],
+    )
+    assert detect_format(battles) == "battles"
