@@ -148,7 +148,9 @@ def _csv_rows(
     )
     header = next(csv.reader([header_text], delimiter=delimiter))
     columns = _column_map(header, options.mapping, path)
-    reader = csv.reader(stream, delimiter=delimiter)
+    # strict: a quote left open at the end of the file is an error, not a cell that silently
+    # swallows every row after it; a stray quote after a closing one is an error too.
+    reader = csv.reader(stream, delimiter=delimiter, strict=True)
     while True:
         try:
             cells = next(reader)
@@ -156,7 +158,12 @@ def _csv_rows(
             break
         except csv.Error as err:
             line = first_line[0] if first_line else 0
-            pending.append(Reject(source=source, line=line, reason=f"unreadable CSV row: {err}"))
+            reason = (
+                "unterminated quoted field: the file ends inside its quotes"
+                if str(err) == "unexpected end of data"
+                else f"unreadable CSV row: {err}"
+            )
+            pending.append(Reject(source=source, line=line, reason=reason))
             cells = None
         yield from pending
         pending.clear()

@@ -94,3 +94,21 @@ def test_detection_looks_past_a_first_record_that_fits_no_format(tmp_path: Path)
         [battle, {**battle, "response_b": "r2", "winner": "model_a"}],
     )
     assert detect_format(battles) == "battles"
+
+
+def test_a_quote_left_open_at_the_end_of_a_csv_is_a_reject(tmp_path: Path) -> None:
+    path = tmp_path / "log.csv"
+    path.write_bytes(b'prompt,response\r\nfirst,ok\r\nsecond,"bad\r\nthird,x\r\n')
+    parsed = list(read_file(path))
+    assert [c.messages[1].content for c in of(Conversation, parsed)] == ["ok"]
+    (reject,) = of(Reject, parsed)
+    assert reject.line == 3 and reject.reason.startswith("unterminated quoted field")
+
+
+def test_a_stray_quote_inside_a_quoted_csv_cell_is_a_reject(tmp_path: Path) -> None:
+    path = tmp_path / "log.csv"
+    path.write_bytes(b'prompt,response\r\n"he said "hi" ok",x\r\nnext,y\r\n')
+    parsed = list(read_file(path))
+    assert [c.messages[0].content for c in of(Conversation, parsed)] == ["next"]
+    (reject,) = of(Reject, parsed)
+    assert reject.line == 2 and "expected after" in reject.reason
