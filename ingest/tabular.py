@@ -94,7 +94,12 @@ def read_parquet(path: Path, *, options: ReadOptions) -> Iterator[Parsed]:
 
 
 def _column_map(header: Iterable[str], mapping: Mapping[str, str], path: Path) -> dict[str, str]:
-    """Column name → canonical field, for the columns that hold one."""
+    """Column name → canonical field, for the columns that hold one.
+
+    Spreadsheets write `Prompt` or ` response`, so a column named like a field up to case and
+    surrounding spaces holds it (an exact name wins). A mapped column is looked up exactly,
+    then by its stripped name, so `--map` finds a column whose name has stray spaces.
+    """
     names = list(header)
     unknown = set(mapping) - set(CANONICAL_COLUMNS)
     if unknown:
@@ -102,18 +107,30 @@ def _column_map(header: Iterable[str], mapping: Mapping[str, str], path: Path) -
             f"unknown field(s) in the column mapping: {sorted(unknown)}; "
             f"canonical fields are {', '.join(CANONICAL_COLUMNS)}"
         )
-    missing = {f"{k}={v}" for k, v in mapping.items() if v not in names}
+    found = {canonical: _find_column(column, names) for canonical, column in mapping.items()}
+    missing = {f"{k}={v}" for k, v in mapping.items() if found[k] is None}
     if missing:
         raise ValueError(f"{path}: mapped column(s) {sorted(missing)} not found; columns: {names}")
-    columns = {column: canonical for canonical, column in mapping.items()}
-    for name in names:
-        if name in CANONICAL_COLUMNS and name not in columns and name not in mapping:
-            columns[name] = name
+    columns = {column: canonical for canonical, column in found.items() if column is not None}
+    taken = set(mapping)
+    for exact in (True, False):
+        for name in names:
+            canonical = name if exact else name.strip().lower()
+            if canonical in CANONICAL_COLUMNS and name not in columns and canonical not in taken:
+                columns[name] = canonical
+                taken.add(canonical)
     if "prompt" not in columns.values():
         raise ValueError(
             f"{path}: no prompt column (columns: {names}); map one, e.g. --map prompt=question"
         )
     return columns
+
+
+def _find_column(wanted: str, names: list[str]) -> str | None:
+    """The column a mapping names: by its exact name, else by its name without stray spaces."""
+    if wanted in names:
+        return wanted
+    return next((name for name in names if name.strip() == wanted.strip()), None)
 
 
 def _csv_rows(

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ingest.detect import detect_format
-from ingest.readers import read_file
+from ingest.readers import ReadOptions, read_file
 from ingest.records import Conversation, Parsed, Reject
 
 
@@ -112,3 +112,25 @@ def test_a_stray_quote_inside_a_quoted_csv_cell_is_a_reject(tmp_path: Path) -> N
     assert [c.messages[0].content for c in of(Conversation, parsed)] == ["next"]
     (reject,) = of(Reject, parsed)
     assert reject.line == 2 and "expected after" in reject.reason
+
+
+def test_csv_headers_match_fields_whatever_their_case_and_spaces(tmp_path: Path) -> None:
+    path = tmp_path / "sheet.csv"
+    path.write_text("Prompt, Response ,MODEL\nq,a,m1\n", encoding="utf-8")
+    (conv,) = list(read_file(path))
+    assert [m.content for m in conv.messages] == ["q", "a"]
+    assert conv.messages[1].model == "m1" and conv.messages[1].metadata is None
+    exact = tmp_path / "both.csv"
+    exact.write_text("Prompt,prompt,response\nloose,exact,a\n", encoding="utf-8")
+    (conv,) = list(read_file(exact))
+    assert conv.messages[0].content == "exact"  # the exact name wins
+    assert conv.messages[1].metadata == {"Prompt": "loose"}
+
+
+def test_a_mapped_column_is_found_exactly_then_without_stray_spaces(tmp_path: Path) -> None:
+    path = tmp_path / "spaced.csv"
+    path.write_text("question, answer\nq,a\n", encoding="utf-8")
+    for column in (" answer", "answer"):  # as named, and as `--map` passes it (stripped)
+        mapping = {"prompt": "question", "response": column}
+        (conv,) = list(read_file(path, options=ReadOptions(mapping=mapping)))
+        assert [m.content for m in conv.messages] == ["q", "a"]
