@@ -344,6 +344,9 @@ def _conversation(rows: list[_Row], source: str) -> Conversation:
                 )
             )
     single = len(rows) == 1
+    # A conversation's time stands in for its messages' own (ingest.exchanges): set it only
+    # when every row has one, so a row without a time is stored without one, not the first's.
+    every_row_timed = all(r.values.get("created_at") for r in rows)
     return Conversation(
         messages=tuple(messages),
         source=source,
@@ -352,5 +355,5 @@ def _conversation(rows: list[_Row], source: str) -> Conversation:
         instruction=next(
             (r.values["instruction"] for r in rows if r.values.get("instruction")), None
         ),
-        created_at=first.get("created_at"),
+        created_at=first.get("created_at") if every_row_timed else None,
     )

@@ -9,7 +9,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from ingest.detect import detect_format
+from ingest.exchanges import split_conversation
 from ingest.readers import ReadOptions, read_file
 from ingest.records import Conversation, Parsed, Reject
 
@@ -134,3 +138,20 @@ def test_a_mapped_column_is_found_exactly_then_without_stray_spaces(tmp_path: Pa
         mapping = {"prompt": "question", "response": column}
         (conv,) = list(read_file(path, options=ReadOptions(mapping=mapping)))
         assert [m.content for m in conv.messages] == ["q", "a"]
+
+
+def test_a_row_without_a_time_does_not_take_the_first_rows_time(tmp_path: Path) -> None:
+    first = datetime(2024, 1, 1, 10, 0, tzinfo=UTC)
+    table = pa.table(
+        {
+            "conversation_id": ["c1", "c1", "c2"],
+            "prompt": ["q1", "q2", "solo"],
+            "response": ["a1", "a2", "s"],
+            "created_at": [first, None, first],
+        }
+    )
+    path = tmp_path / "log.parquet"
+    pq.write_table(table, path)
+    timed, solo = (split_conversation(conv) for conv in read_file(path))
+    assert [e.created_at for e in timed] == [first, None]
+    assert [e.created_at for e in solo] == [first]
