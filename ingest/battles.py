@@ -20,6 +20,7 @@ from ingest.readers import (
     field_reject,
     leftover,
     not_an_object,
+    unstorable_text,
 )
 from ingest.records import BattleRecord, Parsed, Reject, Winner
 
@@ -75,6 +76,9 @@ def _battle(record: Any, number: int, source: str) -> BattleRecord | Reject:
         winner = parse_winner(raw_winner)
         if winner is None:
             raise FieldError("winner", f"expected model_a, model_b or tie, got {raw_winner!r}")
+        unstorable = unstorable_text(record)
+        if unstorable is not None:
+            raise unstorable
         return BattleRecord(
             prompt=prompt,
             model_a=as_text(record.get("model_a"), "model_a"),

@@ -132,10 +132,15 @@ def whole_file_reject(path: Path, source: str) -> Reject | None:
 
 
 def excerpt(raw: bytes | str) -> str:
-    """The first characters of a record, decoded leniently, for a human to find it."""
+    """The first characters of a record, decoded leniently, for a human to find it.
+
+    A lone surrogate is written as its escape (`\\ud83d`): the rejects file is UTF-8, which
+    cannot hold one, and the record that held it is often the very reject being written.
+    """
     if isinstance(raw, bytes):
         raw = raw[: _EXCERPT_CHARS * 4].decode("utf-8", errors="replace")
-    return raw[:_EXCERPT_CHARS]
+    text = raw[:_EXCERPT_CHARS]
+    return text if text.isascii() else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def iter_lines(

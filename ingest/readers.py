@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterator, Mapping
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -113,7 +114,7 @@ def field_reject(source: str, line: int, err: FieldError, record: Any) -> Reject
     """The Reject for a record with a bad field, with an excerpt of the record."""
     raw = record if isinstance(record, str) else json.dumps(record, ensure_ascii=False, default=str)
     return Reject(
-        source=source, line=line, reason=err.reason, field=err.field, excerpt=excerpt(raw)
+        source=source, line=line, reason=err.reason, field=excerpt(err.field), excerpt=excerpt(raw)
     )
 
 
@@ -298,14 +299,81 @@ def content_text(value: Any, name: str) -> str:
 def checked_conversation(
     conversation: Conversation, record: Any, field_name: str = "messages"
 ) -> Conversation | Reject:
-    """The conversation, or a Reject when it has nothing to judge (no user message)."""
+    """The conversation, or a Reject when it has nothing to judge (no user message) or holds
+    text no database can store (`unstorable_text`)."""
     if not conversation.messages:
         err = FieldError(field_name, "no messages")
     elif not any(m.role == "user" for m in conversation.messages):
         err = FieldError(field_name, "no user message (missing prompt)")
     else:
-        return conversation
+        unstorable = unstorable_text(record)
+        if unstorable is None:
+            return conversation
+        err = unstorable
     return field_reject(conversation.source, conversation.line, err, record)
+
+
+# Characters no database stores: a lone UTF-16 surrogate (JSON's "\ud83d" escape without its
+# pair: not Unicode, so not UTF-8 either) and NUL (PostgreSQL refuses it in text; a CSV export
+# holding one looks binary).
+_UNSTORABLE = re.compile("[\ud800-\udfff\x00]")
+
+
+def unstorable_text(value: Any, name: str = "") -> FieldError | None:
+    """The error for the first string in a record (texts, model names, metadata, keys) that no
+    database can store, naming where it is (`messages[0].content`); None when there is none.
+
+    One such string used to fail the database write of the whole batch; as a reject it costs
+    only its record. Every string of every record passes here, so the path is built only on a
+    find, and an ASCII string without NUL (most of them) costs two C scans.
+    """
+    found = _find_unstorable(value)
+    if found is None:
+        return None
+    path, char = found
+    for part in reversed(path):
+        if isinstance(part, int):
+            name = f"{name}[{part}]"
+        elif name:
+            name = f"{name}.{part}"
+        else:
+            name = part
+    if char == "\x00":
+        return FieldError(name, "contains a NUL character (\\u0000), which databases cannot store")
+    return FieldError(name, f"contains an unpaired surrogate \\u{ord(char):04x}, not valid Unicode")
+
+
+def _find_unstorable(value: Any) -> tuple[list[str | int], str] | None:
+    """The path (innermost step first) to the first unstorable string in `value`, and its bad
+    character. Strings are tested inline, not by a call each: this runs on every record."""
+    kind = type(value)
+    if kind is str:
+        if "\x00" not in value:
+            try:  # a C scan and copy: four times faster than the regex on non-ASCII text
+                value.encode("utf-8")
+                return None
+            except UnicodeEncodeError:
+                pass
+        bad = _UNSTORABLE.search(value)
+        return None if bad is None else ([], bad.group())
+    if kind is dict:
+        steps: Iterable[tuple[str | int, Any]] = value.items()
+    elif kind is list:
+        steps = enumerate(value)
+    else:
+        return None
+    for step, item in steps:
+        if type(step) is str and not (step.isascii() and "\x00" not in step):
+            found = _find_unstorable(step)
+            if found is not None:
+                return [step], found[1]
+        if type(item) is str and item.isascii() and "\x00" not in item:
+            continue
+        found = _find_unstorable(item)
+        if found is not None:
+            found[0].append(step)
+            return found
+    return None
 
 
 def leftover(record: Mapping[str, Any], used: set[str] | frozenset[str]) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from ingest.readers import (
     as_optional_text,
     as_thumbs,
     field_reject,
+    unstorable_text,
 )
 from ingest.records import Conversation, Message, Parsed, Reject, Truncation, canonical_role
 
@@ -227,6 +228,9 @@ def _typed_row(
     values: dict[str, Any] = {}
     metadata: dict[str, Any] = {}
     try:
+        unstorable = unstorable_text(record)
+        if unstorable is not None:
+            raise unstorable
         for column, value in record.items():
             canonical = columns.get(column)
             if canonical is None:
@@ -266,6 +270,9 @@ def _context(value: Any, column: str) -> tuple[Message, ...]:
             raise FieldError(column, "expected a JSON list of {role, content} messages") from None
     if not isinstance(value, list):
         raise FieldError(column, "expected a JSON list of {role, content} messages")
+    unstorable = unstorable_text(value, column)  # JSON escapes may spell what the cell cannot
+    if unstorable is not None:
+        raise unstorable
     messages = []
     for i, raw in enumerate(value):
         role_name = raw.get("role", raw.get("from")) if isinstance(raw, dict) else None

@@ -3,6 +3,7 @@ each on a real file written to tmp_path."""
 
 from __future__ import annotations
 
+import csv
 import gzip
 import json
 from datetime import UTC, datetime
@@ -14,13 +15,20 @@ import pyarrow.parquet as pq
 
 from ingest.detect import detect_format
 from ingest.exchanges import split_conversation
+from ingest.pipeline import IngestConfig, ingest_paths
 from ingest.readers import ReadOptions, read_file
 from ingest.records import Conversation, Parsed, Reject
+from storage.engine import open_database
 
 
 def write_jsonl(path: Path, records: list[Any]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     return path
+
+
+def write_csv_rows(path: Path, rows: list[list[str]]) -> None:
+    with path.open("w", encoding="utf-8", newline="") as f:
+        csv.writer(f).writerows(rows)
 
 
 def of(kind: type, parsed: list[Parsed]) -> list[Any]:
@@ -155,3 +163,95 @@ def test_a_row_without_a_time_does_not_take_the_first_rows_time(tmp_path: Path) 
     timed, solo = (split_conversation(conv) for conv in read_file(path))
     assert [e.created_at for e in timed] == [first, None]
     assert [e.created_at for e in solo] == [first]
+
+
+SURROGATE = "contains an unpaired surrogate \\ud83d, not valid Unicode"
+NUL = "contains a NUL character (\\u0000), which databases cannot store"
+
+
+def test_lone_surrogates_and_nul_reject_their_record_in_every_json_format(tmp_path: Path) -> None:
+    lone, nul = "lone \ud83d x", "nul \x00 x"
+    battle = {"prompt": "p", "model_a": "m1", "response_a": "r1", "model_b": "m2"}
+    cases = {
+        "chat.jsonl": (
+            openai_line(lone, "2"),
+            openai_line("q", [{"type": "text", "text": nul}]),
+            openai_line("q", "a", team={"name": lone}),
+            ["messages[0].content", "messages[1].content[0].text", "team.name"],
+        ),
+        "sg.jsonl": (
+            {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": lone}]},
+            {"conversations": [{"from": "human", "value": nul}]},
+            {"model": lone, "conversations": [{"from": "human", "value": "q"}]},
+            ["conversations[1].value", "conversations[0].value", "model"],
+        ),
+        "chai.jsonl": (
+            {"bot_id": "b", "messages": [{"sender": "u", "content": lone}]},
+            {"bot_id": "b", "messages": [{"sender": "u", "content": "q"}], "text": nul},
+            {"bot_id": lone, "messages": [{"sender": "u", "content": "q"}]},
+            ["messages[0].content", "text", "bot_id"],
+        ),
+        "battles.jsonl": (
+            {**battle, "response_b": lone, "winner": "a"},
+            {**battle, "response_b": "r2", "winner": "a", "judge": nul},
+            {**battle, "response_b": "r2", "winner": "a", lone: 1},
+            ["response_b", "judge", "lone \\ud83d x"],  # a field name the rejects file can hold
+        ),
+    }
+    for name, (*bad, fields) in cases.items():
+        path = tmp_path / name
+        # json.dumps escapes them as \ud83d and \u0000, as real logs hold them; the last line
+        # is the first one repaired, a good record after the bad ones.
+        lines = [json.dumps(record) for record in bad]
+        path.write_text("\n".join([*lines, lines[0].replace("\\ud83d", "ok")]) + "\n")
+        parsed = list(read_file(path))
+        rejects = of(Reject, parsed)
+        reasons = [SURROGATE, NUL, SURROGATE]
+        assert [(r.line, r.field, r.reason) for r in rejects] == [
+            (line, field, reason)
+            for line, (field, reason) in enumerate(zip(fields, reasons, strict=True), 1)
+        ], name
+        assert all(r.excerpt.encode("utf-8") for r in rejects)  # the rejects file can hold them
+        assert len(parsed) == 4, name  # the good record is kept
+
+
+def test_lone_surrogates_and_nul_reject_their_row_in_csv_and_parquet(tmp_path: Path) -> None:
+    table = pa.table({"prompt": ["ok", "a\x00b", "fine"], "note": ["x", "y", "z\x00"]})
+    pq.write_table(table, tmp_path / "log.parquet")
+    parsed = list(read_file(tmp_path / "log.parquet"))
+    assert [c.messages[0].content for c in of(Conversation, parsed)] == ["ok"]
+    assert [(r.line, r.field, r.reason) for r in of(Reject, parsed)] == [
+        (2, "prompt", NUL),
+        (3, "note", NUL),
+    ]
+    path = tmp_path / "log.csv"
+    context = json.dumps([{"role": "user", "content": "lone \ud83d"}])
+    write_csv_rows(path, [["prompt", "context"], ["q", context], ["q2", ""]])
+    parsed = list(read_file(path))
+    assert [c.messages[0].content for c in of(Conversation, parsed)] == ["q2"]
+    assert [(r.line, r.field, r.reason) for r in of(Reject, parsed)] == [
+        (2, "context[0].content", SURROGATE)
+    ]
+
+
+def test_ingest_stores_the_good_records_around_a_lone_surrogate(tmp_path: Path) -> None:
+    log = tmp_path / "chat.jsonl"
+    log.write_text(
+        json.dumps(openai_line("lone \ud83d x", "2"))
+        + "\n"
+        + json.dumps(openai_line("q", "a"))
+        + "\n",
+        encoding="utf-8",
+    )
+    engine = open_database(f"sqlite:///{tmp_path / 'x.sqlite'}")
+    rejects = tmp_path / "rejects.jsonl"
+    config = IngestConfig(rejects_path=rejects, progress=False)
+    summary = ingest_paths([log], engine=engine, config=config)
+    assert (summary.stored, summary.rejected) == (1, 1)
+    (reject,) = [json.loads(line) for line in rejects.read_text(encoding="utf-8").splitlines()]
+    assert (reject["line"], reject["field"], reject["reason"]) == (
+        1,
+        "messages[0].content",
+        SURROGATE,
+    )
+    assert "lone \\ud83d x" in reject["excerpt"]
