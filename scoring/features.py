@@ -209,3 +209,23 @@ def text_features(responses: Iterable[str], prompts: Iterable[str]) -> np.ndarra
         for r, p in zip(responses, prompts, strict=True)
     ]
     return np.asarray(rows, dtype=np.float32).reshape(len(rows), len(FEATURE_NAMES))
+
+
+# A feature whose training std is below this never varied there: its weight learned nothing.
+CONSTANT_STD = 1e-5
+# Standardised values beyond this many training stds are clipped.
+CLIP_STDS = 6.0
+
+
+def standardise(features: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """(features − mean) / std as the models read them, safe for texts unlike the training set.
+
+    A feature that never varied in training (no code block in any trained answer, say) reads
+    as its training mean, and every value is clipped to ±CLIP_STDS: dividing by the 1e-6
+    kept in `std` for such a feature once turned one code block into a reward of −28,000, and
+    one newline in a prompt into certain wins for an arbitrary expert.
+    """
+    std = np.asarray(std, dtype=np.float32)
+    z = (np.asarray(features, dtype=np.float32) - mean) / np.maximum(std, CONSTANT_STD)
+    z[:, std < CONSTANT_STD] = 0.0
+    return np.clip(z, -CLIP_STDS, CLIP_STDS)

@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 
 from scoring.bradley_terry import battle_outcomes
-from scoring.features import PROMPT_ONLY_FEATURES, prompt_features
+from scoring.features import PROMPT_ONLY_FEATURES, prompt_features, standardise
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +111,7 @@ class WinPredictor:
         if texts is None:
             extra = np.zeros((len(x), len(self.text_mean)), dtype=np.float32)
         else:
-            extra = (prompt_features(texts) - self.text_mean) / self.text_std
+            extra = standardise(prompt_features(texts), self.text_mean, self.text_std)
         return np.hstack([x, self.config.text_scale * extra]).astype(np.float32)
 
     def fit(

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from scoring.features import standardise
+
 
 @dataclass(frozen=True, slots=True)
 class HeadConfig:
@@ -123,7 +125,7 @@ class RewardHead:
         feats = np.asarray(features, dtype=np.float32)
         self.mean = feats.mean(axis=0)
         self.std = feats.std(axis=0) + 1e-6
-        x = torch.as_tensor((feats - self.mean) / self.std)
+        x = torch.as_tensor(standardise(feats, self.mean, self.std))
         self.net = self._build(x.shape[1])
         opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         bce = torch.nn.functional.binary_cross_entropy_with_logits
@@ -164,7 +166,7 @@ class RewardHead:
         """Reward logits: higher is better; σ(score) is P(good) on the joint target's scale."""
         if self.net is None or self.mean is None or self.std is None:
             raise RuntimeError("the head is not trained: call fit() or load() first")
-        x = (np.asarray(features, dtype=np.float32) - self.mean) / self.std
+        x = standardise(np.asarray(features, dtype=np.float32), self.mean, self.std)
         with torch.no_grad():
             return self.net(torch.as_tensor(x)).squeeze(1).numpy().astype(np.float64)
 

@@ -8,7 +8,8 @@ a tolerance of the best. The exported table holds the encoder's name, the projec
 b_m and each cluster's centroid and choice: a gateway embeds the prompt with the same encoder
 and either takes argmax_m θ_m·(W x) + b_m, or the choice of the nearest centroid. When the
 predictor uses prompt features, x is the embedding followed by those features, standardised
-with the table's mean and std and scaled; a gateway that cannot compute them passes zeros
+with the table's mean and std (a feature that never varied in training reads 0, every value is
+clipped to ±6) and scaled; a gateway that cannot compute them passes zeros
 there (the average prompt), which loses some accuracy but nothing else.
 """
 
@@ -18,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from scoring.features import PROMPT_ONLY_FEATURES
+from scoring.features import CLIP_STDS, CONSTANT_STD, PROMPT_ONLY_FEATURES, standardise
 from scoring.predictor import WinPredictor
 
 TABLE_KIND = "convoscope.routing_table"
@@ -170,7 +171,8 @@ def routing_table(
         "encoder": {"name": encoder, "normalize": True},
         "rule": (
             "x = encoder(prompt), unit length, then (if prompt_features) text_scale × "
-            "(features − text_mean) / text_std, or zeros; per-prompt: argmax_m "
+            f"(features − text_mean) / text_std, 0 where text_std < {CONSTANT_STD:g}, clipped to "
+            f"±{CLIP_STDS:g}, or zeros; per-prompt: argmax_m "
             "theta[m]·(projection x) + bias[m]; per-cluster: the expert of the centroid with "
             "the highest cosine to the embedding"
         ),
@@ -212,7 +214,8 @@ def apply_routing_table(
         mean = np.asarray(table["text_mean"], dtype=float)
         extra = np.zeros_like(mean)
         if features is not None:
-            extra = (np.asarray(features, dtype=float) - mean) / np.asarray(table["text_std"])
+            row = np.asarray(features, dtype=float)[None, :]
+            extra = standardise(row, mean, np.asarray(table["text_std"]))[0]
         x = np.concatenate([x, table["text_scale"] * extra])
     z = np.asarray(table["projection"], dtype=float) @ x
     s = np.asarray(table["theta"], dtype=float) @ z + np.asarray(table["bias"], dtype=float)

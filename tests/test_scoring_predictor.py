@@ -185,3 +185,25 @@ def test_lopsided_experts_are_pulled_harder_to_the_mean() -> None:
     old = contested.to_dict()
     del old["config"]["prior_info_power"]
     assert WinPredictor.from_dict(old).config.prior_info_power == 0.0
+
+
+def test_a_prompt_unlike_every_training_prompt_keeps_a_sensible_score() -> None:
+    # Trained on one-line prompts: a newline, a code block or an empty prompt once gave scores
+    # in the thousands (a constant feature divided by its 1e-6 std) and flipped the routing.
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(80, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    texts = [f"Name a colour number {i}" for i in range(80)]
+    n = 600
+    battles = pd.DataFrame(
+        {
+            "prompt_index": rng.integers(0, 80, n),
+            "model_a": "ref",
+            "model_b": rng.choice(["m1", "m2", "m3"], n),
+            "winner": rng.choice(["a", "b"], n),
+        }
+    )
+    model = WinPredictor().fit(x, battles, texts=texts)
+    plain = model.scores(x[:1], texts=texts[:1])
+    for odd in ("Name a colour\nin three lines:\n```\ncode\n```", ""):
+        assert np.abs(model.scores(x[:1], texts=[odd]) - plain).max() < 2.0

@@ -293,3 +293,18 @@ def test_training_fingerprint_changes_with_any_training_data() -> None:
         training_fingerprint(ids, label, weight, holdout, None),
     ]
     assert base not in changed and len(set(changed)) == len(changed)
+
+
+def test_a_feature_never_seen_in_training_cannot_swamp_the_reward() -> None:
+    # Trained on plain answers: no code, no table. Such answers once scored -28,000 to -116,000
+    # (a constant feature divided by its 1e-6 std); they must stay on the trained scale.
+    rng = np.random.default_rng(0)
+    responses = [" ".join(["word"] * int(n)) + "." for n in rng.integers(3, 60, size=60)]
+    feats = text_features(responses, [f"question {i}?" for i in range(60)])
+    labels = (np.array([len(r) for r in responses]) > 120).astype(float)
+    head = RewardHead(HeadConfig(epochs=20)).fit(feats, labels, np.ones(60))
+    seen = head.score(feats)
+    unseen = ["Call `x.reverse()` on it.", "```\nx.reverse()\n```", "| a | b |\n| 1 | 2 |"]
+    new = head.score(text_features(unseen, ["q?"] * 3))
+    spread = seen.max() - seen.min()
+    assert np.all(np.abs(new - seen.mean()) < 2 * spread)
