@@ -6,7 +6,10 @@ the signals it has. Following Chai, a response is bad when it was retried (regen
 edited, or the user left within K turns; good when the user went on for at least N more turns
 without retrying; ratings, thumbs and battle outcomes add their own evidence. An unknown
 signal (None / NaN) contributes nothing: it is never read as 0, so rows with no signal at all
-get a NaN label and weight 0 rather than a fake "bad".
+get a NaN label and weight 0 rather than a fake "bad". Leaving says something only where
+staying was possible: in a source (a log file) whose conversations never go past one user turn
+(an API request log, a one-shot benchmark), every answer "ended" its conversation, so there the
+length signal is unknown rather than "bad" for every row.
 """
 
 from __future__ import annotations
@@ -84,7 +87,7 @@ def signal_labels(frame: pd.DataFrame, config: LabelConfig = LabelConfig()) -> p
     length[turns < config.ended_within] = 0.0
     # Going on for N turns only counts as good when the response was not regenerated.
     length[(turns >= config.continued_at_least) & (retried != 1)] = 1.0
-    out["length"] = length
+    out["length"] = length.where(_conversations_go_on(frame, turns))
 
     span = config.rating_max - config.rating_min
     out["rating"] = ((_column(frame, "rating") - config.rating_min) / span).clip(0.0, 1.0)
@@ -93,6 +96,14 @@ def signal_labels(frame: pd.DataFrame, config: LabelConfig = LabelConfig()) -> p
     count = _column(frame, "battle_count")
     out["battle"] = (_column(frame, "battle_wins") / count).where(count > 0)
     return out
+
+
+def _conversations_go_on(frame: pd.DataFrame, turns: pd.Series) -> pd.Series:
+    """Per row: does its source hold any conversation with a user turn after an answer?"""
+    sources = frame["source"] if "source" in frame.columns else pd.Series("", index=frame.index)
+    sources = sources.astype(object).where(sources.notna(), "")
+    went_on = (turns > 0).groupby(sources).transform("any")
+    return went_on.astype(bool)
 
 
 def joint_labels(frame: pd.DataFrame, config: LabelConfig = LabelConfig()) -> Labels:

@@ -54,6 +54,7 @@ SIGNAL_COLUMNS = (
     "id",
     "conversation_id",
     "model",
+    "source",
     "prompt",
     "response",
     "retried",

@@ -59,3 +59,19 @@ def test_weights_are_configurable_and_pandas_nulls_are_unknown() -> None:
     assert labels.counts["retry"]["unknown"] == 1
     labels = joint_labels(rows, LabelConfig(alpha_retry=0.0))
     assert labels.frame.loc[0, "label"] == 1.0
+
+
+def test_leaving_is_unknown_in_a_log_where_no_conversation_goes_on() -> None:
+    # api.jsonl: one request per line, each answer "ends" its conversation: no one could stay.
+    # chats.jsonl: conversations go on, so there an answer the user left after is bad.
+    rows = pd.DataFrame(
+        {
+            "source": ["api.jsonl"] * 3 + ["chats.jsonl"] * 2,
+            "user_turns_after": [0, 0, 0, 0, 4],
+            "ended_conversation": [True, True, True, True, False],
+        }
+    )
+    labels = joint_labels(rows)
+    assert labels.frame["label_length"].tolist()[3:] == [0.0, 1.0]
+    assert labels.frame["label_length"].iloc[:3].isna().all()
+    assert labels.counts["length"] == {"known": 2, "good": 1, "bad": 1, "unknown": 3}
