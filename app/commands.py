@@ -423,6 +423,11 @@ def _winner_problem(raw: str) -> str | None:
     return None if parse_winner(raw) else f"expected model_a, model_b or tie, got {raw!r}"
 
 
+def _blank_problem(raw: str) -> str | None:
+    """An empty prompt asks nothing: no expert can be chosen for it."""
+    return None if raw.strip() else "empty prompt"
+
+
 def _read_line_file(
     path: Path, fields: tuple[str, ...], **shapes: Any
 ) -> tuple[list[LineRecord], list[dict[str, Any]]]:
@@ -492,7 +497,9 @@ def _route_prompts(args: argparse.Namespace) -> tuple[list[str], list[int], list
         return [args.text], [], []
     if not args.file:
         raise UserError("route needs a prompt, --file F or --export F")
-    records, rejected = _read_line_file(args.file, ("prompt",), plain_field="prompt")
+    records, rejected = _read_line_file(
+        args.file, ("prompt",), plain_field="prompt", checks={"prompt": _blank_problem}
+    )
     return [r.fields["prompt"] for r in records], [r.line for r in records], rejected
 
 

@@ -146,7 +146,9 @@ def test_score_trains_applies_and_reports_every_cluster(scored_db: str, tmp_path
     ranking = json.loads(routed.stdout)["routes"][0]["experts"]
     assert len(ranking) == len(predictor.experts)
     prompts = tmp_path / "prompts.txt"  # plain lines and JSONL mixed; a bad line is skipped
-    prompts.write_text('Plan a weekend in Lisbon\n{"prompt": "Sort a list"}\n{"prompt": 3}\n')
+    prompts.write_text(
+        'Plan a weekend in Lisbon\n{"prompt": "Sort a list"}\n{"prompt": 3}\n{"prompt": " "}\n'
+    )
     routed = convoscope("route", "--file", str(prompts), "--json", db=scored_db, cwd=tmp_path)
     assert routed.returncode == 0, routed.stderr
     answer = json.loads(routed.stdout)
@@ -157,7 +159,7 @@ def test_score_trains_applies_and_reports_every_cluster(scored_db: str, tmp_path
     again = answer["routes"][0]["experts"]  # the same prompt ranks the same (batched: ≈)
     assert [e["model"] for e in again] == [e["model"] for e in ranking]
     assert [e["score"] for e in again] == pytest.approx([e["score"] for e in ranking], abs=1e-4)
-    assert [(r["line"], r["field"]) for r in answer["rejected"]] == [(3, "prompt")]
+    assert [(r["line"], r["field"]) for r in answer["rejected"]] == [(3, "prompt"), (4, "prompt")]
     listing = json.loads(convoscope("clusters", "--json", db=scored_db, cwd=tmp_path).stdout)
     assert all("reward_mean" in c for c in listing["clusters"] if c["level"] == 0)
 
