@@ -113,6 +113,22 @@ PROMPT_ONLY_FEATURES = (
     *PROMPT_CUE_PATTERNS,
 )
 
+# How each prompt feature is computed, for a gateway that routes without this package (the
+# routing table carries it): `_prompt_row` below is the reference implementation.
+PROMPT_FEATURE_DEFINITIONS: dict[str, dict[str, str]] = {
+    "log_chars": {"formula": "ln(1 + number of characters)"},
+    "log_words": {"formula": "ln(1 + number of matches of the regex \\w+)"},
+    "log_lines": {"formula": "ln(1 + number of lines that are not blank)"},
+    "has_question": {"formula": "1 if the prompt contains '?', else 0"},
+    "ends_with_question": {"formula": "1 if the prompt ends with '?' (trailing spaces ignored)"},
+    "has_colon": {"formula": "1 if the prompt contains ':', else 0"},
+    "digit_share": {"formula": "number of digits / max(1, number of characters)"},
+    **{
+        name: {"regex": pattern, "flags": "i", "formula": "1 if the regex matches anywhere, else 0"}
+        for name, pattern in _PROMPT_CUES.items()
+    },
+}
+
 
 def _words(text: str) -> list[str]:
     return _WORD.findall(text.lower())

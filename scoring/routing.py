@@ -10,7 +10,8 @@ and either takes argmax_m θ_m·(W x) + b_m, or the choice of the nearest centro
 predictor uses prompt features, x is the embedding followed by those features, standardised
 with the table's mean and std (a feature that never varied in training reads 0, every value is
 clipped to ±6) and scaled; a gateway that cannot compute them passes zeros
-there (the average prompt), which loses some accuracy but nothing else.
+there (the average prompt), which loses some accuracy but nothing else. The table says how
+each feature is computed (`prompt_feature_definitions`: a formula, or a regex).
 """
 
 from __future__ import annotations
@@ -19,7 +20,13 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from scoring.features import CLIP_STDS, CONSTANT_STD, PROMPT_ONLY_FEATURES, standardise
+from scoring.features import (
+    CLIP_STDS,
+    CONSTANT_STD,
+    PROMPT_FEATURE_DEFINITIONS,
+    PROMPT_ONLY_FEATURES,
+    standardise,
+)
 from scoring.predictor import WinPredictor
 
 TABLE_KIND = "convoscope.routing_table"
@@ -177,6 +184,11 @@ def routing_table(
             "the highest cosine to the embedding"
         ),
         "prompt_features": list(PROMPT_ONLY_FEATURES) if predictor.uses_texts else [],
+        "prompt_feature_definitions": (
+            {name: PROMPT_FEATURE_DEFINITIONS[name] for name in PROMPT_ONLY_FEATURES}
+            if predictor.uses_texts
+            else {}
+        ),
         "text_mean": predictor.text_mean.astype(float).tolist(),
         "text_std": predictor.text_std.astype(float).tolist(),
         "text_scale": predictor.config.text_scale,

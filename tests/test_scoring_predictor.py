@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import gzip
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -144,6 +145,14 @@ def test_prompt_texts_feed_features_and_travel_with_the_table(
     )
     chosen = route_prompts(model, x[:20], list(config.candidates), texts[:20])
     feats = prompt_features(texts[:20])
+    # The table says how each feature is computed; its regexes give the tool's own values.
+    definitions = table["prompt_feature_definitions"]
+    assert list(definitions) == table["prompt_features"]
+    for j, name in enumerate(table["prompt_features"]):
+        assert definitions[name]["formula"]
+        if "regex" in definitions[name]:
+            pattern = re.compile(definitions[name]["regex"], re.IGNORECASE)
+            assert [float(bool(pattern.search(t))) for t in texts[:20]] == feats[:, j].tolist()
     assert [
         apply_routing_table(table, v, features=f) for v, f in zip(x[:20], feats, strict=True)
     ] == chosen
