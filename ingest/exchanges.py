@@ -166,7 +166,7 @@ def _saved_input(conv: Conversation, conversation_id: str, prompt_at: int) -> Ex
         context=tuple(c for c in messages[:prompt_at] if not c.retried),
         prompt=prompt.content,
         response="",
-        model=conv.model,
+        model=prompt.model or conv.model,
         instruction=conv.instruction or _latest_system(messages, prompt_at),
         created_at=prompt.created_at or conv.created_at,
         source=conv.source,

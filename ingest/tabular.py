@@ -331,6 +331,9 @@ def _conversation(rows: list[_Row], source: str) -> Conversation:
                 role="user",
                 content=v["prompt"],
                 created_at=v.get("created_at"),
+                # An unanswered row is a saved input: it keeps the model it was meant for.
+                model=None if response else v.get("model"),
+                external_id=None if response else v.get("external_id"),
                 metadata=None if response else (row.metadata or None),
             )
         )

@@ -255,3 +255,13 @@ def test_ingest_stores_the_good_records_around_a_lone_surrogate(tmp_path: Path) 
         SURROGATE,
     )
     assert "lone \\ud83d x" in reject["excerpt"]
+
+
+def test_an_unanswered_csv_row_keeps_its_model_and_id(tmp_path: Path) -> None:
+    path = tmp_path / "inputs.csv"
+    path.write_text("prompt,response,model,external_id\nanswered,yes,m1,e1\nopen,,m4,e2\n")
+    exchanges = [e for conv in read_file(path) for e in split_conversation(conv)]
+    assert [(e.prompt, e.response, e.model, e.external_id) for e in exchanges] == [
+        ("answered", "yes", "m1", "e1"),
+        ("open", "", "m4", "e2"),  # a saved input, for the model it was meant for
+    ]
