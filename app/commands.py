@@ -540,6 +540,7 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
     from ingest.replay import ReplayConfig, ReplayError, compare
     from ingest.replay import replay as run_replay
     from scoring.judge import JudgeError, judge_results
+    from storage.replay import get_run
     from storage.reports import save_instruction
 
     engine = open_database(args.db)
@@ -575,6 +576,9 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
             seed=args.seed,
             **({"timeout_s": args.timeout} if args.timeout else {}),
         )
+        if args.resume and get_run(engine, args.resume) is None:
+            # The library would start a new run under a mistyped id and send every input.
+            raise UserError(f"no replay run {args.resume!r}")
         select = _replay_selection(engine, args)
         summary = run_replay(engine, config=config, select=select, run_id=args.resume).as_dict()
         if instruction is not None and args.cluster and not args.resume:

@@ -84,3 +84,20 @@ def test_an_instruction_replayed_on_a_cluster_is_versioned(tmp_path: Path) -> No
         (1, "Answer briefly."),
     ]
     assert all(v["replay_run_id"] for v in versions)
+
+
+def test_resume_of_an_unknown_run_is_an_error_and_sends_nothing(tmp_path: Path) -> None:
+    log = tmp_path / "chat.jsonl"
+    write_openai_jsonl(log, 4)
+    db = f"duckdb:///{tmp_path / 'resume.duckdb'}"
+    assert convoscope("ingest", str(log), db=db, cwd=tmp_path).returncode == 0
+    with OpenAIServer() as server:
+        result = convoscope(
+            "replay", "--resume", "nonexist", "--model", "m", "--base-url", server.base_url,
+            db=db, cwd=tmp_path,
+        )  # fmt: skip
+        assert result.returncode == 2
+        assert "no replay run 'nonexist'" in result.stderr and "Traceback" not in result.stderr
+        assert server.total_requests() == 0
+    report = convoscope("replay", "report", "nonexist", db=db, cwd=tmp_path)
+    assert report.returncode == 2  # no run was created either
