@@ -42,6 +42,17 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _positive_int(text: str) -> int:
+    """A row count: zero or less would leave nothing to fit on."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="convoscope",
@@ -141,7 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="smallest topic (default: 1 in 400 of the rows fitted, at least 10)",
     )
     topics.add_argument(
-        "--sample-size", type=int, default=50_000, help="rows to fit on; the rest are assigned"
+        "--sample-size",
+        type=_positive_int,
+        default=50_000,
+        help="rows to fit on; the rest are assigned",
     )
     topics.add_argument(
         "--reducer", choices=["umap", "pca", "none"], default="umap", help="dimension reduction"

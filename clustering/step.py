@@ -76,6 +76,12 @@ def cluster_exchanges(
     texts = [item.text for item in items]
     vectors = load_vectors(engine, embedded.model, [item.text_hash for item in items])
     model = fit_topics(vectors, texts, config=config.topics, reducer=reducer, clusterer=clusterer)
+    if model.n_clusters == 0:  # nothing to store or match; keep the previous run as it is
+        raise ValueError(
+            f"no topic found: every row is an outlier with --min-cluster-size "
+            f"{model.min_cluster_size} on {len(model.fitted_rows)} fitted rows; "
+            "lower --min-cluster-size or raise --sample-size"
+        )
 
     previous = latest_run(engine, on_field=config.embed.on)
     topic_match, group_match = _match_previous(engine, previous, model, ids)

@@ -119,3 +119,31 @@ def test_cluster_on_an_empty_database_is_a_clear_error(tmp_path: Path) -> None:
     result = convoscope("cluster", "--device", "cpu", db=db, cwd=tmp_path)
     assert result.returncode == 2
     assert "ingest" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_clustering_that_finds_no_topic_is_a_clear_error_and_keeps_the_last(
+    tmp_path: Path,
+) -> None:
+    from storage.clusters import latest_run
+    from tests.test_ingest_pipeline import write_openai_jsonl
+
+    log = tmp_path / "chat.jsonl"
+    write_openai_jsonl(log, 15)
+    db = f"duckdb:///{tmp_path / 'none.duckdb'}"
+    assert convoscope("ingest", str(log), db=db, cwd=tmp_path).returncode == 0
+    kmeans = ("--reducer", "pca", "--clusterer", "kmeans", "--k", "2")
+    first = convoscope("cluster", "--device", "cpu", *kmeans, "--json", db=db, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    for flags in (("--min-cluster-size", "100000"), ("--sample-size", "5")):
+        result = convoscope(
+            "cluster", "--device", "cpu", "--reducer", "pca", *flags, db=db, cwd=tmp_path
+        )
+        assert result.returncode == 2, result.stderr
+        assert "no topic found" in result.stderr and "Traceback" not in result.stderr
+    engine = open_database(db)
+    assert latest_run(engine)["id"] == json.loads(first.stdout)["run_id"]  # nothing replaced
+    engine.dispose()
+
+    zero = convoscope("cluster", "--sample-size", "0", db=db, cwd=tmp_path)
+    assert zero.returncode == 2 and "--sample-size" in zero.stderr
+    assert "Traceback" not in zero.stderr
