@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,7 @@ def _positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="convoscope",
+        allow_abbrev=False,  # a prefix guess turns a typo like `--mode` into `--model`
         description="See what your chat models are asked and how well they answer.",
     )
     parser.add_argument(
@@ -64,7 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
         "duckdb:///path, sqlite:///path and postgresql://… all work",
     )
     parser.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(
+        dest="command",
+        required=True,
+        metavar="COMMAND",
+        parser_class=partial(argparse.ArgumentParser, allow_abbrev=False),
+    )
 
     # Each subcommand also accepts --json after its name; SUPPRESS keeps the global value.
     common = argparse.ArgumentParser(add_help=False)

@@ -227,3 +227,23 @@ def test_export_only_reads_so_it_runs_beside_another_reader(
         reader.close()
     assert result.returncode == 0, result.stderr
     assert len((tmp_path / "o.jsonl").read_text().splitlines()) == 3
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("run", "--mode", "head"),  # once silently `--model head`
+        ("--js", "clusters"),
+        ("clusters", "--lev", "0"),
+    ],
+)
+def test_abbreviated_options_are_refused(
+    args: tuple[str, ...],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, out, err = cli(capsys, "--db", str(tmp_path / "abbrev.duckdb"), *args)
+    assert code == 2 and out == ""
+    assert "unrecognized arguments: " + next(a for a in args if a.startswith("--")) in err
