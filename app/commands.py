@@ -281,6 +281,8 @@ def score(args: argparse.Namespace) -> dict[str, Any]:
     costs = _expert_costs(args.costs) if args.costs else None
     if args.route_cheapest and not costs:
         raise UserError("--route-cheapest needs --costs FILE")
+    if args.reward_model:
+        _check_reward_model(args.reward_model)
     config = ScoreConfig(
         on=args.on,
         embed=replace(_embed_config(args), progress=True),
@@ -336,12 +338,24 @@ def _expert_costs(path: Path) -> dict[str, float]:
     return costs
 
 
+def _check_reward_model(directory: str) -> None:
+    """Refuse a bad --reward-model before any work is done (or a file is read)."""
+    from scoring.reward_model import check_reward_model_dir
+
+    try:
+        check_reward_model_dir(directory)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+
+
 def reward(args: argparse.Namespace) -> dict[str, Any]:
     """Rewards for the lines of a file, by the latest reward model: (prompt, response) pairs,
     and battles (prompt, response_a, response_b), whose judged winners, when given, measure how
     often the rewards agree with the judge (scoring.agreement)."""
     from scoring.reward_step import score_texts
 
+    if args.reward_model:
+        _check_reward_model(args.reward_model)
     records, rejected = _read_line_file(
         args.file,
         _PAIR_FIELDS,

@@ -176,6 +176,25 @@ class TransformerReward(torch.nn.Module):
         return model
 
 
+def check_reward_model_dir(directory: str | Path) -> Path:
+    """The directory, if it can hold a transformers model; else a ValueError naming it.
+
+    Without this, transformers takes a missing path for a hub repo id and fails with a
+    traceback about repo id characters.
+    """
+    path = Path(directory).expanduser()
+    if not path.exists():
+        raise ValueError(f"reward model directory {path} does not exist")
+    if not path.is_dir():
+        raise ValueError(f"reward model {path} is a file: give the model's directory")
+    if not (path / "config.json").is_file():
+        raise ValueError(
+            f"{path} is not a model directory (no config.json): give a saved "
+            "sequence-classification model's folder"
+        )
+    return path
+
+
 class SequenceClassifierReward:
     """A user's own reward model: any `AutoModelForSequenceClassification` directory.
 
@@ -184,9 +203,10 @@ class SequenceClassifierReward:
     """
 
     def __init__(self, directory: str | Path, *, max_length: int = 512, device: str = "auto"):
+        path = str(check_reward_model_dir(directory))
         self.device = pick_device(device)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(directory))
-        self.model = AutoModelForSequenceClassification.from_pretrained(str(directory))
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForSequenceClassification.from_pretrained(path)
         self.model.to(self.device).eval()
         self.max_length = max_length
 

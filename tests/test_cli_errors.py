@@ -247,3 +247,19 @@ def test_abbreviated_options_are_refused(
     code, out, err = cli(capsys, "--db", str(tmp_path / "abbrev.duckdb"), *args)
     assert code == 2 and out == ""
     assert "unrecognized arguments: " + next(a for a in args if a.startswith("--")) in err
+
+
+def test_a_bad_reward_model_directory_is_named_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "hi", "response": "hello"}) + "\n")
+    empty = tmp_path / "empty-model"
+    empty.mkdir()
+    db = str(tmp_path / "reward.duckdb")
+    for command in (["score"], ["reward", "--file", str(pairs)]):
+        missing = tmp_path / "nonexistent"
+        code, _, err = cli(capsys, "--db", db, *command, "--reward-model", str(missing))
+        assert code == 2 and f"reward model directory {missing} does not exist" in err
+        code, _, err = cli(capsys, "--db", db, *command, "--reward-model", str(empty))
+        assert code == 2 and f"{empty} is not a model directory" in err
