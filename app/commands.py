@@ -542,11 +542,13 @@ def tag(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _require_cluster(engine: Engine, cluster_id: str) -> None:
-    from storage.clusters import latest_run, load_clusters
+    """The id must be in the latest clustering of some `on` field (ids are unique across them)."""
+    from storage.clusters import latest_runs, load_clusters
 
-    run = latest_run(engine)
-    if run is None or cluster_id not in {c["id"] for c in load_clusters(engine, run["id"])}:
-        raise UserError(f"no cluster {cluster_id!r} in the latest clustering (see `clusters`)")
+    for run in latest_runs(engine):
+        if cluster_id in {c["id"] for c in load_clusters(engine, run["id"])}:
+            return
+    raise UserError(f"no cluster {cluster_id!r} in the latest clustering (see `clusters`)")
 
 
 def replay(args: argparse.Namespace) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from clustering.topics import ClusterConfig, TopicModel, assign, fit_topics
 from ingest.embed_step import EmbedConfig, embed_exchanges, exchange_texts
 from storage.clusters import (
     add_assignments,
+    cluster_ids_used,
     latest_run,
     load_assignments,
     load_clusters,
@@ -201,9 +202,23 @@ def _match_previous(
             parent = parent_of.get(cluster_id)
             if parent is not None:
                 old_group_members.setdefault(int(parent[1:]), set()).add(exchange_id)
-    topics = match_clusters(old_topics, old_topic_members, new_topics, topic_members)
-    groups = match_clusters(old_groups, old_group_members, new_groups, group_members)
+    # A fresh cluster takes an id no run has used, of this `on` field or another: names, notes
+    # and tags are kept by id, and must not land on an unrelated topic.
+    used = cluster_ids_used(engine)
+    topics = match_clusters(
+        old_topics, old_topic_members, new_topics, topic_members, next_id=_fresh(used, TOPIC)
+    )
+    groups = match_clusters(
+        old_groups, old_group_members, new_groups, group_members, next_id=_fresh(used, GROUP)
+    )
     return topics, groups
+
+
+def _fresh(used: set[str], prefix: str) -> int:
+    numbers = [
+        int(i[len(prefix) :]) for i in used if i.startswith(prefix) and i[len(prefix) :].isdigit()
+    ]
+    return max(numbers, default=-1) + 1
 
 
 def _members(labels: np.ndarray, ids: Sequence[str]) -> dict[int, set[Hashable]]:

@@ -54,6 +54,19 @@ def latest_run(engine: Engine, on_field: str | None = None) -> Row | None:
     return dict(row) if row else None
 
 
+def latest_runs(engine: Engine) -> list[Row]:
+    """The newest cluster run of each `on` field (prompt, response, exchange) clustered."""
+    with engine.connect() as conn:
+        fields = conn.execute(sa.select(cluster_runs.c.on_field).distinct()).scalars().all()
+    return [run for field in sorted(fields) if (run := latest_run(engine, on_field=field))]
+
+
+def cluster_ids_used(engine: Engine) -> set[str]:
+    """Every cluster id any run, of any `on` field, has used."""
+    with engine.connect() as conn:
+        return set(conn.execute(sa.select(clusters.c.id).distinct()).scalars())
+
+
 def load_clusters(engine: Engine, run_id: str) -> list[Row]:
     """A run's clusters with the display name (a person's name wins) and tags."""
     query = (

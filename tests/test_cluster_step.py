@@ -147,3 +147,29 @@ def test_a_clustering_that_finds_no_topic_is_a_clear_error_and_keeps_the_last(
     zero = convoscope("cluster", "--sample-size", "0", db=db, cwd=tmp_path)
     assert zero.returncode == 2 and "--sample-size" in zero.stderr
     assert "Traceback" not in zero.stderr
+
+
+def test_clusterings_on_different_fields_never_share_an_id(tmp_path: Path) -> None:
+    from tests.test_ingest_pipeline import write_openai_jsonl
+
+    log = tmp_path / "chat.jsonl"
+    write_openai_jsonl(log, 15)
+    db = f"duckdb:///{tmp_path / 'fields.duckdb'}"
+    assert convoscope("ingest", str(log), db=db, cwd=tmp_path).returncode == 0
+    kmeans = ("--device", "cpu", "--reducer", "pca", "--clusterer", "kmeans", "--k", "2")
+    listed = {}
+    for field in ("prompt", "response"):
+        done = convoscope("cluster", "--on", field, *kmeans, db=db, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        listing = convoscope("clusters", "--on", field, "--json", db=db, cwd=tmp_path)
+        listed[field] = {c["id"] for c in json.loads(listing.stdout)["clusters"]}
+    assert listed["prompt"] and listed["response"]
+    assert not listed["prompt"] & listed["response"]
+    # A name given to a prompt topic stays with it: the response clustering is newer, and the
+    # id is still found; no response topic shows the name.
+    topic = sorted(i for i in listed["prompt"] if i.startswith("t"))[0]
+    renamed = convoscope("rename", topic, "Prompt topic", db=db, cwd=tmp_path)
+    assert renamed.returncode == 0, renamed.stderr
+    responses = convoscope("clusters", "--on", "response", "--json", db=db, cwd=tmp_path)
+    assert "Prompt topic" not in responses.stdout
+    assert "Prompt topic" in convoscope("clusters", "--json", db=db, cwd=tmp_path).stdout
