@@ -345,7 +345,7 @@ def _openai(batches: Batches, text: IO[str]) -> int:
         for row in batch:
             if not row["response"]:
                 continue
-            messages = json.loads(row["context"]) if row["context"] else []
+            messages = _without_tool_steps(json.loads(row["context"]) if row["context"] else [])
             instruction = row["instruction"]
             as_message = _instruction_text(instruction) and not any(
                 m.get("role") == "system" for m in messages
@@ -370,6 +370,19 @@ def _openai(batches: Batches, text: IO[str]) -> int:
             text.write(json.dumps(record, ensure_ascii=False) + "\n")
             count += 1
     return count
+
+
+def _without_tool_steps(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The context less its tool use (a tool's result and the assistant message that called
+    it): only its text is stored, and fine-tuning refuses a tool message without its call."""
+    kept: list[dict[str, Any]] = []
+    for m in messages:
+        if m.get("role") == "tool":
+            if kept and kept[-1].get("role") == "assistant":
+                kept.pop()
+            continue
+        kept.append(m)
+    return kept
 
 
 def _instruction_text(instruction: str | None) -> bool:

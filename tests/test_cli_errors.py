@@ -181,6 +181,31 @@ def test_openai_export_carries_the_model_and_never_an_instruction_id(
     engine.dispose()
 
 
+def test_openai_export_leaves_tool_steps_out_of_the_context(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    messages = [
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "result"},
+        {"role": "assistant", "content": "a1"},
+        {"role": "user", "content": "q2"},
+        {"role": "assistant", "content": "a2"},
+    ]
+    (tmp_path / "tools.jsonl").write_text(json.dumps({"messages": messages}) + "\n")
+    db = str(tmp_path / "tools.duckdb")
+    assert cli(capsys, "--db", db, "ingest", "tools.jsonl")[0] == 0
+    code, _, err = cli(capsys, "--db", db, "export", "--out", "ft.jsonl", "--format", "openai")
+    assert code == 0, err
+    records = [json.loads(line) for line in (tmp_path / "ft.jsonl").read_text().splitlines()]
+    assert [[m["content"] for m in r["messages"]] for r in records] == [
+        ["q1", "a1"],
+        ["q1", "a1", "q2", "a2"],
+    ]
+
+
 def test_export_sources_match_by_path_or_name_and_empty_exports_say_why(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
