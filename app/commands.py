@@ -314,9 +314,12 @@ def score(args: argparse.Namespace) -> dict[str, Any]:
             return {**applied, "clusters": refresh_reports(engine, config=config)}
         if args.what == ["reward", "train"]:
             return train_reward_only(engine, config=config)
-        return score_all(engine, config=config)
+        result = score_all(engine, config=config)
     finally:
         engine.dispose()
+    for message in result.get("warnings", []):
+        warn(message)
+    return result
 
 
 def _expert_costs(path: Path) -> dict[str, float]:

@@ -113,6 +113,12 @@ def score_all(engine: Engine, *, config: ScoreConfig) -> dict[str, Any]:
             config={"predictor": asdict(config.predictor), "encoder": encoder},
             metrics={"experts": len(predictor.experts)},
         )
+        unknown = sorted(set(config.costs or ()) - set(predictor.experts))
+        if unknown:  # a typo would otherwise leave that expert silently without a cost
+            result["warnings"] = [
+                f"--costs names experts the predictor does not know: {', '.join(unknown)} "
+                f"(known: {', '.join(sorted(predictor.experts))})"
+            ]
     result["clusters"] = _cluster_reports(
         engine, frame, reward.scores, prompts, predictor, battles, config
     )

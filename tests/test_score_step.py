@@ -94,11 +94,13 @@ def _pairs_file(path: Path) -> Path:
 
 def test_score_trains_applies_and_reports_every_cluster(scored_db: str, tmp_path: Path) -> None:
     engine = open_database(scored_db)
-    costs = {"helpful-bot": 5.0, "terse-bot": 1.0, "gpt4_1106_preview": 10.0}
+    costs = {"helpful-bot": 5.0, "terse-bot": 1.0, "gpt4_1106_preview": 10.0, "typo-bot": 0.1}
     config = ScoreConfig(
         embed=EmbedConfig(device="cpu", progress=False), costs=costs, route_cheapest=True
     )
     result = score_all(engine, config=config)
+    (warning,) = result["warnings"]  # a misspelt expert is named, not silently costless
+    assert "typo-bot" in warning and "terse-bot" in warning
     assert result["labels"]["retry"]["bad"] == 20  # the retried answers, and only those
     assert result["labels"]["battle"]["known"] >= 200  # the baseline answer recurs
     assert result["clusters"] == 6
