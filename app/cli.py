@@ -54,6 +54,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    """A TCP port: Streamlit would otherwise fail late, after the UI seemed to start."""
+    value = _positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"a port is between 1 and 65535, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="convoscope",
@@ -356,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=commands.run)
 
     ui = sub.add_parser("ui", help="open the Streamlit UI on the database")
-    ui.add_argument("--port", type=int, default=8501)
+    ui.add_argument("--port", type=_port, default=8501)
     ui.add_argument(
         "--host",
         default="127.0.0.1",
@@ -373,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--no-ui", action="store_true", help="stop after scoring instead of opening the UI"
     )
-    demo.add_argument("--port", type=int, default=8501, help="port for the UI")
+    demo.add_argument("--port", type=_port, default=8501, help="port for the UI")
     demo.set_defaults(handler=commands.demo)
     return parser
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from collections.abc import Iterable
 from dataclasses import asdict
@@ -711,12 +712,31 @@ def ui(args: argparse.Namespace) -> dict[str, Any]:
     url = resolve_url(args.db)
     process = launch(url, host=args.host, port=args.port, open_browser=not args.no_browser)
     print(f"convoscope UI on http://{args.host}:{args.port} (Ctrl-C to stop)", file=sys.stderr)
+    stopped = False
+
+    def forward(signum: int, _frame: object) -> None:
+        """SIGTERM stops the Streamlit child too, or it would go on serving the port."""
+        nonlocal stopped
+        stopped = True
+        process.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)
     try:
         process.wait()
     except KeyboardInterrupt:
+        stopped = True
         process.terminate()
         process.wait()
-    return {"db": _safe_url(args.db), "port": args.port, "exit_code": process.returncode}
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    result = {"db": _safe_url(args.db), "port": args.port, "exit_code": process.returncode}
+    if process.returncode != 0 and not stopped:
+        raise NothingDone(
+            f"the UI failed to start or stopped (Streamlit exit code {process.returncode}, "
+            f"see above): is port {args.port} already in use?",
+            result,
+        )
+    return result
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
