@@ -862,6 +862,21 @@ def describe(command: str, result: dict[str, Any]) -> str:
         )
     if command == "ui":
         return f"UI stopped (exit code {result['exit_code']})"
+    if command == "route":
+        return f"routing table written to {result['path']} ({result['clusters']} clusters)"
+    if command == "rename":
+        if result["name"] is None:
+            return f"cluster {result['cluster_id']} has its automatic name again"
+        return f"cluster {result['cluster_id']} renamed to {result['name']!r}"
+    if command == "tag":
+        if result["removed"]:
+            return f"tag {result['tag']!r} removed from cluster {result['cluster_id']}"
+        return f"cluster {result['cluster_id']} tagged {result['tag']!r}"
+    if command == "assign":
+        return (
+            f"{result['assigned']} new exchanges assigned to the clusters of run "
+            f"{result['run_id']}, {result['unassigned']} left unassigned"
+        )
     return str(result)
 
 

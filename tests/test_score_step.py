@@ -162,6 +162,24 @@ def test_score_trains_applies_and_reports_every_cluster(scored_db: str, tmp_path
     assert [e["model"] for e in again] == [e["model"] for e in ranking]
     assert [e["score"] for e in again] == pytest.approx([e["score"] for e in ranking], abs=1e-4)
     assert [(r["line"], r["field"]) for r in answer["rejected"]] == [(3, "prompt"), (4, "prompt")]
+
+    # Without --json each command says what it did in a sentence, never a dict.
+    cluster_id = table["clusters"][0]["cluster_id"]
+    out = tmp_path / "rt.json"
+    said = {
+        f"routing table written to {out} ({len(table['clusters'])} clusters)": (
+            "route", "--export", str(out),
+        ),
+        f"cluster {cluster_id} renamed to 'Travel'": ("rename", cluster_id, "Travel"),
+        f"cluster {cluster_id} has its automatic name again": ("rename", cluster_id, ""),
+        f"cluster {cluster_id} tagged 'weak'": ("tag", cluster_id, "weak"),
+        f"tag 'weak' removed from cluster {cluster_id}": ("tag", cluster_id, "weak", "--remove"),
+        "0 new exchanges assigned to the clusters of run": ("assign", "--device", "cpu"),
+    }  # fmt: skip
+    for sentence, args in said.items():
+        printed = convoscope(*args, db=scored_db, cwd=tmp_path)
+        assert printed.returncode == 0, printed.stderr
+        assert printed.stdout.startswith(sentence) and "{" not in printed.stdout
     listing = json.loads(convoscope("clusters", "--json", db=scored_db, cwd=tmp_path).stdout)
     assert all("reward_mean" in c for c in listing["clusters"] if c["level"] == 0)
 
