@@ -560,7 +560,7 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
     from ingest.replay import ReplayConfig, ReplayError, compare
     from ingest.replay import replay as run_replay
     from scoring.judge import JudgeError, judge_results
-    from storage.replay import get_run
+    from storage.replay import get_run, run_items
     from storage.reports import save_instruction
 
     engine = open_database(args.db)
@@ -601,6 +601,9 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
             raise UserError(f"no replay run {args.resume!r}")
         select = _replay_selection(engine, args)
         summary = run_replay(engine, config=config, select=select, run_id=args.resume).as_dict()
+        if summary["failed"]:  # why, in the output, not only in the UI
+            errors = {i["error"] for i in run_items(engine, summary["run_id"]) if i["error"]}
+            summary["errors"] = sorted(errors)[:5]
         if instruction is not None and args.cluster and not args.resume:
             # An instruction tried on a cluster becomes that cluster's next version.
             version = save_instruction(
@@ -816,11 +819,18 @@ def describe(command: str, result: dict[str, Any]) -> str:
     if command == "replay" and "pairs" in result:
         return _describe_replay_report(result)
     if command == "replay" and "status" in result:
-        return (
+        line = (
             f"replay {result['run_id']} ({result['model']}): {result['done']} done, "
-            f"{result['failed']} failed, {result['pending']} pending in {result['seconds']:.1f}s"
-            f" — status {result['status']}"
+            f"{result['failed']} failed in {result['seconds']:.1f}s — status {result['status']}"
         )
+        if result["pending"]:
+            line += (
+                f"; {result['pending']} inputs still unanswered: "
+                f"`replay --resume {result['run_id']}` with the same options sends them again"
+            )
+        if result.get("errors"):
+            line += f"\nfailures: {'; '.join(result['errors'])}"
+        return line
     if command in ("demo", "run"):
         counts = result["stored_in_db"]
         lines = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.openai_server import OpenAIServer
+from tests.openai_server import Fault, OpenAIServer
 from tests.test_ingest_pipeline import convoscope, write_openai_jsonl
 
 
@@ -39,6 +39,22 @@ def test_replay_from_the_cli_then_report(tmp_path: Path) -> None:
         report = convoscope("replay", "report", summary["run_id"], "--json", db=db, cwd=tmp_path)
         assert report.returncode == 0, report.stderr
         assert json.loads(report.stdout)["pairs"] == 2
+
+
+def test_failed_replay_says_why_and_how_to_resume(tmp_path: Path) -> None:
+    log = tmp_path / "chat.jsonl"
+    write_openai_jsonl(log, 4)
+    db = f"duckdb:///{tmp_path / 'failing.duckdb'}"
+    assert convoscope("ingest", str(log), db=db, cwd=tmp_path).returncode == 0
+    with OpenAIServer(faults=[Fault(status=401)]) as server:
+        args = ("--model", "m", "--base-url", server.base_url, "--filter", "model=expert-1")
+        result = convoscope("replay", *args, db=db, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    said = result.stdout
+    assert "0 done, 2 failed" in said and "2 inputs still unanswered" in said
+    run_id = said.split()[1]
+    assert f"replay --resume {run_id}" in said
+    assert "failures: " in said and "401" in said  # the reason, not only a count
 
 
 def test_replay_without_model_is_a_clear_error(tmp_path: Path) -> None:
