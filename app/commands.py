@@ -858,6 +858,8 @@ def describe(command: str, result: dict[str, Any]) -> str:
             f"{k} {v:.3f}" for k, v in result["reward_metrics"].items() if isinstance(v, float)
         )
         reports = f"; {result['clusters']} cluster reports" if "clusters" in result else ""
+        if result.get("clusters") == 0:
+            reports += " (no clustering yet: run `convoscope cluster`, then `score` again)"
         return (
             f"scored {result['exchanges']} exchanges with reward model {result['reward_model']}"
             f" ({result['mode']}; {metrics or 'no held-out labels'}){reports}"
@@ -973,6 +975,8 @@ def _describe_clusters(result: dict[str, Any]) -> str:
         lines.append(
             f"{c['id']:<6} {c['size']:>7} {c['share']:>6.1%} {shown}  {c['name']} — {keywords}"
         )
+    if not any(isinstance(c.get("reward_mean"), float) for c in result["clusters"]):
+        lines.append("no rewards for this clustering yet: run `convoscope score`")
     return "\n".join(lines)
 
 

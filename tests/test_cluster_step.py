@@ -173,3 +173,5 @@ def test_clusterings_on_different_fields_never_share_an_id(tmp_path: Path) -> No
     responses = convoscope("clusters", "--on", "response", "--json", db=db, cwd=tmp_path)
     assert "Prompt topic" not in responses.stdout
     assert "Prompt topic" in convoscope("clusters", "--json", db=db, cwd=tmp_path).stdout
+    listed_plain = convoscope("clusters", db=db, cwd=tmp_path).stdout  # not scored: says so
+    assert "no rewards for this clustering yet: run `convoscope score`" in listed_plain
