@@ -36,7 +36,7 @@ from storage.clusters import (
 )
 from storage.logs import ExchangeFilter, iter_exchanges
 from storage.scores import latest_scorer, load_scores
-from storage.views import EXCHANGE_EXPORT_COLUMNS, filter_options
+from storage.views import EXCHANGE_EXPORT_COLUMNS, SIGNAL_NAMES, filter_options
 
 # Format name → (label, MIME type, file suffix).
 FORMATS: dict[str, tuple[str, str, str]] = {
@@ -61,17 +61,6 @@ _TYPES: dict[str, pa.DataType] = {
     "reward": pa.float64(),
 }
 TAG_SEPARATOR = "; "  # tags in CSV/Parquet cells; JSONL carries them as a list
-# Signals an `openai` record carries in its metadata, beside the ids.
-_SIGNALS = (
-    "retried",
-    "edited",
-    "deleted",
-    "rating",
-    "thumbs",
-    "user_turns_after",
-    "ended_conversation",
-    "seconds_to_next_user_message",
-)
 
 # The CLI's column order: the exchange, then where it landed and its reward.
 COLUMNS: tuple[str, ...] = (
@@ -360,7 +349,7 @@ def _openai(batches: Batches, text: IO[str]) -> int:
             record["metadata"] = {
                 "exchange_id": row["id"],
                 "external_id": row["external_id"],
-                **{name: row[name] for name in _SIGNALS},
+                **{name: row[name] for name in SIGNAL_NAMES},
                 # An id (or text already in the messages) is kept here, never made a message.
                 "instruction": None if as_message else instruction,
                 "cluster_id": row["cluster_id"],

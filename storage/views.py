@@ -35,6 +35,17 @@ from storage.schema import (
 _CHUNK = 5000  # ids per IN (...) probe: under SQLite's bound-parameter limit
 PROMPT_PREVIEW = 200  # characters of a prompt carried by map points and search hits
 
+# An exchange's behaviour signals, as stored (NULL = the log did not say).
+SIGNAL_NAMES: tuple[str, ...] = (
+    "retried",
+    "edited",
+    "deleted",
+    "rating",
+    "thumbs",
+    "user_turns_after",
+    "ended_conversation",
+    "seconds_to_next_user_message",
+)
 # The exchange columns of every export: the ids a user joins on, the text and signals.
 EXCHANGE_EXPORT_COLUMNS: tuple[str, ...] = (
     "id",
@@ -48,14 +59,7 @@ EXCHANGE_EXPORT_COLUMNS: tuple[str, ...] = (
     "context",
     "prompt",
     "response",
-    "retried",
-    "edited",
-    "deleted",
-    "rating",
-    "thumbs",
-    "user_turns_after",
-    "ended_conversation",
-    "seconds_to_next_user_message",
+    *SIGNAL_NAMES,
 )
 # What a UI export row holds before its scores: then where the exchange landed.
 EXPORT_COLUMNS: tuple[str, ...] = (*EXCHANGE_EXPORT_COLUMNS, "cluster_id", "cluster_label", "tags")
