@@ -805,7 +805,7 @@ def describe(command: str, result: dict[str, Any]) -> str:
         return (
             f"{result['rows']} exchanges → {result['clusters']} topics in {result['parents']} "
             f"groups, {result['unassigned_share']:.1%} unassigned (run {result['run_id']}); "
-            f"ids: {result['events']}"
+            "ids: " + ", ".join(f"{n} {event}" for event, n in result["events"].items())
         )
     if command == "clusters":
         return _describe_clusters(result)

@@ -161,6 +161,7 @@ def test_clusterings_on_different_fields_never_share_an_id(tmp_path: Path) -> No
     for field in ("prompt", "response"):
         done = convoscope("cluster", "--on", field, *kmeans, db=db, cwd=tmp_path)
         assert done.returncode == 0, done.stderr
+        assert "0 kept" in done.stdout and "{" not in done.stdout  # a sentence, not a dict
         listing = convoscope("clusters", "--on", field, "--json", db=db, cwd=tmp_path)
         listed[field] = {c["id"] for c in json.loads(listing.stdout)["clusters"]}
     assert listed["prompt"] and listed["response"]
