@@ -402,8 +402,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f"{error.filename}: " if error.filename else ""
         print(f"convoscope: error: {where}{error.strerror or error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("convoscope: interrupted; what was stored is kept, re-run to finish", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:
+        again = getattr(interrupt, "how_to_finish", "re-run to finish")
+        print(f"convoscope: interrupted; what was stored is kept, {again}", file=sys.stderr)
         return 130
     if args.json:
         print(json.dumps(result, indent=2, default=str))

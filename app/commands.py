@@ -9,6 +9,7 @@ import argparse
 import json
 import signal
 import sys
+import uuid
 from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
@@ -39,6 +40,14 @@ class NothingDone(UserError):
     def __init__(self, message: str, result: dict[str, Any]) -> None:
         super().__init__(message)
         self.result = result
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a command that is finished by something other than running it again."""
+
+    def __init__(self, how_to_finish: str) -> None:
+        super().__init__(how_to_finish)
+        self.how_to_finish = how_to_finish
 
 
 def warn(message: str) -> None:
@@ -600,7 +609,13 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
             # The library would start a new run under a mistyped id and send every input.
             raise UserError(f"no replay run {args.resume!r}")
         select = _replay_selection(engine, args)
-        summary = run_replay(engine, config=config, select=select, run_id=args.resume).as_dict()
+        run_id = args.resume or uuid.uuid4().hex  # known here, so an interrupt can name it
+        try:
+            summary = run_replay(engine, config=config, select=select, run_id=run_id).as_dict()
+        except KeyboardInterrupt:
+            raise Interrupted(
+                f"finish with `convoscope replay --resume {run_id}` and the same options"
+            ) from None
         if summary["failed"]:  # why, in the output, not only in the UI
             errors = {i["error"] for i in run_items(engine, summary["run_id"]) if i["error"]}
             summary["errors"] = sorted(errors)[:5]

@@ -338,7 +338,7 @@ async def _send_all(
     pending = iter(inputs)
     bar = tqdm(
         total=len(inputs),
-        desc=f"replay {run_id[:8]}",
+        desc=f"replay {run_id}",  # the id `--resume` needs if the run is interrupted
         unit=" req",
         file=sys.stderr,
         disable=None if config.progress else True,

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from tests.openai_server import Fault, OpenAIServer
-from tests.test_ingest_pipeline import convoscope, write_openai_jsonl
+from tests.test_ingest_pipeline import REPO, convoscope, write_openai_jsonl
 
 
 def test_replay_from_the_cli_then_report(tmp_path: Path) -> None:
@@ -55,6 +61,32 @@ def test_failed_replay_says_why_and_how_to_resume(tmp_path: Path) -> None:
     run_id = said.split()[1]
     assert f"replay --resume {run_id}" in said
     assert "failures: " in said and "401" in said  # the reason, not only a count
+
+
+def test_an_interrupted_replay_names_the_run_to_resume(tmp_path: Path) -> None:
+    log = tmp_path / "chat.jsonl"
+    write_openai_jsonl(log, 4)
+    db = f"duckdb:///{tmp_path / 'interrupted.duckdb'}"
+    assert convoscope("ingest", str(log), db=db, cwd=tmp_path).returncode == 0
+    with OpenAIServer(delay_s=60) as server:
+        args = ("replay", "--model", "m", "--base-url", server.base_url, "--timeout", "120")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "--db", db, *args],
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 120
+        while server.total_requests() == 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    resume = re.search(r"`convoscope replay --resume ([0-9a-f]{32})` and the same options", err)
+    assert resume, err
+    report = convoscope("replay", "report", resume.group(1), "--json", db=db, cwd=tmp_path)
+    assert report.returncode == 0, report.stderr  # the run it names exists
 
 
 def test_replay_without_model_is_a_clear_error(tmp_path: Path) -> None:
