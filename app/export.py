@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from sqlalchemy.engine import Engine
 
+from ingest.files import unwritable_reason
 from storage.clusters import (
     exchanges_in_clusters,
     latest_run,
@@ -104,11 +105,9 @@ def guess_format(path: Path) -> str:
 
 def check_out_path(out: Path, format: str) -> None:
     """Refuse an output path that cannot be written, before any row is read."""
-    if out.is_dir():
-        raise ValueError(f"--out {out} is a folder; give a file name, e.g. {out / 'export.jsonl'}")
-    folder = next(p for p in out.resolve().parents if p.exists())
-    if not folder.is_dir():
-        raise ValueError(f"--out {out}: {folder} is a file, not a folder")
+    problem = unwritable_reason(out)
+    if problem is not None:
+        raise ValueError(f"--out {out} {problem}")
     if format == "parquet" and _gzipped(out):
         raise ValueError(f"--out {out}: Parquet files are compressed already; drop the .gz")
 

@@ -50,6 +50,15 @@ class Record:
     value: Any
 
 
+def unwritable_reason(path: Path) -> str | None:
+    """Why a file cannot be written at `path` (a folder is there, or a file stands where a
+    folder of its path should be), or None; checked before work starts, not after it."""
+    if path.is_dir():
+        return "is a folder; give a file name"
+    folder = next(p for p in path.expanduser().resolve().parents if p.exists())
+    return None if folder.is_dir() else f"cannot be created: {folder} is a file, not a folder"
+
+
 def log_files_in(directory: Path) -> list[Path]:
     """The log files below a folder, in name order: those named like a log (`LOG_SUFFIXES`,
     optionally `.gz`), leaving out hidden files and folders and convoscope's own rejects files.

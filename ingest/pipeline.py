@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from ingest.detect import detect_format
 from ingest.exchanges import battle_exchanges, split_conversation
-from ingest.files import REJECTS_PREFIX
+from ingest.files import REJECTS_PREFIX, unwritable_reason
 from ingest.readers import ReadOptions, read_file
 from ingest.records import (
     BattleRecord,
@@ -92,11 +92,9 @@ def check_rejects_path(rejects: Path, inputs: Sequence[Path]) -> None:
     target = rejects.expanduser().resolve()
     if any(target == Path(p).expanduser().resolve() for p in inputs):
         raise ValueError(f"--rejects {rejects} is one of the files to ingest; choose another file")
-    if target.is_dir():
-        raise ValueError(f"--rejects {rejects} is a folder; give a file name")
-    folder = next(p for p in target.parents if p.exists())
-    if not folder.is_dir():
-        raise ValueError(f"--rejects {rejects}: {folder} is a file, not a folder")
+    problem = unwritable_reason(target)
+    if problem is not None:
+        raise ValueError(f"--rejects {rejects} {problem}")
 
 
 def ingest_paths(paths: Sequence[Path], *, engine: Engine, config: IngestConfig) -> IngestSummary:

@@ -8,7 +8,6 @@ import gzip
 import json
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -17,29 +16,14 @@ from ingest.detect import detect_format
 from ingest.exchanges import split_conversation
 from ingest.pipeline import IngestConfig, ingest_paths
 from ingest.readers import ReadOptions, read_file
-from ingest.records import Conversation, Parsed, Reject
+from ingest.records import Conversation, Reject
 from storage.engine import open_database
-
-
-def write_jsonl(path: Path, records: list[Any]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return path
+from tests.test_ingest_readers import of, openai_line, write_jsonl
 
 
 def write_csv_rows(path: Path, rows: list[list[str]]) -> None:
     with path.open("w", encoding="utf-8", newline="") as f:
         csv.writer(f).writerows(rows)
-
-
-def of(kind: type, parsed: list[Parsed]) -> list[Any]:
-    return [p for p in parsed if isinstance(p, kind)]
-
-
-def openai_line(prompt: Any, answer: Any, **extra: Any) -> dict[str, Any]:
-    return {
-        "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
-        **extra,
-    }
 
 
 def test_time_zone_offsets_are_converted_to_utc(tmp_path: Path) -> None:

@@ -40,7 +40,7 @@ def of(kind: type, parsed: list[Parsed]) -> list[Any]:
     return [p for p in parsed if isinstance(p, kind)]
 
 
-def openai_line(prompt: str, answer: str, **extra: Any) -> dict[str, Any]:
+def openai_line(prompt: Any, answer: Any, **extra: Any) -> dict[str, Any]:
     return {
         "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
         **extra,
