@@ -68,8 +68,9 @@ def test_an_interrupted_replay_names_the_run_to_resume(tmp_path: Path) -> None:
     write_openai_jsonl(log, 4)
     db = f"duckdb:///{tmp_path / 'interrupted.duckdb'}"
     assert convoscope("ingest", str(log), db=db, cwd=tmp_path).returncode == 0
-    with OpenAIServer(delay_s=60) as server:
-        args = ("replay", "--model", "m", "--base-url", server.base_url, "--timeout", "120")
+    # The server never answers within the test: the replay can only end through the interrupt.
+    with OpenAIServer(delay_s=900) as server:
+        args = ("replay", "--model", "m", "--base-url", server.base_url, "--timeout", "900")
         process = subprocess.Popen(
             [sys.executable, "-m", "app.cli", "--db", db, *args],
             cwd=tmp_path,
@@ -81,8 +82,11 @@ def test_an_interrupted_replay_names_the_run_to_resume(tmp_path: Path) -> None:
         while server.total_requests() == 0 and time.monotonic() < deadline:
             time.sleep(0.2)
         process.send_signal(signal.SIGINT)
-        _, err = process.communicate(timeout=60)
+        # It exits in about a second; the margin is for a machine loaded by other test runs.
+        _, err = process.communicate(timeout=300)
+        answered = server.total_answered()
     assert process.returncode == 130, err
+    assert answered == 0  # it stopped on the interrupt, not because its requests finished
     resume = re.search(r"`convoscope replay --resume ([0-9a-f]{32})` and the same options", err)
     assert resume, err
     report = convoscope("replay", "report", resume.group(1), "--json", db=db, cwd=tmp_path)
