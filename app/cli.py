@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from app import commands
+from ingest.readers import FORMATS as INGEST_FORMATS
 from storage.engine import StorageError
 
 Handler = Callable[[argparse.Namespace], dict[str, Any]]
@@ -93,8 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     reading = argparse.ArgumentParser(add_help=False)
     reading.add_argument(
         "--format",
-        choices=["openai", "sharegpt", "chai", "battles", "csv", "parquet"],
-        help="skip auto-detection",
+        choices=list(INGEST_FORMATS),
+        help="skip auto-detection (convoscope: a `convoscope export --format jsonl` file)",
     )
     reading.add_argument(
         "--map",

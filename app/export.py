@@ -7,6 +7,9 @@ person's name winning), tags and reward score. The file is written next to its t
 renamed into place at the end, so a failed export never leaves half a file behind; a name
 ending in `.gz` is gzipped.
 
+JSONL rows are whole stored exchanges (context as a list, metadata as an object), so
+`convoscope ingest` reads them back under the same ids (ingest/exported.py).
+
 The writers here serve the CLI and the UI (app/ui/exporting.py), whose rows differ only in
 their columns (the UI carries one `score:<scorer>` column per scorer).
 """
@@ -181,13 +184,19 @@ def export_exchanges(
     """Write the selected exchanges to `out` in `format`; returns how many rows were written."""
     chosen = format or guess_format(out)
     check_out_path(out, chosen)
-    batches = iter_export_rows(engine, selection or ExportSelection())
+    # JSONL is the format that ingests back (ingest.exported): it also carries the stored
+    # metadata (tool steps, a CSV row's other columns), which a flat table has no column for.
+    columns = (*EXCHANGE_EXPORT_COLUMNS, "metadata") if chosen == "jsonl" else None
+    batches = iter_export_rows(engine, selection or ExportSelection(), columns=columns)
     rows = write_file(batches, COLUMNS, chosen, out)
     return ExportResult(path=str(out), format=chosen, rows=rows)
 
 
-def iter_export_rows(engine: Engine, selection: ExportSelection) -> Iterator[list[dict[str, Any]]]:
-    """Selected exchanges in batches, each row carrying its cluster, tags and reward."""
+def iter_export_rows(
+    engine: Engine, selection: ExportSelection, *, columns: Sequence[str] | None = None
+) -> Iterator[list[dict[str, Any]]]:
+    """Selected exchanges in batches, each row carrying its cluster, tags and reward; the
+    exchange columns are `columns` (default EXCHANGE_EXPORT_COLUMNS)."""
     run = latest_run(engine)
     assignment = load_assignments(engine, run["id"]) if run else {}
     clusters = {c["id"]: c for c in load_clusters(engine, run["id"])} if run else {}
@@ -195,7 +204,8 @@ def iter_export_rows(engine: Engine, selection: ExportSelection) -> Iterator[lis
     scorer = latest_scorer(engine, "reward:")
     rewards = load_scores(engine, scorer) if scorer else {}
     wanted = _selected_ids(engine, run["id"] if run else None, selection, exchange_tags)
-    for batch in iter_exchanges(engine, where=selection.where, columns=EXCHANGE_EXPORT_COLUMNS):
+    columns = columns or EXCHANGE_EXPORT_COLUMNS
+    for batch in iter_exchanges(engine, where=selection.where, columns=columns):
         rows = []
         for row in batch:
             if wanted is not None and row["id"] not in wanted:
@@ -295,12 +305,15 @@ def _check_format(format: str) -> None:
 
 
 def _plain(row: dict[str, Any]) -> dict[str, Any]:
-    """JSON-ready values: timestamps as ISO strings, context and tags as lists."""
+    """JSON-ready values: timestamps as ISO strings, context and tags as lists, metadata (when
+    selected) as an object."""
     plain = dict(row)
     if plain.get("created_at") is not None:
         plain["created_at"] = plain["created_at"].isoformat()
     plain["context"] = json.loads(plain["context"]) if plain.get("context") else []
     plain["tags"] = plain["tags"].split(TAG_SEPARATOR) if plain.get("tags") else []
+    if "metadata" in plain:
+        plain["metadata"] = json.loads(plain["metadata"]) if plain["metadata"] else None
     return plain
 
 

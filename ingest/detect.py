@@ -36,10 +36,13 @@ _CHAI_KEYS = frozenset({"bot_id", "bot_name"})
 _CHAI_MESSAGE_KEYS = frozenset({"sender", "sent_date", "deleted", "sender_type", "is_user"})
 _TABULAR_SUFFIXES = (".csv", ".tsv")
 _CANONICAL_COLUMNS = frozenset({"prompt", "response", "conversation_id"})
+# The keys of every row of `convoscope export --format jsonl` (ingest.exported.REQUIRED_KEYS).
+EXPORT_KEYS = frozenset({"id", "conversation_id", "turn_index", "prompt", "response", "context"})
 
 
 def detect_format(path: Path, *, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> str:
-    """One of "openai", "sharegpt", "chai", "battles", "csv", "parquet"; ValueError otherwise."""
+    """One of "openai", "sharegpt", "chai", "battles", "csv", "parquet", "convoscope" (our own
+    JSONL export); ValueError otherwise."""
     path = Path(path)
     start = head(path)
     if start.startswith(b"PAR1"):
@@ -68,12 +71,15 @@ def detect_format(path: Path, *, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -
     raise ValueError(
         f"cannot detect the format of {path}: saw {seen}; expected OpenAI chat "
         "(messages), ShareGPT (conversations), Chai (messages with sender), battles "
-        "(winner, model_a, response_a), CSV or Parquet. Pass --format to choose one."
+        "(winner, model_a, response_a), a convoscope JSONL export (id, conversation_id, "
+        "turn_index, prompt, response, context), CSV or Parquet. Pass --format to choose one."
     )
 
 
 def classify(keys: set[str], message_keys: set[str]) -> str | None:
     """The format whose keys these are: a record's top-level keys and its first message's keys."""
+    if keys >= EXPORT_KEYS:  # convoscope's own export: read back under the stored ids
+        return "convoscope"
     if "winner" in keys and ({"response_a", "model_a"} & keys):
         return "battles"
     if "conversations" in keys and {"from", "value"} & message_keys:

@@ -34,6 +34,7 @@ from ingest.records import (
     Exchange,
     Message,
     Reject,
+    StoredExchanges,
     Truncation,
     UnknownRole,
     content_hash,
@@ -150,11 +151,14 @@ def _ingest_file(
         for record in bar:
             if config.limit is not None and taken >= config.limit:
                 break
-            if isinstance(record, Conversation | BattleRecord):
+            if isinstance(record, Conversation | BattleRecord | StoredExchanges):
                 taken += 1
             if isinstance(record, Conversation):
                 summary.conversations += 1
                 batch.add_conversation(record, split_conversation(record))
+            elif isinstance(record, StoredExchanges):
+                summary.conversations += 1
+                batch.add_stored(record)
             elif isinstance(record, BattleRecord):
                 summary.battles += 1
                 batch.add_battle(record, battle_exchanges(record))
@@ -292,6 +296,37 @@ class _Batch:
         )
         # Each exchange's context repeats the turns before it: store a reference to the
         # exchange it continues and only what came after that (storage/contexts.py).
+        ids = [part.id for part in parts]
+        for k, part in enumerate(parts):
+            parent, tail = _context_parent(parts, ids, k)
+            self.exchanges.append(
+                exchange_row(part, now, exchange_id=ids[k], context=tail, context_parent=parent)
+            )
+
+    def add_stored(self, record: StoredExchanges) -> None:
+        """Exchanges read back from an export, under the conversation id they carry.
+
+        The conversation row is what the rows tell (a row per conversation is needed, and an
+        existing one is kept as it is): its length is the longest context plus that turn,
+        its time the earliest; its feedback is on the exchanges already.
+        """
+        now = utcnow()
+        parts = record.exchanges
+        times = [e.created_at for e in parts if e.created_at is not None]
+        self.conversations.append(
+            {
+                "id": parts[0].conversation_id,
+                "external_id": None,
+                "source": parts[0].source,
+                "created_at": min(times) if len(times) == len(parts) else None,
+                "n_messages": max(len(e.context) for e in parts) + 2,
+                "thumbs": None,
+                "rating": None,
+                "feedback_text": None,
+                "metadata": None,
+                "ingested_at": now,
+            }
+        )
         ids = [part.id for part in parts]
         for k, part in enumerate(parts):
             parent, tail = _context_parent(parts, ids, k)

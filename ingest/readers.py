@@ -27,7 +27,7 @@ from ingest.files import (
 )
 from ingest.records import Conversation, Parsed, Reject, UnknownRole
 
-FORMATS = ("openai", "sharegpt", "chai", "battles", "csv", "parquet")
+FORMATS = ("openai", "sharegpt", "chai", "battles", "csv", "parquet", "convoscope")
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ def read_file(
 
 def _reader(format: str) -> Callable[..., Iterator[Parsed]]:
     """The reader function of a format name (imported here: the readers import this module)."""
-    from ingest import battles, chai, openai_chat, sharegpt, tabular
+    from ingest import battles, chai, exported, openai_chat, sharegpt, tabular
 
     readers: dict[str, Callable[..., Iterator[Parsed]]] = {
         "openai": openai_chat.read_openai,
@@ -76,6 +76,7 @@ def _reader(format: str) -> Callable[..., Iterator[Parsed]]:
         "battles": battles.read_battles,
         "csv": tabular.read_csv,
         "parquet": tabular.read_parquet,
+        "convoscope": exported.read_exported,  # convoscope's own JSONL export
     }
     if format not in readers:
         raise ValueError(f"unknown format {format!r}; expected one of {', '.join(FORMATS)}")

@@ -164,6 +164,20 @@ class BattleRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class StoredExchanges:
+    """Exchanges read back from convoscope's own JSONL export: one conversation's rows, each
+    with the conversation id and turn index it was stored under, so its id is the original's.
+
+    Not a `Conversation`: an export may hold any subset of a conversation's turns (a tagged
+    cluster), so splitting the rows again would derive other ids and other signals.
+    """
+
+    exchanges: tuple[Exchange, ...]  # in turn order
+    source: str  # the file they were read from (each exchange keeps its original source)
+    line: int  # where the first row is
+
+
+@dataclass(frozen=True, slots=True)
 class Reject:
     """A record that could not be read: where it is and why, for the rejects file."""
 
@@ -193,4 +207,4 @@ class UnknownRole:
     role: str
 
 
-Parsed = Conversation | BattleRecord | Reject | Truncation | UnknownRole
+Parsed = Conversation | BattleRecord | StoredExchanges | Reject | Truncation | UnknownRole

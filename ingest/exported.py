@@ -1,0 +1,232 @@
+"""convoscope's own JSONL export read back: the exchanges it holds, under their original ids.
+
+An export row is an exchange as stored (`convoscope export --format jsonl`): its id, the
+conversation id and turn index it was stored under, its whole context, prompt, response,
+model, instruction, time, source, external id, signals and metadata. Reading it as a log would
+split the rows into new conversations with new ids, so every re-ingest of a moved subset
+would double it. Instead each row becomes the `Exchange` it was, carrying its conversation id
+and turn index, so its content hash is the original id: ingesting an export into the database
+it came from stores nothing, and into another one stores the same ids.
+
+The structural signals (`user_turns_after`, `ended_conversation`,
+`seconds_to_next_user_message`) are taken as logged values, not derived again: an export often
+holds a few turns of a conversation (a cluster, a tag), and the turns left out are what those
+signals were read from. The source is the row's own (the log it was first ingested from), not
+the export file: the reward labels judge "the user left" per source, so a mixed export must not
+merge sources. Where the row came from in the other database (cluster, tags, reward, scores)
+belongs to that database's runs and is not imported. A row whose `id` does not match its
+content (an edited prompt, a changed model) is rejected: stored under its claimed id it would
+be a different exchange, stored under a new one it would no longer join back.
+
+The file is untrusted like any log: every field is type-checked, and a bad row is a reject
+naming its line and field while the rows around it are stored.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ingest.detect import EXPORT_KEYS
+from ingest.files import Record, iter_json_records
+from ingest.readers import (
+    FieldError,
+    as_datetime,
+    field_reject,
+    not_an_object,
+    unstorable_text,
+)
+from ingest.records import Exchange, Message, Parsed, Reject, StoredExchanges, canonical_role
+
+if TYPE_CHECKING:
+    from ingest.readers import ReadOptions
+
+# The keys that make a record an export row (detection recognises the format by them).
+REQUIRED_KEYS = EXPORT_KEYS
+# The export's columns about the other database's runs: read past, never imported or rejected.
+NOT_IMPORTED = frozenset(
+    {"cluster_id", "cluster_label", "parent_cluster_id", "tags", "reward", "reward_scorer"}
+)
+_SCORE_PREFIX = "score:"  # the UI export's per-scorer columns
+_OPTIONAL_TEXT = ("model", "instruction", "source", "external_id")
+_BOOLEANS = ("retried", "edited", "deleted", "ended_conversation")
+_NUMBERS = ("rating", "seconds_to_next_user_message")
+_KNOWN = REQUIRED_KEYS | {
+    *_OPTIONAL_TEXT,
+    *_BOOLEANS,
+    *_NUMBERS,
+    "created_at",
+    "thumbs",
+    "user_turns_after",
+    "metadata",
+}
+# Ids are 32 hex digits (records.content_hash); the column is 32 characters wide.
+_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def read_exported(path: Path, *, options: ReadOptions) -> Iterator[Parsed]:
+    """`StoredExchanges` per run of rows of one conversation, and Rejects, in file order.
+
+    The export writes a conversation's rows together, in turn order; rows of one conversation
+    that are not contiguous (two exports joined) are read as two groups, which is harmless:
+    their ids are carried, not derived from the group.
+    """
+    source = options.source_for(path)
+    group: list[Exchange] = []
+    line = 0
+    for item in iter_json_records(path, source=source, max_line_bytes=options.max_line_bytes):
+        if type(item) is not Record:
+            yield item
+            continue
+        parsed = _exchange(item.value, item.number, source)
+        if isinstance(parsed, Reject):
+            yield parsed
+            continue
+        if group and parsed.conversation_id != group[0].conversation_id:
+            yield _group(group, source, line)
+            group = []
+        if not group:
+            line = item.number
+        group.append(parsed)
+    if group:
+        yield _group(group, source, line)
+
+
+def _group(rows: list[Exchange], source: str, line: int) -> StoredExchanges:
+    ordered = sorted(rows, key=lambda e: e.turn_index)  # stable: file order within a turn
+    return StoredExchanges(exchanges=tuple(ordered), source=source, line=line)
+
+
+def _exchange(record: Any, number: int, source: str) -> Exchange | Reject:
+    """The exchange one export row holds, or the Reject naming its first bad field."""
+    if not isinstance(record, dict):
+        return not_an_object(source, number, record)
+    try:
+        missing = sorted(REQUIRED_KEYS - set(record) - {"id"})
+        if missing:
+            raise FieldError(missing[0], "missing: an export row names its exchange by it")
+        unstorable = unstorable_text(record)
+        if unstorable is not None:
+            raise unstorable
+        text = {name: _optional_text(record.get(name), name) for name in _OPTIONAL_TEXT}
+        exchange = Exchange(
+            conversation_id=_id(record["conversation_id"], "conversation_id"),
+            turn_index=_count(record["turn_index"], "turn_index", required=True),
+            context=_context(record["context"]),
+            prompt=_text(record["prompt"], "prompt"),
+            response=_text(record["response"], "response"),
+            model=text["model"],
+            instruction=text["instruction"],
+            created_at=_time(record.get("created_at")),
+            source=text["source"] or source,
+            external_id=text["external_id"],
+            retried=_bool(record.get("retried"), "retried"),
+            edited=_bool(record.get("edited"), "edited"),
+            deleted=_bool(record.get("deleted"), "deleted"),
+            rating=_number(record.get("rating"), "rating"),
+            thumbs=_thumbs(record.get("thumbs")),
+            user_turns_after=_count(record.get("user_turns_after"), "user_turns_after"),
+            ended_conversation=_bool(record.get("ended_conversation"), "ended_conversation"),
+            seconds_to_next_user_message=_number(
+                record.get("seconds_to_next_user_message"), "seconds_to_next_user_message"
+            ),
+            metadata=_metadata(record),
+        )
+        if "id" in record and _id(record["id"], "id") != exchange.id:
+            raise FieldError(
+                "id",
+                "does not match the row's conversation_id, turn_index, prompt, response and "
+                "model: the row was edited after export",
+            )
+    except FieldError as err:
+        return field_reject(source, number, err, record)
+    return exchange
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _id(value: Any, name: str) -> str:
+    if not isinstance(value, str) or not _ID.fullmatch(value):
+        shown = repr(value) if isinstance(value, str) else _kind(value)
+        raise FieldError(name, f"expected a convoscope id (32 hex digits), got {shown[:60]}")
+    return value
+
+
+def _text(value: Any, name: str) -> str:
+    if not isinstance(value, str):
+        raise FieldError(name, f"expected a string, got {_kind(value)}")
+    return value
+
+
+def _optional_text(value: Any, name: str) -> str | None:
+    return None if value is None else _text(value, name)
+
+
+def _bool(value: Any, name: str) -> bool | None:
+    """true, false or null: the export writes JSON booleans, so anything else was edited."""
+    if value is None or isinstance(value, bool):
+        return value
+    raise FieldError(name, f"expected true, false or null, got {value!r}"[:200])
+
+
+def _number(value: Any, name: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise FieldError(name, f"expected a finite number or null, got {value!r}"[:200])
+    return float(value)
+
+
+def _count(value: Any, name: str, *, required: bool = False) -> int | None:
+    if value is None and not required:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise FieldError(name, f"expected a whole number of at least 0, got {value!r}"[:200])
+    return value
+
+
+def _thumbs(value: Any) -> int | None:
+    if value is None or (value in (1, -1) and not isinstance(value, bool)):
+        return value
+    raise FieldError("thumbs", f"expected 1, -1 or null, got {value!r}"[:200])
+
+
+def _time(value: Any) -> datetime | None:
+    if value is not None and not isinstance(value, str):
+        raise FieldError("created_at", f"expected an ISO date-time or null, got {_kind(value)}")
+    return as_datetime(value, "created_at")
+
+
+def _context(value: Any) -> tuple[Message, ...]:
+    """The whole context, as the export writes it: a list of {role, content}."""
+    if not isinstance(value, list):
+        raise FieldError("context", f"expected a list of {{role, content}}, got {_kind(value)}")
+    messages = []
+    for i, raw in enumerate(value):
+        role_name = raw.get("role") if isinstance(raw, dict) else None
+        role = canonical_role(role_name) if isinstance(role_name, str) else None
+        content = raw.get("content") if isinstance(raw, dict) else None
+        if role is None or not isinstance(content, str):
+            raise FieldError(f"context[{i}]", "expected {role, content} with a known role")
+        messages.append(Message(role=role, content=content))
+    return tuple(messages)
+
+
+def _metadata(record: dict[str, Any]) -> dict[str, Any]:
+    """The exchange's stored metadata (`metadata`), plus any key the export does not write,
+    kept as every reader keeps unknown fields; the other database's runs are left out."""
+    stored = record.get("metadata")
+    if stored is not None and not isinstance(stored, dict):
+        raise FieldError("metadata", f"expected a JSON object or null, got {_kind(stored)}")
+    extra = {
+        key: value
+        for key, value in record.items()
+        if key not in _KNOWN and key not in NOT_IMPORTED and not key.startswith(_SCORE_PREFIX)
+    }
+    return {**(stored or {}), **extra}

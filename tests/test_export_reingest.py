@@ -1,0 +1,156 @@
+"""A JSONL export ingests back as the exchanges it holds, under their original ids: through the
+real CLI, between real DuckDB and SQLite files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from storage.engine import open_database
+from storage.logs import iter_exchanges
+from storage.schema import ingest_runs
+from tests.test_ingest_pipeline import convoscope
+
+T0 = 1_767_268_800  # 2026-01-01 12:00 UTC
+
+
+def _chat_log(path: Path) -> None:
+    """Multi-turn OpenAI chats with every logged signal, a tool call and a saved input."""
+    call = {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}
+    records: list[dict[str, Any]] = [
+        {
+            "id": "conv-1",
+            "model": "bot-1",
+            "instruction": "sp-42",
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "What is 2 + 2?", "created_at": T0},
+                {"role": "assistant", "content": "5.", "created_at": T0 + 5, "retried": True},
+                {"role": "assistant", "content": "4.", "created_at": T0 + 9, "rating": 4},
+                {"role": "user", "content": "And doubled?", "created_at": T0 + 70},
+                {
+                    "role": "assistant",
+                    "content": "8.",
+                    "created_at": T0 + 75,
+                    "edited": True,
+                    "thumbs": "down",
+                    "deleted": False,
+                },
+                {"role": "user", "content": '=HYPERLINK("x")', "created_at": T0 + 90},
+                {"role": "assistant", "content": "Plain text.", "created_at": T0 + 95},
+            ],
+        },
+        {
+            "id": "conv-2",
+            "model": "bot-2",
+            "thumbs_up": False,
+            "messages": [
+                {"role": "user", "content": "Weather in Oslo?"},
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "c1", "content": "rain"},
+                {"role": "assistant", "content": "Rain, sadly."},
+            ],
+        },
+        {"id": "conv-3", "model": "bot-1", "messages": [{"role": "user", "content": "Saved?"}]},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def _stored(db: str) -> dict[str, dict[str, Any]]:
+    """Every stored exchange by id, contexts whole, less the time it was ingested."""
+    engine = open_database(db)
+    try:
+        rows = [row for batch in iter_exchanges(engine) for row in batch]
+    finally:
+        engine.dispose()
+    for row in rows:
+        del row["ingested_at"]
+    return {row["id"]: row for row in rows}
+
+
+def _ingest(db: str, path: Path, cwd: Path, *extra: str) -> dict[str, Any]:
+    result = convoscope("ingest", str(path), "--json", *extra, db=db, cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def _export(db: str, out: Path, cwd: Path) -> list[dict[str, Any]]:
+    result = convoscope("export", "--out", str(out), "--format", "jsonl", db=db, cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def test_a_jsonl_export_ingests_back_under_the_same_ids(tmp_path: Path) -> None:
+    log = tmp_path / "chats.jsonl"
+    _chat_log(log)
+    a = f"duckdb:///{tmp_path / 'a.duckdb'}"
+    b = f"sqlite:///{tmp_path / 'b.sqlite'}"
+    first = _ingest(a, log, tmp_path)
+    originals = _stored(a)
+    assert first["stored"] == len(originals) == 6
+
+    exported = _export(a, tmp_path / "export.jsonl", tmp_path)
+    assert len(exported) == 6
+    tool_answer = next(r for r in exported if r["response"] == "Rain, sadly.")
+    assert tool_answer["metadata"]["tool_steps"][1]["content"] == "rain"
+
+    # Into the database it came from: every row is already there.
+    again = _ingest(a, tmp_path / "export.jsonl", tmp_path)
+    assert (again["read"], again["stored"], again["duplicates"], again["rejected"]) == (6, 0, 6, 0)
+    assert _stored(a) == originals
+
+    # Into a fresh database (another engine): the same exchanges, field by field.
+    fresh = _ingest(b, tmp_path / "export.jsonl", tmp_path)
+    assert (fresh["stored"], fresh["rejected"]) == (6, 0)
+    copies = _stored(b)
+    assert copies.keys() == originals.keys()
+    for exchange_id, original in originals.items():
+        assert copies[exchange_id] == original, exchange_id
+    signals = {r["response"]: r for r in originals.values()}
+    assert signals["5."]["retried"] is True and signals["4."]["rating"] == 4
+    assert signals["8."]["edited"] is True and signals["8."]["thumbs"] == -1
+    assert signals["4."]["seconds_to_next_user_message"] == 61
+    assert signals["Rain, sadly."]["thumbs"] == -1
+    assert signals[""]["prompt"] == "Saved?"  # the saved input came back too
+    engine = open_database(b)
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(ingest_runs.c.format)).scalar_one() == "convoscope"
+    engine.dispose()
+
+    # And its export is the first one, byte for byte.
+    assert _export(b, tmp_path / "again.jsonl", tmp_path) == exported
+
+
+def test_a_tampered_export_row_is_rejected_with_its_line_and_the_others_stored(
+    tmp_path: Path,
+) -> None:
+    log = tmp_path / "chats.jsonl"
+    _chat_log(log)
+    a = f"duckdb:///{tmp_path / 'a.duckdb'}"
+    _ingest(a, log, tmp_path)
+    originals = _stored(a)
+    rows = _export(a, tmp_path / "export.jsonl", tmp_path)
+
+    rows[1]["prompt"] = "Something else"  # line 2: edited text under the original id
+    rows[2]["turn_index"] = "three"  # line 3: a wrong type
+    # Where the rows landed in the other database does not travel, and costs no reject.
+    rows[3].update(cluster_id="t3", tags=["billing"], reward=0.5, **{"score:reward:x": 0.1})
+    tampered = tmp_path / "tampered.jsonl"
+    tampered.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    b = f"duckdb:///{tmp_path / 'b.duckdb'}"
+    rejects = tmp_path / "rejects.jsonl"
+    summary = _ingest(b, tampered, tmp_path, "--rejects", str(rejects))
+    assert (summary["stored"], summary["rejected"]) == (4, 2)
+    found = [json.loads(line) for line in rejects.read_text().splitlines()]
+    assert [(r["file"], r["line"], r["field"]) for r in found] == [
+        (str(tampered), 2, "id"),
+        (str(tampered), 3, "turn_index"),
+    ]
+    copies = _stored(b)
+    kept = {rows[i]["id"] for i in (0, 3, 4, 5)}
+    assert copies.keys() == kept
+    assert all(copies[i] == originals[i] for i in kept)
