@@ -140,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--tag", action="append", default=[], help="only rows tagged so (repeat)")
     export.add_argument("--min-reward", type=float, help="only rows scored at least this")
     export.add_argument("--max-reward", type=float, help="only rows scored at most this")
+    export.add_argument(
+        "--spreadsheet-safe",
+        action="store_true",
+        help="CSV only: prefix cells a spreadsheet would run as formulas (=, +, -, @, tab, CR) "
+        "with ' (default: cells as stored, for pandas)",
+    )
     export.set_defaults(handler=commands.export)
 
     embedding = argparse.ArgumentParser(add_help=False)

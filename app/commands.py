@@ -17,7 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import Engine
 
-from app.export import ExportSelection, export_exchanges, matching_sources, why_empty
+from app.export import (
+    ExportSelection,
+    check_spreadsheet_safe,
+    export_exchanges,
+    guess_format,
+    matching_sources,
+    why_empty,
+)
 from app.line_files import LineRecord, read_line_file
 from ingest.battles import parse_winner
 from ingest.files import LOG_SUFFIXES, log_files_in
@@ -52,6 +59,11 @@ class Interrupted(KeyboardInterrupt):
 
 def warn(message: str) -> None:
     print(f"convoscope: warning: {message}", file=sys.stderr)
+
+
+def note(message: str) -> None:
+    """Something to know about a result that is not wrong as it is: one line on stderr."""
+    print(f"convoscope: note: {message}", file=sys.stderr)
 
 
 def ingest(args: argparse.Namespace) -> dict[str, Any]:
@@ -106,6 +118,8 @@ def _ingest_config(args: argparse.Namespace, **extra: Any) -> IngestConfig:
 
 
 def export(args: argparse.Namespace) -> dict[str, Any]:
+    format = args.format or guess_format(args.out)
+    check_spreadsheet_safe(format, args.spreadsheet_safe)  # before the database is opened
     engine = open_database(args.db, read_only=True)  # export only reads: no write lock
     try:
         sources = matching_sources(engine, args.source)
@@ -116,13 +130,29 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
             min_reward=args.min_reward,
             max_reward=args.max_reward,
         )
-        result = export_exchanges(engine, args.out, format=args.format, selection=selection)
+        result = export_exchanges(
+            engine,
+            args.out,
+            format=format,
+            selection=selection,
+            safe_for_spreadsheets=args.spreadsheet_safe,
+        )
         if not result.rows:
             for reason in why_empty(engine, selection):
                 warn(f"no rows exported: {reason}")
     finally:
         engine.dispose()
-    return {"path": result.path, "format": result.format, "rows": result.rows}
+    summary: dict[str, Any] = {"path": result.path, "format": result.format, "rows": result.rows}
+    if format == "csv":
+        summary["formula_cells"] = result.formula_cells
+        summary["spreadsheet_safe"] = args.spreadsheet_safe
+        if result.formula_cells and not args.spreadsheet_safe:
+            note(
+                f"{result.formula_cells} cells start with =, +, -, @, a tab or a carriage "
+                "return and would run as formulas in a spreadsheet; --spreadsheet-safe "
+                "prefixes them with ' (written as stored for pandas and other readers)"
+            )
+    return summary
 
 
 def _embed_config(args: argparse.Namespace) -> EmbedConfig:

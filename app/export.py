@@ -65,6 +65,10 @@ _TYPES: dict[str, pa.DataType] = {
     "reward": pa.float64(),
 }
 TAG_SEPARATOR = "; "  # tags in CSV/Parquet cells; JSONL carries them as a list
+# What a cell starts with when a spreadsheet (Excel, LibreOffice, Google Sheets) runs it as a
+# formula, per OWASP's CSV injection guidance: log text is untrusted, so a prompt such as
+# `=HYPERLINK("http://evil","click")` must not become a live link in an analyst's sheet.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 # The CLI's column order: the exchange, then where it landed and its reward.
 COLUMNS: tuple[str, ...] = (
@@ -96,6 +100,27 @@ class ExportResult:
     path: str
     format: str
     rows: int
+    formula_cells: int = 0  # CSV cells a spreadsheet runs as formulas (prefixed when safe)
+
+
+@dataclass(slots=True)
+class WriteStats:
+    """What a writer saw besides its rows: the CSV cells a spreadsheet would run as formulas,
+    counted so a default export can say so (it leaves them as they are)."""
+
+    formula_cells: int = 0
+
+
+def runs_as_formula(value: Any) -> bool:
+    """Whether a spreadsheet opening this CSV cell would run it as a formula. Only text
+    counts: a number (a thumbs-down -1, a negative reward) is written and read as a number."""
+    return isinstance(value, str) and value.startswith(FORMULA_STARTS)
+
+
+def spreadsheet_safe(value: Any) -> Any:
+    """OWASP's neutralisation: a leading single quote makes the cell text in a spreadsheet
+    (which hides the quote); every other value is left as it is."""
+    return "'" + value if runs_as_formula(value) else value
 
 
 def guess_format(path: Path) -> str:
@@ -180,16 +205,33 @@ def export_exchanges(
     *,
     format: str | None = None,
     selection: ExportSelection | None = None,
+    safe_for_spreadsheets: bool = False,
 ) -> ExportResult:
-    """Write the selected exchanges to `out` in `format`; returns how many rows were written."""
+    """Write the selected exchanges to `out` in `format`: how many rows were written, and how
+    many CSV cells a spreadsheet would run as formulas (`safe_for_spreadsheets`: prefixed)."""
     chosen = format or guess_format(out)
+    check_spreadsheet_safe(chosen, safe_for_spreadsheets)
     check_out_path(out, chosen)
     # JSONL is the format that ingests back (ingest.exported): it also carries the stored
     # metadata (tool steps, a CSV row's other columns), which a flat table has no column for.
     columns = (*EXCHANGE_EXPORT_COLUMNS, "metadata") if chosen == "jsonl" else None
     batches = iter_export_rows(engine, selection or ExportSelection(), columns=columns)
-    rows = write_file(batches, COLUMNS, chosen, out)
-    return ExportResult(path=str(out), format=chosen, rows=rows)
+    stats = WriteStats()
+    rows = write_file(
+        batches, COLUMNS, chosen, out, safe_for_spreadsheets=safe_for_spreadsheets, stats=stats
+    )
+    return ExportResult(path=str(out), format=chosen, rows=rows, formula_cells=stats.formula_cells)
+
+
+def check_spreadsheet_safe(format: str, safe_for_spreadsheets: bool) -> None:
+    """Refuse spreadsheet-safe output for a format other than CSV: spreadsheets run formulas
+    from CSV cells, while a quote added to a JSONL or Parquet value would only corrupt it."""
+    if safe_for_spreadsheets and format != "csv":
+        raise ValueError(
+            f"--spreadsheet-safe is for CSV exports only (this export is {format}): "
+            "spreadsheets open CSV, and a quote added to other formats would change the data; "
+            "use --format csv or drop the flag"
+        )
 
 
 def iter_export_rows(
@@ -264,34 +306,63 @@ def arrow_schema(names: Sequence[str]) -> pa.Schema:
     )
 
 
-def write_file(batches: Batches, names: Sequence[str], format: str, out: Path) -> int:
+def write_file(
+    batches: Batches,
+    names: Sequence[str],
+    format: str,
+    out: Path,
+    *,
+    safe_for_spreadsheets: bool = False,
+    stats: WriteStats | None = None,
+) -> int:
     """Write rows to `out` atomically (a `.partial` sibling renamed into place), gzipped when
-    its name ends in `.gz`; the count."""
+    its name ends in `.gz`; the count. See write_rows for the CSV options."""
     _check_format(format)
+    check_spreadsheet_safe(format, safe_for_spreadsheets)
+
+    def write(handle: IO[bytes]) -> int:
+        return write_rows(
+            batches, names, format, handle, safe_for_spreadsheets=safe_for_spreadsheets, stats=stats
+        )
+
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
     try:
         with partial.open("wb") as raw:
             if _gzipped(out):
                 with gzip.GzipFile(filename=out.name[:-3], mode="wb", fileobj=raw) as handle:
-                    rows = write_rows(batches, names, format, handle)  # type: ignore[arg-type]
+                    rows = write(handle)  # type: ignore[arg-type]
             else:
-                rows = write_rows(batches, names, format, raw)
+                rows = write(raw)
         os.replace(partial, out)
     finally:
         partial.unlink(missing_ok=True)
     return rows
 
 
-def write_rows(batches: Batches, names: Sequence[str], format: str, handle: IO[bytes]) -> int:
-    """Write rows to a binary handle in `format`; returns how many were written."""
+def write_rows(
+    batches: Batches,
+    names: Sequence[str],
+    format: str,
+    handle: IO[bytes],
+    *,
+    safe_for_spreadsheets: bool = False,
+    stats: WriteStats | None = None,
+) -> int:
+    """Write rows to a binary handle in `format`; returns how many were written.
+
+    CSV cells are written as stored (what pandas and other readers expect) unless
+    `safe_for_spreadsheets`, which prefixes those a spreadsheet would run as formulas with a
+    quote; either way `stats` counts them.
+    """
     _check_format(format)
+    check_spreadsheet_safe(format, safe_for_spreadsheets)
     if format == "parquet":
         return _parquet(batches, names, handle)
     text = io.TextIOWrapper(handle, encoding="utf-8", newline="", write_through=True)
     try:
         if format == "csv":
-            return _csv(batches, names, text)
+            return _csv(batches, names, text, safe_for_spreadsheets, stats or WriteStats())
         if format == "jsonl":
             return _jsonl(batches, text)
         return _openai(batches, text)
@@ -317,11 +388,17 @@ def _plain(row: dict[str, Any]) -> dict[str, Any]:
     return plain
 
 
-def _csv(batches: Batches, names: Sequence[str], text: IO[str]) -> int:
+def _csv(
+    batches: Batches, names: Sequence[str], text: IO[str], safe: bool, stats: WriteStats
+) -> int:
     writer = csv.DictWriter(text, fieldnames=list(names))
     writer.writeheader()
     count = 0
     for batch in batches:
+        formulas = sum(runs_as_formula(value) for row in batch for value in row.values())
+        if formulas and safe:
+            batch = [{k: spreadsheet_safe(v) for k, v in row.items()} for row in batch]
+        stats.formula_cells += formulas
         writer.writerows(batch)
         count += len(batch)
     return count
