@@ -139,16 +139,17 @@ def test_a_tampered_export_row_is_rejected_with_its_line_and_the_others_stored(
     # Where the rows landed in the other database does not travel, and costs no reject.
     rows[3].update(cluster_id="t3", tags=["billing"], reward=0.5, **{"score:reward:x": 0.1})
     tampered = tmp_path / "tampered.jsonl"
-    tampered.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tampered.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{not json\n")
 
     b = f"duckdb:///{tmp_path / 'b.duckdb'}"
     rejects = tmp_path / "rejects.jsonl"
-    summary = _ingest(b, tampered, tmp_path, "--rejects", str(rejects))
-    assert (summary["stored"], summary["rejected"]) == (4, 2)
+    summary = _ingest(b, tampered, tmp_path, "--rejects", str(rejects), "--format", "convoscope")
+    assert (summary["stored"], summary["rejected"]) == (4, 3)
     found = [json.loads(line) for line in rejects.read_text().splitlines()]
     assert [(r["file"], r["line"], r["field"]) for r in found] == [
         (str(tampered), 2, "id"),
         (str(tampered), 3, "turn_index"),
+        (str(tampered), 7, None),  # not JSON at all: the usual reject
     ]
     copies = _stored(b)
     kept = {rows[i]["id"] for i in (0, 3, 4, 5)}
