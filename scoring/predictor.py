@@ -67,6 +67,11 @@ class PredictorConfig:
     # against 0.697 for power 2 with text_scale 0.3, routing the same (0.728), and 0.720
     # against 0.707 on 7 experts it saw 20 battles of.
     prior_info_power: float = 3.0
+    # Single-expert rows fitted at most: beyond this a seeded sample, each expert keeping all
+    # its rows up to an equal quota (a rare expert keeps all of them). A few thousand
+    # parameters need nowhere near this many rows, and every L-BFGS step reads all of them:
+    # without a cap, 1M logged exchanges cost minutes per fit and gigabytes of gradients.
+    max_single_rows: int = 200_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,20 +103,29 @@ class WinPredictor:
         """Whether the model was trained with prompt features (and scores best given texts)."""
         return len(self.text_mean) > 0
 
-    def inputs(self, prompts: np.ndarray, texts: list[str] | None = None) -> np.ndarray:
+    def inputs(
+        self,
+        prompts: np.ndarray,
+        texts: list[str] | None = None,
+        *,
+        features: np.ndarray | None = None,
+    ) -> np.ndarray:
         """The model's input rows: the embedding, then the scaled, standardised prompt features.
 
         Without texts, a model trained with them uses the features' training mean (their part
         of the score is then the average prompt's): callers should pass texts when they have
-        them.
+        them. `features`: `prompt_features(texts)` when the caller computed them already (the
+        regexes over long prompts cost more than the model).
         """
         x = np.asarray(prompts, dtype=np.float32)
         if not self.uses_texts:
             return x
-        if texts is None:
+        if features is None and texts is not None:
+            features = prompt_features(texts)
+        if features is None:
             extra = np.zeros((len(x), len(self.text_mean)), dtype=np.float32)
         else:
-            extra = standardise(prompt_features(texts), self.text_mean, self.text_std)
+            extra = standardise(features, self.text_mean, self.text_std)
         return np.hstack([x, self.config.text_scale * extra]).astype(np.float32)
 
     def fit(
@@ -120,25 +134,46 @@ class WinPredictor:
         battles: pd.DataFrame | None = None,
         singles: pd.DataFrame | None = None,
         texts: list[str] | None = None,
+        *,
+        features: np.ndarray | None = None,
     ) -> WinPredictor:
         """Learn from prompt embeddings (n, d) and rows that point into them.
 
         `battles`: `prompt_index`, `model_a`, `model_b`, `winner` (a/b/tie) or `outcome`
         (P(a wins)). `singles`: `prompt_index`, `model`, `label` in [0, 1] (NaN rows are
-        skipped: an unknown label is not a bad one), optional `weight`. `texts`: the n prompts'
-        texts, for the prompt features (left out, or `text_scale` 0: embeddings alone).
+        skipped: an unknown label is not a bad one), optional `weight`; more than
+        `max_single_rows` are sampled. `texts`: the n prompts' texts, for the prompt features
+        (left out, or `text_scale` 0: embeddings alone); `features`: `prompt_features(texts)`
+        when the caller has them.
         """
         cfg = self.config
         self.text_mean = np.zeros(0, dtype=np.float32)
         self.text_std = np.zeros(0, dtype=np.float32)
-        if texts is not None and cfg.text_scale > 0:
-            feats = prompt_features(texts)
-            self.text_mean = feats.mean(axis=0)
-            self.text_std = feats.std(axis=0) + 1e-6
-        prompts = self.inputs(prompts, texts)
+        if cfg.text_scale <= 0:
+            features = None
+        elif features is None and texts is not None:
+            features = prompt_features(texts)
+        if features is not None:
+            features = np.asarray(features, dtype=np.float32)
+            self.text_mean = features.mean(axis=0)
+            self.text_std = features.std(axis=0) + 1e-6
         battles = battles if battles is not None else _empty_battles()
         singles = singles if singles is not None else _empty_singles()
-        singles = singles[singles["label"].notna()]
+        singles = _capped(singles[singles["label"].notna()], cfg.max_single_rows)
+        # Only the prompts some row points at are read: re-index them to a compact block.
+        used = np.unique(
+            np.concatenate(
+                [
+                    battles["prompt_index"].to_numpy(dtype=np.int64),
+                    singles["prompt_index"].to_numpy(dtype=np.int64),
+                ]
+            )
+        )
+        battles = battles.assign(prompt_index=np.searchsorted(used, battles["prompt_index"]))
+        singles = singles.assign(prompt_index=np.searchsorted(used, singles["prompt_index"]))
+        prompts = self.inputs(
+            np.asarray(prompts)[used], features=None if features is None else features[used]
+        )
         self.experts = sorted(
             set(battles["model_a"]) | set(battles["model_b"]) | set(singles["model"])
         )
@@ -228,10 +263,14 @@ class WinPredictor:
     ) -> np.ndarray:
         """score(m | x) for each prompt (rows) and expert (columns); unknown experts get the
         mean expert's parameters (the prior). `texts`: the prompts' texts (see `inputs`)."""
+        return self.scores_of_inputs(self.inputs(prompts, texts), experts)
+
+    def scores_of_inputs(self, rows: np.ndarray, experts: list[str] | None = None) -> np.ndarray:
+        """`scores` from the model's input rows (`inputs`), for callers scoring the same prompts
+        several times."""
         experts = self.experts if experts is None else experts
         theta, bias = self.parameters(experts)
-        z = self.inputs(prompts, texts) @ self.projection.T
-        return z @ theta.T + bias
+        return (rows @ self.projection.T) @ theta.T + bias
 
     def win_probability(
         self,
@@ -354,6 +393,29 @@ def _information_scale(
     p = (won + 1.0) / (n + 2.0)
     info = p * (1.0 - p)
     return ((info.max() / info) ** power).astype(np.float32)
+
+
+def _capped(singles: pd.DataFrame, cap: int) -> pd.DataFrame:
+    """At most `cap` rows: every expert keeps min(its rows, q), q the largest equal quota that
+    fits, sampled with a fixed seed so a re-run fits the same rows."""
+    if len(singles) <= cap:
+        return singles
+    counts = singles["model"].value_counts().sort_values()
+    quota, left = 0, cap
+    for i, n in enumerate(counts.to_numpy()):
+        share = left // (len(counts) - i)
+        if n > share:
+            quota = share
+            break
+        left -= n
+    else:
+        return singles
+    rng = np.random.default_rng(0)
+    keep = [
+        rows if len(rows) <= quota else rng.choice(rows, size=quota, replace=False)
+        for rows in (np.flatnonzero(singles["model"].to_numpy() == m) for m in counts.index)
+    ]
+    return singles.iloc[np.sort(np.concatenate(keep))]
 
 
 def _sigmoid(v: np.ndarray) -> np.ndarray:

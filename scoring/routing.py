@@ -65,11 +65,18 @@ def win_rate_matrix(
     texts: list[str] | None = None,
 ) -> np.ndarray:
     """P(expert beats reference | prompt): rows are prompts, columns are `experts`."""
-    s = predictor.scores(prompts, experts, texts)
+    return _win_rates(predictor, predictor.inputs(prompts, texts), experts, reference)
+
+
+def _win_rates(
+    predictor: WinPredictor, rows: np.ndarray, experts: list[str], reference: str | None
+) -> np.ndarray:
+    """`win_rate_matrix` from the predictor's input rows."""
+    s = predictor.scores_of_inputs(rows, experts)
     if reference is None:
-        ref = predictor.scores(prompts, texts=texts).mean(axis=1)
+        ref = predictor.scores_of_inputs(rows).mean(axis=1)
     else:
-        ref = predictor.scores(prompts, [reference], texts)[:, 0]
+        ref = predictor.scores_of_inputs(rows, [reference])[:, 0]
     return 1.0 / (1.0 + np.exp(-(s - ref[:, None])))
 
 
@@ -93,17 +100,17 @@ def cluster_routes(
     costs: dict[str, float] | None = None,
     config: RoutingConfig = RoutingConfig(),
     texts: list[str] | None = None,
+    features: np.ndarray | None = None,
 ) -> list[ClusterRoute]:
     """One suggestion per cluster from its prompts' embeddings and texts (and who served each
-    row)."""
+    row). `features`: `prompt_features(texts)` when the caller has them."""
     experts = list(config.candidates) if config.candidates else list(predictor.experts)
     cluster_ids = np.asarray(cluster_ids).astype(str)
-    all_texts = None if texts is None else np.asarray(texts, dtype=object)
+    inputs = predictor.inputs(prompts, texts, features=features)  # once, not per cluster
     routes = []
     for cid in sorted(set(cluster_ids)):
         rows = np.flatnonzero(cluster_ids == cid)
-        mine = None if all_texts is None else list(all_texts[rows])
-        wr = win_rate_matrix(predictor, prompts[rows], experts, config.reference, mine)
+        wr = _win_rates(predictor, inputs[rows], experts, config.reference)
         rates = wr.mean(axis=0)
         best = int(rates.argmax())
         served_rate = None
@@ -112,13 +119,7 @@ def cluster_routes(
             known = [i for i, m in enumerate(served) if m is not None and m == m]
             if known:
                 models = sorted({served[i] for i in known})
-                own = win_rate_matrix(
-                    predictor,
-                    prompts[rows][known],
-                    models,
-                    config.reference,
-                    None if mine is None else [mine[i] for i in known],
-                )
+                own = _win_rates(predictor, inputs[rows][known], models, config.reference)
                 col = {m: j for j, m in enumerate(models)}
                 served_rate = float(np.mean([own[k, col[served[i]]] for k, i in enumerate(known)]))
         cheapest, cheapest_rate, cheapest_cost = None, None, None

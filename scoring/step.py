@@ -25,6 +25,7 @@ from sqlalchemy.engine import Engine
 
 from ingest.embed_step import EmbedConfig
 from scoring.bradley_terry import BTConfig, leaderboard
+from scoring.features import prompt_features
 from scoring.labels import LabelConfig, joint_labels
 from scoring.predictor import PredictorConfig, WinPredictor
 from scoring.reward_head import STRUCTURAL_HEAD, HeadConfig
@@ -104,7 +105,11 @@ def score_all(engine: Engine, *, config: ScoreConfig) -> dict[str, Any]:
         "reward_model": reward.model_id,
         "reward_metrics": reward.metrics,
     }
-    predictor = _predictor(frame, prompts, labels.frame["label"].to_numpy(), battles, config)
+    # The prompts' features, computed once: the predictor and every cluster's routing read them.
+    prompt_feats = prompt_features(list(frame["prompt"].fillna("")))
+    predictor = _predictor(
+        frame, prompts, prompt_feats, labels.frame["label"].to_numpy(), battles, config
+    )
     if predictor is not None:
         result["predictor"] = save_model(
             engine,
@@ -120,7 +125,7 @@ def score_all(engine: Engine, *, config: ScoreConfig) -> dict[str, Any]:
                 f"(known: {', '.join(sorted(predictor.experts))})"
             ]
     result["clusters"] = _cluster_reports(
-        engine, frame, reward.scores, prompts, predictor, battles, config
+        engine, frame, reward.scores, prompts, prompt_feats, predictor, battles, config
     )
     return result
 
@@ -299,6 +304,7 @@ def _holdout(groups: pd.Series, share: float, seed: int) -> np.ndarray:
 def _predictor(
     frame: pd.DataFrame,
     prompts: np.ndarray,
+    prompt_feats: np.ndarray,
     label: np.ndarray,
     battles: pd.DataFrame,
     config: ScoreConfig,
@@ -329,7 +335,7 @@ def _predictor(
         }
     )
     return WinPredictor(config.predictor).fit(
-        prompts, battles=battle_rows, singles=singles, texts=list(frame["prompt"].fillna(""))
+        prompts, battles=battle_rows, singles=singles, features=prompt_feats
     )
 
 
@@ -338,6 +344,7 @@ def _cluster_reports(
     frame: pd.DataFrame,
     rewards: np.ndarray,
     prompts: np.ndarray,
+    prompt_feats: np.ndarray,
     predictor: WinPredictor | None,
     battles: pd.DataFrame,
     config: ScoreConfig,
@@ -361,7 +368,7 @@ def _cluster_reports(
             served_by=data["model"].fillna("").to_numpy(),
             costs=config.costs,
             config=config.routing,
-            texts=list(frame["prompt"].iloc[rows].fillna("")),
+            features=prompt_feats[rows],
         )
         routes = {r.cluster_id: r for r in routed}
     reports: dict[str, dict[str, Any]] = {}

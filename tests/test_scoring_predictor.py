@@ -216,3 +216,51 @@ def test_a_prompt_unlike_every_training_prompt_keeps_a_sensible_score() -> None:
     plain = model.scores(x[:1], texts=texts[:1])
     for odd in ("Name a colour\nin three lines:\n```\ncode\n```", ""):
         assert np.abs(model.scores(x[:1], texts=[odd]) - plain).max() < 2.0
+
+
+def test_single_rows_beyond_the_cap_are_sampled_keeping_rare_experts_whole() -> None:
+    """1M logged exchanges once meant every L-BFGS step read them all; the fit now samples
+    single-expert rows down to `max_single_rows`, an equal quota per expert, and a rare expert
+    keeps every row it has. Unused prompts are never read, and re-running fits the same."""
+    from scoring.predictor import _capped
+
+    rng = np.random.default_rng(0)
+    n = 1200
+    models = np.array(["common"] * 700 + ["middle"] * 450 + ["rare"] * 50, dtype=object)
+    singles = pd.DataFrame(
+        {"prompt_index": np.arange(n), "model": models, "label": rng.random(n) < 0.5}
+    ).astype({"label": float})
+    capped = _capped(singles, 300)
+    counts = capped["model"].value_counts().to_dict()
+    assert counts == {"common": 125, "middle": 125, "rare": 50}
+    assert capped.equals(_capped(singles, 300))  # seeded: the same rows every run
+    assert _capped(singles, n) is singles
+
+    x = rng.normal(size=(n + 500, 8)).astype(np.float32)  # 500 prompts no row points at
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    config = PredictorConfig(max_single_rows=300, text_scale=0.0)
+    fitted = WinPredictor(config).fit(x, singles=singles)
+    # The cap is what the fit used: the same model as one fitted on the capped rows alone.
+    direct = WinPredictor(PredictorConfig(text_scale=0.0)).fit(x, singles=capped)
+    np.testing.assert_allclose(fitted.scores(x[:50]), direct.scores(x[:50]), atol=1e-4)
+    uncapped = WinPredictor(PredictorConfig(text_scale=0.0)).fit(x, singles=singles)
+    assert not np.allclose(fitted.scores(x[:50]), uncapped.scores(x[:50]), atol=1e-3)
+
+
+def test_features_computed_once_route_as_texts_do(data: tuple[pd.DataFrame, np.ndarray]) -> None:
+    """The score step computes prompt features once and hands them to the fit and the routing;
+    that must give what passing the texts gives."""
+    df, x = data
+    texts = list(df.groupby("prompt_index")["prompt"].first().sort_index())
+    feats = prompt_features(texts)
+    by_texts = WinPredictor(CONFIG).fit(x, df, texts=texts)
+    by_features = WinPredictor(CONFIG).fit(x, df, features=feats)
+    np.testing.assert_allclose(by_features.text_mean, by_texts.text_mean)
+    clusters = np.arange(len(x)) % 3
+    served = np.array(["alpaca-7b"] * len(x), dtype=object)
+    a = cluster_routes(by_texts, x, clusters, served, texts=texts)
+    b = cluster_routes(by_texts, x, clusters, served, features=feats)
+    assert [(r.best_expert, round(r.best_win_rate, 6)) for r in a] == [
+        (r.best_expert, round(r.best_win_rate, 6)) for r in b
+    ]
+    assert a[0].served_win_rate == pytest.approx(b[0].served_win_rate)
