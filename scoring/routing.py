@@ -25,6 +25,7 @@ from scoring.features import (
     CONSTANT_STD,
     PROMPT_FEATURE_DEFINITIONS,
     PROMPT_ONLY_FEATURES,
+    prompt_features,
     standardise,
 )
 from scoring.predictor import WinPredictor
@@ -106,11 +107,15 @@ def cluster_routes(
     row). `features`: `prompt_features(texts)` when the caller has them."""
     experts = list(config.candidates) if config.candidates else list(predictor.experts)
     cluster_ids = np.asarray(cluster_ids).astype(str)
-    inputs = predictor.inputs(prompts, texts, features=features)  # once, not per cluster
+    if features is None and texts is not None and predictor.uses_texts:
+        features = prompt_features(texts)  # once, not per cluster (they cost more than scoring)
     routes = []
     for cid in sorted(set(cluster_ids)):
         rows = np.flatnonzero(cluster_ids == cid)
-        wr = _win_rates(predictor, inputs[rows], experts, config.reference)
+        inputs = predictor.inputs(
+            prompts[rows], features=None if features is None else features[rows]
+        )
+        wr = _win_rates(predictor, inputs, experts, config.reference)
         rates = wr.mean(axis=0)
         best = int(rates.argmax())
         served_rate = None
@@ -119,7 +124,7 @@ def cluster_routes(
             known = [i for i, m in enumerate(served) if m is not None and m == m]
             if known:
                 models = sorted({served[i] for i in known})
-                own = _win_rates(predictor, inputs[rows][known], models, config.reference)
+                own = _win_rates(predictor, inputs[known], models, config.reference)
                 col = {m: j for j, m in enumerate(models)}
                 served_rate = float(np.mean([own[k, col[served[i]]] for k, i in enumerate(known)]))
         cheapest, cheapest_rate, cheapest_cost = None, None, None
