@@ -28,16 +28,19 @@ from typing import Any
 from ingest.records import BattleRecord, Conversation, Exchange, Message
 
 
-def split_conversation(conv: Conversation) -> list[Exchange]:
+def split_conversation(conv: Conversation, conversation_id: str | None = None) -> list[Exchange]:
     """One Exchange per answered user message, in conversation order (see module docstring).
 
-    One pass over the messages: ShareGPT-sized logs split tens of thousands of these a second.
+    `conversation_id` replaces `conv.id` (the ingest gives a repeated copy its own id, and has
+    hashed the content already). One pass over the messages: ShareGPT-sized logs split tens of
+    thousands of these a second.
     """
     messages = conv.messages
     users = [i for i, m in enumerate(messages) if m.role == "user"]
     if not users:
         return []
-    conversation_id = conv.id
+    if conversation_id is None:
+        conversation_id = conv.id
     thumbs_at = _feedback_target(conv, users[0], "thumbs")
     rating_at = _feedback_target(conv, users[0], "rating")
     kept: list[Message] = []  # earlier messages a later turn builds on (retries left out)

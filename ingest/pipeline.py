@@ -38,6 +38,7 @@ from ingest.records import (
     Truncation,
     UnknownRole,
     content_hash,
+    repeat_id,
 )
 from storage.contexts import encode_context
 from storage.logs import finish_ingest_run, start_ingest_run, store_batch, utcnow
@@ -138,6 +139,7 @@ def _ingest_file(
     run_id = start_ingest_run(engine, path=str(path), format=format)
     before = (summary.read, summary.stored, summary.duplicates, summary.rejected)
     batch = _Batch()
+    copies = _Copies()
     summary.files += 1
     records = read_file(path, format=config.format, options=options)
     bar = tqdm(
@@ -155,7 +157,9 @@ def _ingest_file(
                 taken += 1
             if isinstance(record, Conversation):
                 summary.conversations += 1
-                batch.add_conversation(record, split_conversation(record))
+                conversation_id = copies.conversation_id(record)
+                parts = split_conversation(record, conversation_id)
+                batch.add_conversation(record, conversation_id, parts)
             elif isinstance(record, StoredExchanges):
                 summary.conversations += 1
                 batch.add_stored(record)
@@ -224,6 +228,28 @@ def _store(rows: _Rows, engine: Engine, summary: IngestSummary) -> None:
     summary.battles_stored += counts.battles_stored
 
 
+class _Copies:
+    """Numbers the copies of each conversation without a source id in one file, so identical
+    chats from different users (`repeat_id`) are each stored, not merged into one.
+
+    Counted per file, from its first record on every run: the numbering, and with it every id,
+    is the same each time the file is read, so a re-run (or the run after a killed one) stores
+    only what is missing. Keeps one 32-hex id per distinct conversation, never its content.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[str, int] = {}
+
+    def conversation_id(self, conv: Conversation) -> str:
+        """The id to store `conv` under: `conv.id` for its first copy, a derived one after."""
+        first = conv.id
+        if conv.external_id is not None:
+            return first  # the id tells records apart; the same id and content is one record
+        n = self._seen.get(first, 0) + 1
+        self._seen[first] = n
+        return first if n == 1 else repeat_id(first, n)
+
+
 class _BatchWriter:
     """Stores batches on one background thread, in order, one in flight at most."""
 
@@ -277,12 +303,13 @@ class _Batch:
         self.conversations, self.exchanges, self.battles = [], [], []
         return rows
 
-    def add_conversation(self, conv: Conversation, parts: list[Exchange]) -> None:
+    def add_conversation(
+        self, conv: Conversation, conversation_id: str, parts: list[Exchange]
+    ) -> None:
         now = utcnow()
         self.conversations.append(
             {
-                # The id is a hash of every message: reuse the one the split computed.
-                "id": parts[0].conversation_id if parts else conv.id,
+                "id": conversation_id,
                 "external_id": conv.external_id,
                 "source": conv.source,
                 "created_at": conv.created_at,

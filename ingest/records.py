@@ -107,6 +107,16 @@ class Conversation:
         return content_hash(*parts)
 
 
+def repeat_id(first_id: str, occurrence: int) -> str:
+    """The id of the `occurrence`-th copy (2, 3, ...) of one id-less conversation in one file.
+
+    Content alone cannot tell many users' identical chats ("hi" / "Hello!") apart, yet each is
+    traffic. The first copy keeps `Conversation.id`, so ids stored before stay valid; the k-th
+    copy's id depends only on the content and k, so re-reading the file finds them all stored.
+    """
+    return content_hash("conversation", first_id, "repeat", occurrence)
+
+
 @dataclass(frozen=True, slots=True)
 class Exchange:
     """One model response and everything needed to judge it (the brief's canonical record)."""

@@ -82,6 +82,49 @@ def test_ingest_reports_stores_and_is_idempotent(db_url: str, tmp_path: Path) ->
     assert second_turn["retried"] is None  # unknown, not False
 
 
+def test_identical_conversations_without_an_id_are_each_stored(db_url: str, tmp_path: Path) -> None:
+    """Many users sending "hi" and getting "Hello!" are many conversations, not one: each copy
+    in a file is stored, the first under the id it always had, and re-reading adds nothing."""
+    from ingest.pipeline import IngestConfig, ingest_paths
+    from ingest.records import Conversation, Message
+
+    hi = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hi!"}]}
+    named = json.loads(openai_line(1))  # a source id: the same id and content is one record
+    log = tmp_path / "chat.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in (hi, named, hi, named, hi)))
+    engine = open_database(db_url)
+    config = IngestConfig(progress=False, rejects_path=tmp_path / "rejects.jsonl")
+
+    def ingest(path: Path) -> tuple[int, int]:
+        summary = ingest_paths([path], engine=engine, config=config)
+        return summary.stored, summary.duplicates
+
+    assert ingest(log) == (3 + 2, 2)  # three "hi" exchanges, conv-1's two (its copy is one)
+    assert table_counts(engine)["conversations"] == 4
+    assert ingest(log) == (0, 3 + 4)  # nothing new: the copies are numbered the same way
+    with log.open("a") as handle:
+        handle.write(json.dumps(hi) + "\n")
+    assert ingest(log) == (1, 3 + 4)  # only the fourth copy is new
+    # Copies are counted per file: another file's one "hi" is the first copy, stored already.
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps(hi) + "\n")
+    assert ingest(other) == (0, 1)
+
+    # The first copy keeps the id every earlier version gave it.
+    first = Conversation(
+        messages=(Message(role="user", content="hi"), Message(role="assistant", content="Hi!")),
+        source=str(log),
+        line=1,
+    ).id
+    with engine.connect() as conn:
+        ids = conn.execute(sa.text("SELECT id FROM conversations")).scalars().all()
+        rows = conn.execute(sa.text("SELECT conversation_id, prompt FROM exchanges")).all()
+    engine.dispose()
+    assert len(ids) == len(set(ids)) == 5  # four "hi" chats and conv-1
+    hi_chats = [conversation for conversation, prompt in rows if prompt == "hi"]
+    assert len(hi_chats) == len(set(hi_chats)) == 4 and first in hi_chats
+
+
 def _tricky_conversations() -> list[dict]:
     """Conversations whose contexts are not simply "every turn before": a greeting before the
     first user message, a system message mid-way, a regenerated response, two answers to one
