@@ -1,6 +1,6 @@
 """ShareGPT conversations: `{"id", "conversations": [{"from", "value"}]}`, as a JSON array or JSONL.
 
-Arrays are streamed item by item (ijson, C backend), so a multi-gigabyte dump needs the memory
+Arrays are streamed item by item (`ingest.files`), so a multi-gigabyte dump needs the memory
 of one conversation; a truncated dump keeps every whole conversation and reports the cut. The
 per-item work is kept to a dict lookup per message so reading costs little over parsing.
 """

@@ -241,6 +241,39 @@ def test_ingest_stores_the_good_records_around_a_lone_surrogate(tmp_path: Path) 
     assert "lone \\ud83d x" in reject["excerpt"]
 
 
+def test_a_lone_surrogate_in_a_json_array_rejects_its_item_as_in_jsonl(tmp_path: Path) -> None:
+    """ijson's C backend turned "\\ud83d" into "?" (stored silently), merged "\\ud83d\\u0041" into
+    another character and failed the whole file on "\\udc00": an array item is now rejected by
+    field and reason as its JSONL line is, and the items around it are stored."""
+
+    def item(n: int, answer: str, **extra: str) -> dict:
+        turns = [{"from": "human", "value": f"q{n}"}, {"from": "gpt", "value": answer}]
+        return {"id": str(n), "conversations": turns, **extra}
+
+    items = [item(1, "a"), item(2, "x HIGH y"), item(3, "PAIRLESS"), item(4, "a", model="LOW")]
+    text = json.dumps([*items, item(5, "\U0001f600")], indent=1)  # a real pair: kept
+    escapes = {"HIGH": "\\ud83d", "PAIRLESS": "\\ud83d\\u0041", "LOW": "\\udc00"}
+    for word, escape in escapes.items():
+        text = text.replace(word, escape)
+    log = tmp_path / "sg.json"
+    log.write_text(text, encoding="utf-8")
+    rejects = tmp_path / "rejects.jsonl"
+    engine = open_database(f"sqlite:///{tmp_path / 'x.sqlite'}")
+    config = IngestConfig(rejects_path=rejects, progress=False)
+    summary = ingest_paths([log], engine=engine, config=config)
+    engine.dispose()
+    assert (summary.stored, summary.rejected, summary.warnings) == (2, 3, [])
+    found = [json.loads(line) for line in rejects.read_text(encoding="utf-8").splitlines()]
+    assert [(r["file"], r["line"], r["field"], r["reason"]) for r in found] == [
+        (str(log), 2, "conversations[1].value", SURROGATE),
+        (str(log), 3, "conversations[1].value", SURROGATE),
+        (str(log), 4, "model", SURROGATE.replace("ud83d", "udc00")),
+    ]
+    assert "x \\ud83d y" in found[0]["excerpt"]
+    answers = [conv.messages[1].content for conv in of(Conversation, list(read_file(log)))]
+    assert answers == ["a", "\U0001f600"]
+
+
 def test_an_unanswered_csv_row_keeps_its_model_and_id(tmp_path: Path) -> None:
     path = tmp_path / "inputs.csv"
     path.write_text("prompt,response,model,external_id\nanswered,yes,m1,e1\nopen,,m4,e2\n")
