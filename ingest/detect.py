@@ -3,7 +3,8 @@
 Detection reads a bounded head of the file: the first records (up to `_SNIFF_LINES`) in turn,
 until one fits a format, so a first record that is empty or incomplete (`{"messages": []}`, a
 battle without a winner) does not decide for the whole file. Array items' keys are read as
-parse events, so a huge or truncated item costs nothing. When no record fits a known format
+parse events, so a huge or truncated item costs nothing (items yajl cannot decode, holding a
+lone low surrogate escape, are parsed whole instead). When no record fits a known format
 the error says what the first one held, so the user can pick `--format` or fix the file.
 """
 
@@ -22,8 +23,10 @@ from ingest.files import (
     DEFAULT_MAX_LINE_BYTES,
     UTF8_BOM,
     Line,
+    Record,
     first_json_byte,
     head,
+    iter_json_records,
     iter_lines,
     looks_binary,
     open_binary,
@@ -129,8 +132,24 @@ def _array_item_keys(path: Path) -> Iterator[tuple[set[str], set[str]]]:
                     done = True
         except ijson.JSONError:
             pass  # a truncated or broken item: classify what was seen of it
+        except UnicodeDecodeError:  # yajl fails on a lone low surrogate escape ("\\udc00")
+            yield from _parsed_item_keys(path)
+            return
     if keys:
         yield keys, message_keys
+
+
+def _parsed_item_keys(path: Path) -> Iterator[tuple[set[str], set[str]]]:
+    """Keys of the first array items and of their first message, from the items parsed whole
+    as ingest reads them (a record yajl cannot read is one the reader rejects, not the file)."""
+    for record in islice(iter_json_records(path, source=str(path)), _SNIFF_LINES):
+        if type(record) is not Record:
+            return
+        item = record.value
+        if isinstance(item, dict):
+            first = next((item[k] for k in item if k in _MESSAGE_LISTS), None)
+            message = first[0] if isinstance(first, list) and first else None
+            yield set(item), set(message) if isinstance(message, dict) else set()
 
 
 def _jsonl_keys(path: Path, max_line_bytes: int) -> Iterator[tuple[set[str], set[str]]]:

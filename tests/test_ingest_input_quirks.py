@@ -274,6 +274,33 @@ def test_a_lone_surrogate_in_a_json_array_rejects_its_item_as_in_jsonl(tmp_path:
     assert answers == ["a", "\U0001f600"]
 
 
+def test_a_lone_low_surrogate_in_an_arrays_first_item_costs_only_that_item(
+    tmp_path: Path,
+) -> None:
+    """Format detection read array items with yajl, which raised on "\\udc00": the whole file
+    went unread. It is detected as usual, and only the item holding the escape is rejected."""
+    turns = [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]
+    items = [
+        {"id": "1", "model": "LOW", "conversations": turns},
+        {"id": "2", "conversations": turns},
+    ]
+    log = tmp_path / "sg.json"
+    log.write_text(json.dumps(items).replace("LOW", "\\udc00"), encoding="utf-8")
+    assert detect_format(log) == "sharegpt"
+    rejects = tmp_path / "rejects.jsonl"
+    engine = open_database(f"duckdb:///{tmp_path / 'x.duckdb'}")
+    config = IngestConfig(rejects_path=rejects, progress=False)
+    summary = ingest_paths([log], engine=engine, config=config)
+    engine.dispose()
+    assert (summary.stored, summary.rejected, summary.unread_files) == (1, 1, 0)
+    (reject,) = [json.loads(line) for line in rejects.read_text(encoding="utf-8").splitlines()]
+    assert (reject["line"], reject["field"], reject["reason"]) == (
+        1,
+        "model",
+        SURROGATE.replace("ud83d", "udc00"),
+    )
+
+
 def test_an_unanswered_csv_row_keeps_its_model_and_id(tmp_path: Path) -> None:
     path = tmp_path / "inputs.csv"
     path.write_text("prompt,response,model,external_id\nanswered,yes,m1,e1\nopen,,m4,e2\n")
