@@ -165,7 +165,9 @@ def _ingest_file(
                 batch.add_stored(record)
             elif isinstance(record, BattleRecord):
                 summary.battles += 1
-                batch.add_battle(record, battle_exchanges(record))
+                a, b = pair = battle_exchanges(record)
+                first = content_hash("battle", a.id, b.id, record.winner, record.judge)
+                batch.add_battle(record, pair, copies.id_for(first, record.external_id))
             elif isinstance(record, Reject):
                 _reject(record, summary, rejects)
             elif isinstance(record, Truncation):
@@ -229,24 +231,35 @@ def _store(rows: _Rows, engine: Engine, summary: IngestSummary) -> None:
 
 
 class _Copies:
-    """Numbers the copies of each conversation without a source id in one file, so identical
-    chats from different users (`repeat_id`) are each stored, not merged into one.
+    """Numbers the copies of each record in one file, so identical chats from different users
+    (or identical votes on the same two answers) are each stored (`repeat_id`), not merged.
 
     Counted per file, from its first record on every run: the numbering, and with it every id,
     is the same each time the file is read, so a re-run (or the run after a killed one) stores
-    only what is missing. Keeps one 32-hex id per distinct conversation, never its content.
+    only what is missing. Records that carry the same source id are one record, the same copy.
+    Keeps 32-hex ids (and source ids where given), never content.
     """
 
     def __init__(self) -> None:
-        self._seen: dict[str, int] = {}
+        self._seen: dict[str, int] = {}  # copies so far, per first id
+        self._named: dict[tuple[str, str], int] = {}  # the copy each source id was given
 
     def conversation_id(self, conv: Conversation) -> str:
         """The id to store `conv` under: `conv.id` for its first copy, a derived one after."""
-        first = conv.id
         if conv.external_id is not None:
-            return first  # the id tells records apart; the same id and content is one record
-        n = self._seen.get(first, 0) + 1
-        self._seen[first] = n
+            return conv.id  # the id tells records apart; the same id and content is one record
+        return self.id_for(conv.id)
+
+    def id_for(self, first: str, source_id: str | None = None) -> str:
+        """`first` for the first copy of a content in this file, `repeat_id(first, k)` for the
+        k-th; a source id seen before with this content gets the copy it got then."""
+        if source_id is None:
+            n = self._seen[first] = self._seen.get(first, 0) + 1
+        else:
+            n = self._named.get((first, source_id), 0)
+            if not n:
+                n = self._seen[first] = self._seen.get(first, 0) + 1
+                self._named[first, source_id] = n
         return first if n == 1 else repeat_id(first, n)
 
 
@@ -361,7 +374,9 @@ class _Batch:
                 exchange_row(part, now, exchange_id=ids[k], context=tail, context_parent=parent)
             )
 
-    def add_battle(self, record: BattleRecord, pair: tuple[Exchange, Exchange]) -> None:
+    def add_battle(
+        self, record: BattleRecord, pair: tuple[Exchange, Exchange], battle_id: str
+    ) -> None:
         now = utcnow()
         a, b = pair
         for part in pair:
@@ -382,7 +397,7 @@ class _Batch:
             self.exchanges.append(exchange_row(part, now))
         self.battles.append(
             {
-                "id": content_hash("battle", a.id, b.id, record.winner, record.judge),
+                "id": battle_id,
                 "exchange_a": a.id,
                 "exchange_b": b.id,
                 "winner": record.winner,

@@ -125,6 +125,35 @@ def test_identical_conversations_without_an_id_are_each_stored(db_url: str, tmp_
     assert len(hi_chats) == len(set(hi_chats)) == 4 and first in hi_chats
 
 
+def test_identical_votes_are_each_stored_and_a_battle_id_is_one_battle(
+    db_url: str, tmp_path: Path
+) -> None:
+    """Two users judging the same two answers alike are two votes for Bradley-Terry, not one;
+    a line repeated with the same battle_id is the same vote; re-reading adds nothing."""
+    from ingest.pipeline import IngestConfig, ingest_paths
+
+    vote = {
+        "prompt": "Name a colour.",
+        "model_a": "m1",
+        "response_a": "Blue.",
+        "model_b": "m2",
+        "response_b": "Red is a colour.",
+        "winner": "model_b",
+    }
+    lines = [vote, vote, {**vote, "battle_id": "v1"}, {**vote, "battle_id": "v2"}]
+    lines.append({**vote, "battle_id": "v1"})  # the same vote logged twice
+    log = tmp_path / "votes.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    engine = open_database(db_url)
+    config = IngestConfig(progress=False, rejects_path=tmp_path / "rejects.jsonl")
+    first = ingest_paths([log], engine=engine, config=config)
+    again = ingest_paths([log], engine=engine, config=config)
+    counts = table_counts(engine)
+    engine.dispose()
+    assert first.battles_stored == 4 and again.battles_stored == 0
+    assert counts["battles"] == 4 and counts["exchanges"] == 2  # the two answers, once each
+
+
 def _tricky_conversations() -> list[dict]:
     """Conversations whose contexts are not simply "every turn before": a greeting before the
     first user message, a system message mid-way, a regenerated response, two answers to one
