@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 RATES = {"retry_rate": "retried", "edit_rate": "edited", "end_rate": "ended_conversation"}
+_BOOTSTRAP_ELEMENTS = 1 << 22  # resampled values held at once (32 MiB of indices)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +58,16 @@ def bootstrap_mean_ci(
     if len(v) == 1 or n_bootstrap <= 0:
         return mean, mean, mean
     rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, len(v), (n_bootstrap, len(v)))].mean(axis=1)
+    # Resamples are drawn a block at a time so memory stays bounded: a parent group can hold
+    # most of a million-row log, and all resamples at once would need n_bootstrap × n indices.
+    # The generator yields the same stream in blocks, so the interval does not change.
+    block = max(1, _BOOTSTRAP_ELEMENTS // len(v))
+    means = np.concatenate(
+        [
+            v[rng.integers(0, len(v), (min(block, n_bootstrap - start), len(v)))].mean(axis=1)
+            for start in range(0, n_bootstrap, block)
+        ]
+    )
     tail = (1.0 - ci) / 2.0
     lo, hi = np.quantile(means, [tail, 1.0 - tail])
     return mean, float(min(lo, mean)), float(max(hi, mean))
