@@ -1,8 +1,11 @@
 """Per-cluster scoring reports and versioned per-cluster instructions.
 
 A report is what scoring concluded about one cluster of one run (JSON payload plus its
-weakness, which is a column so "weakest first" is a plain ORDER BY). Writing a run's reports
-replaces that run's earlier ones in one transaction, so re-scoring is safe.
+weakness, which is a column so "weakest first" is a plain ORDER BY). Topics (level 0) and
+their parent groups (level 1) are reported in the same table: cluster ids are unique within a
+run and the level lives in `clusters`, so a group's report needed no schema change. Writing a
+run's reports replaces that run's earlier ones (topics and groups together) in one
+transaction, so re-scoring is safe.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from storage.logs import Row, insert_rows, utcnow
-from storage.schema import cluster_reports, instructions
+from storage.schema import cluster_reports, clusters, instructions
 
 
 def save_cluster_reports(
@@ -39,13 +42,24 @@ def save_cluster_reports(
         insert_rows(conn, cluster_reports, rows)
 
 
-def load_cluster_reports(engine: Engine, run_id: str) -> dict[str, dict[str, Any]]:
-    """cluster id → report payload, weakest first."""
+def load_cluster_reports(
+    engine: Engine, run_id: str, *, level: int | None = 0
+) -> dict[str, dict[str, Any]]:
+    """cluster id → report payload, weakest first, of the run's topics (`level=0`, what
+    every caller before group reports expected), its groups (`level=1`) or both (None)."""
     query = (
         sa.select(cluster_reports.c.cluster_id, cluster_reports.c.payload)
         .where(cluster_reports.c.run_id == run_id)
-        .order_by(cluster_reports.c.weakness.desc().nulls_last())
+        .order_by(cluster_reports.c.weakness.desc().nulls_last(), cluster_reports.c.cluster_id)
     )
+    if level is not None:
+        query = query.join(
+            clusters,
+            sa.and_(
+                clusters.c.run_id == cluster_reports.c.run_id,
+                clusters.c.id == cluster_reports.c.cluster_id,
+            ),
+        ).where(clusters.c.level == level)
     with engine.connect() as conn:
         return {cluster_id: json.loads(payload) for cluster_id, payload in conn.execute(query)}
 

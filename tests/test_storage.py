@@ -258,3 +258,42 @@ def test_duckdb_connections_share_the_database_and_stream_side_by_side(
             assert other.execute(count).scalar_one() == 6
     assert seen == sorted(r["id"] for r in rows)
     engine.dispose()
+
+
+def test_topic_and_group_reports_share_a_run_and_are_read_by_level(db_url: str) -> None:
+    """Group reports live beside topic reports (no schema change): every reader asks for the
+    level it shows, and a re-score replaces both together."""
+    from storage.clusters import save_cluster_run
+    from storage.reports import load_cluster_reports, save_cluster_reports
+
+    engine = open_database(db_url)
+    run = {
+        "id": "run1",
+        "created_at": utcnow(),
+        "on_field": "prompt",
+        "embedder": "m",
+        "params": "{}",
+        "n_rows": 3,
+        "n_clusters": 2,
+        "unassigned_share": 0.0,
+        "events": None,
+    }
+    base = {"auto_name": "x", "keywords": "[]", "size": 1, "share": 0.5, "run_id": "run1"}
+    save_cluster_run(
+        engine,
+        run,
+        [
+            {**base, "id": "t1", "parent_id": "g1", "level": 0},
+            {**base, "id": "t2", "parent_id": "g1", "level": 0},
+            {**base, "id": "g1", "parent_id": None, "level": 1},
+        ],
+        [],
+    )
+    reports = {cid: {"weakness": w, "reason": cid} for cid, w in [("t1", 0.1), ("t2", 0.3)]}
+    save_cluster_reports(engine, "run1", {**reports, "g1": {"weakness": 0.2, "reason": "g"}})
+    assert list(load_cluster_reports(engine, "run1")) == ["t2", "t1"]  # topics by default
+    assert load_cluster_reports(engine, "run1", level=1) == {"g1": {"weakness": 0.2, "reason": "g"}}
+    assert list(load_cluster_reports(engine, "run1", level=None)) == ["t2", "g1", "t1"]
+    save_cluster_reports(engine, "run1", {"t1": reports["t1"], "g1": {"weakness": 0.0}})
+    assert list(load_cluster_reports(engine, "run1", level=None)) == ["t1", "g1"]
+    engine.dispose()
