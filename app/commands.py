@@ -248,7 +248,9 @@ def assign(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def clusters(args: argparse.Namespace) -> dict[str, Any]:
-    """The latest run's clusters, weakest first when scored, else largest first."""
+    """The latest run's clusters, topics then groups, each weakest first when scored, else
+    largest first. A group's weakest topics carry their current names (a rename after
+    scoring shows), which the stored report, keyed by id, cannot."""
     from storage.clusters import latest_run, load_clusters
     from storage.reports import load_cluster_reports
 
@@ -258,14 +260,22 @@ def clusters(args: argparse.Namespace) -> dict[str, Any]:
         if run is None:
             return {"run_id": None, "clusters": []}
         rows = load_clusters(engine, run["id"])
-        reports = load_cluster_reports(engine, run["id"])
+        reports = load_cluster_reports(engine, run["id"], level=None)
     finally:
         engine.dispose()
+    names = {row["id"]: row["name"] for row in rows}
     listed = []
     for row in rows:
         if args.level is not None and row["level"] != args.level:
             continue
         report = reports.get(row["id"], {})
+        if "weakest_topics" in report:
+            report = {
+                **report,
+                "weakest_topics": [
+                    {**t, "name": names.get(t["id"], t["id"])} for t in report["weakest_topics"]
+                ],
+            }
         listed.append(
             {
                 "id": row["id"],
@@ -1010,19 +1020,38 @@ def _describe_replay_report(result: dict[str, Any]) -> str:
 
 
 def _describe_clusters(result: dict[str, Any]) -> str:
+    """Topics, then the groups under their own heading: a group's line is followed by why it
+    ranks where it does and its weakest topics, so a broad area going badly reads at once."""
     if not result["clusters"]:
         return "no clusters yet: run `convoscope cluster`"
-    lines = [f"{'id':<6} {'size':>7} {'share':>6} {'reward':>7}  name — keywords"]
-    for c in result["clusters"]:
-        reward = c.get("reward_mean")
-        shown = f"{reward:7.2f}" if isinstance(reward, float) else f"{'':>7}"
-        keywords = ", ".join(c["keywords"][:5])
-        lines.append(
-            f"{c['id']:<6} {c['size']:>7} {c['share']:>6.1%} {shown}  {c['name']} — {keywords}"
-        )
-    if not any(isinstance(c.get("reward_mean"), float) for c in result["clusters"]):
+    header = f"{'id':<6} {'size':>7} {'share':>6} {'reward':>7}  name — keywords"
+    scored = any(isinstance(c.get("reward_mean"), float) for c in result["clusters"])
+    topics = [c for c in result["clusters"] if c["level"] == 0]
+    groups = [c for c in result["clusters"] if c["level"] != 0]
+    lines = [header, *map(_cluster_line, topics)] if topics else []
+    if groups:
+        lines += [""] if lines else []
+        lines += ["groups, weakest first" if scored else "groups", header]
+        for group in groups:
+            lines.append(_cluster_line(group))
+            if group.get("reason"):
+                lines.append(f"{'':6}   why: {group['reason']}")
+            weakest = [
+                f"{t['id']} {t['name']} ({t['reward_mean']:.2f})"
+                for t in group.get("weakest_topics", [])
+            ]
+            if weakest:
+                lines.append(f"{'':6}   weakest topics: {'; '.join(weakest)}")
+    if not scored:
         lines.append("no rewards for this clustering yet: run `convoscope score`")
     return "\n".join(lines)
+
+
+def _cluster_line(c: dict[str, Any]) -> str:
+    reward = c.get("reward_mean")
+    shown = f"{reward:7.2f}" if isinstance(reward, float) else f"{'':>7}"
+    keywords = ", ".join(c["keywords"][:5])
+    return f"{c['id']:<6} {c['size']:>7} {c['share']:>6.1%} {shown}  {c['name']} — {keywords}"
 
 
 def _describe_ingest(s: dict[str, Any]) -> str:

@@ -9,6 +9,8 @@
    logs; it is stored too, and `route` uses it.
 4. Every cluster of the latest run gets a report: reward mean with a bootstrap CI, behaviour
    rates, a Bradley–Terry leaderboard of its battles, a routing suggestion and its weakness.
+   Every parent group gets one too, from its exchanges (not its topics' means), ranked the
+   same way, with its weakest topics, so a broad area that goes badly shows up as one line.
 Re-running replaces the reports and adds a new model version; nothing earlier is lost.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -50,6 +53,9 @@ from storage.logs import iter_exchanges, load_battles
 from storage.models import latest_model, save_model
 from storage.reports import load_cluster_reports, save_cluster_reports
 from storage.scores import latest_scores
+
+WEAKEST_TOPICS = 3  # a group report names this many of its weakest topics
+_NO_GROUP = ""  # stands for "no parent group" (never a cluster id) while groups are ranked
 
 SIGNAL_COLUMNS = (
     "id",
@@ -222,7 +228,9 @@ def _refresh_reports(
     battles: pd.DataFrame,
     config: ScoreConfig,
 ) -> int:
-    """`refresh_reports` for rewards already in hand (one per row of `frame`)."""
+    """`refresh_reports` for rewards already in hand (one per row of `frame`); groups are
+    re-ranked too, so their figures never lag their topics'. Returns the topic reports'
+    count."""
     run = latest_run(engine, on_field=config.on)
     if run is None or frame.empty:
         return 0
@@ -230,16 +238,23 @@ def _refresh_reports(
     data = _cluster_data(frame, rewards, assignment)
     if data.empty:
         return 0
-    before = load_cluster_reports(engine, run["id"])
+    before = load_cluster_reports(engine, run["id"], level=None)
+    ranked = rank_clusters(data, config=WeaknessConfig())
     reports = {}
-    for w in rank_clusters(data, config=WeaknessConfig()):
+    for w in ranked:
         kept = before.get(w.cluster_id) or {
             "leaderboard": _cluster_leaderboard(battles, assignment, w.cluster_id, config),
             "routing": None,
         }
         reports[w.cluster_id] = {**kept, **_reward_figures(w)}
+    parent_of = _parents(engine, run["id"])
+    for group_id, figures in group_reports(data, parent_of, ranked).items():
+        kept = before.get(group_id) or {
+            "leaderboard": _group_leaderboard(battles, assignment, parent_of, group_id, config)
+        }
+        reports[group_id] = {**kept, **figures}
     save_cluster_reports(engine, run["id"], reports)
-    return len(reports)
+    return len(ranked)
 
 
 def _cluster_data(
@@ -254,6 +269,56 @@ def _cluster_data(
     data["cluster_id"] = cluster_of[rows]
     data["reward"] = rewards[rows]
     return data
+
+
+def group_reports(
+    data: pd.DataFrame,
+    parent_of: Mapping[str, str | None],
+    topics: Sequence[ClusterWeakness],
+) -> dict[str, dict[str, Any]]:
+    """Each parent group's reward figures, weakness and weakest topics (group id → payload).
+
+    The group's exchanges are ranked by `rank_clusters` exactly as topics are, over the same
+    rows: the CI is bootstrapped over the group's exchanges (a mean of topic means would
+    weigh a 20-row topic like a 2,000-row one), and shares, the overall mean and the overall
+    rates are over all assigned exchanges, so a group's weakness is on the topics' scale.
+    `data` is `_cluster_data`'s frame (topic ids in `cluster_id`), `parent_of` maps topic →
+    group, and `topics` is the topics' ranking, weakest first."""
+    if data.empty:
+        return {}
+    grouped = data.assign(
+        cluster_id=data["cluster_id"].map(lambda t: parent_of.get(t) or _NO_GROUP)
+    )
+    children: dict[str, list[ClusterWeakness]] = {}
+    for topic in topics:  # already weakest first
+        parent = parent_of.get(topic.cluster_id)
+        if parent:
+            children.setdefault(parent, []).append(topic)
+    reports = {}
+    for w in rank_clusters(grouped, config=WeaknessConfig()):  # the topics' settings
+        if w.cluster_id == _NO_GROUP:
+            continue
+        mine = children.get(w.cluster_id, [])
+        reports[w.cluster_id] = {
+            **_reward_figures(w),
+            "topics": len(mine),
+            "weakest_topics": [
+                {
+                    "id": t.cluster_id,
+                    "n": t.n,
+                    "reward_mean": t.mean_reward,
+                    "weakness": t.weakness,
+                }
+                for t in mine[:WEAKEST_TOPICS]
+            ],
+            "routing": None,  # routes are chosen per topic; a group has none of its own
+        }
+    return reports
+
+
+def _parents(engine: Engine, run_id: str) -> dict[str, str | None]:
+    """topic id → its parent group's id, for one run."""
+    return {c["id"]: c["parent_id"] for c in load_clusters(engine, run_id) if c["level"] == 0}
 
 
 def _reward_figures(w: ClusterWeakness) -> dict[str, Any]:
@@ -349,7 +414,8 @@ def _cluster_reports(
     battles: pd.DataFrame,
     config: ScoreConfig,
 ) -> int:
-    """Write one report per topic of the latest run; returns how many were written."""
+    """Write one report per topic and one per parent group of the latest run (together, so
+    re-scoring replaces both); returns how many topic reports were written."""
     run = latest_run(engine, on_field=config.on)
     if run is None:
         return 0
@@ -372,6 +438,12 @@ def _cluster_reports(
         )
         routes = {r.cluster_id: r for r in routed}
     reports: dict[str, dict[str, Any]] = {}
+    parent_of = _parents(engine, run["id"])
+    for group_id, figures in group_reports(data, parent_of, list(weakness.values())).items():
+        figures["leaderboard"] = _group_leaderboard(
+            battles, assignment, parent_of, group_id, config
+        )
+        reports[group_id] = figures
     for cluster_id, w in weakness.items():
         route = routes.get(cluster_id)
         served = data.loc[data["cluster_id"] == cluster_id, "model"].value_counts(normalize=True)
@@ -390,7 +462,7 @@ def _cluster_reports(
                 "cheapest_cost": route.cheapest_cost,
             },
         }
-    save_cluster_reports(engine, run["id"], reports)
+    save_cluster_reports(engine, run["id"], reports)  # topics and groups in one transaction
     if predictor is not None and routes:
         topics = {c["id"]: c for c in load_clusters(engine, run["id"]) if c["level"] == 0}
         centroids = {
@@ -413,7 +485,7 @@ def _cluster_reports(
             config={"run_id": run["id"]},
             metrics={"clusters": len(routes)},
         )
-    return len(reports)
+    return len(weakness)
 
 
 def _cluster_leaderboard(
@@ -422,7 +494,26 @@ def _cluster_leaderboard(
     """Bradley–Terry on the battles whose prompt falls in the cluster (empty below the minimum)."""
     if battles.empty:
         return []
-    mine = battles[battles["exchange_a"].map(assignment) == cluster_id]
+    return _leaderboard_of(battles[battles["exchange_a"].map(assignment) == cluster_id], config)
+
+
+def _group_leaderboard(
+    battles: pd.DataFrame,
+    assignment: dict[str, str | None],
+    parent_of: Mapping[str, str | None],
+    group_id: str,
+    config: ScoreConfig,
+) -> list[dict[str, Any]]:
+    """Bradley–Terry on the battles whose prompt falls in any topic of the group: a group
+    often has enough battles for a leaderboard where each of its topics alone has too few."""
+    if battles.empty:
+        return []
+    topic = battles["exchange_a"].map(assignment)
+    return _leaderboard_of(battles[topic.map(lambda t: parent_of.get(t)) == group_id], config)
+
+
+def _leaderboard_of(mine: pd.DataFrame, config: ScoreConfig) -> list[dict[str, Any]]:
+    """The leaderboard rows of some battles (empty below the minimum)."""
     if len(mine) < config.leaderboard.min_battles:
         return []
     board = leaderboard(mine, config=config.leaderboard)

@@ -477,3 +477,79 @@ def _assert_reports_use(engine: Engine, rewards: dict[str, float]) -> None:
     assert reports and set(reports) <= set(members)
     for cluster_id, report in reports.items():
         assert report["reward_mean"] == pytest.approx(np.mean(members[cluster_id]), abs=1e-6)
+
+
+def test_groups_carry_reward_weakness_and_weakest_topics(scored_db: str, tmp_path: Path) -> None:
+    """A parent group is scored like a topic, over its own exchanges, in the same step: its
+    CI is bootstrapped over them (not a mean of topic means), its weakness is on the topics'
+    scale, it names its weakest topics, and re-scoring replaces it."""
+    from scoring.step import refresh_reports
+    from scoring.weakness import bootstrap_mean_ci
+    from storage.clusters import load_clusters
+    from storage.scores import store_scores
+
+    engine = open_database(scored_db)
+    config = ScoreConfig(embed=EmbedConfig(device="cpu", progress=False), mode="head")
+    assert score_all(engine, config=config)["clusters"] == 6
+    run = latest_run(engine)
+    parent_of = {
+        c["id"]: c["parent_id"] for c in load_clusters(engine, run["id"]) if c["level"] == 0
+    }
+    groups = {g for g in parent_of.values() if g}
+    assert len(groups) >= 2
+    topics = load_cluster_reports(engine, run["id"])
+    reports = load_cluster_reports(engine, run["id"], level=1)
+    assert set(reports) == groups and not groups & set(topics)
+    weakness = [r["weakness"] for r in reports.values()]
+    assert weakness == sorted(weakness, reverse=True)
+
+    def check(rewards: dict[str, float]) -> None:
+        signals = _exchange_frame(engine).set_index("id")
+        assignment = {e: t for e, t in load_assignments(engine, run["id"]).items() if t}
+        overall = np.mean([rewards[e] for e in assignment])
+        topic_reports = load_cluster_reports(engine, run["id"])
+        pooled = []
+        for group, report in load_cluster_reports(engine, run["id"], level=1).items():
+            members = [e for e, t in assignment.items() if parent_of[t] == group]
+            values = np.array([rewards[e] for e in members])
+            mean, lo, hi = bootstrap_mean_ci(values)
+            assert report["n"] == len(members)
+            assert report["share"] == pytest.approx(len(members) / len(assignment))
+            assert report["reward_mean"] == pytest.approx(mean, abs=1e-9)
+            assert report["reward_ci"] == pytest.approx([lo, hi], abs=1e-9)
+            assert report["weakness"] == pytest.approx(max(0.0, overall - lo) * report["share"])
+            retried = signals.loc[members, "retried"].dropna().astype(float)
+            assert report["retry_rate"] == (pytest.approx(retried.mean()) if len(retried) else None)
+            assert report["reason"].startswith(f"mean reward {mean:.3f}")
+            mine = sorted(  # weakest first, ties by the CI's lower bound: the topics' order
+                (t for t in topic_reports if parent_of[t] == group),
+                key=lambda t: (-topic_reports[t]["weakness"], topic_reports[t]["reward_ci"][0], t),
+            )
+            assert report["topics"] == len(mine)
+            assert [t["id"] for t in report["weakest_topics"]] == mine[:3]
+            of_topics = np.mean([topic_reports[t]["reward_mean"] for t in mine])
+            pooled.append(abs(report["reward_mean"] - of_topics) > 1e-6)
+        assert any(pooled)  # unequal topics: the mean of their means is another figure
+
+    check(latest_scores(engine, prefix="reward:"))
+    # Re-running leaves one report per topic and group, and new rewards reach the groups.
+    fresh = {e: float(i % 7) for i, e in enumerate(sorted(latest_scores(engine, prefix="reward:")))}
+    store_scores(engine, "reward:zz-later", fresh)
+    assert refresh_reports(engine, config=config) == 6
+    assert len(load_cluster_reports(engine, run["id"], level=None)) == 6 + len(groups)
+    check(fresh)
+    reports = load_cluster_reports(engine, run["id"], level=1)
+    engine.dispose()
+
+    listing = convoscope("clusters", "--json", db=scored_db, cwd=tmp_path)
+    assert listing.returncode == 0, listing.stderr
+    listed = {c["id"]: c for c in json.loads(listing.stdout)["clusters"]}
+    for group in groups:
+        assert listed[group]["reward_mean"] == reports[group]["reward_mean"]
+        assert listed[group]["weakness"] == reports[group]["weakness"]
+        assert listed[group]["reason"] and listed[group]["weakest_topics"]
+        first = listed[group]["weakest_topics"][0]
+        assert first["name"] == listed[first["id"]]["name"]
+    plain = convoscope("clusters", "--level", "1", db=scored_db, cwd=tmp_path).stdout
+    assert plain.startswith("groups, weakest first\n")
+    assert plain.count("weakest topics: ") == len(groups) and "why: mean reward" in plain
