@@ -639,13 +639,15 @@ def map_points(
 
 
 def expert_matrix(engine: Engine, run_id: str) -> list[Row]:
-    """One row per (cluster, expert) from the run's reports: Elo with CI, battles, and the
+    """One row per (topic, expert) from the run's reports: Elo with CI, battles, and the
     predicted win rate against the cluster's other experts (the `win_rate` the report gives,
     else the mean Bradley–Terry win probability implied by the Elo ratings)."""
     with engine.connect() as conn:
         rows = _cluster_rows(conn, run_id)
     matrix = []
     for row in rows:
+        if row["level"] != 0:  # a group's leaderboard pools its topics': not a column here
+            continue
         board = row["report"].get("leaderboard") or []
         ratings = [line["elo"] for line in board if line.get("elo") is not None]
         routing = row["report"].get("routing") or {}

@@ -502,6 +502,10 @@ def test_groups_carry_reward_weakness_and_weakest_topics(scored_db: str, tmp_pat
     assert set(reports) == groups and not groups & set(topics)
     weakness = [r["weakness"] for r in reports.values()]
     assert weakness == sorted(weakness, reverse=True)
+    assert any(r["leaderboard"] for r in reports.values())  # the group's battles, pooled
+    from storage.views import expert_matrix
+
+    assert {row["cluster_id"] for row in expert_matrix(engine, run["id"])} <= set(topics)
 
     def check(rewards: dict[str, float]) -> None:
         signals = _exchange_frame(engine).set_index("id")
