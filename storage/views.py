@@ -332,6 +332,75 @@ def cluster_table(engine: Engine, run_id: str, flt: ViewFilter, *, scorer: str |
     return table
 
 
+def group_table(engine: Engine, run_id: str, flt: ViewFilter, *, scorer: str | None) -> list[Row]:
+    """The run's parent groups, weakest first, each with its report and the names of its
+    weakest topics. As in `cluster_table`, a report describes the whole run, so under a filter
+    the size, share, mean reward and rates are recomputed over the group's filtered
+    exchanges (all its topics' rows pooled, not a mean of topic means), the CI is left out,
+    and groups with none of them are left out."""
+    topic = clusters.alias("topic")
+    stats = (
+        sa.select(
+            topic.c.parent_id,
+            sa.func.count().label("n"),
+            (sa.func.avg(scores.c.value) if scorer else sa.null()).label("reward_filtered"),
+            _rate(exchanges.c.retried).label("retry_filtered"),
+            _rate(exchanges.c.edited).label("edit_filtered"),
+            _rate(exchanges.c.ended_conversation).label("end_filtered"),
+        )
+        .select_from(
+            _joined(run_id, scorer).join(
+                topic, sa.and_(topic.c.run_id == run_id, topic.c.id == assignments.c.cluster_id)
+            )
+        )
+        .where(topic.c.parent_id.is_not(None), *_conditions(run_id, flt))
+        .group_by(topic.c.parent_id)
+    )
+    with engine.connect() as conn:
+        by_group = {row["parent_id"]: dict(row) for row in conn.execute(stats).mappings()}
+        rows = _cluster_rows(conn, run_id)
+    total = sum(s["n"] for s in by_group.values())
+    names = {r["id"]: display_name(r) for r in rows}
+    table = []
+    for row in rows:
+        if row["level"] != 1:
+            continue
+        stat = by_group.get(row["id"])
+        if stat is None and flt.active:
+            continue
+        report = row["report"]
+        n = stat["n"] if stat else 0
+        run_wide = bool(report) and not flt.active
+        filtered = stat or {}
+        table.append(
+            {
+                "id": row["id"],
+                "name": display_name(row),
+                "keywords": row["keywords"],
+                "tags": row["tags"],
+                "topics": sum(1 for r in rows if r["parent_id"] == row["id"]),
+                "n": n,
+                "share": (n / total) if total else 0.0,
+                "reward_mean": report.get("reward_mean")
+                if run_wide
+                else filtered.get("reward_filtered"),
+                "reward_ci": report.get("reward_ci") if run_wide else None,
+                "retry_rate": report.get("retry_rate")
+                if run_wide
+                else filtered.get("retry_filtered"),
+                "edit_rate": report.get("edit_rate") if run_wide else filtered.get("edit_filtered"),
+                "end_rate": report.get("end_rate") if run_wide else filtered.get("end_filtered"),
+                "weakness": row["weakness"],
+                "reason": report.get("reason"),
+                "weakest_topics": [
+                    names.get(t["id"], t["id"]) for t in report.get("weakest_topics", [])
+                ],
+            }
+        )
+    table.sort(key=_weakest_first)
+    return table
+
+
 def _weakest_first(row: Row) -> tuple[Any, ...]:
     weakness = row["weakness"]
     reward = row["reward_mean"]

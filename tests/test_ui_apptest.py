@@ -23,7 +23,15 @@ from app.ui.launch import command, is_loopback
 from storage.clusters import load_clusters, save_cluster_run
 from storage.engine import open_database
 from storage.views import ViewFilter, keyword_search
-from tests.ui_database import MODELS, SCORER, XSS_NAME, XSS_PROMPT, BuiltDatabase, build
+from tests.ui_database import (
+    MODELS,
+    SCORER,
+    XSS_GROUP,
+    XSS_NAME,
+    XSS_PROMPT,
+    BuiltDatabase,
+    build,
+)
 
 APP = str(Path(__file__).resolve().parents[1] / "app" / "ui" / "app.py")
 
@@ -80,6 +88,54 @@ def test_overview_headline_figures_and_weakest_first(
     weakness = list(table["Weakness"])
     assert weakness == sorted(weakness, reverse=True)
     assert len(at.get("plotly_chart")) == 1
+
+
+def _group_table(at: AppTest) -> Any:
+    return next(d.value for d in at.dataframe if "Weakest topics" in d.value.columns)
+
+
+def test_overview_lists_groups_weakest_first_scored_over_their_exchanges(
+    shared_db: BuiltDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from storage.clusters import load_assignments
+    from storage.scores import load_scores
+
+    engine = open_database(shared_db.url, read_only=True)
+    clusters = load_clusters(engine, shared_db.run_id)
+    assignment = load_assignments(engine, shared_db.run_id)
+    rewards = load_scores(engine, SCORER)
+    engine.dispose()
+    parent_of = {c["id"]: c["parent_id"] for c in clusters if c["level"] == 0}
+    name_of = {c["id"]: c["name"] for c in clusters}
+    members: dict[str, list[float]] = {}
+    for exchange, topic in assignment.items():
+        if topic is not None:
+            members.setdefault(name_of[parent_of[topic]], []).append(rewards[exchange])
+
+    at = _app(shared_db.url, monkeypatch)
+    groups = _group_table(at)
+    assert sorted(groups["Group"]) == sorted(members)  # names verbatim, as text
+    assert XSS_GROUP in list(groups["Group"])
+    weakness = list(groups["Weakness"])
+    assert weakness == sorted(weakness, reverse=True) and weakness[0] > 0
+    for row in groups.to_dict("records"):
+        assert row["Size"] == len(members[row["Group"]]) and row["Topics"] == 4
+        assert row["Reward"] == pytest.approx(np.mean(members[row["Group"]]))  # pooled
+        assert row["Reward 95 % CI"] != "—" and row["Why"].startswith("mean reward")
+        mine = {name_of[t] for t, g in parent_of.items() if name_of[g] == row["Group"]}
+        weakest = row["Weakest topics"].split("; ")
+        assert len(weakest) == 3 and set(weakest) <= mine
+
+    at.multiselect(key="f_models").select(MODELS[0]).run()  # a filter recomputes the figures
+    filtered = _group_table(at)
+    assert sum(filtered["Size"]) == sum(at.dataframe[0].value["Size"]) < sum(groups["Size"])
+    assert set(filtered["Reward 95 % CI"]) == {"—"}  # the run's CI does not describe a slice
+
+    at = _app(shared_db.url, monkeypatch)  # the weakest topic's page names its group
+    at.button(key="open_weakest").click().run()
+    named = [t for t in _all_markdown_text(at) if "help desk" in t]
+    assert named  # handed to Markdown escaped: no raw tag, link or emphasis
+    assert all(re.search(r"(?<!\\)[<>\[\]*]", t) is None for t in named), named
 
 
 def test_filters_apply_to_the_overview(

@@ -5,7 +5,9 @@ conversation, several models, signals), judged battles, a cluster run with topic
 groups, 2-D layout and representatives, reward scores and cluster reports shaped like
 scoring's. Texts follow a topic template, so clusters are about something. One exchange of
 the weakest cluster carries a script tag and Markdown/HTML injection, and that cluster's
-automatic name carries an HTML tag, so tests can check they are shown as text.
+automatic name carries an HTML tag, so tests can check they are shown as text; so does the
+first group's name. The groups' reports are computed by scoring's own `group_reports` from
+the stored rewards and signals.
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
+from scoring.step import group_reports
+from scoring.weakness import rank_clusters
 from storage.clusters import save_cluster_run
 from storage.engine import open_database
 from storage.logs import store_batch
@@ -31,6 +36,7 @@ XSS_PROMPT = (
     '<img src=x onerror="alert(3)"> :red[red] $x^2$ # heading'
 )
 XSS_NAME = "<b>refund</b> <img src=x onerror=alert(4)>"
+XSS_GROUP = "<b>help desk</b> <img src=x> [go](http://evil.example/) alert(5) **loud**"
 TOPICS = (
     (
         "refund",
@@ -53,6 +59,7 @@ class BuiltDatabase:
     run_id: str
     weakest_id: str
     cluster_ids: tuple[str, ...]
+    group_ids: tuple[str, ...]
     xss_exchange_id: str
     n_exchanges: int
 
@@ -93,6 +100,7 @@ def build(
     xss_index = 0  # labels[0] == 0: the weakest cluster
     rewards[xss_index] = -0.5  # its worst exchange
     now = datetime(2026, 3, 1)
+    edited: list[bool] = []
 
     for lo in range(0, n_exchanges, batch):
         hi = min(lo + batch, n_exchanges)
@@ -101,6 +109,7 @@ def build(
             topic = TOPICS[labels[i] % len(TOPICS)]
             prompt = XSS_PROMPT if i == xss_index else topic[2].format(i=i)
             created_at = created[i]
+            edited.append(bool(rng.random() < 0.1))  # drawn where the row used to draw it
             conversations.append(
                 {
                     "id": conv_ids[i],
@@ -131,7 +140,7 @@ def build(
                     "source": "fixture.jsonl",
                     "external_id": f"ex-{i}",
                     "retried": bool(retried[i]),
-                    "edited": bool(rng.random() < 0.1),
+                    "edited": edited[-1],
                     "deleted": False,
                     "rating": None,
                     "thumbs": None,
@@ -195,7 +204,7 @@ def build(
                 "id": pid,
                 "parent_id": None,
                 "level": 1,
-                "auto_name": f"group {p}",
+                "auto_name": XSS_GROUP if p == 0 else f"group {p}",
                 "keywords": json.dumps([]),
                 "size": size,
                 "share": size / total,
@@ -232,17 +241,29 @@ def build(
         assignment_rows,
     )
     store_scores(engine, SCORER, dict(zip(ids, rewards.tolist(), strict=True)))
-    save_cluster_reports(
-        engine,
-        run_id,
-        _reports(rng, cluster_ids, labels, unassigned, rewards, retried, ended, weakness, models),
+    reports = _reports(
+        rng, cluster_ids, labels, unassigned, rewards, retried, ended, weakness, models
     )
+    assigned = ~unassigned
+    signals = pd.DataFrame(
+        {
+            "cluster_id": np.array(cluster_ids)[labels[assigned]],
+            "reward": rewards[assigned],
+            "retried": retried[assigned],
+            "edited": np.array(edited)[assigned],
+            "ended_conversation": ended[assigned],
+        }
+    )
+    parent_of = {cid: parent_ids[c % 2] for c, cid in enumerate(cluster_ids)}
+    reports |= group_reports(signals, parent_of, rank_clusters(signals))
+    save_cluster_reports(engine, run_id, reports)
     engine.dispose()
     return BuiltDatabase(
         url=url,
         run_id=run_id,
         weakest_id=cluster_ids[0],
         cluster_ids=tuple(cluster_ids),
+        group_ids=tuple(parent_ids),
         xss_exchange_id=ids[xss_index],
         n_exchanges=n_exchanges,
     )

@@ -183,6 +183,14 @@ def cluster_table(
     return pd.DataFrame(rows)
 
 
+@st.cache_data(show_spinner=False, max_entries=64)
+def group_table(
+    url: str, version: tuple[Any, ...], run_id: str, flt: ViewFilter, scorer: str | None
+) -> pd.DataFrame:
+    rows = read(url, lambda e: views.group_table(e, run_id, flt, scorer=scorer))
+    return pd.DataFrame(rows)
+
+
 @st.cache_resource(show_spinner=False, max_entries=8)  # 100K rows: shared, not copied
 def map_points(
     url: str,

@@ -1,4 +1,5 @@
-"""Overview: headline figures, the clusters weakest first, and the topic map."""
+"""Overview: headline figures, the clusters weakest first, their groups weakest first, and
+the topic map."""
 
 from __future__ import annotations
 
@@ -115,6 +116,58 @@ selection = st.dataframe(
 rows = selection.selection.rows if selection else []
 if rows:
     shell.jump_to_cluster(table.iloc[rows[0]]["id"])
+
+# Groups of related topics, scored over all their exchanges: a broad area that goes badly
+# shows here as one line even when each of its topics alone looks only a little weak.
+groups = data.group_table(c.url, c.version, c.run_id, c.flt, c.scorer)
+if not groups.empty:
+    st.subheader("Groups, weakest first")
+    st.caption(
+        "Each group pools the exchanges of its topics: its reward CI and weakness are "
+        "computed over them the same way as a topic's, and its weakest topics are named."
+    )
+    st.dataframe(
+        pd.DataFrame(
+            {
+                "Group": groups["name"],
+                "Topics": groups["topics"],
+                "Size": groups["n"],
+                "Share": groups["share"],
+                "Reward": groups["reward_mean"],
+                "Reward 95 % CI": groups["reward_ci"].map(fmt_ci),
+                "Retry": groups["retry_rate"],
+                "Edited": groups["edit_rate"],
+                "Ended": groups["end_rate"],
+                "Weakness": groups["weakness"],
+                "Why": groups["reason"],
+                "Weakest topics": groups["weakest_topics"].map(lambda t: "; ".join(t)),
+            }
+        ),
+        hide_index=True,
+        placeholder=MISSING,
+        width="stretch",
+        key="group_table",
+        column_config={
+            "Group": st.column_config.TextColumn(width="medium", pinned=True),
+            "Topics": st.column_config.NumberColumn(format="%d", width="small"),
+            "Size": st.column_config.NumberColumn(format="%d", width="small"),
+            "Share": st.column_config.ProgressColumn(
+                format="percent", min_value=0.0, max_value=1.0, width="small"
+            ),
+            "Reward": st.column_config.NumberColumn(format="%.2f", width="small"),
+            "Reward 95 % CI": st.column_config.TextColumn(width="small"),
+            "Retry": st.column_config.NumberColumn(format="percent", width="small"),
+            "Edited": st.column_config.NumberColumn(format="percent", width="small"),
+            "Ended": st.column_config.NumberColumn(format="percent", width="small"),
+            "Weakness": st.column_config.ProgressColumn(
+                format="%.2f",
+                min_value=0.0,
+                max_value=float(groups["weakness"].fillna(0.0).max() or 1.0),
+            ),
+            "Why": st.column_config.TextColumn(width="large"),
+            "Weakest topics": st.column_config.TextColumn(width="large"),
+        },
+    )
 
 st.subheader("Topic map")
 color_by = st.segmented_control(
