@@ -16,6 +16,7 @@ from sqlalchemy.engine import Engine
 from ingest.embed import Embedder, load_embedder
 from ingest.embed_text import On, text_for
 from ingest.records import content_hash
+from storage.engine import checkpoint
 from storage.logs import ExchangeFilter, iter_exchanges
 from storage.vectors import missing_hashes, store_vectors
 
@@ -85,6 +86,8 @@ def embed_exchanges(
         hashes = todo[start : start + config.chunk_size]
         vectors = embedder.embed([texts_by_hash[h] for h in hashes])
         store_vectors(engine, embedder.name, hashes, vectors)
+    if todo:
+        checkpoint(engine)  # 1M vectors are 1.5 GB: into the file before the next step reads
     return EmbedSummary(
         model=embedder.name,
         on=config.on,

@@ -41,6 +41,7 @@ from ingest.records import (
     repeat_id,
 )
 from storage.contexts import encode_context
+from storage.engine import checkpoint
 from storage.logs import finish_ingest_run, start_ingest_run, store_batch, utcnow
 
 
@@ -113,6 +114,7 @@ def ingest_paths(paths: Sequence[Path], *, engine: Engine, config: IngestConfig)
     finally:
         writer.close()
         rejects.close()
+        checkpoint(engine)  # what was stored, kept, in the file rather than in memory
     summary.rejects_file = str(rejects.path) if rejects.count else None
     summary.unknown_roles = dict(unknown_roles)
     return summary

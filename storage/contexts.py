@@ -140,11 +140,55 @@ def stream_with_contexts(
     parents it lacks are read on a second. Order the query by (conversation, turn)."""
     with engine.connect() as conn, engine.connect() as lookup:
         resolver = ContextResolver(lookup, added)
-        result = conn.execution_options(stream_results=True, yield_per=batch_size).execute(query)
-        for part in result.mappings().partitions(batch_size):
-            rows = [dict(row) for row in part]
-            resolver.resolve(rows)
-            yield rows
+        for piece in sortable_pieces(conn, query):
+            result = conn.execution_options(stream_results=True, yield_per=batch_size).execute(
+                piece
+            )
+            for part in result.mappings().partitions(batch_size):
+                rows = [dict(row) for row in part]
+                resolver.resolve(rows)
+                yield rows
+
+
+# DuckDB (1.5) sorts in memory: past its cap (512 MB by default, storage.engine) an ORDER BY
+# whose rows carry long texts fails instead of spilling to disk (100K ShareGPT-sized
+# exchanges did). A large stream is therefore sorted one range of conversations at a time,
+# each holding about this much text.
+SORT_PIECE_BYTES = 64 * 2**20
+
+
+def sortable_pieces(conn: Connection, query: sa.Select) -> list[sa.Select]:
+    """`query` (ordered by conversation first) as queries that, read one after another, give
+    its rows in its order: itself, or on DuckDB when its rows hold more text than
+    SORT_PIECE_BYTES, itself restricted to consecutive ranges of conversation ids (a
+    conversation is never split, so a parent stays in its child's piece)."""
+    if conn.dialect.name != "duckdb":
+        return [query]
+    conversation = exchanges.c.conversation_id
+    text = (
+        sa.func.length(exchanges.c.prompt)
+        + sa.func.length(exchanges.c.response)
+        + sa.func.length(exchanges.c.context)
+    )
+    sizes = (
+        query.with_only_columns(conversation, sa.func.sum(text), maintain_column_froms=True)
+        .group_by(conversation)
+        .order_by(None)
+        .order_by(conversation)
+    )
+    ranges: list[tuple[str, str]] = []
+    first, total = None, 0
+    for conversation_id, size in conn.execution_options(yield_per=50_000).execute(sizes):
+        first = first or conversation_id
+        total += int(size or 0)
+        if total >= SORT_PIECE_BYTES:
+            ranges.append((first, conversation_id))
+            first, total = None, 0
+    if first is not None:
+        ranges.append((first, conversation_id))
+    if len(ranges) <= 1:
+        return [query]
+    return [query.where(conversation.between(lo, hi)) for lo, hi in ranges]
 
 
 def _pieces(stored: str | None) -> list[str]:

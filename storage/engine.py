@@ -153,6 +153,18 @@ def open_database(db: str | None = None, *, read_only: bool = False) -> Engine:
     return engine
 
 
+def checkpoint(engine: Engine) -> None:
+    """Write what a step stored into a DuckDB file (a no-op elsewhere).
+
+    With one checkpoint per GB of log (`make_engine`), DuckDB keeps the rows a long step just
+    committed in its memory-capped buffer pool: the next step in the same process (`run`:
+    ingest then embed) then sorts 1M exchanges in what is left, and runs out of memory.
+    """
+    if engine.dialect.name == "duckdb":
+        with engine.connect() as conn:
+            conn.exec_driver_sql("CHECKPOINT")
+
+
 def database_file(url: str) -> Path | None:
     """The file a DuckDB or SQLite URL names; None for an in-memory database or a server."""
     parsed = sa.make_url(url)

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 
 from storage.engine import open_database
@@ -438,3 +439,43 @@ def test_demo_runs_the_whole_job_on_a_sharegpt_sample(tmp_path: Path) -> None:
     assert summary["cluster"]["rows"] == exchanges and summary["cluster"]["clusters"] >= 2
     assert summary["score"]["exchanges"] == exchanges
     assert summary["score"]["labels"]["length"]["known"] > 0  # structural labels were mined
+
+
+def test_more_text_than_duckdbs_memory_cap_reads_back_whole_and_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DuckDB sorts in memory and fails past its cap instead of spilling to disk, so reading
+    back a log holding more text than the cap (`convoscope embed` after ingesting 100K
+    ShareGPT-sized exchanges) failed. Large streams are sorted a range of conversations at a
+    time: every row comes back, in (conversation, turn) order, contexts whole."""
+    from ingest.pipeline import IngestConfig, ingest_paths
+
+    monkeypatch.setenv("CONVOSCOPE_DUCKDB_MEMORY", "96MB")  # the default cap, scaled down
+    log = tmp_path / "long.jsonl"
+    with log.open("w") as handle:
+        for i in range(20_000):  # 40K exchanges, about 150 MB of text to sort
+            messages = [
+                {"role": "user", "content": f"question {i}"},
+                {"role": "assistant", "content": f"answer {i} " + "a" * 3000},
+                {"role": "user", "content": f"follow-up {i}"},
+                {"role": "assistant", "content": f"more {i} " + "b" * 3000},
+            ]
+            handle.write(json.dumps({"messages": messages}) + "\n")
+    engine = open_database(f"duckdb:///{tmp_path / 'long.duckdb'}")
+    config = IngestConfig(
+        progress=False, rejects_path=tmp_path / "rejects.jsonl", batch_size=1000
+    )  # small batches: the ingest itself fits under the cap
+    assert ingest_paths([log], engine=engine, config=config).stored == 40_000
+    keys, follow_ups = [], 0
+    columns = ("conversation_id", "turn_index", "context", "prompt")
+    for batch in iter_exchanges(engine, columns=columns):
+        for row in batch:
+            keys.append((row["conversation_id"], row["turn_index"]))
+            if row["prompt"].startswith("follow-up"):
+                i = row["prompt"].split()[1]
+                context = json.loads(row["context"])
+                assert len(context) == 2 and context[0]["content"] == f"question {i}"
+                assert context[1]["content"] == f"answer {i} " + "a" * 3000
+                follow_ups += 1
+    engine.dispose()
+    assert len(keys) == 40_000 and keys == sorted(keys) and follow_ups == 20_000
