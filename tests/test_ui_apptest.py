@@ -356,6 +356,38 @@ def test_export_page_writes_names_tags_and_scores(
     assert records[0]["metadata"]["cluster_label"] == "Refund trouble"
 
 
+def test_export_page_csv_is_safe_for_spreadsheets_unless_unticked(
+    fresh_db: BuiltDatabase, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A CSV from the browser usually goes to a spreadsheet, which would run a cell such as a
+    cluster named =HYPERLINK(...): the page prefixes such cells by default; unticked, the
+    cells are written as stored."""
+    from storage.clusters import annotate_cluster
+
+    formula = '=HYPERLINK("http://example.com","click")'
+    engine = open_database(fresh_db.url)
+    annotate_cluster(engine, fresh_db.weakest_id, name=formula)
+    engine.dispose()
+
+    def labels(path: Path) -> set[str]:
+        rows = csv.DictReader(path.open(encoding="utf-8"))
+        return {r["cluster_label"] for r in rows if r["cluster_id"] == fresh_db.weakest_id}
+
+    at = _app(fresh_db.url, monkeypatch, "screens/export.py")
+    assert at.checkbox(key="export_spreadsheet_safe").value is True
+    safe = tmp_path / "safe.csv"
+    _by_label(at.text_input, "Or write to a file on the server").input(str(safe))
+    _by_label(at.button, "Write file").click().run()
+    assert labels(safe) == {"'" + formula}
+    at.checkbox(key="export_spreadsheet_safe").uncheck().run()
+    raw = tmp_path / "raw.csv"
+    _by_label(at.text_input, "Or write to a file on the server").input(str(raw))
+    _by_label(at.button, "Write file").click().run()
+    assert labels(raw) == {formula}
+    at.radio(key="export_format").set_value("parquet").run()  # CSV only
+    assert not [b for b in at.checkbox if b.key == "export_spreadsheet_safe"]
+
+
 @pytest.mark.parametrize(
     "page",
     [

@@ -27,11 +27,13 @@ def export_bytes(
     *,
     format: str,
     cluster_ids: tuple[str, ...] = (),
+    safe_for_spreadsheets: bool = False,
 ) -> bytes:
     """The whole export in memory (for a download button)."""
     buffer = io.BytesIO()
     names = columns(score_names(engine))
-    write_rows(export_rows(engine, run_id, flt, cluster_ids=cluster_ids), names, format, buffer)
+    rows = export_rows(engine, run_id, flt, cluster_ids=cluster_ids)
+    write_rows(rows, names, format, buffer, safe_for_spreadsheets=safe_for_spreadsheets)
     return buffer.getvalue()
 
 
@@ -43,8 +45,9 @@ def export_to_path(
     *,
     format: str,
     cluster_ids: tuple[str, ...] = (),
+    safe_for_spreadsheets: bool = False,
 ) -> int:
     """Write the export to `out` atomically; returns the row count."""
     names = columns(score_names(engine))
     batches = export_rows(engine, run_id, flt, cluster_ids=cluster_ids)
-    return write_file(batches, names, format, out)
+    return write_file(batches, names, format, out, safe_for_spreadsheets=safe_for_spreadsheets)

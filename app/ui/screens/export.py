@@ -42,6 +42,16 @@ with left:
                     key="export_clusters",
                 )
             )
+    # On by default here: a CSV downloaded from a browser is usually opened in a spreadsheet,
+    # which would run a logged prompt such as =HYPERLINK(...) as a formula.
+    safe = fmt == "csv" and st.checkbox(
+        "Safe for spreadsheets",
+        value=True,
+        key="export_spreadsheet_safe",
+        help="Prefix text cells starting with =, +, -, @, a tab or a carriage return with ' so "
+        "Excel or LibreOffice shows them instead of running them. Off: cells exactly as "
+        "stored (for pandas and other readers).",
+    )
     rows = data.count_rows(c.url, c.version, c.run_id, c.flt, cluster_ids)
     st.metric("Rows to export", f"{rows:,}")
     label, mime, suffix = exporting.FORMATS[fmt]
@@ -52,7 +62,7 @@ with left:
         return data.read(
             c.url,
             lambda e: exporting.export_bytes(
-                e, c.run_id, c.flt, format=fmt, cluster_ids=cluster_ids
+                e, c.run_id, c.flt, format=fmt, cluster_ids=cluster_ids, safe_for_spreadsheets=safe
             ),
         )
 
@@ -79,7 +89,13 @@ with left:
             written = data.read(
                 c.url,
                 lambda e: exporting.export_to_path(
-                    e, c.run_id, c.flt, out, format=fmt, cluster_ids=cluster_ids
+                    e,
+                    c.run_id,
+                    c.flt,
+                    out,
+                    format=fmt,
+                    cluster_ids=cluster_ids,
+                    safe_for_spreadsheets=safe,
                 ),
             )
             st.success(f"Wrote {written:,} rows to {out}")
