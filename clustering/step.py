@@ -71,8 +71,8 @@ def cluster_exchanges(
     stored = table_counts(engine)["exchanges"]
     if stored < 3:
         raise ValueError(f"only {stored} exchanges are stored: ingest more to cluster them")
-    embedded = embed_exchanges(engine, config=config.embed)  # a no-op when all are cached
     items = list(exchange_texts(engine, on=config.embed.on))
+    embedded = embed_exchanges(engine, config=config.embed, items=items)  # no-op when cached
     ids = [item.exchange_id for item in items]
     texts = [item.text for item in items]
     vectors = load_vectors(engine, embedded.model, [item.text_hash for item in items])

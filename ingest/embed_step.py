@@ -73,10 +73,19 @@ def exchange_texts(
 
 
 def embed_exchanges(
-    engine: Engine, *, config: EmbedConfig, embedder: Embedder | None = None
+    engine: Engine,
+    *,
+    config: EmbedConfig,
+    embedder: Embedder | None = None,
+    items: list[EmbeddedText] | None = None,
 ) -> EmbedSummary:
-    """Embed every stored exchange not embedded yet with this model; returns the counts."""
-    items = list(exchange_texts(engine, on=config.on))
+    """Embed every stored exchange not embedded yet with this model; returns the counts.
+
+    `items`: `exchange_texts(engine, on=config.on)` when the caller read them already (it
+    goes on to load the vectors): reading every exchange with its context is most of a
+    step whose vectors are all stored.
+    """
+    items = list(exchange_texts(engine, on=config.on)) if items is None else items
     texts_by_hash = {item.text_hash: item.text for item in items}
     embedder = embedder or load_embedder(
         config.model, device=config.device, fast=config.fast, batch_size=config.batch_size

@@ -91,8 +91,10 @@ def exchange_vectors(
     """The vectors of these exchanges' `on` texts (prompt or response), in order, embedding
     what is new; and the encoder's name."""
     config = EmbedConfig(**{**asdict(embed), "on": on})
-    name = embed_exchanges(engine, config=config).model
-    by_id = {item.exchange_id: item.text_hash for item in exchange_texts(engine, on=on)}
+    items = list(exchange_texts(engine, on=on))
+    name = embed_exchanges(engine, config=config, items=items).model
+    by_id = {item.exchange_id: item.text_hash for item in items}
+    del items
     return load_vectors(engine, name, [by_id[i] for i in ids]), name
 
 
