@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -413,10 +414,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         again = getattr(interrupt, "how_to_finish", "re-run to finish")
         print(f"convoscope: interrupted; what was stored is kept, {again}", file=sys.stderr)
         return 130
-    if args.json:
-        print(json.dumps(result, indent=2, default=str))
-    else:
-        print(commands.describe(args.command, result))
+    try:
+        if args.json:
+            print(json.dumps(result, indent=2, default=str))
+        else:
+            print(commands.describe(args.command, result))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `... --json | head`: the reader stopped early; the work is done
+        # Quiet the flush Python makes at exit, which would report the closed pipe again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return status
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import subprocess
+import sys
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -18,7 +21,7 @@ from ingest.files import REJECTS_PREFIX
 from storage.engine import open_database
 from storage.logs import iter_exchanges
 from storage.schema import ingest_runs
-from tests.test_ingest_pipeline import convoscope, write_openai_jsonl
+from tests.test_ingest_pipeline import REPO, convoscope, write_openai_jsonl
 
 
 def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -288,3 +291,25 @@ def test_a_bad_reward_model_directory_is_named_before_any_work(
         assert code == 2 and f"reward model directory {missing} does not exist" in err
         code, _, err = cli(capsys, "--db", db, *command, "--reward-model", str(empty))
         assert code == 2 and f"{empty} is not a model directory" in err
+
+
+def test_a_reader_that_stops_early_is_no_error(tmp_path: Path) -> None:
+    """`convoscope ... --json | head -1`: the pipe closes before the summary is written; the
+    work is done and stored, so no traceback and the command's own exit status."""
+    log = tmp_path / "chat.jsonl"
+    write_openai_jsonl(log, 3)
+    command = f"{sys.executable} -m app.cli --db {tmp_path / 'x.duckdb'} ingest {log} --json"
+    done = subprocess.run(
+        f"{command} | true; exit ${{PIPESTATUS[0]}}",
+        shell=True,
+        executable="/bin/bash",
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+    )
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
+    assert done.returncode == 0
+    engine = open_database(str(tmp_path / "x.duckdb"))
+    assert sum(len(b) for b in iter_exchanges(engine)) == 6  # 3 two-turn chats, stored
+    engine.dispose()
