@@ -269,7 +269,9 @@ def overview(
 
 def cluster_table(engine: Engine, run_id: str, flt: ViewFilter, *, scorer: str | None) -> list[Row]:
     """The run's topics, weakest first, each with its report, name, tags and the figures of
-    the filtered exchanges in it (clusters with none of them are left out under a filter)."""
+    the filtered exchanges in it. Under a filter, clusters with none of them are left out, and
+    the CI, weakness and reason, which describe the whole run, too: the rows then come lowest
+    filtered reward first."""
     stats = (
         sa.select(
             assignments.c.cluster_id,
@@ -324,11 +326,12 @@ def cluster_table(engine: Engine, run_id: str, flt: ViewFilter, *, scorer: str |
                 "edit_rate": report.get("edit_rate") if run_wide else None,
                 "best_expert": routing.get("best_expert"),
                 "gain": routing.get("gain"),
-                "weakness": row["weakness"],
-                "reason": report.get("reason"),
+                # The weakness and its reason rank the whole run; a slice has neither.
+                "weakness": row["weakness"] if run_wide else None,
+                "reason": report.get("reason") if run_wide else None,
             }
         )
-    table.sort(key=_weakest_first)
+    table.sort(key=_weakest_first)  # under a filter: the lowest filtered reward first
     return table
 
 
@@ -336,8 +339,9 @@ def group_table(engine: Engine, run_id: str, flt: ViewFilter, *, scorer: str | N
     """The run's parent groups, weakest first, each with its report and the names of its
     weakest topics. As in `cluster_table`, a report describes the whole run, so under a filter
     the size, share, mean reward and rates are recomputed over the group's filtered
-    exchanges (all its topics' rows pooled, not a mean of topic means), the CI is left out,
-    and groups with none of them are left out."""
+    exchanges (all its topics' rows pooled, not a mean of topic means), the CI, weakness,
+    reason and weakest topics (which rank the whole run) are left out, and groups with none
+    of them are left out."""
     topic = clusters.alias("topic")
     stats = (
         sa.select(
@@ -390,14 +394,15 @@ def group_table(engine: Engine, run_id: str, flt: ViewFilter, *, scorer: str | N
                 else filtered.get("retry_filtered"),
                 "edit_rate": report.get("edit_rate") if run_wide else filtered.get("edit_filtered"),
                 "end_rate": report.get("end_rate") if run_wide else filtered.get("end_filtered"),
-                "weakness": row["weakness"],
-                "reason": report.get("reason"),
+                "weakness": row["weakness"] if run_wide else None,
+                "reason": report.get("reason") if run_wide else None,
                 "weakest_topics": [
-                    names.get(t["id"], t["id"]) for t in report.get("weakest_topics", [])
+                    names.get(t["id"], t["id"])
+                    for t in (report.get("weakest_topics", []) if run_wide else [])
                 ],
             }
         )
-    table.sort(key=_weakest_first)
+    table.sort(key=_weakest_first)  # under a filter: the lowest filtered reward first
     return table
 
 

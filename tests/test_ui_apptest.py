@@ -130,6 +130,13 @@ def test_overview_lists_groups_weakest_first_scored_over_their_exchanges(
     filtered = _group_table(at)
     assert sum(filtered["Size"]) == sum(at.dataframe[0].value["Size"]) < sum(groups["Size"])
     assert set(filtered["Reward 95 % CI"]) == {"—"}  # the run's CI does not describe a slice
+    # Nor do the weakness, its reason and the weakest topics, which rank the whole run: they
+    # are left out, and the slice comes lowest filtered reward first.
+    assert filtered["Weakness"].isna().all() and filtered["Why"].isna().all()
+    assert set(filtered["Weakest topics"]) == {""}
+    rewards = list(filtered["Reward"].dropna())
+    assert rewards == sorted(rewards)
+    assert "Groups, lowest reward first" in [h.value for h in at.subheader]
 
     at = _app(shared_db.url, monkeypatch)  # the weakest topic's page names its group
     at.button(key="open_weakest").click().run()
@@ -151,7 +158,13 @@ def test_filters_apply_to_the_overview(
     engine.dispose()
     assert _metric(at, "Exchanges") == f"{expected:,}"
     assert _metric(at, "Models") == "1"
-    assert sum(at.dataframe[0].value["Size"]) <= expected
+    topics = at.dataframe[0].value
+    assert sum(topics["Size"]) <= expected
+    # The run's weakness ranking does not describe the slice: left out, lowest reward first.
+    assert topics["Weakness"].isna().all() and topics["Why"].isna().all()
+    rewards = list(topics["Reward"].dropna())
+    assert rewards == sorted(rewards)
+    assert not [e for e in at.info if "reward" in e.value.lower()]  # no "not scored" state
 
 
 def test_cluster_page_rename_tags_and_note_persist(

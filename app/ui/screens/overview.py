@@ -43,15 +43,22 @@ table = data.cluster_table(c.url, c.version, c.run_id, c.flt, c.scorer)
 if table.empty:
     st.info("No cluster holds an exchange that passes the filter.", icon=":material/info:")
     st.stop()
-if table["weakness"].isna().all():
+if table["weakness"].isna().all() and not c.flt.active:
     shell.empty_state("reports")
 
-st.subheader("Clusters, weakest first")
+# Weakness ranks the whole run's traffic: a filtered slice is ordered by its own mean reward.
+SLICE_NOTE = (
+    "Under the filter: lowest filtered reward first. Weakness, why and the CI rank the whole "
+    "run, so they are left out here."
+)
+st.subheader("Clusters, lowest reward first" if c.flt.active else "Clusters, weakest first")
 weakest = table.iloc[0]
 left, right = st.columns([3, 1], vertical_alignment="center")
 left.caption(
-    "Select a row to open its cluster. Weakness combines low reward with retries, edits and "
-    "abandoned conversations; the reason column says which weighed most."
+    f"Select a row to open its cluster. {SLICE_NOTE}"
+    if c.flt.active
+    else "Select a row to open its cluster. Weakness combines low reward with retries, edits "
+    "and abandoned conversations; the reason column says which weighed most."
 )
 if right.button(
     f"Open weakest: {safe_label(weakest['name'], 40)}",
@@ -121,9 +128,11 @@ if rows:
 # shows here as one line even when each of its topics alone looks only a little weak.
 groups = data.group_table(c.url, c.version, c.run_id, c.flt, c.scorer)
 if not groups.empty:
-    st.subheader("Groups, weakest first")
+    st.subheader("Groups, lowest reward first" if c.flt.active else "Groups, weakest first")
     st.caption(
-        "Each group pools the exchanges of its topics: its reward CI and weakness are "
+        f"Each group pools the exchanges of its topics. {SLICE_NOTE}"
+        if c.flt.active
+        else "Each group pools the exchanges of its topics: its reward CI and weakness are "
         "computed over them the same way as a topic's, and its weakest topics are named."
     )
     st.dataframe(
