@@ -1036,8 +1036,9 @@ def _describe_clusters(result: dict[str, Any]) -> str:
             lines.append(_cluster_line(group))
             if group.get("reason"):
                 lines.append(f"{'':6}   why: {group['reason']}")
-            weakest = [
-                f"{t['id']} {t['name']} ({t['reward_mean']:.2f})"
+            weakest = [  # ranked by weakness (low reward × traffic), so both are shown
+                f"{t['id']} {t['name']} (reward {t['reward_mean']:.2f}, "
+                f"weakness {t['weakness']:.3f})"
                 for t in group.get("weakest_topics", [])
             ]
             if weakest:

@@ -131,7 +131,7 @@ def _reason(
 ) -> str:
     """A sentence a person can act on: how bad, how sure, how much traffic, which signals."""
     if np.isnan(mean):
-        return f"no reward scores yet; {share:.0%} of traffic"
+        return f"no reward scores yet; {share:.0%} of the clustered traffic"
     if hi < overall:
         verdict = "surely below"
     elif lo < overall:
@@ -140,7 +140,7 @@ def _reason(
         verdict = "above"
     parts = [
         f"mean reward {mean:.3f} [{lo:.3f}, {hi:.3f}] is {verdict} the overall {overall:.3f}",
-        f"{share:.0%} of traffic",
+        f"{share:.0%} of the clustered traffic",
     ]
     for name, value in rates.items():
         base = overall_rates[name]
