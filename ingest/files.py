@@ -238,7 +238,7 @@ def iter_json_records(
         if problem is not None:
             yield problem
             return
-        yield from _iter_json_array(path, source=source)
+        yield from _iter_json_array(path, source=source, max_item_bytes=max_line_bytes)
     else:
         yield from _iter_jsonl(path, source=source, max_line_bytes=max_line_bytes)
 
@@ -280,7 +280,9 @@ def _bad_line(source: str, line: Line, reason: str) -> Reject:
     return Reject(source=source, line=line.number, reason=reason, excerpt=excerpt(line.text))
 
 
-def _iter_json_array(path: Path, *, source: str) -> Iterator[Record | Reject | Truncation]:
+def _iter_json_array(
+    path: Path, *, source: str, max_item_bytes: int = DEFAULT_MAX_LINE_BYTES
+) -> Iterator[Record | Reject | Truncation]:
     """Stream the items of a top-level array: never the whole file, one item at a time.
 
     Each item is parsed by the json module, as a JSONL line is, so a record means the same in
@@ -292,6 +294,8 @@ def _iter_json_array(path: Path, *, source: str) -> Iterator[Record | Reject | T
     The first syntax error ends the file (after a broken item, where the next one starts cannot
     be known): at the end of the data it is a Truncation (every whole item before it was
     yielded), elsewhere a Reject. `byte_offset` is where the data stops, in decompressed bytes.
+    An item longer than `max_item_bytes` is rejected as a JSONL line that long is
+    (`--max-line-mb`), so a record is kept or not whichever layout holds it.
     """
     number = 0
     with open_binary(path) as f:
@@ -328,14 +332,14 @@ def _iter_json_array(path: Path, *, source: str) -> Iterator[Record | Reject | T
                 if type(value) in (int, float) and _NUMBER_TAIL.fullmatch(text[after:].rstrip()):
                     break  # the data stops inside a number (`1.`, or `12` of 123)
                 number += 1
-                yield Record(number=number, value=value)
+                yield _item(source, number, value, text, pos, end, max_item_bytes)
                 if after == len(text):
                     break  # the data stops after this item, the array still open
                 why = f"expected ',' or ']' at byte {data.byte_offset(after)}"
                 yield _array_stop(number, source, data.problem or f"invalid JSON ({why})")
                 return
             number += 1
-            yield Record(number=number, value=value)
+            yield _item(source, number, value, text, pos, end, max_item_bytes)
             closed = text[after] == "]"
             pos = data.skip_space(after + 1)
         if data.problem is not None:
@@ -347,6 +351,24 @@ def _iter_json_array(path: Path, *, source: str) -> Iterator[Record | Reject | T
         elif pos < len(data.text):  # only whitespace may follow the array
             why = f"data after the closing ']' at byte {data.byte_offset(pos)}"
             yield _array_stop(number, source, f"invalid JSON ({why})")
+
+
+def _item(
+    source: str, number: int, value: Any, text: str, start: int, end: int, max_bytes: int
+) -> Record | Reject:
+    """The array item (`text[start:end]`) as a Record, or a Reject when its JSON is over the
+    line limit."""
+    if (end - start) * 4 > max_bytes:  # a character is at most 4 bytes: encode only then
+        raw = text[start:end]
+        size = len(raw.encode("utf-8", "surrogatepass"))
+        if size > max_bytes:
+            return Reject(
+                source=source,
+                line=number,
+                reason=f"array item longer than {max_bytes} bytes ({size} bytes), skipped",
+                excerpt=excerpt(raw),
+            )
+    return Record(number=number, value=value)
 
 
 # Measured on the ShareGPT file: as fast as ijson; 1 MB chunks (and the copies `forget`

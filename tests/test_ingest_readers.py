@@ -161,6 +161,21 @@ def test_max_line_bytes_is_configurable(tmp_path: Path) -> None:
     assert [r.line for r in of(Reject, parsed)] == [2]
 
 
+def test_the_line_limit_holds_for_json_array_items_too(tmp_path: Path) -> None:
+    """The same over-long record is rejected in a JSON array as in JSONL (it was stored from
+    an array), and the items after it are read."""
+    items = [openai_line("short", "x"), openai_line("y" * 500, "z"), openai_line("after", "w")]
+    path = tmp_path / "chat.json"
+    path.write_text(json.dumps(items))
+    parsed = read_all(path, format="openai", options=ReadOptions(max_line_bytes=200))
+    assert [c.messages[0].content for c in of(Conversation, parsed)] == ["short", "after"]
+    (reject,) = of(Reject, parsed)
+    assert reject.line == 2 and "array item longer than 200 bytes" in reject.reason
+    unicode = tmp_path / "wide.json"  # the limit counts UTF-8 bytes, not characters
+    unicode.write_text(json.dumps([openai_line("é" * 70, "x")], ensure_ascii=False))
+    assert len(of(Reject, read_all(unicode, options=ReadOptions(max_line_bytes=200)))) == 1
+
+
 def test_invalid_utf8_line_is_rejected_by_line(tmp_path: Path) -> None:
     path = tmp_path / "chat.jsonl"
     good = json.dumps(openai_line("fine", "yes")).encode()
