@@ -64,8 +64,15 @@ def detect_format(path: Path, *, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -
                 return found
             if first_keys is None:
                 first_keys = keys
+        body = start.removeprefix(UTF8_BOM).lstrip()
+        if first == b"[" and body[1:].lstrip()[:1] == b"]":
+            raise ValueError(f"{path} is an empty JSON array: no records to ingest")
         kind = "a JSON array whose first item" if first == b"[" else "JSON lines whose first record"
-        seen = f"{kind} has keys {sorted(first_keys or ())}"
+        seen = (
+            f"{kind} is not a JSON object"
+            if first_keys is None
+            else f"{kind} has keys {sorted(first_keys)}"
+        )
     else:
         if _looks_tabular(path, start):
             return "csv"

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from ingest.detect import detect_format
 from ingest.exchanges import split_conversation
@@ -90,6 +91,18 @@ def test_detection_looks_past_a_first_record_that_fits_no_format(tmp_path: Path)
         [battle, {**battle, "response_b": "r2", "winner": "model_a"}],
     )
     assert detect_format(battles) == "battles"
+
+
+def test_an_empty_or_scalar_array_says_what_it_holds(tmp_path: Path) -> None:
+    """`[ ]` used to read as "an array whose first item has keys []"."""
+    empty = tmp_path / "empty.json"
+    empty.write_bytes(BOM + b"[ \n ]")
+    with pytest.raises(ValueError, match="is an empty JSON array: no records to ingest"):
+        detect_format(empty)
+    numbers = tmp_path / "numbers.json"
+    numbers.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="first item is not a JSON object"):
+        detect_format(numbers)
 
 
 def test_a_quote_left_open_at_the_end_of_a_csv_is_a_reject(tmp_path: Path) -> None:
