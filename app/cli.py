@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-line-mb",
         type=_positive_float,
         default=8.0,
-        help="longer lines are rejected (default 8)",
+        help="longer lines (or JSON array items) are rejected (default 8)",
     )
 
     ingest = sub.add_parser(
