@@ -13,15 +13,18 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from email.utils import parsedate_to_datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import openai
+
+T = TypeVar("T")
 
 DUMMY_API_KEY = "sk-local-no-key"  # local servers want some bearer token, not a real one
 _ERROR_CHARS = 500
@@ -202,3 +205,63 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
         if math.isfinite(seconds):
             return max(seconds, 0.0)
     return None
+
+
+# Seconds a run may take to unwind after Ctrl-C before it is ended anyway (see run_interruptible).
+INTERRUPT_GRACE_S = 10.0
+
+
+def run_interruptible(work: Coroutine[Any, Any, T], *, grace_s: float = INTERRUPT_GRACE_S) -> T:
+    """`asyncio.run(work)`, where Ctrl-C always ends it: KeyboardInterrupt within seconds.
+
+    The first Ctrl-C cancels the work, which unwinds (requests cancelled, the client closed,
+    what was committed kept). If that has not finished `grace_s` later, or at a second
+    Ctrl-C, the loop stops with KeyboardInterrupt and whatever is still unwinding is left to
+    the process's exit, not awaited: a cancelled request's cleanup can wait on a server that
+    holds its reply, and an interrupted replay once kept running for minutes that way.
+    """
+    gave_up = False
+
+    async def main() -> T:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+
+        def give_up() -> None:
+            nonlocal gave_up
+            gave_up = True
+            raise KeyboardInterrupt  # raised in a loop callback, it stops the loop
+
+        def interrupt() -> None:
+            if task.cancelling():
+                give_up()
+            task.cancel()
+            loop.call_later(grace_s, give_up)
+
+        try:
+            loop.add_signal_handler(signal.SIGINT, interrupt)
+        except (ValueError, RuntimeError, NotImplementedError):
+            return await work  # not the main thread (the UI's replay page): as asyncio.run
+        try:
+            return await work
+        except asyncio.CancelledError:
+            if task.cancelling():
+                raise KeyboardInterrupt from None
+            raise
+        finally:
+            loop.remove_signal_handler(signal.SIGINT)
+
+    runner = asyncio.Runner()
+    try:
+        result = runner.run(main())
+    except KeyboardInterrupt:
+        if gave_up:  # leave the stuck tasks unawaited, and quiet about being left
+            runner.get_loop().set_exception_handler(lambda _loop, _context: None)
+        else:
+            runner.close()
+        raise
+    except BaseException:
+        runner.close()
+        raise
+    runner.close()
+    return result

@@ -32,7 +32,14 @@ import numpy as np
 from sqlalchemy.engine import Engine
 from tqdm import tqdm
 
-from ingest.chat_client import Answer, CallStats, ChatClient, Failure, public_url
+from ingest.chat_client import (
+    Answer,
+    CallStats,
+    ChatClient,
+    Failure,
+    public_url,
+    run_interruptible,
+)
 from ingest.pipeline import exchange_row
 from ingest.records import Exchange, Message, content_hash
 from storage.logs import ExchangeFilter, iter_exchanges, utcnow
@@ -166,7 +173,7 @@ def replay(
     that is not itself a replay); it only matters when the run is created: a resumed run
     keeps its items and sends those not done yet.
     """
-    return asyncio.run(areplay(engine, config=config, select=select, run_id=run_id))
+    return run_interruptible(areplay(engine, config=config, select=select, run_id=run_id))
 
 
 async def areplay(

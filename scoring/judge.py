@@ -29,7 +29,7 @@ import numpy as np
 from sqlalchemy.engine import Engine
 from tqdm import tqdm
 
-from ingest.chat_client import Answer, ChatClient, public_url
+from ingest.chat_client import Answer, ChatClient, public_url, run_interruptible
 from ingest.records import content_hash
 from storage.logs import store_batch, utcnow
 from storage.replay import DONE, exchanges_by_id, get_run, load_verdicts, run_items
@@ -173,7 +173,7 @@ def judge_replay(engine: Engine, run_id: str, *, config: JudgeConfig) -> JudgeSu
     }
     todo = [pair for pair in done if pair not in judged]
     client = ChatClient(config, os.environ.get(config.api_key_env))
-    errors = asyncio.run(_judge_all(engine, run_id, todo, client, config)) if todo else []
+    errors = run_interruptible(_judge_all(engine, run_id, todo, client, config)) if todo else []
     return JudgeSummary(
         run_id=run_id,
         judge=config.model,

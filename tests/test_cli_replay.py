@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.openai_server import Fault, OpenAIServer
 from tests.test_ingest_pipeline import REPO, convoscope, write_openai_jsonl
 
@@ -72,7 +74,7 @@ def test_an_interrupted_replay_names_the_run_to_resume(tmp_path: Path) -> None:
     with OpenAIServer(delay_s=900) as server:
         args = ("replay", "--model", "m", "--base-url", server.base_url, "--timeout", "900")
         process = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "--db", db, *args],
+            [sys.executable, "-X", "faulthandler", "-m", "app.cli", "--db", db, *args],
             cwd=tmp_path,
             env={**os.environ, "PYTHONPATH": str(REPO)},
             stderr=subprocess.PIPE,
@@ -83,7 +85,12 @@ def test_an_interrupted_replay_names_the_run_to_resume(tmp_path: Path) -> None:
             time.sleep(0.2)
         process.send_signal(signal.SIGINT)
         # It exits in about a second; the margin is for a machine loaded by other test runs.
-        _, err = process.communicate(timeout=300)
+        try:
+            _, err = process.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGABRT)  # faulthandler prints where each thread is
+            _, err = process.communicate(timeout=60)
+            pytest.fail(f"replay still running 300 s after Ctrl-C; its threads:\n{err}")
         answered = server.total_answered()
     assert process.returncode == 130, err
     assert answered == 0  # it stopped on the interrupt, not because its requests finished
@@ -91,6 +98,41 @@ def test_an_interrupted_replay_names_the_run_to_resume(tmp_path: Path) -> None:
     assert resume, err
     report = convoscope("replay", "report", resume.group(1), "--json", db=db, cwd=tmp_path)
     assert report.returncode == 0, report.stderr  # the run it names exists
+
+
+def test_ctrl_c_ends_a_run_whose_unwinding_is_stuck(tmp_path: Path) -> None:
+    """A cancelled request's cleanup can wait on a server that holds its reply: an interrupted
+    replay once kept running for minutes. Past the grace period after Ctrl-C the run ends
+    anyway, with KeyboardInterrupt, and what is still unwinding is not awaited."""
+    script = tmp_path / "stuck.py"
+    script.write_text(
+        "import asyncio, sys\n"
+        "from ingest.chat_client import run_interruptible\n"
+        "async def stuck():\n"
+        "    print('ready', flush=True)\n"
+        "    try:\n"
+        "        await asyncio.sleep(600)\n"
+        "    except asyncio.CancelledError:\n"
+        "        await asyncio.shield(asyncio.sleep(600))  # cleanup that never finishes\n"
+        "try:\n"
+        "    run_interruptible(stuck(), grace_s=1.0)\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted', flush=True)\n"
+        "    sys.exit(130)\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None and process.stdout.readline() == "ready\n"
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)  # about a second; without the grace: never
+    assert process.returncode == 130 and out == "interrupted\n", err
+    assert "Traceback" not in err and "destroyed but it is pending" not in err
 
 
 def test_replay_without_model_is_a_clear_error(tmp_path: Path) -> None:
