@@ -336,14 +336,7 @@ class _Batch:
                 "ingested_at": now,
             }
         )
-        # Each exchange's context repeats the turns before it: store a reference to the
-        # exchange it continues and only what came after that (storage/contexts.py).
-        ids = [part.id for part in parts]
-        for k, part in enumerate(parts):
-            parent, tail = _context_parent(parts, ids, k)
-            self.exchanges.append(
-                exchange_row(part, now, exchange_id=ids[k], context=tail, context_parent=parent)
-            )
+        self._add_exchanges(parts, now)
 
     def add_stored(self, record: StoredExchanges) -> None:
         """Exchanges read back from an export, under the conversation id they carry.
@@ -369,6 +362,11 @@ class _Batch:
                 "ingested_at": now,
             }
         )
+        self._add_exchanges(parts, now)
+
+    def _add_exchanges(self, parts: Sequence[Exchange], now: datetime) -> None:
+        """One conversation's exchange rows. Each context repeats the turns before it: store a
+        reference to the exchange it continues and only what came after (storage/contexts.py)."""
         ids = [part.id for part in parts]
         for k, part in enumerate(parts):
             parent, tail = _context_parent(parts, ids, k)
