@@ -827,14 +827,17 @@ def export_rows(
     *,
     cluster_ids: Sequence[str] = (),
     batch_size: int = _CHUNK,
+    with_metadata: bool = False,
 ) -> Iterator[list[Row]]:
     """The filtered exchanges as export rows, in batches: `EXPORT_COLUMNS` (cluster id, the
     name shown for the cluster, its tags and the exchange's own, joined by "; ") followed by
-    one `score:<scorer>` column per scorer in the database (None where unscored)."""
+    one `score:<scorer>` column per scorer in the database (None where unscored), and the
+    stored `metadata` (JSON text) when `with_metadata`."""
     names = cluster_names(engine, run_id) if run_id else {}
     scorers = score_names(engine)
     cluster_id = assignments.c.cluster_id if run_id else sa.null()
-    selected, added = context_columns([exchanges.c[c] for c in EXCHANGE_EXPORT_COLUMNS])
+    wanted = (*EXCHANGE_EXPORT_COLUMNS, "metadata") if with_metadata else EXCHANGE_EXPORT_COLUMNS
+    selected, added = context_columns([exchanges.c[c] for c in wanted])
     query = (
         sa.select(
             *selected,

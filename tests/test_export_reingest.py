@@ -155,3 +155,32 @@ def test_a_tampered_export_row_is_rejected_with_its_line_and_the_others_stored(
     kept = {rows[i]["id"] for i in (0, 3, 4, 5)}
     assert copies.keys() == kept
     assert all(copies[i] == originals[i] for i in kept)
+
+
+def test_the_ui_jsonl_export_carries_metadata_and_ingests_back_whole(tmp_path: Path) -> None:
+    """The Export page writes through app.ui.exporting: its JSONL rows carry the stored metadata
+    (a tool call's steps here), so the rows ingest back field by field, metadata included."""
+    from app.ui.exporting import export_bytes, export_to_path
+    from storage.views import ViewFilter
+
+    log = tmp_path / "chats.jsonl"
+    _chat_log(log)
+    a = f"duckdb:///{tmp_path / 'a.duckdb'}"
+    _ingest(a, log, tmp_path)
+    originals = _stored(a)
+    engine = open_database(a)
+    try:
+        out = tmp_path / "ui.jsonl"
+        assert export_to_path(engine, None, ViewFilter(), out, format="jsonl") == 6
+        download = export_bytes(engine, None, ViewFilter(), format="jsonl")
+    finally:
+        engine.dispose()
+    assert download == out.read_bytes()
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    tool_answer = next(r for r in rows if r["response"] == "Rain, sadly.")
+    assert tool_answer["metadata"]["tool_steps"][1]["content"] == "rain"
+
+    b = f"sqlite:///{tmp_path / 'b.sqlite'}"
+    fresh = _ingest(b, out, tmp_path)
+    assert (fresh["stored"], fresh["rejected"]) == (6, 0)
+    assert _stored(b) == originals

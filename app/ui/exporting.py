@@ -1,6 +1,7 @@
 """The UI's export: the filtered rows of `storage.views.export_rows` (cluster, its display name,
 tags and one `score:<scorer>` column per scorer) through the writers of app/export.py, as bytes
-for a download or atomically to a path."""
+for a download or atomically to a path. JSONL rows also carry the stored metadata, as the
+CLI's do, so a UI export ingests back whole (ingest/exported.py)."""
 
 from __future__ import annotations
 
@@ -32,7 +33,9 @@ def export_bytes(
     """The whole export in memory (for a download button)."""
     buffer = io.BytesIO()
     names = columns(score_names(engine))
-    rows = export_rows(engine, run_id, flt, cluster_ids=cluster_ids)
+    rows = export_rows(
+        engine, run_id, flt, cluster_ids=cluster_ids, with_metadata=format == "jsonl"
+    )
     write_rows(rows, names, format, buffer, safe_for_spreadsheets=safe_for_spreadsheets)
     return buffer.getvalue()
 
@@ -49,5 +52,7 @@ def export_to_path(
 ) -> int:
     """Write the export to `out` atomically; returns the row count."""
     names = columns(score_names(engine))
-    batches = export_rows(engine, run_id, flt, cluster_ids=cluster_ids)
+    batches = export_rows(
+        engine, run_id, flt, cluster_ids=cluster_ids, with_metadata=format == "jsonl"
+    )
     return write_file(batches, names, format, out, safe_for_spreadsheets=safe_for_spreadsheets)
