@@ -361,7 +361,7 @@ def score(args: argparse.Namespace) -> dict[str, Any]:
     try:
         if args.what == ["reward", "apply"]:
             applied = apply_reward(engine, model_id=args.model_id, embed=config.embed)
-            return {**applied, "clusters": refresh_reports(engine, config=config)}
+            return {**applied, **refresh_reports(engine, config=config).as_dict()}
         if args.what == ["reward", "train"]:
             return train_reward_only(engine, config=config)
         result = score_all(engine, config=config)
@@ -906,13 +906,13 @@ def describe(command: str, result: dict[str, Any]) -> str:
         return (
             f"scored {result['exchanges']} exchanges with stored {result['kind']} "
             f"{result['reward_model']} (mean reward {result['mean_reward']:.3f}); "
-            f"{result['clusters']} cluster reports"
+            + _report_counts(result)
         )
     if command == "score":
         metrics = ", ".join(
             f"{k} {v:.3f}" for k, v in result["reward_metrics"].items() if isinstance(v, float)
         )
-        reports = f"; {result['clusters']} cluster reports" if "clusters" in result else ""
+        reports = f"; {_report_counts(result)}" if "clusters" in result else ""
         if result.get("clusters") == 0:
             reports += " (no clustering yet: run `convoscope cluster`, then `score` again)"
         return (
@@ -945,6 +945,13 @@ def describe(command: str, result: dict[str, Any]) -> str:
             f"{result['run_id']}, {result['unassigned']} left unassigned"
         )
     return str(result)
+
+
+def _report_counts(result: dict[str, Any]) -> str:
+    """'30 topic reports and 5 group reports' (the groups only where there are some)."""
+    topics = f"{result['clusters']} topic report{'s' * (result['clusters'] != 1)}"
+    groups = result.get("groups", 0)
+    return f"{topics} and {groups} group report{'s' * (groups != 1)}" if groups else topics
 
 
 def _describe_rewards(result: dict[str, Any]) -> str:

@@ -94,6 +94,18 @@ class ScoreConfig:
     route_cheapest: bool = False  # the routing table picks the cheapest within tolerance
 
 
+@dataclass(frozen=True, slots=True)
+class ReportCounts:
+    """How many reports a step wrote: one per topic, one per parent group."""
+
+    topics: int = 0
+    groups: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        """The summary's keys (`clusters` counts topics, as it always has)."""
+        return {"clusters": self.topics, "groups": self.groups}
+
+
 def score_all(engine: Engine, *, config: ScoreConfig) -> dict[str, Any]:
     """Train, apply and report; returns label counts, model ids and held-out metrics."""
     frame = _exchange_frame(engine)
@@ -130,10 +142,10 @@ def score_all(engine: Engine, *, config: ScoreConfig) -> dict[str, Any]:
                 f"--costs names experts the predictor does not know: {', '.join(unknown)} "
                 f"(known: {', '.join(sorted(predictor.experts))})"
             ]
-    result["clusters"] = _cluster_reports(
+    counts = _cluster_reports(
         engine, frame, reward.scores, prompts, prompt_feats, predictor, battles, config
     )
-    return result
+    return {**result, **counts.as_dict()}
 
 
 def train_reward(
@@ -204,11 +216,11 @@ def train_reward_only(engine: Engine, *, config: ScoreConfig) -> dict[str, Any]:
         "mode": "external" if config.reward_model_dir else config.mode,
         "reward_model": reward.model_id,
         "reward_metrics": reward.metrics,
-        "clusters": _refresh_reports(engine, frame, reward.scores, battles, config),
+        **_refresh_reports(engine, frame, reward.scores, battles, config).as_dict(),
     }
 
 
-def refresh_reports(engine: Engine, *, config: ScoreConfig) -> int:
+def refresh_reports(engine: Engine, *, config: ScoreConfig) -> ReportCounts:
     """Re-aggregate the cluster reports' reward figures (mean, CI, weakness and its reason)
     from the newest stored reward scores, so that after `score reward train|apply` the
     cluster table never shows an older model's rewards beside the new ones. Routing
@@ -227,17 +239,16 @@ def _refresh_reports(
     rewards: np.ndarray,
     battles: pd.DataFrame,
     config: ScoreConfig,
-) -> int:
+) -> ReportCounts:
     """`refresh_reports` for rewards already in hand (one per row of `frame`); groups are
-    re-ranked too, so their figures never lag their topics'. Returns the topic reports'
-    count."""
+    re-ranked too, so their figures never lag their topics'."""
     run = latest_run(engine, on_field=config.on)
     if run is None or frame.empty:
-        return 0
+        return ReportCounts()
     assignment = load_assignments(engine, run["id"])
     data = _cluster_data(frame, rewards, assignment)
     if data.empty:
-        return 0
+        return ReportCounts()
     before = load_cluster_reports(engine, run["id"], level=None)
     ranked = rank_clusters(data, config=WeaknessConfig())
     reports = {}
@@ -248,13 +259,14 @@ def _refresh_reports(
         }
         reports[w.cluster_id] = {**kept, **_reward_figures(w)}
     parent_of = _parents(engine, run["id"])
-    for group_id, figures in group_reports(data, parent_of, ranked).items():
+    groups = group_reports(data, parent_of, ranked)
+    for group_id, figures in groups.items():
         kept = before.get(group_id) or {
             "leaderboard": _group_leaderboard(battles, assignment, parent_of, group_id, config)
         }
         reports[group_id] = {**kept, **figures}
     save_cluster_reports(engine, run["id"], reports)
-    return len(ranked)
+    return ReportCounts(topics=len(ranked), groups=len(groups))
 
 
 def _cluster_data(
@@ -413,17 +425,17 @@ def _cluster_reports(
     predictor: WinPredictor | None,
     battles: pd.DataFrame,
     config: ScoreConfig,
-) -> int:
+) -> ReportCounts:
     """Write one report per topic and one per parent group of the latest run (together, so
-    re-scoring replaces both); returns how many topic reports were written."""
+    re-scoring replaces both)."""
     run = latest_run(engine, on_field=config.on)
     if run is None:
-        return 0
+        return ReportCounts()
     assignment = load_assignments(engine, run["id"])
     data = _cluster_data(frame, rewards, assignment)
     rows = data.index.to_numpy()
     if data.empty:
-        return 0
+        return ReportCounts()
     weakness = {w.cluster_id: w for w in rank_clusters(data, config=WeaknessConfig())}
     routes = {}
     if predictor is not None:
@@ -439,7 +451,8 @@ def _cluster_reports(
         routes = {r.cluster_id: r for r in routed}
     reports: dict[str, dict[str, Any]] = {}
     parent_of = _parents(engine, run["id"])
-    for group_id, figures in group_reports(data, parent_of, list(weakness.values())).items():
+    groups = group_reports(data, parent_of, list(weakness.values()))
+    for group_id, figures in groups.items():
         figures["leaderboard"] = _group_leaderboard(
             battles, assignment, parent_of, group_id, config
         )
@@ -485,7 +498,7 @@ def _cluster_reports(
             config={"run_id": run["id"]},
             metrics={"clusters": len(routes)},
         )
-    return len(weakness)
+    return ReportCounts(topics=len(weakness), groups=len(groups))
 
 
 def _cluster_leaderboard(

@@ -22,6 +22,7 @@ from scoring.features import FEATURE_NAMES
 from scoring.labels import LabelConfig
 from scoring.reward_head import HeadConfig
 from scoring.step import (
+    ReportCounts,
     ScoreConfig,
     _exchange_frame,
     load_predictor,
@@ -490,13 +491,14 @@ def test_groups_carry_reward_weakness_and_weakest_topics(scored_db: str, tmp_pat
 
     engine = open_database(scored_db)
     config = ScoreConfig(embed=EmbedConfig(device="cpu", progress=False), mode="head")
-    assert score_all(engine, config=config)["clusters"] == 6
+    result = score_all(engine, config=config)
     run = latest_run(engine)
     parent_of = {
         c["id"]: c["parent_id"] for c in load_clusters(engine, run["id"]) if c["level"] == 0
     }
     groups = {g for g in parent_of.values() if g}
     assert len(groups) >= 2
+    assert (result["clusters"], result["groups"]) == (6, len(groups))
     topics = load_cluster_reports(engine, run["id"])
     reports = load_cluster_reports(engine, run["id"], level=1)
     assert set(reports) == groups and not groups & set(topics)
@@ -539,7 +541,7 @@ def test_groups_carry_reward_weakness_and_weakest_topics(scored_db: str, tmp_pat
     # Re-running leaves one report per topic and group, and new rewards reach the groups.
     fresh = {e: float(i % 7) for i, e in enumerate(sorted(latest_scores(engine, prefix="reward:")))}
     store_scores(engine, "reward:zz-later", fresh)
-    assert refresh_reports(engine, config=config) == 6
+    assert refresh_reports(engine, config=config) == ReportCounts(topics=6, groups=len(groups))
     assert len(load_cluster_reports(engine, run["id"], level=None)) == 6 + len(groups)
     check(fresh)
     reports = load_cluster_reports(engine, run["id"], level=1)
@@ -557,3 +559,12 @@ def test_groups_carry_reward_weakness_and_weakest_topics(scored_db: str, tmp_pat
     plain = convoscope("clusters", "--level", "1", db=scored_db, cwd=tmp_path).stdout
     assert plain.startswith("groups, weakest first\n")
     assert plain.count("weakest topics: ") == len(groups) and "why: mean reward" in plain
+
+
+def test_the_score_summary_counts_topic_and_group_reports() -> None:
+    from app.commands import describe
+
+    result = {"exchanges": 10, "reward_model": "m1", "mode": "head", "reward_metrics": {}}
+    line = describe("score", {**result, "clusters": 30, "groups": 5})
+    assert line.endswith("; 30 topic reports and 5 group reports")
+    assert describe("score", {**result, "clusters": 1, "groups": 0}).endswith("; 1 topic report")
