@@ -57,7 +57,7 @@ def read_battles(path: Path, *, options: ReadOptions) -> Iterator[Parsed]:
         if type(item) is not Record:
             yield item
             continue
-        yield _battle(item.value, item.number, source)
+        yield parse_battle(item.value, item.number, source)
 
 
 def parse_winner(raw: object) -> Winner | None:
@@ -65,7 +65,10 @@ def parse_winner(raw: object) -> Winner | None:
     return _WINNERS.get(raw.strip().lower()) if isinstance(raw, str) else None
 
 
-def _battle(record: Any, number: int, source: str) -> BattleRecord | Reject:
+def parse_battle(record: Any, number: int, source: str) -> BattleRecord | Reject:
+    """One battles line (already decoded) as a BattleRecord, or the Reject saying why not;
+    `number` and `source` say where it is. `convoscope export --format battles` checks with it
+    that each line it writes reads back as the battle it was."""
     if not isinstance(record, dict):
         return not_an_object(source, number, record)
     try:

@@ -141,7 +141,7 @@ def _ingest_file(
     run_id = start_ingest_run(engine, path=str(path), format=format)
     before = (summary.read, summary.stored, summary.duplicates, summary.rejected)
     batch = _Batch()
-    copies = _Copies()
+    copies = Copies()
     summary.files += 1
     records = read_file(path, format=config.format, options=options)
     bar = tqdm(
@@ -167,9 +167,8 @@ def _ingest_file(
                 batch.add_stored(record)
             elif isinstance(record, BattleRecord):
                 summary.battles += 1
-                a, b = pair = battle_exchanges(record)
-                first = content_hash("battle", a.id, b.id, record.winner, record.judge)
-                batch.add_battle(record, pair, copies.id_for(first, record.external_id))
+                pair = battle_exchanges(record)
+                batch.add_battle(record, pair, copies.battle_id(record, pair))
             elif isinstance(record, Reject):
                 _reject(record, summary, rejects)
             elif isinstance(record, Truncation):
@@ -232,7 +231,13 @@ def _store(rows: _Rows, engine: Engine, summary: IngestSummary) -> None:
     summary.battles_stored += counts.battles_stored
 
 
-class _Copies:
+def battle_content_id(exchange_a: str, exchange_b: str, winner: str, judge: str | None) -> str:
+    """A battle's id before the copies of one verdict in a file are numbered (`Copies`): its
+    two answers' ids, the winner and the judge."""
+    return content_hash("battle", exchange_a, exchange_b, winner, judge)
+
+
+class Copies:
     """Numbers the copies of each record in one file, so identical chats from different users
     (or identical votes on the same two answers) are each stored (`repeat_id`), not merged.
 
@@ -263,6 +268,11 @@ class _Copies:
                 n = self._seen[first] = self._seen.get(first, 0) + 1
                 self._named[first, source_id] = n
         return first if n == 1 else repeat_id(first, n)
+
+    def battle_id(self, record: BattleRecord, pair: tuple[Exchange, Exchange]) -> str:
+        """The id to store a battle under, `pair` being its answers (`battle_exchanges`)."""
+        first = battle_content_id(pair[0].id, pair[1].id, record.winner, record.judge)
+        return self.id_for(first, record.external_id)
 
 
 class _BatchWriter:
