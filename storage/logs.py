@@ -251,3 +251,102 @@ def load_battles(engine: Engine) -> list[Row]:
     )
     with engine.connect() as conn:
         return [dict(r) for r in conn.execute(query).mappings()]
+
+
+@dataclass(frozen=True, slots=True)
+class BattleFilter:
+    """Which battles a read returns: a battle passes `models` when either answer's model is
+    listed, `sources` by the file (or judge run) it was stored from; empty means all."""
+
+    models: tuple[str, ...] = ()
+    sources: tuple[str, ...] = ()
+
+
+def iter_battles(
+    engine: Engine, *, where: BattleFilter | None = None, batch_size: int = 5000
+) -> Iterator[list[Row]]:
+    """Stream the stored battles in batches, each row with both answers: `id, exchange_a,
+    exchange_b, winner, judge, judge_preference, source, external_id, metadata`, then
+    `prompt_a, response_a, model_a` and `prompt_b, response_b, model_b` (None where an answer
+    is not stored).
+
+    Ordered by (exchange_a, exchange_b, winner, judge, id), so the copies of one verdict (the
+    same answers, winner and judge, told apart by `repeat_id`) come together. Only those
+    short columns are sorted; the texts and metadata are read per batch by id, so the sort
+    holds no long text (DuckDB sorts in memory, see storage.contexts.SORT_PIECE_BYTES).
+    """
+    where = where or BattleFilter()
+    a, b = exchanges.alias("a"), exchanges.alias("b")
+    keys = (battles.c.exchange_a, battles.c.exchange_b, battles.c.winner, battles.c.judge)
+    query = sa.select(battles.c.id, *keys).order_by(*keys, battles.c.id)
+    if where.models:
+        models = list(where.models)
+        query = query.select_from(
+            battles.join(a, a.c.id == battles.c.exchange_a).join(b, b.c.id == battles.c.exchange_b)
+        ).where(sa.or_(a.c.model.in_(models), b.c.model.in_(models)))
+    if where.sources:
+        query = query.where(battles.c.source.in_(list(where.sources)))
+    with engine.connect() as conn, engine.connect() as lookup:
+        result = conn.execution_options(stream_results=True, yield_per=batch_size).execute(query)
+        for part in result.mappings().partitions(batch_size):
+            yield _with_answers(lookup, [dict(row) for row in part])
+
+
+def _with_answers(conn: Connection, rows: list[Row]) -> list[Row]:
+    """Battle rows (id, answer ids, winner, judge) completed with the rest of the battle and
+    the prompt, response and model of each answer."""
+    details: dict[str, Row] = {}
+    ids = [row["id"] for row in rows]
+    rest = (
+        battles.c.id,
+        battles.c.judge_preference,
+        battles.c.source,
+        battles.c.external_id,
+        battles.c.metadata,
+    )
+    for start in range(0, len(ids), _PROBE_CHUNK):
+        chunk = ids[start : start + _PROBE_CHUNK]
+        query = sa.select(*rest).where(battles.c.id.in_(chunk))
+        details.update((r["id"], dict(r)) for r in conn.execute(query).mappings())
+    answers: dict[str, Row] = {}
+    answer_ids = sorted({row[side] for row in rows for side in ("exchange_a", "exchange_b")})
+    for start in range(0, len(answer_ids), _PROBE_CHUNK):
+        chunk = answer_ids[start : start + _PROBE_CHUNK]
+        query = sa.select(
+            exchanges.c.id, exchanges.c.prompt, exchanges.c.response, exchanges.c.model
+        ).where(exchanges.c.id.in_(chunk))
+        answers.update((r["id"], dict(r)) for r in conn.execute(query).mappings())
+    missing = {"prompt": None, "response": None, "model": None}
+    completed = []
+    for row in rows:
+        answer_a = answers.get(row["exchange_a"], missing)
+        answer_b = answers.get(row["exchange_b"], missing)
+        completed.append(
+            {
+                **row,
+                **{k: v for k, v in details[row["id"]].items() if k != "id"},
+                **{f"{k}_a": answer_a[k] for k in missing},
+                **{f"{k}_b": answer_b[k] for k in missing},
+            }
+        )
+    return completed
+
+
+def battle_options(engine: Engine) -> dict[str, Any]:
+    """How many battles are stored, their answers' models and their sources, for hints."""
+    a, b = exchanges.alias("a"), exchanges.alias("b")
+    models = sa.union(
+        sa.select(a.c.model.label("model")).select_from(
+            battles.join(a, a.c.id == battles.c.exchange_a)
+        ),
+        sa.select(b.c.model.label("model")).select_from(
+            battles.join(b, b.c.id == battles.c.exchange_b)
+        ),
+    ).subquery()
+    with engine.connect() as conn:
+        # Each result is read whole before the next query: DuckDB drops an unread one.
+        count = conn.execute(sa.select(sa.func.count()).select_from(battles)).scalar_one()
+        names = conn.execute(sa.select(models.c.model).where(models.c.model.is_not(None)))
+        model_names = sorted(names.scalars())
+        sources = sorted(conn.execute(sa.select(battles.c.source).distinct()).scalars())
+    return {"battles": count, "models": model_names, "sources": sources}
