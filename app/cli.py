@@ -126,14 +126,22 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--batch-size", type=int, default=10_000, help=argparse.SUPPRESS)
     ingest.set_defaults(handler=commands.ingest)
 
-    export = sub.add_parser("export", parents=[common], help="write exchanges to a file")
+    export = sub.add_parser(
+        "export", parents=[common], help="write exchanges (or judged battles) to a file"
+    )
     export.add_argument("--out", type=Path, required=True, help="output file")
     export.add_argument(
         "--format",
-        choices=["csv", "parquet", "jsonl", "openai"],
-        help="default: from the file name, else jsonl",
+        choices=["csv", "parquet", "jsonl", "openai", "battles"],
+        help="default: from the file name, else jsonl; battles: the judged battles as the "
+        "battles JSONL that ingest reads back (takes --model and --source only)",
     )
-    export.add_argument("--model", action="append", default=[], help="only this model (repeat)")
+    export.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        help="only this model (repeat; battles: either answer's)",
+    )
     export.add_argument("--source", action="append", default=[], help="only this source file")
     export.add_argument(
         "--cluster", action="append", default=[], help="only this cluster or parent (repeat)"

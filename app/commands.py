@@ -18,19 +18,24 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.engine import Engine
 
 from app.export import (
+    BATTLES,
     ExportSelection,
+    check_battles_out_path,
     check_spreadsheet_safe,
+    export_battles,
     export_exchanges,
     guess_format,
     matching_sources,
+    no_battles_message,
     why_empty,
+    why_no_battles,
 )
 from app.line_files import LineRecord, read_line_file
 from ingest.battles import parse_winner
 from ingest.files import LOG_SUFFIXES, log_files_in
 from ingest.pipeline import IngestConfig, ingest_paths
 from storage.engine import open_database, resolve_url
-from storage.logs import ExchangeFilter, table_counts
+from storage.logs import BattleFilter, ExchangeFilter, battle_options, table_counts
 
 if TYPE_CHECKING:  # imported lazily at run time: it pulls in torch
     from clustering.step import ClusterStepConfig
@@ -118,6 +123,8 @@ def _ingest_config(args: argparse.Namespace, **extra: Any) -> IngestConfig:
 
 
 def export(args: argparse.Namespace) -> dict[str, Any]:
+    if args.format == BATTLES:
+        return _export_battles(args)
     format = args.format or guess_format(args.out)
     check_spreadsheet_safe(format, args.spreadsheet_safe)  # before the database is opened
     engine = open_database(args.db, read_only=True)  # export only reads: no write lock
@@ -153,6 +160,52 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
                 "prefixes them with ' (written as stored for pandas and other readers)"
             )
     return summary
+
+
+def _export_battles(args: argparse.Namespace) -> dict[str, Any]:
+    """`export --format battles`: the judged battles as battles JSONL, which ingest reads."""
+    exchange_only = {
+        "--cluster": args.cluster,
+        "--tag": args.tag,
+        "--min-reward": args.min_reward is not None,
+        "--max-reward": args.max_reward is not None,
+        "--spreadsheet-safe": args.spreadsheet_safe,
+    }
+    given = [flag for flag, value in exchange_only.items() if value]
+    if given:
+        verb = "selects" if len(given) == 1 else "select"
+        raise UserError(
+            f"{', '.join(given)} {verb} exchanges: a battles export takes --model (either "
+            "answer's) and --source"
+        )
+    check_battles_out_path(args.out)  # before the database is opened
+    engine = open_database(args.db, read_only=True)  # export only reads: no write lock
+    try:
+        options = battle_options(engine)
+        if not options["battles"]:
+            raise UserError(no_battles_message())
+        where = BattleFilter(
+            models=tuple(args.model),
+            sources=matching_sources(engine, args.source, stored=options["sources"]),
+        )
+        result = export_battles(engine, args.out, where=where)
+        if not result.rows:
+            for reason in why_no_battles(engine, where):
+                warn(f"no battles exported: {reason}")
+    finally:
+        engine.dispose()
+    for reason, count in result.not_round_trip.items():
+        warn(
+            f"{count} of {result.rows} battles will not ingest back under their own ids "
+            f"(battle {result.examples[reason]} is one): {reason}"
+        )
+    return {
+        "path": result.path,
+        "format": result.format,
+        "rows": result.rows,
+        "not_round_trip": sum(result.not_round_trip.values()),
+        "not_round_trip_reasons": result.not_round_trip,
+    }
 
 
 def _embed_config(args: argparse.Namespace) -> EmbedConfig:
@@ -854,6 +907,11 @@ def describe(command: str, result: dict[str, Any]) -> str:
     """A short human summary of a command's result (the JSON has everything)."""
     if command == "ingest":
         return _describe_ingest(result)
+    if command == "export" and result["format"] == BATTLES:
+        line = f"wrote {result['rows']} battles to {result['path']} (battles JSONL)"
+        if result["not_round_trip"]:
+            line += f"; {result['not_round_trip']} will not ingest back under their own ids"
+        return line
     if command == "export":
         return f"wrote {result['rows']} rows to {result['path']} ({result['format']})"
     if command == "cluster":

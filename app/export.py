@@ -8,7 +8,8 @@ renamed into place at the end, so a failed export never leaves half a file behin
 ending in `.gz` is gzipped.
 
 JSONL rows are whole stored exchanges (context as a list, metadata as an object), so
-`convoscope ingest` reads them back under the same ids (ingest/exported.py).
+`convoscope ingest` reads them back under the same ids (ingest/exported.py). Judged battles
+are exported apart (`export_battles`), as the battles JSONL that ingest reads (ingest/battles.py).
 
 The writers here serve the CLI and the UI (app/ui/exporting.py), whose rows differ only in
 their columns (the UI carries one `score:<scorer>` column per scorer).
@@ -21,8 +22,10 @@ import gzip
 import io
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import chain, groupby
 from pathlib import Path
 from typing import IO, Any
 
@@ -30,7 +33,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from sqlalchemy.engine import Engine
 
-from ingest.files import unwritable_reason
+from ingest.battles import parse_battle
+from ingest.exchanges import battle_exchanges
+from ingest.files import DEFAULT_MAX_LINE_BYTES, unwritable_reason
+from ingest.pipeline import Copies, battle_content_id
+from ingest.records import Reject, repeat_id
 from storage.clusters import (
     exchanges_in_clusters,
     latest_run,
@@ -38,7 +45,7 @@ from storage.clusters import (
     load_clusters,
     load_tags,
 )
-from storage.logs import ExchangeFilter, iter_exchanges
+from storage.logs import BattleFilter, ExchangeFilter, battle_options, iter_battles, iter_exchanges
 from storage.scores import latest_scorer, load_scores
 from storage.views import EXCHANGE_EXPORT_COLUMNS, SIGNAL_NAMES, filter_options
 
@@ -144,10 +151,14 @@ def _gzipped(out: Path) -> bool:
     return out.name.lower().endswith(".gz")
 
 
-def matching_sources(engine: Engine, requested: Sequence[str]) -> tuple[str, ...]:
+def matching_sources(
+    engine: Engine, requested: Sequence[str], *, stored: Sequence[str] | None = None
+) -> tuple[str, ...]:
     """The stored sources each `--source` means: the path as typed at ingest, the same file
-    by its absolute path, or its bare file name when one stored source has that name."""
-    stored = filter_options(engine)["sources"]
+    by its absolute path, or its bare file name when one stored source has that name. The
+    sources are the exchanges' unless `stored` names others (the battles')."""
+    if stored is None:
+        stored = filter_options(engine)["sources"]
     found: list[str] = []
     for text in requested:
         wanted = Path(text).expanduser().resolve()
@@ -325,6 +336,12 @@ def write_file(
             batches, names, format, handle, safe_for_spreadsheets=safe_for_spreadsheets, stats=stats
         )
 
+    return _write_atomically(out, write)
+
+
+def _write_atomically(out: Path, write: Callable[[IO[bytes]], int]) -> int:
+    """Run `write` on a `.partial` sibling of `out` (gzipped when `out` ends in `.gz`) and
+    rename it into place when it is done: a failed export leaves no half file. The count."""
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
     try:
@@ -480,3 +497,179 @@ def _parquet(batches: Batches, names: Sequence[str], handle: IO[bytes]) -> int:
             writer.write_table(pa.Table.from_pylist(batch, schema=schema))
             count += len(batch)
     return count
+
+
+# ---------------------------------------------------------------------------------- battles
+
+BATTLES = "battles"  # `export --format battles`: judged battles, not exchanges
+_WINNER_NAMES = {"a": "model_a", "b": "model_b", "tie": "tie"}
+# Why a written battle would not ingest back as itself (the counts go in the summary).
+OTHER_ANSWERS = (
+    "its answers were not stored from a battles line (a replay judge's verdict, or answers "
+    "with earlier turns or to different prompts): the format carries one prompt and two "
+    "answers, so they would come back as new one-turn answers under other ids, and the "
+    "battle under another id"
+)
+OTHER_COPY = (
+    "it repeats another stored verdict (the same answers, winner and judge) and not every "
+    "copy is in the file (--source left some out), so it would be numbered as another copy"
+)
+OTHER_FIELDS = "a field would read back changed"
+
+
+@dataclass(frozen=True, slots=True)
+class BattleExportResult:
+    path: str
+    rows: int
+    # Why some battles would not ingest back under their own ids → how many, and one of them.
+    not_round_trip: dict[str, int] = field(default_factory=dict)
+    examples: dict[str, str] = field(default_factory=dict)
+    format: str = BATTLES
+
+
+def check_battles_out_path(out: Path) -> None:
+    """Refuse a path that cannot be written, or a CSV/Parquet name for what is JSONL."""
+    problem = unwritable_reason(out)
+    if problem is not None:
+        raise ValueError(f"--out {out} {problem}")
+    if guess_format(out) != "jsonl":
+        raise ValueError(
+            f"--out {out}: a battles export is JSONL: name it .jsonl (or .jsonl.gz), "
+            "which ingest reads back"
+        )
+
+
+def no_battles_message() -> str:
+    return (
+        "the database holds no battles to export: ingest judged battles first "
+        "(`convoscope ingest battles.jsonl`, lines with prompt, model_a, response_a, model_b, "
+        "response_b and winner) or judge a replay (`convoscope replay judge RUN --model JUDGE "
+        "--base-url URL`)"
+    )
+
+
+def export_battles(
+    engine: Engine, out: Path, *, where: BattleFilter | None = None
+) -> BattleExportResult:
+    """Write the stored battles `where` selects to `out` as battles JSONL, one line each, and
+    check that each line ingests back as the battle it was (the ids the ingest would derive
+    from it, its winner, judge, preference and metadata); those that would not are counted by
+    reason. ValueError for an unwritable path or a database without battles."""
+    check_battles_out_path(out)
+    if not battle_options(engine)["battles"]:
+        raise ValueError(no_battles_message())
+    check = _RoundTrip(str(out))
+
+    def write(handle: IO[bytes]) -> int:
+        count = 0
+        for row in _in_copy_order(chain.from_iterable(iter_battles(engine, where=where))):
+            record = battle_record(row)
+            line = json.dumps(record, ensure_ascii=False).encode("utf-8")
+            count += 1
+            check(row, record, count, len(line))
+            handle.write(line + b"\n")
+        return count
+
+    rows = _write_atomically(out, write)
+    return BattleExportResult(
+        path=str(out), rows=rows, not_round_trip=dict(check.reasons), examples=check.examples
+    )
+
+
+def battle_record(row: dict[str, Any]) -> dict[str, Any]:
+    """A stored battle (a row of storage.logs.iter_battles) as a line of the battles format:
+    the source's id, the prompt, both answers and their models, the winner as
+    `model_a|model_b|tie`, the judge's preference and name, then the stored metadata's keys,
+    which were the line's other keys (and are read back as metadata)."""
+    record: dict[str, Any] = {
+        "battle_id": row["external_id"],
+        "prompt": row["prompt_a"],
+        "model_a": row["model_a"],
+        "response_a": row["response_a"],
+        "model_b": row["model_b"],
+        "response_b": row["response_b"],
+        "winner": _WINNER_NAMES.get(row["winner"], row["winner"]),
+        "judge_preference": row["judge_preference"],
+        "judge": row["judge"],
+    }
+    for key, value in _metadata(row).items():
+        record.setdefault(key, value)  # a key the format reads is never overwritten
+    return record
+
+
+def _metadata(row: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(row["metadata"]) if row["metadata"] else {}
+
+
+def _in_copy_order(rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Battles (ordered so the copies of one verdict come together) with each verdict's
+    copies in the order an ingest numbers them: the first keeps the content id, the k-th gets
+    `repeat_id(first, k)`, so a re-ingest gives each copy its own id again. A copy whose
+    number is not found (a replay judge's verdict, whose id is its own) goes last."""
+    for (a, b, winner, judge), copies in groupby(
+        rows, key=lambda r: (r["exchange_a"], r["exchange_b"], r["winner"], r["judge"])
+    ):
+        group = list(copies)
+        if len(group) == 1:
+            yield group[0]
+            continue
+        first = battle_content_id(a, b, winner, judge)
+        number = {first: 1} | {repeat_id(first, k): k for k in range(2, len(group) + 1)}
+        yield from sorted(group, key=lambda r: (number.get(r["id"], len(group) + 1), r["id"]))
+
+
+class _RoundTrip:
+    """Reads each written line as `convoscope ingest` would (parse, derive the answers' ids,
+    number the copies) and counts, by reason, the battles that would not come back as
+    themselves: an ingest of the file into a fresh database then stores every other battle
+    and its answers under their own ids, and into the database they came from, nothing."""
+
+    def __init__(self, source: str) -> None:
+        self._source = source
+        self._copies = Copies()
+        self.reasons: Counter[str] = Counter()
+        self.examples: dict[str, str] = {}
+
+    def __call__(self, row: dict[str, Any], record: dict[str, Any], line: int, size: int) -> None:
+        reason: str | None
+        if size > DEFAULT_MAX_LINE_BYTES:  # read as a reject, taking no copy number
+            mb = DEFAULT_MAX_LINE_BYTES // 2**20
+            reason = f"its line is longer than ingest reads by default (--max-line-mb {mb})"
+        else:
+            reason = self._why_not(row, record, line)
+        if reason is not None:
+            self.reasons[reason] += 1
+            self.examples.setdefault(reason, row["id"])
+
+    def _why_not(self, row: dict[str, Any], record: dict[str, Any], line: int) -> str | None:
+        parsed = parse_battle(record, line, self._source)
+        if isinstance(parsed, Reject):  # no copy number is taken, as in the ingest
+            where = f"{parsed.field}: " if parsed.field else ""
+            return f"ingest would reject it ({where}{parsed.reason})"
+        pair = battle_exchanges(parsed)
+        battle_id = self._copies.battle_id(parsed, pair)
+        if (pair[0].id, pair[1].id) != (row["exchange_a"], row["exchange_b"]):
+            return OTHER_ANSWERS
+        if battle_id != row["id"]:
+            return OTHER_COPY
+        stored = (row["winner"], row["judge"], row["judge_preference"], row["external_id"])
+        read = (parsed.winner, parsed.judge, parsed.judge_preference, parsed.external_id)
+        if read != stored or parsed.metadata != _metadata(row):
+            return OTHER_FIELDS
+        return None
+
+
+def why_no_battles(engine: Engine, where: BattleFilter) -> list[str]:
+    """Which filters of a battles export that wrote nothing match no battle, for a warning."""
+    options = battle_options(engine)
+    reasons = [
+        f"--model {m} is the model of no battle's answer ({_some(options['models'])})"
+        for m in where.models
+        if m not in options["models"]
+    ]
+    reasons += [
+        f"--source {s} matches no battle's source ({_some(options['sources'])})"
+        for s in where.sources
+        if s not in options["sources"]
+    ]
+    return reasons or ["each filter matches battles, but no battle matches them all"]
