@@ -14,6 +14,9 @@ import sqlalchemy as sa
 metadata = sa.MetaData()
 
 Id = sa.String(32)
+# A float in double precision on every engine: SQLite's REAL and PostgreSQL's FLOAT are 8
+# bytes, DuckDB's FLOAT is 4, so DuckDB gets DOUBLE (migration 0004).
+Real = sa.Float().with_variant(sa.Double(), "duckdb")
 
 conversations = sa.Table(
     "conversations",
@@ -24,7 +27,7 @@ conversations = sa.Table(
     sa.Column("created_at", sa.DateTime),
     sa.Column("n_messages", sa.Integer, nullable=False),
     sa.Column("thumbs", sa.Integer),
-    sa.Column("rating", sa.Float),
+    sa.Column("rating", Real),
     sa.Column("feedback_text", sa.Text),
     sa.Column("metadata", sa.Text),
     sa.Column("ingested_at", sa.DateTime, nullable=False),
@@ -50,11 +53,11 @@ exchanges = sa.Table(
     sa.Column("retried", sa.Boolean),
     sa.Column("edited", sa.Boolean),
     sa.Column("deleted", sa.Boolean),
-    sa.Column("rating", sa.Float),
+    sa.Column("rating", Real),
     sa.Column("thumbs", sa.Integer),
     sa.Column("user_turns_after", sa.Integer),
     sa.Column("ended_conversation", sa.Boolean),
-    sa.Column("seconds_to_next_user_message", sa.Float),
+    sa.Column("seconds_to_next_user_message", Real),
     sa.Column("metadata", sa.Text),
     sa.Column("ingested_at", sa.DateTime, nullable=False),
 )
@@ -67,7 +70,7 @@ battles = sa.Table(
     sa.Column("exchange_b", Id, nullable=False),
     sa.Column("winner", sa.String(4), nullable=False),  # a | b | tie
     sa.Column("judge", sa.Text),
-    sa.Column("judge_preference", sa.Float),
+    sa.Column("judge_preference", Real),
     sa.Column("source", sa.Text, nullable=False),
     sa.Column("external_id", sa.Text),
     sa.Column("metadata", sa.Text),
@@ -110,7 +113,7 @@ cluster_runs = sa.Table(
     sa.Column("params", sa.Text),
     sa.Column("n_rows", sa.Integer, nullable=False),
     sa.Column("n_clusters", sa.Integer, nullable=False),
-    sa.Column("unassigned_share", sa.Float, nullable=False),
+    sa.Column("unassigned_share", Real, nullable=False),
     sa.Column("events", sa.Text),  # JSON: clusters kept, split, merged, new, gone
 )
 
@@ -126,12 +129,12 @@ clusters = sa.Table(
     sa.Column("auto_name", sa.Text, nullable=False),
     sa.Column("keywords", sa.Text, nullable=False),  # JSON list
     sa.Column("size", sa.Integer, nullable=False),
-    sa.Column("share", sa.Float, nullable=False),
+    sa.Column("share", Real, nullable=False),
     sa.Column("centroid", sa.LargeBinary),
     sa.Column("representatives", sa.Text),  # JSON list of exchange ids
-    sa.Column("radius", sa.Float),  # farthest cosine distance at which a new row may join
-    sa.Column("x", sa.Float),  # where the cluster sits on the 2-D map (mean of its rows)
-    sa.Column("y", sa.Float),
+    sa.Column("radius", Real),  # farthest cosine distance at which a new row may join
+    sa.Column("x", Real),  # where the cluster sits on the 2-D map (mean of its rows)
+    sa.Column("y", Real),
 )
 
 cluster_annotations = sa.Table(
@@ -149,9 +152,9 @@ assignments = sa.Table(
     sa.Column("run_id", Id, primary_key=True),
     sa.Column("exchange_id", Id, primary_key=True),
     sa.Column("cluster_id", sa.String(32)),  # NULL = unassigned
-    sa.Column("distance", sa.Float),
-    sa.Column("x", sa.Float),
-    sa.Column("y", sa.Float),
+    sa.Column("distance", Real),
+    sa.Column("x", Real),
+    sa.Column("y", Real),
 )
 
 tags = sa.Table(
@@ -168,7 +171,7 @@ scores = sa.Table(
     metadata,
     sa.Column("exchange_id", Id, primary_key=True),
     sa.Column("scorer", sa.String(200), primary_key=True),  # e.g. reward:<model id>
-    sa.Column("value", sa.Float, nullable=False),
+    sa.Column("value", Real, nullable=False),
     sa.Column("created_at", sa.DateTime, nullable=False),
 )
 
@@ -208,7 +211,7 @@ replay_items = sa.Table(
     sa.Column("attempts", sa.Integer, nullable=False),
     sa.Column("error", sa.Text),
     sa.Column("response_exchange_id", Id),
-    sa.Column("latency_s", sa.Float),
+    sa.Column("latency_s", Real),
     sa.Column("prompt_tokens", sa.Integer),
     sa.Column("completion_tokens", sa.Integer),
 )
@@ -221,7 +224,7 @@ cluster_reports = sa.Table(
     sa.Column("run_id", Id, primary_key=True),
     sa.Column("cluster_id", sa.String(32), primary_key=True),
     sa.Column("created_at", sa.DateTime, nullable=False),
-    sa.Column("weakness", sa.Float),
+    sa.Column("weakness", Real),
     sa.Column("payload", sa.Text, nullable=False),
 )
 
@@ -235,7 +238,7 @@ instructions = sa.Table(
     sa.Column("text", sa.Text, nullable=False),
     sa.Column("created_at", sa.DateTime, nullable=False),
     sa.Column("replay_run_id", Id),
-    sa.Column("mean_reward", sa.Float),
+    sa.Column("mean_reward", Real),
 )
 
 # Answers of external models (LLM cluster names) cached by a hash of the request, so a re-run

@@ -175,6 +175,30 @@ def test_upgrading_an_old_database_keeps_its_rows(db_url: str) -> None:
     engine.dispose()
 
 
+def test_floats_keep_every_digit_and_an_upgrade_keeps_the_old_ones(db_url: str) -> None:
+    """DuckDB's FLOAT is 32 bits: 61.123456789 s read back as 61.12345886230469. The schema
+    asks for double precision (migration 0004); a value stored before keeps its 32 bits."""
+    from storage.migrate import upgrade
+    from storage.scores import load_scores, store_scores
+
+    seconds = 61.123456789
+    old = make_engine(resolve_url(db_url))
+    upgrade(old, "0003")  # a database as the last release with 32-bit floats left it
+    before = {**_exchange(0), "seconds_to_next_user_message": seconds, "rating": 4.25}
+    store_batch(old, conversation_rows=[_conversation(0)], exchange_rows=[before])
+    old.dispose()
+    engine = open_database(db_url)
+    after = {**_exchange(1), "seconds_to_next_user_message": seconds}
+    store_batch(engine, conversation_rows=[], exchange_rows=[after])
+    store_scores(engine, "reward:test", {after["id"]: 0.123456789012})
+    rows = {r["id"]: r for batch in iter_exchanges(engine) for r in batch}
+    assert rows[after["id"]]["seconds_to_next_user_message"] == seconds
+    assert rows[before["id"]]["seconds_to_next_user_message"] == pytest.approx(seconds, rel=1e-6)
+    assert rows[before["id"]]["rating"] == 4.25
+    assert load_scores(engine, "reward:test") == {after["id"]: 0.123456789012}
+    engine.dispose()
+
+
 def test_a_database_with_a_clashing_table_is_refused_and_left_alone(db_url: str) -> None:
     other = make_engine(resolve_url(db_url))
     with other.begin() as conn:  # another application's tables, one named like ours
