@@ -559,21 +559,34 @@ def export_battles(
     if not battle_options(engine)["battles"]:
         raise ValueError(no_battles_message())
     check = _RoundTrip(str(out))
-
-    def write(handle: IO[bytes]) -> int:
-        count = 0
-        for row in _in_copy_order(chain.from_iterable(iter_battles(engine, where=where))):
-            record = battle_record(row)
-            line = json.dumps(record, ensure_ascii=False).encode("utf-8")
-            count += 1
-            check(row, record, count, len(line))
-            handle.write(line + b"\n")
-        return count
-
-    rows = _write_atomically(out, write)
+    rows = _write_atomically(out, lambda handle: _write_battles(engine, handle, where, check))
     return BattleExportResult(
         path=str(out), rows=rows, not_round_trip=dict(check.reasons), examples=check.examples
     )
+
+
+def battles_bytes(engine: Engine, *, where: BattleFilter | None = None) -> bytes:
+    """The lines `export_battles` writes, in memory (for the UI's download button, which has
+    nowhere to report the round-trip check: writing to a path does)."""
+    buffer = io.BytesIO()
+    _write_battles(engine, buffer, where, None)
+    return buffer.getvalue()
+
+
+def _write_battles(
+    engine: Engine, handle: IO[bytes], where: BattleFilter | None, check: _RoundTrip | None
+) -> int:
+    """Write the selected battles as battles JSONL lines, each checked by `check` if given;
+    the count."""
+    count = 0
+    for row in _in_copy_order(chain.from_iterable(iter_battles(engine, where=where))):
+        record = battle_record(row)
+        line = json.dumps(record, ensure_ascii=False).encode("utf-8")
+        count += 1
+        if check is not None:
+            check(row, record, count, len(line))
+        handle.write(line + b"\n")
+    return count
 
 
 def battle_record(row: dict[str, Any]) -> dict[str, Any]:

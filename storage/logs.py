@@ -275,21 +275,33 @@ def iter_battles(
     short columns are sorted; the texts and metadata are read per batch by id, so the sort
     holds no long text (DuckDB sorts in memory, see storage.contexts.SORT_PIECE_BYTES).
     """
-    where = where or BattleFilter()
-    a, b = exchanges.alias("a"), exchanges.alias("b")
     keys = (battles.c.exchange_a, battles.c.exchange_b, battles.c.winner, battles.c.judge)
-    query = sa.select(battles.c.id, *keys).order_by(*keys, battles.c.id)
+    query = _battles_where(sa.select(battles.c.id, *keys), where).order_by(*keys, battles.c.id)
+    with engine.connect() as conn, engine.connect() as lookup:
+        result = conn.execution_options(stream_results=True, yield_per=batch_size).execute(query)
+        for part in result.mappings().partitions(batch_size):
+            yield _with_answers(lookup, [dict(row) for row in part])
+
+
+def count_battles(engine: Engine, *, where: BattleFilter | None = None) -> int:
+    """How many stored battles `where` selects (what `iter_battles` would yield)."""
+    selected = _battles_where(sa.select(battles.c.id), where).subquery()
+    with engine.connect() as conn:
+        return int(conn.execute(sa.select(sa.func.count()).select_from(selected)).scalar_one())
+
+
+def _battles_where(query: sa.Select, where: BattleFilter | None) -> sa.Select:
+    """`query` over the battles table restricted to what `where` selects."""
+    where = where or BattleFilter()
     if where.models:
+        a, b = exchanges.alias("a"), exchanges.alias("b")
         models = list(where.models)
         query = query.select_from(
             battles.join(a, a.c.id == battles.c.exchange_a).join(b, b.c.id == battles.c.exchange_b)
         ).where(sa.or_(a.c.model.in_(models), b.c.model.in_(models)))
     if where.sources:
         query = query.where(battles.c.source.in_(list(where.sources)))
-    with engine.connect() as conn, engine.connect() as lookup:
-        result = conn.execution_options(stream_results=True, yield_per=batch_size).execute(query)
-        for part in result.mappings().partitions(batch_size):
-            yield _with_answers(lookup, [dict(row) for row in part])
+    return query
 
 
 def _with_answers(conn: Connection, rows: list[Row]) -> list[Row]:

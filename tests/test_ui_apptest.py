@@ -401,6 +401,35 @@ def test_export_page_csv_is_safe_for_spreadsheets_unless_unticked(
     assert not [b for b in at.checkbox if b.key == "export_spreadsheet_safe"]
 
 
+def test_export_page_writes_judged_battles_that_ingest_back(
+    fresh_db: BuiltDatabase, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from ingest.pipeline import IngestConfig, ingest_paths
+    from storage.logs import table_counts
+
+    engine = open_database(fresh_db.url)
+    stored = table_counts(engine)["battles"]
+    engine.dispose()
+    at = _app(fresh_db.url, monkeypatch, "screens/export.py")
+    at.radio(key="export_format").set_value("battles").run()
+    assert _metric(at, "Battles to export") == f"{stored:,}"
+    out = tmp_path / "battles.jsonl"
+    _by_label(at.text_input, "Or write to a file on the server").input(str(out))
+    _by_label(at.button, "Write file").click().run()
+    assert not at.exception
+    assert [s.proto.body for s in at.success] == [f"Wrote {stored:,} battles to {out}"]
+    # The fixture's battles pair answers taken from conversations: the page says so.
+    assert any("will not ingest back under their own ids" in w.proto.body for w in at.warning)
+    lines = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert len(lines) == stored and {r["winner"] for r in lines} <= {"model_a", "model_b"}
+
+    fresh = open_database(f"sqlite:///{tmp_path / 'fresh.sqlite'}")
+    config = IngestConfig(progress=False, rejects_path=tmp_path / "rejects.jsonl")
+    summary = ingest_paths([out], engine=fresh, config=config)
+    fresh.dispose()
+    assert (summary.battles_stored, summary.rejected) == (stored, 0)
+
+
 @pytest.mark.parametrize(
     "page",
     [

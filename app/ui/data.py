@@ -27,8 +27,9 @@ from sqlalchemy.engine import Engine
 
 from app.ui import charts
 from app.ui.render import hover_text
-from storage import views
+from storage import logs, views
 from storage.engine import StorageError, dialect_name, make_engine, open_database, resolve_url
+from storage.logs import BattleFilter
 from storage.views import ViewFilter
 
 if TYPE_CHECKING:
@@ -314,6 +315,11 @@ def count_rows(
     cluster_ids: tuple[str, ...],
 ) -> int:
     return read(url, lambda e: views.count_rows(e, run_id, flt, cluster_ids=cluster_ids))
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def count_battles(url: str, version: tuple[Any, ...], where: BattleFilter) -> int:
+    return read(url, lambda e: logs.count_battles(e, where=where))
 
 
 # ----------------------------------------------------------------------------- semantic index

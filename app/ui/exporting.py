@@ -1,7 +1,8 @@
 """The UI's export: the filtered rows of `storage.views.export_rows` (cluster, its display name,
 tags and one `score:<scorer>` column per scorer) through the writers of app/export.py, as bytes
 for a download or atomically to a path. JSONL rows also carry the stored metadata, as the
-CLI's do, so a UI export ingests back whole (ingest/exported.py)."""
+CLI's do, so a UI export ingests back whole (ingest/exported.py). Judged battles export
+apart, as the battles JSONL that ingest reads (`convoscope export --format battles`)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,26 @@ from pathlib import Path
 
 from sqlalchemy.engine import Engine
 
-from app.export import FORMATS, write_file, write_rows
+from app.export import (
+    FORMATS,
+    BattleExportResult,
+    battles_bytes,
+    export_battles,
+    write_file,
+    write_rows,
+)
+from storage.logs import BattleFilter
 from storage.views import EXPORT_COLUMNS, ViewFilter, export_rows, score_names
 
-__all__ = ["FORMATS", "columns", "export_bytes", "export_to_path"]
+__all__ = [
+    "FORMATS",
+    "battle_filter",
+    "battles_download",
+    "battles_to_path",
+    "columns",
+    "export_bytes",
+    "export_to_path",
+]
 
 
 def columns(scorers: Iterable[str]) -> list[str]:
@@ -56,3 +73,19 @@ def export_to_path(
         engine, run_id, flt, cluster_ids=cluster_ids, with_metadata=format == "jsonl"
     )
     return write_file(batches, names, format, out, safe_for_spreadsheets=safe_for_spreadsheets)
+
+
+def battle_filter(flt: ViewFilter) -> BattleFilter:
+    """The sidebar's models (either answer's) and sources, as battles take them; its dates
+    and tags select exchanges, not battles."""
+    return BattleFilter(models=flt.models, sources=flt.sources)
+
+
+def battles_download(engine: Engine, flt: ViewFilter) -> bytes:
+    """The filtered battles as battles JSONL, in memory (for a download button)."""
+    return battles_bytes(engine, where=battle_filter(flt))
+
+
+def battles_to_path(engine: Engine, flt: ViewFilter, out: Path) -> BattleExportResult:
+    """Write the filtered battles to `out` atomically, checking that they ingest back."""
+    return export_battles(engine, out, where=battle_filter(flt))

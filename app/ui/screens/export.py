@@ -1,5 +1,6 @@
 """Export: the current filter (optionally some clusters) as a download or to a path, with
-cluster, its name, tags and every score on each row."""
+cluster, its name, tags and every score on each row; or the judged battles, as the battles
+JSONL that `convoscope ingest` reads back."""
 
 from __future__ import annotations
 
@@ -19,15 +20,64 @@ if not data.overview(c.url, c.version, c.run_id, c.flt, None)["exchanges"] and n
     shell.empty_state("exchanges")
     st.stop()
 
+BATTLES = "battles"
 left, right = st.columns([2, 3], gap="large")
 with left:
     fmt = st.radio(
         "Format",
-        list(exporting.FORMATS),
-        format_func=lambda f: exporting.FORMATS[f][0],
+        [*exporting.FORMATS, BATTLES],
+        format_func=lambda f: "Judged battles" if f == BATTLES else exporting.FORMATS[f][0],
         key="export_format",
         horizontal=True,
     )
+if fmt == BATTLES:
+    with left:
+        where = exporting.battle_filter(c.flt)
+        battles = data.count_battles(c.url, c.version, where)
+        st.metric("Battles to export", f"{battles:,}")
+        if c.flt.since or c.flt.until or c.flt.tags:
+            st.caption(
+                "The sidebar's dates and tags select exchanges: battles take its models "
+                "and sources only."
+            )
+        stamp = datetime.now().strftime("%Y%m%d-%H%M")
+        st.download_button(
+            "Download battles JSONL",
+            data=lambda: data.read(c.url, lambda e: exporting.battles_download(e, c.flt)),
+            file_name=f"convoscope-battles-{stamp}.jsonl",
+            mime="application/jsonl",
+            type="primary",
+            disabled=battles == 0,
+            key="export_battles_download",
+            width="stretch",
+        )
+        with st.form("export_battles_path", border=False):
+            target = st.text_input(
+                "Or write to a file on the server", value="./convoscope-battles.jsonl"
+            )
+            if st.form_submit_button("Write file", disabled=battles == 0):
+                out = Path(target).expanduser().resolve()
+                try:
+                    result = data.read(c.url, lambda e: exporting.battles_to_path(e, c.flt, out))
+                except ValueError as error:  # an unwritable path, a name that is not .jsonl
+                    st.error(str(error))
+                else:
+                    st.success(f"Wrote {result.rows:,} battles to {out}")
+                    for reason, count in result.not_round_trip.items():
+                        st.warning(f"{count:,} will not ingest back under their own ids: {reason}")
+    with right:
+        st.subheader("What each line carries")
+        st.markdown(
+            "One judged battle a line, in the `battles` format `convoscope ingest` reads: "
+            "`battle_id`, `prompt`, `model_a`, `response_a`, `model_b`, `response_b`, "
+            "`winner` (`model_a`, `model_b` or `tie`), `judge_preference`, `judge`, then the "
+            "other keys the battle was logged with. Ingested into another database, each "
+            "battle and its two answers come back under their own ids."
+        )
+        st.caption("A battle passes the model filter when either answer is by a chosen model.")
+    st.stop()
+
+with left:
     cluster_ids: tuple[str, ...] = ()
     if c.run_id:
         table = data.cluster_table(c.url, c.version, c.run_id, c.flt, c.scorer)
