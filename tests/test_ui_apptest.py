@@ -167,6 +167,24 @@ def test_filters_apply_to_the_overview(
     assert not [e for e in at.info if "reward" in e.value.lower()]  # no "not scored" state
 
 
+def test_overview_says_when_the_logs_name_no_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ShareGPT names no model: "0 models" read like a failed ingest, so a dash says it."""
+    from ingest.pipeline import IngestConfig, ingest_paths
+
+    log = tmp_path / "chats.jsonl"
+    chat = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}
+    log.write_text(json.dumps(chat) + "\n")
+    url = f"duckdb:///{tmp_path / 'nomodel.duckdb'}"
+    engine = open_database(url)
+    ingest_paths([log], engine=engine, config=IngestConfig(progress=False))
+    engine.dispose()
+    at = _app(url, monkeypatch)
+    assert _metric(at, "Exchanges") == "1"
+    assert _metric(at, "Models") == "—"
+
+
 def test_cluster_page_rename_tags_and_note_persist(
     fresh_db: BuiltDatabase, monkeypatch: pytest.MonkeyPatch
 ) -> None:

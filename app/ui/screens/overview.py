@@ -21,7 +21,11 @@ if not figures["exchanges"] and not c.flt.active:
 cols = st.columns(6)
 cols[0].metric("Exchanges", f"{figures['exchanges']:,}")
 cols[1].metric("Conversations", f"{figures['conversations']:,}")
-cols[2].metric("Models", f"{figures['models']:,}")
+cols[2].metric(
+    "Models",
+    f"{figures['models']:,}" if figures["models"] else "—",
+    help=None if figures["models"] else "The logs name no model (ShareGPT's do not)",
+)
 cols[3].metric(
     "Clusters",
     f"{figures['clusters']:,}",
