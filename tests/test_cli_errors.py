@@ -24,6 +24,13 @@ from storage.schema import ingest_runs
 from tests.test_ingest_pipeline import REPO, convoscope, write_openai_jsonl
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run each command in the test's own folder: a default rejects file (or database) lands
+    there, not in the repository."""
+    monkeypatch.chdir(tmp_path)
+
+
 def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
     """Run the CLI in this process: exit status, stdout, stderr."""
     try:
@@ -57,9 +64,8 @@ def test_rejects_never_overwrite_an_input_and_append_to_an_existing_file(
 
 
 def test_a_default_rejects_file_taken_by_another_run_is_left_alone(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.chdir(tmp_path)
     now = datetime.now()
     taken = [  # another run's rejects, under every name this run could pick for two minutes
         tmp_path / f"{REJECTS_PREFIX}{now + timedelta(seconds=s):%Y%m%d-%H%M%S}.jsonl"
@@ -161,9 +167,8 @@ def _ingested(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[str, 
 
 
 def test_openai_export_carries_the_model_and_never_an_instruction_id(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.chdir(tmp_path)
     db, _ = _ingested(tmp_path, capsys)
     code, _, err = cli(capsys, "--db", db, "export", "--out", "ft.jsonl", "--format", "openai")
     assert code == 0, err
@@ -185,9 +190,8 @@ def test_openai_export_carries_the_model_and_never_an_instruction_id(
 
 
 def test_openai_export_leaves_tool_steps_out_of_the_context(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.chdir(tmp_path)
     call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
     messages = [
         {"role": "user", "content": "q1"},
@@ -210,9 +214,8 @@ def test_openai_export_leaves_tool_steps_out_of_the_context(
 
 
 def test_export_sources_match_by_path_or_name_and_empty_exports_say_why(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.chdir(tmp_path)
     db, log = _ingested(tmp_path, capsys)
     for source in ["in/qa.jsonl", str(log), "qa.jsonl"]:
         code, out, err = cli(capsys, "--db", db, "export", "--out", "o.jsonl", "--source", source)
@@ -230,10 +233,7 @@ def test_export_sources_match_by_path_or_name_and_empty_exports_say_why(
         assert f"warning: no rows exported: {reason}" in err
 
 
-def test_a_gz_export_is_gzipped(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    monkeypatch.chdir(tmp_path)
+def test_a_gz_export_is_gzipped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     db, _ = _ingested(tmp_path, capsys)
     code, _, err = cli(capsys, "--db", db, "export", "--out", "o.csv.gz")
     assert code == 0, err
@@ -244,9 +244,8 @@ def test_a_gz_export_is_gzipped(
 
 
 def test_export_only_reads_so_it_runs_beside_another_reader(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.chdir(tmp_path)
     db, _ = _ingested(tmp_path, capsys)
     reader = duckdb.connect(db, read_only=True)  # as the UI holds it
     try:
