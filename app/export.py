@@ -45,6 +45,7 @@ from storage.clusters import (
     load_clusters,
     load_tags,
 )
+from storage.engine import database_file
 from storage.logs import BattleFilter, ExchangeFilter, battle_options, iter_battles, iter_exchanges
 from storage.scores import latest_scorer, load_scores
 from storage.views import EXCHANGE_EXPORT_COLUMNS, SIGNAL_NAMES, filter_options
@@ -147,6 +148,22 @@ def check_out_path(out: Path, format: str) -> None:
         raise ValueError(f"--out {out}: Parquet files are compressed already; drop the .gz")
 
 
+def check_not_the_database(engine: Engine, out: Path) -> None:
+    """Refuse to write over the database being exported, or the journal beside it: the
+    export's rename into place would replace the database with the export."""
+    file = database_file(engine.url.render_as_string(hide_password=False))
+    if file is None:
+        return
+    database = file.expanduser().resolve()
+    journals = (".wal", "-wal", "-journal", "-shm")  # DuckDB's, then SQLite's
+    own = {database, *(database.with_name(database.name + j) for j in journals)}
+    if out.expanduser().resolve() in own:
+        raise ValueError(
+            f"--out {out} is the database being exported (or its journal): "
+            "writing there would replace it; choose another file"
+        )
+
+
 def _gzipped(out: Path) -> bool:
     return out.name.lower().endswith(".gz")
 
@@ -223,6 +240,7 @@ def export_exchanges(
     chosen = format or guess_format(out)
     check_spreadsheet_safe(chosen, safe_for_spreadsheets)
     check_out_path(out, chosen)
+    check_not_the_database(engine, out)
     # JSONL is the format that ingests back (ingest.exported): it also carries the stored
     # metadata (tool steps, a CSV row's other columns), which a flat table has no column for.
     columns = (*EXCHANGE_EXPORT_COLUMNS, "metadata") if chosen == "jsonl" else None
@@ -556,6 +574,7 @@ def export_battles(
     from it, its winner, judge, preference and metadata); those that would not are counted by
     reason. ValueError for an unwritable path or a database without battles."""
     check_battles_out_path(out)
+    check_not_the_database(engine, out)
     if not battle_options(engine)["battles"]:
         raise ValueError(no_battles_message())
     check = _RoundTrip(str(out))

@@ -312,3 +312,24 @@ def test_a_reader_that_stops_early_is_no_error(tmp_path: Path) -> None:
     engine = open_database(str(tmp_path / "x.duckdb"))
     assert sum(len(b) for b in iter_exchanges(engine)) == 6  # 3 two-turn chats, stored
     engine.dispose()
+
+
+def test_an_export_never_writes_over_its_own_database(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The export is renamed into place at the end: onto the database file (or its journal)
+    that would replace the database with the export."""
+    log = tmp_path / "chat.jsonl"
+    write_openai_jsonl(log, 2)
+    for name in ("x.duckdb", "x.sqlite"):
+        db = tmp_path / name
+        code, _, err = cli(capsys, "--db", str(db), "ingest", str(log))
+        assert code == 0, err
+        before = db.read_bytes()
+        for out in (db, db.with_name(db.name + ".wal"), db.with_name(db.name + "-journal")):
+            code, _, err = cli(capsys, "--db", str(db), "export", "--out", str(out))
+            assert code == 2 and "is the database being exported" in err, err
+        assert db.read_bytes() == before
+        engine = open_database(str(db))
+        assert sum(len(b) for b in iter_exchanges(engine)) == 4
+        engine.dispose()

@@ -447,6 +447,20 @@ def test_export_page_writes_judged_battles_that_ingest_back(
     fresh.dispose()
     assert (summary.battles_stored, summary.rejected) == (stored, 0)
 
+    # The battles' own sources select them (the sidebar's are the exchanges').
+    at.multiselect(key="export_battle_sources").select("fixture-battles.jsonl").run()
+    assert _metric(at, "Battles to export") == f"{stored:,}"
+    # A path that is the database itself, or a folder, is refused and the database kept.
+    database = Path(fresh_db.url.removeprefix("duckdb:///"))
+    for target in (database, tmp_path):
+        _by_label(at.text_input, "Or write to a file on the server").input(str(target))
+        _by_label(at.button, "Write file").click().run()
+        assert not at.exception
+        assert next(e.proto.body for e in at.error).startswith("Not written: --out")
+    engine = open_database(fresh_db.url)
+    assert table_counts(engine)["battles"] == stored
+    engine.dispose()
+
 
 @pytest.mark.parametrize(
     "page",

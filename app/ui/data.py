@@ -317,6 +317,12 @@ def count_rows(
     return read(url, lambda e: views.count_rows(e, run_id, flt, cluster_ids=cluster_ids))
 
 
+@st.cache_data(show_spinner=False, max_entries=16)
+def battle_options(url: str, version: tuple[Any, ...]) -> dict[str, Any]:
+    """How many battles are stored, their models and their sources."""
+    return read(url, logs.battle_options)
+
+
 @st.cache_data(show_spinner=False, max_entries=64)
 def count_battles(url: str, version: tuple[Any, ...], where: BattleFilter) -> int:
     return read(url, lambda e: logs.count_battles(e, where=where))

@@ -16,7 +16,10 @@ from app.export import (
     FORMATS,
     BattleExportResult,
     battles_bytes,
+    check_not_the_database,
+    check_out_path,
     export_battles,
+    no_battles_message,
     write_file,
     write_rows,
 )
@@ -31,6 +34,7 @@ __all__ = [
     "columns",
     "export_bytes",
     "export_to_path",
+    "no_battles_message",
 ]
 
 
@@ -67,7 +71,10 @@ def export_to_path(
     cluster_ids: tuple[str, ...] = (),
     safe_for_spreadsheets: bool = False,
 ) -> int:
-    """Write the export to `out` atomically; returns the row count."""
+    """Write the export to `out` atomically; returns the row count. ValueError for a path
+    that cannot be written or is the database itself."""
+    check_out_path(out, format)
+    check_not_the_database(engine, out)
     names = columns(score_names(engine))
     batches = export_rows(
         engine, run_id, flt, cluster_ids=cluster_ids, with_metadata=format == "jsonl"
@@ -75,17 +82,18 @@ def export_to_path(
     return write_file(batches, names, format, out, safe_for_spreadsheets=safe_for_spreadsheets)
 
 
-def battle_filter(flt: ViewFilter) -> BattleFilter:
-    """The sidebar's models (either answer's) and sources, as battles take them; its dates
-    and tags select exchanges, not battles."""
-    return BattleFilter(models=flt.models, sources=flt.sources)
+def battle_filter(flt: ViewFilter, sources: tuple[str, ...] = ()) -> BattleFilter:
+    """The sidebar's models (either answer's) and the battles' own `sources`: the sidebar's
+    sources, dates and tags are the exchanges' (a replay judge's verdicts have a source of
+    their own, `judge:<run>`, and the answers of a battles file may be stored from another)."""
+    return BattleFilter(models=flt.models, sources=sources)
 
 
-def battles_download(engine: Engine, flt: ViewFilter) -> bytes:
-    """The filtered battles as battles JSONL, in memory (for a download button)."""
-    return battles_bytes(engine, where=battle_filter(flt))
+def battles_download(engine: Engine, where: BattleFilter) -> bytes:
+    """The selected battles as battles JSONL, in memory (for a download button)."""
+    return battles_bytes(engine, where=where)
 
 
-def battles_to_path(engine: Engine, flt: ViewFilter, out: Path) -> BattleExportResult:
-    """Write the filtered battles to `out` atomically, checking that they ingest back."""
-    return export_battles(engine, out, where=battle_filter(flt))
+def battles_to_path(engine: Engine, where: BattleFilter, out: Path) -> BattleExportResult:
+    """Write the selected battles to `out` atomically, checking that they ingest back."""
+    return export_battles(engine, out, where=where)

@@ -31,19 +31,30 @@ with left:
         horizontal=True,
     )
 if fmt == BATTLES:
+    options = data.battle_options(c.url, c.version)
     with left:
-        where = exporting.battle_filter(c.flt)
+        if not options["battles"]:
+            st.info(exporting.no_battles_message(), icon=":material/info:")
+            st.stop()
+        sources = tuple(
+            st.multiselect(
+                "Only battles from",
+                options["sources"],
+                placeholder="Every source (a battles file, or judge:<run> for a replay judge)",
+                key="export_battle_sources",
+            )
+        )
+        where = exporting.battle_filter(c.flt, sources)
         battles = data.count_battles(c.url, c.version, where)
         st.metric("Battles to export", f"{battles:,}")
-        if c.flt.since or c.flt.until or c.flt.tags:
-            st.caption(
-                "The sidebar's dates and tags select exchanges: battles take its models "
-                "and sources only."
-            )
+        st.caption(
+            "The sidebar's models apply (a battle passes when either answer is by one); its "
+            "sources, dates and tags select exchanges, not battles."
+        )
         stamp = datetime.now().strftime("%Y%m%d-%H%M")
         st.download_button(
             "Download battles JSONL",
-            data=lambda: data.read(c.url, lambda e: exporting.battles_download(e, c.flt)),
+            data=lambda: data.read(c.url, lambda e: exporting.battles_download(e, where)),
             file_name=f"convoscope-battles-{stamp}.jsonl",
             mime="application/jsonl",
             type="primary",
@@ -58,9 +69,9 @@ if fmt == BATTLES:
             if st.form_submit_button("Write file", disabled=battles == 0):
                 out = Path(target).expanduser().resolve()
                 try:
-                    result = data.read(c.url, lambda e: exporting.battles_to_path(e, c.flt, out))
-                except ValueError as error:  # an unwritable path, a name that is not .jsonl
-                    st.error(str(error))
+                    result = data.read(c.url, lambda e: exporting.battles_to_path(e, where, out))
+                except (ValueError, OSError) as error:  # a folder, no permission, the database
+                    st.error(f"Not written: {error}")
                 else:
                     st.success(f"Wrote {result.rows:,} battles to {out}")
                     for reason, count in result.not_round_trip.items():
@@ -71,10 +82,12 @@ if fmt == BATTLES:
             "One judged battle a line, in the `battles` format `convoscope ingest` reads: "
             "`battle_id`, `prompt`, `model_a`, `response_a`, `model_b`, `response_b`, "
             "`winner` (`model_a`, `model_b` or `tie`), `judge_preference`, `judge`, then the "
-            "other keys the battle was logged with. Ingested into another database, each "
-            "battle and its two answers come back under their own ids."
+            "other keys the battle was logged with. Ingested into another database, a battle "
+            "read from a battles file comes back with its two answers under their own ids; a "
+            "replay judge's verdict (source `judge:<run>`) judged answers from conversations, "
+            "which a battles line cannot carry, so it comes back under new ids. *Write file* "
+            "counts any such battle."
         )
-        st.caption("A battle passes the model filter when either answer is by a chosen model.")
     st.stop()
 
 with left:
@@ -136,19 +149,23 @@ with left:
         )
         if st.form_submit_button("Write file", disabled=rows == 0):
             out = Path(target).expanduser().resolve()
-            written = data.read(
-                c.url,
-                lambda e: exporting.export_to_path(
-                    e,
-                    c.run_id,
-                    c.flt,
-                    out,
-                    format=fmt,
-                    cluster_ids=cluster_ids,
-                    safe_for_spreadsheets=safe,
-                ),
-            )
-            st.success(f"Wrote {written:,} rows to {out}")
+            try:
+                written = data.read(
+                    c.url,
+                    lambda e: exporting.export_to_path(
+                        e,
+                        c.run_id,
+                        c.flt,
+                        out,
+                        format=fmt,
+                        cluster_ids=cluster_ids,
+                        safe_for_spreadsheets=safe,
+                    ),
+                )
+            except (ValueError, OSError) as error:  # a folder, no permission, the database
+                st.error(f"Not written: {error}")
+            else:
+                st.success(f"Wrote {written:,} rows to {out}")
 
 with right:
     st.subheader("What each row carries")
