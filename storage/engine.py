@@ -137,6 +137,7 @@ def open_database(db: str | None = None, *, read_only: bool = False) -> Engine:
     url = resolve_url(db)
     if read_only:
         _require_file(url)
+        _upgrade_if_older(url)
     engine = make_engine(url, read_only=read_only)
     try:
         if read_only:
@@ -151,6 +152,29 @@ def open_database(db: str | None = None, *, read_only: bool = False) -> Engine:
         engine.dispose()
         raise
     return engine
+
+
+def _upgrade_if_older(url: str) -> None:
+    """Migrate a database written by an older convoscope before a read-only open, as every
+    other command does on opening: a read-only command (export, the UI's reads) would refuse
+    it otherwise, and no read-only command could ever bring it up to date."""
+    from storage.migrate import is_older, upgrade
+
+    reader = make_engine(url, read_only=True)
+    try:
+        older = is_older(reader)
+    except sa.exc.DatabaseError as error:
+        raise StorageError(_explain(url, error)) from error
+    finally:
+        reader.dispose()
+    if older:
+        writer = make_engine(url)
+        try:
+            upgrade(writer)
+        except sa.exc.DatabaseError as error:  # another process holds the write lock
+            raise StorageError(_explain(url, error)) from error
+        finally:
+            writer.dispose()
 
 
 def checkpoint(engine: Engine) -> None:

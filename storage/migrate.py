@@ -75,6 +75,15 @@ def _refuse_clashing_tables(connection: Connection, url: str) -> None:
         )
 
 
+def is_older(engine: Engine) -> bool:
+    """True when the database holds an older convoscope schema (not an empty database, and
+    not a newer one, which is refused)."""
+    with engine.connect() as connection:
+        revision = current_revision(connection)
+    _refuse_newer(revision, engine.url.render_as_string(hide_password=True))
+    return revision is not None and revision != head_revision()
+
+
 def check_version(engine: Engine) -> None:
     """Refuse a database from a newer version; used by read-only openers that cannot migrate."""
     with engine.connect() as connection:
@@ -82,9 +91,8 @@ def check_version(engine: Engine) -> None:
     _refuse_newer(revision, engine.url.render_as_string(hide_password=True))
     if revision != head_revision():
         raise StorageError(
-            f"database {engine.url.render_as_string(hide_password=True)} is not initialised or "
-            "is at an older schema; open it once without read-only (any convoscope command "
-            "that writes, e.g. `convoscope ingest`) to migrate it."
+            f"database {engine.url.render_as_string(hide_password=True)} is not initialised: "
+            "it holds no convoscope data yet (`convoscope ingest LOGS` stores some)"
         )
 
 

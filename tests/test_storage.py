@@ -150,6 +150,22 @@ def test_read_only_open_of_an_empty_database_explains(tmp_path) -> None:
         open_database(str(path), read_only=True)
 
 
+def test_a_read_only_open_brings_an_older_database_up_to_date(db_url: str) -> None:
+    """`export` and the UI open read-only: an older schema is migrated first, as any other
+    command does, rather than refused with no read-only way out."""
+    from storage.migrate import current_revision, head_revision, upgrade
+
+    old = make_engine(resolve_url(db_url))
+    upgrade(old, "0003")
+    store_batch(old, conversation_rows=[_conversation(0)], exchange_rows=[_exchange(0)])
+    old.dispose()
+    engine = open_database(db_url, read_only=True)
+    with engine.connect() as conn:
+        assert current_revision(conn) == head_revision()
+    assert table_counts(engine)["exchanges"] == 1
+    engine.dispose()
+
+
 def test_urls_resolve_from_paths_and_environment(monkeypatch, tmp_path) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("CONVOSCOPE_DB", raising=False)
