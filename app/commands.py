@@ -916,8 +916,9 @@ def describe(command: str, result: dict[str, Any]) -> str:
         return f"wrote {result['rows']} rows to {result['path']} ({result['format']})"
     if command == "cluster":
         return (
-            f"{result['rows']} exchanges → {result['clusters']} topics in {result['parents']} "
-            f"groups, {result['unassigned_share']:.1%} unassigned (run {result['run_id']}); "
+            f"{result['rows']} exchanges → {_count(result['clusters'], 'topic')} in "
+            f"{_count(result['parents'], 'group')}, {result['unassigned_share']:.1%} unassigned "
+            f"(run {result['run_id']}); "
             "ids: " + ", ".join(f"{n} {event}" for event, n in result["events"].items())
         )
     if command == "clusters":
@@ -1005,11 +1006,16 @@ def describe(command: str, result: dict[str, Any]) -> str:
     return str(result)
 
 
+def _count(n: int, noun: str) -> str:
+    """'1 topic', '30 topics'."""
+    return f"{n} {noun}{'s' * (n != 1)}"
+
+
 def _report_counts(result: dict[str, Any]) -> str:
     """'30 topic reports and 5 group reports' (the groups only where there are some)."""
-    topics = f"{result['clusters']} topic report{'s' * (result['clusters'] != 1)}"
+    topics = _count(result["clusters"], "topic report")
     groups = result.get("groups", 0)
-    return f"{topics} and {groups} group report{'s' * (groups != 1)}" if groups else topics
+    return f"{topics} and {_count(groups, 'group report')}" if groups else topics
 
 
 def _describe_rewards(result: dict[str, Any]) -> str:
@@ -1125,6 +1131,11 @@ def _describe_ingest(s: dict[str, Any]) -> str:
         f"{s['db']}: read {s['read']} exchanges from {s['files']} file(s); "
         f"stored {s['stored']}, {s['duplicates']} already stored, {s['rejected']} rejected"
     ]
+    if s["battles"]:  # a new vote on stored answers adds a battle and no exchange
+        lines.append(
+            f"battles: read {s['battles']}, stored {s['battles_stored']}, "
+            f"{s['battles'] - s['battles_stored']} already stored"
+        )
     if s["rejects_file"]:
         lines.append(f"rejected records and why: {s['rejects_file']}")
     for cut in s["truncated"]:

@@ -152,7 +152,8 @@ def leaderboard(
     to_elo = config.scale / math.log(config.base)
     rating = config.init + to_elo * (beta - centre)
     tail = (1.0 - config.ci) / 2.0
-    boot_elo = config.init + to_elo * (boots - boots[:, eligible].mean(axis=1, keepdims=True))
+    boot_centre = boots[:, eligible].mean(axis=1, keepdims=True) if eligible.any() else 0.0
+    boot_elo = config.init + to_elo * (boots - boot_centre)
     lower = np.quantile(boot_elo, tail, axis=0) if config.n_bootstrap else rating
     upper = np.quantile(boot_elo, 1.0 - tail, axis=0) if config.n_bootstrap else rating
     # The point estimate always lies inside its interval, even with few bootstrap rounds.

@@ -333,3 +333,18 @@ def test_an_export_never_writes_over_its_own_database(
         engine = open_database(str(db))
         assert sum(len(b) for b in iter_exchanges(engine)) == 4
         engine.dispose()
+
+
+def test_the_ingest_line_counts_battles(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A new vote on two stored answers adds a battle and no exchange: the summary says so."""
+    vote = {"prompt": "Hi?", "model_a": "m1", "response_a": "Hello.", "model_b": "m2"}
+    vote |= {"response_b": "Hi there, how can I help?", "winner": "model_b"}
+    votes = tmp_path / "votes.jsonl"
+    votes.write_text(json.dumps(vote) + "\n")
+    db = str(tmp_path / "x.duckdb")
+    code, out, err = cli(capsys, "--db", db, "ingest", str(votes))
+    assert code == 0 and "battles: read 1, stored 1, 0 already stored" in out, err
+    votes.write_text(json.dumps(vote) + "\n" + json.dumps({**vote, "battle_id": "v2"}) + "\n")
+    code, out, err = cli(capsys, "--db", db, "ingest", str(votes))
+    assert code == 0, err
+    assert "stored 0, 4 already stored" in out and "battles: read 2, stored 1" in out

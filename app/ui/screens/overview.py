@@ -23,8 +23,8 @@ cols[0].metric("Exchanges", f"{figures['exchanges']:,}")
 cols[1].metric("Conversations", f"{figures['conversations']:,}")
 cols[2].metric(
     "Models",
-    f"{figures['models']:,}" if figures["models"] else "—",
-    help=None if figures["models"] else "The logs name no model (ShareGPT's do not)",
+    f"{figures['models']:,}" if figures["models"] or c.flt.active else "—",
+    help=None if figures["models"] or c.flt.active else "The logs name no model",
 )
 cols[3].metric(
     "Clusters",
