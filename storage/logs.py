@@ -67,9 +67,10 @@ def _duckdb_insert(conn: Connection, table: sa.Table, rows: list[Row], *, skip: 
     """Insert through an Arrow view; `skip=" ON CONFLICT DO NOTHING"` leaves out rows whose
     key is stored. Returns how many rows were inserted."""
     columns = [c for c in table.columns if c.name in rows[0]]
-    arrow = pa.table(
-        {c.name: pa.array([row[c.name] for row in rows], _arrow_type(c.type)) for c in columns}
-    )
+    # Converted row by row in C: a list per column, built in Python first, took half again
+    # as long, on the writer thread, holding the GIL the reading thread needs.
+    schema = pa.schema([(c.name, _arrow_type(c.type)) for c in columns])
+    arrow = pa.Table.from_pylist(rows, schema=schema)
     with _duckdb_view(conn, arrow) as view:
         names = ", ".join(f'"{c.name}"' for c in columns)
         result = conn.connection.driver_connection.execute(
