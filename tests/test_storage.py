@@ -127,6 +127,22 @@ def test_batches_skip_what_is_stored_and_keep_nulls(db_url: str) -> None:
     engine.dispose()
 
 
+def test_a_batch_holding_a_stored_row_is_stored_whole_but_that_row(db_url: str) -> None:
+    """DuckDB stores a batch as all new first and, at a stored row, rolls that back and stores
+    the batch again skipping stored ids: nothing of the first try is kept, so nothing twice."""
+    engine = open_database(db_url)
+    store_batch(engine, conversation_rows=[_conversation(0)], exchange_rows=[_exchange(0)])
+    # A new conversation is inserted first, then new exchanges around a stored one.
+    counts = store_batch(
+        engine,
+        conversation_rows=[_conversation(5)],
+        exchange_rows=[_exchange(10), _exchange(0), _exchange(11)],
+    )
+    assert (counts.stored, counts.duplicates) == (2, 1)
+    assert table_counts(engine) == {"conversations": 2, "exchanges": 3, "battles": 0}
+    engine.dispose()
+
+
 def test_filters_select_by_model(db_url: str) -> None:
     engine = open_database(db_url)
     store_batch(
