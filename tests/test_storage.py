@@ -218,6 +218,8 @@ def test_floats_keep_every_digit_and_an_upgrade_keeps_the_old_ones(db_url: str) 
     upgrade(old, "0003")  # a database as the last release with 32-bit floats left it
     before = {**_exchange(0), "seconds_to_next_user_message": seconds, "rating": 4.25}
     store_batch(old, conversation_rows=[_conversation(0)], exchange_rows=[before])
+    with old.begin() as conn:  # an index of the user's own: kept across the migration
+        conn.exec_driver_sql('CREATE INDEX "my ""scores"" index" ON scores (scorer)')
     old.dispose()
     engine = open_database(db_url)
     after = {**_exchange(1), "seconds_to_next_user_message": seconds}
@@ -228,7 +230,36 @@ def test_floats_keep_every_digit_and_an_upgrade_keeps_the_old_ones(db_url: str) 
     assert rows[before["id"]]["seconds_to_next_user_message"] == pytest.approx(seconds, rel=1e-6)
     assert rows[before["id"]]["rating"] == 4.25
     assert load_scores(engine, "reward:test") == {after["id"]: 0.123456789012}
+    assert 'my "scores" index' in {i["name"] for i in _indexes(engine, "scores")}
     engine.dispose()
+
+
+def test_an_index_that_blocks_the_migration_is_named_and_nothing_changes(tmp_path) -> None:
+    """DuckDB cannot retype a column a (user's) index covers within the migration's
+    transaction: the error names the index and what to do, and the database stays as it was."""
+    from storage.migrate import current_revision, upgrade
+
+    url = f"duckdb:///{tmp_path / 'blocked.duckdb'}"
+    old = make_engine(url)
+    upgrade(old, "0003")
+    with old.begin() as conn:
+        conn.exec_driver_sql("CREATE INDEX by_value ON scores (value)")
+    old.dispose()
+    with pytest.raises(StorageError, match=r"scores\.value .*'by_value'.*Drop that index"):
+        open_database(url)
+    old = make_engine(url)
+    with old.connect() as conn:
+        assert current_revision(conn) == "0003"
+    old.dispose()
+
+
+def _indexes(engine: sa.Engine, table: str) -> list[dict[str, str]]:
+    """A table's indexes by name (duckdb_engine cannot reflect them on SQLAlchemy 2.1)."""
+    if engine.dialect.name != "duckdb":
+        return sa.inspect(engine).get_indexes(table)  # type: ignore[return-value]
+    with engine.connect() as conn:
+        query = "SELECT index_name FROM duckdb_indexes() WHERE table_name = ?"
+        return [{"name": n} for (n,) in conn.exec_driver_sql(query, (table,))]
 
 
 def test_a_database_with_a_clashing_table_is_refused_and_left_alone(db_url: str) -> None:

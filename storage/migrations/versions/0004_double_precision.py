@@ -15,6 +15,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+from storage.engine import StorageError
+
 revision = "0004"
 down_revision = "0003"
 branch_labels = None
@@ -33,23 +35,43 @@ FLOAT_COLUMNS: dict[str, tuple[str, ...]] = {
     "cluster_reports": ("weakness",),
     "instructions": ("mean_reward",),
 }
-# DuckDB refuses to retype a column of a table that has an index: (table, index, columns).
-INDEXES = (
-    ("exchanges", "ix_exchanges_conversation_id", ("conversation_id",)),
-    ("instructions", "ix_instructions_cluster_id", ("cluster_id",)),
-)
 
 
 def upgrade() -> None:
-    if op.get_bind().dialect.name != "duckdb":
+    bind = op.get_bind()
+    if bind.dialect.name != "duckdb":
         return
-    for table, name, _ in INDEXES:
-        op.drop_index(name, table_name=table)
+    # DuckDB refuses to retype a column of a table that has an index: drop the indexes of
+    # these tables (ours, and any a user added), retype, and create them again as they were.
+    # Within one transaction it still refuses when a dropped index covered the column itself
+    # (none of ours does): that is a user's index, named in the error.
+    indexes = bind.execute(
+        sa.text(
+            "SELECT index_name, table_name, sql FROM duckdb_indexes() "
+            "WHERE database_name = current_database() AND schema_name = current_schema() "
+            "AND table_name IN :tables"
+        ).bindparams(sa.bindparam("tables", expanding=True)),
+        {"tables": list(FLOAT_COLUMNS)},
+    ).all()
+    for name, _, _ in indexes:
+        quoted = name.replace('"', '""')
+        op.execute(sa.text(f'DROP INDEX "{quoted}"'))
     for table, columns in FLOAT_COLUMNS.items():
         for column in columns:
-            op.execute(sa.text(f'ALTER TABLE "{table}" ALTER COLUMN "{column}" TYPE DOUBLE'))
-    for table, name, columns in INDEXES:
-        op.create_index(name, table, list(columns))
+            try:
+                op.execute(sa.text(f'ALTER TABLE "{table}" ALTER COLUMN "{column}" TYPE DOUBLE'))
+            except sa.exc.DBAPIError as error:
+                if "index depends on it" not in str(error):
+                    raise
+                names = ", ".join(repr(n) for n, t, _ in indexes if t == table)
+                raise StorageError(
+                    f"cannot widen {table}.{column} to double precision (schema 0004): an "
+                    f"index covers it ({names}), which DuckDB cannot retype around. Nothing "
+                    "was changed. Drop that index, run the command again, then create the "
+                    "index again."
+                ) from error
+    for _, _, sql in indexes:
+        op.execute(sa.text(sql))
 
 
 def downgrade() -> None:
