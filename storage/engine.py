@@ -131,16 +131,25 @@ def _use_wal(engine: Engine) -> None:
 
 
 def open_database(db: str | None = None, *, read_only: bool = False) -> Engine:
-    """Connect, migrate to the current schema (unless read-only) and return the engine."""
-    from storage.migrate import check_version, upgrade
+    """Connect, migrate to the current schema and return the engine. A read-only open (export,
+    the UI's reads) migrates an older database first, as every other command does on opening:
+    no read-only command could bring it up to date otherwise."""
+    from storage.migrate import check_version, is_older, upgrade
 
     url = resolve_url(db)
     if read_only:
         _require_file(url)
-        _upgrade_if_older(url)
     engine = make_engine(url, read_only=read_only)
     try:
         if read_only:
+            if is_older(engine):
+                engine.dispose()
+                writer = make_engine(url)
+                try:
+                    upgrade(writer)
+                finally:
+                    writer.dispose()
+                engine = make_engine(url, read_only=True)
             check_version(engine)
         else:
             upgrade(engine)
@@ -152,29 +161,6 @@ def open_database(db: str | None = None, *, read_only: bool = False) -> Engine:
         engine.dispose()
         raise
     return engine
-
-
-def _upgrade_if_older(url: str) -> None:
-    """Migrate a database written by an older convoscope before a read-only open, as every
-    other command does on opening: a read-only command (export, the UI's reads) would refuse
-    it otherwise, and no read-only command could ever bring it up to date."""
-    from storage.migrate import is_older, upgrade
-
-    reader = make_engine(url, read_only=True)
-    try:
-        older = is_older(reader)
-    except sa.exc.DatabaseError as error:
-        raise StorageError(_explain(url, error)) from error
-    finally:
-        reader.dispose()
-    if older:
-        writer = make_engine(url)
-        try:
-            upgrade(writer)
-        except sa.exc.DatabaseError as error:  # another process holds the write lock
-            raise StorageError(_explain(url, error)) from error
-        finally:
-            writer.dispose()
 
 
 def checkpoint(engine: Engine) -> None:

@@ -16,8 +16,9 @@ import pytest
 import sqlalchemy as sa
 
 from storage.engine import open_database
-from storage.logs import iter_exchanges, store_batch, utcnow
+from storage.logs import store_batch, utcnow
 from storage.schema import battles, exchanges
+from tests.test_export_reingest import _stored
 from tests.test_ingest_pipeline import convoscope
 
 GEMMA = "FuseChat-Gemma-2-9B-Instruct"  # model_b of the file's first 805 lines
@@ -109,14 +110,10 @@ def _stored_battles(db: str) -> dict[str, dict[str, Any]]:
 
 def _stored_exchanges(db: str) -> dict[str, dict[str, Any]]:
     """Every stored exchange by id, less where and when it was ingested."""
-    engine = open_database(db)
-    try:
-        rows = [row for batch in iter_exchanges(engine) for row in batch]
-    finally:
-        engine.dispose()
-    for row in rows:
-        del row["ingested_at"], row["source"]
-    return {row["id"]: row for row in rows}
+    rows = _stored(db)
+    for row in rows.values():
+        del row["source"]
+    return rows
 
 
 def _sources(db: str) -> set[str]:

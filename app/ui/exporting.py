@@ -14,7 +14,6 @@ from sqlalchemy.engine import Engine
 
 from app.export import (
     FORMATS,
-    BattleExportResult,
     battles_bytes,
     check_not_the_database,
     check_out_path,
@@ -29,9 +28,9 @@ from storage.views import EXPORT_COLUMNS, ViewFilter, export_rows, score_names
 __all__ = [
     "FORMATS",
     "battle_filter",
-    "battles_download",
-    "battles_to_path",
+    "battles_bytes",
     "columns",
+    "export_battles",
     "export_bytes",
     "export_to_path",
     "no_battles_message",
@@ -87,13 +86,3 @@ def battle_filter(flt: ViewFilter, sources: tuple[str, ...] = ()) -> BattleFilte
     sources, dates and tags are the exchanges' (a replay judge's verdicts have a source of
     their own, `judge:<run>`, and the answers of a battles file may be stored from another)."""
     return BattleFilter(models=flt.models, sources=sources)
-
-
-def battles_download(engine: Engine, where: BattleFilter) -> bytes:
-    """The selected battles as battles JSONL, in memory (for a download button)."""
-    return battles_bytes(engine, where=where)
-
-
-def battles_to_path(engine: Engine, where: BattleFilter, out: Path) -> BattleExportResult:
-    """Write the selected battles to `out` atomically, checking that they ingest back."""
-    return export_battles(engine, out, where=where)

@@ -54,7 +54,7 @@ if fmt == BATTLES:
         stamp = datetime.now().strftime("%Y%m%d-%H%M")
         st.download_button(
             "Download battles JSONL",
-            data=lambda: data.read(c.url, lambda e: exporting.battles_download(e, where)),
+            data=lambda: data.read(c.url, lambda e: exporting.battles_bytes(e, where=where)),
             file_name=f"convoscope-battles-{stamp}.jsonl",
             mime="application/jsonl",
             type="primary",
@@ -69,7 +69,9 @@ if fmt == BATTLES:
             if st.form_submit_button("Write file", disabled=battles == 0):
                 out = Path(target).expanduser().resolve()
                 try:
-                    result = data.read(c.url, lambda e: exporting.battles_to_path(e, where, out))
+                    result = data.read(
+                        c.url, lambda e: exporting.export_battles(e, out, where=where)
+                    )
                 except (ValueError, OSError) as error:  # a folder, no permission, the database
                     st.error(f"Not written: {error}")
                 else:
