@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from app import commands
 from ingest.readers import FORMATS as INGEST_FORMATS
@@ -64,8 +64,33 @@ def _port(text: str) -> int:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, saying how to give a value that starts with "-" (a tag named `-draft`),
+    which argparse reads as an unknown option and reports as a missing value."""
+
+    _tokens: Sequence[str] = ()
+
+    def parse_known_args(  # type: ignore[override]  # typeshed's overloads
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        self._tokens = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message: str) -> NoReturn:
+        if message.endswith("expected one argument"):
+            message += ' (a value starting with "-" is given as --option=-value)'
+        elif any(_value_like(t) and t not in self._option_string_actions for t in self._tokens):
+            message += ' (a value starting with "-" goes after --: convoscope tag t3 -- -draft)'
+        super().error(message)
+
+
+def _value_like(token: str) -> bool:
+    """`-draft` may be a value; `--bogus` is an option typed wrong."""
+    return token.startswith("-") and not token.startswith("--")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="convoscope",
         allow_abbrev=False,  # a prefix guess turns a typo like `--mode` into `--model`
         description="See what your chat models are asked and how well they answer.",
@@ -80,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="command",
         required=True,
         metavar="COMMAND",
-        parser_class=partial(argparse.ArgumentParser, allow_abbrev=False),
+        parser_class=partial(_Parser, allow_abbrev=False),
     )
 
     # Each subcommand also accepts --json after its name; SUPPRESS keeps the global value.

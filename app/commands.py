@@ -150,6 +150,8 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         engine.dispose()
     summary: dict[str, Any] = {"path": result.path, "format": result.format, "rows": result.rows}
+    if not result.rows:
+        raise NothingDone(_nothing_written(args.out), summary)
     if format == "csv":
         summary["formula_cells"] = result.formula_cells
         summary["spreadsheet_safe"] = args.spreadsheet_safe
@@ -160,6 +162,11 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
                 "prefixes them with ' (written as stored for pandas and other readers)"
             )
     return summary
+
+
+def _nothing_written(out: Path) -> str:
+    kept = "; the file already there is left as it was" if out.exists() else ""
+    return f"nothing matched the filters, so nothing was written to {out}{kept}"
 
 
 def _export_battles(args: argparse.Namespace) -> dict[str, Any]:
@@ -194,6 +201,9 @@ def _export_battles(args: argparse.Namespace) -> dict[str, Any]:
                 warn(f"no battles exported: {reason}")
     finally:
         engine.dispose()
+    if not result.rows:
+        summary = {"path": result.path, "format": result.format, "rows": 0, "not_round_trip": 0}
+        raise NothingDone(_nothing_written(args.out), {**summary, "not_round_trip_reasons": {}})
     for reason, count in result.not_round_trip.items():
         warn(
             f"{count} of {result.rows} battles will not ingest back under their own ids "
@@ -907,6 +917,8 @@ def describe(command: str, result: dict[str, Any]) -> str:
     """A short human summary of a command's result (the JSON has everything)."""
     if command == "ingest":
         return _describe_ingest(result)
+    if command == "export" and not result["rows"]:
+        return f"no rows exported to {result['path']}"
     if command == "export" and result["format"] == BATTLES:
         line = f"wrote {result['rows']} battles to {result['path']} (battles JSONL)"
         if result["not_round_trip"]:

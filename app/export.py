@@ -172,17 +172,33 @@ def matching_sources(
     engine: Engine, requested: Sequence[str], *, stored: Sequence[str] | None = None
 ) -> tuple[str, ...]:
     """The stored sources each `--source` means: the path as typed at ingest, the same file
-    by its absolute path, or its bare file name when one stored source has that name. The
-    sources are the exchanges' unless `stored` names others (the battles')."""
+    by its absolute path, the one relative source it ends with (a source is stored as typed,
+    relative to the folder the ingest ran in, which may not be this one), or its bare file
+    name when one stored source has that name. The sources are the exchanges' unless `stored`
+    names others (the battles')."""
     if stored is None:
         stored = filter_options(engine)["sources"]
     found: list[str] = []
     for text in requested:
         wanted = Path(text).expanduser().resolve()
         same_file = [s for s in stored if s == text or Path(s).expanduser().resolve() == wanted]
+        tail = _longest_tail(stored, wanted)
         named = [s for s in stored if Path(s).name == text]
-        found += same_file or (named if len(named) == 1 else [text])
+        found += same_file or tail or (named if len(named) == 1 else [text])
     return tuple(dict.fromkeys(found))
+
+
+def _longest_tail(stored: Sequence[str], wanted: Path) -> list[str]:
+    """The relative stored source that `wanted` ends with in the most path parts, if only one
+    does: `in/qa.jsonl` for /home/me/project/in/qa.jsonl."""
+    tails = [
+        s
+        for s in stored
+        if not Path(s).is_absolute() and wanted.parts[-len(Path(s).parts) :] == Path(s).parts
+    ]
+    longest = max((len(Path(s).parts) for s in tails), default=0)
+    best = [s for s in tails if len(Path(s).parts) == longest]
+    return best if len(best) == 1 else []
 
 
 def why_empty(engine: Engine, selection: ExportSelection) -> list[str]:
@@ -359,7 +375,10 @@ def write_file(
 
 def _write_atomically(out: Path, write: Callable[[IO[bytes]], int]) -> int:
     """Run `write` on a `.partial` sibling of `out` (gzipped when `out` ends in `.gz`) and
-    rename it into place when it is done: a failed export leaves no half file. The count."""
+    rename it into place when it is done: a failed export leaves no half file. The count.
+
+    An export of nothing writes nothing: a filter typed wrong must not replace yesterday's
+    export at that path with an empty file (the callers say why nothing matched)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
     try:
@@ -369,7 +388,8 @@ def _write_atomically(out: Path, write: Callable[[IO[bytes]], int]) -> int:
                     rows = write(handle)  # type: ignore[arg-type]
             else:
                 rows = write(raw)
-        os.replace(partial, out)
+        if rows:
+            os.replace(partial, out)
     finally:
         partial.unlink(missing_ok=True)
     return rows

@@ -214,12 +214,18 @@ def test_openai_export_leaves_tool_steps_out_of_the_context(
 
 
 def test_export_sources_match_by_path_or_name_and_empty_exports_say_why(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    db, log = _ingested(tmp_path, capsys)
+    db, log = _ingested(tmp_path, capsys)  # stored as typed: in/qa.jsonl
     for source in ["in/qa.jsonl", str(log), "qa.jsonl"]:
         code, out, err = cli(capsys, "--db", db, "export", "--out", "o.jsonl", "--source", source)
         assert code == 0 and "wrote 3 rows" in out, (source, err)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the file by its absolute path, from another folder
+    code, out, err = cli(capsys, "--db", db, "export", "--out", "o.jsonl", "--source", str(log))
+    assert code == 0 and "wrote 3 rows" in out, err
+    monkeypatch.chdir(tmp_path)
 
     filters = {
         ("--source", "nope.jsonl"): "--source nope.jsonl matches no stored source (stored: in/qa",
@@ -227,10 +233,25 @@ def test_export_sources_match_by_path_or_name_and_empty_exports_say_why(
         ("--tag", "nosuch"): "--tag nosuch is on no exchange or cluster",
         ("--min-reward", "0.5"): "--min-reward/--max-reward: no reward scores yet",
     }
+    written = (tmp_path / "o.jsonl").read_bytes()
     for args, reason in filters.items():
-        code, out, err = cli(capsys, "--db", db, "export", "--out", "o.jsonl", *args)
-        assert code == 0 and "wrote 0 rows" in out
+        code, out, err = cli(capsys, "--db", db, "--json", "export", "--out", "o.jsonl", *args)
+        assert code == 2 and json.loads(out)["rows"] == 0
         assert f"warning: no rows exported: {reason}" in err
+        assert "nothing was written to o.jsonl; the file already there is left as it" in err
+        assert (tmp_path / "o.jsonl").read_bytes() == written  # a typo does not wipe it
+    code, out, err = cli(capsys, "--db", db, "export", "--out", "new.csv", "--tag", "nosuch")
+    assert code == 2 and "no rows exported to new.csv" in out
+    assert not (tmp_path / "new.csv").exists() and not list(tmp_path.glob("*.partial"))
+
+
+def test_a_value_starting_with_a_dash_is_explained(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = cli(capsys, "export", "--out", "o.csv", "--tag", "-draft")
+    assert code == 2 and 'a value starting with "-" is given as --option=-value' in err
+    code, _, err = cli(capsys, "tag", "t3", "-draft")
+    assert code == 2 and "goes after --: convoscope tag t3 -- -draft" in err
+    code, _, err = cli(capsys, "tag", "t3")  # no dash anywhere: no hint
+    assert code == 2 and "required: tag" in err and "--:" not in err
 
 
 def test_a_gz_export_is_gzipped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

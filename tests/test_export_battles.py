@@ -213,10 +213,16 @@ def test_the_source_filter_and_a_filter_matching_nothing(
         "export", "--format", "battles", "--out", str(tmp_path / "none.jsonl"),
         "--model", "no-such-model", db=db, cwd=tmp_path,
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert "wrote 0 battles" in result.stdout
+    assert result.returncode == 2, result.stderr
+    assert "no rows exported to" in result.stdout
     assert "--model no-such-model is the model of no battle's answer" in result.stderr
-    assert (tmp_path / "none.jsonl").read_text() == ""
+    assert "nothing was written" in result.stderr and not (tmp_path / "none.jsonl").exists()
+    result = convoscope(
+        "export", "--format", "battles", "--out", str(tmp_path / "gemma.jsonl"),
+        "--model", "no-such-model", db=db, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 2 and "already there is left as it was" in result.stderr
+    assert len(_lines(tmp_path / "gemma.jsonl")) == 30  # a filter typed wrong wipes nothing
 
 
 def test_a_verdict_on_answers_from_a_conversation_is_written_and_said_not_to_round_trip(

@@ -74,8 +74,11 @@ if fmt == BATTLES:
                     )
                 except (ValueError, OSError) as error:  # a folder, no permission, the database
                     st.error(f"Not written: {error}")
-                else:
-                    st.success(f"Wrote {result.rows:,} battles to {out}")
+                else:  # none only when the data changed since the count: nothing is written
+                    if not result.rows:
+                        st.warning(f"No battles matched, so nothing was written to {out}")
+                    else:
+                        st.success(f"Wrote {result.rows:,} battles to {out}")
                     for reason, count in result.not_round_trip.items():
                         st.warning(f"{count:,} will not ingest back under their own ids: {reason}")
     with right:
@@ -166,8 +169,11 @@ with left:
                 )
             except (ValueError, OSError) as error:  # a folder, no permission, the database
                 st.error(f"Not written: {error}")
-            else:
-                st.success(f"Wrote {written:,} rows to {out}")
+            else:  # no rows only when the data changed since the count: nothing is written
+                if written:
+                    st.success(f"Wrote {written:,} rows to {out}")
+                else:
+                    st.warning(f"No rows matched, so nothing was written to {out}")
 
 with right:
     st.subheader("What each row carries")
