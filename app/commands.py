@@ -806,7 +806,7 @@ def _replay_selection(engine: Engine, args: argparse.Namespace) -> ExchangeFilte
         raise UserError(f"--filter takes model= and source=, not {', '.join(sorted(unknown))}")
     return ExchangeFilter(
         models=tuple(filter(None, [args.filter.get("model")])),
-        sources=tuple(filter(None, [args.filter.get("source")])),
+        sources=matching_sources(engine, list(filter(None, [args.filter.get("source")]))),
     )
 
 

@@ -49,6 +49,25 @@ def test_replay_from_the_cli_then_report(tmp_path: Path) -> None:
         assert json.loads(report.stdout)["pairs"] == 2
 
 
+def test_a_source_filter_finds_the_file_by_its_absolute_path_from_another_folder(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    write_openai_jsonl(tmp_path / "logs" / "chat.jsonl", 2)
+    db = f"duckdb:///{tmp_path / 'replay.duckdb'}"
+    ingest = convoscope("ingest", "logs/chat.jsonl", "--json", db=db, cwd=tmp_path)
+    stored = json.loads(ingest.stdout)["stored"]  # under the source "logs/chat.jsonl"
+    with OpenAIServer() as server:
+        result = convoscope(
+            "replay", "--model", "m", "--base-url", server.base_url, "--json",
+            "--filter", f"source={tmp_path / 'logs' / 'chat.jsonl'}",
+            db=db, cwd=tmp_path / "elsewhere",
+        )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["done"] == stored == server.total_requests() > 0
+
+
 def test_failed_replay_says_why_and_how_to_resume(tmp_path: Path) -> None:
     log = tmp_path / "chat.jsonl"
     write_openai_jsonl(log, 4)
