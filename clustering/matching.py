@@ -52,6 +52,7 @@ def match_clusters(
     min_similarity: float = 0.9,
     part_share: float = 0.2,
     next_id: int | None = None,
+    compare_centroids: bool = True,
 ) -> ClusterMatch:
     """Match new clusters (keyed by label) to old ones (keyed by stable id).
 
@@ -64,6 +65,8 @@ def match_clusters(
     part_share: a split (merge) needs at least two parts that each hold this share of the old
         (new) cluster while coming mostly (over half) from it (going mostly into it).
     next_id: first fresh id; by default one past the largest old id.
+    compare_centroids: False when the two runs' vectors come from different embedders, whose
+        centroids live in different spaces (even of one size): members alone decide then.
     """
     old_ids, new_labels = sorted(old_centroids), sorted(new_centroids)
     counts, old_size, new_size = _overlaps(old_members, new_members)
@@ -73,8 +76,9 @@ def match_clusters(
         pair: both / (old_size[pair[0]] + new_size[pair[1]] - both) for pair, both in counts.items()
     }
     _assign(old_ids, new_labels, ids, lambda o, n: jaccard.get((o, n), 0.0), min_jaccard)
-    sims = _similarities(old_centroids, new_centroids, old_ids, new_labels)
-    _assign(old_ids, new_labels, ids, lambda o, n: sims[(o, n)], min_similarity)
+    if compare_centroids:
+        sims = _similarities(old_centroids, new_centroids, old_ids, new_labels)
+        _assign(old_ids, new_labels, ids, lambda o, n: sims[(o, n)], min_similarity)
 
     fresh = next_id if next_id is not None else (max(old_ids) + 1 if old_ids else 0)
     for label in new_labels:

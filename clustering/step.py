@@ -85,7 +85,7 @@ def cluster_exchanges(
         )
 
     previous = latest_run(engine, on_field=config.embed.on)
-    topic_match, group_match = _match_previous(engine, previous, model, ids)
+    topic_match, group_match = _match_previous(engine, previous, model, ids, embedded.model)
     topic_id = {label: f"{TOPIC}{stable}" for label, stable in topic_match.ids.items()}
     group_id = {label: f"{GROUP}{stable}" for label, stable in group_match.ids.items()}
     llm_names = namer.name_topics(model, texts) if namer else {}
@@ -175,9 +175,14 @@ def assign_new(engine: Engine, *, config: ClusterStepConfig) -> dict[str, Any]:
 
 
 def _match_previous(
-    engine: Engine, previous: Mapping[str, Any] | None, model: TopicModel, ids: Sequence[str]
+    engine: Engine,
+    previous: Mapping[str, Any] | None,
+    model: TopicModel,
+    ids: Sequence[str],
+    embedder: str,
 ) -> tuple[ClusterMatch, ClusterMatch]:
-    """Stable ids for this fit's topics and groups, continuing the previous run's."""
+    """Stable ids for this fit's topics and groups, continuing the previous run's: by shared
+    members, then by centroid when both runs' vectors come from the same `embedder`."""
     topic_members = _members(model.labels, ids)
     group_labels = np.where(model.labels >= 0, model.parents[np.maximum(model.labels, 0)], -1)
     group_members = _members(group_labels, ids)
@@ -205,11 +210,22 @@ def _match_previous(
     # A fresh cluster takes an id no run has used, of this `on` field or another: names, notes
     # and tags are kept by id, and must not land on an unrelated topic.
     used = cluster_ids_used(engine)
+    same_space = previous is None or previous["embedder"] == embedder
     topics = match_clusters(
-        old_topics, old_topic_members, new_topics, topic_members, next_id=_fresh(used, TOPIC)
+        old_topics,
+        old_topic_members,
+        new_topics,
+        topic_members,
+        next_id=_fresh(used, TOPIC),
+        compare_centroids=same_space,
     )
     groups = match_clusters(
-        old_groups, old_group_members, new_groups, group_members, next_id=_fresh(used, GROUP)
+        old_groups,
+        old_group_members,
+        new_groups,
+        group_members,
+        next_id=_fresh(used, GROUP),
+        compare_centroids=same_space,
     )
     return topics, groups
 

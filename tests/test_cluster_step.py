@@ -176,3 +176,22 @@ def test_clusterings_on_different_fields_never_share_an_id(tmp_path: Path) -> No
     assert "Prompt topic" in convoscope("clusters", "--json", db=db, cwd=tmp_path).stdout
     listed_plain = convoscope("clusters", db=db, cwd=tmp_path).stdout  # not scored: says so
     assert "no rewards for this clustering yet: run `convoscope score`" in listed_plain
+
+
+def test_a_clustering_with_another_embedder_continues_ids_by_members(tmp_path: Path) -> None:
+    """`--fast` vectors (256 numbers) and the default model's (384) live in different spaces:
+    a re-clustering with the other embedder matches topics by their rows, not centroids."""
+    from tests.test_ingest_pipeline import write_openai_jsonl
+
+    log = tmp_path / "chat.jsonl"
+    write_openai_jsonl(log, 15)
+    db = f"duckdb:///{tmp_path / 'switch.duckdb'}"
+    assert convoscope("ingest", str(log), db=db, cwd=tmp_path).returncode == 0
+    kmeans = ("--device", "cpu", "--reducer", "pca", "--clusterer", "kmeans", "--k", "2")
+    summaries = []
+    for embedder in (("--fast",), (), ("--fast",)):
+        done = convoscope("cluster", *kmeans, *embedder, "--json", db=db, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        summaries.append(json.loads(done.stdout))
+    assert len({s["embedder"] for s in summaries}) == 2
+    assert all(s["clusters"] == 2 for s in summaries)
