@@ -307,7 +307,10 @@ def iter_export_rows(
             ):
                 continue
             cluster = clusters.get(assignment.get(row["id"]) or "")
-            tags = set(exchange_tags.get(row["id"], ())) | set(cluster["tags"] if cluster else ())
+            group = clusters.get(cluster["parent_id"] or "") if cluster else None
+            tags = set(exchange_tags.get(row["id"], ()))
+            for tagged in (cluster, group):  # a topic's tags, and its group's
+                tags.update(tagged["tags"] if tagged else ())
             rows.append(
                 {
                     **row,

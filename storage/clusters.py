@@ -169,21 +169,21 @@ def exchanges_in_clusters(
     (directly, or through their cluster)."""
     selected: set[str] = set()
     with engine.connect() as conn:
-        cluster_ids: set[str] = set()
-        if cluster_id is not None:
-            children = conn.execute(
-                sa.select(clusters.c.id).where(
-                    clusters.c.run_id == run_id, clusters.c.parent_id == cluster_id
-                )
-            ).scalars()
-            cluster_ids.update([cluster_id, *children])
+        cluster_ids: set[str] = set() if cluster_id is None else {cluster_id}
         if tag is not None:
             tagged = conn.execute(
                 sa.select(tags.c.target_kind, tags.c.target_id).where(tags.c.tag == tag)
             ).all()
             cluster_ids.update(t for kind, t in tagged if kind == "cluster")
             selected.update(t for kind, t in tagged if kind == "exchange")
-        if cluster_ids:
+        if cluster_ids:  # a group's exchanges are assigned to its topics
+            cluster_ids.update(
+                conn.execute(
+                    sa.select(clusters.c.id).where(
+                        clusters.c.run_id == run_id, clusters.c.parent_id.in_(sorted(cluster_ids))
+                    )
+                ).scalars()
+            )
             selected.update(
                 conn.execute(
                     sa.select(assignments.c.exchange_id).where(

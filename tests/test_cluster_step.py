@@ -195,3 +195,26 @@ def test_a_clustering_with_another_embedder_continues_ids_by_members(tmp_path: P
         summaries.append(json.loads(done.stdout))
     assert len({s["embedder"] for s in summaries}) == 2
     assert all(s["clusters"] == 2 for s in summaries)
+
+
+def test_a_tag_on_a_group_selects_its_topics_exchanges(tmp_path: Path) -> None:
+    from tests.test_ingest_pipeline import write_openai_jsonl
+
+    log = tmp_path / "chat.jsonl"
+    write_openai_jsonl(log, 15)
+    db = f"duckdb:///{tmp_path / 'groups.duckdb'}"
+    assert convoscope("ingest", str(log), db=db, cwd=tmp_path).returncode == 0
+    kmeans = ("--fast", "--reducer", "pca", "--clusterer", "kmeans", "--k", "4")
+    assert convoscope("cluster", *kmeans, db=db, cwd=tmp_path).returncode == 0
+    listing = json.loads(convoscope("clusters", "--json", db=db, cwd=tmp_path).stdout)
+    group = next(c for c in listing["clusters"] if c["level"] == 1)
+    assert convoscope("tag", group["id"], "grouped", db=db, cwd=tmp_path).returncode == 0
+
+    by_cluster = convoscope(
+        "export", "--out", "g.csv", "--cluster", group["id"], db=db, cwd=tmp_path
+    )
+    by_tag = convoscope("export", "--out", "t.csv", "--tag", "grouped", db=db, cwd=tmp_path)
+    assert by_cluster.returncode == by_tag.returncode == 0, by_tag.stderr
+    tagged = pd.read_csv(tmp_path / "t.csv")
+    assert sorted(tagged["id"]) == sorted(pd.read_csv(tmp_path / "g.csv")["id"])
+    assert tagged["tags"].str.contains("grouped").all()  # the group's tag rides along
