@@ -210,7 +210,7 @@ def why_empty(engine: Engine, selection: ExportSelection) -> list[str]:
         if m not in options["models"]
     ]
     reasons += [
-        f"--source {s} matches no stored source ({_some(options['sources'])})"
+        _unmatched_source(s, options["sources"], "stored source")
         for s in selection.where.sources
         if s not in options["sources"]
     ]
@@ -233,6 +233,15 @@ def why_empty(engine: Engine, selection: ExportSelection) -> list[str]:
     if not options["sources"]:
         reasons.append("the database holds no exchanges")
     return reasons or ["each filter matches rows, but no row matches them all"]
+
+
+def _unmatched_source(text: str, stored: Sequence[str], what: str) -> str:
+    """Why `--source text` selected nothing: no such source, or a bare file name that several
+    stored sources share (which one is meant only a path can say)."""
+    named = [s for s in stored if Path(s).name == text]
+    if len(named) > 1:
+        return f"--source {text} names {len(named)} files ({_some(named)}): give its path"
+    return f"--source {text} matches no {what} ({_some(stored)})"
 
 
 def _some(names: Sequence[str], shown: int = 5) -> str:
@@ -721,7 +730,7 @@ def why_no_battles(engine: Engine, where: BattleFilter) -> list[str]:
         if m not in options["models"]
     ]
     reasons += [
-        f"--source {s} matches no battle's source ({_some(options['sources'])})"
+        _unmatched_source(s, options["sources"], "battle's source")
         for s in where.sources
         if s not in options["sources"]
     ]

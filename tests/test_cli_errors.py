@@ -244,6 +244,13 @@ def test_export_sources_match_by_path_or_name_and_empty_exports_say_why(
     assert code == 2 and "no rows exported to new.csv" in out
     assert not (tmp_path / "new.csv").exists() and not list(tmp_path.glob("*.partial"))
 
+    (tmp_path / "other").mkdir()  # a second qa.jsonl: the bare name no longer says which
+    (tmp_path / "other" / "qa.jsonl").write_text(log.read_text().replace("q", "Q"))
+    assert cli(capsys, "--db", db, "ingest", "other/qa.jsonl")[0] == 0
+    code, _, err = cli(capsys, "--db", db, "export", "--out", "o.jsonl", "--source", "qa.jsonl")
+    assert code == 2
+    assert "--source qa.jsonl names 2 files (stored: in/qa.jsonl, other/qa.jsonl): give" in err
+
 
 def test_a_value_starting_with_a_dash_is_explained(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = cli(capsys, "export", "--out", "o.csv", "--tag", "-draft")
