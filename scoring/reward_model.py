@@ -206,7 +206,16 @@ class SequenceClassifierReward:
         path = str(check_reward_model_dir(directory))
         self.device = pick_device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(path)
+        self.model, loading = AutoModelForSequenceClassification.from_pretrained(
+            path, output_loading_info=True
+        )
+        missing = sorted(loading["missing_keys"])
+        if missing:  # transformers fills them with random numbers and only logs a note
+            raise ValueError(
+                f"{path} has no trained scoring head ({', '.join(missing[:4])} missing): it is "
+                "a base model, whose scores would be random; give a sequence-classification "
+                "model trained to score answers"
+            )
         self.model.to(self.device).eval()
         self.max_length = max_length
 

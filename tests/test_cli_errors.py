@@ -320,6 +320,21 @@ def test_a_bad_reward_model_directory_is_named_before_any_work(
         assert code == 2 and f"{empty} is not a model directory" in err
 
 
+def test_a_base_model_without_a_scoring_head_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The bundled MiniLM is a model directory, but not a reward model: transformers would
+    give it a random head, and every run would score the same line differently."""
+    from scoring.reward_model import default_backbone
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "hi", "response": "hello"}) + "\n")
+    args = ("reward", "--file", str(pairs), "--reward-model", str(default_backbone()))
+    code, out, err = cli(capsys, "--db", str(tmp_path / "r.duckdb"), *args)
+    assert code == 2 and out == ""
+    assert "has no trained scoring head (classifier.bias, classifier.weight missing)" in err
+
+
 def test_a_reader_that_stops_early_is_no_error(tmp_path: Path) -> None:
     """`convoscope ... --json | head -1`: the pipe closes before the summary is written; the
     work is done and stored, so no traceback and the command's own exit status."""
