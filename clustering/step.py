@@ -36,6 +36,10 @@ from storage.vectors import load_vectors
 TOPIC, GROUP = "t", "g"
 
 
+class NoTopicFound(ValueError):
+    """Every fitted row came out an outlier: nothing to store, the previous run is kept."""
+
+
 @dataclass(frozen=True, slots=True)
 class ClusterStepConfig:
     """What to cluster (`on`, which embedder) and how (`topics`)."""
@@ -78,7 +82,7 @@ def cluster_exchanges(
     vectors = load_vectors(engine, embedded.model, [item.text_hash for item in items])
     model = fit_topics(vectors, texts, config=config.topics, reducer=reducer, clusterer=clusterer)
     if model.n_clusters == 0:  # nothing to store or match; keep the previous run as it is
-        raise ValueError(
+        raise NoTopicFound(
             f"no topic found: every row is an outlier with --min-cluster-size "
             f"{model.min_cluster_size} on {len(model.fitted_rows)} fitted rows; "
             "lower --min-cluster-size or raise --sample-size"
