@@ -234,7 +234,7 @@ def embed(args: argparse.Namespace) -> dict[str, Any]:
     from ingest.embed import EmbedderError
     from ingest.embed_step import embed_exchanges
 
-    engine = open_database(args.db)
+    engine = open_database(args.db, existing=True)
     try:
         return embed_exchanges(engine, config=_embed_config(args)).as_dict()
     except EmbedderError as error:
@@ -275,7 +275,7 @@ def cluster(args: argparse.Namespace) -> dict[str, Any]:
     from ingest.embed import EmbedderError
 
     config, stages = _cluster_stages(args)
-    engine = open_database(args.db)
+    engine = open_database(args.db, existing=True)
     try:
         summary = cluster_exchanges(engine, config=config, namer=_llm_namer(args, engine), **stages)
         return summary.as_dict()
@@ -303,7 +303,7 @@ def _llm_namer(args: argparse.Namespace, engine: Engine) -> Any:
 def assign(args: argparse.Namespace) -> dict[str, Any]:
     from clustering.step import ClusterStepConfig, assign_new
 
-    engine = open_database(args.db)
+    engine = open_database(args.db, existing=True)
     try:
         return assign_new(engine, config=ClusterStepConfig(embed=_embed_config(args)))
     finally:
@@ -317,7 +317,7 @@ def clusters(args: argparse.Namespace) -> dict[str, Any]:
     from storage.clusters import latest_run, load_clusters
     from storage.reports import load_cluster_reports
 
-    engine = open_database(args.db)
+    engine = open_database(args.db, existing=True)
     try:
         run = latest_run(engine, on_field=args.on)
         if run is None:
@@ -420,7 +420,7 @@ def score(args: argparse.Namespace) -> dict[str, Any]:
         costs=costs,
         route_cheapest=args.route_cheapest,
     )
-    engine = open_database(args.db)
+    engine = open_database(args.db, existing=True)
     try:
         if args.what == ["reward", "apply"]:
             applied = apply_reward(engine, model_id=args.model_id, embed=config.embed)
@@ -589,7 +589,7 @@ def route(args: argparse.Namespace) -> dict[str, Any]:
     from ingest.embed import load_embedder
     from scoring.step import load_predictor, load_routing_table
 
-    engine = open_database(args.db)
+    engine = open_database(args.db, existing=True)
     try:
         if args.export:
             table = load_routing_table(engine)
@@ -636,7 +636,7 @@ def _route_prompts(args: argparse.Namespace) -> tuple[list[str], list[int], list
 def rename(args: argparse.Namespace) -> dict[str, Any]:
     from storage.clusters import annotate_cluster
 
-    engine = open_database(args.db)
+    engine = open_database(args.db, existing=True)
     try:
         _require_cluster(engine, args.cluster_id)
         annotate_cluster(engine, args.cluster_id, name=args.name)
@@ -648,7 +648,7 @@ def rename(args: argparse.Namespace) -> dict[str, Any]:
 def tag(args: argparse.Namespace) -> dict[str, Any]:
     from storage.clusters import add_tag, remove_tag
 
-    engine = open_database(args.db)
+    engine = open_database(args.db, existing=True)
     try:
         _require_cluster(engine, args.cluster_id)
         (remove_tag if args.remove else add_tag)(engine, "cluster", args.cluster_id, args.tag)

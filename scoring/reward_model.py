@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from scoring.reward_head import Pairs, labelled_rows
 
@@ -206,9 +207,14 @@ class SequenceClassifierReward:
         path = str(check_reward_model_dir(directory))
         self.device = pick_device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model, loading = AutoModelForSequenceClassification.from_pretrained(
-            path, output_loading_info=True
-        )
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # its load report for a missing head: ours says more
+        try:
+            self.model, loading = AutoModelForSequenceClassification.from_pretrained(
+                path, output_loading_info=True
+            )
+        finally:
+            hf_logging.set_verbosity(verbosity)
         missing = sorted(loading["missing_keys"])
         if missing:  # transformers fills them with random numbers and only logs a note
             raise ValueError(

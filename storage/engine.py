@@ -130,14 +130,18 @@ def _use_wal(engine: Engine) -> None:
             connection.exec_driver_sql("PRAGMA journal_mode=WAL")
 
 
-def open_database(db: str | None = None, *, read_only: bool = False) -> Engine:
+def open_database(
+    db: str | None = None, *, read_only: bool = False, existing: bool = False
+) -> Engine:
     """Connect, migrate to the current schema and return the engine. A read-only open (export,
     the UI's reads) migrates an older database first, as every other command does on opening:
-    no read-only command could bring it up to date otherwise."""
+    no read-only command could bring it up to date otherwise. A read-only open, and one for a
+    step that works on stored data (`existing`), refuses a database file that does not exist:
+    a mistyped --db would otherwise create an empty one and report that it holds nothing."""
     from storage.migrate import check_version, is_older, upgrade
 
     url = resolve_url(db)
-    if read_only:
+    if read_only or existing:
         _require_file(url)
     engine = make_engine(url, read_only=read_only)
     try:
@@ -190,7 +194,10 @@ def _require_file(url: str) -> None:
     """A read-only open never creates a database: a missing file is an error, not an empty one."""
     path = database_file(url)
     if path is not None and not path.is_file():
-        raise StorageError(f"no database at {path}: check --db (or $CONVOSCOPE_DB)")
+        raise StorageError(
+            f"no database at {path}: check --db (or $CONVOSCOPE_DB), or make one with "
+            "`convoscope ingest LOGS`"
+        )
 
 
 def _explain(url: str, error: Exception) -> str:

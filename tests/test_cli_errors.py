@@ -391,3 +391,16 @@ def test_the_ingest_line_counts_battles(tmp_path: Path, capsys: pytest.CaptureFi
     code, out, err = cli(capsys, "--db", db, "ingest", str(votes))
     assert code == 0, err
     assert "stored 0, 4 already stored" in out and "battles: read 2, stored 1" in out
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["clusters"], ["route", "how do I reset my password"], ["score"], ["tag", "t1", "x"]],
+)
+def test_a_step_on_stored_data_never_creates_a_database_from_a_typo(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    typo = tmp_path / "convoscpoe.duckdb"
+    code, out, err = cli(capsys, "--db", str(typo), *command)
+    assert code == 2 and out == ""
+    assert f"no database at {typo}: check --db" in err and not typo.exists()
