@@ -81,7 +81,6 @@ def main() -> None:
 
     server = subprocess.Popen(
         [sys.executable, str(REPO / "tests" / "openai_server.py"), "--delay", str(args.delay)],
-        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -114,8 +113,7 @@ def main() -> None:
                 rows.append((concurrency, min(bare), min(tool)))
             engine.dispose()
     finally:
-        if server.stdin:
-            server.stdin.close()
+        server.terminate()  # it serves until SIGTERM
         server.wait(timeout=10)
 
     print(

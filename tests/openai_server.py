@@ -6,8 +6,9 @@ Retry-After, 5xx, slow replies, malformed bodies) are configured per prompt or f
 requests; every request is counted per prompt, so a test can prove that nothing completed was
 sent twice after a resume. The answer is derived from the request, so tests know what to expect.
 
-Run it alone (`python tests/openai_server.py --delay 0.01`) to serve from a separate process: it
-prints its base URL on the first line of stdout and serves until stdin closes.
+Run it alone (`python tests/openai_server.py --delay 0.01 &`) to serve from a separate process:
+it prints its base URL on the first line of stdout and serves until SIGINT or SIGTERM (Ctrl-C,
+`kill`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import argparse
 import contextlib
 import hashlib
 import json
-import sys
+import signal
 import threading
 import time
 from collections import Counter
@@ -229,12 +230,18 @@ def _handler_for(server: OpenAIServer) -> type[BaseHTTPRequestHandler]:
 
 
 def main() -> None:
+    """Serve until SIGINT or SIGTERM. Not until stdin closes: a job started with `&` gets no
+    stdin in a script (it ended at once) and is stopped for reading the tty in a shell."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--delay", type=float, default=0.0, help="seconds before each reply")
     args = parser.parse_args()
+    stop = {signal.SIGINT, signal.SIGTERM}
+    # Blocked before the server's threads start, so that they inherit the mask and the signal
+    # waits for sigwait below instead of interrupting a request.
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop)
     with OpenAIServer(delay_s=args.delay) as server:
         print(server.base_url, flush=True)
-        sys.stdin.read()  # serve until the parent closes our stdin (or dies)
+        signal.sigwait(stop)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.request import Request, urlopen
 
 import pytest
 
@@ -152,6 +153,33 @@ def test_ctrl_c_ends_a_run_whose_unwinding_is_stuck(tmp_path: Path) -> None:
     out, err = process.communicate(timeout=120)  # about a second; without the grace: never
     assert process.returncode == 130 and out == "interrupted\n", err
     assert "Traceback" not in err and "destroyed but it is pending" not in err
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["kill", "ctrl-c"])
+def test_the_readme_server_serves_in_the_background_until_killed(
+    tmp_path: Path, stop: signal.Signals
+) -> None:
+    """`python tests/openai_server.py &` in a script: no stdin, served until kill or Ctrl-C."""
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "tests" / "openai_server.py")],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        base_url = process.stdout.readline().strip()
+        time.sleep(0.5)  # it once exited here, its stdin read to the end
+        body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+        request = Request(f"{base_url}/chat/completions", body.encode(), method="POST")
+        with urlopen(request, timeout=30) as reply:
+            answer = json.load(reply)["choices"][0]["message"]["content"]
+        assert answer.endswith(": ih")
+        process.send_signal(stop)
+        assert process.wait(timeout=30) == 0
+    finally:
+        process.kill()
+        process.wait()
 
 
 def test_replay_without_model_is_a_clear_error(tmp_path: Path) -> None:
