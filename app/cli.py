@@ -384,12 +384,20 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument(
         "--instruction", type=Path, help="file whose text becomes the system message"
     )
-    replay.add_argument("--concurrency", type=int, default=8)
+    # Left out, these take the resumed run's values, else the defaults their help names.
+    replay.add_argument("--concurrency", type=int, help="requests at once (default 8)")
     replay.add_argument("--rate-limit", type=float, help="requests per second at most")
     replay.add_argument("--timeout", type=float, help="seconds per request (60; judge: 120)")
-    replay.add_argument("--max-attempts", type=int, default=5)
-    replay.add_argument("--api-key-env", default="OPENAI_API_KEY")
-    replay.add_argument("--resume", metavar="RUN", help="finish an interrupted run")
+    replay.add_argument("--max-attempts", type=int, help="tries per input (default 5)")
+    replay.add_argument(
+        "--api-key-env", help="variable holding the API key (default OPENAI_API_KEY)"
+    )
+    replay.add_argument(
+        "--resume",
+        metavar="RUN",
+        help="finish an interrupted run, with its model, endpoint, instruction and options "
+        "unless given",
+    )
     replay.set_defaults(handler=commands.replay)
 
     run = sub.add_parser(

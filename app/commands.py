@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import signal
 import sys
 import uuid
@@ -14,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from sqlalchemy.engine import Engine
 
@@ -40,6 +42,7 @@ from storage.logs import BattleFilter, ExchangeFilter, battle_options, table_cou
 if TYPE_CHECKING:  # imported lazily at run time: it pulls in torch
     from clustering.step import ClusterStepConfig
     from ingest.embed_step import EmbedConfig
+    from ingest.replay import ReplayConfig
 
 
 class UserError(Exception):
@@ -669,11 +672,8 @@ def _require_cluster(engine: Engine, cluster_id: str) -> None:
 
 def replay(args: argparse.Namespace) -> dict[str, Any]:
     """Run or resume a replay, report on one (`replay report RUN`) or judge it."""
-    from ingest.replay import ReplayConfig, ReplayError, compare
-    from ingest.replay import replay as run_replay
+    from ingest.replay import ReplayError, compare
     from scoring.judge import JudgeError, judge_results
-    from storage.replay import get_run, run_items
-    from storage.reports import save_instruction
 
     engine = open_database(args.db)
     try:
@@ -693,46 +693,99 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
             report["judge"] = asdict(overall) if overall else None
             report["judge_per_cluster"] = {c: asdict(r) for c, r in per_cluster.items()}
             return report
-        if not args.model or not args.base_url:
-            raise UserError("replay needs --model and --base-url (or `replay report RUN`)")
-        instruction = args.instruction.read_text(encoding="utf-8") if args.instruction else None
-        config = ReplayConfig(
-            model=args.model,
-            base_url=args.base_url,
-            instruction=instruction,
-            api_key_env=args.api_key_env,
-            concurrency=args.concurrency,
-            rate_limit=args.rate_limit,
-            max_attempts=args.max_attempts,
-            sample=args.sample,
-            seed=args.seed,
-            **({"timeout_s": args.timeout} if args.timeout else {}),
-        )
-        if args.resume and get_run(engine, args.resume) is None:
-            # The library would start a new run under a mistyped id and send every input.
-            raise UserError(f"no replay run {args.resume!r}")
-        select = _replay_selection(engine, args)
-        run_id = args.resume or uuid.uuid4().hex  # known here, so an interrupt can name it
-        try:
-            summary = run_replay(engine, config=config, select=select, run_id=run_id).as_dict()
-        except KeyboardInterrupt:
-            raise Interrupted(
-                f"finish with `convoscope replay --resume {run_id}` and the same options"
-            ) from None
-        if summary["failed"]:  # why, in the output, not only in the UI
-            errors = {i["error"] for i in run_items(engine, summary["run_id"]) if i["error"]}
-            summary["errors"] = sorted(errors)[:5]
-        if instruction is not None and args.cluster and not args.resume:
-            # An instruction tried on a cluster becomes that cluster's next version.
-            version = save_instruction(
-                engine, args.cluster, instruction, replay_run_id=summary["run_id"]
-            )
-            summary["instruction_version"] = version["version"]
-        return summary
+        return _run_replay(engine, args)
     except (ReplayError, JudgeError) as error:
         raise UserError(str(error)) from error
     finally:
         engine.dispose()
+
+
+def _run_replay(engine: Engine, args: argparse.Namespace) -> dict[str, Any]:
+    """Start a run, or finish the one `--resume` names, and say how to finish it if needed."""
+    from ingest.replay import replay as run_replay
+    from storage.replay import get_run, run_items
+    from storage.reports import save_instruction
+
+    stored = get_run(engine, args.resume) if args.resume else None
+    if args.resume and stored is None:
+        # The library would start a new run under a mistyped id and send every input.
+        raise UserError(f"no replay run {args.resume!r}")
+    config = _replay_config(args, stored)
+    select = _replay_selection(engine, args)
+    run_id = args.resume or uuid.uuid4().hex  # known here, so an interrupt can name it
+    try:
+        summary = run_replay(engine, config=config, select=select, run_id=run_id).as_dict()
+    except KeyboardInterrupt:
+        raise Interrupted(f"finish with `{_resume_command(args, run_id)}`") from None
+    summary["resume_command"] = _resume_command(args, run_id) if summary["pending"] else None
+    if summary["failed"]:  # why, in the output, not only in the UI
+        errors = {i["error"] for i in run_items(engine, summary["run_id"]) if i["error"]}
+        summary["errors"] = sorted(errors)[:5]
+    if config.instruction is not None and args.cluster and not args.resume:
+        # An instruction tried on a cluster becomes that cluster's next version.
+        version = save_instruction(
+            engine, args.cluster, config.instruction, replay_run_id=summary["run_id"]
+        )
+        summary["instruction_version"] = version["version"]
+    return summary
+
+
+def _replay_config(args: argparse.Namespace, stored: dict[str, Any] | None) -> ReplayConfig:
+    """The options given; for a resumed run, its stored ones fill in those left out, so that
+    `replay --resume RUN` alone sends the same requests to the same endpoint as the run did."""
+    from ingest.replay import ReplayConfig
+
+    instruction = args.instruction.read_text(encoding="utf-8") if args.instruction else None
+    given = {"model": args.model, "base_url": args.base_url, "instruction": instruction}
+    options = {**_stored_options(stored), **_given(given | _call_options(args))}
+    if not options.get("model") or not options.get("base_url"):
+        raise UserError("replay needs --model and --base-url (or `replay report RUN`)")
+    return ReplayConfig(**options, sample=args.sample, seed=args.seed)
+
+
+def _stored_options(run: dict[str, Any] | None) -> dict[str, Any]:
+    """What a run recorded of how it was called (the API key's variable, never the key)."""
+    if run is None:
+        return {}
+    params = run["params"]
+    recorded = ("api_key_env", "concurrency", "rate_limit", "max_attempts", "timeout_s")
+    return {
+        "model": run["model"],
+        "base_url": run["base_url"],
+        "instruction": run["instruction"],
+        "params": params.get("generation", {}),
+        **{key: params[key] for key in recorded if key in params},
+    }
+
+
+def _call_options(args: argparse.Namespace) -> dict[str, Any]:
+    """How hard to push an endpoint, as given (None: not given), for replay and judge alike."""
+    return {
+        "api_key_env": args.api_key_env,
+        "concurrency": args.concurrency,
+        "rate_limit": args.rate_limit,
+        "max_attempts": args.max_attempts,
+        "timeout_s": args.timeout,
+    }
+
+
+def _given(options: dict[str, Any]) -> dict[str, Any]:
+    """The options given on the command line: the others keep their defaults."""
+    return {key: value for key, value in options.items() if value is not None}
+
+
+def _resume_command(args: argparse.Namespace, run_id: str) -> str:
+    """The command that finishes a run, runnable as printed: it names the database the run is
+    in, and asks for the endpoint again only when its URL holds what is never stored
+    (credentials, a query string)."""
+    words = ["convoscope"]
+    if args.db:
+        words += ["--db", shlex.quote(_safe_url(args.db))]
+    words += ["replay", "--resume", run_id]
+    url = urlsplit(args.base_url or "")
+    if url.username or url.password or url.query:
+        words += ["--base-url", "URL"]
+    return " ".join(words)
 
 
 def _judge(engine: Engine, args: argparse.Namespace) -> dict[str, Any]:
@@ -744,13 +797,9 @@ def _judge(engine: Engine, args: argparse.Namespace) -> dict[str, Any]:
     config = JudgeConfig(
         model=args.model,
         base_url=args.base_url,
-        api_key_env=args.api_key_env,
-        concurrency=args.concurrency,
-        rate_limit=args.rate_limit,
-        max_attempts=args.max_attempts,
         sample=args.sample,
         seed=args.seed,
-        **({"timeout_s": args.timeout} if args.timeout else {}),
+        **_given(_call_options(args)),
     )
     summary = judge_replay(engine, args.run_id, config=config).as_dict()
     overall, _ = judge_results(engine, args.run_id, judge=args.model)
@@ -958,7 +1007,7 @@ def describe(command: str, result: dict[str, Any]) -> str:
         if result["pending"]:
             line += (
                 f"; {result['pending']} inputs still unanswered: "
-                f"`replay --resume {result['run_id']}` with the same options sends them again"
+                f"`{result['resume_command']}` sends them again"
             )
         if result.get("errors"):
             line += f"\nfailures: {'; '.join(result['errors'])}"

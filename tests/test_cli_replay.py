@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -114,7 +115,7 @@ def test_an_interrupted_replay_names_the_run_to_resume(tmp_path: Path) -> None:
         answered = server.total_answered()
     assert process.returncode == 130, err
     assert answered == 0  # it stopped on the interrupt, not because its requests finished
-    resume = re.search(r"`convoscope replay --resume ([0-9a-f]{32})` and the same options", err)
+    resume = re.search(r"finish with `convoscope --db \S+ replay --resume ([0-9a-f]{32})`", err)
     assert resume, err
     report = convoscope("replay", "report", resume.group(1), "--json", db=db, cwd=tmp_path)
     assert report.returncode == 0, report.stderr  # the run it names exists
@@ -225,6 +226,43 @@ def test_an_instruction_replayed_on_a_cluster_is_versioned(tmp_path: Path) -> No
         (1, "Answer briefly."),
     ]
     assert all(v["replay_run_id"] for v in versions)
+
+
+def test_the_printed_resume_command_alone_finishes_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run stores its model, endpoint, instruction and key variable: the command it prints
+    needs none of them again, and sends only what is unanswered, as the run sent it."""
+    log = tmp_path / "chat.jsonl"
+    write_openai_jsonl(log, 4)
+    db = f"duckdb:///{tmp_path / 'resume.duckdb'}"
+    assert convoscope("ingest", str(log), db=db, cwd=tmp_path).returncode == 0
+    instruction = tmp_path / "instruction.txt"
+    instruction.write_text("Answer in one word.")
+    monkeypatch.setenv("MY_KEY", "sk-mine")
+    fails_once = Fault(prompt="What is 1 + 1?", status=500, times=1)
+    with OpenAIServer(faults=[fails_once]) as server:
+        first = convoscope(
+            "replay", "--model", "m", "--base-url", server.base_url, "--filter", "model=expert-1",
+            "--instruction", str(instruction), "--api-key-env", "MY_KEY", "--max-attempts", "1",
+            db=db, cwd=tmp_path,
+        )  # fmt: skip
+        assert "1 done, 1 failed" in first.stdout, first.stderr
+        printed = re.search(r"`(convoscope [^`]*)` sends them again", first.stdout)
+        assert printed, first.stdout
+        command = [sys.executable, "-m", "app.cli", *shlex.split(printed.group(1))[1:]]
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        resumed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+        assert resumed.returncode == 0, resumed.stderr
+        assert "1 done, 0 failed" in resumed.stdout and "status done" in resumed.stdout
+        assert server.requests == {"What is 1 + 1?": 2, "And doubled?": 1}
+        last = server.received[-1]
+        assert last["authorization"] == "Bearer sk-mine"
+        assert last["body"]["model"] == "m"
+        assert last["body"]["messages"][0] == {"role": "system", "content": "Answer in one word."}
+        run_id = printed.group(1).split()[-1]
+        other = convoscope("replay", "--resume", run_id, "--model", "other", db=db, cwd=tmp_path)
+    assert other.returncode == 2 and "was started with model 'm'" in other.stderr
 
 
 def test_resume_of_an_unknown_run_is_an_error_and_sends_nothing(tmp_path: Path) -> None:
