@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn
+from urllib.parse import urlsplit
 
 from app import commands
 from ingest.readers import FORMATS as INGEST_FORMATS
@@ -56,6 +57,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _http_url(text: str) -> str:
+    """An endpoint's base URL: anything else would fail every input, each after its retries."""
+    try:
+        parts = urlsplit(text)
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
+    except ValueError:  # a port that is not a number, or out of range
+        valid = False
+    if not valid:
+        raise argparse.ArgumentTypeError(
+            f"expected an http(s) URL such as http://127.0.0.1:8000/v1, got {text!r}"
+        )
+    return text
+
+
 def _port(text: str) -> int:
     """A TCP port: Streamlit would otherwise fail late, after the UI seemed to start."""
     value = _positive_int(text)
@@ -85,8 +100,17 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _value_like(token: str) -> bool:
-    """`-draft` may be a value; `--bogus` is an option typed wrong."""
-    return token.startswith("-") and not token.startswith("--")
+    """`-draft` may be a value; `--bogus` is an option typed wrong; `-1` argparse already
+    takes as a value (hinting at `--` for it would hide the real error, a negative limit)."""
+    return token.startswith("-") and not token.startswith("--") and not _is_number(token)
+
+
+def _is_number(token: str) -> bool:
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -371,24 +395,28 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("action", nargs="?", choices=["run", "report", "judge"], default="run")
     replay.add_argument("run_id", nargs="?", metavar="RUN", help="the run to report on or judge")
     replay.add_argument("--model", help="model name the endpoint serves (for judge: the judge)")
-    replay.add_argument("--base-url", help="e.g. http://127.0.0.1:8000/v1")
+    replay.add_argument("--base-url", type=_http_url, help="e.g. http://127.0.0.1:8000/v1")
     replay.add_argument("--cluster", help="only exchanges in this cluster (latest clustering)")
     replay.add_argument("--tag", help="only exchanges tagged so, or in clusters tagged so")
     replay.add_argument(
         "--filter", type=_parse_mapping, default={}, help="model=NAME,source=FILE (repeatable keys)"
     )
     replay.add_argument(
-        "--sample", type=int, help="replay (or judge) a deterministic sample of N inputs"
+        "--sample", type=_positive_int, help="replay (or judge) a deterministic sample of N inputs"
     )
     replay.add_argument("--seed", type=int, default=0)
     replay.add_argument(
         "--instruction", type=Path, help="file whose text becomes the system message"
     )
     # Left out, these take the resumed run's values, else the defaults their help names.
-    replay.add_argument("--concurrency", type=int, help="requests at once (default 8)")
-    replay.add_argument("--rate-limit", type=float, help="requests per second at most")
-    replay.add_argument("--timeout", type=float, help="seconds per request (60; judge: 120)")
-    replay.add_argument("--max-attempts", type=int, help="tries per input (default 5)")
+    replay.add_argument("--concurrency", type=_positive_int, help="requests at once (default 8)")
+    replay.add_argument(
+        "--rate-limit", type=_positive_float, help="requests per second at most (default: no cap)"
+    )
+    replay.add_argument(
+        "--timeout", type=_positive_float, help="seconds per request (60; judge: 120)"
+    )
+    replay.add_argument("--max-attempts", type=_positive_int, help="tries per input (default 5)")
     replay.add_argument(
         "--api-key-env", help="variable holding the API key (default OPENAI_API_KEY)"
     )

@@ -727,6 +727,8 @@ def _run_replay(engine: Engine, args: argparse.Namespace) -> dict[str, Any]:
             engine, args.cluster, config.instruction, replay_run_id=summary["run_id"]
         )
         summary["instruction_version"] = version["version"]
+    if summary["sent"] and not summary["done"]:
+        raise NothingDone(f"none of the {summary['sent']} inputs sent was answered", summary)
     return summary
 
 

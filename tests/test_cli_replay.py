@@ -78,7 +78,8 @@ def test_failed_replay_says_why_and_how_to_resume(tmp_path: Path) -> None:
     with OpenAIServer(faults=[Fault(status=401)]) as server:
         args = ("--model", "m", "--base-url", server.base_url, "--filter", "model=expert-1")
         result = convoscope("replay", *args, db=db, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 2, result.stderr  # nothing answered: a failure, still reported
+    assert "none of the 2 inputs sent was answered" in result.stderr
     said = result.stdout
     assert "0 done, 2 failed" in said and "2 inputs still unanswered" in said
     run_id = said.split()[1]
@@ -183,6 +184,45 @@ def test_the_readme_server_serves_in_the_background_until_killed(
         process.wait()
 
 
+def test_a_replay_no_endpoint_answers_exits_2_with_its_summary(tmp_path: Path) -> None:
+    log = tmp_path / "chat.jsonl"
+    write_openai_jsonl(log, 4)
+    db = f"duckdb:///{tmp_path / 'unreachable.duckdb'}"
+    assert convoscope("ingest", str(log), db=db, cwd=tmp_path).returncode == 0
+    args = ("--model", "m", "--base-url", "http://127.0.0.1:1/v1", "--max-attempts", "1")
+    result = convoscope("replay", *args, "--filter", "model=expert-1", db=db, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        "convoscope: error: none of the 2 inputs sent was answered"
+    )
+    assert "0 done, 2 failed" in result.stdout and "status incomplete" in result.stdout
+    assert re.search(r"`convoscope --db \S+ replay --resume [0-9a-f]{32}` sends", result.stdout)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "said"),
+    [
+        ("--base-url", "127.0.0.1:8000/v1", "--base-url: expected an http(s) URL"),
+        ("--base-url", "ftp://127.0.0.1/v1", "--base-url: expected an http(s) URL"),
+        ("--timeout", "0", "--timeout: must be more than 0"),
+        ("--timeout", "-5", "--timeout: must be more than 0, got -5"),
+        ("--rate-limit", "0", "--rate-limit: must be more than 0"),
+        ("--concurrency", "0", "--concurrency: must be at least 1"),
+        ("--max-attempts", "0", "--max-attempts: must be at least 1"),
+        ("--sample", "0", "--sample: must be at least 1"),
+    ],
+)
+def test_replay_options_are_checked_up_front_and_named(
+    tmp_path: Path, option: str, value: str, said: str
+) -> None:
+    db = tmp_path / "never.duckdb"
+    args = ("replay", "--model", "m", "--base-url", "http://127.0.0.1:9/v1", option, value)
+    result = convoscope(*args, db=str(db), cwd=tmp_path)
+    assert result.returncode == 2 and said in result.stderr.splitlines()[-1], result.stderr
+    assert "goes after --" not in result.stderr  # a negative number is a value, not an option
+    assert not db.exists()  # refused before anything was opened
+
+
 def test_replay_without_model_is_a_clear_error(tmp_path: Path) -> None:
     db = f"duckdb:///{tmp_path / 'x.duckdb'}"
     result = convoscope("replay", "--base-url", "http://127.0.0.1:9/v1", db=db, cwd=tmp_path)
@@ -247,7 +287,7 @@ def test_the_printed_resume_command_alone_finishes_the_run(
             "--instruction", str(instruction), "--api-key-env", "MY_KEY", "--max-attempts", "1",
             db=db, cwd=tmp_path,
         )  # fmt: skip
-        assert "1 done, 1 failed" in first.stdout, first.stderr
+        assert first.returncode == 0 and "1 done, 1 failed" in first.stdout, first.stderr
         printed = re.search(r"`(convoscope [^`]*)` sends them again", first.stdout)
         assert printed, first.stdout
         command = [sys.executable, "-m", "app.cli", *shlex.split(printed.group(1))[1:]]
