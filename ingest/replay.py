@@ -209,10 +209,12 @@ async def areplay(
     inputs = open_inputs(engine, run_id)
     before = item_counts(engine, run_id)
     set_run_status(engine, run_id, "running")
-    stats = await _send_all(engine, run_id, inputs, config)
-    after = item_counts(engine, run_id)
-    status = "done" if after[PENDING] == 0 and after[FAILED] == 0 else "incomplete"
-    set_run_status(engine, run_id, status)
+    try:
+        stats = await _send_all(engine, run_id, inputs, config)
+    finally:  # interrupted too: "running" would outlive the process that ran it
+        after = item_counts(engine, run_id)
+        status = "done" if after[PENDING] == 0 and after[FAILED] == 0 else "incomplete"
+        set_run_status(engine, run_id, status)
     return ReplaySummary(
         run_id=run_id,
         model=config.model,

@@ -120,6 +120,7 @@ def test_an_interrupted_replay_names_the_run_to_resume(tmp_path: Path) -> None:
     assert resume, err
     report = convoscope("replay", "report", resume.group(1), "--json", db=db, cwd=tmp_path)
     assert report.returncode == 0, report.stderr  # the run it names exists
+    assert json.loads(report.stdout)["status"] == "incomplete"  # not "running" forever
 
 
 def test_ctrl_c_ends_a_run_whose_unwinding_is_stuck(tmp_path: Path) -> None:
