@@ -649,12 +649,19 @@ def rename(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def tag(args: argparse.Namespace) -> dict[str, Any]:
-    from storage.clusters import add_tag, remove_tag
+    from storage.clusters import add_tag, load_tags, remove_tag
 
     engine = open_database(args.db, existing=True)
     try:
         _require_cluster(engine, args.cluster_id)
-        (remove_tag if args.remove else add_tag)(engine, "cluster", args.cluster_id, args.tag)
+        if not args.remove:
+            add_tag(engine, "cluster", args.cluster_id, args.tag)
+        elif not remove_tag(engine, "cluster", args.cluster_id, args.tag):
+            carried = load_tags(engine, "cluster").get(args.cluster_id, [])
+            raise UserError(
+                f"cluster {args.cluster_id} has no tag {args.tag!r} "
+                f"({'its tags: ' + ', '.join(carried) if carried else 'it has none'})"
+            )
     finally:
         engine.dispose()
     return {"cluster_id": args.cluster_id, "tag": args.tag, "removed": args.remove}

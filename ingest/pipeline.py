@@ -185,6 +185,8 @@ def _ingest_file(
         bar.close()
         writer.drain()  # the batch in flight is committed even when reading failed
     _store(batch.take(), engine, summary)
+    if summary.read == before[0] and summary.rejected > before[3]:
+        _check_forced_format(path, config, summary)
     finish_ingest_run(
         engine,
         run_id,
@@ -203,6 +205,19 @@ def _reject(reject: Reject, summary: IngestSummary, rejects: _RejectsFile) -> No
     if reject.line == 0:
         summary.unread_files += 1
         summary.warnings.append(f"{reject.source}: not ingested: {reject.reason}")
+
+
+def _check_forced_format(path: Path, config: IngestConfig, summary: IngestSummary) -> None:
+    """Warn when --format made every record of a file a reject and the file reads as another
+    format: the rejects would otherwise be the only sign that --format was wrong."""
+    if config.format is None:
+        return
+    detected = _format_name(path, IngestConfig(max_line_bytes=config.max_line_bytes))
+    if detected not in (config.format, "unknown"):
+        summary.warnings.append(
+            f"{path}: every record was rejected as {config.format}, and the file looks like "
+            f"{detected}: use --format {detected}, or leave --format out"
+        )
 
 
 def _format_name(path: Path, config: IngestConfig) -> str:

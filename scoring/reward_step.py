@@ -38,7 +38,7 @@ from scoring.reward_head import HeadConfig, Pairs, RewardHead, head_features, si
 from scoring.reward_lexical import LexicalConfig, LexicalReward
 from scoring.reward_model import FineTuneConfig, join_context
 from storage.logs import iter_exchanges
-from storage.models import latest_model, load_model, save_model
+from storage.models import latest_model, load_model, model_ids, save_model
 from storage.scores import store_scores
 from storage.vectors import load_vectors
 
@@ -564,12 +564,12 @@ def _stored_reward(engine: Engine, model_id: str | None) -> dict[str, Any]:
     stored = (
         latest_model(engine, REWARD_KINDS) if model_id is None else load_model(engine, model_id)
     )
+    if stored is None and model_id is not None:
+        ids = model_ids(engine, REWARD_KINDS)
+        listed = f"stored, newest first: {', '.join(ids[:5])}" if ids else "none is stored"
+        raise ValueError(f"no stored reward model {model_id!r} ({listed})")
     if stored is None:
-        raise ValueError(
-            "no reward model yet: run `convoscope score` (or pass --reward-model DIR)"
-            if model_id is None
-            else f"no stored model {model_id!r}: see `convoscope score --json` for ids"
-        )
+        raise ValueError("no reward model yet: run `convoscope score` (or pass --reward-model DIR)")
     if stored["kind"] not in REWARD_KINDS:
         raise ValueError(f"model {model_id} is a {stored['kind']}, not a reward model")
     return stored

@@ -555,6 +555,11 @@ def load_predictor(engine: Engine) -> tuple[WinPredictor, str]:
 
 def load_routing_table(engine: Engine) -> dict[str, Any]:
     stored = latest_model(engine, "routing_table")
+    if stored is None and latest_model(engine, "win_predictor") is None:
+        raise ValueError(
+            "no routing table: there is no win predictor to route with; `convoscope score` "
+            "fits one on logs or battles that name 2 or more models"
+        )
     if stored is None:
         raise ValueError("no routing table yet: run `convoscope cluster` then `convoscope score`")
     return json.load(io.BytesIO(stored["files"]["routing_table.json"]))

@@ -153,13 +153,13 @@ def add_tag(engine: Engine, kind: str, target_id: str, tag: str) -> None:
             )
 
 
-def remove_tag(engine: Engine, kind: str, target_id: str, tag: str) -> None:
+def remove_tag(engine: Engine, kind: str, target_id: str, tag: str) -> bool:
+    """Untag; False when the target did not carry the tag (a typo the caller can name)."""
+    where = (tags.c.target_kind == kind, tags.c.target_id == target_id, tags.c.tag == tag)
     with engine.begin() as conn:
-        conn.execute(
-            sa.delete(tags).where(
-                tags.c.target_kind == kind, tags.c.target_id == target_id, tags.c.tag == tag
-            )
-        )
+        present = conn.execute(sa.select(sa.func.count()).where(*where)).scalar_one() > 0
+        conn.execute(sa.delete(tags).where(*where))
+    return present
 
 
 def exchanges_in_clusters(

@@ -203,6 +203,11 @@ def _require_file(url: str) -> None:
 def _explain(url: str, error: Exception) -> str:
     text = str(error).splitlines()[0]
     safe_url = sa.make_url(url).render_as_string(hide_password=True)
+    if "memory" in text.lower() and "CONVOSCOPE_DUCKDB_MEMORY" in os.environ:
+        return (
+            f"$CONVOSCOPE_DUCKDB_MEMORY={os.environ['CONVOSCOPE_DUCKDB_MEMORY']!r} is not a "
+            f"size DuckDB takes ({text}): give one such as 512MB or 4GB"
+        )
     if "lock" in text.lower():
         return (
             f"database {safe_url} is in use by another process ({text}). "

@@ -56,7 +56,8 @@ def _refuse_newer(revision: str | None, url: str) -> None:
         raise StorageError(
             f"database {url} has schema revision {revision}, which this convoscope "
             f"(schema {head_revision()}) does not know: it was written by a newer version. "
-            "Upgrade convoscope (pip install -U convoscope) to open it."
+            "Upgrade convoscope to open it (in its checkout: git pull, then "
+            "pip install -r requirements.txt)."
         )
 
 

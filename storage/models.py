@@ -64,6 +64,18 @@ def latest_model(engine: Engine, kind: str | Sequence[str]) -> Row | None:
     return _unpacked(engine, query)
 
 
+def model_ids(engine: Engine, kind: str | Sequence[str]) -> list[str]:
+    """The stored artefacts of a kind (or of several), newest first: ids for a user to pick."""
+    kinds = [kind] if isinstance(kind, str) else list(kind)
+    query = (
+        sa.select(trained_models.c.id)
+        .where(trained_models.c.kind.in_(kinds))
+        .order_by(trained_models.c.created_at.desc())
+    )
+    with engine.connect() as conn:
+        return list(conn.execute(query).scalars())
+
+
 def load_model(engine: Engine, model_id: str) -> Row | None:
     """One artefact by id (None when there is none), unpacked like `latest_model`."""
     return _unpacked(engine, sa.select(trained_models).where(trained_models.c.id == model_id))

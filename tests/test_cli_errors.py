@@ -404,3 +404,21 @@ def test_a_step_on_stored_data_never_creates_a_database_from_a_typo(
     code, out, err = cli(capsys, "--db", str(typo), *command)
     assert code == 2 and out == ""
     assert f"no database at {typo}: check --db" in err and not typo.exists()
+
+
+def test_hints_name_what_is_stored_and_what_is_wrong(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db, log = _ingested(tmp_path, capsys)
+    code, _, err = cli(capsys, "--db", db, "score", "reward", "apply", "--model-id", "nope")
+    assert code == 2 and "no stored reward model 'nope' (none is stored)" in err
+    code, _, err = cli(capsys, "--db", db, "route", "--export", "table.json")
+    assert code == 2 and "there is no win predictor to route with" in err
+
+    code, _, err = cli(capsys, "--db", db, "ingest", str(log), "--format", "battles")
+    assert code == 0  # a forced format that rejects every record says which one fits
+    assert "every record was rejected as battles, and the file looks like openai" in err
+
+    monkeypatch.setenv("CONVOSCOPE_DUCKDB_MEMORY", "lots")
+    code, _, err = cli(capsys, "--db", db, "clusters")
+    assert code == 2 and "$CONVOSCOPE_DUCKDB_MEMORY='lots' is not a size DuckDB takes" in err

@@ -218,3 +218,7 @@ def test_a_tag_on_a_group_selects_its_topics_exchanges(tmp_path: Path) -> None:
     tagged = pd.read_csv(tmp_path / "t.csv")
     assert sorted(tagged["id"]) == sorted(pd.read_csv(tmp_path / "g.csv")["id"])
     assert tagged["tags"].str.contains("grouped").all()  # the group's tag rides along
+
+    untag = convoscope("tag", group["id"], "groupd", "--remove", db=db, cwd=tmp_path)
+    assert untag.returncode == 2
+    assert f"cluster {group['id']} has no tag 'groupd' (its tags: grouped)" in untag.stderr
