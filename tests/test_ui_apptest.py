@@ -90,6 +90,28 @@ def test_overview_headline_figures_and_weakest_first(
     assert len(at.get("plotly_chart")) == 1
 
 
+def test_overview_of_a_clustering_newer_than_its_scores_says_how_it_is_ordered(
+    fresh_db: BuiltDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A re-clustering after `score`: no reports yet, but the exchanges keep their rewards, so
+    the rows come lowest mean reward first, and the page must not say "by size"."""
+    import sqlalchemy as sa
+
+    from storage.schema import cluster_reports
+
+    engine = open_database(fresh_db.url)
+    with engine.begin() as conn:
+        conn.execute(sa.delete(cluster_reports))
+    engine.dispose()
+    at = _app(fresh_db.url, monkeypatch)
+    hints = [i.proto.body for i in at.info]
+    assert any("newer than the last `convoscope score`" in h for h in hints), hints
+    assert not any("ordered by size" in h for h in hints)
+    assert "Clusters, lowest reward first" in [h.value for h in at.subheader]
+    rewards = list(at.dataframe[0].value["Reward"])
+    assert rewards == sorted(rewards)
+
+
 def _group_table(at: AppTest) -> Any:
     return next(d.value for d in at.dataframe if "Weakest topics" in d.value.columns)
 

@@ -28,6 +28,11 @@ EMPTY_HINTS = {
         "Clusters have no scores yet, so they are ordered by size. Run `convoscope score` to "
         "rank them weakest first, with reward, behaviour rates and expert leaderboards."
     ),
+    "unreported": (
+        "This clustering is newer than the last `convoscope score`: its clusters are ordered "
+        "by their exchanges' mean reward, lowest first. Run `convoscope score` to rank them "
+        "weakest first, with CIs, behaviour rates and expert leaderboards."
+    ),
 }
 
 

@@ -47,25 +47,33 @@ table = data.cluster_table(c.url, c.version, c.run_id, c.flt, c.scorer)
 if table.empty:
     st.info("No cluster holds an exchange that passes the filter.", icon=":material/info:")
     st.stop()
-if table["weakness"].isna().all() and not c.flt.active:
-    shell.empty_state("reports")
+ranked = table["weakness"].notna().any()  # reports exist: `score` ran on this clustering
+rewarded = table["reward_mean"].notna().any()  # exchanges carry rewards from an earlier one
+if not ranked and not c.flt.active:
+    shell.empty_state("unreported" if rewarded else "reports")
 
 # Weakness ranks the whole run's traffic: a filtered slice is ordered by its own mean reward.
 SLICE_NOTE = (
     "Under the filter: lowest filtered reward first. Weakness, why and the CI rank the whole "
     "run, so they are left out here."
 )
-st.subheader("Clusters, lowest reward first" if c.flt.active else "Clusters, weakest first")
+if c.flt.active or (rewarded and not ranked):
+    st.subheader("Clusters, lowest reward first")
+else:
+    st.subheader("Clusters, weakest first" if ranked else "Clusters, largest first")
 weakest = table.iloc[0]
 left, right = st.columns([3, 1], vertical_alignment="center")
-left.caption(
-    f"Select a row to open its cluster. {SLICE_NOTE}"
-    if c.flt.active
-    else "Select a row to open its cluster. Weakness combines low reward with retries, edits "
-    "and abandoned conversations; the reason column says which weighed most."
-)
+if c.flt.active:
+    left.caption(f"Select a row to open its cluster. {SLICE_NOTE}")
+elif ranked:
+    left.caption(
+        "Select a row to open its cluster. Weakness combines low reward with retries, edits "
+        "and abandoned conversations; the reason column says which weighed most."
+    )
+else:
+    left.caption("Select a row to open its cluster.")
 if right.button(
-    f"Open weakest: {safe_label(weakest['name'], 40)}",
+    f"Open {'weakest' if ranked or rewarded else 'largest'}: {safe_label(weakest['name'], 40)}",
     type="primary",
     key="open_weakest",
     width="stretch",
