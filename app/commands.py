@@ -324,7 +324,7 @@ def clusters(args: argparse.Namespace) -> dict[str, Any]:
     try:
         run = latest_run(engine, on_field=args.on)
         if run is None:
-            return {"run_id": None, "clusters": []}
+            return {"run_id": None, "on": args.on, "clusters": []}
         rows = load_clusters(engine, run["id"])
         reports = load_cluster_reports(engine, run["id"], level=None)
     finally:
@@ -1058,7 +1058,8 @@ def describe(command: str, result: dict[str, Any]) -> str:
         return _describe_rewards(result)
     if command == "route" and "routes" in result:
         return "\n".join(
-            f"{r['recommended']}: "
+            (f"line {r['line']}: " if "line" in r else "")  # `--file`: which line, as rejects
+            + f"{r['recommended']}: "
             + ", ".join(f"{e['model']} {e['win_probability']:.2f}" for e in r["experts"][:5])
             for r in result["routes"]
         )
@@ -1170,6 +1171,9 @@ def _describe_clusters(result: dict[str, Any]) -> str:
     """Topics, then the groups under their own heading: a group's line is followed by why it
     ranks where it does and its weakest topics, so a broad area going badly reads at once."""
     if not result["clusters"]:
+        on = result.get("on", "prompt")
+        if on != "prompt":  # `clusters --on response` before any response clustering
+            return f"no clusters on {on} yet: run `convoscope cluster --on {on}`"
         return "no clusters yet: run `convoscope cluster`"
     header = f"{'id':<6} {'size':>7} {'share':>6} {'reward':>7}  name — keywords"
     scored = any(isinstance(c.get("reward_mean"), float) for c in result["clusters"])

@@ -157,6 +157,8 @@ def test_clusterings_on_different_fields_never_share_an_id(tmp_path: Path) -> No
     db = f"duckdb:///{tmp_path / 'fields.duckdb'}"
     assert convoscope("ingest", str(log), db=db, cwd=tmp_path).returncode == 0
     kmeans = ("--device", "cpu", "--reducer", "pca", "--clusterer", "kmeans", "--k", "2")
+    before = convoscope("clusters", "--on", "response", db=db, cwd=tmp_path)
+    assert "no clusters on response yet: run `convoscope cluster --on response`" in before.stdout
     listed = {}
     for field in ("prompt", "response"):
         done = convoscope("cluster", "--on", field, *kmeans, db=db, cwd=tmp_path)

@@ -163,6 +163,8 @@ def test_score_trains_applies_and_reports_every_cluster(scored_db: str, tmp_path
     assert [e["model"] for e in again] == [e["model"] for e in ranking]
     assert [e["score"] for e in again] == pytest.approx([e["score"] for e in ranking], abs=1e-4)
     assert [(r["line"], r["field"]) for r in answer["rejected"]] == [(3, "prompt"), (4, "prompt")]
+    said = convoscope("route", "--file", str(prompts), db=scored_db, cwd=tmp_path).stdout
+    assert [line.split(":")[0] for line in said.splitlines()] == ["line 1", "line 2"]
 
     # Without --json each command says what it did in a sentence, never a dict.
     cluster_id = table["clusters"][0]["cluster_id"]
