@@ -111,23 +111,36 @@ class LLMNamer:
     def name_topics(self, topics: TopicModel, texts: Sequence[str]) -> dict[int, str]:
         """Names for every cluster of `topics`; a cluster whose request failed is left out.
 
-        A failure (endpoint down, refusal, empty answer) is logged and leaves that cluster with
-        its keyword name; the next run retries only what is missing from the cache.
+        A failure (endpoint down, refusal, empty answer) leaves that cluster with its keyword
+        name, and the failures are logged once, together; an endpoint that cannot be reached
+        is not asked again for the other clusters. The next run retries only what is missing
+        from the cache.
         """
         import openai
 
         neighbours = nearest_clusters(topics.centroids, self.n_neighbours)
         names: dict[int, str] = {}
+        failed: list[str] = []
         for c in range(topics.n_clusters):
             examples = [texts[i] for i in topics.representatives[c]]
             contrast = [topics.keywords[j][:5] for j in neighbours[c]]
             try:
                 name = self.name(examples, topics.keywords[c], contrast)
+            except openai.APIConnectionError as error:
+                failed += [str(error)] * (topics.n_clusters - c)  # this one and the rest
+                break
             except openai.OpenAIError as error:
-                log.warning("LLM name for cluster %d failed: %s", c, error)
+                failed.append(str(error))
                 continue
             if name:
                 names[c] = name
+        if failed:
+            log.warning(
+                "LLM names failed for %d of %d topics, which keep their keyword names (%s)",
+                len(failed),
+                topics.n_clusters,
+                failed[0],
+            )
         return names
 
 

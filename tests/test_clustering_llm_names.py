@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -120,14 +121,30 @@ def test_names_come_from_the_endpoint_and_are_cached(
 
 
 def test_a_failing_endpoint_leaves_clusters_unnamed_without_raising(
-    server: ChatServer, topics_and_texts: tuple[TopicModel, list[str]]
+    server: ChatServer,
+    topics_and_texts: tuple[TopicModel, list[str]],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     model, texts = topics_and_texts
     server.fail = True
     cache: dict[str, str] = {}
     namer = LLMNamer(openai_client(server.url, max_retries=0), "local-model", cache=cache)
-    assert namer.name_topics(model, texts) == {}
+    with caplog.at_level(logging.WARNING):
+        assert namer.name_topics(model, texts) == {}
     assert cache == {}
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(said) == 1 and said[0].startswith(f"LLM names failed for 6 of {model.n_clusters}")
+
+
+def test_an_unreachable_endpoint_is_one_warning(
+    topics_and_texts: tuple[TopicModel, list[str]], caplog: pytest.LogCaptureFixture
+) -> None:
+    model, texts = topics_and_texts
+    namer = LLMNamer(openai_client("http://127.0.0.1:1/v1", max_retries=0), "m", cache={})
+    with caplog.at_level(logging.WARNING):
+        assert namer.name_topics(model, texts) == {}
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(said) == 1 and "failed for 6 of 6 topics" in said[0]
 
 
 def test_clean_name_strips_decoration_and_bounds_length() -> None:
