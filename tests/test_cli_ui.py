@@ -32,8 +32,12 @@ def test_a_port_in_use_makes_ui_exit_non_zero(tmp_path: Path) -> None:
         result = convoscope(
             "ui", "--port", port, "--no-browser", db=str(tmp_path / "ui.duckdb"), cwd=tmp_path
         )
+        demo = convoscope("demo", "--port", port, db=str(tmp_path / "d.duckdb"), cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert f"port {port} already in use" in result.stderr and "Traceback" not in result.stderr
+    assert "convoscope UI on" not in result.stderr  # no address that serves nothing
+    assert demo.returncode == 2 and f"port {port} already in use" in demo.stderr
+    assert not (tmp_path / "d.duckdb").exists()  # refused before minutes of work
 
 
 def test_sigterm_stops_the_streamlit_child(tmp_path: Path) -> None:

@@ -88,6 +88,18 @@ def wait_until_up(url: str, *, timeout: float) -> bool:
     return False
 
 
+def port_in_use(host: str, port: int) -> bool:
+    """Whether something listens on host:port already (Streamlit would fail only after the
+    UI seemed to start)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as a server binds
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nothing listens on right now (for tests and parallel instances)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
