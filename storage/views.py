@@ -713,9 +713,9 @@ def map_points(
 
 
 def expert_matrix(engine: Engine, run_id: str) -> list[Row]:
-    """One row per (topic, expert) from the run's reports: Elo with CI, battles, and the
-    predicted win rate against the cluster's other experts (the `win_rate` the report gives,
-    else the mean Bradley–Terry win probability implied by the Elo ratings)."""
+    """One row per (topic, expert) from the run's reports: Elo with CI, battles, and the win
+    rate in the cluster's battles (the `win_rate` the report gives, ties half; a report from
+    before it had one: the mean Bradley–Terry win probability the Elo ratings imply)."""
     with engine.connect() as conn:
         rows = _cluster_rows(conn, run_id)
     matrix = []

@@ -61,7 +61,7 @@ with left:
         st.caption("Bradley–Terry on every judged battle, Elo-scaled; ties count half.")
 
 with right:
-    st.subheader("Predicted win rate by cluster")
+    st.subheader("Win rate by cluster")
     if matrix is None or matrix.empty:
         st.caption("Run `convoscope score` for per-cluster leaderboards.")
     else:
@@ -98,8 +98,9 @@ with right:
         )
         st.plotly_chart(heat, width="stretch", key="expert_heat")
         st.caption(
-            "Each cell: the expert's predicted chance of beating the cluster's other experts. "
-            "Clusters weakest first (top 40)."
+            "Each cell: the share of the expert's battles in the cluster that it won (ties "
+            "count half). Clusters weakest first (top 40); a cluster with too few battles for "
+            "a leaderboard has no row."
         )
 
 if c.run_id:
