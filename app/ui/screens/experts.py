@@ -34,6 +34,9 @@ with left:
     if board.empty:
         st.caption("No judged battles pass the filter.")
     else:
+        # By rank, then rating: a wide CI can give a higher-rated model a lower rank (fewer
+        # models are surely better than it), and rows sorted by rating alone then read 4, 3.
+        board = board.sort_values(["rank", "rating"], ascending=[True, False])
         st.dataframe(
             board.assign(
                 ci=[
