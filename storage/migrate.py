@@ -87,9 +87,12 @@ def is_older(engine: Engine) -> bool:
 
 def check_version(engine: Engine) -> None:
     """Refuse a database from a newer version; used by read-only openers that cannot migrate."""
+    url = engine.url.render_as_string(hide_password=True)
     with engine.connect() as connection:
         revision = current_revision(connection)
-    _refuse_newer(revision, engine.url.render_as_string(hide_password=True))
+        if revision is None:
+            _refuse_clashing_tables(connection, url)  # another application's database
+    _refuse_newer(revision, url)
     if revision != head_revision():
         raise StorageError(
             f"database {engine.url.render_as_string(hide_password=True)} is not initialised: "

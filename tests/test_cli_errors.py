@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from datetime import datetime, timedelta
@@ -422,3 +423,13 @@ def test_hints_name_what_is_stored_and_what_is_wrong(
     monkeypatch.setenv("CONVOSCOPE_DUCKDB_MEMORY", "lots")
     code, _, err = cli(capsys, "--db", db, "clusters")
     assert code == 2 and "$CONVOSCOPE_DUCKDB_MEMORY='lots' is not a size DuckDB takes" in err
+
+
+def test_a_read_only_open_of_another_applications_database_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    foreign = tmp_path / "theirs.sqlite"
+    with sqlite3.connect(foreign) as conn:
+        conn.execute("CREATE TABLE exchanges (symbol TEXT, rate REAL)")
+    code, _, err = cli(capsys, "--db", str(foreign), "export", "--out", "o.csv")
+    assert code == 2 and "is not a convoscope database" in err  # not "ingest some first"
