@@ -1052,6 +1052,9 @@ def describe(command: str, result: dict[str, Any]) -> str:
         metrics = ", ".join(
             f"{k} {v:.3f}" for k, v in result["reward_metrics"].items() if isinstance(v, float)
         )
+        labels = result["reward_metrics"].get("held_out_labels")
+        if labels is not None and labels < _FEW_LABELS:  # an AUC of 0.35 on 20 labels is noise
+            metrics += f" on only {labels} held-out labels: too few to trust"
         reports = f"; {_report_counts(result)}" if "clusters" in result else ""
         if result.get("clusters") == 0:
             reports += " (no clustering yet: run `convoscope cluster`, then `score` again)"
@@ -1086,6 +1089,9 @@ def describe(command: str, result: dict[str, Any]) -> str:
             f"{result['run_id']}, {result['unassigned']} left unassigned"
         )
     return str(result)
+
+
+_FEW_LABELS = 100  # held-out engagement labels below which the AUC is mostly noise
 
 
 def _count(n: int, noun: str) -> str:

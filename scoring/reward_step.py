@@ -549,6 +549,7 @@ def reward_metrics(
     binary = label[known] >= 0.5
     if known.any() and 0 < binary.sum() < len(binary):
         metrics["engagement_auc"] = float(roc_auc_score(binary, scores[known]))
+        metrics["held_out_labels"] = int(known.sum())  # how far to trust the AUC
     if pairs is not None:
         decided = pairs.outcome != 0.5
         if decided.any():

@@ -570,3 +570,17 @@ def test_the_score_summary_counts_topic_and_group_reports() -> None:
     line = describe("score", {**result, "clusters": 30, "groups": 5})
     assert line.endswith("; 30 topic reports and 5 group reports")
     assert describe("score", {**result, "clusters": 1, "groups": 0}).endswith("; 1 topic report")
+
+
+def test_an_engagement_auc_on_few_labels_is_said_to_be_noise() -> None:
+    from app.commands import describe
+
+    def line(labels: int) -> str:
+        metrics = {"engagement_auc": 0.35, "held_out_labels": labels}
+        return describe(
+            "score",
+            {"exchanges": 40, "reward_model": "m", "mode": "head", "reward_metrics": metrics},
+        )
+
+    assert "engagement_auc 0.350 on only 20 held-out labels: too few to trust" in line(20)
+    assert "too few" not in line(500)
