@@ -404,7 +404,8 @@ def test_reward_train_finetune_then_apply(scored_db: str, tmp_path: Path) -> Non
     after = latest_scores(engine, prefix="reward:")
     some = next(iter(before))
     assert after[some] == pytest.approx(before[some], abs=1e-4)  # the same model, reloaded
-    with pytest.raises(ValueError, match="no stored model"):
+    listed = f"no stored reward model 'nope' \\(stored, newest first: {result['reward_model']}"
+    with pytest.raises(ValueError, match=listed):
         apply_reward(engine, model_id="nope")
     engine.dispose()
 
