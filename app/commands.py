@@ -962,8 +962,9 @@ def demo(args: argparse.Namespace) -> dict[str, Any]:
             try:
                 result = run_pipeline(engine, [Path(path)], config=config)
             except NoTopicFound:  # the cluster step's advice is for its own options
+                taken = "every" if args.full else args.sample
                 raise UserError(
-                    f"no topic found in {args.sample} conversations: give the demo more "
+                    f"no topic found in {taken} conversations: give the demo more "
                     "(--sample 800 is the default, --full takes them all)"
                 ) from None
         counts = table_counts(engine)

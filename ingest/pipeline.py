@@ -212,8 +212,11 @@ def _check_forced_format(path: Path, config: IngestConfig, summary: IngestSummar
     format: the rejects would otherwise be the only sign that --format was wrong."""
     if config.format is None:
         return
-    detected = _format_name(path, IngestConfig(max_line_bytes=config.max_line_bytes))
-    if detected not in (config.format, "unknown"):
+    try:
+        detected = detect_format(path, max_line_bytes=config.max_line_bytes)
+    except (ValueError, OSError):
+        return  # no other format fits either: the rejects say why
+    if detected != config.format:
         summary.warnings.append(
             f"{path}: every record was rejected as {config.format}, and the file looks like "
             f"{detected}: use --format {detected}, or leave --format out"

@@ -19,11 +19,17 @@ from tests.openai_server import Fault, OpenAIServer
 from tests.test_ingest_pipeline import REPO, convoscope, write_openai_jsonl
 
 
-def test_replay_from_the_cli_then_report(tmp_path: Path) -> None:
+def _ingested(tmp_path: Path, conversations: int = 4) -> str:
+    """A DuckDB database holding a small OpenAI chat log (two turns a conversation)."""
     log = tmp_path / "chat.jsonl"
-    write_openai_jsonl(log, 4)
+    write_openai_jsonl(log, conversations)
     db = f"duckdb:///{tmp_path / 'replay.duckdb'}"
     assert convoscope("ingest", str(log), db=db, cwd=tmp_path).returncode == 0
+    return db
+
+
+def test_replay_from_the_cli_then_report(tmp_path: Path) -> None:
+    db = _ingested(tmp_path)
     instruction = tmp_path / "instruction.txt"
     instruction.write_text("Answer in one word.")
     with OpenAIServer() as server:
@@ -71,10 +77,7 @@ def test_a_source_filter_finds_the_file_by_its_absolute_path_from_another_folder
 
 
 def test_failed_replay_says_why_and_how_to_resume(tmp_path: Path) -> None:
-    log = tmp_path / "chat.jsonl"
-    write_openai_jsonl(log, 4)
-    db = f"duckdb:///{tmp_path / 'failing.duckdb'}"
-    assert convoscope("ingest", str(log), db=db, cwd=tmp_path).returncode == 0
+    db = _ingested(tmp_path)
     with OpenAIServer(faults=[Fault(status=401)]) as server:
         args = ("--model", "m", "--base-url", server.base_url, "--filter", "model=expert-1")
         result = convoscope("replay", *args, db=db, cwd=tmp_path)
@@ -88,10 +91,7 @@ def test_failed_replay_says_why_and_how_to_resume(tmp_path: Path) -> None:
 
 
 def test_an_interrupted_replay_names_the_run_to_resume(tmp_path: Path) -> None:
-    log = tmp_path / "chat.jsonl"
-    write_openai_jsonl(log, 4)
-    db = f"duckdb:///{tmp_path / 'interrupted.duckdb'}"
-    assert convoscope("ingest", str(log), db=db, cwd=tmp_path).returncode == 0
+    db = _ingested(tmp_path)
     # The server never answers within the test: the replay can only end through the interrupt.
     with OpenAIServer(delay_s=900) as server:
         args = ("replay", "--model", "m", "--base-url", server.base_url, "--timeout", "900")
@@ -186,10 +186,7 @@ def test_the_readme_server_serves_in_the_background_until_killed(
 
 
 def test_a_replay_no_endpoint_answers_exits_2_with_its_summary(tmp_path: Path) -> None:
-    log = tmp_path / "chat.jsonl"
-    write_openai_jsonl(log, 4)
-    db = f"duckdb:///{tmp_path / 'unreachable.duckdb'}"
-    assert convoscope("ingest", str(log), db=db, cwd=tmp_path).returncode == 0
+    db = _ingested(tmp_path)
     args = ("--model", "m", "--base-url", "http://127.0.0.1:1/v1", "--max-attempts", "1")
     result = convoscope("replay", *args, "--filter", "model=expert-1", db=db, cwd=tmp_path)
     assert result.returncode == 2, result.stderr
@@ -239,10 +236,7 @@ def test_an_instruction_replayed_on_a_cluster_is_versioned(tmp_path: Path) -> No
     from storage.engine import open_database
     from storage.reports import load_instructions
 
-    log = tmp_path / "chat.jsonl"
-    write_openai_jsonl(log, 12)
-    db = f"duckdb:///{tmp_path / 'versions.duckdb'}"
-    assert convoscope("ingest", str(log), db=db, cwd=tmp_path).returncode == 0
+    db = _ingested(tmp_path, 12)
     engine = open_database(db)
     config = ClusterStepConfig(
         embed=EmbedConfig(device="cpu", progress=False), topics=ClusterConfig(layout=False)
@@ -274,10 +268,7 @@ def test_the_printed_resume_command_alone_finishes_the_run(
 ) -> None:
     """The run stores its model, endpoint, instruction and key variable: the command it prints
     needs none of them again, and sends only what is unanswered, as the run sent it."""
-    log = tmp_path / "chat.jsonl"
-    write_openai_jsonl(log, 4)
-    db = f"duckdb:///{tmp_path / 'resume.duckdb'}"
-    assert convoscope("ingest", str(log), db=db, cwd=tmp_path).returncode == 0
+    db = _ingested(tmp_path)
     instruction = tmp_path / "instruction.txt"
     instruction.write_text("Answer in one word.")
     monkeypatch.setenv("MY_KEY", "sk-mine")
@@ -307,10 +298,7 @@ def test_the_printed_resume_command_alone_finishes_the_run(
 
 
 def test_resume_of_an_unknown_run_is_an_error_and_sends_nothing(tmp_path: Path) -> None:
-    log = tmp_path / "chat.jsonl"
-    write_openai_jsonl(log, 4)
-    db = f"duckdb:///{tmp_path / 'resume.duckdb'}"
-    assert convoscope("ingest", str(log), db=db, cwd=tmp_path).returncode == 0
+    db = _ingested(tmp_path)
     with OpenAIServer() as server:
         result = convoscope(
             "replay", "--resume", "nonexist", "--model", "m", "--base-url", server.base_url,
