@@ -46,7 +46,15 @@ from storage.clusters import (
     load_tags,
 )
 from storage.engine import database_file
-from storage.logs import BattleFilter, ExchangeFilter, battle_options, iter_battles, iter_exchanges
+from storage.logs import (
+    CONVERSATION_EXPORT_COLUMNS,
+    BattleFilter,
+    ExchangeFilter,
+    add_conversation_fields,
+    battle_options,
+    iter_battles,
+    iter_exchanges,
+)
 from storage.scores import latest_scorer, load_scores
 from storage.views import EXCHANGE_EXPORT_COLUMNS, SIGNAL_NAMES, filter_options
 
@@ -78,9 +86,10 @@ TAG_SEPARATOR = "; "  # tags in CSV/Parquet cells; JSONL carries them as a list
 # `=HYPERLINK("http://evil","click")` must not become a live link in an analyst's sheet.
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
-# The CLI's column order: the exchange, then where it landed and its reward.
+# The CLI's column order: the exchange and its conversation's, then where it landed and its reward.
 COLUMNS: tuple[str, ...] = (
     *EXCHANGE_EXPORT_COLUMNS,
+    *CONVERSATION_EXPORT_COLUMNS,
     "cluster_id",
     "cluster_label",
     "parent_cluster_id",
@@ -332,6 +341,7 @@ def iter_export_rows(
                 }
             )
         if rows:
+            add_conversation_fields(engine, rows)
             yield rows
 
 
@@ -505,6 +515,7 @@ def _openai(batches: Batches, text: IO[str]) -> int:
             record["metadata"] = {
                 "exchange_id": row["id"],
                 "external_id": row["external_id"],
+                **{name: row[name] for name in CONVERSATION_EXPORT_COLUMNS},
                 **{name: row[name] for name in SIGNAL_NAMES},
                 # An id (or text already in the messages) is kept here, never made a message.
                 "instruction": None if as_message else instruction,

@@ -53,10 +53,13 @@ NOT_IMPORTED = frozenset(
 )
 _SCORE_PREFIX = "score:"  # the UI export's per-scorer columns
 _OPTIONAL_TEXT = ("model", "instruction", "source", "external_id")
+# The conversation's own fields each row repeats (storage.logs.CONVERSATION_EXPORT_COLUMNS).
+_CONVERSATION_TEXT = ("conversation_external_id", "feedback_text")
 _BOOLEANS = ("retried", "edited", "deleted", "ended_conversation")
 _NUMBERS = ("rating", "seconds_to_next_user_message")
 _KNOWN = REQUIRED_KEYS | {
     *_OPTIONAL_TEXT,
+    *_CONVERSATION_TEXT,
     *_BOOLEANS,
     *_NUMBERS,
     "created_at",
@@ -76,7 +79,7 @@ def read_exported(path: Path, *, options: ReadOptions) -> Iterator[Parsed]:
     their ids are carried, not derived from the group.
     """
     source = options.source_for(path)
-    group: list[Exchange] = []
+    group: list[_Row] = []
     line = 0
     for item in iter_json_records(path, source=source, max_line_bytes=options.max_line_bytes):
         if type(item) is not Record:
@@ -86,7 +89,7 @@ def read_exported(path: Path, *, options: ReadOptions) -> Iterator[Parsed]:
         if isinstance(parsed, Reject):
             yield parsed
             continue
-        if group and parsed.conversation_id != group[0].conversation_id:
+        if group and parsed[0].conversation_id != group[0][0].conversation_id:
             yield _group(group, source, line)
             group = []
         if not group:
@@ -96,13 +99,24 @@ def read_exported(path: Path, *, options: ReadOptions) -> Iterator[Parsed]:
         yield _group(group, source, line)
 
 
-def _group(rows: list[Exchange], source: str, line: int) -> StoredExchanges:
-    ordered = sorted(rows, key=lambda e: e.turn_index)  # stable: file order within a turn
-    return StoredExchanges(exchanges=tuple(ordered), source=source, line=line)
+# An export row: its exchange, and its conversation's external id and feedback text.
+_Row = tuple[Exchange, str | None, str | None]
 
 
-def _exchange(record: Any, number: int, source: str) -> Exchange | Reject:
-    """The exchange one export row holds, or the Reject naming its first bad field."""
+def _group(rows: list[_Row], source: str, line: int) -> StoredExchanges:
+    ordered = sorted((row[0] for row in rows), key=lambda e: e.turn_index)  # stable
+    return StoredExchanges(
+        exchanges=tuple(ordered),
+        source=source,
+        line=line,
+        external_id=next((row[1] for row in rows if row[1] is not None), None),
+        feedback_text=next((row[2] for row in rows if row[2] is not None), None),
+    )
+
+
+def _exchange(record: Any, number: int, source: str) -> _Row | Reject:
+    """The exchange one export row holds with its conversation's fields, or the Reject naming
+    its first bad field."""
     if not isinstance(record, dict):
         return not_an_object(source, number, record)
     try:
@@ -112,7 +126,8 @@ def _exchange(record: Any, number: int, source: str) -> Exchange | Reject:
         unstorable = unstorable_text(record)
         if unstorable is not None:
             raise unstorable
-        text = {name: _optional_text(record.get(name), name) for name in _OPTIONAL_TEXT}
+        names = (*_OPTIONAL_TEXT, *_CONVERSATION_TEXT)
+        text = {name: _optional_text(record.get(name), name) for name in names}
         exchange = Exchange(
             conversation_id=_id(record["conversation_id"], "conversation_id"),
             turn_index=_count(record["turn_index"], "turn_index", required=True),
@@ -144,7 +159,7 @@ def _exchange(record: Any, number: int, source: str) -> Exchange | Reject:
             )
     except FieldError as err:
         return field_reject(source, number, err, record)
-    return exchange
+    return exchange, text["conversation_external_id"], text["feedback_text"]
 
 
 def _kind(value: Any) -> str:

@@ -371,7 +371,8 @@ class _Batch:
 
         The conversation row is what the rows tell (a row per conversation is needed, and an
         existing one is kept as it is): its length is the longest context plus that turn,
-        its time the earliest; its feedback is on the exchanges already.
+        its time the earliest, its external id and free-text feedback as exported; its
+        thumbs and rating are on the exchanges already.
         """
         now = utcnow()
         parts = record.exchanges
@@ -379,13 +380,13 @@ class _Batch:
         self.conversations.append(
             {
                 "id": parts[0].conversation_id,
-                "external_id": None,
+                "external_id": record.external_id,
                 "source": parts[0].source,
                 "created_at": min(times) if len(times) == len(parts) else None,
                 "n_messages": max(len(e.context) for e in parts) + 2,
                 "thumbs": None,
                 "rating": None,
-                "feedback_text": None,
+                "feedback_text": record.feedback_text,
                 "metadata": None,
                 "ingested_at": now,
             }

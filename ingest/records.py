@@ -185,6 +185,8 @@ class StoredExchanges:
     exchanges: tuple[Exchange, ...]  # in turn order
     source: str  # the file they were read from (each exchange keeps its original source)
     line: int  # where the first row is
+    external_id: str | None = None  # the conversation's, as first logged
+    feedback_text: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

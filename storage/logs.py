@@ -264,6 +264,29 @@ def iter_exchanges(
     yield from stream_with_contexts(engine, query, added, batch_size)
 
 
+# What an exported exchange carries from its conversation: the log's own id for the whole
+# conversation (ShareGPT's `id`, Chai's conversation id) and its free-text feedback (Chai's
+# `feedback`), which no exchange column holds and a user joins or reads back by.
+CONVERSATION_EXPORT_COLUMNS: tuple[str, ...] = ("conversation_external_id", "feedback_text")
+
+
+def add_conversation_fields(engine: Engine, batch: list[Row]) -> None:
+    """Set `CONVERSATION_EXPORT_COLUMNS` on each row of a batch, from its `conversation_id`."""
+    ids = sorted({row["conversation_id"] for row in batch})
+    found: dict[str, tuple[str | None, str | None]] = {}
+    with engine.connect() as conn:
+        for start in range(0, len(ids), _PROBE_CHUNK):
+            chunk = ids[start : start + _PROBE_CHUNK]
+            query = sa.select(
+                conversations.c.id, conversations.c.external_id, conversations.c.feedback_text
+            ).where(conversations.c.id.in_(chunk))
+            found.update((cid, (ext, feedback)) for cid, ext, feedback in conn.execute(query))
+    for row in batch:
+        external, feedback = found.get(row["conversation_id"], (None, None))
+        row["conversation_external_id"] = external
+        row["feedback_text"] = feedback
+
+
 def load_battles(engine: Engine) -> list[Row]:
     """Every battle with the models and prompts of its two exchanges."""
     a, b = exchanges.alias("a"), exchanges.alias("b")

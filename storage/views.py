@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from storage.contexts import context_columns, read_with_contexts, stream_with_contexts
-from storage.logs import Row
+from storage.logs import CONVERSATION_EXPORT_COLUMNS, Row, add_conversation_fields
 from storage.schema import (
     assignments,
     battles,
@@ -61,8 +61,15 @@ EXCHANGE_EXPORT_COLUMNS: tuple[str, ...] = (
     "response",
     *SIGNAL_NAMES,
 )
-# What a UI export row holds before its scores: then where the exchange landed.
-EXPORT_COLUMNS: tuple[str, ...] = (*EXCHANGE_EXPORT_COLUMNS, "cluster_id", "cluster_label", "tags")
+# What a UI export row holds before its scores: the exchange and its conversation's, then
+# where the exchange landed.
+EXPORT_COLUMNS: tuple[str, ...] = (
+    *EXCHANGE_EXPORT_COLUMNS,
+    *CONVERSATION_EXPORT_COLUMNS,
+    "cluster_id",
+    "cluster_label",
+    "tags",
+)
 # Exchange columns a drill-down shows beside the chat turns.
 DETAIL_COLUMNS: tuple[str, ...] = (
     "id",
@@ -876,6 +883,7 @@ def export_rows(
                 own = values.get(row["id"], {})
                 for scorer in scorers:
                     row[f"score:{scorer}"] = own.get(scorer)
+            add_conversation_fields(engine, batch)
             yield batch
 
 

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 
 from storage.engine import open_database
 from storage.logs import iter_exchanges
-from storage.schema import ingest_runs
+from storage.schema import conversations, ingest_runs
 from tests.test_ingest_pipeline import convoscope
 
 T0 = 1_767_268_800  # 2026-01-01 12:00 UTC
@@ -47,6 +47,7 @@ def _chat_log(path: Path) -> None:
             "id": "conv-2",
             "model": "bot-2",
             "thumbs_up": False,
+            "feedback": "Too slow to answer.",  # conversation-level free text
             "messages": [
                 {"role": "user", "content": "Weather in Oslo?"},
                 {"role": "assistant", "content": None, "tool_calls": [call]},
@@ -69,6 +70,19 @@ def _stored(db: str) -> dict[str, dict[str, Any]]:
     for row in rows:
         del row["ingested_at"]
     return {row["id"]: row for row in rows}
+
+
+def _conversations(db: str) -> dict[str, tuple[str | None, str | None]]:
+    """Every stored conversation's external id and free-text feedback, by id."""
+    engine = open_database(db)
+    query = sa.select(
+        conversations.c.id, conversations.c.external_id, conversations.c.feedback_text
+    )
+    try:
+        with engine.connect() as conn:
+            return {cid: (ext, feedback) for cid, ext, feedback in conn.execute(query)}
+    finally:
+        engine.dispose()
 
 
 def _ingest(db: str, path: Path, cwd: Path, *extra: str) -> dict[str, Any]:
@@ -96,6 +110,8 @@ def test_a_jsonl_export_ingests_back_under_the_same_ids(tmp_path: Path) -> None:
     assert len(exported) == 6
     tool_answer = next(r for r in exported if r["response"] == "Rain, sadly.")
     assert tool_answer["metadata"]["tool_steps"][1]["content"] == "rain"
+    assert tool_answer["conversation_external_id"] == "conv-2"
+    assert tool_answer["feedback_text"] == "Too slow to answer."
 
     # Into the database it came from: every row is already there.
     again = _ingest(a, tmp_path / "export.jsonl", tmp_path)
@@ -109,6 +125,9 @@ def test_a_jsonl_export_ingests_back_under_the_same_ids(tmp_path: Path) -> None:
     assert copies.keys() == originals.keys()
     for exchange_id, original in originals.items():
         assert copies[exchange_id] == original, exchange_id
+    # The conversations' own fields came back too: no exchange column holds them.
+    assert _conversations(b) == _conversations(a)
+    assert ("conv-2", "Too slow to answer.") in _conversations(b).values()
     signals = {r["response"]: r for r in originals.values()}
     assert signals["5."]["retried"] is True and signals["4."]["rating"] == 4
     assert signals["8."]["edited"] is True and signals["8."]["thumbs"] == -1
@@ -184,3 +203,4 @@ def test_the_ui_jsonl_export_carries_metadata_and_ingests_back_whole(tmp_path: P
     fresh = _ingest(b, out, tmp_path)
     assert (fresh["stored"], fresh["rejected"]) == (6, 0)
     assert _stored(b) == originals
+    assert _conversations(b) == _conversations(a)
