@@ -516,8 +516,27 @@ def cluster_exchanges(
     order: str = "worst",
     limit: int = 10,
 ) -> list[Row]:
-    """Exchanges of one cluster with their reward: the `worst` (lowest reward, else most
-    behavioural complaints), or the `representative` ones the clustering picked."""
+    """Exchanges of one cluster with their reward and their conversation's external id and
+    feedback: the `worst` (lowest reward, else most behavioural complaints), or the
+    `representative` ones the clustering picked."""
+    rows = _cluster_exchanges(
+        engine, run_id, cluster_id, flt, scorer=scorer, order=order, limit=limit
+    )
+    if rows:
+        add_conversation_fields(engine, rows)
+    return rows
+
+
+def _cluster_exchanges(
+    engine: Engine,
+    run_id: str,
+    cluster_id: str,
+    flt: ViewFilter,
+    *,
+    scorer: str | None,
+    order: str,
+    limit: int,
+) -> list[Row]:
     columns, added = context_columns([exchanges.c[name] for name in DETAIL_COLUMNS])
     reward = scores.c.value if scorer else sa.null()
     query = (

@@ -26,6 +26,7 @@ from storage.views import ViewFilter, keyword_search
 from tests.ui_database import (
     MODELS,
     SCORER,
+    XSS_FEEDBACK,
     XSS_GROUP,
     XSS_NAME,
     XSS_PROMPT,
@@ -293,8 +294,9 @@ def test_log_text_is_shown_as_text_never_markup(
 ) -> None:
     at = _app(shared_db.url, monkeypatch)
     at.button(key="open_weakest").click().run()
-    # The injected prompt reaches the page verbatim, in a plain-text element.
-    assert XSS_PROMPT in [t.value for t in at.text]
+    # The injected prompt, and its conversation's feedback, reach the page verbatim, in
+    # plain-text elements.
+    assert {XSS_PROMPT, XSS_FEEDBACK} <= {t.value for t in at.text}
     # Wherever log text enters Markdown it is escaped: no raw tag, link or directive.
     injected = [
         t for t in _all_markdown_text(at) if any(m in t for m in ("script", "onerror", "kw"))

@@ -125,3 +125,6 @@ def exchange_block(row: Mapping[str, Any], *, index: int, expanded: bool = False
         model = safe_label(row.get("model") or "unknown model", 60)
         st.caption(f"{model} · {signals_line(row)}")
         chat_turns(row)
+        if row.get("feedback_text"):
+            st.caption("The user's feedback on this conversation:")
+            st.text(str(row["feedback_text"]))  # st.text: log text is never rendered as markup
