@@ -596,9 +596,14 @@ def route(args: argparse.Namespace) -> dict[str, Any]:
     try:
         if args.export:
             table = load_routing_table(engine)
-            table["instructions"] = _best_instructions(engine)
+            table["instructions"], left_out = _best_instructions(engine)
             args.export.write_text(json.dumps(table, indent=2))
-            return {"path": str(args.export), "clusters": len(table["clusters"])}
+            return {
+                "path": str(args.export),
+                "clusters": len(table["clusters"]),
+                "instructions": len(table["instructions"]),
+                "instructions_left_out": left_out,
+            }
         prompts, lines, rejected = _route_prompts(args)
         predictor, encoder = load_predictor(engine)
     finally:
@@ -817,7 +822,8 @@ def _judge(engine: Engine, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _record_instruction_reward(engine: Engine, run_id: str, report: dict[str, Any]) -> None:
-    """The mean reward of a replay's new answers becomes its instruction version's score."""
+    """The mean reward of a replay's new answers, and of the original answers to the same
+    inputs, become its instruction version's score."""
     from storage.reports import load_instructions, set_instruction_reward
 
     overall = report.get("overall")
@@ -825,26 +831,41 @@ def _record_instruction_reward(engine: Engine, run_id: str, report: dict[str, An
         return
     for version in load_instructions(engine):
         if version["replay_run_id"] == run_id:
-            set_instruction_reward(engine, version["id"], overall["mean_new"])
+            set_instruction_reward(
+                engine, version["id"], overall["mean_new"], overall["mean_original"]
+            )
 
 
-def _best_instructions(engine: Engine) -> dict[str, dict[str, Any]]:
-    """Per cluster, the best-scoring instruction version (else the newest)."""
+def _best_instructions(engine: Engine) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
+    """Per cluster, the best-scoring instruction version among those whose replay beat the
+    original answers to the same inputs, and how many versions were left out, by reason.
+
+    A gateway applies what this table carries: a version never scored (no `replay report`
+    after `score`), or one that scored below the answers it would replace, is not carried.
+    A version scored before the original mean was stored (schema 0005) counts as unscored
+    until its run is reported again.
+    """
     from storage.reports import load_instructions
 
     best: dict[str, dict[str, Any]] = {}
-    for version in load_instructions(engine):  # newest first within a cluster
+    left_out = {"not_scored": 0, "not_better_than_original": 0}
+    for version in load_instructions(engine):
+        score, original = version["mean_reward"], version["original_mean_reward"]
+        if score is None or original is None:
+            left_out["not_scored"] += 1
+            continue
+        if score <= original:
+            left_out["not_better_than_original"] += 1
+            continue
         current = best.get(version["cluster_id"])
-        score = version["mean_reward"]
-        if current is None or (
-            score is not None and (current["mean_reward"] is None or score > current["mean_reward"])
-        ):
+        if current is None or score > current["mean_reward"]:
             best[version["cluster_id"]] = {
                 "version": version["version"],
                 "text": version["text"],
                 "mean_reward": score,
+                "original_mean_reward": original,
             }
-    return best
+    return best, left_out
 
 
 def _replay_selection(engine: Engine, args: argparse.Namespace) -> ExchangeFilter | list[str]:
@@ -1075,7 +1096,14 @@ def describe(command: str, result: dict[str, Any]) -> str:
     if command == "ui":
         return f"UI stopped (exit code {result['exit_code']})"
     if command == "route":
-        return f"routing table written to {result['path']} ({result['clusters']} clusters)"
+        skipped = result["instructions_left_out"]
+        return (
+            f"routing table written to {result['path']} ({result['clusters']} clusters, "
+            f"{result['instructions']} with an instruction that beat the original answers; "
+            f"instruction versions left out: {skipped['not_scored']} never scored (run "
+            "`convoscope score`, then `convoscope replay report RUN`), "
+            f"{skipped['not_better_than_original']} no better than the original answers)"
+        )
     if command == "rename":
         if result["name"] is None:
             return f"cluster {result['cluster_id']} has its automatic name again"

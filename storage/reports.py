@@ -82,17 +82,21 @@ def save_instruction(
             "created_at": utcnow(),
             "replay_run_id": replay_run_id,
             "mean_reward": None,
+            "original_mean_reward": None,
         }
         conn.execute(sa.insert(instructions).values(**row))
     return row
 
 
-def set_instruction_reward(engine: Engine, instruction_id: str, mean_reward: float) -> None:
+def set_instruction_reward(
+    engine: Engine, instruction_id: str, mean_reward: float, original_mean_reward: float
+) -> None:
+    """A version's mean reward and that of the original answers to the same inputs."""
     with engine.begin() as conn:
         conn.execute(
             sa.update(instructions)
             .where(instructions.c.id == instruction_id)
-            .values(mean_reward=mean_reward)
+            .values(mean_reward=mean_reward, original_mean_reward=original_mean_reward)
         )
 
 

@@ -238,7 +238,8 @@ instructions = sa.Table(
     sa.Column("text", sa.Text, nullable=False),
     sa.Column("created_at", sa.DateTime, nullable=False),
     sa.Column("replay_run_id", Id),
-    sa.Column("mean_reward", Real),
+    sa.Column("mean_reward", Real),  # of its replay's new answers (`replay report`)
+    sa.Column("original_mean_reward", Real),  # of the original answers to the same inputs
 )
 
 # Answers of external models (LLM cluster names) cached by a hash of the request, so a re-run

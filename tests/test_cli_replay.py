@@ -245,6 +245,7 @@ def test_an_instruction_replayed_on_a_cluster_is_versioned(tmp_path: Path) -> No
     engine.dispose()
 
     instruction = tmp_path / "instruction.txt"
+    runs = []
     with OpenAIServer() as server:
         for text in ("Answer briefly.", "Answer with a number only."):
             instruction.write_text(text)
@@ -253,14 +254,34 @@ def test_an_instruction_replayed_on_a_cluster_is_versioned(tmp_path: Path) -> No
                 "--instruction", str(instruction), "--json", db=db, cwd=tmp_path,
             )  # fmt: skip
             assert result.returncode == 0, result.stderr
+            runs.append(json.loads(result.stdout)["run_id"])
     engine = open_database(db)
     versions = load_instructions(engine, "t0")
-    engine.dispose()
     assert [(v["version"], v["text"]) for v in versions] == [
         (2, "Answer with a number only."),
         (1, "Answer briefly."),
     ]
-    assert all(v["replay_run_id"] for v in versions)
+    assert [v["replay_run_id"] for v in versions] == runs[::-1]
+
+    # `replay report` scores each version beside the original answers to the same inputs
+    # (rewards as `convoscope score` would store them): the first beat them, the second not.
+    from ingest.replay import pairs
+    from storage.scores import store_scores
+
+    rewards: dict[str, float] = {}
+    for run_id, new in zip(runs, (0.75, 0.25), strict=True):
+        for pair in pairs(engine, run_id):
+            rewards |= {pair["original_id"]: 0.5, pair["new_id"]: new}
+    store_scores(engine, "reward:test", rewards)
+    engine.dispose()
+    for run_id in runs:
+        report = convoscope("replay", "report", run_id, "--json", db=db, cwd=tmp_path)
+        assert report.returncode == 0, report.stderr
+    engine = open_database(db)
+    versions = load_instructions(engine, "t0")
+    engine.dispose()
+    scored = [(v["version"], v["mean_reward"], v["original_mean_reward"]) for v in versions]
+    assert scored == [(2, 0.25, 0.5), (1, 0.75, 0.5)]
 
 
 def test_the_printed_resume_command_alone_finishes_the_run(

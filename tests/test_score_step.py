@@ -170,9 +170,9 @@ def test_score_trains_applies_and_reports_every_cluster(scored_db: str, tmp_path
     cluster_id = table["clusters"][0]["cluster_id"]
     out = tmp_path / "rt.json"
     said = {
-        f"routing table written to {out} ({len(table['clusters'])} clusters)": (
-            "route", "--export", str(out),
-        ),
+        f"routing table written to {out} ({len(table['clusters'])} clusters, 0 with an "
+        "instruction that beat the original answers; instruction versions left out: 0 never "
+        "scored": ("route", "--export", str(out)),
         f"cluster {cluster_id} renamed to 'Travel'": ("rename", cluster_id, "Travel"),
         f"cluster {cluster_id} has its automatic name again": ("rename", cluster_id, ""),
         f"cluster {cluster_id} tagged 'weak'": ("tag", cluster_id, "weak"),
@@ -183,6 +183,33 @@ def test_score_trains_applies_and_reports_every_cluster(scored_db: str, tmp_path
         printed = convoscope(*args, db=scored_db, cwd=tmp_path)
         assert printed.returncode == 0, printed.stderr
         assert printed.stdout.startswith(sentence) and "{" not in printed.stdout
+
+    # The exported table carries a cluster's instruction only where its replay beat the
+    # original answers to the same inputs (`replay report` stores both means).
+    from storage.reports import save_instruction, set_instruction_reward
+
+    other = table["clusters"][1]["cluster_id"]
+    engine = open_database(scored_db)
+    better = save_instruction(engine, cluster_id, "Answer step by step.")
+    set_instruction_reward(engine, better["id"], 0.6, 0.4)
+    worse = save_instruction(engine, cluster_id, "Be terse.")  # the best mean, yet a loss
+    set_instruction_reward(engine, worse["id"], 0.7, 0.8)
+    save_instruction(engine, other, "Never scored.")
+    engine.dispose()
+    exported = convoscope("route", "--export", str(out), "--json", db=scored_db, cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr
+    summary = json.loads(exported.stdout)
+    assert summary["instructions"] == 1
+    assert summary["instructions_left_out"] == {"not_scored": 1, "not_better_than_original": 1}
+    assert json.loads(out.read_text())["instructions"] == {
+        cluster_id: {
+            "version": 1,
+            "text": "Answer step by step.",
+            "mean_reward": 0.6,
+            "original_mean_reward": 0.4,
+        }
+    }
+
     listing = json.loads(convoscope("clusters", "--json", db=scored_db, cwd=tmp_path).stdout)
     assert all("reward_mean" in c for c in listing["clusters"] if c["level"] == 0)
 

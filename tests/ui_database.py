@@ -32,7 +32,7 @@ from storage.scores import store_scores
 MODELS = ("gpt-4o-mini", "llama-3-8b", "mistral-7b", "pygmalion-6b")
 SCORER = "reward:test0001"
 # The weakest exchange's conversation also carries feedback with markup, shown in its drill-down.
-XSS_FEEDBACK = "Useless :( <img src=x onerror=\"alert(4)\"> **never again**"
+XSS_FEEDBACK = 'Useless :( <img src=x onerror="alert(4)"> **never again**'
 XSS_PROMPT = (
     "<script>alert(1)</script> **bold** [click me](javascript:alert(2)) "
     '<img src=x onerror="alert(3)"> :red[red] $x^2$ # heading'

@@ -56,6 +56,8 @@ def _version_label(row: dict[str, Any]) -> str:
     parts = [f"Version {row['version']}", f"{row['created_at']:%Y-%m-%d %H:%M}"]
     if row.get("mean_reward") is not None:
         parts.append(f"mean reward {fmt_float(row['mean_reward'])}")
+    if row.get("original_mean_reward") is not None:
+        parts.append(f"original answers {fmt_float(row['original_mean_reward'])}")
     return " · ".join(parts)
 
 
