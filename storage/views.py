@@ -27,6 +27,7 @@ from storage.schema import (
     cluster_reports,
     cluster_runs,
     clusters,
+    conversations,
     exchanges,
     scores,
     tags,
@@ -516,32 +517,18 @@ def cluster_exchanges(
     order: str = "worst",
     limit: int = 10,
 ) -> list[Row]:
-    """Exchanges of one cluster with their reward and their conversation's external id and
-    feedback: the `worst` (lowest reward, else most behavioural complaints), or the
-    `representative` ones the clustering picked."""
-    rows = _cluster_exchanges(
-        engine, run_id, cluster_id, flt, scorer=scorer, order=order, limit=limit
-    )
-    if rows:
-        add_conversation_fields(engine, rows)
-    return rows
-
-
-def _cluster_exchanges(
-    engine: Engine,
-    run_id: str,
-    cluster_id: str,
-    flt: ViewFilter,
-    *,
-    scorer: str | None,
-    order: str,
-    limit: int,
-) -> list[Row]:
+    """Exchanges of one cluster with their reward and their conversation's free-text feedback:
+    the `worst` (lowest reward, else most behavioural complaints), or the `representative`
+    ones the clustering picked."""
     columns, added = context_columns([exchanges.c[name] for name in DETAIL_COLUMNS])
     reward = scores.c.value if scorer else sa.null()
     query = (
-        sa.select(*columns, reward.label("reward"))
-        .select_from(_joined(run_id, scorer))
+        sa.select(*columns, reward.label("reward"), conversations.c.feedback_text)
+        .select_from(
+            _joined(run_id, scorer).outerjoin(
+                conversations, conversations.c.id == exchanges.c.conversation_id
+            )
+        )
         .where(assignments.c.cluster_id == cluster_id, *_conditions(run_id, flt))
     )
     with engine.connect() as conn:
