@@ -276,7 +276,8 @@ def export_exchanges(
     check_out_path(out, chosen)
     check_not_the_database(engine, out)
     # JSONL is the format that ingests back (ingest.exported): it also carries the stored
-    # metadata (tool steps, a CSV row's other columns), which a flat table has no column for.
+    # metadata (tool steps, a CSV row's other columns; the conversation's other keys), which
+    # a flat table has no column for.
     columns = (*EXCHANGE_EXPORT_COLUMNS, "metadata") if chosen == "jsonl" else None
     batches = iter_export_rows(engine, selection or ExportSelection(), columns=columns)
     stats = WriteStats()
@@ -341,7 +342,7 @@ def iter_export_rows(
                 }
             )
         if rows:
-            add_conversation_fields(engine, rows)
+            add_conversation_fields(engine, rows, with_metadata="metadata" in columns)
             yield rows
 
 
@@ -453,15 +454,16 @@ def _check_format(format: str) -> None:
 
 
 def _plain(row: dict[str, Any]) -> dict[str, Any]:
-    """JSON-ready values: timestamps as ISO strings, context and tags as lists, metadata (when
-    selected) as an object."""
+    """JSON-ready values: timestamps as ISO strings, context and tags as lists, the exchange's
+    and its conversation's metadata (when selected) as objects."""
     plain = dict(row)
     if plain.get("created_at") is not None:
         plain["created_at"] = plain["created_at"].isoformat()
     plain["context"] = json.loads(plain["context"]) if plain.get("context") else []
     plain["tags"] = plain["tags"].split(TAG_SEPARATOR) if plain.get("tags") else []
-    if "metadata" in plain:
-        plain["metadata"] = json.loads(plain["metadata"]) if plain["metadata"] else None
+    for name in ("metadata", "conversation_metadata"):
+        if name in plain:
+            plain[name] = json.loads(plain[name]) if plain[name] else None
     return plain
 
 

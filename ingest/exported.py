@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -66,6 +67,7 @@ _KNOWN = REQUIRED_KEYS | {
     "thumbs",
     "user_turns_after",
     "metadata",
+    "conversation_metadata",
 }
 # Ids are 32 hex digits (records.content_hash); the column is 32 characters wide.
 _ID = re.compile(r"[0-9a-f]{32}")
@@ -89,7 +91,7 @@ def read_exported(path: Path, *, options: ReadOptions) -> Iterator[Parsed]:
         if isinstance(parsed, Reject):
             yield parsed
             continue
-        if group and parsed[0].conversation_id != group[0][0].conversation_id:
+        if group and parsed.exchange.conversation_id != group[0].exchange.conversation_id:
             yield _group(group, source, line)
             group = []
         if not group:
@@ -99,18 +101,28 @@ def read_exported(path: Path, *, options: ReadOptions) -> Iterator[Parsed]:
         yield _group(group, source, line)
 
 
-# An export row: its exchange, and its conversation's external id and feedback text.
-_Row = tuple[Exchange, str | None, str | None]
+@dataclass(frozen=True, slots=True)
+class _Row:
+    """An export row: its exchange, and the fields of its conversation it repeats."""
+
+    exchange: Exchange
+    conversation_external_id: str | None
+    feedback_text: str | None
+    conversation_metadata: dict[str, Any] | None
 
 
 def _group(rows: list[_Row], source: str, line: int) -> StoredExchanges:
-    ordered = sorted((row[0] for row in rows), key=lambda e: e.turn_index)  # stable
+    ordered = sorted((row.exchange for row in rows), key=lambda e: e.turn_index)  # stable
     return StoredExchanges(
         exchanges=tuple(ordered),
         source=source,
         line=line,
-        external_id=next((row[1] for row in rows if row[1] is not None), None),
-        feedback_text=next((row[2] for row in rows if row[2] is not None), None),
+        external_id=next(
+            (r.conversation_external_id for r in rows if r.conversation_external_id is not None),
+            None,
+        ),
+        feedback_text=next((r.feedback_text for r in rows if r.feedback_text is not None), None),
+        metadata=next((r.conversation_metadata for r in rows if r.conversation_metadata), {}),
     )
 
 
@@ -159,7 +171,12 @@ def _exchange(record: Any, number: int, source: str) -> _Row | Reject:
             )
     except FieldError as err:
         return field_reject(source, number, err, record)
-    return exchange, text["conversation_external_id"], text["feedback_text"]
+    return _Row(
+        exchange,
+        text["conversation_external_id"],
+        text["feedback_text"],
+        _object(record.get("conversation_metadata"), "conversation_metadata"),
+    )
 
 
 def _kind(value: Any) -> str:
@@ -233,12 +250,16 @@ def _context(value: Any) -> tuple[Message, ...]:
     return tuple(messages)
 
 
+def _object(value: Any, name: str) -> dict[str, Any] | None:
+    if value is not None and not isinstance(value, dict):
+        raise FieldError(name, f"expected a JSON object or null, got {_kind(value)}")
+    return value
+
+
 def _metadata(record: dict[str, Any]) -> dict[str, Any]:
     """The exchange's stored metadata (`metadata`), plus any key the export does not write,
     kept as every reader keeps unknown fields; the other database's runs are left out."""
-    stored = record.get("metadata")
-    if stored is not None and not isinstance(stored, dict):
-        raise FieldError("metadata", f"expected a JSON object or null, got {_kind(stored)}")
+    stored = _object(record.get("metadata"), "metadata")
     extra = {
         key: value
         for key, value in record.items()

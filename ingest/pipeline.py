@@ -3,9 +3,11 @@
 Readers stream records; whole conversations are split into exchanges and written in batches,
 each batch one transaction that skips what is already stored. A batch is written on a thread
 while the next one is read (the databases release the GIL while they insert and commit), with
-one batch in flight at most, so memory stays bounded. So a re-run stores nothing new,
-a killed run resumes by running it again, and a bad record costs only itself: it goes to the
-rejects file with its file, line, field and reason while the records around it are stored.
+one batch in flight at most, so memory stays bounded; its rows are made ready for the database
+on the reading thread (`storage.logs.prepare_batch`), so the writer seldom holds the GIL.
+So a re-run stores nothing new, a killed run resumes by running it again, and a bad record
+costs only itself: it goes to the rejects file with its file, line, field and reason while the
+records around it are stored.
 A file rejected whole (line 0: empty, binary, an unknown mapped field) is also a warning in
 the summary, since a user would otherwise see only a count.
 """
@@ -42,7 +44,14 @@ from ingest.records import (
 )
 from storage.contexts import encode_context
 from storage.engine import checkpoint
-from storage.logs import finish_ingest_run, start_ingest_run, store_batch, utcnow
+from storage.logs import (
+    PreparedBatch,
+    finish_ingest_run,
+    prepare_batch,
+    start_ingest_run,
+    store_prepared,
+    utcnow,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,7 +185,7 @@ def _ingest_file(
             elif isinstance(record, UnknownRole):
                 unknown_roles[record.role] += 1
             if batch.size >= config.batch_size:
-                writer.submit(batch.take())
+                writer.submit(batch.take(engine))
     except (ValueError, OSError) as error:
         # The file as a whole cannot be read (format not recognised, a mapped column that
         # does not exist, no permission to read it): reject the file and go on with the next.
@@ -184,7 +193,7 @@ def _ingest_file(
     finally:
         bar.close()
         writer.drain()  # the batch in flight is committed even when reading failed
-    _store(batch.take(), engine, summary)
+    _store(batch.take(engine), engine, summary)
     if summary.read == before[0] and summary.rejected > before[3]:
         _check_forced_format(path, config, summary)
     finish_ingest_run(
@@ -233,17 +242,12 @@ def _format_name(path: Path, config: IngestConfig) -> str:
         return "unknown"  # read_file rejects the file with the reason
 
 
-def _store(rows: _Rows, engine: Engine, summary: IngestSummary) -> None:
+def _store(batch: PreparedBatch, engine: Engine, summary: IngestSummary) -> None:
     """Write one batch in one transaction and count what it added."""
-    if not rows.exchanges:
+    if not batch.read:
         return
-    counts = store_batch(
-        engine,
-        conversation_rows=rows.conversations,
-        exchange_rows=rows.exchanges,
-        battle_rows=rows.battles,
-    )
-    summary.read += len(rows.exchanges)
+    counts = store_prepared(engine, batch)
+    summary.read += batch.read
     summary.stored += counts.stored
     summary.duplicates += counts.duplicates
     summary.battles_stored += counts.battles_stored
@@ -302,9 +306,9 @@ class _BatchWriter:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="convoscope-writer")
         self._pending: Future[None] | None = None
 
-    def submit(self, rows: _Rows) -> None:
+    def submit(self, batch: PreparedBatch) -> None:
         self.drain()  # a write error surfaces here, before more is read
-        self._pending = self._pool.submit(_store, rows, self._engine, self._summary)
+        self._pending = self._pool.submit(_store, batch, self._engine, self._summary)
 
     def close(self) -> None:
         try:
@@ -319,15 +323,6 @@ class _BatchWriter:
             pending.result()
 
 
-@dataclass(frozen=True, slots=True)
-class _Rows:
-    """One batch's rows, handed from the reader to the writer."""
-
-    conversations: list[dict[str, Any]]
-    exchanges: list[dict[str, Any]]
-    battles: list[dict[str, Any]]
-
-
 class _Batch:
     """Rows waiting to be written together in one transaction."""
 
@@ -340,9 +335,14 @@ class _Batch:
     def size(self) -> int:
         return len(self.exchanges)
 
-    def take(self) -> _Rows:
-        """The rows gathered so far; the batch starts empty again."""
-        rows = _Rows(self.conversations, self.exchanges, self.battles)
+    def take(self, engine: Engine) -> PreparedBatch:
+        """The rows gathered so far, ready to store; the batch starts empty again."""
+        rows = prepare_batch(
+            engine,
+            conversation_rows=self.conversations,
+            exchange_rows=self.exchanges,
+            battle_rows=self.battles,
+        )
         self.conversations, self.exchanges, self.battles = [], [], []
         return rows
 
@@ -371,8 +371,8 @@ class _Batch:
 
         The conversation row is what the rows tell (a row per conversation is needed, and an
         existing one is kept as it is): its length is the longest context plus that turn,
-        its time the earliest, its external id and free-text feedback as exported; its
-        thumbs and rating are on the exchanges already.
+        its time the earliest, its external id, free-text feedback and metadata as exported;
+        its thumbs and rating are on the exchanges already.
         """
         now = utcnow()
         parts = record.exchanges
@@ -387,7 +387,7 @@ class _Batch:
                 "thumbs": None,
                 "rating": None,
                 "feedback_text": record.feedback_text,
-                "metadata": None,
+                "metadata": _json_or_none(record.metadata),
                 "ingested_at": now,
             }
         )

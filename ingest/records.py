@@ -187,6 +187,7 @@ class StoredExchanges:
     line: int  # where the first row is
     external_id: str | None = None  # the conversation's, as first logged
     feedback_text: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)  # the conversation's other keys
 
 
 @dataclass(frozen=True, slots=True)

@@ -845,7 +845,7 @@ def export_rows(
     """The filtered exchanges as export rows, in batches: `EXPORT_COLUMNS` (cluster id, the
     name shown for the cluster, its tags and the exchange's own, joined by "; ") followed by
     one `score:<scorer>` column per scorer in the database (None where unscored), and the
-    stored `metadata` (JSON text) when `with_metadata`."""
+    stored `metadata` and `conversation_metadata` (JSON text) when `with_metadata`."""
     names = cluster_names(engine, run_id) if run_id else {}
     scorers = score_names(engine)
     cluster_id = assignments.c.cluster_id if run_id else sa.null()
@@ -889,7 +889,7 @@ def export_rows(
                 own = values.get(row["id"], {})
                 for scorer in scorers:
                     row[f"score:{scorer}"] = own.get(scorer)
-            add_conversation_fields(engine, batch)
+            add_conversation_fields(engine, batch, with_metadata=with_metadata)
             yield batch
 
 

@@ -48,6 +48,7 @@ def _chat_log(path: Path) -> None:
             "model": "bot-2",
             "thumbs_up": False,
             "feedback": "Too slow to answer.",  # conversation-level free text
+            "user_id": "u-17",  # a key no field holds: the conversation's metadata
             "messages": [
                 {"role": "user", "content": "Weather in Oslo?"},
                 {"role": "assistant", "content": None, "tool_calls": [call]},
@@ -72,15 +73,18 @@ def _stored(db: str) -> dict[str, dict[str, Any]]:
     return {row["id"]: row for row in rows}
 
 
-def _conversations(db: str) -> dict[str, tuple[str | None, str | None]]:
-    """Every stored conversation's external id and free-text feedback, by id."""
+def _conversations(db: str) -> dict[str, tuple[str | None, str | None, str | None]]:
+    """Every stored conversation's external id, free-text feedback and metadata, by id."""
     engine = open_database(db)
     query = sa.select(
-        conversations.c.id, conversations.c.external_id, conversations.c.feedback_text
+        conversations.c.id,
+        conversations.c.external_id,
+        conversations.c.feedback_text,
+        conversations.c.metadata,
     )
     try:
         with engine.connect() as conn:
-            return {cid: (ext, feedback) for cid, ext, feedback in conn.execute(query)}
+            return {cid: tuple(values) for cid, *values in conn.execute(query)}
     finally:
         engine.dispose()
 
@@ -112,6 +116,7 @@ def test_a_jsonl_export_ingests_back_under_the_same_ids(tmp_path: Path) -> None:
     assert tool_answer["metadata"]["tool_steps"][1]["content"] == "rain"
     assert tool_answer["conversation_external_id"] == "conv-2"
     assert tool_answer["feedback_text"] == "Too slow to answer."
+    assert tool_answer["conversation_metadata"] == {"user_id": "u-17"}
 
     # Into the database it came from: every row is already there.
     again = _ingest(a, tmp_path / "export.jsonl", tmp_path)
@@ -127,7 +132,8 @@ def test_a_jsonl_export_ingests_back_under_the_same_ids(tmp_path: Path) -> None:
         assert copies[exchange_id] == original, exchange_id
     # The conversations' own fields came back too: no exchange column holds them.
     assert _conversations(b) == _conversations(a)
-    assert ("conv-2", "Too slow to answer.") in _conversations(b).values()
+    conv_2 = ("conv-2", "Too slow to answer.", json.dumps({"user_id": "u-17"}))
+    assert conv_2 in _conversations(b).values()
     signals = {r["response"]: r for r in originals.values()}
     assert signals["5."]["retried"] is True and signals["4."]["rating"] == 4
     assert signals["8."]["edited"] is True and signals["8."]["thumbs"] == -1
