@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -24,15 +25,33 @@ from storage.engine import StorageError
 Handler = Callable[[argparse.Namespace], dict[str, Any]]
 
 
-def _parse_mapping(text: str) -> dict[str, str]:
-    """`prompt=question,response=answer` → {"prompt": "question", "response": "answer"}."""
-    mapping: dict[str, str] = {}
+def _pairs(text: str, option: str, shape: str) -> list[tuple[str, str]]:
+    """`a=1,b=2` → [("a", "1"), ("b", "2")]; the error names the option and its shape."""
+    pairs = []
     for pair in filter(None, (part.strip() for part in text.split(","))):
         key, sep, value = pair.partition("=")
         if not sep or not key.strip() or not value.strip():
-            raise argparse.ArgumentTypeError(f"--map expects field=column pairs, got {pair!r}")
-        mapping[key.strip()] = value.strip()
+            raise argparse.ArgumentTypeError(f"{option} expects {shape} pairs, got {pair!r}")
+        pairs.append((key.strip(), value.strip()))
+    return pairs
+
+
+def _parse_mapping(text: str) -> dict[str, str]:
+    """`prompt=question,response=answer` → {"prompt": "question", "response": "answer"}; a
+    field named twice is refused (the last one silently won)."""
+    mapping: dict[str, str] = {}
+    for key, value in _pairs(text, "--map", "field=column"):
+        if key in mapping:
+            raise argparse.ArgumentTypeError(
+                f"--map names {key} twice ({mapping[key]!r} and {value!r}): keep one"
+            )
+        mapping[key] = value
     return mapping
+
+
+def _parse_filter(text: str) -> list[tuple[str, str]]:
+    """`model=a,model=b,source=f` → every pair, so a repeated key selects either value."""
+    return _pairs(text, "--filter", "key=value")
 
 
 def _positive_float(text: str) -> float:
@@ -43,6 +62,17 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
+
+
+def _weight(text: str) -> float:
+    """A label weight: NaN or a negative weight would silently empty or invert the target."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a number of at least 0, got {text}")
     return value
 
 
@@ -322,14 +352,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="texts per fine-tuning step (--batch-size is the embedder's)",
     )
     score.add_argument("--model-id", help="the stored reward model `score reward apply` uses")
-    score.add_argument("--alpha-retry", type=float, default=1.0, help="weight of retries")
-    score.add_argument("--alpha-edit", type=float, default=1.0, help="weight of edits")
+    score.add_argument("--alpha-retry", type=_weight, default=1.0, help="weight of retries")
+    score.add_argument("--alpha-edit", type=_weight, default=1.0, help="weight of edits")
     score.add_argument(
-        "--alpha-length", type=float, default=1.0, help="weight of leaving / continuing"
+        "--alpha-length", type=_weight, default=1.0, help="weight of leaving / continuing"
     )
-    score.add_argument("--alpha-rating", type=float, default=1.0, help="weight of star ratings")
-    score.add_argument("--alpha-thumbs", type=float, default=1.0, help="weight of thumbs")
-    score.add_argument("--alpha-battle", type=float, default=1.0, help="weight of judged battles")
+    score.add_argument("--alpha-rating", type=_weight, default=1.0, help="weight of star ratings")
+    score.add_argument("--alpha-thumbs", type=_weight, default=1.0, help="weight of thumbs")
+    score.add_argument("--alpha-battle", type=_weight, default=1.0, help="weight of judged battles")
     score.add_argument(
         "--epochs", type=int, help="reward head training epochs (default: the head's, 30)"
     )
@@ -399,7 +429,12 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--cluster", help="only exchanges in this cluster (latest clustering)")
     replay.add_argument("--tag", help="only exchanges tagged so, or in clusters tagged so")
     replay.add_argument(
-        "--filter", type=_parse_mapping, default={}, help="model=NAME,source=FILE (repeatable keys)"
+        "--filter",
+        type=_parse_filter,
+        action="extend",
+        default=[],
+        help="model=NAME,source=FILE; a key given again (here or in another --filter) adds "
+        "values: model=a,model=b replays both",
     )
     replay.add_argument(
         "--sample", type=_positive_int, help="replay (or judge) a deterministic sample of N inputs"

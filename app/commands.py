@@ -371,7 +371,7 @@ def score(args: argparse.Namespace) -> dict[str, Any]:
     """`score` (everything), `score reward train` or `score reward apply`."""
     from dataclasses import replace
 
-    from scoring.labels import LabelConfig
+    from scoring.labels import SIGNALS, LabelConfig
     from scoring.reward_head import STRUCTURAL_HEAD
     from scoring.reward_model import FineTuneConfig
     from scoring.reward_step import apply_reward, reward_members
@@ -399,6 +399,8 @@ def score(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError("--route-cheapest needs --costs FILE")
     if args.reward_model:
         _check_reward_model(args.reward_model)
+    if not any(getattr(args, f"alpha_{signal}") for signal in SIGNALS):
+        raise UserError("every --alpha-* weight is 0, so no response would get a label")
     config = ScoreConfig(
         on=args.on,
         embed=replace(_embed_config(args), progress=True),
@@ -488,11 +490,14 @@ def reward(args: argparse.Namespace) -> dict[str, Any]:
     responses = [r.fields["response"] for r in pairs]
     responses += [r.fields["response_a"] for r in battles]
     responses += [r.fields["response_b"] for r in battles]
-    engine = open_database(args.db)
+    # Your own model directory needs no database; the stored model needs the one named, and
+    # a mistyped --db must not become an empty one that says "no reward model yet".
+    engine = None if args.reward_model else open_database(args.db, existing=True)
     try:
         scores, model = score_texts(engine, prompts, responses, reward_model_dir=args.reward_model)
     finally:
-        engine.dispose()
+        if engine is not None:
+            engine.dispose()
     n, m = len(pairs), len(battles)
     result: dict[str, Any] = {
         "reward_model": model,
@@ -687,7 +692,7 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
     from ingest.replay import ReplayError, compare
     from scoring.judge import JudgeError, judge_results
 
-    engine = open_database(args.db)
+    engine = open_database(args.db, existing=True)  # saved inputs or a run to replay
     try:
         if args.action in ("report", "judge") and not args.run_id:
             raise UserError(
@@ -880,12 +885,12 @@ def _replay_selection(engine: Engine, args: argparse.Namespace) -> ExchangeFilte
         if not ids:
             raise UserError("no exchanges match that --cluster/--tag")
         return ids
-    unknown = set(args.filter) - {"model", "source"}
+    unknown = {key for key, _ in args.filter} - {"model", "source"}
     if unknown:
         raise UserError(f"--filter takes model= and source=, not {', '.join(sorted(unknown))}")
     return ExchangeFilter(
-        models=tuple(filter(None, [args.filter.get("model")])),
-        sources=matching_sources(engine, list(filter(None, [args.filter.get("source")]))),
+        models=tuple(dict.fromkeys(value for key, value in args.filter if key == "model")),
+        sources=matching_sources(engine, [value for key, value in args.filter if key == "source"]),
     )
 
 
@@ -910,7 +915,9 @@ def ui(args: argparse.Namespace) -> dict[str, Any]:
 
     if port_in_use(args.host, args.port):
         raise UserError(f"port {args.port} already in use on {args.host}: choose another --port")
-    open_database(args.db).dispose()  # migrate (and fail clearly) before Streamlit starts
+    # Migrate (and fail clearly) before Streamlit starts; the UI only reads and replays, so a
+    # missing database is a mistyped --db, not an empty one to open.
+    open_database(args.db, existing=True).dispose()
     url = resolve_url(args.db)
     process = launch(url, host=args.host, port=args.port, open_browser=not args.no_browser)
     print(f"convoscope UI on http://{args.host}:{args.port} (Ctrl-C to stop)", file=sys.stderr)

@@ -35,6 +35,7 @@ from ingest.records import (
     Conversation,
     Exchange,
     Message,
+    Notice,
     Reject,
     StoredExchanges,
     Truncation,
@@ -184,6 +185,8 @@ def _ingest_file(
                 summary.truncated.append(asdict(record))
             elif isinstance(record, UnknownRole):
                 unknown_roles[record.role] += 1
+            elif isinstance(record, Notice):
+                summary.warnings.append(f"{record.source}: {record.message}")
             if batch.size >= config.batch_size:
                 writer.submit(batch.take(engine))
     except (ValueError, OSError) as error:

@@ -220,4 +220,13 @@ class UnknownRole:
     role: str
 
 
-Parsed = Conversation | BattleRecord | StoredExchanges | Reject | Truncation | UnknownRole
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """Something about a whole file that was read, which its user should hear of though no
+    record was rejected (a warning in the summary)."""
+
+    source: str
+    message: str
+
+
+Parsed = Conversation | BattleRecord | StoredExchanges | Reject | Truncation | UnknownRole | Notice

@@ -31,7 +31,15 @@ from ingest.readers import (
     field_reject,
     unstorable_text,
 )
-from ingest.records import Conversation, Message, Parsed, Reject, Truncation, canonical_role
+from ingest.records import (
+    Conversation,
+    Message,
+    Notice,
+    Parsed,
+    Reject,
+    Truncation,
+    canonical_role,
+)
 
 if TYPE_CHECKING:
     from ingest.readers import ReadOptions
@@ -83,6 +91,8 @@ def read_parquet(path: Path, *, options: ReadOptions) -> Iterator[Parsed]:
         yield Reject(source=source, line=0, reason=f"unreadable Parquet file: {err}")
         return
     columns = _column_map(parquet.schema_arrow.names, options.mapping, path)
+    if notice := _no_response(columns, parquet.schema_arrow.names, source):
+        yield notice
 
     def rows() -> Iterator[_Row | Reject]:
         number = 0
@@ -127,6 +137,26 @@ def _column_map(header: Iterable[str], mapping: Mapping[str, str], path: Path) -
     return columns
 
 
+# Column names that usually hold a model's answers, to name in the hint when no column is
+# mapped to `response`.
+_ANSWER_NAMES = ("answer", "answers", "completion", "output", "reply", "assistant", "bot")
+
+
+def _no_response(columns: Mapping[str, str], names: list[str], source: str) -> Notice | None:
+    """A warning when no column holds the responses: the rows are stored as saved inputs
+    (prompts to replay), which is right for such a file, but a file whose answers sit in an
+    unmapped column (`answer`) was stored with every response empty and nothing said."""
+    if "response" in columns.values():
+        return None
+    likely = next((n for n in names if n.strip().lower() in _ANSWER_NAMES), "COLUMN")
+    return Notice(
+        source,
+        f"no response column (columns: {names}): its rows are stored as saved inputs, prompts "
+        f"without answers, to replay; if a column holds the answers, map it: "
+        f"--map response={likely}",
+    )
+
+
 def _find_column(wanted: str, names: list[str]) -> str | None:
     """The column a mapping names: by its exact name, else by its name without stray spaces."""
     if wanted in names:
@@ -136,7 +166,7 @@ def _find_column(wanted: str, names: list[str]) -> str | None:
 
 def _csv_rows(
     path: Path, *, source: str, options: ReadOptions
-) -> Iterator[_Row | Reject | Truncation]:
+) -> Iterator[_Row | Reject | Truncation | Notice]:
     """Typed rows; bad lines and bad rows come out as Rejects in their place."""
     csv.field_size_limit(max(csv.field_size_limit(), options.max_line_bytes))
     pending: list[Reject | Truncation] = []
@@ -166,6 +196,8 @@ def _csv_rows(
     )
     header = next(csv.reader([header_text], delimiter=delimiter))
     columns = _column_map(header, options.mapping, path)
+    if notice := _no_response(columns, header, source):
+        yield notice
     # strict: a quote left open at the end of the file is an error, not a cell that silently
     # swallows every row after it; a stray quote after a closing one is an error too.
     reader = csv.reader(stream, delimiter=delimiter, strict=True)
@@ -284,7 +316,9 @@ def _context(value: Any, column: str) -> tuple[Message, ...]:
     return tuple(messages)
 
 
-def _conversations(rows: Iterable[_Row | Reject | Truncation], *, source: str) -> Iterator[Parsed]:
+def _conversations(
+    rows: Iterable[_Row | Reject | Truncation | Notice], *, source: str
+) -> Iterator[Parsed]:
     """Group contiguous rows of one conversation_id; a row without one is its own conversation."""
     group: list[_Row] = []
     finished: set[str] = set()

@@ -14,6 +14,7 @@ length signal is unknown rather than "bad" for every row.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +37,23 @@ class LabelConfig:
     continued_at_least: int = 3  # N: at least N more user turns without a retry = good
     rating_min: float = 1.0
     rating_max: float = 5.0
+
+    def __post_init__(self) -> None:
+        """Refuse weights that would silently empty the target: a NaN weight made every row
+        unknown, and the model trained on nothing was stored as the newest one all the same."""
+        for signal in SIGNALS:
+            weight = self.alpha(signal)
+            if not (math.isfinite(weight) and weight >= 0):
+                raise ValueError(f"alpha_{signal} must be a number of at least 0, got {weight}")
+        if not any(self.alpha(signal) > 0 for signal in SIGNALS):
+            raise ValueError(
+                "every signal's weight (alpha) is 0, so no response would get a label: "
+                "give at least one signal a weight above 0"
+            )
+        if self.ended_within < 1 or self.continued_at_least < 1:
+            raise ValueError("ended_within and continued_at_least must be at least 1")
+        if not self.rating_min < self.rating_max:
+            raise ValueError(f"rating_min {self.rating_min} must be below rating_max")
 
     def alpha(self, signal: str) -> float:
         """The weight of one signal by its short name (see SIGNALS)."""

@@ -494,15 +494,21 @@ def _stored_scores(
 
 
 def score_texts(
-    engine: Engine, prompts: list[str], responses: list[str], *, reward_model_dir: str | None = None
+    engine: Engine | None,
+    prompts: list[str],
+    responses: list[str],
+    *,
+    reward_model_dir: str | None = None,
 ) -> tuple[np.ndarray, str]:
     """Rewards for (prompt, response) pairs from a file: the newest stored reward model (of
-    any kind), or a user's model directory."""
+    any kind), or a user's model directory (no database needed: `engine` may be None)."""
     if reward_model_dir:
         from scoring.reward_model import SequenceClassifierReward
 
         scorer = SequenceClassifierReward(reward_model_dir)
         return scorer.score(prompts, responses), reward_model_dir
+    if engine is None:
+        raise ValueError("scoring with a stored reward model needs its database")
     stored = _stored_reward(engine, None)
     scores = _model_scores(engine, stored, lambda one: _file_scores(one, prompts, responses))
     return scores, stored["id"]

@@ -18,10 +18,11 @@ import pytest
 import sqlalchemy as sa
 
 from app.cli import main
+from app.ui.launch import free_port
 from ingest.files import REJECTS_PREFIX
 from storage.engine import open_database
 from storage.logs import iter_exchanges
-from storage.schema import ingest_runs
+from storage.schema import ingest_runs, scores, trained_models
 from tests.test_ingest_pipeline import REPO, convoscope, write_openai_jsonl
 
 
@@ -396,12 +397,23 @@ def test_the_ingest_line_counts_battles(tmp_path: Path, capsys: pytest.CaptureFi
 
 @pytest.mark.parametrize(
     "command",
-    [["clusters"], ["route", "how do I reset my password"], ["score"], ["tag", "t1", "x"]],
+    [
+        ["clusters"],
+        ["route", "how do I reset my password"],
+        ["score"],
+        ["tag", "t1", "x"],
+        ["replay", "--model", "m", "--base-url", "http://127.0.0.1:9/v1"],
+        ["replay", "report", "r1"],
+        ["reward", "--file", "pairs.jsonl"],
+        ["ui", "--no-browser", "--port", "0"],  # 0 is replaced by a free port below
+    ],
 )
 def test_a_step_on_stored_data_never_creates_a_database_from_a_typo(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
 ) -> None:
     typo = tmp_path / "convoscpoe.duckdb"
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"prompt": "hi", "response": "hey"}) + "\n")
+    command = [str(free_port()) if arg == "0" else arg for arg in command]
     code, out, err = cli(capsys, "--db", str(typo), *command)
     assert code == 2 and out == ""
     assert f"no database at {typo}: check --db" in err and not typo.exists()
@@ -433,3 +445,62 @@ def test_a_read_only_open_of_another_applications_database_says_so(
         conn.execute("CREATE TABLE exchanges (symbol TEXT, rate REAL)")
     code, _, err = cli(capsys, "--db", str(foreign), "export", "--out", "o.csv")
     assert code == 2 and "is not a convoscope database" in err  # not "ingest some first"
+
+
+@pytest.mark.parametrize(
+    ("weights", "said"),
+    [
+        (["--alpha-battle", "nan"], "argument --alpha-battle: must be a number of at least 0"),
+        (["--alpha-retry", "-5"], "argument --alpha-retry: must be a number of at least 0"),
+        (
+            [f"--alpha-{s}=0" for s in ("retry", "edit", "length", "rating", "thumbs", "battle")],
+            "every --alpha-* weight is 0, so no response would get a label",
+        ),
+    ],
+)
+def test_label_weights_that_would_empty_the_target_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], weights: list[str], said: str
+) -> None:
+    """A NaN weight made every label unknown, and the model trained on nothing was stored as
+    the newest one and rescored every exchange."""
+    db, _ = _ingested(tmp_path, capsys)
+    before = _stored_tables(db)
+    code, out, err = cli(capsys, "--db", db, "score", "reward", "train", *weights)
+    assert code == 2 and out == "" and said in err
+    assert _stored_tables(db) == before  # nothing trained, nothing scored
+
+
+def _stored_tables(db: str) -> dict[str, int]:
+    engine = open_database(db)
+    try:
+        with engine.connect() as conn:
+            return {
+                table.name: conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one()
+                for table in (trained_models, scores)
+            }
+    finally:
+        engine.dispose()
+
+
+def test_a_field_mapped_twice_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = cli(capsys, "ingest", "x.csv", "--map", "prompt=a,prompt=b")
+    assert code == 2 and "--map names prompt twice ('a' and 'b'): keep one" in err
+
+
+def test_a_table_without_answers_says_its_rows_are_saved_inputs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The answers sat in an unmapped `answer` column: every row was stored with an empty
+    response and nothing said, and the run with the right --map stored every row again."""
+    table = tmp_path / "faq.csv"
+    pd.DataFrame({"question": ["Hours?", "Refunds?"], "answer": ["9-5.", "30 days."]}).to_csv(
+        table, index=False
+    )
+    db = str(tmp_path / "faq.duckdb")
+    code, _, err = cli(capsys, "--db", db, "ingest", str(table), "--map", "prompt=question")
+    assert code == 0, err
+    assert "stored as saved inputs" in err and "--map response=answer" in err
+    code, _, err = cli(
+        capsys, "--db", db, "ingest", str(table), "--map", "prompt=question,response=answer"
+    )
+    assert code == 0 and "saved inputs" not in err

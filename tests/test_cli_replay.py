@@ -198,6 +198,32 @@ def test_a_replay_no_endpoint_answers_exits_2_with_its_summary(tmp_path: Path) -
 
 
 @pytest.mark.parametrize(
+    "filters",
+    [
+        ("--filter", "model=expert-1,model=expert-2"),
+        ("--filter", "model=expert-1", "--filter", "model=expert-2"),
+    ],
+)
+def test_a_filter_key_given_twice_selects_either_value(
+    tmp_path: Path, filters: tuple[str, ...]
+) -> None:
+    """Each of expert-1 and expert-2 served one two-turn conversation: the second model used to
+    replace the first, and 2 inputs were sent where 4 match."""
+    db = _ingested(tmp_path)
+    args = ("--model", "m", "--base-url", "http://127.0.0.1:1/v1", "--max-attempts", "1")
+    result = convoscope("replay", *args, *filters, db=db, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "none of the 4 inputs sent was answered" in result.stderr.splitlines()[-1]
+
+
+def test_a_bad_filter_names_the_filter_option(tmp_path: Path) -> None:
+    args = ("replay", "--model", "m", "--base-url", "http://127.0.0.1:9/v1", "--filter", "model")
+    result = convoscope(*args, db=str(tmp_path / "never.duckdb"), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "--filter expects key=value pairs, got 'model'" in result.stderr.splitlines()[-1]
+
+
+@pytest.mark.parametrize(
     ("option", "value", "said"),
     [
         ("--base-url", "127.0.0.1:8000/v1", "--base-url: expected an http(s) URL"),

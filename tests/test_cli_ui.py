@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from app.ui.launch import free_port, wait_until_up
+from storage.engine import open_database
 from tests.test_ingest_pipeline import REPO, convoscope
 
 
@@ -41,6 +42,7 @@ def test_a_port_in_use_makes_ui_exit_non_zero(tmp_path: Path) -> None:
 
 
 def test_sigterm_stops_the_streamlit_child(tmp_path: Path) -> None:
+    open_database(str(tmp_path / "ui.duckdb")).dispose()  # the UI opens an existing database
     port = free_port()
     ui = subprocess.Popen(
         [sys.executable, "-m", "app.cli", "--db", str(tmp_path / "ui.duckdb"), "ui",
