@@ -155,6 +155,19 @@ def cluster_routes(
     return routes
 
 
+def prompt_centroids(prompts: np.ndarray, cluster_ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Each cluster's mean prompt vector, in the space of the vectors given: the routing
+    table's encoder's, the predictor's. The clustering's own centroids may be another
+    encoder's (`cluster --fast`, then `score`): a table naming one encoder with 256-number
+    centroids and a projection for 384 numbers fitted no gateway's embedding either way."""
+    centroids = {}
+    for cluster_id in np.unique(cluster_ids):
+        members = prompts[cluster_ids == cluster_id].astype(np.float64)
+        units = members / np.maximum(np.linalg.norm(members, axis=1, keepdims=True), 1e-12)
+        centroids[str(cluster_id)] = units.mean(axis=0)
+    return centroids
+
+
 def routing_table(
     predictor: WinPredictor,
     routes: list[ClusterRoute],

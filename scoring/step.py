@@ -46,7 +46,7 @@ from scoring.reward_step import (
     train_lexical,
     use_external,
 )
-from scoring.routing import RoutingConfig, cluster_routes, routing_table
+from scoring.routing import RoutingConfig, cluster_routes, prompt_centroids, routing_table
 from scoring.weakness import ClusterWeakness, WeaknessConfig, rank_clusters
 from storage.clusters import latest_run, load_assignments, load_clusters
 from storage.logs import iter_exchanges, load_battles
@@ -143,7 +143,7 @@ def score_all(engine: Engine, *, config: ScoreConfig) -> dict[str, Any]:
                 f"(known: {', '.join(sorted(predictor.experts))})"
             ]
     counts = _cluster_reports(
-        engine, frame, reward.scores, prompts, prompt_feats, predictor, battles, config
+        engine, frame, reward.scores, prompts, prompt_feats, predictor, battles, config, encoder
     )
     return {**result, **counts.as_dict()}
 
@@ -425,9 +425,10 @@ def _cluster_reports(
     predictor: WinPredictor | None,
     battles: pd.DataFrame,
     config: ScoreConfig,
+    encoder: str,
 ) -> ReportCounts:
     """Write one report per topic and one per parent group of the latest run (together, so
-    re-scoring replaces both)."""
+    re-scoring replaces both). `encoder` embedded `prompts`, the predictor's inputs."""
     run = latest_run(engine, on_field=config.on)
     if run is None:
         return ReportCounts()
@@ -477,17 +478,12 @@ def _cluster_reports(
         }
     save_cluster_reports(engine, run["id"], reports)  # topics and groups in one transaction
     if predictor is not None and routes:
-        topics = {c["id"]: c for c in load_clusters(engine, run["id"]) if c["level"] == 0}
-        centroids = {
-            cid: np.frombuffer(topics[cid]["centroid"], dtype="<f4")
-            for cid in routes
-            if cid in topics
-        }
+        centroids = prompt_centroids(prompts[rows], data["cluster_id"].to_numpy())
         table = routing_table(
             predictor,
             list(routes.values()),
             centroids,
-            encoder=run["embedder"],
+            encoder=encoder,
             config=config.routing,
             use_cheapest=config.route_cheapest,
         )

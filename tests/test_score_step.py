@@ -65,6 +65,12 @@ def _signal_log(path: Path) -> Path:
 
 @pytest.fixture
 def scored_db(shared_file, tmp_path: Path) -> str:
+    return _clustered_db(shared_file, tmp_path)
+
+
+def _clustered_db(shared_file, tmp_path: Path, *, fast: bool = False) -> str:
+    """200 judged battles and the signal log, ingested and clustered into 6 topics (on
+    `--fast` vectors when `fast`)."""
     battles = tmp_path / "battles.jsonl"
     with gzip.open(shared_file("alpacaeval_battles_dev.jsonl.gz"), "rt") as source:
         battles.write_text("".join(itertools.islice(source, 200)))
@@ -72,7 +78,7 @@ def scored_db(shared_file, tmp_path: Path) -> str:
     engine = open_database(db)
     config = IngestConfig(progress=False, rejects_path=tmp_path / "rejects.jsonl")
     ingest_paths([battles, _signal_log(tmp_path / "chats.jsonl")], engine=engine, config=config)
-    embed = EmbedConfig(device="cpu", progress=False)
+    embed = EmbedConfig(device="cpu", progress=False, fast=fast)
     topics = ClusterConfig(layout=False)
     cluster_exchanges(
         engine,
@@ -82,6 +88,29 @@ def scored_db(shared_file, tmp_path: Path) -> str:
     )
     engine.dispose()
     return db
+
+
+def test_the_routing_table_is_in_the_predictors_space_whatever_clustered(
+    shared_file, tmp_path: Path
+) -> None:
+    """Clustered on `--fast` vectors (256 numbers), scored on the default model's (384): the
+    table named the fast encoder and carried its centroids beside a projection for 384
+    numbers, so no gateway embedding fitted both ways of routing."""
+    from scoring.routing import apply_routing_table
+
+    engine = open_database(_clustered_db(shared_file, tmp_path, fast=True))
+    assert latest_run(engine)["embedder"] != DEFAULT_MODEL_NAME
+    score_all(engine, config=ScoreConfig(embed=EmbedConfig(device="cpu", progress=False)))
+    _, encoder = load_predictor(engine)
+    table = load_routing_table(engine)
+    engine.dispose()
+    assert table["encoder"]["name"] == encoder == DEFAULT_MODEL_NAME
+    dims = len(table["projection"][0]) - len(table["prompt_features"])
+    assert {len(c["centroid"]) for c in table["clusters"]} == {dims} == {384}
+    for entry in table["clusters"]:
+        centroid = np.asarray(entry["centroid"])
+        assert apply_routing_table(table, centroid, per_cluster=True) == entry["expert"]
+        assert apply_routing_table(table, centroid) in table["experts"]
 
 
 def _pairs_file(path: Path) -> Path:
