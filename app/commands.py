@@ -823,6 +823,8 @@ def _judge(engine: Engine, args: argparse.Namespace) -> dict[str, Any]:
     summary = judge_replay(engine, args.run_id, config=config).as_dict()
     overall, _ = judge_results(engine, args.run_id, judge=args.model)
     summary["result"] = asdict(overall) if overall else None
+    if summary["sent"] and not summary["judged"]:  # as replay: a run where nothing worked
+        raise NothingDone(f"none of the {summary['sent']} pairs sent was judged", summary)
     return summary
 
 
@@ -1084,6 +1086,9 @@ def describe(command: str, result: dict[str, Any]) -> str:
         labels = result["reward_metrics"].get("held_out_labels")
         if labels is not None and labels < _FEW_LABELS:  # an AUC of 0.35 on 20 labels is noise
             metrics += f" on only {labels} held-out labels: too few to trust"
+        held_battles = result["reward_metrics"].get("held_out_battles")
+        if held_battles is not None and held_battles < _FEW_LABELS:  # 1.000 on 13 is luck
+            metrics += f"; battle accuracy on only {held_battles} held-out battles: too few"
         reports = f"; {_report_counts(result)}" if "clusters" in result else ""
         if result.get("clusters") == 0:
             reports += " (no clustering yet: run `convoscope cluster`, then `score` again)"

@@ -142,10 +142,18 @@ def spreadsheet_safe(value: Any) -> Any:
 
 def guess_format(path: Path) -> str:
     """The export format a file name implies (`.parquet`, `.csv`, `.jsonl`, each optionally
-    `.gz`), else jsonl."""
+    `.gz`); jsonl for a name without a suffix. Another suffix is an error: `out.xlsx` was
+    written as JSONL under that name, which a spreadsheet then failed to open."""
     name = path.name.lower().removesuffix(".gz")
     suffix = Path(name).suffix.lstrip(".")
-    return suffix if suffix in {"csv", "parquet", "jsonl"} else "jsonl"
+    if suffix in {"csv", "parquet", "jsonl"}:
+        return suffix
+    if suffix in {"", "ndjson"}:
+        return "jsonl"
+    raise ValueError(
+        f"--out {path}: .{suffix} names no export format: name the file .csv, .parquet or "
+        ".jsonl (each may end in .gz), or choose one with --format"
+    )
 
 
 def check_out_path(out: Path, format: str) -> None:
@@ -595,7 +603,7 @@ def check_battles_out_path(out: Path) -> None:
     problem = unwritable_reason(out)
     if problem is not None:
         raise ValueError(f"--out {out} {problem}")
-    if guess_format(out) != "jsonl":
+    if Path(out.name.lower().removesuffix(".gz")).suffix not in ("", ".jsonl", ".ndjson"):
         raise ValueError(
             f"--out {out}: a battles export is JSONL: name it .jsonl (or .jsonl.gz), "
             "which ingest reads back"

@@ -69,8 +69,8 @@ def main() -> None:
         embed = EmbedConfig(device="auto", fast=args.fast, progress=True)
         embedded = exchange_embeddings(engine, list(frame["id"]), embed)
         print(f"# ingest + embed {len(frame)} exchanges: {time.time() - t0:.0f}s", file=sys.stderr)
-        holdout = _holdout(frame["conversation_id"], 0.2, 0)
         empty = pd.DataFrame(columns=["exchange_a", "exchange_b", "winner"])
+        holdout = _holdout(frame, empty, 0.2, 0)
         results, heads = {}, {}
         # The default head (structure only, STRUCTURAL_HEAD), then the heads of earlier
         # releases: embeddings with the text features, embeddings with three lengths.

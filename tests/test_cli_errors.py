@@ -372,7 +372,8 @@ def test_an_export_never_writes_over_its_own_database(
         assert code == 0, err
         before = db.read_bytes()
         for out in (db, db.with_name(db.name + ".wal"), db.with_name(db.name + "-journal")):
-            code, _, err = cli(capsys, "--db", str(db), "export", "--out", str(out))
+            args = ("export", "--out", str(out), "--format", "jsonl")  # a name says no format
+            code, _, err = cli(capsys, "--db", str(db), *args)
             assert code == 2 and "is the database being exported" in err, err
         assert db.read_bytes() == before
         engine = open_database(str(db))
@@ -504,3 +505,18 @@ def test_a_table_without_answers_says_its_rows_are_saved_inputs(
         capsys, "--db", db, "ingest", str(table), "--map", "prompt=question,response=answer"
     )
     assert code == 0 and "saved inputs" not in err
+
+
+def test_an_export_name_that_names_no_format_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`out.xlsx` was written as JSONL under that name, which a spreadsheet failed to open."""
+    db, _ = _ingested(tmp_path, capsys)
+    for name in ("out.xlsx", "battles.csv"):
+        battles = ("--format", "battles") if name.startswith("battles") else ()
+        code, out, err = cli(capsys, "--db", db, "export", "--out", name, *battles)
+        assert code == 2 and out == "" and not (tmp_path / name).exists()
+        said = "names no export format" if not battles else "a battles export is JSONL"
+        assert said in err
+    code, _, err = cli(capsys, "--db", db, "export", "--out", "out.xlsx", "--format", "csv")
+    assert code == 0, err  # the format given: the name is the user's choice

@@ -154,3 +154,10 @@ def test_judge_from_the_cli_and_in_the_report(tmp_path: Path) -> None:
     assert "judge: the new answer wins 100%" in report.stdout
     missing = convoscope("replay", "judge", run_id, db=db, cwd=tmp_path)
     assert missing.returncode == 2 and "--model" in missing.stderr
+
+    # A judge nobody answers: exit 2 with the summary, as a replay nobody answers does.
+    args = ("--model", "other-judge", "--base-url", "http://127.0.0.1:1/v1", "--max-attempts", "1")
+    failed = convoscope("replay", "judge", run_id, *args, "--json", db=db, cwd=tmp_path)
+    assert failed.returncode == 2
+    assert failed.stderr.splitlines()[-1].endswith("none of the 6 pairs sent was judged")
+    assert json.loads(failed.stdout)["failed"] == 6

@@ -113,6 +113,25 @@ def test_the_routing_table_is_in_the_predictors_space_whatever_clustered(
         assert apply_routing_table(table, centroid) in table["experts"]
 
 
+def test_a_battle_is_held_out_whole_with_the_battles_sharing_its_answers() -> None:
+    """Each answer of a battles file is its own conversation: holding out conversations one by
+    one split most battles across training and measure, where they counted on neither."""
+    from scoring.step import _holdout
+
+    index = np.arange(60)
+    frame = pd.DataFrame({"id": [f"e{i}" for i in index], "conversation_id": index.astype(str)})
+    # 20 prompts: the baseline's answer (e0..e19) judged against two others each.
+    a = [p for p in range(20) for _ in range(2)]
+    b = [20 + 2 * p + k for p in range(20) for k in range(2)]
+    battles = pd.DataFrame({"exchange_a": [f"e{i}" for i in a], "exchange_b": [f"e{i}" for i in b]})
+    for seed in range(5):
+        holdout = _holdout(frame, battles, 0.2, seed)
+        assert (holdout[a] == holdout[b]).all()
+        assert holdout.sum() == 12  # 4 of the 20 prompts, each with its 3 answers
+    alone = _holdout(frame, battles.iloc[:0], 0.2, 0)  # no battles: conversations alone
+    assert alone.sum() == 12 and not (alone[a] == alone[b]).all()
+
+
 def _pairs_file(path: Path) -> Path:
     lines = [
         {"prompt": "What is 2+2?", "response": "4."},
