@@ -76,15 +76,32 @@ def _weight(text: str) -> float:
     return value
 
 
-def _positive_int(text: str) -> int:
-    """A row count: zero or less would leave nothing to fit on."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-    return value
+def _whole_number(minimum: int) -> Callable[[str], int]:
+    """A count of at least `minimum`, refused while parsing: `--sample 0` ran a demo to "only
+    0 exchanges are stored", `--k 0` said "needs --k", `--min-cluster-size 1` showed HDBSCAN's
+    own message, which names no option."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text}")
+        return value
+
+    return parse
+
+
+_positive_int = _whole_number(1)
+_at_least_two = _whole_number(2)  # clusters, groups, a topic's members
+
+
+def _tag(text: str) -> str:
+    """A tag as typed, without surrounding spaces (" billing" and "billing" are one tag)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("a tag cannot be empty")
+    return text.strip()
 
 
 def _http_url(text: str) -> str:
@@ -258,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     topics = argparse.ArgumentParser(add_help=False)
     topics.add_argument(
         "--min-cluster-size",
-        type=int,
+        type=_at_least_two,
         help="smallest topic (default: half the square root of the rows fitted, at least 10)",
     )
     topics.add_argument(
@@ -273,13 +290,15 @@ def build_parser() -> argparse.ArgumentParser:
     topics.add_argument(
         "--clusterer", choices=["hdbscan", "kmeans"], default="hdbscan", help="clustering"
     )
-    topics.add_argument("--k", type=int, help="number of clusters for --clusterer kmeans")
+    topics.add_argument("--k", type=_at_least_two, help="number of clusters for --clusterer kmeans")
     topics.add_argument(
         "--no-reassign",
         action="store_true",
         help="leave outliers unassigned (default: join the nearest cluster when close enough)",
     )
-    topics.add_argument("--parents", type=int, help="number of parent groups (default: auto)")
+    topics.add_argument(
+        "--parents", type=_at_least_two, help="number of parent groups (default: auto)"
+    )
     topics.add_argument("--seed", type=int, default=42)
 
     cluster = sub.add_parser(
@@ -315,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tag = sub.add_parser("tag", parents=[common], help="tag a cluster (or untag with --remove)")
     tag.add_argument("cluster_id")
-    tag.add_argument("tag")
+    tag.add_argument("tag", type=_tag)
     tag.add_argument("--remove", action="store_true")
     tag.set_defaults(handler=commands.tag)
 
@@ -488,7 +507,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo", parents=[common], help="ingest a ShareGPT sample into the default database"
     )
-    demo.add_argument("--sample", type=int, default=800, help="conversations to take (default 800)")
+    demo.add_argument(
+        "--sample", type=_positive_int, default=800, help="conversations to take (default 800)"
+    )
     demo.add_argument("--full", action="store_true", help="take every whole conversation")
     demo.add_argument(
         "--no-ui", action="store_true", help="stop after scoring instead of opening the UI"

@@ -380,6 +380,11 @@ def score(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.what not in ([], ["reward", "train"], ["reward", "apply"]):
         raise UserError("use `score`, `score reward train` or `score reward apply`")
+    if args.model_id and args.what != ["reward", "apply"]:  # it was silently ignored
+        raise UserError(
+            "--model-id picks the stored model `score reward apply` uses; `score` and "
+            "`score reward train` train a new one"
+        )
     try:
         reward_members(args.mode)
     except ValueError as error:
@@ -1101,8 +1106,9 @@ def describe(command: str, result: dict[str, Any]) -> str:
     if command == "route" and "routes" in result:
         return "\n".join(
             (f"line {r['line']}: " if "line" in r else "")  # `--file`: which line, as rejects
-            + f"{r['recommended']}: "
+            + f"route to {r['recommended']}; predicted chance to beat the average expert: "
             + ", ".join(f"{e['model']} {e['win_probability']:.2f}" for e in r["experts"][:5])
+            + (f" (+{len(r['experts']) - 5} more)" if len(r["experts"]) > 5 else "")
             for r in result["routes"]
         )
     if command == "ui":

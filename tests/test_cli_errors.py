@@ -520,3 +520,23 @@ def test_an_export_name_that_names_no_format_is_refused(
         assert said in err
     code, _, err = cli(capsys, "--db", db, "export", "--out", "out.xlsx", "--format", "csv")
     assert code == 0, err  # the format given: the name is the user's choice
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["demo", "--sample", "0", "--no-ui"], "argument --sample: must be at least 1, got 0"),
+        (["cluster", "--clusterer", "kmeans", "--k", "0"], "argument --k: must be at least 2"),
+        (["cluster", "--parents", "0"], "argument --parents: must be at least 2, got 0"),
+        (["cluster", "--min-cluster-size", "1"], "argument --min-cluster-size: must be at least 2"),
+        (["tag", "t1", "  "], "argument tag: a tag cannot be empty"),
+        (["score", "--model-id", "m1"], "--model-id picks the stored model `score reward apply`"),
+    ],
+)
+def test_values_that_cannot_work_are_refused_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], said: str
+) -> None:
+    db = tmp_path / "never.duckdb"
+    code, out, err = cli(capsys, "--db", str(db), *args)
+    assert code == 2 and out == "" and said in err
+    assert not db.exists()

@@ -213,6 +213,9 @@ def test_score_trains_applies_and_reports_every_cluster(scored_db: str, tmp_path
     assert [(r["line"], r["field"]) for r in answer["rejected"]] == [(3, "prompt"), (4, "prompt")]
     said = convoscope("route", "--file", str(prompts), db=scored_db, cwd=tmp_path).stdout
     assert [line.split(":")[0] for line in said.splitlines()] == ["line 1", "line 2"]
+    best = ranking[0]["model"]  # what the figures are is said, not left to guess
+    beat = f"line 1: route to {best}; predicted chance to beat the average expert: {best} 0."
+    assert said.splitlines()[0].startswith(beat)
 
     # Without --json each command says what it did in a sentence, never a dict.
     cluster_id = table["clusters"][0]["cluster_id"]
