@@ -153,6 +153,13 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         engine.dispose()
     summary: dict[str, Any] = {"path": result.path, "format": result.format, "rows": result.rows}
+    if format == "openai":
+        summary["without_answer"] = result.without_answer
+        if result.without_answer:
+            note(
+                f"{result.without_answer} selected exchanges are saved inputs without an answer "
+                "(replay them to get one) and were left out: a fine-tune record needs its answer"
+            )
     if not result.rows:
         raise NothingDone(_nothing_written(args.out), summary)
     if format == "csv":

@@ -118,14 +118,17 @@ class ExportResult:
     format: str
     rows: int
     formula_cells: int = 0  # CSV cells a spreadsheet runs as formulas (prefixed when safe)
+    without_answer: int = 0  # saved inputs the openai format left out
 
 
 @dataclass(slots=True)
 class WriteStats:
     """What a writer saw besides its rows: the CSV cells a spreadsheet would run as formulas,
-    counted so a default export can say so (it leaves them as they are)."""
+    counted so a default export can say so (it leaves them as they are), and the saved inputs
+    the openai format leaves out (a fine-tune record needs its answer)."""
 
     formula_cells: int = 0
+    without_answer: int = 0
 
 
 def runs_as_formula(value: Any) -> bool:
@@ -292,7 +295,13 @@ def export_exchanges(
     rows = write_file(
         batches, COLUMNS, chosen, out, safe_for_spreadsheets=safe_for_spreadsheets, stats=stats
     )
-    return ExportResult(path=str(out), format=chosen, rows=rows, formula_cells=stats.formula_cells)
+    return ExportResult(
+        path=str(out),
+        format=chosen,
+        rows=rows,
+        formula_cells=stats.formula_cells,
+        without_answer=stats.without_answer,
+    )
 
 
 def check_spreadsheet_safe(format: str, safe_for_spreadsheets: bool) -> None:
@@ -451,7 +460,7 @@ def write_rows(
             return _csv(batches, names, text, safe_for_spreadsheets, stats or WriteStats())
         if format == "jsonl":
             return _jsonl(batches, text)
-        return _openai(batches, text)
+        return _openai(batches, text, stats or WriteStats())
     finally:
         text.detach()
 
@@ -500,7 +509,7 @@ def _jsonl(batches: Batches, text: IO[str]) -> int:
     return count
 
 
-def _openai(batches: Batches, text: IO[str]) -> int:
+def _openai(batches: Batches, text: IO[str], stats: WriteStats) -> int:
     """One {"messages": [...], "model"} per exchange with an answer (the model where known,
     read back by the openai reader); the ids, signals, cluster and tags ride along as
     metadata, which OpenAI's fine-tuning ignores. Fine-tune data: each record repeats its
@@ -509,6 +518,7 @@ def _openai(batches: Batches, text: IO[str]) -> int:
     for batch in batches:
         for row in batch:
             if not row["response"]:
+                stats.without_answer += 1
                 continue
             messages = _without_tool_steps(json.loads(row["context"]) if row["context"] else [])
             instruction = row["instruction"]

@@ -203,11 +203,16 @@ def test_openai_export_leaves_tool_steps_out_of_the_context(
         {"role": "user", "content": "q2"},
         {"role": "assistant", "content": "a2"},
     ]
+    saved = {"messages": [{"role": "user", "content": "q3, not answered yet"}]}
     (tmp_path / "tools.jsonl").write_text(json.dumps({"messages": messages}) + "\n")
+    (tmp_path / "saved.jsonl").write_text(json.dumps(saved) + "\n")
     db = str(tmp_path / "tools.duckdb")
-    assert cli(capsys, "--db", db, "ingest", "tools.jsonl")[0] == 0
-    code, _, err = cli(capsys, "--db", db, "export", "--out", "ft.jsonl", "--format", "openai")
+    assert cli(capsys, "--db", db, "ingest", "tools.jsonl", "saved.jsonl")[0] == 0
+    args = ("export", "--out", "ft.jsonl", "--format", "openai", "--json")
+    code, out, err = cli(capsys, "--db", db, *args)
     assert code == 0, err
+    assert json.loads(out)["without_answer"] == 1  # said, not silently fewer rows
+    assert "1 selected exchanges are saved inputs without an answer" in err
     records = [json.loads(line) for line in (tmp_path / "ft.jsonl").read_text().splitlines()]
     assert [[m["content"] for m in r["messages"]] for r in records] == [
         ["q1", "a1"],
