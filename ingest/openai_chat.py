@@ -9,6 +9,7 @@ A JSON array of such objects is read too (streamed).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,7 +25,15 @@ from ingest.readers import (
     read_json_conversations,
     read_signals,
 )
-from ingest.records import Conversation, Message, Parsed, Reject, UnknownRole, canonical_role
+from ingest.records import (
+    Conversation,
+    Message,
+    Notice,
+    Parsed,
+    Reject,
+    UnknownRole,
+    canonical_role,
+)
 
 if TYPE_CHECKING:
     from ingest.readers import ReadOptions
@@ -45,8 +54,62 @@ _INSTRUCTION_KEYS = ("instruction", "instruction_id", "system_prompt_id")
 
 
 def read_openai(path: Path, *, options: ReadOptions) -> Iterator[Parsed]:
-    """Conversations, Rejects, UnknownRoles (and a Truncation for a cut file), in file order."""
-    return read_json_conversations(path, options, _conversation)
+    """Conversations, Rejects, UnknownRoles (and a Truncation for a cut file), in file order,
+    then a Notice when lines repeat earlier lines' conversations and go on."""
+    continued = _Continuations()
+    for parsed in read_json_conversations(path, options, _conversation):
+        if isinstance(parsed, Conversation):
+            continued.check(parsed)
+        yield parsed
+    if continued.lines:
+        yield continued.notice(options.source_for(path))
+
+
+class _Continuations:
+    """Counts lines whose messages begin with the whole of an earlier line's and go on: a
+    gateway that logs the history with every request writes a 3-turn chat as 3 lines, which
+    are stored as 3 conversations, 6 exchanges, the first answer 3 times and twice read as
+    the one the user left after. Reading them as one conversation would take every earlier
+    line back once a longer one shows up, so they are stored as logged and the user is told.
+
+    Remembers the last `_REMEMBERED` lines, as 8-byte digests (a gateway writes a chat's
+    requests close together), so memory stays flat on a log of millions of lines.
+    """
+
+    def __init__(self) -> None:
+        self._recent: dict[bytes, None] = {}
+        self.lines = 0
+        self.first_line = 0
+
+    def check(self, conversation: Conversation) -> None:
+        digest = hashlib.blake2b(digest_size=8)
+        found = False
+        last = len(conversation.messages) - 1
+        for i, message in enumerate(conversation.messages):
+            text = message.content.encode("utf-8", "surrogatepass")
+            digest.update(b"%s %d:" % (message.role.encode(), len(text)) + text)
+            if not found and i < last and message.role == "assistant":
+                found = digest.digest() in self._recent
+        if found:
+            self.lines += 1
+            self.first_line = self.first_line or conversation.line
+        self._recent[digest.digest()] = None
+        if len(self._recent) > _REMEMBERED:
+            del self._recent[next(iter(self._recent))]
+
+    def notice(self, source: str) -> Notice:
+        return Notice(
+            source,
+            f"{self.lines} lines (the first at line {self.first_line}) begin with the whole "
+            "conversation of an earlier line and go on, as a log that repeats the history with "
+            "every request does: each line is stored as a conversation of its own, so the "
+            "turns it repeats are stored again and read as where the user left. Log each "
+            "conversation once, in its last state (or as CSV, one row per turn with a "
+            "conversation_id)",
+        )
+
+
+_REMEMBERED = 100_000
 
 
 def _conversation(

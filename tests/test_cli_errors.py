@@ -545,3 +545,30 @@ def test_values_that_cannot_work_are_refused_before_any_work(
     code, out, err = cli(capsys, "--db", str(db), *args)
     assert code == 2 and out == "" and said in err
     assert not db.exists()
+
+
+def test_a_log_that_repeats_the_history_on_every_line_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A gateway logging every request's whole history: a 3-turn chat is 3 lines, stored as 3
+    conversations whose repeated turns read as where the user left; the user is told."""
+    turns = [("q1", "a1"), ("q2", "a2"), ("q3", "a3")]
+    lines = []
+    for n in range(1, 4):
+        messages = [
+            {"role": role, "content": text}
+            for question, answer in turns[:n]
+            for role, text in (("user", question), ("assistant", answer))
+        ]
+        lines.append(json.dumps({"messages": messages}))
+    lines.append(json.dumps({"messages": [{"role": "user", "content": "q1"}]}))  # no answer yet
+    (tmp_path / "gateway.jsonl").write_text("\n".join(lines) + "\n")
+    db = str(tmp_path / "g.duckdb")
+    code, out, err = cli(capsys, "--db", db, "ingest", "gateway.jsonl", "--json")
+    assert code == 0, err
+    (warning,) = json.loads(out)["warnings"]
+    assert warning.startswith("gateway.jsonl: 2 lines (the first at line 2) begin with the whole")
+
+    (tmp_path / "chats.jsonl").write_text(lines[-2] + "\n")  # the last state alone: no warning
+    code, out, err = cli(capsys, "--db", db, "ingest", "chats.jsonl", "--json")
+    assert code == 0 and json.loads(out)["warnings"] == [], err
