@@ -82,10 +82,16 @@ def cluster_exchanges(
     vectors = load_vectors(engine, embedded.model, [item.text_hash for item in items])
     model = fit_topics(vectors, texts, config=config.topics, reducer=reducer, clusterer=clusterer)
     if model.n_clusters == 0:  # nothing to store or match; keep the previous run as it is
+        fitted = len(model.fitted_rows)
+        advice = (
+            "lower --min-cluster-size or raise --sample-size"
+            if fitted < len(ids)
+            else "lower --min-cluster-size, or choose the number of topics for so small a "
+            f"log: --clusterer kmeans --k {max(2, min(10, fitted // 3))}"
+        )
         raise NoTopicFound(
             f"no topic found: every row is an outlier with --min-cluster-size "
-            f"{model.min_cluster_size} on {len(model.fitted_rows)} fitted rows; "
-            "lower --min-cluster-size or raise --sample-size"
+            f"{model.min_cluster_size} on {fitted} fitted rows; {advice}"
         )
 
     previous = latest_run(engine, on_field=config.embed.on)

@@ -131,9 +131,10 @@ def fit_topics(
     )
     sample = unit[fitted]
     min_size = config.cluster_size_for(len(fitted))
-    reducer = reducer or umap_reducer(
-        config.n_components, n_neighbors=config.n_neighbors, seed=config.seed
-    )
+    # UMAP truncates neighbours to the rows there are, with a warning a user can do nothing
+    # about; a small log just has fewer.
+    neighbours = max(2, min(config.n_neighbors, len(fitted) - 1))
+    reducer = reducer or umap_reducer(config.n_components, n_neighbors=neighbours, seed=config.seed)
     clusterer = clusterer or hdbscan_clusterer(
         min_size, min_samples=config.min_samples, selection=config.selection
     )
@@ -342,7 +343,7 @@ def _layout(
 
         layout_reducer = umap.UMAP(
             n_components=2,
-            n_neighbors=config.n_neighbors,
+            n_neighbors=max(2, min(config.n_neighbors, len(fitted) - 1)),
             min_dist=0.1,
             init="pca",
             random_state=config.seed,

@@ -316,12 +316,17 @@ def _run_params(config: ReplayConfig) -> dict[str, Any]:
 
 def _check_same_run(run: Mapping[str, Any], config: ReplayConfig) -> None:
     """A resumed run must ask the same question, or its answers would not be comparable."""
-    stored = (run["model"], run["instruction"], run["params"].get("generation", {}))
-    wanted = (config.model, config.instruction, json.loads(json.dumps(dict(config.params))))
-    if stored != wanted:
+    differ = []
+    if run["model"] != config.model:
+        differ.append(f"model {run['model']!r}, not {config.model!r}")
+    if run["instruction"] != config.instruction:
+        differ.append("another instruction")
+    if run["params"].get("generation", {}) != json.loads(json.dumps(dict(config.params))):
+        differ.append("other generation parameters")
+    if differ:
         raise ReplayError(
-            f"run {run['id']} was started with model {run['model']!r}, another instruction or "
-            "other generation parameters: resume it with the same ones, or start a new run"
+            f"run {run['id']} was started with {' and '.join(differ)}: resume it with what it "
+            "was started with (leave those options out), or start a new run"
         )
 
 

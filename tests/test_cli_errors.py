@@ -572,3 +572,23 @@ def test_a_log_that_repeats_the_history_on_every_line_is_named(
     (tmp_path / "chats.jsonl").write_text(lines[-2] + "\n")  # the last state alone: no warning
     code, out, err = cli(capsys, "--db", db, "ingest", "chats.jsonl", "--json")
     assert code == 0 and json.loads(out)["warnings"] == [], err
+
+
+def test_a_tiny_log_gets_advice_that_works(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """8 exchanges: UMAP warned twice that it truncated its neighbours, and the advice was to
+    raise --sample-size (already above 8) or lower --min-cluster-size."""
+    import warnings
+
+    write_openai_jsonl(tmp_path / "tiny.jsonl", 4)  # two answers a conversation
+    db = str(tmp_path / "tiny.duckdb")
+    assert cli(capsys, "--db", db, "ingest", "tiny.jsonl")[0] == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, _, err = cli(capsys, "--db", db, "cluster")
+    assert not [w for w in caught if "n_neighbors" in str(w.message)]
+    assert code == 2 and "--sample-size" not in err
+    advice = err.split("--clusterer kmeans ")[1].split()
+    code, out, err = cli(capsys, "--db", db, "cluster", "--clusterer", "kmeans", *advice)
+    assert code == 0 and "8 exchanges → 2 topics" in out, err

@@ -341,7 +341,9 @@ def test_the_printed_resume_command_alone_finishes_the_run(
         assert last["body"]["messages"][0] == {"role": "system", "content": "Answer in one word."}
         run_id = printed.group(1).split()[-1]
         other = convoscope("replay", "--resume", run_id, "--model", "other", db=db, cwd=tmp_path)
-    assert other.returncode == 2 and "was started with model 'm'" in other.stderr
+    assert other.returncode == 2
+    said = f"run {run_id} was started with model 'm', not 'other': resume it with what it was"
+    assert said in other.stderr
 
 
 def test_resume_of_an_unknown_run_is_an_error_and_sends_nothing(tmp_path: Path) -> None:

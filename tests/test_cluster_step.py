@@ -105,9 +105,12 @@ def test_topics_match_intents_and_survive_reclustering(clinc: Path, tmp_path: Pa
     assert again.rows == len(first) + len(second)
     assert again.events["kept"] >= summary["clusters"] // 2
 
-    out = tmp_path / "second.csv.out"
-    convoscope("export", "--out", str(out), "--tag", "smalltalk", db=db, cwd=tmp_path)
-    tagged = pd.read_csv(out) if out.suffix == ".csv" else pd.read_json(out, lines=True)
+    out = tmp_path / "second.csv.out"  # a name that names no format: --format says which
+    exported = convoscope(
+        "export", "--out", str(out), "--format", "jsonl", "--tag", "smalltalk", db=db, cwd=tmp_path
+    )
+    assert exported.returncode == 0, exported.stderr
+    tagged = pd.read_json(out, lines=True)
     tagged["intent"] = tagged["prompt"].map({**gold, **dict(second)})
     assert (tagged["cluster_label"] == "Weather questions").all()
     assert tagged["tags"].map(lambda tags: "smalltalk" in tags).all()  # a list in JSONL
