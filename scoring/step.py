@@ -30,15 +30,15 @@ from ingest.embed_step import EmbedConfig
 from scoring.bradley_terry import BTConfig, leaderboard
 from scoring.features import prompt_features
 from scoring.labels import LabelConfig, joint_labels
-from scoring.predictor import PredictorConfig, WinPredictor
+from scoring.predictor import PredictorConfig, WinPredictor, rows_of
 from scoring.reward_head import STRUCTURAL_HEAD, HeadConfig
 from scoring.reward_lexical import LexicalConfig
 from scoring.reward_model import FineTuneConfig
 from scoring.reward_step import (
     DEFAULT_MODE,
     TrainedReward,
+    embedded_hashes,
     exchange_embeddings,
-    exchange_vectors,
     reward_members,
     train_ensemble,
     train_finetuned,
@@ -53,6 +53,7 @@ from storage.logs import iter_exchanges, load_battles
 from storage.models import latest_model, save_model
 from storage.reports import load_cluster_reports, save_cluster_reports
 from storage.scores import latest_scores
+from storage.vectors import load_vectors
 
 WEAKEST_TOPICS = 3  # a group report names this many of its weakest topics
 _NO_GROUP = ""  # stands for "no parent group" (never a cluster id) while groups are ranked
@@ -114,7 +115,7 @@ def score_all(engine: Engine, *, config: ScoreConfig) -> dict[str, Any]:
     battles = pd.DataFrame(load_battles(engine))
     frame = _with_battle_outcomes(frame, battles)
     labels = joint_labels(frame, config.labels)
-    prompts, encoder = exchange_vectors(engine, list(frame["id"]), config.embed, "prompt")
+    prompt_hashes, encoder = embedded_hashes(engine, list(frame["id"]), config.embed, "prompt")
     reward = train_reward(engine, frame, labels.frame, battles, config)
     result: dict[str, Any] = {
         "exchanges": len(frame),
@@ -124,7 +125,12 @@ def score_all(engine: Engine, *, config: ScoreConfig) -> dict[str, Any]:
         "reward_metrics": reward.metrics,
     }
     # The prompts' features, computed once: the predictor and every cluster's routing read them.
-    prompt_feats = prompt_features(list(frame["prompt"].fillna("")))
+    prompt_feats = prompt_features(frame["prompt"].fillna(""))
+    # Nothing past here reads a text, and nothing before read a prompt's vector: at 100K
+    # exchanges the texts and the vectors held together cost 200 MB of the peak.
+    frame = frame.drop(columns=["prompt", "response"])
+    prompts = load_vectors(engine, encoder, prompt_hashes)
+    del prompt_hashes
     predictor = _predictor(
         frame, prompts, prompt_feats, labels.frame["label"].to_numpy(), battles, config
     )
@@ -349,8 +355,13 @@ def _reward_figures(w: ClusterWeakness) -> dict[str, Any]:
 
 
 def _exchange_frame(engine: Engine) -> pd.DataFrame:
-    rows = [r for batch in iter_exchanges(engine, columns=SIGNAL_COLUMNS) for r in batch]
-    return pd.DataFrame(rows, columns=list(SIGNAL_COLUMNS))
+    """Every exchange's signals and texts, gathered column by column as batches arrive: a
+    list of every row's dict before the frame held 12 keys a row (+350 MB at 100K)."""
+    columns: dict[str, list[Any]] = {name: [] for name in SIGNAL_COLUMNS}
+    for batch in iter_exchanges(engine, columns=SIGNAL_COLUMNS):
+        for name, values in columns.items():
+            values.extend(row[name] for row in batch)
+    return pd.DataFrame(columns)
 
 
 def _with_battle_outcomes(frame: pd.DataFrame, battles: pd.DataFrame) -> pd.DataFrame:
@@ -441,7 +452,7 @@ def _cluster_reports(
     if predictor is not None:
         routed = cluster_routes(
             predictor,
-            prompts[rows],
+            rows_of(prompts, rows),
             data["cluster_id"].to_numpy(),
             served_by=data["model"].fillna("").to_numpy(),
             costs=config.costs,
