@@ -172,7 +172,7 @@ class WinPredictor:
         battles = battles.assign(prompt_index=np.searchsorted(used, battles["prompt_index"]))
         singles = singles.assign(prompt_index=np.searchsorted(used, singles["prompt_index"]))
         prompts = self.inputs(
-            rows_of(np.asarray(prompts), used),
+            _rows_of(np.asarray(prompts), used),
             features=None if features is None else features[used],
         )
         self.experts = sorted(
@@ -419,7 +419,7 @@ def _capped(singles: pd.DataFrame, cap: int) -> pd.DataFrame:
     return singles.iloc[np.sort(np.concatenate(keep))]
 
 
-def rows_of(matrix: np.ndarray, rows: np.ndarray) -> np.ndarray:
+def _rows_of(matrix: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """`matrix[rows]` for sorted, distinct row indices; the matrix itself when they are all
     of its rows, as when every exchange is used: a copy of 1M prompt vectors is 1.5 GB."""
     return matrix if len(rows) == len(matrix) else matrix[rows]
