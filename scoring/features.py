@@ -215,8 +215,8 @@ def prompt_features(prompts: Iterable[str]) -> np.ndarray:
 
     They use nothing but the prompt, so a router may use them before any expert has answered.
     """
-    rows = [_prompt_row(p if isinstance(p, str) else "") for p in prompts]
-    return np.asarray(rows, dtype=np.float32).reshape(len(rows), len(PROMPT_ONLY_FEATURES))
+    rows = (_prompt_row(p if isinstance(p, str) else "") for p in prompts)
+    return _matrix(rows, len(PROMPT_ONLY_FEATURES))
 
 
 def text_features(responses: Iterable[str], prompts: Iterable[str]) -> np.ndarray:
@@ -224,11 +224,18 @@ def text_features(responses: Iterable[str], prompts: Iterable[str]) -> np.ndarra
 
     Missing texts (None / NaN) count as empty, so a row is always defined.
     """
-    rows = [
+    rows = (
         _row(r if isinstance(r, str) else "", p if isinstance(p, str) else "")
         for r, p in zip(responses, prompts, strict=True)
-    ]
-    return np.asarray(rows, dtype=np.float32).reshape(len(rows), len(FEATURE_NAMES))
+    )
+    return _matrix(rows, len(FEATURE_NAMES))
+
+
+def _matrix(rows: Iterable[list[float]], width: int) -> np.ndarray:
+    """Feature rows as a float32 matrix, each row stored as it is made: a list of every row
+    first held each value as a Python float, 1.4 KB an exchange for 41 features (+140 MB at
+    100K exchanges, for a 16 MB matrix)."""
+    return np.fromiter(rows, dtype=np.dtype((np.float32, width)))
 
 
 # A feature whose training std is below this never varied there: its weight learned nothing.

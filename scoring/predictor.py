@@ -126,7 +126,7 @@ class WinPredictor:
             extra = np.zeros((len(x), len(self.text_mean)), dtype=np.float32)
         else:
             extra = standardise(features, self.text_mean, self.text_std)
-        return np.hstack([x, self.config.text_scale * extra]).astype(np.float32)
+        return np.hstack([x, self.config.text_scale * extra], dtype=np.float32)
 
     def fit(
         self,
@@ -172,7 +172,8 @@ class WinPredictor:
         battles = battles.assign(prompt_index=np.searchsorted(used, battles["prompt_index"]))
         singles = singles.assign(prompt_index=np.searchsorted(used, singles["prompt_index"]))
         prompts = self.inputs(
-            np.asarray(prompts)[used], features=None if features is None else features[used]
+            _rows_of(np.asarray(prompts), used),
+            features=None if features is None else features[used],
         )
         self.experts = sorted(
             set(battles["model_a"]) | set(battles["model_b"]) | set(singles["model"])
@@ -182,7 +183,7 @@ class WinPredictor:
         index = {m: i for i, m in enumerate(self.experts)}
         n_models, dim_in = len(self.experts), prompts.shape[1]
 
-        x = torch.as_tensor(np.array(prompts, dtype=np.float32))
+        x = torch.as_tensor(prompts)  # never written to: shared, not copied
         ba = torch.as_tensor(battles["model_a"].map(index).to_numpy(dtype=np.int64).copy())
         bb = torch.as_tensor(battles["model_b"].map(index).to_numpy(dtype=np.int64).copy())
         bp = torch.as_tensor(battles["prompt_index"].to_numpy(dtype=np.int64).copy())
@@ -416,6 +417,12 @@ def _capped(singles: pd.DataFrame, cap: int) -> pd.DataFrame:
         for rows in (np.flatnonzero(singles["model"].to_numpy() == m) for m in counts.index)
     ]
     return singles.iloc[np.sort(np.concatenate(keep))]
+
+
+def _rows_of(matrix: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """`matrix[rows]` for sorted, distinct row indices; the matrix itself when they are all
+    of its rows, as when every exchange is used: a copy of 1M prompt vectors is 1.5 GB."""
+    return matrix if len(rows) == len(matrix) else matrix[rows]
 
 
 def _sigmoid(v: np.ndarray) -> np.ndarray:

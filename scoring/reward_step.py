@@ -90,12 +90,22 @@ def exchange_vectors(
 ) -> tuple[np.ndarray, str]:
     """The vectors of these exchanges' `on` texts (prompt or response), in order, embedding
     what is new; and the encoder's name."""
+    hashes, name = embedded_hashes(engine, ids, embed, on)
+    return load_vectors(engine, name, hashes), name
+
+
+def embedded_hashes(
+    engine: Engine, ids: Sequence[str], embed: EmbedConfig, on: str
+) -> tuple[list[str], str]:
+    """Embed what is new of these exchanges' `on` texts; the hashes their vectors are stored
+    under, in order, and the encoder's name. A step that reads the vectors only later embeds
+    first all the same, so a missing encoder fails it before anything is stored."""
     config = EmbedConfig(**{**asdict(embed), "on": on})
     items = list(exchange_texts(engine, on=on))
     name = embed_exchanges(engine, config=config, items=items).model
     by_id = {item.exchange_id: item.text_hash for item in items}
     del items
-    return load_vectors(engine, name, [by_id[i] for i in ids]), name
+    return [by_id[i] for i in ids], name
 
 
 def exchange_embeddings(

@@ -16,6 +16,7 @@ each feature is computed (`prompt_feature_definitions`: a formula, or a regex).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -155,16 +156,19 @@ def cluster_routes(
     return routes
 
 
-def prompt_centroids(prompts: np.ndarray, cluster_ids: np.ndarray) -> dict[str, np.ndarray]:
-    """Each cluster's mean prompt vector, in the space of the vectors given: the routing
-    table's encoder's, the predictor's. The clustering's own centroids may be another
-    encoder's (`cluster --fast`, then `score`): a table naming one encoder with 256-number
-    centroids and a projection for 384 numbers fitted no gateway's embedding either way."""
+def prompt_centroids(
+    prompts: np.ndarray, members: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Each cluster's mean unit prompt vector (`members`: cluster id → its rows of `prompts`),
+    in the space of the vectors given: the routing table's encoder's, the predictor's. The
+    clustering's own centroids may be another encoder's (`cluster --fast`, then `score`): a
+    table naming one encoder with 256-number centroids and a projection for 384 numbers
+    fitted no gateway's embedding either way. One cluster's rows are copied at a time."""
     centroids = {}
-    for cluster_id in np.unique(cluster_ids):
-        members = prompts[cluster_ids == cluster_id].astype(np.float64)
-        units = members / np.maximum(np.linalg.norm(members, axis=1, keepdims=True), 1e-12)
-        centroids[str(cluster_id)] = units.mean(axis=0)
+    for cluster_id, rows in members.items():
+        vectors = prompts[rows].astype(np.float64)
+        vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        centroids[cluster_id] = vectors.mean(axis=0)
     return centroids
 
 

@@ -37,8 +37,8 @@ from scoring.reward_model import FineTuneConfig
 from scoring.reward_step import (
     DEFAULT_MODE,
     TrainedReward,
+    embedded_hashes,
     exchange_embeddings,
-    exchange_vectors,
     reward_members,
     train_ensemble,
     train_finetuned,
@@ -46,13 +46,20 @@ from scoring.reward_step import (
     train_lexical,
     use_external,
 )
-from scoring.routing import RoutingConfig, cluster_routes, prompt_centroids, routing_table
+from scoring.routing import (
+    ClusterRoute,
+    RoutingConfig,
+    cluster_routes,
+    prompt_centroids,
+    routing_table,
+)
 from scoring.weakness import ClusterWeakness, WeaknessConfig, rank_clusters
 from storage.clusters import latest_run, load_assignments, load_clusters
 from storage.logs import iter_exchanges, load_battles
 from storage.models import latest_model, save_model
 from storage.reports import load_cluster_reports, save_cluster_reports
 from storage.scores import latest_scores
+from storage.vectors import load_vectors
 
 WEAKEST_TOPICS = 3  # a group report names this many of its weakest topics
 _NO_GROUP = ""  # stands for "no parent group" (never a cluster id) while groups are ranked
@@ -114,7 +121,7 @@ def score_all(engine: Engine, *, config: ScoreConfig) -> dict[str, Any]:
     battles = pd.DataFrame(load_battles(engine))
     frame = _with_battle_outcomes(frame, battles)
     labels = joint_labels(frame, config.labels)
-    prompts, encoder = exchange_vectors(engine, list(frame["id"]), config.embed, "prompt")
+    prompt_hashes, encoder = embedded_hashes(engine, list(frame["id"]), config.embed, "prompt")
     reward = train_reward(engine, frame, labels.frame, battles, config)
     result: dict[str, Any] = {
         "exchanges": len(frame),
@@ -124,7 +131,12 @@ def score_all(engine: Engine, *, config: ScoreConfig) -> dict[str, Any]:
         "reward_metrics": reward.metrics,
     }
     # The prompts' features, computed once: the predictor and every cluster's routing read them.
-    prompt_feats = prompt_features(list(frame["prompt"].fillna("")))
+    prompt_feats = prompt_features(frame["prompt"].fillna(""))
+    # Nothing past here reads a text, and nothing before read a prompt's vector: at 100K
+    # exchanges the texts and the vectors held together cost 200 MB of the peak.
+    frame = frame.drop(columns=["prompt", "response"])
+    prompts = load_vectors(engine, encoder, prompt_hashes)
+    del prompt_hashes
     predictor = _predictor(
         frame, prompts, prompt_feats, labels.frame["label"].to_numpy(), battles, config
     )
@@ -349,8 +361,13 @@ def _reward_figures(w: ClusterWeakness) -> dict[str, Any]:
 
 
 def _exchange_frame(engine: Engine) -> pd.DataFrame:
-    rows = [r for batch in iter_exchanges(engine, columns=SIGNAL_COLUMNS) for r in batch]
-    return pd.DataFrame(rows, columns=list(SIGNAL_COLUMNS))
+    """Every exchange's signals and texts, gathered column by column as batches arrive: a
+    list of every row's dict before the frame held 12 keys a row (+350 MB at 100K)."""
+    columns: dict[str, list[Any]] = {name: [] for name in SIGNAL_COLUMNS}
+    for batch in iter_exchanges(engine, columns=SIGNAL_COLUMNS):
+        for name, values in columns.items():
+            values.extend(row[name] for row in batch)
+    return pd.DataFrame(columns)
 
 
 def _with_battle_outcomes(frame: pd.DataFrame, battles: pd.DataFrame) -> pd.DataFrame:
@@ -462,22 +479,10 @@ def _cluster_reports(
         return ReportCounts()
     assignment = load_assignments(engine, run["id"])
     data = _cluster_data(frame, rewards, assignment)
-    rows = data.index.to_numpy()
     if data.empty:
         return ReportCounts()
     weakness = {w.cluster_id: w for w in rank_clusters(data, config=WeaknessConfig())}
-    routes = {}
-    if predictor is not None:
-        routed = cluster_routes(
-            predictor,
-            prompts[rows],
-            data["cluster_id"].to_numpy(),
-            served_by=data["model"].fillna("").to_numpy(),
-            costs=config.costs,
-            config=config.routing,
-            features=prompt_feats[rows],
-        )
-        routes = {r.cluster_id: r for r in routed}
+    routes = {} if predictor is None else _routes(predictor, prompts, prompt_feats, data, config)
     reports: dict[str, dict[str, Any]] = {}
     parent_of = _parents(engine, run["id"])
     groups = group_reports(data, parent_of, list(weakness.values()))
@@ -506,7 +511,11 @@ def _cluster_reports(
         }
     save_cluster_reports(engine, run["id"], reports)  # topics and groups in one transaction
     if predictor is not None and routes:
-        centroids = prompt_centroids(prompts[rows], data["cluster_id"].to_numpy())
+        members = {
+            str(cid): topic.index.to_numpy()
+            for cid, topic in data.groupby(data["cluster_id"].astype(str), sort=True)
+        }
+        centroids = prompt_centroids(prompts, members)
         table = routing_table(
             predictor,
             list(routes.values()),
@@ -523,6 +532,33 @@ def _cluster_reports(
             metrics={"clusters": len(routes)},
         )
     return ReportCounts(topics=len(weakness), groups=len(groups))
+
+
+def _routes(
+    predictor: WinPredictor,
+    prompts: np.ndarray,
+    prompt_feats: np.ndarray,
+    data: pd.DataFrame,
+    config: ScoreConfig,
+) -> dict[str, ClusterRoute]:
+    """Each topic's route (topic id → route, in id order), one topic's prompt vectors taken
+    at a time: the rows of every assigned prompt at once were a copy of nearly all the
+    vectors (+1.35 GB of the peak at 1M exchanges). Each topic's route is computed from its
+    own rows alone, so it is the same either way."""
+    routes = {}
+    for _, topic in data.groupby(data["cluster_id"].astype(str), sort=True):
+        rows = topic.index.to_numpy()
+        (route,) = cluster_routes(
+            predictor,
+            prompts[rows],
+            topic["cluster_id"].to_numpy(),
+            served_by=topic["model"].fillna("").to_numpy(),
+            costs=config.costs,
+            config=config.routing,
+            features=prompt_feats[rows],
+        )
+        routes[route.cluster_id] = route
+    return routes
 
 
 def _cluster_leaderboard(

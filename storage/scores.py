@@ -15,6 +15,7 @@ from storage.logs import insert_rows, utcnow
 from storage.schema import scores
 
 _CHUNK = 5000
+_INSERT_CHUNK = 50_000
 
 
 def store_scores(engine: Engine, scorer: str, values: Mapping[str, float]) -> int:
@@ -27,11 +28,13 @@ def store_scores(engine: Engine, scorer: str, values: Mapping[str, float]) -> in
             conn.execute(
                 sa.delete(scores).where(scores.c.scorer == scorer, scores.c.exchange_id.in_(chunk))
             )
-        rows = [
-            {"exchange_id": i, "scorer": scorer, "value": float(values[i]), "created_at": now}
-            for i in ids
-        ]
-        insert_rows(conn, scores, rows)
+        # A chunk of rows at a time: a dict per row for all of them held 100 MB at 100K.
+        for start in range(0, len(ids), _INSERT_CHUNK):
+            rows = [
+                {"exchange_id": i, "scorer": scorer, "value": float(values[i]), "created_at": now}
+                for i in ids[start : start + _INSERT_CHUNK]
+            ]
+            insert_rows(conn, scores, rows)
     return len(ids)
 
 
