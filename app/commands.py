@@ -704,12 +704,15 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
     from ingest.replay import ReplayError, compare
     from scoring.judge import JudgeError, judge_results
 
+    if args.action in ("report", "judge") and not args.run_id:
+        raise UserError(
+            f"replay {args.action} needs the run id: convoscope replay {args.action} RUN"
+        )
+    new_run = args.action not in ("report", "judge") and not args.resume
+    if new_run and not (args.model and args.base_url):  # said before any database is opened
+        raise UserError("replay needs --model and --base-url (or `replay report RUN`)")
     engine = open_database(args.db, existing=True)  # saved inputs or a run to replay
     try:
-        if args.action in ("report", "judge") and not args.run_id:
-            raise UserError(
-                f"replay {args.action} needs the run id: convoscope replay {args.action} RUN"
-            )
         if args.action == "judge":
             return _judge(engine, args)
         if args.action == "report":
