@@ -147,8 +147,7 @@ def guess_format(path: Path) -> str:
     """The export format a file name implies (`.parquet`, `.csv`, `.jsonl`, each optionally
     `.gz`); jsonl for a name without a suffix. Another suffix is an error: `out.xlsx` was
     written as JSONL under that name, which a spreadsheet then failed to open."""
-    name = path.name.lower().removesuffix(".gz")
-    suffix = Path(name).suffix.lstrip(".")
+    suffix = _suffix(path)
     if suffix in {"csv", "parquet", "jsonl"}:
         return suffix
     if suffix in {"", "ndjson"}:
@@ -157,6 +156,11 @@ def guess_format(path: Path) -> str:
         f"--out {path}: .{suffix} names no export format: name the file .csv, .parquet or "
         ".jsonl (each may end in .gz), or choose one with --format"
     )
+
+
+def _suffix(path: Path) -> str:
+    """The suffix a file name gives its format, lower case, without the dot or a `.gz`."""
+    return Path(path.name.lower().removesuffix(".gz")).suffix.lstrip(".")
 
 
 def check_out_path(out: Path, format: str) -> None:
@@ -613,7 +617,7 @@ def check_battles_out_path(out: Path) -> None:
     problem = unwritable_reason(out)
     if problem is not None:
         raise ValueError(f"--out {out} {problem}")
-    if Path(out.name.lower().removesuffix(".gz")).suffix not in ("", ".jsonl", ".ndjson"):
+    if _suffix(out) not in ("", "jsonl", "ndjson"):
         raise ValueError(
             f"--out {out}: a battles export is JSONL: name it .jsonl (or .jsonl.gz), "
             "which ingest reads back"
