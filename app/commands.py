@@ -771,9 +771,8 @@ def _replay_config(args: argparse.Namespace, stored: dict[str, Any] | None) -> R
 
     instruction = args.instruction.read_text(encoding="utf-8") if args.instruction else None
     given = {"model": args.model, "base_url": args.base_url, "instruction": instruction}
+    # `replay` checked a new run has --model and --base-url; a resumed run recorded both.
     options = {**_stored_options(stored), **_given(given | _call_options(args))}
-    if not options.get("model") or not options.get("base_url"):
-        raise UserError("replay needs --model and --base-url (or `replay report RUN`)")
     return ReplayConfig(**options, sample=args.sample, seed=args.seed)
 
 
