@@ -35,7 +35,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np
 import pandas as pd
-from scipy import sparse
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -71,23 +70,6 @@ class CharLexical(LexicalReward):
     def _new_vectorizer(self, vocabulary: list[str] | None = None, min_df: int = 1) -> object:
         del vocabulary
         return _char_vectorizer(min_df, self.config.max_features)
-
-
-def _solve_fast(self, x, point, lab, wt, pairs):
-    """LexicalReward._solve without doubling the rows whose target is 0 or 1 (same loss)."""
-    from sklearn.linear_model import LogisticRegression
-
-    del point, lab, wt  # the study trains on battles only
-    diff = (x[np.asarray(pairs.a)] - x[np.asarray(pairs.b)]).tocsr()
-    y = np.asarray(pairs.outcome, dtype=np.float64)
-    soft = (y > 0) & (y < 1)
-    design = sparse.vstack([diff, diff[soft]]).tocsr()
-    target = np.concatenate([(y >= 0.5).astype(float), np.zeros(int(soft.sum()))])
-    target[np.flatnonzero(soft)] = 1.0
-    weight = np.concatenate([np.where(soft, y, 1.0), 1 - y[soft]]) * self.config.pair_weight
-    model = LogisticRegression(C=self.config.c, fit_intercept=False, max_iter=self.config.max_iter)
-    model.fit(design, target, sample_weight=weight)
-    return np.concatenate([model.coef_[0].astype(np.float64), [0.0]])
 
 
 def fit_trees(
@@ -171,8 +153,6 @@ def train_member(
         return fit_pairhgb(feats, graded, ia, ib)
     cls = {"lexical": LexicalReward, "char": CharLexical}[name]
     model = cls()
-    if name != "lexical":  # the default member keeps the library's own solver
-        model._solve = _solve_fast.__get__(model)  # type: ignore[method-assign]
     model.fit(prompts, responses, pairs=winner, authors=list(rows["model"]))
     return model.score(prompts, responses)
 

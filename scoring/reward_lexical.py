@@ -45,6 +45,7 @@ _INTERCEPT = 10.0
 # Words of two or more word characters, lower-cased: scikit-learn's default, spelt out so a
 # stored model keeps reading its n-grams the same way whatever a later default becomes.
 _TOKEN_PATTERN = r"(?u)\b\w\w+\b"
+_SCORE_CHUNK = 20_000  # answers scored at a time
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,18 +114,25 @@ class LexicalReward:
         used = np.unique(np.concatenate([point, *(() if pairs is None else (pairs.a, pairs.b))]))
         # A few dozen answers (a small log, a test) keep every n-gram they have.
         min_df = self.config.min_df if len(used) >= 100 * self.config.min_df else 1
-        try:
-            self.vectorizer = self._new_vectorizer(min_df=min_df).fit([texts[i] for i in used])
+        self.vectorizer = self._new_vectorizer(min_df=min_df)
+        try:  # only the answers that take part: a million-row log leaves most unlabelled
+            x = self.vectorizer.fit_transform([texts[i] for i in used]).tocsr()
         except ValueError as error:  # scikit-learn: "empty vocabulary"
             raise ValueError(
                 f"the training answers have no words to learn from ({error})"
             ) from None
-        x = self.vectorizer.transform(texts).tocsr()
+        # x's rows are `used`'s: the labelled rows and the battles' answers, renumbered.
+        point = np.searchsorted(used, point)
+        if len(lab):  # no labels at all: battles only
+            lab, wt = lab[used], wt[used]
+        if pairs is not None:
+            renumber = np.searchsorted
+            pairs = Pairs(renumber(used, pairs.a), renumber(used, pairs.b), pairs.outcome)
         n_terms = x.shape[1]
         coef = self._solve(x, point, lab, wt, pairs)
         self.coef = coef[:n_terms]
         self.intercept = float(coef[-1] * _INTERCEPT) if len(point) else 0.0
-        names, anchor = anchors(authors, pairs, self.config.anchor_share)
+        names, anchor = anchors(authors, pairs, self.config.anchor_share, rows=used)
         blend = self.config.anchor_blend
         self.anchors = names if blend > 0 else []
         if anchor is not None and blend > 0:
@@ -132,7 +140,7 @@ class LexicalReward:
             # win rate so its n-grams need not; blended at the plain fit's scale.
             discounted = self._solve(sparse.hstack([x, anchor]).tocsr(), point, lab, wt, pairs)
             other = discounted[:n_terms]
-            spread = np.std(x[used] @ self.coef) / max(float(np.std(x[used] @ other)), 1e-12)
+            spread = np.std(x @ self.coef) / max(float(np.std(x @ other)), 1e-12)
             self.coef = (1 - blend) * self.coef + blend * spread * other
         return self
 
@@ -161,14 +169,21 @@ class LexicalReward:
         design = sparse.vstack(blocks).tocsr()
         target = np.concatenate(targets)
         weight = np.concatenate(row_weights)
-        # A soft target p: a positive row weighted p and a negative row weighted 1 − p.
+        # A soft target p: a positive row weighted p and a negative row weighted 1 − p. A row
+        # of weight 0 adds nothing to the loss (scikit-learn scales the penalty by the sum of
+        # the weights), so hard targets, the common case, give each row once, not twice.
+        yes, no = weight * target, weight * (1 - target)
+        if yes.any() and no.any():  # both classes present: a fit needs rows of each
+            yes_rows, no_rows = np.flatnonzero(yes > 0), np.flatnonzero(no > 0)
+        else:
+            yes_rows = no_rows = np.arange(len(target))
         model = LogisticRegression(
             C=self.config.c, fit_intercept=False, max_iter=self.config.max_iter
         )
         model.fit(
-            sparse.vstack([design, design]),
-            np.concatenate([np.ones(len(target)), np.zeros(len(target))]),
-            sample_weight=np.concatenate([weight * target, weight * (1 - target)]),
+            sparse.vstack([design[yes_rows], design[no_rows]]),
+            np.concatenate([np.ones(len(yes_rows)), np.zeros(len(no_rows))]),
+            sample_weight=np.concatenate([yes[yes_rows], no[no_rows]]),
         )
         return model.coef_[0].astype(np.float64)
 
@@ -178,7 +193,12 @@ class LexicalReward:
         if self.vectorizer is None:
             raise RuntimeError("the lexical model is not trained: call fit() or load() first")
         texts = [r if isinstance(r, str) else "" for r in responses]
-        return self.vectorizer.transform(texts) @ self.coef + self.intercept
+        scores = np.empty(len(texts))
+        # In chunks: the n-gram matrix of a million answers would take gigabytes at once.
+        for start in range(0, len(texts), _SCORE_CHUNK):
+            chunk = texts[start : start + _SCORE_CHUNK]
+            scores[start : start + len(chunk)] = self.vectorizer.transform(chunk) @ self.coef
+        return scores + self.intercept
 
     def save(self, directory: str | Path) -> Path:
         """The vocabulary (n-grams in column order) and config as JSON, weights as .npz."""
@@ -216,10 +236,14 @@ class LexicalReward:
 
 
 def anchors(
-    authors: Sequence[str | None] | None, pairs: Pairs | None, share: float
+    authors: Sequence[str | None] | None,
+    pairs: Pairs | None,
+    share: float,
+    rows: np.ndarray | None = None,
 ) -> tuple[list[str], sparse.csr_matrix | None]:
     """The anchor experts (each answers in at least `share` of the battles) and one indicator
-    column per anchor; ([], None) when there is none.
+    column per anchor; ([], None) when there is none. `rows` picks the authors the pairs'
+    indices (and the columns) refer to; all of them by default.
 
     A benchmark like AlpacaEval pits every expert against one reference answer, which wins
     most battles. A plain fit then learns what the reference sounds like, and a new expert
@@ -228,6 +252,8 @@ def anchors(
     if authors is None or pairs is None or not len(pairs.a):
         return [], None
     names = np.asarray([a if isinstance(a, str) else "" for a in authors], dtype=object)
+    if rows is not None:
+        names = names[rows]
     playing = np.concatenate([names[pairs.a], names[pairs.b]])
     counts: dict[str, int] = {}
     for name in playing:
