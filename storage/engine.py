@@ -9,8 +9,10 @@ refuses one written by a newer convoscope rather than guessing at its tables.
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -70,13 +72,14 @@ def make_engine(url: str, *, read_only: bool = False) -> Engine:
         else:  # a named in-memory database: the engine's connections share it (see below)
             parsed = parsed.set(database=f":memory:{uuid.uuid4().hex}")
         # DuckDB's buffer pool would grow to 80 % of RAM; cap it so long ingests stay small
-        # (it spills to disk past the cap). $CONVOSCOPE_DUCKDB_MEMORY overrides.
+        # (it spills to disk past the cap; `make_room_for_indexes` adds what its indexes
+        # hold). $CONVOSCOPE_DUCKDB_MEMORY overrides.
         # A checkpoint rewrites the changed blocks into the file; at DuckDB's default (every
         # 16 MB of WAL) a long ingest checkpoints hundreds of times and leaves half the file
         # free blocks. One large checkpoint at the end (or when the engine is disposed) gives
         # a file half the size, a little faster; a killed process replays the WAL on open.
         config = {
-            "memory_limit": os.environ.get("CONVOSCOPE_DUCKDB_MEMORY", "512MB"),
+            "memory_limit": os.environ.get("CONVOSCOPE_DUCKDB_MEMORY", DUCKDB_MEMORY),
             "checkpoint_threshold": "1GB",
         }
         connect_args: dict[str, object] = {"config": config}
@@ -100,6 +103,46 @@ def make_engine(url: str, *, read_only: bool = False) -> Engine:
     raise StorageError(
         f"unsupported database URL {url!r}: use duckdb://, sqlite:// or postgresql://"
     )
+
+
+# DuckDB's working memory by default: 1M exchanges ingest in 256 MB as fast as in 512 MB,
+# and the process peaks under 1 GB rather than around it.
+DUCKDB_MEMORY = "256MB"
+# Memory kept free beside DuckDB's indexes for a batch's insert and commit: 128 MB
+# failed a 1M ingest at a 128 MB cap, so the indexes' share is what runs out.
+_INDEX_RESERVE = 128 * 10**6
+_UNITS = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "b": 1, "bytes": 1}
+
+
+def _size_bytes(size: str) -> int | None:
+    """Bytes in a memory size as DuckDB shows one ("488.2 MiB"); None for one it cannot read."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]+)\s*", size)
+    if match is None or match.group(2).lower() not in _UNITS:
+        return None
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def make_room_for_indexes(duck: Any) -> None:
+    """Raise DuckDB's memory cap (on the raw connection `duck`) to what its indexes hold plus
+    a reserve, when that is more than the cap; called before each bulk insert.
+
+    DuckDB keeps the primary-key index entries written since its last checkpoint in memory,
+    where the cap cannot evict them: about 100 MB per million exchanges with their
+    conversations. When they fill the cap, DuckDB 1.5 fails the insert or the commit, and a
+    failed commit invalidates the database ("Corrupted in-memory column"): a 4M-exchange
+    ingest did so at 3.4M under a flat 512 MB cap. So the configured cap is for the rest
+    (buffers, spilling) and the indexes come on top. The cap is never lowered again: a
+    checkpoint lets the index out of memory, but the next inserts bring it back.
+    """
+    index, limit = duck.execute(
+        "SELECT coalesce(sum(memory_usage_bytes) FILTER (WHERE tag = 'ART_INDEX'), 0), "
+        "current_setting('memory_limit') FROM duckdb_memory()"
+    ).fetchone()
+    current = _size_bytes(limit)
+    wanted = int(index) + _INDEX_RESERVE
+    if current is not None and wanted > current:
+        duck.execute(f"SET memory_limit = '{wanted}B'")  # a number, computed here
 
 
 def _make_parent(path: Path) -> None:

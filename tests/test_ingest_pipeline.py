@@ -479,3 +479,25 @@ def test_more_text_than_duckdbs_memory_cap_reads_back_whole_and_in_order(
                 follow_ups += 1
     engine.dispose()
     assert len(keys) == 40_000 and keys == sorted(keys) and follow_ups == 20_000
+
+
+def test_an_ingest_whose_indexes_outgrow_duckdbs_memory_cap_completes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DuckDB keeps the primary-key index entries written since its last checkpoint in memory,
+    beyond its cap's reach. A flat 512 MB cap failed a 4M-exchange ingest at 3.4M (the commit
+    failed, then the database was invalidated); the same happens here at a 16 MB cap with
+    100K exchanges unless the cap grows with the indexes (storage.engine)."""
+    from ingest.pipeline import IngestConfig, ingest_paths
+
+    monkeypatch.setenv("CONVOSCOPE_DUCKDB_MEMORY", "16MB")
+    log = tmp_path / "many.jsonl"
+    with log.open("w") as handle:
+        for i in range(100_000):
+            messages = [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]
+            handle.write(json.dumps({"messages": messages}) + "\n")
+    engine = open_database(f"duckdb:///{tmp_path / 'many.duckdb'}")
+    config = IngestConfig(progress=False, rejects_path=tmp_path / "rejects.jsonl")
+    assert ingest_paths([log], engine=engine, config=config).stored == 100_000
+    assert table_counts(engine)["exchanges"] == 100_000
+    engine.dispose()
