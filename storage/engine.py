@@ -105,11 +105,10 @@ def make_engine(url: str, *, read_only: bool = False) -> Engine:
     )
 
 
-# DuckDB's working memory by default: 1M exchanges ingest in 256 MB as fast as in 512 MB,
-# and the process peaks under 1 GB rather than around it.
+# DuckDB's memory cap by default: 1M exchanges ingest in 256 MB within 10 % of the time they
+# take in 512 MB, and the process peaks near 0.7 GB rather than around 1 GB.
 DUCKDB_MEMORY = "256MB"
-# Memory kept free beside DuckDB's indexes for a batch's insert and commit: 128 MB
-# failed a 1M ingest at a 128 MB cap, so the indexes' share is what runs out.
+# Memory the cap keeps beside DuckDB's indexes for a batch's insert, commit and spilling.
 _INDEX_RESERVE = 128 * 10**6
 _UNITS = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 _UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "b": 1, "bytes": 1}
@@ -131,9 +130,9 @@ def make_room_for_indexes(duck: Any) -> None:
     where the cap cannot evict them: about 100 MB per million exchanges with their
     conversations. When they fill the cap, DuckDB 1.5 fails the insert or the commit, and a
     failed commit invalidates the database ("Corrupted in-memory column"): a 4M-exchange
-    ingest did so at 3.4M under a flat 512 MB cap. So the configured cap is for the rest
-    (buffers, spilling) and the indexes come on top. The cap is never lowered again: a
-    checkpoint lets the index out of memory, but the next inserts bring it back.
+    ingest did so at 3.4M under a flat 512 MB cap. So the cap grows with the indexes, and is
+    never lowered again: a checkpoint lets the index out of memory, but the next inserts
+    bring it back, and a cap lowered meanwhile failed that same ingest.
     """
     index, limit = duck.execute(
         "SELECT coalesce(sum(memory_usage_bytes) FILTER (WHERE tag = 'ART_INDEX'), 0), "
