@@ -12,10 +12,9 @@ import os
 import re
 import uuid
 from pathlib import Path
-from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 DEFAULT_DB_FILE = "convoscope.duckdb"
 _SQLITE_SUFFIXES = {".sqlite", ".sqlite3", ".db"}
@@ -72,7 +71,7 @@ def make_engine(url: str, *, read_only: bool = False) -> Engine:
         else:  # a named in-memory database: the engine's connections share it (see below)
             parsed = parsed.set(database=f":memory:{uuid.uuid4().hex}")
         # DuckDB's buffer pool would grow to 80 % of RAM; cap it so long ingests stay small
-        # (it spills to disk past the cap; `make_room_for_indexes` adds what its indexes
+        # (it spills to disk past the cap; `make_room` adds what its indexes
         # hold). $CONVOSCOPE_DUCKDB_MEMORY overrides.
         # A checkpoint rewrites the changed blocks into the file; at DuckDB's default (every
         # 16 MB of WAL) a long ingest checkpoints hundreds of times and leaves half the file
@@ -122,9 +121,9 @@ def _size_bytes(size: str) -> int | None:
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
-def make_room_for_indexes(duck: Any) -> None:
-    """Raise DuckDB's memory cap (on the raw connection `duck`) to what its indexes hold plus
-    a reserve, when that is more than the cap; called before each bulk insert.
+def make_room(conn: Connection) -> None:
+    """On DuckDB, raise the memory cap to what its indexes hold plus a reserve, when that is
+    more than the cap; called before each bulk insert. A no-op elsewhere.
 
     DuckDB keeps the primary-key index entries written since its last checkpoint in memory,
     where the cap cannot evict them: about 100 MB per million exchanges with their
@@ -134,6 +133,9 @@ def make_room_for_indexes(duck: Any) -> None:
     never lowered again: a checkpoint lets the index out of memory, but the next inserts
     bring it back, and a cap lowered meanwhile failed that same ingest.
     """
+    if conn.dialect.name != "duckdb":
+        return
+    duck = conn.connection.driver_connection
     index, limit = duck.execute(
         "SELECT coalesce(sum(memory_usage_bytes) FILTER (WHERE tag = 'ART_INDEX'), 0), "
         "current_setting('memory_limit') FROM duckdb_memory()"

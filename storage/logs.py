@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from storage.contexts import context_columns, stream_with_contexts
-from storage.engine import make_room_for_indexes
+from storage.engine import make_room
 from storage.schema import battles, conversations, exchanges, ingest_runs
 
 Row = dict[str, Any]
@@ -77,7 +77,7 @@ def _to_arrow(table: sa.Table, rows: list[Row]) -> pa.Table:
 def _duckdb_insert(conn: Connection, table: sa.Table, arrow: pa.Table, *, skip: str = "") -> int:
     """Insert through an Arrow view; `skip=" ON CONFLICT DO NOTHING"` leaves out rows whose
     key is stored. Returns how many rows were inserted."""
-    make_room_for_indexes(conn.connection.driver_connection)
+    make_room(conn)
     with _duckdb_view(conn, arrow) as view:
         names = ", ".join(f'"{name}"' for name in arrow.column_names)
         result = conn.connection.driver_connection.execute(

@@ -53,15 +53,10 @@ def save_model(
 
 def latest_model(engine: Engine, kind: str | Sequence[str]) -> Row | None:
     """The newest artefact of a kind (or of any of several), with `files` unpacked and
-    config/metrics parsed."""
-    kinds = [kind] if isinstance(kind, str) else list(kind)
-    query = (
-        sa.select(trained_models)
-        .where(trained_models.c.kind.in_(kinds))
-        .order_by(trained_models.c.created_at.desc())
-        .limit(1)
-    )
-    return _unpacked(engine, query)
+    config/metrics parsed. Found by id first: DuckDB sorting the rows themselves held every
+    candidate's payload in memory (a fine-tuned model's is over 100 MB) and ran out."""
+    ids = model_ids(engine, kind)
+    return load_model(engine, ids[0]) if ids else None
 
 
 def model_ids(engine: Engine, kind: str | Sequence[str]) -> list[str]:
@@ -78,12 +73,9 @@ def model_ids(engine: Engine, kind: str | Sequence[str]) -> list[str]:
 
 def load_model(engine: Engine, model_id: str) -> Row | None:
     """One artefact by id (None when there is none), unpacked like `latest_model`."""
-    return _unpacked(engine, sa.select(trained_models).where(trained_models.c.id == model_id))
-
-
-def _unpacked(engine: Engine, query: sa.Select) -> Row | None:
+    where = trained_models.c.id == model_id
     with engine.connect() as conn:
-        row = conn.execute(query).mappings().first()
+        row = conn.execute(sa.select(trained_models).where(where)).mappings().first()
     if row is None:
         return None
     found = dict(row)
