@@ -126,8 +126,8 @@ class LexicalReward:
         if len(lab):  # no labels at all: battles only
             lab, wt = lab[used], wt[used]
         if pairs is not None:
-            renumber = np.searchsorted
-            pairs = Pairs(renumber(used, pairs.a), renumber(used, pairs.b), pairs.outcome)
+            a, b = np.searchsorted(used, pairs.a), np.searchsorted(used, pairs.b)
+            pairs = Pairs(a, b, pairs.outcome)
         n_terms = x.shape[1]
         coef = self._solve(x, point, lab, wt, pairs)
         self.coef = coef[:n_terms]

@@ -109,8 +109,7 @@ def make_engine(url: str, *, read_only: bool = False) -> Engine:
 DUCKDB_MEMORY = "512MB"
 # Memory the cap keeps beside DuckDB's indexes for a batch's insert, commit and spilling.
 _INDEX_RESERVE = 128 * 10**6
-_UNITS = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
-_UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "b": 1, "bytes": 1}
+_UNITS = {"bytes": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # as DuckDB shows
 
 
 def _size_bytes(size: str) -> int | None:

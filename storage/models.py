@@ -73,9 +73,9 @@ def model_ids(engine: Engine, kind: str | Sequence[str]) -> list[str]:
 
 def load_model(engine: Engine, model_id: str) -> Row | None:
     """One artefact by id (None when there is none), unpacked like `latest_model`."""
-    where = trained_models.c.id == model_id
+    query = sa.select(trained_models).where(trained_models.c.id == model_id)
     with engine.connect() as conn:
-        row = conn.execute(sa.select(trained_models).where(where)).mappings().first()
+        row = conn.execute(query).mappings().first()
     if row is None:
         return None
     found = dict(row)
