@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 
@@ -229,6 +230,36 @@ def test_floats_keep_every_digit_and_an_upgrade_keeps_the_old_ones(db_url: str) 
     assert rows[before["id"]]["rating"] == 4.25
     assert load_scores(engine, "reward:test") == {after["id"]: 0.123456789012}
     assert 'my "scores" index' in {i["name"] for i in _indexes(engine, "scores")}
+    engine.dispose()
+
+
+def test_storing_a_scorer_again_replaces_the_given_values_and_keeps_the_others(
+    db_url: str,
+) -> None:
+    from storage.scores import load_scores, store_scores
+
+    engine = open_database(db_url)
+    assert store_scores(engine, "reward:a", {"e1": 0.1, "e2": 0.2}) == 2
+    store_scores(engine, "reward:b", {"e1": 9.0})
+    store_scores(engine, "reward:a", {"e2": 0.5, "e3": 0.3})
+    assert load_scores(engine, "reward:a") == {"e1": 0.1, "e2": 0.5, "e3": 0.3}
+    assert load_scores(engine, "reward:b") == {"e1": 9.0}
+    engine.dispose()
+
+
+def test_scores_too_many_for_duckdbs_cap_to_commit_are_stored(tmp_path, monkeypatch) -> None:
+    """A commit adds the transaction's primary-key entries to the table's index while holding
+    its own, beyond the cap's reach: 1M reward scores failed their commit under 256 MB, as
+    700K do under 16 MB here unless the cap makes room for both (storage.engine.make_room)."""
+    from storage.scores import load_scores, store_scores
+
+    monkeypatch.setenv("CONVOSCOPE_DUCKDB_MEMORY", "16MB")
+    engine = open_database(f"duckdb:///{tmp_path / 'scores.duckdb'}")
+    # Hash ids, as exchanges have: spread over the index, they take the room they do in use.
+    values = {hashlib.sha256(b"%d" % i).hexdigest(): i / 8 for i in range(700_000)}
+    scorer = f"reward:{'0' * 32}"  # as long as a model's: the keys' length sets the index's size
+    assert store_scores(engine, scorer, values) == len(values)
+    assert load_scores(engine, scorer) == values
     engine.dispose()
 
 
