@@ -213,6 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="longer lines (or JSON array items) are rejected (default 8)",
     )
 
+    reading.add_argument(
+        "--merge-history",
+        action="store_true",
+        help="OpenAI chat logs that repeat a chat's history with every request (a gateway's): "
+        "store each chat once, in its last state, not once per request",
+    )
+
     ingest = sub.add_parser(
         "ingest", parents=[common, reading], help="read log files into the database"
     )

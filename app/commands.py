@@ -121,6 +121,7 @@ def _ingest_config(args: argparse.Namespace, **extra: Any) -> IngestConfig:
         mapping=args.map,
         max_line_bytes=int(args.max_line_mb * 1024 * 1024),
         rejects_path=args.rejects,
+        merge_history=args.merge_history,
         **extra,
     )
 

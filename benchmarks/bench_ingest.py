@@ -10,6 +10,8 @@ with peak memory under 1 GB. "parse + hashes" is the floor of an idempotent inge
 the same parse plus the sha256 ids (conversation, exchanges) that make re-ingesting a no-op.
 "read back" streams every stored exchange with its whole context: the price of storing
 contexts as references (storage/contexts.py), paid by the steps that read them.
+"gateway" logs the 100K exchanges as a gateway does (a line per request, with the history so
+far): ingested line by line, then with `--merge-history`, which holds lines back to merge them.
 """
 
 from __future__ import annotations
@@ -34,25 +36,29 @@ def _sharegpt_path() -> Path:
         return Path(path)
 
 
-def _write_synthetic(path: Path, exchanges: int) -> None:
-    """Two-exchange conversations with realistic lengths, as OpenAI chat JSONL."""
+def _write_synthetic(path: Path, exchanges: int, *, gateway: bool = False) -> None:
+    """Two-exchange conversations with realistic lengths, as OpenAI chat JSONL; `gateway`
+    logs each as a gateway does, one line per request with the history so far, the chats of
+    ten users interleaved."""
     filler = "Lorem ipsum dolor sit amet, consectetur adipiscing elit. " * 6
+
+    def messages(i: int) -> list[dict[str, str]]:
+        return [
+            {"role": "user", "content": f"Question {i}: {filler}"},
+            {"role": "assistant", "content": f"Answer {i}. {filler}"},
+            {"role": "user", "content": f"Follow-up {i}?"},
+            {"role": "assistant", "content": f"More on {i}. {filler}"},
+        ]
+
     with path.open("w") as handle:
-        for i in range(exchanges // 2):
-            handle.write(
-                json.dumps(
-                    {
-                        "messages": [
-                            {"role": "user", "content": f"Question {i}: {filler}"},
-                            {"role": "assistant", "content": f"Answer {i}. {filler}"},
-                            {"role": "user", "content": f"Follow-up {i}?"},
-                            {"role": "assistant", "content": f"More on {i}. {filler}"},
-                        ],
-                        "model": f"expert-{i % 7}",
-                    }
-                )
-                + "\n"
-            )
+        for start in range(0, exchanges // 2, 10):
+            chats = range(start, min(start + 10, exchanges // 2))
+            lines = [(i, 4) for i in chats]
+            if gateway:
+                lines = [(i, 2) for i in chats] + lines
+            for i, length in lines:
+                record = {"messages": messages(i)[:length], "model": f"expert-{i % 7}"}
+                handle.write(json.dumps(record) + "\n")
 
 
 def _phase(name: str, path: Path, db: str | None) -> dict[str, float]:
@@ -107,7 +113,11 @@ def _phase(name: str, path: Path, db: str | None) -> dict[str, float]:
 
         engine = open_database(db)
         setup = time.perf_counter() - start
-        config = IngestConfig(progress=False, rejects_path=Path(tempfile.mkdtemp()) / "r.jsonl")
+        config = IngestConfig(
+            progress=False,
+            rejects_path=Path(tempfile.mkdtemp()) / "r.jsonl",
+            merge_history=name == "ingest-merge",
+        )
         summary = ingest_paths([path], engine=engine, config=config)
         engine.dispose()
         count = summary.stored
@@ -161,6 +171,15 @@ def main() -> None:
             db = f"duckdb:///{work / f'synthetic-{n}.duckdb'}"
             rows.append((label, "ingest → duckdb", _run("ingest", synthetic, db)))
             synthetic.unlink()
+
+        # A gateway's log of the 100K: each chat's first request, then its whole history.
+        gateway = work / "gateway.jsonl"
+        _write_synthetic(gateway, 100_000, gateway=True)
+        label = "gateway 100K (150K logged)"
+        rows.append((label, "parse only (json.loads)", _run("parse-jsonl", gateway)))
+        for phase, name in (("ingest", "ingest → duckdb"), ("ingest-merge", "--merge-history")):
+            db = f"duckdb:///{work / f'{phase}.duckdb'}"
+            rows.append((label, name, _run(phase, gateway, db)))
 
     print(
         f"{'data':<28} {'phase':<26} {'rows':>9} {'seconds':>8} {'rows/s':>9} "

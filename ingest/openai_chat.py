@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,32 +56,63 @@ _INSTRUCTION_KEYS = ("instruction", "instruction_id", "system_prompt_id")
 
 def read_openai(path: Path, *, options: ReadOptions) -> Iterator[Parsed]:
     """Conversations, Rejects, UnknownRoles (and a Truncation for a cut file), in file order,
-    then a Notice when lines repeat earlier lines' conversations and go on."""
+    then a Notice when lines repeat earlier lines' conversations and go on.
+
+    With `options.merge_history` such lines are merged instead (`_History`): a conversation
+    is then held back until later lines can no longer continue it, so it comes later."""
+    source = options.source_for(path)
+    if options.merge_history:
+        history = _History()
+        for parsed in read_json_conversations(path, options, _conversation):
+            if isinstance(parsed, Conversation):
+                yield from history.add(parsed)
+            else:
+                yield parsed
+        yield from history.close()
+        yield from history.notices(source)
+        return
     continued = _Continuations()
     for parsed in read_json_conversations(path, options, _conversation):
         if isinstance(parsed, Conversation):
             continued.check(parsed)
         yield parsed
     if continued.lines:
-        yield continued.notice(options.source_for(path))
+        yield continued.notice(source)
+
+
+class _Recent:
+    """A set of 8-byte digests that forgets the oldest: the last 50,000 to 100,000 added, in
+    two generations, so memory stays flat on a log of millions of lines. Dropping the oldest
+    digest one at a time from a dict made the ingest of 1M exchanges twice as slow: each drop
+    scanned the slots emptied before it."""
+
+    def __init__(self) -> None:
+        self._recent: set[bytes] = set()
+        self._older: set[bytes] = set()
+
+    def add(self, digest: bytes) -> None:
+        self._recent.add(digest)
+        if len(self._recent) >= _GENERATION:
+            self._older, self._recent = self._recent, set()
+
+    def __contains__(self, digest: bytes) -> bool:
+        return digest in self._recent or digest in self._older
+
+
+_GENERATION = 50_000
 
 
 class _Continuations:
     """Counts lines whose messages begin with the whole of an earlier line's and go on: a
     gateway that logs the history with every request writes a 3-turn chat as 3 lines, which
     are stored as 3 conversations, 6 exchanges, the first answer 3 times and twice read as
-    the one the user left after. Reading them as one conversation would take every earlier
-    line back once a longer one shows up, so they are stored as logged and the user is told.
-
-    Remembers the last 50,000 to 100,000 lines as 8-byte digests, in two generations (a
-    gateway writes a chat's requests close together), so memory stays flat on a log of
-    millions of lines. Dropping the oldest digest one at a time from a dict made the ingest
-    of 1M exchanges twice as slow: each drop scanned the slots emptied before it.
+    the one the user left after. They are stored as logged (merging them is `--merge-history`:
+    two users' chats can begin alike) and the user is told. A gateway writes a chat's
+    requests close together, so the recent lines are enough to find them.
     """
 
     def __init__(self) -> None:
-        self._recent: set[bytes] = set()
-        self._older: set[bytes] = set()
+        self._seen = _Recent()
         self.lines = 0
         self.first_line = 0
 
@@ -92,14 +124,11 @@ class _Continuations:
             text = message.content.encode("utf-8", "surrogatepass")
             digest.update(b"%s %d:" % (message.role.encode(), len(text)) + text)
             if not found and i < last and message.role == "assistant":
-                seen = digest.digest()
-                found = seen in self._recent or seen in self._older
+                found = digest.digest() in self._seen
         if found:
             self.lines += 1
             self.first_line = self.first_line or conversation.line
-        self._recent.add(digest.digest())
-        if len(self._recent) >= _GENERATION:
-            self._older, self._recent = self._recent, set()
+        self._seen.add(digest.digest())
 
     def notice(self, source: str) -> Notice:
         return Notice(
@@ -107,13 +136,148 @@ class _Continuations:
             f"{self.lines} lines (the first at line {self.first_line}) begin with the whole "
             "conversation of an earlier line and go on, as a log that repeats the history with "
             "every request does: each line is stored as a conversation of its own, so the "
-            "turns it repeats are stored again and read as where the user left. Log each "
-            "conversation once, in its last state (or as CSV, one row per turn with a "
-            "conversation_id)",
+            "turns it repeats are stored again and read as where the user left. Ingest again "
+            "with --merge-history to store each chat once, in its last state (a database that "
+            "holds this file's lines already keeps them: use a new one), or log each "
+            "conversation once (or as CSV, one row per turn with a conversation_id)",
         )
 
 
-_GENERATION = 50_000
+class _History:
+    """Merges the lines of a log that repeats a chat's history with every request
+    (`--merge-history`): a line whose messages begin with the whole of a held line's (with the
+    same `external_id`, or none) replaces it, and the chat is stored once, in its last state.
+
+    A line is held until `_HELD_CHARS` characters of newer lines (or `_HELD_LINES` lines) have
+    come in: a gateway writes a chat's requests close together, and a line stored already is
+    never taken back. Nor is a branch merged: a line that continues a state of the chat that
+    another line continued already (a regenerated answer) is a conversation of its own; both
+    kinds are counted in a Notice. Merged, the chat starts at its first line with that line's
+    `created_at`; messages with no time of their own get their line's (the request's), so
+    `seconds_to_next_user_message` is the time from one request to the next; conversation
+    feedback is the last line's, else an earlier one's. The same lines give the same chats,
+    so a re-run stores nothing new.
+    """
+
+    def __init__(self) -> None:
+        self._held: dict[bytes, Conversation] = {}  # by the digest of its messages, oldest first
+        self._chars = 0
+        self._gone = _Recent()  # digests of chats let go, or continued by a held line
+        self.merged = 0
+        self.late = 0
+        self.first_late = 0
+
+    def add(self, conversation: Conversation) -> Iterator[Conversation]:
+        """The held conversations this one lets go (oldest first); it is held itself."""
+        digests = _digests(conversation)
+        earlier = None
+        for digest in reversed(digests[:-1]):  # the longest held line it continues
+            earlier = self._held.pop(digest, None)
+            if earlier is not None:
+                self._gone.add(digest)
+                break
+        if earlier is not None:
+            self._chars -= _chars(earlier)
+            self.merged += 1
+            conversation = _continued(earlier, conversation)
+        else:
+            conversation = _stamped(conversation, 0)
+            if any(digest in self._gone for digest in digests[:-1]):
+                self.late += 1
+                self.first_late = self.first_late or conversation.line
+        if digests[-1] in self._held:  # the same chat twice (two users'): the first is let go
+            yield self._let_go(digests[-1])
+        self._held[digests[-1]] = conversation
+        self._chars += _chars(conversation)
+        while self._chars > _HELD_CHARS or len(self._held) > _HELD_LINES:
+            yield self._let_go(next(iter(self._held)))
+
+    def close(self) -> Iterator[Conversation]:
+        """Every conversation still held, at the end of the file."""
+        while self._held:
+            yield self._let_go(next(iter(self._held)))
+
+    def _let_go(self, digest: bytes) -> Conversation:
+        conversation = self._held.pop(digest)
+        self._chars -= _chars(conversation)
+        self._gone.add(digest)
+        return conversation
+
+    def notices(self, source: str) -> Iterator[Notice]:
+        if self.merged:
+            yield Notice(
+                source,
+                f"--merge-history: {self.merged} lines continued an earlier line's "
+                "conversation and were merged into it",
+            )
+        if self.late:
+            yield Notice(
+                source,
+                f"--merge-history: {self.late} lines (the first at line {self.first_late}) "
+                "continue a conversation that was stored before them (more than "
+                f"{_HELD_CHARS // 10**6}M characters of log earlier) or that another line "
+                "had continued already (a regenerated answer, or two chats that began alike): "
+                "each is stored as a conversation of its own",
+            )
+
+
+_HELD_CHARS = 50_000_000  # about 50-100 MB of held text
+_HELD_LINES = 100_000
+
+
+def _digests(conversation: Conversation) -> list[bytes]:
+    """8-byte digests of the conversation's first 1, 2, ... messages (roles and texts), after
+    its external id: equal digests are the same history of the same conversation."""
+    digest = hashlib.blake2b(digest_size=8)
+    external = (conversation.external_id or "").encode("utf-8", "surrogatepass")
+    digest.update(b"%d:" % len(external) + external)
+    digests = []
+    for message in conversation.messages:
+        text = message.content.encode("utf-8", "surrogatepass")
+        digest.update(b"%s %d:" % (message.role.encode(), len(text)) + text)
+        digests.append(digest.digest())
+    return digests
+
+
+def _chars(conversation: Conversation) -> int:
+    return sum(len(message.content) for message in conversation.messages)
+
+
+def _stamped(conversation: Conversation, start: int) -> Conversation:
+    """The conversation with its line's `created_at` on its last user message and what
+    follows (the request the line logs, and its answer) when they have no time of their own
+    and come from `start` on: earlier turns were sent before, at a time the line does not say.
+    """
+    when = conversation.created_at
+    messages = conversation.messages
+    request = next((i for i in range(len(messages) - 1, -1, -1) if messages[i].role == "user"), -1)
+    if when is None or request < start or all(m.created_at for m in messages[request:]):
+        return conversation
+    stamped = tuple(m if m.created_at else replace(m, created_at=when) for m in messages[request:])
+    return replace(conversation, messages=messages[:request] + stamped)
+
+
+def _continued(earlier: Conversation, later: Conversation) -> Conversation:
+    """`later` (whose messages begin with all of `earlier`'s) as the rest of `earlier`."""
+    start = len(earlier.messages)
+    later = _stamped(later, start)
+    messages = (
+        tuple(  # the times (and any signals) the earlier lines gave the shared turns
+            old if old.created_at and not new.created_at else new
+            for old, new in zip(earlier.messages, later.messages[:start], strict=True)
+        )
+        + later.messages[start:]
+    )
+    return replace(
+        later,
+        messages=messages,
+        line=earlier.line,
+        created_at=earlier.created_at or later.created_at,
+        thumbs=later.thumbs if later.thumbs is not None else earlier.thumbs,
+        rating=later.rating if later.rating is not None else earlier.rating,
+        feedback_text=later.feedback_text or earlier.feedback_text,
+        metadata={**earlier.metadata, **later.metadata},
+    )
 
 
 def _conversation(

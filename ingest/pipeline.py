@@ -66,6 +66,7 @@ class IngestConfig:
     rejects_path: Path | None = None
     progress: bool = True
     limit: int | None = None  # stop after this many conversations/battles per file (samples)
+    merge_history: bool = False  # merge OpenAI chat lines that repeat a chat's history
 
 
 @dataclass(slots=True)
@@ -140,13 +141,21 @@ def _ingest_file(
     writer: _BatchWriter,
 ) -> None:
     options = ReadOptions(
-        max_line_bytes=config.max_line_bytes, mapping=dict(config.mapping), source=str(path)
+        max_line_bytes=config.max_line_bytes,
+        mapping=dict(config.mapping),
+        source=str(path),
+        merge_history=config.merge_history,
     )
     format = _format_name(path, config)
     if config.mapping and format not in _TABULAR_FORMATS | {"unknown"}:
         summary.warnings.append(
             f"{path}: --map ignored: the {format} format names its own fields "
             "(a column mapping is for CSV and Parquet files)"
+        )
+    if config.merge_history and format not in {"openai", "unknown"}:
+        summary.warnings.append(
+            f"{path}: --merge-history ignored: it merges OpenAI chat logs' lines (this file "
+            f"is {format})"
         )
     run_id = start_ingest_run(engine, path=str(path), format=format)
     before = (summary.read, summary.stored, summary.duplicates, summary.rejected)

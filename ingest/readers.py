@@ -32,7 +32,8 @@ FORMATS = ("openai", "sharegpt", "chai", "battles", "csv", "parquet", "convoscop
 
 @dataclass(frozen=True)
 class ReadOptions:
-    """How to read a file: the longest line accepted, a tabular column mapping, a source label.
+    """How to read a file: the longest line accepted, a tabular column mapping, a source label,
+    whether to merge a gateway's repeated histories.
 
     `mapping` maps canonical field names to column names (`{"prompt": "question"}`); `source`
     replaces the file path as the label stored with every record (e.g. for a replay run).
@@ -41,6 +42,7 @@ class ReadOptions:
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
     mapping: Mapping[str, str] = field(default_factory=dict)
     source: str | None = None
+    merge_history: bool = False  # OpenAI chat: lines that repeat a chat's history merge
 
     def source_for(self, path: Path) -> str:
         return self.source if self.source is not None else str(path)

@@ -21,7 +21,7 @@ from app.cli import main
 from app.ui.launch import free_port
 from ingest.files import REJECTS_PREFIX
 from storage.engine import open_database
-from storage.logs import iter_exchanges
+from storage.logs import iter_exchanges, table_counts
 from storage.schema import ingest_runs, scores, trained_models
 from tests.test_ingest_pipeline import REPO, convoscope, write_openai_jsonl
 
@@ -568,6 +568,13 @@ def test_a_log_that_repeats_the_history_on_every_line_is_named(
     assert code == 0, err
     (warning,) = json.loads(out)["warnings"]
     assert warning.startswith("gateway.jsonl: 2 lines (the first at line 2) begin with the whole")
+    merged = str(tmp_path / "merged.duckdb")
+    code, out, err = cli(capsys, "--db", merged, "ingest", "gateway.jsonl", "--merge-history")
+    assert code == 0 and "2 lines continued an earlier line's conversation" in err
+    engine = open_database(merged)
+    counts = table_counts(engine)
+    engine.dispose()
+    assert (counts["conversations"], counts["exchanges"]) == (2, 4)  # the chat, the saved input
 
     (tmp_path / "chats.jsonl").write_text(lines[-2] + "\n")  # the last state alone: no warning
     code, out, err = cli(capsys, "--db", db, "ingest", "chats.jsonl", "--json")

@@ -1,0 +1,150 @@
+"""`--merge-history`: an OpenAI chat log that repeats a chat's history with every request (a
+gateway's) stored as one conversation per chat, with the signals of the chat as it went on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ingest.pipeline import IngestConfig, ingest_paths
+from storage.engine import open_database
+from storage.logs import iter_exchanges, table_counts
+
+
+def _request(turns: list[tuple[str, str]], minute: int, **extra: object) -> str:
+    """One gateway line: the chat's history so far, the new question and its answer."""
+    messages = [
+        {"role": role, "content": text}
+        for question, answer in turns
+        for role, text in (("user", question), ("assistant", answer))
+    ]
+    line = {"messages": messages, "model": "m1", "created_at": f"2026-01-01T10:{minute:02d}:00Z"}
+    return json.dumps(line | extra)
+
+
+def _ingest(path: Path, db: Path, **options: object):
+    engine = open_database(f"duckdb:///{db}")
+    config = IngestConfig(progress=False, rejects_path=path.parent / "rejects.jsonl", **options)
+    summary = ingest_paths([path], engine=engine, config=config)
+    rows = [r for batch in iter_exchanges(engine) for r in batch]
+    counts = table_counts(engine)
+    engine.dispose()
+    return summary, rows, counts
+
+
+def _gateway_log(path: Path) -> None:
+    """Two chats interleaved, as users write at once: A has three requests, B two; the last
+    request of A carries the user's thumbs; C is a one-request chat that A's start repeats."""
+    a = [("hi", "Hello!"), ("a joke?", "No."), ("please", "Knock knock.")]
+    b = [("2+2?", "4"), ("and 3+3?", "6")]
+    lines = [
+        _request(a[:1], 0),
+        _request(b[:1], 1),
+        _request(a[:2], 3),  # 3 minutes after A's first request
+        _request(b[:2], 4),
+        _request(a[:3], 5, thumbs=-1),
+    ]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_merged_lines_store_each_chat_once_with_its_signals_and_request_times(
+    tmp_path: Path,
+) -> None:
+    log = tmp_path / "gateway.jsonl"
+    _gateway_log(log)
+    summary, rows, counts = _ingest(log, tmp_path / "merged.duckdb", merge_history=True)
+    assert (summary.conversations, summary.stored) == (2, 5)
+    assert counts["conversations"] == 2
+    assert summary.warnings == [
+        f"{log}: --merge-history: 3 lines continued an earlier line's conversation and were "
+        "merged into it"
+    ]
+    by_prompt = {r["prompt"]: r for r in rows}
+    assert sorted(by_prompt) == ["2+2?", "a joke?", "and 3+3?", "hi", "please"]
+    hi, joke, please = by_prompt["hi"], by_prompt["a joke?"], by_prompt["please"]
+    assert hi["conversation_id"] == joke["conversation_id"] == please["conversation_id"]
+    # Where the user went on and where they left, as the chat went: not every line's end.
+    assert [(r["user_turns_after"], r["ended_conversation"]) for r in (hi, joke, please)] == [
+        (2, False),
+        (1, False),
+        (0, True),
+    ]
+    # From one request to the next: 3 minutes, then 2; the chat's last answer has none.
+    assert [r["seconds_to_next_user_message"] for r in (hi, joke, please)] == [180.0, 120.0, None]
+    assert please["thumbs"] == -1 and hi["thumbs"] is None
+    assert by_prompt["2+2?"]["seconds_to_next_user_message"] == 180.0
+    assert [len(json.loads(r["context"])) for r in (hi, joke, please)] == [0, 2, 4]
+
+    # The same lines give the same chats: a re-run stores nothing.
+    again, _, _ = _ingest(log, tmp_path / "merged.duckdb", merge_history=True)
+    assert (again.stored, again.duplicates) == (0, 5)
+
+
+def test_without_the_option_each_line_is_a_conversation_and_the_user_is_told(
+    tmp_path: Path,
+) -> None:
+    log = tmp_path / "gateway.jsonl"
+    _gateway_log(log)
+    summary, rows, _ = _ingest(log, tmp_path / "lines.duckdb")
+    assert (summary.conversations, summary.stored) == (5, 9)
+    (warning,) = summary.warnings
+    assert "3 lines (the first at line 3) begin with the whole conversation" in warning
+    assert "--merge-history" in warning
+    ended = [r["prompt"] for r in rows if r["ended_conversation"]]
+    assert sorted(ended) == ["2+2?", "a joke?", "and 3+3?", "hi", "please"]
+
+
+def test_lines_of_other_conversations_or_too_late_are_not_merged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A line with another conversation id never merges; nor does one that comes after the
+    chat it continues was stored, or after another line continued it (a regenerated answer):
+    each is stored as it is, and counted."""
+    from ingest import openai_chat
+
+    monkeypatch.setattr(openai_chat, "_HELD_LINES", 2)  # hold two lines, not 100,000
+    first = [("hi", "Hello!")]
+    lines = [
+        _request(first, 0, conversation_id="c1"),
+        _request([*first, ("q", "a")], 1, conversation_id="c2"),  # another chat: not merged
+        _request([*first, ("q", "a")], 2, conversation_id="c1"),  # c1 goes on: merged
+        _request([*first, ("q", "a2")], 3, conversation_id="c1"),  # regenerated: not merged
+        _request([("x", "y")], 4),
+        _request([("z", "w")], 5),
+        _request([("u", "v")], 6),  # a third line held: x is let go, the oldest
+        _request([("x", "y"), ("x2", "y2")], 7),  # too late
+    ]
+    log = tmp_path / "mixed.jsonl"
+    log.write_text("\n".join(lines) + "\n")
+    summary, rows, counts = _ingest(log, tmp_path / "mixed.duckdb", merge_history=True)
+    assert counts["conversations"] == 7
+    merged, late = summary.warnings
+    assert "1 lines continued" in merged
+    assert late.startswith(f"{log}: --merge-history: 2 lines (the first at line 4) continue")
+    answers = sorted((r["prompt"], r["response"], r["user_turns_after"]) for r in rows)
+    assert answers == [
+        ("hi", "Hello!", 1),  # c1, merged
+        ("hi", "Hello!", 1),  # c1's regenerated branch
+        ("hi", "Hello!", 1),  # c2
+        ("q", "a", 0),
+        ("q", "a", 0),
+        ("q", "a2", 0),
+        ("u", "v", 0),
+        ("x", "y", 0),  # stored before its continuation came
+        ("x", "y", 1),
+        ("x2", "y2", 0),
+        ("z", "w", 0),
+    ]
+
+
+def test_the_option_on_a_format_without_histories_is_named_as_ignored(tmp_path: Path) -> None:
+    log = tmp_path / "sharegpt.json"
+    chat = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "Hello!"}]
+    log.write_text(json.dumps([{"id": "s1", "conversations": chat}]))
+    summary, _, _ = _ingest(log, tmp_path / "s.duckdb", merge_history=True)
+    assert summary.stored == 1
+    assert summary.warnings == [
+        f"{log}: --merge-history ignored: it merges OpenAI chat logs' lines (this file is sharegpt)"
+    ]
