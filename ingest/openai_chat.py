@@ -262,8 +262,10 @@ def _continued(earlier: Conversation, later: Conversation) -> Conversation:
     start = len(earlier.messages)
     later = _stamped(later, start)
     messages = (
-        tuple(  # the times (and any signals) the earlier lines gave the shared turns
-            old if old.created_at and not new.created_at else new
+        tuple(  # the shared turns as the later line logs them, at the earlier lines' times
+            replace(new, created_at=old.created_at)
+            if old.created_at and not new.created_at
+            else new
             for old, new in zip(earlier.messages, later.messages[:start], strict=True)
         )
         + later.messages[start:]

@@ -36,7 +36,7 @@ def _ingest(path: Path, db: Path, **options: object):
 
 def _gateway_log(path: Path) -> None:
     """Two chats interleaved, as users write at once: A has three requests, B two; the last
-    request of A carries the user's thumbs; C is a one-request chat that A's start repeats."""
+    request of A carries the user's thumbs, and a rating of A's first answer."""
     a = [("hi", "Hello!"), ("a joke?", "No."), ("please", "Knock knock.")]
     b = [("2+2?", "4"), ("and 3+3?", "6")]
     lines = [
@@ -46,6 +46,9 @@ def _gateway_log(path: Path) -> None:
         _request(b[:2], 4),
         _request(a[:3], 5, thumbs=-1),
     ]
+    last = json.loads(lines[-1])
+    last["messages"][1]["rating"] = 5  # rated after the fact: the last line says so
+    lines[-1] = json.dumps(last)
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -74,6 +77,7 @@ def test_merged_lines_store_each_chat_once_with_its_signals_and_request_times(
     # From one request to the next: 3 minutes, then 2; the chat's last answer has none.
     assert [r["seconds_to_next_user_message"] for r in (hi, joke, please)] == [180.0, 120.0, None]
     assert please["thumbs"] == -1 and hi["thumbs"] is None
+    assert hi["rating"] == 5
     assert by_prompt["2+2?"]["seconds_to_next_user_message"] == 180.0
     assert [len(json.loads(r["context"])) for r in (hi, joke, please)] == [0, 2, 4]
 
