@@ -10,6 +10,7 @@ A JSON array of such objects is read too (streamed).
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -160,7 +161,10 @@ class _History:
     """
 
     def __init__(self) -> None:
-        self._held: dict[bytes, Conversation] = {}  # by the digest of its messages, oldest first
+        # By the digest of its messages, oldest first. An OrderedDict lets the oldest go in
+        # constant time: a dict's first key is found by scanning the slots emptied before it,
+        # which took 3 of 20 s to read 100K lines.
+        self._held: OrderedDict[bytes, Conversation] = OrderedDict()
         self._chars = 0
         self._gone = _Recent()  # digests of chats let go, or continued by a held line
         self.merged = 0
@@ -186,19 +190,21 @@ class _History:
                 self.late += 1
                 self.first_late = self.first_late or conversation.line
         if digests[-1] in self._held:  # the same chat twice (two users'): the first is let go
-            yield self._let_go(digests[-1])
+            self._held.move_to_end(digests[-1], last=False)
+            yield self._let_go()
         self._held[digests[-1]] = conversation
         self._chars += _chars(conversation)
         while self._chars > _HELD_CHARS or len(self._held) > _HELD_LINES:
-            yield self._let_go(next(iter(self._held)))
+            yield self._let_go()
 
     def close(self) -> Iterator[Conversation]:
         """Every conversation still held, at the end of the file."""
         while self._held:
-            yield self._let_go(next(iter(self._held)))
+            yield self._let_go()
 
-    def _let_go(self, digest: bytes) -> Conversation:
-        conversation = self._held.pop(digest)
+    def _let_go(self) -> Conversation:
+        """The oldest held conversation, no longer held."""
+        digest, conversation = self._held.popitem(last=False)
         self._chars -= _chars(conversation)
         self._gone.add(digest)
         return conversation
