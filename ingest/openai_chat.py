@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -151,49 +151,45 @@ class _History:
 
     A line is held until `_HELD_CHARS` characters of newer lines (or `_HELD_LINES` lines) have
     come in: a gateway writes a chat's requests close together, and a line stored already is
-    never taken back. Nor is a branch merged: a line that continues a state of the chat that
-    another line continued already (a regenerated answer) is a conversation of its own; both
-    kinds are counted in a Notice. Merged, the chat starts at its first line with that line's
+    never taken back. Merged, the chat starts at its first line with that line's
     `created_at`; messages with no time of their own get their line's (the request's), so
     `seconds_to_next_user_message` is the time from one request to the next; conversation
     feedback is the last line's, else an earlier one's. The same lines give the same chats,
     so a re-run stores nothing new.
+
+    A line of the same conversation id that sends a held line's last request again with
+    another answer is a regeneration: the earlier answer stays in the chat as `retried`. With
+    no id, that is as likely two users' chats that began alike, and a false retry would teach
+    the reward model that a good answer was rejected: such a line, like one that continues a
+    state another line continued already, is a conversation of its own, counted in a Notice.
     """
 
     def __init__(self) -> None:
-        # By the digest of its messages, oldest first. An OrderedDict lets the oldest go in
-        # constant time: a dict's first key is found by scanning the slots emptied before it,
-        # which took 3 of 20 s to read 100K lines.
-        self._held: OrderedDict[bytes, Conversation] = OrderedDict()
+        # By the digest of its last line's messages, oldest first. An OrderedDict lets the
+        # oldest go in constant time: a dict's first key is found by scanning the slots
+        # emptied before it, which took 3 of 20 s to read 100K lines.
+        self._held: OrderedDict[bytes, _Chat] = OrderedDict()
+        self._requests: dict[bytes, bytes] = {}  # a held answered line's last request → its key
         self._chars = 0
         self._gone = _Recent()  # digests of chats let go, or continued by a held line
         self.merged = 0
+        self.retried = 0
         self.late = 0
         self.first_late = 0
 
     def add(self, conversation: Conversation) -> Iterator[Conversation]:
         """The held conversations this one lets go (oldest first); it is held itself."""
         digests = _digests(conversation)
-        earlier = None
-        for digest in reversed(digests[:-1]):  # the longest held line it continues
-            earlier = self._held.pop(digest, None)
-            if earlier is not None:
-                self._gone.add(digest)
-                break
-        if earlier is not None:
-            self._chars -= _chars(earlier)
-            self.merged += 1
-            conversation = _continued(earlier, conversation)
-        else:
-            conversation = _stamped(conversation, 0)
+        chat = self._goes_on(conversation, digests) or self._regenerates(conversation, digests)
+        if chat is None:
+            chat = _Chat(_stamped(conversation, 0))
             if any(digest in self._gone for digest in digests[:-1]):
                 self.late += 1
                 self.first_late = self.first_late or conversation.line
         if digests[-1] in self._held:  # the same chat twice (two users'): the first is let go
             self._held.move_to_end(digests[-1], last=False)
             yield self._let_go()
-        self._held[digests[-1]] = conversation
-        self._chars += _chars(conversation)
+        self._hold(chat, digests)
         while self._chars > _HELD_CHARS or len(self._held) > _HELD_LINES:
             yield self._let_go()
 
@@ -202,19 +198,66 @@ class _History:
         while self._held:
             yield self._let_go()
 
-    def _let_go(self) -> Conversation:
-        """The oldest held conversation, no longer held."""
-        digest, conversation = self._held.popitem(last=False)
-        self._chars -= _chars(conversation)
+    def _goes_on(self, line: Conversation, digests: list[bytes]) -> _Chat | None:
+        """The held chat this line goes on from (the longest), now ending with it."""
+        for digest in reversed(digests[:-1]):
+            if digest in self._held:
+                chat = self._take(digest)
+                chat.line = _continued(chat.line, line)
+                self.merged += 1
+                return chat
+        return None
+
+    def _regenerates(self, line: Conversation, digests: list[bytes]) -> _Chat | None:
+        """The held chat of the same conversation id whose last request this line sends again,
+        now ending with this line's answer, the earlier one retried."""
+        request = _last_request(line)
+        if line.external_id is None or request == len(line.messages) - 1:
+            return None
+        key = self._requests.get(digests[request])
+        if key is None:
+            return None
+        chat = self._take(key)
+        answers = chat.line.messages[request + 1 :]
+        chat.retried += [(request + 1, replace(m, retried=True)) for m in answers]
+        shared = replace(chat.line, messages=chat.line.messages[: request + 1])
+        chat.line = _continued(shared, line)
+        self.merged += 1
+        self.retried += 1
+        return chat
+
+    def _hold(self, chat: _Chat, digests: list[bytes]) -> None:
+        self._held[digests[-1]] = chat
+        self._chars += chat.chars
+        request = _last_request(chat.line)
+        if request < len(chat.line.messages) - 1:
+            self._requests[digests[request]] = digests[-1]
+            chat.request = digests[request]
+
+    def _take(self, digest: bytes) -> _Chat:
+        """The held chat under `digest`, no longer held."""
+        chat = self._held.pop(digest)
+        self._chars -= chat.chars
         self._gone.add(digest)
-        return conversation
+        if chat.request is not None and self._requests.get(chat.request) == digest:
+            del self._requests[chat.request]
+        return chat
+
+    def _let_go(self) -> Conversation:
+        """The oldest held chat, no longer held."""
+        return self._take(next(iter(self._held))).conversation()
 
     def notices(self, source: str) -> Iterator[Notice]:
         if self.merged:
+            regenerated = (
+                f" ({self.retried} of them regenerated the last answer: it is stored as retried)"
+                if self.retried
+                else ""
+            )
             yield Notice(
                 source,
                 f"--merge-history: {self.merged} lines continued an earlier line's "
-                "conversation and were merged into it",
+                f"conversation and were merged into it{regenerated}",
             )
         if self.late:
             yield Notice(
@@ -222,9 +265,43 @@ class _History:
                 f"--merge-history: {self.late} lines (the first at line {self.first_late}) "
                 "continue a conversation that was stored before them (more than "
                 f"{_HELD_CHARS // 10**6}M characters of log earlier) or that another line "
-                "had continued already (a regenerated answer, or two chats that began alike): "
-                "each is stored as a conversation of its own",
+                "had continued already (with no conversation id: a regenerated answer, or two "
+                "chats that began alike): each is stored as a conversation of its own",
             )
+
+
+@dataclass(slots=True)
+class _Chat:
+    """A held chat: its last line (merged with the earlier ones), and the answers the user
+    regenerated, each with the position in that line it came before."""
+
+    line: Conversation
+    retried: list[tuple[int, Message]] = field(default_factory=list)
+    request: bytes | None = None  # the digest of the line's last request, when answered
+
+    @property
+    def chars(self) -> int:
+        return _chars(self.line) + sum(len(m.content) for _, m in self.retried)
+
+    def conversation(self) -> Conversation:
+        """The chat as stored: the last line with the regenerated answers in their places."""
+        if not self.retried:
+            return self.line
+        messages: list[Message] = []
+        retried = iter(self.retried)
+        pending = next(retried, None)
+        for position, message in enumerate(self.line.messages):
+            while pending is not None and pending[0] == position:
+                messages.append(pending[1])
+                pending = next(retried, None)
+            messages.append(message)
+        return replace(self.line, messages=tuple(messages))
+
+
+def _last_request(conversation: Conversation) -> int:
+    """The index of the conversation's last user message (every conversation read has one)."""
+    messages = conversation.messages
+    return next(i for i in range(len(messages) - 1, -1, -1) if messages[i].role == "user")
 
 
 _HELD_CHARS = 50_000_000  # about 50-100 MB of held text
@@ -250,17 +327,17 @@ def _chars(conversation: Conversation) -> int:
 
 
 def _stamped(conversation: Conversation, start: int) -> Conversation:
-    """The conversation with its line's `created_at` on its last user message and what
-    follows (the request the line logs, and its answer) when they have no time of their own
-    and come from `start` on: earlier turns were sent before, at a time the line does not say.
+    """The conversation with its line's `created_at` on the request that line logs (its last
+    user message, unless an earlier line sent it) and the answer, from `start` on, where they
+    have no time of their own: earlier turns were sent before, at a time the line does not say.
     """
     when = conversation.created_at
     messages = conversation.messages
-    request = next((i for i in range(len(messages) - 1, -1, -1) if messages[i].role == "user"), -1)
-    if when is None or request < start or all(m.created_at for m in messages[request:]):
+    first = max(_last_request(conversation), start)
+    if when is None or all(m.created_at for m in messages[first:]):
         return conversation
-    stamped = tuple(m if m.created_at else replace(m, created_at=when) for m in messages[request:])
-    return replace(conversation, messages=messages[:request] + stamped)
+    stamped = tuple(m if m.created_at else replace(m, created_at=when) for m in messages[first:])
+    return replace(conversation, messages=messages[:first] + stamped)
 
 
 def _continued(earlier: Conversation, later: Conversation) -> Conversation:

@@ -100,12 +100,49 @@ def test_without_the_option_each_line_is_a_conversation_and_the_user_is_told(
     assert sorted(ended) == ["2+2?", "a joke?", "and 3+3?", "hi", "please"]
 
 
+def test_a_regenerated_answer_in_a_conversation_is_kept_as_retried(tmp_path: Path) -> None:
+    """Lines of one conversation id that send the last request again with another answer:
+    the user regenerated it, the strongest label a log gives. The earlier answer stays in
+    the chat as retried, and the chat goes on from the new one."""
+    hi, q, q2 = ("hi", "Hello!"), ("q", "a"), ("q2", "b")
+    lines = [
+        _request([hi], 0, conversation_id="c1"),
+        _request([hi, q], 1, conversation_id="c1"),
+        _request([hi, ("q", "a2")], 2, conversation_id="c1"),  # regenerated
+        _request([hi, ("q", "a2"), q2], 3, conversation_id="c1"),
+        _request([hi, ("q", "a2"), ("q2", "b2")], 4, conversation_id="c1"),  # again
+    ]
+    log = tmp_path / "retries.jsonl"
+    log.write_text("\n".join(lines) + "\n")
+    summary, rows, counts = _ingest(log, tmp_path / "retries.duckdb", merge_history=True)
+    assert counts["conversations"] == 1
+    assert summary.warnings == [
+        f"{log}: --merge-history: 4 lines continued an earlier line's conversation and were "
+        "merged into it (2 of them regenerated the last answer: it is stored as retried)"
+    ]
+    by_answer = {r["response"]: r for r in rows}
+    assert [(r["response"], r["retried"]) for r in sorted(rows, key=lambda r: r["turn_index"])] == [
+        ("Hello!", None),
+        ("a", True),
+        ("a2", None),
+        ("b", True),
+        ("b2", None),
+    ]
+    assert by_answer["b2"]["ended_conversation"] and not by_answer["b"]["ended_conversation"]
+    # What the user built on: the regenerated answers are left out of later contexts.
+    context = [m["content"] for m in json.loads(by_answer["b2"]["context"])]
+    assert context == ["hi", "Hello!", "q", "a2"]
+    assert by_answer["a2"]["seconds_to_next_user_message"] == 60.0  # sent at 2, q2 at 3
+    again, _, _ = _ingest(log, tmp_path / "retries.duckdb", merge_history=True)
+    assert again.stored == 0
+
+
 def test_lines_of_other_conversations_or_too_late_are_not_merged(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A line with another conversation id never merges; nor does one that comes after the
-    chat it continues was stored, or after another line continued it (a regenerated answer):
-    each is stored as it is, and counted."""
+    chat it continues was stored, or, with no conversation id, after another line continued
+    it (a regenerated answer, or two users): each is stored as it is, and counted."""
     from ingest import openai_chat
 
     monkeypatch.setattr(openai_chat, "_HELD_LINES", 2)  # hold two lines, not 100,000
@@ -114,33 +151,38 @@ def test_lines_of_other_conversations_or_too_late_are_not_merged(
         _request(first, 0, conversation_id="c1"),
         _request([*first, ("q", "a")], 1, conversation_id="c2"),  # another chat: not merged
         _request([*first, ("q", "a")], 2, conversation_id="c1"),  # c1 goes on: merged
-        _request([*first, ("q", "a2")], 3, conversation_id="c1"),  # regenerated: not merged
-        _request([("x", "y")], 4),
-        _request([("z", "w")], 5),
-        _request([("u", "v")], 6),  # a third line held: x is let go, the oldest
-        _request([("x", "y"), ("x2", "y2")], 7),  # too late
+        _request([("p", "r")], 3),
+        _request([("p", "r"), ("p2", "r2")], 4),  # merged
+        _request([("p", "r"), ("p2", "r3")], 5),  # no id: a branch, not a retry
+        _request([("x", "y")], 6),
+        _request([("z", "w")], 7),
+        _request([("u", "v")], 8),  # a third line held: x is let go, the oldest
+        _request([("x", "y"), ("x2", "y2")], 9),  # too late
     ]
     log = tmp_path / "mixed.jsonl"
     log.write_text("\n".join(lines) + "\n")
     summary, rows, counts = _ingest(log, tmp_path / "mixed.duckdb", merge_history=True)
-    assert counts["conversations"] == 7
+    assert counts["conversations"] == 8
     merged, late = summary.warnings
-    assert "1 lines continued" in merged
-    assert late.startswith(f"{log}: --merge-history: 2 lines (the first at line 4) continue")
+    assert "2 lines continued" in merged and "retried" not in merged
+    assert late.startswith(f"{log}: --merge-history: 2 lines (the first at line 6) continue")
     answers = sorted((r["prompt"], r["response"], r["user_turns_after"]) for r in rows)
     assert answers == [
         ("hi", "Hello!", 1),  # c1, merged
-        ("hi", "Hello!", 1),  # c1's regenerated branch
         ("hi", "Hello!", 1),  # c2
+        ("p", "r", 1),  # merged
+        ("p", "r", 1),  # the branch
+        ("p2", "r2", 0),
+        ("p2", "r3", 0),
         ("q", "a", 0),
         ("q", "a", 0),
-        ("q", "a2", 0),
         ("u", "v", 0),
         ("x", "y", 0),  # stored before its continuation came
         ("x", "y", 1),
         ("x2", "y2", 0),
         ("z", "w", 0),
     ]
+    assert not any(r["retried"] for r in rows)
 
 
 def test_the_option_on_a_format_without_histories_is_named_as_ignored(tmp_path: Path) -> None:
