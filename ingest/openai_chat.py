@@ -180,7 +180,10 @@ class _History:
     def add(self, conversation: Conversation) -> Iterator[Conversation]:
         """The held conversations this one lets go (oldest first); it is held itself."""
         digests = _digests(conversation)
-        chat = self._goes_on(conversation, digests) or self._regenerates(conversation, digests)
+        request = _last_request(conversation)  # the same in the chat it joins: same messages
+        chat = self._goes_on(conversation, digests) or self._regenerates(
+            conversation, digests, request
+        )
         if chat is None:
             chat = _Chat(_stamped(conversation, 0))
             if any(digest in self._gone for digest in digests[:-1]):
@@ -189,7 +192,7 @@ class _History:
         if digests[-1] in self._held:  # the same chat twice (two users'): the first is let go
             self._held.move_to_end(digests[-1], last=False)
             yield self._let_go()
-        self._hold(chat, digests)
+        self._hold(chat, digests, request)
         while self._chars > _HELD_CHARS or len(self._held) > _HELD_LINES:
             yield self._let_go()
 
@@ -208,10 +211,10 @@ class _History:
                 return chat
         return None
 
-    def _regenerates(self, line: Conversation, digests: list[bytes]) -> _Chat | None:
-        """The held chat of the same conversation id whose last request this line sends again,
-        now ending with this line's answer, the earlier one retried."""
-        request = _last_request(line)
+    def _regenerates(self, line: Conversation, digests: list[bytes], request: int) -> _Chat | None:
+        """The held chat of the same conversation id whose last request (`request`, the index
+        of the line's last user message) this line sends again, now ending with this line's
+        answer, the earlier one retried."""
         if line.external_id is None or request == len(line.messages) - 1:
             return None
         key = self._requests.get(digests[request])
@@ -226,10 +229,10 @@ class _History:
         self.retried += 1
         return chat
 
-    def _hold(self, chat: _Chat, digests: list[bytes]) -> None:
+    def _hold(self, chat: _Chat, digests: list[bytes], request: int) -> None:
+        chat.chars = _chars(chat.line) + sum(len(m.content) for _, m in chat.retried)
         self._held[digests[-1]] = chat
         self._chars += chat.chars
-        request = _last_request(chat.line)
         if request < len(chat.line.messages) - 1:
             self._requests[digests[request]] = digests[-1]
             chat.request = digests[request]
@@ -278,10 +281,7 @@ class _Chat:
     line: Conversation
     retried: list[tuple[int, Message]] = field(default_factory=list)
     request: bytes | None = None  # the digest of the line's last request, when answered
-
-    @property
-    def chars(self) -> int:
-        return _chars(self.line) + sum(len(m.content) for _, m in self.retried)
+    chars: int = 0  # the characters held, counted when it is held
 
     def conversation(self) -> Conversation:
         """The chat as stored: the last line with the regenerated answers in their places."""
