@@ -118,18 +118,16 @@ class _Continuations:
         self.first_line = 0
 
     def check(self, conversation: Conversation) -> None:
-        digest = hashlib.blake2b(digest_size=8)
-        found = False
-        last = len(conversation.messages) - 1
-        for i, message in enumerate(conversation.messages):
-            text = message.content.encode("utf-8", "surrogatepass")
-            digest.update(b"%s %d:" % (message.role.encode(), len(text)) + text)
-            if not found and i < last and message.role == "assistant":
-                found = digest.digest() in self._seen
-        if found:
+        messages = conversation.messages
+        digests = _digests(messages, None)  # on content alone: the warning is for any line
+        if any(
+            digests[i] in self._seen
+            for i in range(len(messages) - 1)
+            if messages[i].role == "assistant"
+        ):
             self.lines += 1
             self.first_line = self.first_line or conversation.line
-        self._seen.add(digest.digest())
+        self._seen.add(digests[-1])
 
     def notice(self, source: str) -> Notice:
         return Notice(
@@ -179,7 +177,7 @@ class _History:
 
     def add(self, conversation: Conversation) -> Iterator[Conversation]:
         """The held conversations this one lets go (oldest first); it is held itself."""
-        digests = _digests(conversation)
+        digests = _digests(conversation.messages, conversation.external_id)
         request = _last_request(conversation)  # the same in the chat it joins: same messages
         chat = self._goes_on(conversation, digests) or self._regenerates(
             conversation, digests, request
@@ -308,14 +306,14 @@ _HELD_CHARS = 50_000_000  # about 50-100 MB of held text
 _HELD_LINES = 100_000
 
 
-def _digests(conversation: Conversation) -> list[bytes]:
-    """8-byte digests of the conversation's first 1, 2, ... messages (roles and texts), after
-    its external id: equal digests are the same history of the same conversation."""
+def _digests(messages: tuple[Message, ...], external_id: str | None) -> list[bytes]:
+    """8-byte digests of the first 1, 2, ... messages (roles and texts), after the
+    conversation's external id: equal digests are the same history of the same conversation."""
     digest = hashlib.blake2b(digest_size=8)
-    external = (conversation.external_id or "").encode("utf-8", "surrogatepass")
+    external = (external_id or "").encode("utf-8", "surrogatepass")
     digest.update(b"%d:" % len(external) + external)
     digests = []
-    for message in conversation.messages:
+    for message in messages:
         text = message.content.encode("utf-8", "surrogatepass")
         digest.update(b"%s %d:" % (message.role.encode(), len(text)) + text)
         digests.append(digest.digest())

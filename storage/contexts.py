@@ -150,7 +150,7 @@ def stream_with_contexts(
                 yield rows
 
 
-# DuckDB (1.5) sorts in memory: past its cap (512 MB by default, storage.engine) an ORDER BY
+# DuckDB (1.5) sorts in memory: past its cap (`storage.engine.DUCKDB_MEMORY`) an ORDER BY
 # whose rows carry long texts fails instead of spilling to disk (100K ShareGPT-sized
 # exchanges did). A large stream is therefore sorted one range of conversations at a time,
 # each holding about this much text.

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from storage.engine import make_room
 from storage.logs import insert_rows, utcnow
@@ -24,14 +24,13 @@ def store_scores(engine: Engine, scorer: str, values: Mapping[str, float]) -> in
     now = utcnow()
     ids = list(values)
     with engine.begin() as conn:
-        stored = conn.execute(sa.select(scores.c.scorer).where(scores.c.scorer == scorer).limit(1))
         # A new scorer (every `apply` of a new model) has nothing to replace: 200 deletes by id
         # took 13 s of 20 at 1M.
-        for start in range(0, len(ids) if stored.first() else 0, _CHUNK):
-            chunk = ids[start : start + _CHUNK]
-            conn.execute(
-                sa.delete(scores).where(scores.c.scorer == scorer, scores.c.exchange_id.in_(chunk))
-            )
+        if _has_values(conn, scorer):
+            for start in range(0, len(ids), _CHUNK):
+                chunk = ids[start : start + _CHUNK]
+                where = sa.and_(scores.c.scorer == scorer, scores.c.exchange_id.in_(chunk))
+                conn.execute(sa.delete(scores).where(where))
         # A chunk of rows at a time: a dict per row for all of them held 100 MB at 100K.
         for start in range(0, len(ids), _INSERT_CHUNK):
             rows = [
@@ -41,6 +40,11 @@ def store_scores(engine: Engine, scorer: str, values: Mapping[str, float]) -> in
             insert_rows(conn, scores, rows)
         make_room(conn, committing=True)
     return len(ids)
+
+
+def _has_values(conn: Connection, scorer: str) -> bool:
+    query = sa.select(scores.c.scorer).where(scores.c.scorer == scorer).limit(1)
+    return conn.execute(query).first() is not None
 
 
 def latest_scorer(engine: Engine, prefix: str) -> str | None:
