@@ -21,6 +21,7 @@ import ijson
 
 from ingest.files import (
     DEFAULT_MAX_LINE_BYTES,
+    READ_ERRORS,
     UTF8_BOM,
     Line,
     Record,
@@ -137,8 +138,8 @@ def _array_item_keys(path: Path) -> Iterator[tuple[set[str], set[str]]]:
                     message_keys.add(value)
                 elif event == "end_map" and prefix == current:
                     done = True
-        except ijson.JSONError:
-            pass  # a truncated or broken item: classify what was seen of it
+        except (ijson.JSONError, *READ_ERRORS):
+            pass  # a truncated or broken item or file: classify what was seen of it
         except UnicodeDecodeError:  # yajl fails on a lone low surrogate escape ("\\udc00")
             yield from _parsed_item_keys(path)
             return

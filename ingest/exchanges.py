@@ -11,8 +11,9 @@ Conventions, chosen so the reward model's labels mean what they say:
 - Conversation-level thumbs and rating (Chai's `thumbs_up`) apply to the last response that was
   kept (not retried), the one the user judged on leaving, and only when no response in the
   conversation carries that signal itself. Free-text feedback stays on the conversation.
-- A conversation with user messages but no answer yields one exchange with an empty response
-  for its last user message: a saved input, waiting for replay.
+- A last user message with no answer after it (a conversation with none at all, or a question
+  the log stops at) yields an exchange with an empty response: a saved input, waiting for
+  replay. Earlier unanswered messages are context of the next answer.
 - `instruction` is the conversation's logged instruction, else the latest system message.
 - Tool use is part of a turn, not an answer: an assistant message that calls a tool and the
   tool's result (role `tool`) are not exchanges. The answer that follows them keeps them in its
@@ -90,8 +91,8 @@ def split_conversation(conv: Conversation, conversation_id: str | None = None) -
             steps = []
         if not m.retried:
             kept.append(m)
-    if not exchanges:
-        return [_saved_input(conv, conversation_id, users[-1])]
+    if not exchanges or exchanges[-1].turn_index < users[-1]:  # the last request unanswered
+        exchanges.append(_saved_input(conv, conversation_id, users[-1]))
     return exchanges
 
 

@@ -11,6 +11,7 @@ import codecs
 import gzip
 import json
 import re
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -23,6 +24,9 @@ DEFAULT_MAX_LINE_BYTES = 8 * 1024 * 1024
 GZIP_MAGIC = b"\x1f\x8b"
 UTF8_BOM = b"\xef\xbb\xbf"  # Excel's "CSV UTF-8" and Windows editors start files with it
 SNIFF_BYTES = 64 * 1024
+# What reading a cut or corrupt file raises: gzip's EOFError for a stream cut short,
+# zlib.error for damaged compressed data (neither is an OSError).
+READ_ERRORS = (OSError, EOFError, zlib.error)
 _SKIP_CHUNK = 1024 * 1024
 _EXCERPT_CHARS = 200
 # Bytes that never appear in a text log; a few are tolerated (stray form feeds, escapes).
@@ -106,18 +110,34 @@ def skip_bom(f: BinaryIO) -> int:
     """
     try:
         start = f.peek(len(UTF8_BOM))[: len(UTF8_BOM)]  # type: ignore[attr-defined]
-    except (OSError, EOFError):  # a corrupt gzip stream: the caller's own read reports it
+    except READ_ERRORS:  # a corrupt gzip stream: the caller's own read reports it
         return 0
     return len(f.read(len(UTF8_BOM))) if start == UTF8_BOM else 0
 
 
 def head(path: Path, size: int = SNIFF_BYTES) -> bytes:
-    """The first `size` bytes of the (decompressed) file, for sniffing."""
+    """The first `size` bytes of the (decompressed) file, for sniffing: as much as could be
+    read of a cut or corrupt gzip stream."""
     with open_binary(path) as f:
-        try:
-            return f.read(size)
-        except (OSError, EOFError):  # a corrupt or cut gzip stream: show what was readable
-            return b""
+        return read_up_to(f, size)[0]
+
+
+def read_up_to(f: BinaryIO, size: int) -> tuple[bytes, bool]:
+    """Up to `size` bytes (fewer at the end of the data) and whether the stream broke there.
+
+    A piece at a time: one `read(size)` of a gzip stream cut short or corrupt raises and
+    drops every byte it had decompressed, so a small cut `.jsonl.gz` was rejected whole as
+    an empty file, and a cut JSON array lost the items of its last chunk."""
+    data = bytearray()
+    try:
+        while len(data) < size:
+            piece = f.read1(size - len(data))  # type: ignore[attr-defined]
+            if not piece:
+                break
+            data += piece
+    except READ_ERRORS:
+        return bytes(data), True
+    return bytes(data), False
 
 
 def looks_binary(data: bytes) -> bool:
@@ -132,7 +152,10 @@ def looks_binary(data: bytes) -> bool:
 
 def whole_file_reject(path: Path, source: str) -> Reject | None:
     """A reject for a file that holds no log at all (empty or binary), else None."""
-    start = head(path)
+    with open_binary(path) as f:
+        start, broke = read_up_to(f, SNIFF_BYTES)
+    if broke and not start:
+        return Reject(source=source, line=0, reason="nothing readable: damaged or cut gzip data")
     if not start.removeprefix(UTF8_BOM).strip():
         return Reject(source=source, line=0, reason="empty file")
     if looks_binary(start) and not start.startswith(b"PAR1"):
@@ -177,7 +200,7 @@ def iter_lines(
         while True:
             try:
                 raw = f.readline(max_line_bytes + 1)
-            except (OSError, EOFError):  # a cut or corrupt gzip stream: the data ends here
+            except READ_ERRORS:  # a cut or corrupt gzip stream: the data ends here
                 yield Truncation(
                     source=source, line=number + 1, byte_offset=offset, records_kept=number
                 )
@@ -264,6 +287,9 @@ def _iter_jsonl(
         except json.JSONDecodeError as err:
             pending = (item, f"invalid JSON: {err.msg} at column {err.colno}")
             continue
+        except RecursionError:
+            yield _bad_line(source, item, _TOO_DEEP)
+            continue
         kept += 1
         yield Record(number=item.number, value=value)
     if pending is not None:
@@ -323,6 +349,9 @@ def _iter_json_array(
                 why = f"{err.msg.removesuffix(' at')} at byte {data.byte_offset(err.pos)}"
                 yield _array_stop(number, source, data.problem or f"invalid JSON ({why})")
                 return
+            except RecursionError:  # where this item ends is not known: as a syntax error
+                yield _array_stop(number, source, _TOO_DEEP)
+                return
             after = _SPACE.match(text, end).end()
             if after == len(text) or text[after] not in ",]":
                 if not data.done and len(text) - after <= _NEAR_END:
@@ -380,6 +409,7 @@ _SPACE = re.compile(r"[ \t\n\r]*")  # JSON's whitespace (str.isspace takes more)
 # a number's fraction or exponent begun (`tru`, `-`, `1.`, `2e+`).
 _LITERALS = ("true", "false", "null", "NaN", "Infinity", "-Infinity")
 _NUMBER_TAIL = re.compile(r"|\.|[eE][-+]?")
+_TOO_DEEP = "JSON nested too deeply to read (about 1,000 levels of arrays and objects)"
 _NEAR_END = 32  # errors this close to the end of the text read may be the text running out
 
 
@@ -397,13 +427,10 @@ class _ArrayText:
     def more(self, keep: int) -> None:
         """Drop the text before `keep` and read on: at least as much again as is kept, so an
         item spanning many chunks is parsed a few times over, not once per chunk."""
-        try:
-            data = self._f.read(max(_READ_CHUNK, len(self.text) - keep))
-        except (OSError, EOFError):  # a cut or corrupt gzip stream: the data ends here
-            data = b""
+        data, broke = read_up_to(self._f, max(_READ_CHUNK, len(self.text) - keep))
         start = self.consumed
         self.consumed += len(data)
-        self.done = not data
+        self.done = not data or broke  # a cut or corrupt gzip stream: the data ends here
         try:
             decoded = self._utf8.decode(data, final=self.done)
         except UnicodeDecodeError as err:  # keep the text before the bad byte, stop there

@@ -55,6 +55,22 @@ def _file_scheme(path: Path) -> str:
     return "sqlite" if path.suffix in _SQLITE_SUFFIXES else "duckdb"
 
 
+def _refuse_other_file(path: Path) -> None:
+    """Refuse an existing file that is not a DuckDB database. DuckDB opens a JSON, CSV or
+    Parquet file given as its database as an empty in-memory one: an ingest into `--db
+    chats.jsonl` reported rows stored and kept none."""
+    try:
+        with path.open("rb") as handle:
+            header = handle.read(16)
+    except OSError:  # no file yet (or not readable: opening it will say why)
+        return
+    if header and header[8:12] != _DUCKDB_MAGIC:
+        raise StorageError(
+            f"{path} exists and is not a DuckDB database (a log file?): give --db a database "
+            "file, or a new path to create one"
+        )
+
+
 def dialect_name(url: str) -> str:
     """'duckdb', 'sqlite' or 'postgresql' for a URL."""
     return sa.make_url(url).get_backend_name()
@@ -68,6 +84,7 @@ def make_engine(url: str, *, read_only: bool = False) -> Engine:
         database = parsed.database
         if database and database != ":memory:":
             _make_parent(Path(database))
+            _refuse_other_file(Path(database))
         else:  # a named in-memory database: the engine's connections share it (see below)
             parsed = parsed.set(database=f":memory:{uuid.uuid4().hex}")
         # DuckDB's buffer pool would grow to 80 % of RAM; cap it so long ingests stay small

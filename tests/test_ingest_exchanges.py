@@ -158,6 +158,21 @@ def test_unanswered_prompt_is_a_saved_input() -> None:
     assert saved.user_turns_after is None and saved.ended_conversation is None
 
 
+def test_a_last_question_left_unanswered_is_a_saved_input() -> None:
+    conv = conversation(
+        Message("user", "q1"),
+        Message("assistant", "", metadata={"tool_calls": [{"function": {"name": "f"}}]}),
+        Message("tool", "42"),
+        Message("assistant", "a1"),
+        Message("user", "q2", created_at=at(5)),  # the log stops here: it was dropped
+    )
+    answered, saved = split_conversation(conv)
+    assert (answered.response, answered.user_turns_after) == ("a1", 1)
+    assert (saved.prompt, saved.response, saved.turn_index) == ("q2", "", 5)
+    assert [m.content for m in saved.context] == ["q1", "", "42", "a1"]
+    assert saved.created_at == at(5) and saved.user_turns_after is None
+
+
 def test_no_user_message_no_exchange() -> None:
     assert split_conversation(conversation(Message("assistant", "hello?"))) == []
 

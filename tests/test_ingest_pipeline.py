@@ -501,3 +501,36 @@ def test_an_ingest_whose_indexes_outgrow_duckdbs_memory_cap_completes(
     assert ingest_paths([log], engine=engine, config=config).stored == 100_000
     assert table_counts(engine)["exchanges"] == 100_000
     engine.dispose()
+
+
+def test_cut_damaged_and_too_deep_files_keep_what_is_readable(tmp_path: Path) -> None:
+    lines = [openai_line(i) + "\n" for i in range(40)]
+    whole = gzip.compress("".join(lines).encode(), mtime=0)
+    cut = tmp_path / "cut.jsonl.gz"  # smaller than a sniff: read whole, it raised at once
+    cut.write_bytes(whole[:-12])
+    damaged = tmp_path / "damaged.jsonl.gz"
+    broken = bytearray(whole)
+    broken[60] ^= 0xFF  # zlib.error, which is no OSError: it ended the run with a traceback
+    damaged.write_bytes(bytes(broken))
+    deep = tmp_path / "deep.jsonl"  # json's RecursionError ended the run too
+    nested = "[" * 1100 + "]" * 1100
+    first, middle, last = (openai_line(i) for i in (100, 101, 102))
+    deep.write_text(f'{first}\n{middle[:-1]}, "extra": {nested}}}\n{last}\n')
+    db = f"duckdb:///{tmp_path / 'x.duckdb'}"
+    result = convoscope("ingest", str(cut), str(damaged), str(deep), "--json", db=db, cwd=tmp_path)
+    assert "Traceback" not in result.stderr
+    summary = json.loads(result.stdout)
+    (cut_report,) = [t for t in summary["truncated"] if t["source"] == str(cut)]
+    assert 30 <= cut_report["records_kept"] < 40  # the whole lines before the cut
+    rejects = [json.loads(line) for line in Path(summary["rejects_file"]).read_text().splitlines()]
+    assert {"file": str(deep), "line": 2} in [
+        {"file": r["file"], "line": r["line"]} for r in rejects
+    ]
+    assert "nested too deeply" in next(r["reason"] for r in rejects if r["file"] == str(deep))
+    assert not any(r["file"] == str(cut) for r in rejects)
+    engine = open_database(db)
+    prompts = {row["prompt"] for batch in iter_exchanges(engine) for row in batch}
+    engine.dispose()
+    assert {"What is 100 + 100?", "What is 102 + 102?"} <= prompts  # around deep.jsonl's line 2
+    assert "What is 101 + 101?" not in prompts
+    assert summary["stored"] == 2 * (cut_report["records_kept"] + 2)  # damaged.jsonl.gz: none

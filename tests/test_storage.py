@@ -332,6 +332,12 @@ def test_an_existing_file_opens_with_the_engine_its_header_names(tmp_path) -> No
     with pytest.raises(StorageError, match="not a sqlite database"):
         open_database(str(text_file))
     assert text_file.read_text().startswith("not a database")
+    log = tmp_path / "chats.jsonl"  # DuckDB opened it as an empty in-memory database
+    log.write_text('{"messages": []}\n')
+    for db in (str(log), f"duckdb:///{log}"):
+        with pytest.raises(StorageError, match=r"chats\.jsonl exists and is not a DuckDB database"):
+            open_database(db)
+    assert log.read_text() == '{"messages": []}\n'
 
 
 def test_file_databases_get_their_folder_or_a_clear_error(tmp_path) -> None:
