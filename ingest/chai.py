@@ -49,13 +49,12 @@ if TYPE_CHECKING:
 
 _MESSAGE_LISTS = ("messages", "conversation")
 _MESSAGE_SIGNALS = ("created_at", "external_id", "edited", "rating", "thumbs")
+# Keys read into canonical fields. `user_id`, `bot_id` and `bot_name` tell the senders apart
+# and are kept as metadata too: who the user and the bot were is worth exporting.
 _CONVERSATION_USED = frozenset(
     {
         "conversation_id",
         "id",
-        "user_id",
-        "bot_id",
-        "bot_name",
         "thumbs_up",
         "text",
         "feedback",

@@ -15,7 +15,7 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -122,6 +122,16 @@ def _column_map(header: Iterable[str], mapping: Mapping[str, str], path: Path) -
     missing = {f"{k}={v}" for k, v in mapping.items() if found[k] is None}
     if missing:
         raise ValueError(f"{path}: mapped column(s) {sorted(missing)} not found; columns: {names}")
+    fields_of: dict[str, list[str]] = {}
+    for canonical, column in found.items():
+        fields_of.setdefault(str(column), []).append(canonical)
+    twice = {column: fields for column, fields in fields_of.items() if len(fields) > 1}
+    if twice:
+        column, fields = next(iter(twice.items()))
+        raise ValueError(
+            f"{path}: column {column!r} is mapped to {' and '.join(fields)}; a column holds "
+            "one field: map each field to its own column"
+        )
     columns = {column: canonical for canonical, column in found.items() if column is not None}
     taken = set(mapping)
     for exact in (True, False):
@@ -171,6 +181,7 @@ def _csv_rows(
     csv.field_size_limit(max(csv.field_size_limit(), options.max_line_bytes))
     pending: list[Reject | Truncation] = []
     first_line: list[int] = []  # the first physical line of the row being read
+    broken: list[int] = []  # that row lost a line (a Reject): it is skipped
 
     def texts() -> Iterator[str]:
         lines = iter_lines(
@@ -181,6 +192,17 @@ def _csv_rows(
                 if not first_line:
                     first_line.append(line.number)
                 yield line.text
+            elif isinstance(line, Reject) and first_line:
+                # A bad line inside a quoted cell: the row read on would lack it, so the
+                # whole row is rejected, not stored with part of a cell cut out.
+                broken.append(first_line[0])
+                pending.append(
+                    replace(
+                        line,
+                        reason=f"{line.reason}, inside the row from line "
+                        f"{first_line[0]}: the row is skipped",
+                    )
+                )
             else:
                 pending.append(line)
 
@@ -219,6 +241,9 @@ def _csv_rows(
         pending.clear()
         line = first_line[0] if first_line else 0
         first_line.clear()
+        if broken:
+            broken.clear()
+            continue
         if not cells:
             continue
         if len(cells) > len(header):

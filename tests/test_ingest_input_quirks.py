@@ -114,6 +114,16 @@ def test_a_quote_left_open_at_the_end_of_a_csv_is_a_reject(tmp_path: Path) -> No
     assert reject.line == 3 and reject.reason.startswith("unterminated quoted field")
 
 
+def test_invalid_utf8_inside_a_multi_line_cell_rejects_the_whole_row(tmp_path: Path) -> None:
+    path = tmp_path / "log.csv"
+    path.write_bytes(b'prompt,response\nq1,a1\nq2,"line one\nline \xff two\nline three"\nq3,a3\n')
+    parsed = list(read_file(path))
+    # It was stored with the bad line cut out of its answer: "line one\nline three".
+    assert [c.messages[0].content for c in of(Conversation, parsed)] == ["q1", "q3"]
+    (reject,) = of(Reject, parsed)
+    assert reject.line == 4 and "inside the row from line 3: the row is skipped" in reject.reason
+
+
 def test_a_stray_quote_inside_a_quoted_csv_cell_is_a_reject(tmp_path: Path) -> None:
     path = tmp_path / "log.csv"
     path.write_bytes(b'prompt,response\r\n"he said "hi" ok",x\r\nnext,y\r\n')

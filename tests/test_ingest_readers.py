@@ -352,6 +352,7 @@ def test_chai_roles_retries_models_feedback_and_dates(tmp_path: Path) -> None:
     assert retried.model == "mistral-7b" and retried.metadata == {"latency_ms": 120}
     assert conv.messages[3].retried is False and conv.messages[3].model == "llama-13b"
     assert conv.thumbs == 1 and conv.feedback_text == "loved it" and conv.external_id == "c-9"
+    assert conv.metadata == {"user_id": "u1", "bot_id": "Luna"}  # who talked, for the export
     times = [m.created_at for m in conv.messages]
     assert all(t is not None and t.tzinfo is not None for t in times)
     assert (times[3] - times[1]).total_seconds() == 5.0  # epoch seconds vs epoch milliseconds
@@ -508,6 +509,9 @@ def test_csv_mapping_errors_are_clear(tmp_path: Path) -> None:
         read_all(path)
     with pytest.raises(ValueError, match="not found"):
         read_all(path, options=ReadOptions(mapping={"prompt": "nope"}))
+    twice = ReadOptions(mapping={"prompt": "question", "response": "question"})
+    with pytest.raises(ValueError, match="column 'question' is mapped to prompt and response"):
+        read_all(path, options=twice)  # it said "no prompt column ... --map prompt=question"
 
 
 def test_parquet_with_mapping_and_types(tmp_path: Path) -> None:
