@@ -460,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="extend",
         default=[],
         help="model=NAME,source=FILE; a key given again (here or in another --filter) adds "
-        "values: model=a,model=b replays both",
+        "values: model=a,model=b replays both; with --cluster/--tag, narrows their exchanges",
     )
     replay.add_argument(
         "--sample", type=_positive_int, help="replay (or judge) a deterministic sample of N inputs"
@@ -475,11 +475,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--rate-limit", type=_positive_float, help="requests per second at most (default: no cap)"
     )
     replay.add_argument(
-        "--timeout", type=_positive_float, help="seconds per request (60; judge: 120)"
+        "--timeout",
+        type=_positive_float,
+        help="seconds per attempt, the whole reply (60; judge: 120)",
     )
     replay.add_argument("--max-attempts", type=_positive_int, help="tries per input (default 5)")
     replay.add_argument(
-        "--api-key-env", help="variable holding the API key (default OPENAI_API_KEY)"
+        "--api-key-env",
+        help="variable holding the API key, which must be set (default OPENAI_API_KEY)",
     )
     replay.add_argument(
         "--resume",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import signal
 import sys
@@ -706,7 +707,7 @@ def _require_cluster(engine: Engine, cluster_id: str) -> None:
 def replay(args: argparse.Namespace) -> dict[str, Any]:
     """Run or resume a replay, report on one (`replay report RUN`) or judge it."""
     from ingest.replay import ReplayError, compare
-    from scoring.judge import JudgeError, judge_results
+    from scoring.judge import JudgeError, judge_names, judge_results
 
     if args.action in ("report", "judge") and not args.run_id:
         raise UserError(
@@ -715,6 +716,9 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
     new_run = args.action not in ("report", "judge") and not args.resume
     if new_run and not (args.model and args.base_url):  # said before any database is opened
         raise UserError("replay needs --model and --base-url (or `replay report RUN`)")
+    if args.action != "report" and args.api_key_env and not os.environ.get(args.api_key_env):
+        # Else every request would go out with no key, and fail (or be served) as anonymous.
+        raise UserError(f"--api-key-env {args.api_key_env}: that variable is not set (or empty)")
     engine = open_database(args.db, existing=True)  # saved inputs or a run to replay
     try:
         if args.action == "judge":
@@ -725,9 +729,17 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
                 engine, args.run_id, scores=_reward_scores(engine), cluster_of=cluster_of
             ).as_dict()
             _record_instruction_reward(engine, args.run_id, report)
-            overall, per_cluster = judge_results(engine, args.run_id, cluster_of=cluster_of)
-            report["judge"] = asdict(overall) if overall else None
-            report["judge_per_cluster"] = {c: asdict(r) for c, r in per_cluster.items()}
+            # Per judge: two judges' verdicts on the same pairs are not independent samples,
+            # and pooled they would double the count and narrow the interval.
+            report["judges"] = {}
+            for judge in judge_names(engine, args.run_id):
+                overall, per_cluster = judge_results(
+                    engine, args.run_id, cluster_of=cluster_of, judge=judge
+                )
+                report["judges"][judge] = {
+                    "overall": asdict(overall) if overall else None,
+                    "per_cluster": {c: asdict(r) for c, r in per_cluster.items()},
+                }
             return report
         return _run_replay(engine, args)
     except (ReplayError, JudgeError) as error:
@@ -764,8 +776,14 @@ def _run_replay(engine: Engine, args: argparse.Namespace) -> dict[str, Any]:
         )
         summary["instruction_version"] = version["version"]
     if summary["sent"] and not summary["done"]:
-        raise NothingDone(f"none of the {summary['sent']} inputs sent was answered", summary)
+        sent = _count(summary["sent"], "input")
+        raise NothingDone(f"none of the {sent} sent was answered", summary)
     return summary
+
+
+def _count(n: int, noun: str) -> str:
+    """`1 input`, `2 inputs`."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _replay_config(args: argparse.Namespace, stored: dict[str, Any] | None) -> ReplayConfig:
@@ -773,11 +791,25 @@ def _replay_config(args: argparse.Namespace, stored: dict[str, Any] | None) -> R
     `replay --resume RUN` alone sends the same requests to the same endpoint as the run did."""
     from ingest.replay import ReplayConfig
 
-    instruction = args.instruction.read_text(encoding="utf-8") if args.instruction else None
+    instruction = _read_instruction(args.instruction) if args.instruction else None
     given = {"model": args.model, "base_url": args.base_url, "instruction": instruction}
     # `replay` checked a new run has --model and --base-url; a resumed run recorded both.
     options = {**_stored_options(stored), **_given(given | _call_options(args))}
     return ReplayConfig(**options, sample=args.sample, seed=args.seed)
+
+
+def _read_instruction(path: Path) -> str:
+    """The --instruction file's text: an empty file would replace every system message with
+    nothing, and a decoding error named neither the option nor the file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"--instruction {path}: not UTF-8 text") from None
+    except OSError as error:
+        raise UserError(f"--instruction {path}: {error.strerror or error}") from None
+    if not text.strip():
+        raise UserError(f"--instruction {path}: the file is empty")
+    return text
 
 
 def _stored_options(run: dict[str, Any] | None) -> dict[str, Any]:
@@ -819,9 +851,30 @@ def _resume_command(args: argparse.Namespace, run_id: str) -> str:
     if args.db:
         words += ["--db", shlex.quote(_safe_url(args.db))]
     words += ["replay", "--resume", run_id]
-    url = urlsplit(args.base_url or "")
-    if url.username or url.password or url.query:
+    if _secret_in_url(args.base_url or ""):
         words += ["--base-url", "URL"]
+    return " ".join(words)
+
+
+def _secret_in_url(url: str) -> bool:
+    """Whether a URL holds what is never stored or printed: credentials, a query string."""
+    parts = urlsplit(url)
+    return bool(parts.username or parts.password or parts.query)
+
+
+def _judge_command(args: argparse.Namespace) -> str:
+    """The command that finishes an interrupted judge run (it judges only pairs without a
+    verdict from that judge): as given, the endpoint's secrets left for the user to fill."""
+    words = ["convoscope"]
+    if args.db:
+        words += ["--db", shlex.quote(_safe_url(args.db))]
+    url = "URL" if _secret_in_url(args.base_url) else shlex.quote(args.base_url)
+    words += ["replay", "judge", args.run_id, "--model", shlex.quote(args.model)]
+    words += ["--base-url", url]
+    if args.api_key_env:
+        words += ["--api-key-env", shlex.quote(args.api_key_env)]
+    if args.sample:
+        words += ["--sample", str(args.sample), "--seed", str(args.seed)]
     return " ".join(words)
 
 
@@ -838,11 +891,14 @@ def _judge(engine: Engine, args: argparse.Namespace) -> dict[str, Any]:
         seed=args.seed,
         **_given(_call_options(args)),
     )
-    summary = judge_replay(engine, args.run_id, config=config).as_dict()
+    try:
+        summary = judge_replay(engine, args.run_id, config=config).as_dict()
+    except KeyboardInterrupt:  # the verdicts received are stored: re-running judges the rest
+        raise Interrupted(f"finish with `{_judge_command(args)}`") from None
     overall, _ = judge_results(engine, args.run_id, judge=args.model)
     summary["result"] = asdict(overall) if overall else None
     if summary["sent"] and not summary["judged"]:  # as replay: a run where nothing worked
-        raise NothingDone(f"none of the {summary['sent']} pairs sent was judged", summary)
+        raise NothingDone(f"none of the {_count(summary['sent'], 'pair')} sent was judged", summary)
     return summary
 
 
@@ -894,24 +950,36 @@ def _best_instructions(engine: Engine) -> tuple[dict[str, dict[str, Any]], dict[
 
 
 def _replay_selection(engine: Engine, args: argparse.Namespace) -> ExchangeFilter | list[str]:
-    """--cluster / --tag become exchange ids; --filter becomes an ExchangeFilter."""
+    """--cluster / --tag become exchange ids (those --filter matches, when it is given too);
+    --filter alone becomes an ExchangeFilter."""
     from storage.clusters import exchanges_in_clusters, latest_run
+    from storage.logs import iter_exchanges
 
-    if args.cluster or args.tag:
-        run = latest_run(engine)
-        if run is None:
-            raise UserError("--cluster/--tag need a clustering: run `convoscope cluster` first")
-        ids = exchanges_in_clusters(engine, run["id"], cluster_id=args.cluster, tag=args.tag)
-        if not ids:
-            raise UserError("no exchanges match that --cluster/--tag")
-        return ids
     unknown = {key for key, _ in args.filter} - {"model", "source"}
     if unknown:
         raise UserError(f"--filter takes model= and source=, not {', '.join(sorted(unknown))}")
-    return ExchangeFilter(
+    where = ExchangeFilter(
         models=tuple(dict.fromkeys(value for key, value in args.filter if key == "model")),
         sources=matching_sources(engine, [value for key, value in args.filter if key == "source"]),
     )
+    if not (args.cluster or args.tag):
+        return where
+    run = latest_run(engine)
+    if run is None:
+        raise UserError("--cluster/--tag need a clustering: run `convoscope cluster` first")
+    ids = exchanges_in_clusters(engine, run["id"], cluster_id=args.cluster, tag=args.tag)
+    if not ids:
+        raise UserError("no exchanges match that --cluster/--tag")
+    if args.filter:  # both apply: the cluster's (or tag's) exchanges that match the filter
+        matching = {
+            row["id"]
+            for batch in iter_exchanges(engine, where=where, columns=("id",))
+            for row in batch
+        }
+        ids = [i for i in ids if i in matching]
+        if not ids:
+            raise UserError("no exchange matches both --cluster/--tag and --filter")
+    return ids
 
 
 def _reward_scores(engine: Engine) -> dict[str, float] | None:
@@ -1069,7 +1137,7 @@ def describe(command: str, result: dict[str, Any]) -> str:
         )
         if result["pending"]:
             line += (
-                f"; {result['pending']} inputs still unanswered: "
+                f"; {_count(result['pending'], 'input')} still unanswered: "
                 f"`{result['resume_command']}` sends them again"
             )
         if result.get("errors"):
@@ -1228,8 +1296,9 @@ def _describe_replay_report(result: dict[str, Any]) -> str:
         )
     else:
         lines.append("reward: not scored yet (run `convoscope score`)")
-    if result.get("judge"):
-        lines.append(_judge_line("judge", result["judge"]))
+    for judge, verdicts in result.get("judges", {}).items():
+        if verdicts["overall"]:
+            lines.append(_judge_line(f"judge {judge}", verdicts["overall"]))
     for cluster, d in result["per_cluster"].items():
         lines.append(
             f"  {cluster:<8} n={d['n']:<5} reward diff {d['mean_diff']:+.3f} "
@@ -1292,7 +1361,8 @@ def _describe_ingest(s: dict[str, Any]) -> str:
     for cut in s["truncated"]:
         lines.append(
             f"{cut['source']} is truncated at byte {cut['byte_offset']} (record starting at "
-            f"{cut['line']}); kept the {cut['records_kept']} whole records before the cut"
+            f"{cut['line']}); read the {cut['records_kept']} whole records before the cut "
+            "(bad ones among them are rejected)"
         )
     if s["unknown_roles"]:
         roles = ", ".join(f"{k} ({v})" for k, v in s["unknown_roles"].items())

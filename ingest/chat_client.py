@@ -13,14 +13,15 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import re
 import signal
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, Protocol, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import openai
 
@@ -44,6 +45,11 @@ class CallPolicy(Protocol):
 
 class MalformedResponse(ValueError):
     """A 200 whose body is not a usable chat completion."""
+
+
+class RequestTimeout(TimeoutError):
+    """An attempt that took longer than `timeout_s` in all: httpx's timeout is per read, so a
+    server trickling a byte at a time would otherwise hold a worker forever."""
 
 
 @dataclass(slots=True)
@@ -79,6 +85,20 @@ def public_url(url: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
+# A URL's user:password@, and each value of a query string (`?api-key=...&b=...`), anywhere.
+_USERINFO = re.compile(r"(?<=://)[^/\s@'\"]+@")
+_QUERY_VALUE = re.compile(r"([?&][\w.\-~%]+=)[^&\s'\"#]*")
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """`text` with these secrets, URL credentials and query values replaced by ***: error
+    texts are stored and printed, and a gateway may quote the URL (`?api-key=`) in them."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return _QUERY_VALUE.sub(r"\1***", _USERINFO.sub("***@", text))
+
+
 class ChatClient:
     """An AsyncOpenAI client plus a rate limiter and the retry policy; an async context."""
 
@@ -88,11 +108,17 @@ class ChatClient:
         self._secret = api_key or DUMMY_API_KEY
         self._limiter = _RateLimiter(policy.rate_limit)
         self._rng = random.Random()
+        # A query string (Azure's `?api-version=`) goes on every request: the client would
+        # otherwise append `chat/completions` after it. Its values may be keys: never shown.
+        url = urlsplit(policy.base_url)
+        query = parse_qsl(url.query, keep_blank_values=True)
+        self._hidden = [self._secret, *(value for _, value in query if len(value) >= 4)]
         self._client = openai.AsyncOpenAI(
-            base_url=policy.base_url,
+            base_url=urlunsplit((*url[:3], "", "")),
             api_key=self._secret,
             max_retries=0,  # retries are ours: counted, logged and bounded by max_attempts
             timeout=policy.timeout_s,
+            default_query=dict(query) or None,
         )
 
     async def __aenter__(self) -> ChatClient:
@@ -117,11 +143,9 @@ class ChatClient:
             self.stats.requests += 1
             started = time.perf_counter()
             try:
-                completion = await self._client.chat.completions.create(
-                    model=model, messages=messages, **params
-                )
+                completion = await self._create(model, messages, params)
                 content = _content(completion)
-            except (openai.APIError, ValueError) as error:
+            except (openai.APIError, ValueError, RequestTimeout) as error:
                 retryable, retry_after = _classify(error)
                 if not retryable or attempt == self.policy.max_attempts:
                     self.stats.failed += 1
@@ -133,6 +157,19 @@ class ChatClient:
             return Answer(content, completion, time.perf_counter() - started, attempts)
         raise AssertionError("unreachable: the last attempt returns")
 
+    async def _create(
+        self, model: str, messages: list[dict[str, str]], params: Mapping[str, Any]
+    ) -> Any:
+        """One request, within `timeout_s` in all (headers and every byte of the body)."""
+        try:
+            async with asyncio.timeout(self.policy.timeout_s):
+                return await self._client.chat.completions.create(
+                    model=model, messages=messages, **params
+                )
+        except TimeoutError:
+            limit = f"{self.policy.timeout_s:g}"
+            raise RequestTimeout(f"Request timed out: no whole reply within {limit} s") from None
+
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         """Exponential backoff with equal jitter, never shorter than the server's Retry-After."""
         policy = self.policy
@@ -143,9 +180,14 @@ class ChatClient:
         return delay
 
     def _describe(self, error: Exception) -> str:
+        """Kind, status, message and underlying cause ("Connection error." alone says nothing
+        of a refused port or a failed TLS handshake), with every secret redacted."""
         status = getattr(error, "status_code", None)
         text = f"{type(error).__name__}" + (f" {status}" if status else "") + f": {error}"
-        return text.replace(self._secret, "***")[:_ERROR_CHARS]
+        cause = error.__cause__
+        if cause is not None and str(cause) not in text:
+            text += f" ({type(cause).__name__}: {cause})"
+        return redact(text, self._hidden)[:_ERROR_CHARS]
 
 
 class _RateLimiter:
@@ -166,10 +208,11 @@ class _RateLimiter:
 
 
 def _content(completion: Any) -> str:
-    """The answer text, or MalformedResponse when the body is not a usable completion."""
+    """The answer text, or MalformedResponse when the body is not a usable completion (the
+    client does not validate it: `choices` may be anything the server sent)."""
     choices = getattr(completion, "choices", None)
-    if not choices:
-        raise MalformedResponse("the completion has no choices")
+    if not isinstance(choices, list) or not choices:
+        raise MalformedResponse("the completion has no list of choices")
     content = getattr(getattr(choices[0], "message", None), "content", None)
     if not isinstance(content, str) or not content:
         raise MalformedResponse("the completion's first choice has no text")
@@ -185,7 +228,8 @@ def _classify(error: Exception) -> tuple[bool, float | None]:
     if isinstance(error, openai.APIConnectionError):  # timeouts included
         return True, None
     # Bodies that are not JSON, or not a chat completion, are usually a proxy's hiccup.
-    return isinstance(error, (ValueError, openai.APIResponseValidationError)), None
+    retryable = (ValueError, openai.APIResponseValidationError, RequestTimeout)
+    return isinstance(error, retryable), None
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:
@@ -209,12 +253,15 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
 
 # Seconds a run may take to unwind after Ctrl-C before it is ended anyway (see run_interruptible).
 INTERRUPT_GRACE_S = 10.0
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def run_interruptible(work: Coroutine[Any, Any, T], *, grace_s: float = INTERRUPT_GRACE_S) -> T:
     """`asyncio.run(work)`, where Ctrl-C always ends it: KeyboardInterrupt within seconds.
 
-    The first Ctrl-C cancels the work, which unwinds (requests cancelled, the client closed,
+    SIGTERM (`kill`, a container stopping) is handled as Ctrl-C: without it the process died
+    at once, its run left "running" and its answered but uncommitted work lost. The first
+    signal cancels the work, which unwinds (requests cancelled, the client closed,
     what was committed kept). If that has not finished `grace_s` later, or at a second
     Ctrl-C, the loop stops with KeyboardInterrupt and whatever is still unwinding is left to
     the process's exit, not awaited: a cancelled request's cleanup can wait on a server that
@@ -239,7 +286,8 @@ def run_interruptible(work: Coroutine[Any, Any, T], *, grace_s: float = INTERRUP
             loop.call_later(grace_s, give_up)
 
         try:
-            loop.add_signal_handler(signal.SIGINT, interrupt)
+            for signum in _STOP_SIGNALS:
+                loop.add_signal_handler(signum, interrupt)
         except (ValueError, RuntimeError, NotImplementedError):
             return await work  # not the main thread (the UI's replay page): as asyncio.run
         try:
@@ -249,7 +297,8 @@ def run_interruptible(work: Coroutine[Any, Any, T], *, grace_s: float = INTERRUP
                 raise KeyboardInterrupt from None
             raise
         finally:
-            loop.remove_signal_handler(signal.SIGINT)
+            for signum in _STOP_SIGNALS:
+                loop.remove_signal_handler(signum)
 
     runner = asyncio.Runner()
     try:

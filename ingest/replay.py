@@ -61,6 +61,7 @@ from storage.replay import (
 REPLAY_SOURCE_PREFIX = "replay:"
 _RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 _BOOT_CELLS = 4_000_000  # resampled values held at once by the bootstrap
+_MAX_TOKENS = 2**31  # token counts stored must fit a 32-bit column
 
 Select = ExchangeFilter | Sequence[str] | None
 
@@ -170,8 +171,9 @@ def replay(
     """Create (or resume, when `run_id` names a stored run) a replay and run it to the end.
 
     `select` is an ExchangeFilter or a sequence of exchange ids (None: every logged exchange
-    that is not itself a replay); it only matters when the run is created: a resumed run
-    keeps its items and sends those not done yet.
+    that is not itself a replay; replays' answers are inputs only when a filter names their
+    run's source, never through a list of ids); it only matters when the run is created: a
+    resumed run keeps its items and sends those not done yet.
     """
     return run_interruptible(areplay(engine, config=config, select=select, run_id=run_id))
 
@@ -249,11 +251,12 @@ def select_inputs(engine: Engine, select: Select, *, config: ReplayConfig) -> li
         )
     else:
         wanted = list(dict.fromkeys(select))
-        found = exchanges_by_id(engine, wanted, columns=("id", "context", "prompt"))
+        found = exchanges_by_id(engine, wanted, columns=("id", "context", "prompt", "source"))
         missing = [i for i in wanted if i not in found]
         if missing:
             raise ReplayError(f"{len(missing)} exchange id(s) not found, e.g. {missing[0]!r}")
-        rows = (found[i] for i in wanted)
+        # A cluster or tag holds earlier replays' answers too: they are not original inputs.
+        rows = (found[i] for i in wanted if not found[i]["source"].startswith(REPLAY_SOURCE_PREFIX))
     ids: list[str] = []
     seen: set[str] = set()
     for row in rows:
@@ -435,9 +438,10 @@ class _Sender:
         self, item: Mapping[str, Any], messages: list[dict[str, str]], answer: Answer
     ) -> _Finished:
         completion, latency, attempts = answer.completion, answer.latency_s, answer.attempts
+        finish_reason = getattr(completion.choices[0], "finish_reason", None)
         usage = getattr(completion, "usage", None)
-        prompt_tokens = getattr(usage, "prompt_tokens", None)
-        completion_tokens = getattr(usage, "completion_tokens", None)
+        prompt_tokens = _token_count(getattr(usage, "prompt_tokens", None))
+        completion_tokens = _token_count(getattr(usage, "completion_tokens", None))
         now = utcnow()
         source = REPLAY_SOURCE_PREFIX + self.run_id
         conversation_id = content_hash("replay", self.run_id, item["id"])
@@ -466,8 +470,8 @@ class _Sender:
                 "attempts": attempts,
                 "prompt_tokens": prompt_tokens,
                 "completion_tokens": completion_tokens,
-                "total_tokens": getattr(usage, "total_tokens", None),
-                "finish_reason": completion.choices[0].finish_reason,
+                "total_tokens": _token_count(getattr(usage, "total_tokens", None)),
+                "finish_reason": finish_reason if isinstance(finish_reason, str) else None,
             },
         )
         conversation_row = {
@@ -498,6 +502,14 @@ class _Sender:
             conversation_row,
             row,
         )
+
+
+def _token_count(value: object) -> int | None:
+    """A token count the server reported, or None: the body is not validated, and a count
+    that is not a sane int ("lots", 10**30) failed the whole commit of its batch."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < _MAX_TOKENS:
+        return value
+    return None
 
 
 def compare(

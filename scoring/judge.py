@@ -56,7 +56,17 @@ TEMPLATE = """{context}[User request]
 
 Compare the two answers in a sentence or two, then end with one line that is exactly \
 "Verdict: A", "Verdict: B" or "Verdict: tie"."""
-_VERDICT = re.compile(r"verdict\s*[:\-]?\s*\**\s*\[?\[?\s*(a|b|tie)\b", re.IGNORECASE)
+# What a judge may write around its verdict: markdown emphasis, quotes, brackets, "Answer B".
+_EMPHASIS = re.compile(r"[*_`#]")
+_VERDICT_WORD = re.compile(r"\bverdict\b", re.IGNORECASE)
+_OPENING = r"[\s:=\-\u2013\u2014\"'\u201c\u201d\u2018\u2019(\[{<]*"
+_CHOICE = r"(?:(?:answer|response|assistant)\s+)?(a\s+tie|tie|draw|a|b)\b"
+_STATED = re.compile(rf"{_OPENING}(?:is\b)?{_OPENING}{_CHOICE}", re.IGNORECASE)
+# "A/B", "A or B", "A and B": the reply names both, so it decides nothing.
+_EITHER = re.compile(
+    rf"[\s\"'\u201d\u2019)\]}}>.]*(?:/|\||&|\bor\b|\band\b|\bvs\b){_OPENING}{_CHOICE}",
+    re.IGNORECASE,
+)
 
 
 class JudgeError(RuntimeError):
@@ -117,12 +127,30 @@ class JudgeResult:
 
 
 def parse_verdict(text: str) -> str | None:
-    """'a', 'b' or 'tie' from the judge's reply (its last verdict line wins), else None."""
-    found = _VERDICT.findall(text)
-    if found:
-        return found[-1].lower()
-    bare = text.strip().strip(".*[]\"'").lower()
-    return bare if bare in ("a", "b", "tie") else None
+    """'a', 'b' or 'tie' from the judge's reply, else None.
+
+    The last "verdict" that states a choice decides (a judge may revise itself); one that
+    names both answers ("Verdict: A/B") is no verdict: a guess would bias the win rate.
+    Markdown emphasis, quotes, brackets, dashes and "Answer X" around it are allowed, and a
+    reply that is only the choice counts too.
+    """
+    plain = _EMPHASIS.sub("", text)
+    choice: str | None = None
+    for word in _VERDICT_WORD.finditer(plain):
+        rest = plain[word.end() :].split("\n", 1)[0]
+        stated = _STATED.match(rest)
+        if stated is not None:
+            ambiguous = _EITHER.match(rest, stated.end()) is not None
+            choice = None if ambiguous else _choice(stated.group(1))
+    if choice is None and not _VERDICT_WORD.search(plain):
+        bare = _STATED.fullmatch(plain.strip().rstrip(".!\"'\u201d\u2019)]}>"))
+        choice = _choice(bare.group(1)) if bare else None
+    return choice
+
+
+def _choice(word: str) -> str:
+    word = " ".join(word.lower().split())
+    return "tie" if word in ("tie", "a tie", "draw") else word
 
 
 def judge_messages(
@@ -211,9 +239,9 @@ async def _judge_all(
         disable=None if config.progress else True,
     )
 
-    async def flush(force: bool = False) -> None:
+    async def flush() -> None:
         async with lock:
-            if verdicts and (force or len(verdicts) >= _FLUSH):
+            if len(verdicts) >= _FLUSH:
                 batch = verdicts[:]
                 verdicts.clear()
                 await asyncio.to_thread(
@@ -232,8 +260,16 @@ async def _judge_all(
 
     try:
         async with client:
-            await asyncio.gather(*(worker() for _ in range(min(config.concurrency, len(todo)))))
-        await flush(force=True)
+            try:
+                await asyncio.gather(*(worker() for _ in range(min(config.concurrency, len(todo)))))
+            finally:
+                # Interrupted too: a verdict is paid for, so those not flushed yet are stored,
+                # before the client's close (which may wait on a server). Not in a thread:
+                # blocking the loop, the write ends before a second Ctrl-C can stop it.
+                if verdicts:
+                    store_batch(
+                        engine, conversation_rows=(), exchange_rows=(), battle_rows=verdicts
+                    )
     finally:
         bar.close()
     return errors
@@ -286,6 +322,12 @@ async def _judge_one(
     }
 
 
+def judge_names(engine: Engine, run_id: str) -> list[str]:
+    """The judges with verdicts on a run, to report each apart: two judges' verdicts on the
+    same pairs are not independent samples."""
+    return sorted({v["judge"] for v in load_verdicts(engine, JUDGE_SOURCE_PREFIX + run_id)})
+
+
 def judge_results(
     engine: Engine,
     run_id: str,
@@ -293,7 +335,8 @@ def judge_results(
     cluster_of: Mapping[str, str] | None = None,
     judge: str | None = None,
 ) -> tuple[JudgeResult | None, dict[str, JudgeResult]]:
-    """Overall and per cluster (of the original input): how often the new answer won."""
+    """Overall and per cluster (of the original input): how often the new answer won, by
+    `judge` (None pools every judge's verdicts: a count, not an estimate with a valid CI)."""
     rows = [
         v
         for v in load_verdicts(engine, JUDGE_SOURCE_PREFIX + run_id)

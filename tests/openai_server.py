@@ -52,9 +52,16 @@ class Fault:
     retry_after: str | None = None  # Retry-After header value sent with the error
     delay_s: float = 0.0  # extra seconds before replying
     malformed: bool = False  # a 200 whose body is cut-off JSON
+    body: Any = None  # a 200 whose JSON body is this instead of a chat completion
+    usage: Any = None  # the completion's `usage` is this instead of the true counts
+    trickle_s: float = 0.0  # the reply's first _TRICKLED bytes go out one at a time, this apart
     echo_auth: bool = False  # put the request's Authorization header in the error message
+    echo_path: bool = False  # put the request's path and query string in the error message
     prompt: str | None = None
     times: int | None = None
+
+
+_TRICKLED = 20  # bytes a trickling reply sends slowly: a client reading per byte never waits long
 
 
 class _Server(ThreadingHTTPServer):
@@ -77,7 +84,8 @@ class OpenAIServer:
         self.faults: list[Fault] = list(faults or [])
         self.requests: Counter[str] = Counter()  # per prompt: requests received
         self.answered: Counter[str] = Counter()  # per prompt: 200 answers written
-        self.received: list[dict[str, Any]] = []  # bodies, auth header, prompt, arrival time
+        # Bodies, auth header, prompt, arrival time, path and query string.
+        self.received: list[dict[str, Any]] = []
         self.lock = threading.Lock()
         self._server = _Server(("127.0.0.1", 0), _handler_for(self))
         self._thread: threading.Thread | None = None
@@ -144,7 +152,8 @@ def _handler_for(server: OpenAIServer) -> type[BaseHTTPRequestHandler]:
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length", "0"))
             raw = self.rfile.read(length)
-            if self.path.rstrip("/") != "/v1/chat/completions":
+            path, _, query = self.path.partition("?")
+            if path.rstrip("/") != "/v1/chat/completions":
                 self._send(404, {"error": {"message": f"no route {self.path}"}})
                 return
             try:
@@ -158,7 +167,14 @@ def _handler_for(server: OpenAIServer) -> type[BaseHTTPRequestHandler]:
             fault = server.take_fault(prompt)
             with server.lock:
                 server.received.append(
-                    {"body": body, "authorization": auth, "at": time.monotonic(), "prompt": prompt}
+                    {
+                        "body": body,
+                        "authorization": auth,
+                        "at": time.monotonic(),
+                        "prompt": prompt,
+                        "path": path,
+                        "query": query,
+                    }
                 )
             delay = server.delay_s + (fault.delay_s if fault else 0.0)
             if delay:
@@ -179,11 +195,16 @@ def _handler_for(server: OpenAIServer) -> type[BaseHTTPRequestHandler]:
                 message = f"injected error {fault.status}"
                 if fault.echo_auth:
                     message += f" (credentials were {auth!r})"
+                if fault.echo_path:
+                    message += f" (for http://127.0.0.1{self.path})"
                 headers = {"Retry-After": fault.retry_after} if fault.retry_after else {}
                 self._send(fault.status, {"error": {"message": message}}, headers)
                 return
             if fault and fault.malformed:
                 self._send_bytes(200, b'{"id": "chatcmpl-x", "choices": [{"index": 0, "mess')
+                return
+            if fault and fault.body is not None:
+                self._send(200, fault.body)
                 return
             answer = server.responder(messages)
             prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in messages)
@@ -206,17 +227,32 @@ def _handler_for(server: OpenAIServer) -> type[BaseHTTPRequestHandler]:
                         "prompt_tokens": prompt_tokens,
                         "completion_tokens": completion_tokens,
                         "total_tokens": prompt_tokens + completion_tokens,
-                    },
+                    }
+                    if fault is None or fault.usage is None
+                    else fault.usage,
                 },
+                trickle_s=fault.trickle_s if fault else 0.0,
             )
             with server.lock:
                 server.answered[prompt] += 1
 
-        def _send(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
-            self._send_bytes(status, json.dumps(payload).encode(), headers)
+        def _send(
+            self,
+            status: int,
+            payload: Any,
+            headers: dict[str, str] | None = None,
+            *,
+            trickle_s: float = 0.0,
+        ) -> None:
+            self._send_bytes(status, json.dumps(payload).encode(), headers, trickle_s=trickle_s)
 
         def _send_bytes(
-            self, status: int, data: bytes, headers: dict[str, str] | None = None
+            self,
+            status: int,
+            data: bytes,
+            headers: dict[str, str] | None = None,
+            *,
+            trickle_s: float = 0.0,
         ) -> None:
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
@@ -224,6 +260,11 @@ def _handler_for(server: OpenAIServer) -> type[BaseHTTPRequestHandler]:
             for name, value in (headers or {}).items():
                 self.send_header(name, value)
             self.end_headers()
+            if trickle_s:  # each byte well within any per-read timeout, the whole far beyond
+                for i in range(_TRICKLED):
+                    self.wfile.write(data[i : i + 1])
+                    time.sleep(trickle_s)
+                data = data[_TRICKLED:]
             self.wfile.write(data)
 
     return Handler

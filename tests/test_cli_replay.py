@@ -10,11 +10,14 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from urllib.request import Request, urlopen
 
 import pytest
 
+from app.cli import main
+from storage.logs import iter_exchanges
 from tests.openai_server import Fault, OpenAIServer
 from tests.test_ingest_pipeline import REPO, convoscope, write_openai_jsonl
 
@@ -90,7 +93,12 @@ def test_failed_replay_says_why_and_how_to_resume(tmp_path: Path) -> None:
     assert "failures: " in said and "401" in said  # the reason, not only a count
 
 
-def test_an_interrupted_replay_names_the_run_to_resume(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "kill"])
+def test_an_interrupted_replay_names_the_run_to_resume(
+    tmp_path: Path, stop: signal.Signals
+) -> None:
+    """SIGTERM (`kill`, a container stopping) ended a replay silently, its run left
+    "running": it is handled as Ctrl-C."""
     db = _ingested(tmp_path)
     # The server never answers within the test: the replay can only end through the interrupt.
     with OpenAIServer(delay_s=900) as server:
@@ -105,14 +113,14 @@ def test_an_interrupted_replay_names_the_run_to_resume(tmp_path: Path) -> None:
         deadline = time.monotonic() + 120
         while server.total_requests() == 0 and time.monotonic() < deadline:
             time.sleep(0.2)
-        process.send_signal(signal.SIGINT)
+        process.send_signal(stop)
         # It exits in about a second; the margin is for a machine loaded by other test runs.
         try:
             _, err = process.communicate(timeout=300)
         except subprocess.TimeoutExpired:
             process.send_signal(signal.SIGABRT)  # faulthandler prints where each thread is
             _, err = process.communicate(timeout=60)
-            pytest.fail(f"replay still running 300 s after Ctrl-C; its threads:\n{err}")
+            pytest.fail(f"replay still running 300 s after {stop.name}; its threads:\n{err}")
         answered = server.total_answered()
     assert process.returncode == 130, err
     assert answered == 0  # it stopped on the interrupt, not because its requests finished
@@ -309,6 +317,25 @@ def test_an_instruction_replayed_on_a_cluster_is_versioned(tmp_path: Path) -> No
     scored = [(v["version"], v["mean_reward"], v["original_mean_reward"]) for v in versions]
     assert scored == [(2, 0.25, 0.5), (1, 0.75, 0.5)]
 
+    # --filter with --cluster: both apply (the filter was ignored, the whole cluster sent).
+    from storage.clusters import exchanges_in_clusters, latest_run
+
+    engine = open_database(db)
+    members = set(exchanges_in_clusters(engine, latest_run(engine)["id"], cluster_id="t0"))
+    models = Counter(
+        row["model"] for batch in iter_exchanges(engine) for row in batch if row["id"] in members
+    )
+    engine.dispose()
+    model, expected = models.most_common()[-1]
+    assert 0 < expected < len(members)
+    with OpenAIServer() as server:
+        both = convoscope(
+            "replay", "--model", "m3", "--base-url", server.base_url, "--cluster", "t0",
+            "--filter", f"model={model}", "--json", db=db, cwd=tmp_path,
+        )  # fmt: skip
+    assert both.returncode == 0, both.stderr
+    assert json.loads(both.stdout)["sent"] == expected == server.total_requests()
+
 
 def test_the_printed_resume_command_alone_finishes_the_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -358,3 +385,30 @@ def test_resume_of_an_unknown_run_is_an_error_and_sends_nothing(tmp_path: Path) 
         assert server.total_requests() == 0
     report = convoscope("replay", "report", "nonexist", db=db, cwd=tmp_path)
     assert report.returncode == 2  # no run was created either
+
+
+def test_wrong_key_variables_and_instruction_files_are_refused_naming_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An unset --api-key-env sent every request without a key; a non-UTF-8 instruction file
+    failed with a bare codec error, and an empty one replaced every system message with
+    nothing."""
+    db = _ingested(tmp_path)
+    monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
+    base = ["--db", db, "replay", "--model", "m", "--base-url", "http://127.0.0.1:1/v1"]
+    assert main([*base, "--api-key-env", "NO_SUCH_KEY_VAR"]) == 2
+    assert "--api-key-env NO_SUCH_KEY_VAR: that variable is not set" in capsys.readouterr().err
+    for name, content, said in (
+        ("latin1.txt", "Réponds en français.".encode("latin-1"), "not UTF-8 text"),
+        ("empty.txt", b"  \n", "the file is empty"),
+    ):
+        path = tmp_path / name
+        path.write_bytes(content)
+        assert main([*base, "--instruction", str(path)]) == 2
+        assert f"--instruction {path}: {said}" in capsys.readouterr().err
+
+    # One input, nobody answering: said in the singular.
+    assert main([*base, "--sample", "1", "--max-attempts", "1"]) == 2
+    out, err = capsys.readouterr()
+    assert "1 input still unanswered" in out
+    assert err.splitlines()[-1] == "convoscope: error: none of the 1 input sent was answered"

@@ -251,7 +251,7 @@ def test_timeouts_are_retried_then_recorded(
     items = items_by_prompt(engine, summary.run_id)
     assert items[question(0)]["status"] == "done" and items[question(0)]["attempts"] == 2
     assert items[question(1)]["status"] == "failed"
-    assert "APITimeoutError" in str(items[question(1)]["error"])
+    assert "timed out" in str(items[question(1)]["error"])
     engine.dispose()
 
 
@@ -437,4 +437,120 @@ def test_compare_reports_reward_diff_overall_and_per_cluster(
 
     unscored = compare(engine, summary.run_id)
     assert unscored.overall is None and unscored.per_cluster == {}
+    engine.dispose()
+
+
+def test_a_base_url_query_string_goes_on_every_request_and_is_never_stored_or_shown(
+    duckdb_url: str, tmp_path: Path, server: OpenAIServer, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Azure-style endpoints take `?api-version=` (and some gateways `?api-key=`): the client
+    appended `chat/completions` after the query string (every request a 404), and the 404's
+    message, which quoted the URL, was stored and printed with the key in it."""
+    engine = logged_db(duckdb_url, tmp_path, 3)
+    secret = "sk-query-7c1e0b9d"
+    server.add_fault(Fault(prompt=question(0), status=400, echo_path=True))
+    url = f"{server.base_url}?api-version=2024-02-01&api-key={secret}"
+    summary = replay(engine, config=config_for(server, base_url=url))
+    assert (summary.done, summary.failed) == (2, 1)
+    assert {(r["path"], r["query"]) for r in server.received} == {
+        ("/v1/chat/completions", f"api-version=2024-02-01&api-key={secret}")
+    }
+    error = str(items_by_prompt(engine, summary.run_id)[question(0)]["error"])
+    assert "BadRequestError 400" in error and "api-key=***" in error
+    assert summary.base_url == server.base_url
+    with engine.connect() as conn:
+        dump = [
+            str(row)
+            for table in schema_metadata.sorted_tables
+            for row in conn.execute(sa.select(table))
+        ]
+    assert dump and not any(secret in row for row in dump)
+    out, err = capfd.readouterr()
+    assert secret not in out + err
+    engine.dispose()
+
+
+def test_odd_token_counts_are_stored_as_unknown(db_url: str, tmp_path: Path) -> None:
+    """The body is not validated: a count that is not a sane int failed the whole batch's
+    commit (an ExceptionGroup traceback, the answers already received lost)."""
+    engine = logged_db(db_url, tmp_path, 3)
+    odd = [
+        Fault(prompt=question(0), usage={"prompt_tokens": "lots", "completion_tokens": True}),
+        Fault(prompt=question(1), usage={"prompt_tokens": 10**30, "completion_tokens": -1}),
+    ]
+    with OpenAIServer(faults=odd) as server:
+        summary = replay(engine, config=config_for(server))
+    assert (summary.done, summary.failed) == (3, 0)
+    items = items_by_prompt(engine, summary.run_id)
+    for i in (0, 1):
+        assert (items[question(i)]["prompt_tokens"], items[question(i)]["completion_tokens"]) == (
+            None,
+            None,
+        )
+    assert items[question(2)]["prompt_tokens"] > 0
+    assert compare(engine, summary.run_id).prompt_tokens == items[question(2)]["prompt_tokens"]
+    engine.dispose()
+
+
+def test_a_body_whose_choices_is_not_a_list_is_malformed(
+    duckdb_url: str, tmp_path: Path, server: OpenAIServer
+) -> None:
+    """`"choices": {"a": 1}` raised KeyError: 0 out of the replay, a traceback."""
+    engine = logged_db(duckdb_url, tmp_path, 3)
+    body = {"id": "chatcmpl-x", "object": "chat.completion", "choices": {"a": 1}}
+    server.add_fault(Fault(prompt=question(0), body=body, times=2))
+    server.add_fault(Fault(prompt=question(1), body=body))
+    summary = replay(engine, config=config_for(server, max_attempts=3))
+    assert (summary.done, summary.failed, summary.retried) == (2, 1, 4)
+    items = items_by_prompt(engine, summary.run_id)
+    assert items[question(0)]["status"] == "done" and items[question(0)]["attempts"] == 3
+    assert "MalformedResponse" in str(items[question(1)]["error"])
+    engine.dispose()
+
+
+def test_the_timeout_caps_a_whole_attempt_not_each_read(
+    duckdb_url: str, tmp_path: Path, server: OpenAIServer
+) -> None:
+    """A server trickling its reply a byte every 0.2 s never tripped a 0.5 s read timeout."""
+    engine = logged_db(duckdb_url, tmp_path, 2)
+    server.add_fault(Fault(prompt=question(0), trickle_s=0.2, times=1))
+    server.add_fault(Fault(prompt=question(1), trickle_s=0.2))
+    started = time.monotonic()
+    summary = replay(engine, config=config_for(server, timeout_s=0.5, max_attempts=2))
+    assert time.monotonic() - started < 3.5  # trickled to the end: 4 s an attempt
+    assert (summary.done, summary.failed) == (1, 1)
+    items = items_by_prompt(engine, summary.run_id)
+    assert items[question(0)]["attempts"] == 2
+    assert "no whole reply within 0.5 s" in str(items[question(1)]["error"])
+    engine.dispose()
+
+
+def test_a_connection_failure_says_why(duckdb_url: str, tmp_path: Path) -> None:
+    """openai's "Connection error." alone hid the refused port behind it."""
+    engine = logged_db(duckdb_url, tmp_path, 1)
+    config = ReplayConfig(
+        model="m", base_url="http://127.0.0.1:1/v1", max_attempts=1, progress=False
+    )
+    summary = replay(engine, config=config)
+    assert summary.failed == 1
+    error = str(run_items(engine, summary.run_id)[0]["error"])
+    assert error.startswith("APIConnectionError: Connection error. (ConnectError: ")
+    engine.dispose()
+
+
+def test_cluster_ids_never_select_earlier_replays_answers(
+    duckdb_url: str, tmp_path: Path, server: OpenAIServer
+) -> None:
+    """After re-clustering, a cluster holds replays' answers too: as inputs they would be
+    replayed as if they were logged traffic."""
+    engine = logged_db(duckdb_url, tmp_path, 4)
+    first = replay(engine, config=config_for(server))
+    everything = [row["id"] for batch in iter_exchanges(engine) for row in batch]
+    assert len(everything) == 8  # originals and their replayed answers, as a cluster lists them
+    config = config_for(server, dedupe=False)  # an answer's request is its original's
+    originals = select_inputs(engine, None, config=config)
+    assert sorted(select_inputs(engine, everything, config=config)) == sorted(originals)
+    answers = [row["id"] for row in replayed(engine, first.run_id)]
+    with pytest.raises(ReplayError, match="matches no saved input"):
+        replay(engine, config=config_for(server), select=answers)
     engine.dispose()

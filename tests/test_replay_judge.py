@@ -8,13 +8,19 @@ randomised presentation order is mapped back correctly.
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy.engine import Engine
 
+from app.cli import main
 from ingest.replay import replay
 from scoring.judge import (
     JudgeConfig,
@@ -23,11 +29,12 @@ from scoring.judge import (
     judge_results,
     parse_verdict,
 )
+from storage.engine import open_database
 from storage.logs import load_battles
 from storage.replay import load_verdicts
 from tests.openai_server import Fault, OpenAIServer, last_user_message
-from tests.test_ingest_pipeline import convoscope
-from tests.test_replay import config_for, logged_db
+from tests.test_ingest_pipeline import REPO, convoscope
+from tests.test_replay import config_for, logged_db, question
 
 _ANSWERS = re.compile(r"\[Answer A\]\n(.*)\n\n\[Answer B\]\n(.*)\n\nCompare", re.DOTALL)
 
@@ -130,6 +137,25 @@ def test_judge_of_an_unknown_or_unanswered_run_is_a_clear_error(tmp_path: Path) 
         ("Verdict: A... on reflection, Verdict: B", "b"),
         ("B", "b"),
         ("Answer A is better", None),
+        # Each of these was misread (a tie as A, A/B as A) or not read at all.
+        ("Both are equally good.\nVerdict: a tie", "tie"),
+        ("Verdict: A tie", "tie"),
+        ("Verdict: draw", "tie"),
+        ("**Verdict**: B", "b"),
+        ("Verdict: Answer B", "b"),
+        ("Verdict: **Answer A**", "a"),
+        ('Verdict: "A"', "a"),
+        ("Verdict: \u201cB\u201d.", "b"),
+        ("VERDICT \u2014 A", "a"),
+        ("Verdict - B", "b"),
+        ("Final verdict is: B", "b"),
+        ("Verdict: B is better than A", "b"),
+        ("verdict: A/B", None),
+        ("Verdict: A or B, hard to say", None),
+        ("Verdict: A\nOn reflection, verdict: A / B", None),
+        ("Verdict: Awesome work by both", None),
+        ("My verdict follows.\nVerdict: B", "b"),
+        ('"tie".', "tie"),
     ],
 )
 def test_parse_verdict(reply: str, verdict: str | None) -> None:
@@ -151,7 +177,7 @@ def test_judge_from_the_cli_and_in_the_report(tmp_path: Path) -> None:
 
     report = convoscope("replay", "report", run_id, db=db, cwd=tmp_path)
     assert report.returncode == 0, report.stderr
-    assert "judge: the new answer wins 100%" in report.stdout
+    assert "judge judge-model: the new answer wins 100%" in report.stdout
     missing = convoscope("replay", "judge", run_id, db=db, cwd=tmp_path)
     assert missing.returncode == 2 and "--model" in missing.stderr
 
@@ -161,3 +187,61 @@ def test_judge_from_the_cli_and_in_the_report(tmp_path: Path) -> None:
     assert failed.returncode == 2
     assert failed.stderr.splitlines()[-1].endswith("none of the 6 pairs sent was judged")
     assert json.loads(failed.stdout)["failed"] == 6
+
+
+def prefers_original(messages: list[dict[str, Any]]) -> str:
+    """A judge's reply that picks whichever shown answer was the logged one."""
+    return prefers_replayed(messages).translate(str.maketrans("AB", "BA"))
+
+
+def test_the_report_gives_each_judge_apart(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two judges' verdicts on the same pairs were pooled: 12 "judged pairs" out of 6, and a
+    confidence interval as if they were independent."""
+    db = f"duckdb:///{tmp_path / 'two.duckdb'}"
+    engine, run_id = replayed_db(db, tmp_path, 6)
+    for model, responder in (("judge-1", prefers_replayed), ("judge-2", prefers_original)):
+        with OpenAIServer(responder=responder) as judge:
+            assert judge_replay(engine, run_id, config=judge_config(judge, model=model)).judged == 6
+    engine.dispose()
+
+    assert main(["--db", db, "replay", "report", run_id, "--json"]) == 0
+    judges = json.loads(capsys.readouterr().out)["judges"]
+    assert sorted(judges) == ["judge-1", "judge-2"]
+    one, two = judges["judge-1"]["overall"], judges["judge-2"]["overall"]
+    assert (one["n"], one["win_rate"], two["n"], two["win_rate"]) == (6, 1.0, 6, 0.0)
+    assert main(["--db", db, "replay", "report", run_id]) == 0
+    said = capsys.readouterr().out
+    assert "judge judge-1: the new answer wins 100% (95% CI 100%-100%) of 6 judged pairs" in said
+    assert "judge judge-2: the new answer wins 0% (95% CI 0%-0%) of 6 judged pairs" in said
+
+
+def test_an_interrupted_judge_keeps_its_verdicts_and_says_how_to_finish(tmp_path: Path) -> None:
+    """Verdicts were committed 32 at a time and the last flush skipped on Ctrl-C: every
+    verdict received since the last commit was lost, paid for and not stored."""
+    db = f"duckdb:///{tmp_path / 'judge.duckdb'}"
+    engine, run_id = replayed_db(db, tmp_path, 6)
+    engine.dispose()  # DuckDB: the judging process is the one writer
+    held = Fault(prompt=question(0), delay_s=900)  # one pair the judge never answers in time
+    with OpenAIServer(responder=prefers_replayed, faults=[held]) as judge:
+        args = ("replay", "judge", run_id, "--model", "judge-model", "--base-url", judge.base_url)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "--db", db, *args, "--timeout", "900"],
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 120
+        while judge.total_answered() < 5 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.0)  # the replies read and parsed: verdicts waiting for their commit
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    finish = f"replay judge {run_id} --model judge-model --base-url {judge.base_url}`"
+    assert re.search(rf"finish with `convoscope --db \S+ {re.escape(finish)}", err), err
+    engine = open_database(db)
+    assert len(load_verdicts(engine, f"judge:{run_id}")) == 5
+    engine.dispose()

@@ -161,7 +161,7 @@ def test_a_refused_replay_says_why_without_the_key(
 
 
 def test_judge_from_the_replay_page(built: BuiltDatabase, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tests.test_replay_judge import prefers_replayed
+    from tests.test_replay_judge import prefers_original, prefers_replayed
 
     at = _page(built.url, monkeypatch)
     with OpenAIServer() as server:
@@ -176,7 +176,16 @@ def test_judge_from_the_replay_page(built: BuiltDatabase, monkeypatch: pytest.Mo
         assert judge.total_requests() == 5
     assert not at.exception, [e.value for e in at.exception]
     assert any("5 judged" in s.proto.body for s in at.success)
+    with OpenAIServer(responder=prefers_original) as judge:  # a second judge, reported apart
+        at.text_input(key="judge_model").input("other*judge")
+        at.text_input(key="judge_base_url").input(judge.base_url)
+        at.button(key="judge_run").click().run()
     at = _page(built.url, monkeypatch)
-    assert next(m.value for m in at.metric if m.label.startswith("LLM judge")) == "100.0 %"
+    verdicts = {m.label: m.value for m in at.metric if m.label.startswith("LLM judge")}
+    assert verdicts == {
+        "LLM judge judge\\-model: new answer wins": "100.0 %",
+        "LLM judge other\\*judge: new answer wins": "0.0 %",
+    }
     captions = [c.value for c in at.caption]
-    assert sum("Judge judge\\-model: the new answer" in c for c in captions) == 5, captions
+    shown = ("Judge judge\\-model: the new answer", "Judge other\\*judge: the original")
+    assert sum(any(s in c for s in shown) for c in captions) == 5, captions  # a verdict a pair

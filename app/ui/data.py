@@ -482,11 +482,19 @@ def run_replay(
 
 
 @st.cache_data(show_spinner=False, ttl=1.0)
-def judge_result(url: str, run_id: str) -> JudgeResult | None:
-    """The LLM judge's verdicts on a run, all judges together (None before any)."""
-    from scoring.judge import judge_results
+def judge_result(url: str, run_id: str) -> dict[str, JudgeResult]:
+    """The LLM judges' verdicts on a run, by judge (two judges' verdicts on the same pairs
+    are not independent samples); empty before any."""
+    from scoring.judge import judge_names, judge_results
 
-    return read(url, lambda e: judge_results(e, run_id)[0])
+    def each(engine: Engine) -> dict[str, JudgeResult]:
+        found = {
+            name: judge_results(engine, run_id, judge=name)[0]
+            for name in judge_names(engine, run_id)
+        }
+        return {name: result for name, result in found.items() if result is not None}
+
+    return read(url, each)
 
 
 def run_judge(url: str, run_id: str, config: JudgeConfig) -> JudgeSummary:

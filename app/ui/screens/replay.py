@@ -255,10 +255,9 @@ elif rows:
         "The new answers have no reward yet: run `convoscope score` to score them, then "
         "compare here."
     )
-verdict = data.judge_result(c.url, opened)
-if verdict is not None:
+for judge, verdict in data.judge_result(c.url, opened).items():
     st.metric(
-        "LLM judge: new answer wins",
+        f"LLM judge {escape_markdown(judge)}: new answer wins",
         fmt_share(verdict.win_rate),
         help=f"95 % CI {fmt_share(verdict.ci_low)} – {fmt_share(verdict.ci_high)} over "
         f"{verdict.n} judged pairs: {verdict.new_wins} won, {verdict.ties} tied, "
