@@ -155,6 +155,7 @@ def fit_topics(
     distances[fitted[member]] = member_dist
     if not config.reassign_outliers:
         labels[fitted[~member]] = -1
+    _one_topic_per_text(texts, labels, distances, unit, centroids)
 
     k = len(centroids)
     sizes = np.bincount(labels[labels >= 0], minlength=k).astype(np.int64)
@@ -163,6 +164,8 @@ def fit_topics(
         rank = np.empty(k, dtype=np.int32)
         rank[order] = np.arange(k, dtype=np.int32)
         labels = np.where(labels >= 0, rank[np.maximum(labels, 0)], -1).astype(np.int32)
+        k = int(np.count_nonzero(sizes))  # a topic whose rows all went with their copies
+        order = order[:k]
         centroids, radii, sizes = centroids[order], radii[order], sizes[order]
     clock.lap("assign")
     parents = parent_groups(centroids, sizes, config.n_parents)
@@ -193,6 +196,33 @@ def fit_topics(
         min_cluster_size=min_size,
         seconds=clock.laps,
     )
+
+
+def _one_topic_per_text(
+    texts: Sequence[str],
+    labels: np.ndarray,
+    distances: np.ndarray,
+    unit: np.ndarray,
+    centroids: np.ndarray,
+) -> None:
+    """Give every copy of a text the topic most of its copies got (a topic before none on a
+    tie), in place. Copies were split: the clusterer's verdict on a fitted copy and the
+    nearest centroid for the others can differ, and UMAP places equal rows apart; a battle's
+    two answers to one prompt then fell in two topics."""
+    first: dict[str, int] = {}
+    copies: dict[int, list[int]] = {}
+    for i, text in enumerate(texts):
+        j = first.setdefault(text, i)
+        if j != i:
+            copies.setdefault(j, [j]).append(i)
+    for group in copies.values():
+        votes: dict[int, int] = {}
+        for label in labels[group].tolist():
+            votes[label] = votes.get(label, 0) + 1
+        label = max(votes, key=lambda c: (votes[c], c >= 0, -c))
+        labels[group] = label
+        if label >= 0:  # the distance to that topic (equal texts, equal vectors)
+            distances[group] = 1.0 - float(unit[group[0]] @ centroids[label])
 
 
 def _keywords(

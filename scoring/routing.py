@@ -122,7 +122,9 @@ def cluster_routes(
         served_rate = None
         if served_by is not None:
             served = np.asarray(served_by, dtype=object)[rows]
-            known = [i for i, m in enumerate(served) if m is not None and m == m]
+            # A row that names no model ("", None, NaN) tells nothing of what served it: an
+            # unknown name would be read as the mean expert, an invented "gain" over 0.5.
+            known = [i for i, m in enumerate(served) if isinstance(m, str) and m]
             if known:
                 models = sorted({served[i] for i in known})
                 own = _win_rates(predictor, inputs[known], models, config.reference)

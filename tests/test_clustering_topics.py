@@ -152,6 +152,29 @@ def test_fit_on_a_sample_assigns_the_rest(clinc: Slice) -> None:
     assert model.layout is not None and np.isfinite(model.layout[rest]).all()
 
 
+def test_every_copy_of_a_text_gets_one_topic(clinc: Slice) -> None:
+    """Copies were split between a fitted copy (the clusterer's verdict) and the others
+    (nearest centroid), and UMAP places equal rows apart: a battle's two answers to one
+    prompt fell in two topics, or one in none."""
+    copied = np.arange(0, len(clinc.train.texts), 3)
+    rows = np.concatenate([np.arange(len(clinc.train.texts)), copied, copied])
+    texts = [clinc.train.texts[i] for i in rows]
+    model = fit_topics(
+        clinc.train.embeddings[rows], texts, config=ClusterConfig(sample_size=900, layout=False)
+    )
+    topics_of: dict[str, set[int]] = {}
+    for text, label in zip(texts, model.labels.tolist(), strict=True):
+        topics_of.setdefault(text, set()).add(label)
+    assert all(len(found) == 1 for found in topics_of.values())
+    assert model.sizes.sum() == (model.labels >= 0).sum() and (model.sizes > 0).all()
+    members = model.labels >= 0
+    centroid = model.centroids[model.labels[members]]
+    unit = clinc.train.embeddings[rows][members]
+    unit = unit / np.linalg.norm(unit, axis=1, keepdims=True)
+    expected = 1.0 - np.einsum("ij,ij->i", unit, centroid)
+    np.testing.assert_allclose(model.distances[members], expected, atol=1e-4)
+
+
 def test_refit_is_repeatable_and_ids_survive_new_data(clinc: Slice, topics: TopicModel) -> None:
     again = fit_topics(
         clinc.train.embeddings, clinc.train.texts, config=ClusterConfig(layout=False)

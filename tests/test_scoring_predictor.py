@@ -116,6 +116,9 @@ def test_routing_table_round_trips_json(data: tuple[pd.DataFrame, np.ndarray]) -
         assert r.gain is not None and r.gain > 0  # alpaca-7b is a poor choice everywhere
         assert r.cheapest_win_rate >= r.best_win_rate - 0.05
         assert costs[r.cheapest_expert] <= costs[r.best_expert]
+    unknown = np.array(["", None, float("nan")] * len(x), dtype=object)[: len(x)]
+    for r in cluster_routes(model, x, clusters, unknown, config=config):
+        assert (r.served_win_rate, r.gain) == (None, None)  # it was 0.5 and best − 0.5
     centroids = {str(c): x[clusters == c].mean(0) for c in range(4)}
     table = routing_table(model, routes, centroids, encoder="all-MiniLM-L6-v2", config=config)
     back = json.loads(json.dumps(table))
