@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from app import commands
 from ingest.readers import FORMATS as INGEST_FORMATS
-from storage.engine import StorageError
+from storage.engine import StorageError, database_file, resolve_url
 
 Handler = Callable[[argparse.Namespace], dict[str, Any]]
 
@@ -95,6 +95,16 @@ def _whole_number(minimum: int) -> Callable[[str], int]:
 
 _positive_int = _whole_number(1)
 _at_least_two = _whole_number(2)  # clusters, groups, a topic's members
+_non_negative = _whole_number(0)
+
+
+def _seed(text: str) -> int:
+    """A random seed numpy takes (0 to 2**32 - 1): `--seed -1` failed in UMAP only after the
+    whole embedding, in an error that did not name the option."""
+    value = _non_negative(text)
+    if value >= 2**32:
+        raise argparse.ArgumentTypeError(f"must be less than 2**32 (4294967296), got {text}")
+    return value
 
 
 def _tag(text: str) -> str:
@@ -274,7 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     embedding.add_argument(
         "--fast", action="store_true", help="static (model2vec) embeddings: much faster on CPU"
     )
-    embedding.add_argument("--batch-size", type=int, default=64, help="texts per model call")
+    embedding.add_argument(
+        "--batch-size", type=_positive_int, default=64, help="texts per model call"
+    )
 
     embed = sub.add_parser("embed", parents=[common, embedding], help="embed stored exchanges")
     embed.set_defaults(handler=commands.embed)
@@ -306,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     topics.add_argument(
         "--parents", type=_at_least_two, help="number of parent groups (default: auto)"
     )
-    topics.add_argument("--seed", type=int, default=42)
+    topics.add_argument("--seed", type=_seed, default=42)
 
     cluster = sub.add_parser(
         "cluster",
@@ -465,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument(
         "--sample", type=_positive_int, help="replay (or judge) a deterministic sample of N inputs"
     )
-    replay.add_argument("--seed", type=int, default=0)
+    replay.add_argument("--seed", type=_seed, default=0)
     replay.add_argument(
         "--instruction", type=Path, help="file whose text becomes the system message"
     )
@@ -529,11 +541,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _refuse_a_folder(db: str | None) -> None:
+    """A folder given as the database was reported as "no database at FOLDER" (or as DuckDB's
+    IO error when writing), which sent users looking for a missing file."""
+    path = database_file(resolve_url(db))
+    if path is not None and path.expanduser().is_dir():
+        raise StorageError(
+            f"{path} is a folder, not a database file: give --db (or $CONVOSCOPE_DB) a file, "
+            f"such as {path / 'convoscope.duckdb'}"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     status = 0
     try:
+        _refuse_a_folder(args.db)
         result = args.handler(args)
     except commands.NothingDone as failure:  # still report what was tried
         print(f"convoscope: error: {failure}", file=sys.stderr)

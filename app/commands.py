@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import signal
@@ -42,6 +43,7 @@ from storage.logs import BattleFilter, ExchangeFilter, battle_options, table_cou
 
 if TYPE_CHECKING:  # imported lazily at run time: it pulls in torch
     from clustering.step import ClusterStepConfig
+    from ingest.embed import Embedder
     from ingest.embed_step import EmbedConfig
     from ingest.replay import ReplayConfig
 
@@ -268,6 +270,8 @@ def _cluster_stages(args: argparse.Namespace) -> tuple[ClusterStepConfig, dict[s
         raise UserError("--clusterer kmeans needs --k (the number of clusters)")
     if args.clusterer == "hdbscan" and args.k:
         raise UserError("--k applies to --clusterer kmeans only")
+    if args.clusterer == "kmeans" and args.min_cluster_size is not None:
+        warn("--min-cluster-size is ignored with --clusterer kmeans: --k sets the topics")
     topics = ClusterConfig(
         min_cluster_size=args.min_cluster_size,
         sample_size=args.sample_size,
@@ -292,12 +296,44 @@ def cluster(args: argparse.Namespace) -> dict[str, Any]:
     config, stages = _cluster_stages(args)
     engine = open_database(args.db, existing=True)
     try:
+        _check_fit_size(args, table_counts(engine)["exchanges"])  # before minutes of embedding
         summary = cluster_exchanges(engine, config=config, namer=_llm_namer(args, engine), **stages)
         return summary.as_dict()
     except EmbedderError as error:
         raise UserError(str(error)) from error
     finally:
         engine.dispose()
+
+
+def _check_fit_size(args: argparse.Namespace, stored: int) -> None:
+    """Refuse options that the rows to fit (every stored exchange, or --sample-size of them)
+    cannot satisfy: they failed in numpy, UMAP or scikit-learn after all the embedding, in
+    messages that named no option. UMAP and PCA reduce to `n_components` dimensions, so they
+    need as many rows; k-means needs a row per cluster; any clusterer needs 2 rows. Fewer
+    than 3 stored, the clustering step says so itself."""
+    from clustering.topics import ClusterConfig
+
+    if stored < 3:
+        return
+    fitted = min(stored, args.sample_size)
+    dims = ClusterConfig.n_components
+    needs = [("clustering", 2, "")]  # what needs rows, how many, the fix when fewer are stored
+    if args.reducer != "none":
+        reducer = f"--reducer {args.reducer} (it reduces to {dims} dimensions)"
+        needs.append((reducer, dims, "ingest more, or use --reducer none"))
+    if args.clusterer == "kmeans":
+        needs.append((f"--k {args.k} (a row per cluster)", args.k, f"lower --k ({stored} at most)"))
+    for what, need, fix in needs:
+        if fitted >= need:
+            continue
+        if stored < need:
+            have = f"only {stored} exchanges are stored: {fix}"
+        else:
+            have = (
+                f"--sample-size {args.sample_size} leaves {fitted} of the {stored} stored: "
+                f"raise --sample-size to {need} or more"
+            )
+        raise UserError(f"{what} needs at least {need} rows to fit, and {have}")
 
 
 def _llm_namer(args: argparse.Namespace, engine: Engine) -> Any:
@@ -365,6 +401,10 @@ def clusters(args: argparse.Namespace) -> dict[str, Any]:
                 "size": row["size"],
                 "share": row["share"],
                 "tags": row["tags"],
+                # The report's own count: after `assign` and `score reward apply` it covers
+                # exchanges the clustering never counted in `size`.
+                "scored_n": report.get("n"),
+                "scored_share": report.get("share"),
                 **{k: v for k, v in report.items() if k not in {"n", "share"}},
             }
         )
@@ -470,10 +510,24 @@ def _expert_costs(path: Path) -> dict[str, float]:
         raise UserError(f'{path}: expected a JSON object {{"expert name": cost, ...}}')
     costs = {}
     for name, cost in data.items():
-        if isinstance(cost, bool) or not isinstance(cost, int | float) or not cost >= 0:
-            raise UserError(f"{path}: the cost of {name!r} must be a number ≥ 0, not {cost!r}")
-        costs[name] = float(cost)
+        value = _cost_value(cost)
+        if not (math.isfinite(value) and value >= 0):
+            shown = "a number too large (read as infinity)" if value == math.inf else repr(cost)
+            raise UserError(f"{path}: the cost of {name!r} must be a number ≥ 0, not {shown}")
+        costs[name] = value
     return costs
+
+
+def _cost_value(cost: object) -> float:
+    """A cost as a float, NaN when it is no number. 1e309 reads as infinity, which the
+    routing table and `clusters --json` then wrote as `Infinity`, which JSON parsers refuse;
+    an integer past float's range is as good as infinite."""
+    if isinstance(cost, bool) or not isinstance(cost, int | float):
+        return math.nan
+    try:
+        return float(cost)
+    except OverflowError:
+        return math.inf
 
 
 def _check_reward_model(directory: str) -> None:
@@ -553,7 +607,7 @@ def _battle_results(
                 **models,
                 "reward_a": float(a),
                 "reward_b": float(b),
-                "preferred": "a" if a > b else "b",
+                "preferred": "a" if a > b else "b" if b > a else "tie",
                 "winner": winner,
             }
         )
@@ -611,27 +665,17 @@ _WARN_AT_MOST = 20
 
 def route(args: argparse.Namespace) -> dict[str, Any]:
     """Experts ranked for each prompt, by the stored win predictor."""
-    from ingest.embed import load_embedder
-    from scoring.step import load_predictor, load_routing_table
+    from scoring.step import load_predictor
 
+    if args.export:
+        return _export_routing_table(args)
+    prompts, lines, rejected = _route_prompts(args)  # a bad prompt is said before any work
     engine = open_database(args.db, existing=True)
     try:
-        if args.export:
-            table = load_routing_table(engine)
-            table["instructions"], left_out = _best_instructions(engine)
-            args.export.write_text(json.dumps(table, indent=2))
-            return {
-                "path": str(args.export),
-                "clusters": len(table["clusters"]),
-                "instructions": len(table["instructions"]),
-                "instructions_left_out": left_out,
-            }
-        prompts, lines, rejected = _route_prompts(args)
         predictor, encoder = load_predictor(engine)
     finally:
         engine.dispose()
-    embedder = load_embedder(None if encoder == "all-MiniLM-L6-v2" else encoder, device="auto")
-    vectors = embedder.embed(prompts)
+    vectors = _predictor_embedder(encoder).embed(prompts)
     results = []
     for i, (prompt, vector) in enumerate(zip(prompts, vectors, strict=True)):
         ranking = predictor.rank(vector[None, :], text=prompt)
@@ -649,11 +693,76 @@ def route(args: argparse.Namespace) -> dict[str, Any]:
     return {"routes": results, **({"rejected": rejected} if args.file else {})}
 
 
+def _export_routing_table(args: argparse.Namespace) -> dict[str, Any]:
+    """`route --export FILE`: the stored table with the instructions that beat the original
+    answers. Missing folders are created, as `export --out` does; a table whose per-cluster
+    choices belong to an older clustering is written with a warning (its per-prompt rule
+    still holds)."""
+    from ingest.files import unwritable_reason
+    from scoring.step import load_routing_table
+    from storage.clusters import newer_run
+
+    problem = unwritable_reason(args.export)
+    if problem is not None:
+        raise UserError(f"--export {args.export} {problem}")
+    engine = open_database(args.db, existing=True)
+    try:
+        table = load_routing_table(engine)
+        run_id = table["clustering_run_id"]
+        newer = None if run_id is None else newer_run(engine, run_id)
+        table["instructions"], left_out = _best_instructions(engine)
+    finally:
+        engine.dispose()
+    if newer is not None:
+        warn(
+            f"the routing table's clusters are those of clustering run {run_id}, and the "
+            f"exchanges were clustered again since (run {newer['id']}): its per-cluster "
+            "choices name clusters that changed; run `convoscope score` for a table of the "
+            "current clusters"
+        )
+    args.export.parent.mkdir(parents=True, exist_ok=True)
+    args.export.write_text(json.dumps(table, indent=2))
+    return {
+        "path": str(args.export),
+        "clusters": len(table["clusters"]),
+        "clustering_run_id": run_id,
+        "newer_clustering_run_id": None if newer is None else newer["id"],
+        "instructions": len(table["instructions"]),
+        "instructions_left_out": left_out,
+    }
+
+
+def _predictor_embedder(encoder: str) -> Embedder:
+    """The embedder the win predictor was trained on, by its stored name: the shipped model, a
+    model directory or hub id, or the fast static variant of either (`score --fast`)."""
+    from ingest.embed import EmbedderError, load_embedder
+    from ingest.embed_fast import PCA_DIMS
+
+    fast_suffix = f"+model2vec-{PCA_DIMS}"
+    fast = encoder.endswith(fast_suffix)
+    try:
+        embedder = load_embedder(encoder.removesuffix(fast_suffix), device="auto", fast=fast)
+    except EmbedderError as error:
+        raise UserError(
+            f"cannot load {encoder!r}, the embedder the win predictor was trained on ({error}); "
+            "run `convoscope score` (with --model or --fast) to train one on an embedder that "
+            "loads here"
+        ) from None
+    if embedder.name != encoder:  # its vectors would be in another space than the predictor's
+        raise UserError(
+            f"the win predictor was trained on {encoder!r} vectors, and that name now loads "
+            f"{embedder.name!r}: run `convoscope score` again to train it on this embedder"
+        )
+    return embedder
+
+
 def _route_prompts(args: argparse.Namespace) -> tuple[list[str], list[int], list[dict[str, Any]]]:
     """The prompts to route, their line numbers (none for one prompt) and the bad lines."""
-    if args.text and args.file:
+    if args.text is not None and args.file:
         raise UserError("give a prompt or --file, not both")
-    if args.text:
+    if args.text is not None:
+        if not args.text.strip():  # as `--file` refuses a blank line: it asks nothing
+            raise UserError("the prompt to route is empty")
         return [args.text], [], []
     if not args.file:
         raise UserError("route needs a prompt, --file F or --export F")
@@ -664,15 +773,21 @@ def _route_prompts(args: argparse.Namespace) -> tuple[list[str], list[int], list
 
 
 def rename(args: argparse.Namespace) -> dict[str, Any]:
+    """Store a person's name for a cluster and report the name it now goes by: a blank name
+    is stored as none, which restores the automatic one."""
     from storage.clusters import annotate_cluster
 
     engine = open_database(args.db, existing=True)
     try:
-        _require_cluster(engine, args.cluster_id)
-        annotate_cluster(engine, args.cluster_id, name=args.name)
+        cluster = _require_cluster(engine, args.cluster_id)
+        stored = annotate_cluster(engine, args.cluster_id, name=args.name)
     finally:
         engine.dispose()
-    return {"cluster_id": args.cluster_id, "name": args.name or None}
+    return {
+        "cluster_id": args.cluster_id,
+        "name": stored["name"],
+        "auto_name": cluster["auto_name"],
+    }
 
 
 def tag(args: argparse.Namespace) -> dict[str, Any]:
@@ -694,13 +809,15 @@ def tag(args: argparse.Namespace) -> dict[str, Any]:
     return {"cluster_id": args.cluster_id, "tag": args.tag, "removed": args.remove}
 
 
-def _require_cluster(engine: Engine, cluster_id: str) -> None:
-    """The id must be in the latest clustering of some `on` field (ids are unique across them)."""
+def _require_cluster(engine: Engine, cluster_id: str) -> dict[str, Any]:
+    """The cluster, which must be in the latest clustering of some `on` field (ids are unique
+    across them)."""
     from storage.clusters import latest_runs, load_clusters
 
     for run in latest_runs(engine):
-        if cluster_id in {c["id"] for c in load_clusters(engine, run["id"])}:
-            return
+        for cluster in load_clusters(engine, run["id"]):
+            if cluster["id"] == cluster_id:
+                return cluster
     raise UserError(f"no cluster {cluster_id!r} in the latest clustering (see `clusters`)")
 
 
@@ -1054,6 +1171,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         counts = table_counts(engine)
     except EmbedderError as error:
         raise UserError(str(error)) from error
+    except ValueError:  # the rows to fit are known only once ingested: name the option
+        _check_fit_size(args, table_counts(engine)["exchanges"])
+        raise
     finally:
         engine.dispose()
     return {"db": _safe_url(args.db), **result, "stored_in_db": counts}
@@ -1166,15 +1286,7 @@ def describe(command: str, result: dict[str, Any]) -> str:
             + _report_counts(result)
         )
     if command == "score":
-        metrics = ", ".join(
-            f"{k} {v:.3f}" for k, v in result["reward_metrics"].items() if isinstance(v, float)
-        )
-        labels = result["reward_metrics"].get("held_out_labels")
-        if labels is not None and labels < _FEW_LABELS:  # an AUC of 0.35 on 20 labels is noise
-            metrics += f" on only {labels} held-out labels: too few to trust"
-        held_battles = result["reward_metrics"].get("held_out_battles")
-        if held_battles is not None and held_battles < _FEW_LABELS:  # 1.000 on 13 is luck
-            metrics += f"; battle accuracy on only {held_battles} held-out battles: too few"
+        metrics = _reward_figures(result["reward_metrics"])
         reports = f"; {_report_counts(result)}" if "clusters" in result else ""
         if result.get("clusters") == 0:
             reports += " (no clustering yet: run `convoscope cluster`, then `score` again)"
@@ -1205,7 +1317,10 @@ def describe(command: str, result: dict[str, Any]) -> str:
         )
     if command == "rename":
         if result["name"] is None:
-            return f"cluster {result['cluster_id']} has its automatic name again"
+            return (
+                f"cluster {result['cluster_id']} has its automatic name again "
+                f"({result['auto_name']!r})"
+            )
         return f"cluster {result['cluster_id']} renamed to {result['name']!r}"
     if command == "tag":
         if result["removed"]:
@@ -1219,7 +1334,28 @@ def describe(command: str, result: dict[str, Any]) -> str:
     return str(result)
 
 
-_FEW_LABELS = 100  # held-out engagement labels below which the AUC is mostly noise
+_FEW_LABELS = 100  # held-out labels (or battles) below which a figure is mostly noise
+
+# A held-out figure → the count it was measured on, and what that count counts.
+_MEASURED_ON = {
+    "engagement_auc": ("held_out_labels", "held-out labels"),  # an AUC of 0.35 on 20 is noise
+    "battle_pairwise_accuracy": ("held_out_battles", "held-out battles"),  # 1.000 on 13: luck
+}
+
+
+def _reward_figures(metrics: dict[str, Any]) -> str:
+    """The reward model's held-out figures, each followed by its own caveat when it was
+    measured on too few rows (a caveat at the end of the line read as the last figure's)."""
+    figures = []
+    for name, value in metrics.items():
+        if not isinstance(value, float):
+            continue
+        figure = f"{name} {value:.3f}"
+        count, what = _MEASURED_ON.get(name, ("", ""))
+        if metrics.get(count) is not None and metrics[count] < _FEW_LABELS:
+            figure += f" on only {metrics[count]} {what}: too few to trust"
+        figures.append(figure)
+    return "; ".join(figures)
 
 
 def _count(n: int, noun: str) -> str:
@@ -1247,7 +1383,13 @@ def _describe_rewards(result: dict[str, Any]) -> str:
             + (f" (judge: {b['winner']})" if b["winner"] else "")
             for b in battles
         ]
-    if "agreement" in result:
+    if "agreement" in result and not result["agreement"]["battles"]:
+        ties = result["agreement"]["ties"]
+        lines += [
+            "",
+            f"no battle the judge decided ({_count(ties, 'tie')}): no agreement to measure",
+        ]
+    elif "agreement" in result:
         header = f"{'agreement with the judge':<40} {'battles':>7} {'reward':>7} {'longer':>7}"
         lines += ["", header]
         rows = [("all battles", result["agreement"]), *result["agreement_by_model"].items()]
@@ -1316,7 +1458,7 @@ def _describe_clusters(result: dict[str, Any]) -> str:
             return f"no clusters on {on} yet: run `convoscope cluster --on {on}`"
         return "no clusters yet: run `convoscope cluster`"
     header = f"{'id':<6} {'size':>7} {'share':>6} {'reward':>7}  name — keywords"
-    scored = any(isinstance(c.get("reward_mean"), float) for c in result["clusters"])
+    scored = any(c.get("scored_n") is not None for c in result["clusters"])
     topics = [c for c in result["clusters"] if c["level"] == 0]
     groups = [c for c in result["clusters"] if c["level"] != 0]
     lines = [header, *map(_cluster_line, topics)] if topics else []
@@ -1334,16 +1476,26 @@ def _describe_clusters(result: dict[str, Any]) -> str:
             ]
             if weakest:
                 lines.append(f"{'':6}   weakest topics: {'; '.join(weakest)}")
-    if not scored:
+    if scored:
+        lines.append(
+            "size, share: the exchanges the latest scores cover (assigned since clustering "
+            "included); --json also gives the clustering's own count"
+        )
+    else:
+        lines.append("size, share: the exchanges the clustering assigned")
         lines.append("no rewards for this clustering yet: run `convoscope score`")
     return "\n".join(lines)
 
 
 def _cluster_line(c: dict[str, Any]) -> str:
+    """One cluster: its size and share as scored when it has a report (the figures beside
+    them are over those exchanges), else as clustered."""
     reward = c.get("reward_mean")
     shown = f"{reward:7.2f}" if isinstance(reward, float) else f"{'':>7}"
     keywords = ", ".join(c["keywords"][:5])
-    return f"{c['id']:<6} {c['size']:>7} {c['share']:>6.1%} {shown}  {c['name']} — {keywords}"
+    scored = c.get("scored_n") is not None
+    size, share = (c["scored_n"], c["scored_share"]) if scored else (c["size"], c["share"])
+    return f"{c['id']:<6} {size:>7} {share:>6.1%} {shown}  {c['name']} — {keywords}"
 
 
 def _describe_ingest(s: dict[str, Any]) -> str:

@@ -48,14 +48,20 @@ def agreement(battles: Sequence[JudgedBattle]) -> Agreement:
     if not decided:
         return Agreement(battles=0, ties=ties, accuracy=None, longer_wins=None)
     a_won = np.array([b.winner == "a" for b in decided])
-    by_reward = np.array([b.reward_a > b.reward_b for b in decided])
-    by_length = np.array([b.length_a > b.length_b for b in decided])
+    reward_gap = np.array([b.reward_a - b.reward_b for b in decided])
+    length_gap = np.array([b.length_a - b.length_b for b in decided])
     return Agreement(
         battles=len(decided),
         ties=ties,
-        accuracy=float(np.mean(by_reward == a_won)),
-        longer_wins=float(np.mean(by_length == a_won)),
+        accuracy=agreeing_share(reward_gap, a_won),
+        longer_wins=agreeing_share(length_gap, a_won),
     )
+
+
+def agreeing_share(gap: np.ndarray, a_won: np.ndarray) -> float:
+    """The share of battles where the larger value (a's when `gap` > 0) is the judge's pick; an
+    equal pair prefers neither and counts half, as a coin would (it used to count as b)."""
+    return float(np.mean(np.where(gap == 0, 0.5, (gap > 0) == a_won)))
 
 
 def agreement_by_model(battles: Sequence[JudgedBattle]) -> dict[str, Agreement]:

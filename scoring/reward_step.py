@@ -32,6 +32,7 @@ import pandas as pd
 from sqlalchemy.engine import Engine
 
 from ingest.embed_step import EmbedConfig, embed_exchanges, exchange_texts
+from scoring.agreement import agreeing_share
 from scoring.features import FEATURE_NAMES, text_features
 from scoring.labels import LabelConfig
 from scoring.reward_head import HeadConfig, Pairs, RewardHead, head_features, simple_features
@@ -569,10 +570,9 @@ def reward_metrics(
     if pairs is not None:
         decided = pairs.outcome != 0.5
         if decided.any():
-            a_better = scores[pairs.a[decided]] > scores[pairs.b[decided]]
-            metrics["battle_pairwise_accuracy"] = float(
-                np.mean(a_better == (pairs.outcome[decided] == 1.0))
-            )
+            gap = scores[pairs.a[decided]] - scores[pairs.b[decided]]
+            a_won = pairs.outcome[decided] == 1.0
+            metrics["battle_pairwise_accuracy"] = agreeing_share(gap, a_won)
             metrics["held_out_battles"] = int(decided.sum())
     return metrics
 

@@ -614,6 +614,8 @@ def load_predictor(engine: Engine) -> tuple[WinPredictor, str]:
 
 
 def load_routing_table(engine: Engine) -> dict[str, Any]:
+    """The newest routing table, with `clustering_run_id`: the clustering its per-cluster
+    choices were made for, so that a table left behind by a re-clustering can be told."""
     stored = latest_model(engine, "routing_table")
     if stored is None and latest_model(engine, "win_predictor") is None:
         raise ValueError(
@@ -622,4 +624,5 @@ def load_routing_table(engine: Engine) -> dict[str, Any]:
         )
     if stored is None:
         raise ValueError("no routing table yet: run `convoscope cluster` then `convoscope score`")
-    return json.load(io.BytesIO(stored["files"]["routing_table.json"]))
+    table = json.load(io.BytesIO(stored["files"]["routing_table.json"]))
+    return {**table, "clustering_run_id": stored["config"].get("run_id")}

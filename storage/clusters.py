@@ -54,6 +54,16 @@ def latest_run(engine: Engine, on_field: str | None = None) -> Row | None:
     return dict(row) if row else None
 
 
+def newer_run(engine: Engine, run_id: str) -> Row | None:
+    """The newest run of `run_id`'s `on` field when that is another run (the exchanges were
+    clustered again since), else None: `run_id` is the newest, or is not stored."""
+    query = sa.select(cluster_runs.c.on_field).where(cluster_runs.c.id == run_id)
+    with engine.connect() as conn:
+        on_field = conn.execute(query).scalar()
+    newest = None if on_field is None else latest_run(engine, on_field=on_field)
+    return newest if newest is not None and newest["id"] != run_id else None
+
+
 def latest_runs(engine: Engine) -> list[Row]:
     """The newest cluster run of each `on` field (prompt, response, exchange) clustered."""
     with engine.connect() as conn:
@@ -112,8 +122,10 @@ def load_layout(engine: Engine, run_id: str) -> list[Row]:
 
 def annotate_cluster(
     engine: Engine, cluster_id: str, *, name: str | None = None, note: str | None = None
-) -> None:
-    """Set a person's name and/or note for a cluster (None leaves that field as it was)."""
+) -> Row:
+    """Set a person's name and/or note for a cluster (None leaves that field as it was); a
+    blank name clears it. Returns the name and note now stored, so a caller reports what is
+    kept rather than what was typed."""
     with engine.begin() as conn:
         current = (
             conn.execute(
@@ -135,6 +147,8 @@ def annotate_cluster(
                 .where(cluster_annotations.c.cluster_id == cluster_id)
                 .values(**values)
             )
+    before = {} if current is None else dict(current)
+    return {field: values.get(field, before.get(field)) for field in ("name", "note")}
 
 
 def add_tag(engine: Engine, kind: str, target_id: str, tag: str) -> None:

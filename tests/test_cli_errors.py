@@ -536,6 +536,15 @@ def test_an_export_name_that_names_no_format_is_refused(
         (["cluster", "--min-cluster-size", "1"], "argument --min-cluster-size: must be at least 2"),
         (["tag", "t1", "  "], "argument tag: a tag cannot be empty"),
         (["score", "--model-id", "m1"], "--model-id picks the stored model `score reward apply`"),
+        # numpy and UMAP refused these only after the whole embedding, naming no option
+        (["cluster", "--seed", "-1"], "argument --seed: must be at least 0, got -1"),
+        (["run", "--seed", "99999999999"], "argument --seed: must be less than 2**32"),
+        (["replay", "report", "r1", "--seed", "-1"], "argument --seed: must be at least 0"),
+        (["embed", "--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+        (["score", "--batch-size", "-5"], "argument --batch-size: must be at least 1, got -5"),
+        (["assign", "--batch-size", "0"], "argument --batch-size: must be at least 1"),
+        (["cluster", "--batch-size", "0"], "argument --batch-size: must be at least 1"),
+        (["run", "--batch-size", "0"], "argument --batch-size: must be at least 1"),
     ],
 )
 def test_values_that_cannot_work_are_refused_before_any_work(
@@ -599,3 +608,36 @@ def test_a_tiny_log_gets_advice_that_works(
     advice = err.split("--clusterer kmeans ")[1].split()
     code, out, err = cli(capsys, "--db", db, "cluster", "--clusterer", "kmeans", *advice)
     assert code == 0 and "8 exchanges → 2 topics" in out, err
+
+
+@pytest.mark.parametrize(
+    ("cost", "shown"),
+    [
+        ("1e309", "a number too large (read as infinity)"),  # was written out as `Infinity`
+        ("1" + "0" * 400, "a number too large (read as infinity)"),
+        ("-1e309", "-inf"),
+        ("NaN", "nan"),
+    ],
+)
+def test_a_cost_that_is_no_finite_number_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], cost: str, shown: str
+) -> None:
+    costs = tmp_path / "costs.json"
+    costs.write_text(f'{{"expert-a": 1, "expert-b": {cost}}}')
+    db = tmp_path / "never.duckdb"
+    code, out, err = cli(capsys, "--db", str(db), "score", "--costs", str(costs))
+    assert code == 2 and out == "" and not db.exists()
+    assert f"{costs}: the cost of 'expert-b' must be a number ≥ 0, not {shown}" in err
+
+
+def test_a_folder_given_as_the_database_is_called_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write_openai_jsonl(tmp_path / "chat.jsonl", 1)
+    for command in (["clusters"], ["ingest", "chat.jsonl"]):
+        code, out, err = cli(capsys, "--db", str(folder), *command)
+        assert code == 2 and out == ""
+        assert f"{folder} is a folder, not a database file: give --db" in err
+    assert not list(folder.iterdir())

@@ -308,3 +308,18 @@ def test_a_feature_never_seen_in_training_cannot_swamp_the_reward() -> None:
     new = head.score(text_features(unseen, ["q?"] * 3))
     spread = seen.max() - seen.min()
     assert np.all(np.abs(new - seen.mean()) < 2 * spread)
+
+
+def test_equal_rewards_or_lengths_agree_half_with_the_judge() -> None:
+    from scoring.agreement import JudgedBattle, agreement
+
+    battles = [
+        JudgedBattle(reward_a=0.7, reward_b=0.7, length_a=10, length_b=10, winner="a"),
+        JudgedBattle(reward_a=0.3, reward_b=0.3, length_a=20, length_b=20, winner="a"),
+        JudgedBattle(reward_a=0.9, reward_b=0.1, length_a=50, length_b=10, winner="a"),
+        JudgedBattle(reward_a=0.9, reward_b=0.1, length_a=50, length_b=10, winner="tie"),
+    ]
+    found = agreement(battles)
+    assert (found.battles, found.ties) == (3, 1)
+    # An equal pair counted as "b preferred", so both were wrong here: 1/3.
+    assert found.accuracy == found.longer_wins == pytest.approx((0.5 + 0.5 + 1.0) / 3)
