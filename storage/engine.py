@@ -34,6 +34,13 @@ def resolve_url(db: str | None = None) -> str:
     if "://" not in raw:
         path = Path(raw).expanduser().resolve()
         return f"{_file_scheme(path)}:///{path}"
+    try:
+        sa.make_url(raw)
+    except sa.exc.ArgumentError:  # not echoed: a mistyped URL may still hold a password
+        raise StorageError(
+            "--db (or $CONVOSCOPE_DB) is neither a file path nor a database URL such as "
+            "duckdb:///path, sqlite:///path or postgresql://user@host/db"
+        ) from None
     if raw.startswith(("postgresql://", "postgres://")):
         # psycopg 3 is the driver we install; SQLAlchemy would otherwise look for psycopg2.
         return "postgresql+psycopg://" + raw.split("://", 1)[1]

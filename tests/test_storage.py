@@ -332,6 +332,8 @@ def test_an_existing_file_opens_with_the_engine_its_header_names(tmp_path) -> No
     with pytest.raises(StorageError, match="not a sqlite database"):
         open_database(str(text_file))
     assert text_file.read_text().startswith("not a database")
+    with pytest.raises(StorageError, match="neither a file path nor a database URL"):
+        open_database("://x")  # SQLAlchemy's ArgumentError reached the user as a traceback
     log = tmp_path / "chats.jsonl"  # DuckDB opened it as an empty in-memory database
     log.write_text('{"messages": []}\n')
     for db in (str(log), f"duckdb:///{log}"):
