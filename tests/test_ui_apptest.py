@@ -19,7 +19,9 @@ import pytest
 from sqlalchemy.engine import Engine
 from streamlit.testing.v1 import AppTest
 
-from app.ui.launch import command, is_loopback
+from app.export import COLUMNS
+from app.ui.launch import LAUNCH_DIR_ENV, child_environment, command, is_loopback
+from app.ui.render import escape_markdown, one_line
 from storage.clusters import load_clusters, save_cluster_run
 from storage.engine import open_database
 from storage.views import ViewFilter, keyword_search
@@ -29,7 +31,7 @@ from tests.ui_database import (
     XSS_FEEDBACK,
     XSS_GROUP,
     XSS_NAME,
-    XSS_PROMPT,
+    XSS_PROMPT_SHOWN,
     BuiltDatabase,
     build,
 )
@@ -75,6 +77,19 @@ def _all_markdown_text(at: AppTest) -> list[str]:
     return texts
 
 
+# What remark-gfm (Streamlit's Markdown) links in plain text once backslash escapes are
+# resolved: mdast-util-gfm-autolink-literal's URL, www and e-mail patterns.
+_ESCAPED = re.compile(r"\\([!-/:-@\[-`{-~])")
+_AUTOLINK = re.compile(
+    r"(?i)(?:https?://|www(?=\.))[-.\w]+|[-.\w+]+@[-\w]+(?:\.[-\w]+)+", flags=re.ASCII
+)
+
+
+def _autolinks(markdown: str) -> list[str]:
+    """The links GFM would make of bare URLs and addresses in `markdown`."""
+    return _AUTOLINK.findall(_ESCAPED.sub(r"\1", markdown))
+
+
 def test_overview_headline_figures_and_weakest_first(
     shared_db: BuiltDatabase, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -108,9 +123,22 @@ def test_overview_of_a_clustering_newer_than_its_scores_says_how_it_is_ordered(
     hints = [i.proto.body for i in at.info]
     assert any("newer than the last `convoscope score`" in h for h in hints), hints
     assert not any("ordered by size" in h for h in hints)
-    assert "Clusters, lowest reward first" in [h.value for h in at.subheader]
+    subheaders = [h.value for h in at.subheader]
+    assert "Clusters, lowest reward first" in subheaders
     rewards = list(at.dataframe[0].value["Reward"])
     assert rewards == sorted(rewards)
+    # The groups come the same way, and nothing claims a weakness or CI they lack.
+    assert "Groups, lowest reward first" in subheaders
+    headings = [*subheaders, *(c.value for c in at.caption)]
+    assert not [t for t in headings if "weakest first" in t or "reward CI" in t]
+    group_rewards = list(_group_table(at)["Reward"])
+    assert group_rewards == sorted(group_rewards)
+    # The cluster page says the same, not "no scores yet, ordered by size".
+    at.button(key="open_weakest").click().run()
+    hints = [i.proto.body for i in at.info]
+    assert any("newer than the last `convoscope score`" in h for h in hints), hints
+    assert not any("ordered by size" in h for h in hints)
+    assert at.selectbox(key="cluster_pick").label == "Cluster (lowest reward first)"
 
 
 def _group_table(at: AppTest) -> Any:
@@ -190,6 +218,39 @@ def test_filters_apply_to_the_overview(
     assert not [e for e in at.info if "reward" in e.value.lower()]  # no "not scored" state
 
 
+def test_a_filter_that_matches_nothing_is_not_an_empty_database(
+    fresh_db: BuiltDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tag on one exchange and a model it is not by: no row passes. The figures count no
+    cluster, and Search says nothing matched rather than that the database is empty."""
+    from storage.clusters import add_tag
+
+    engine = open_database(fresh_db.url)
+    with engine.connect() as conn:
+        model = conn.exec_driver_sql(
+            "SELECT model FROM exchanges WHERE id = ?", (fresh_db.xss_exchange_id,)
+        ).scalar_one()
+    add_tag(engine, "exchange", fresh_db.xss_exchange_id, "lonely")
+    engine.dispose()
+    other = next(m for m in MODELS if m != model)
+
+    at = _app(fresh_db.url, monkeypatch)
+    assert _metric(at, "Clusters") == "8"
+    at.multiselect(key="f_models").select(MODELS[0]).run()
+    assert _metric(at, "Clusters") == str(len(at.dataframe[0].value))
+    at.multiselect(key="f_tags").select("lonely").run()
+    at.multiselect(key="f_models").unselect(MODELS[0]).select(other).run()
+    assert _metric(at, "Exchanges") == "0"
+    assert _metric(at, "Clusters") == "0"
+
+    at.switch_page("screens/search.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert not [i for i in at.info if "No conversations in this database" in i.proto.body]
+    at.get("button_group")[0].set_value("Words").run()
+    at.text_input(key="search_query").input("refund").run()
+    assert [i.proto.body for i in at.info] == ["Nothing found."]
+
+
 def test_overview_says_when_the_logs_name_no_model(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -214,6 +275,9 @@ def test_cluster_page_rename_tags_and_note_persist(
     at = _app(fresh_db.url, monkeypatch)
     at.button(key="open_weakest").click().run()
     assert at.selectbox(key="cluster_pick").value == fresh_db.weakest_id
+    # The share is of the clustered exchanges, which the table's shares sum to.
+    size = next(m for m in at.metric if m.label == "Exchanges")
+    assert size.proto.help.endswith("of the clustered exchanges")
     cheapest = [c.value for c in at.caption if c.value.startswith("Cheapest expert")]
     assert cheapest and cheapest[0].endswith("(predicted win rate 61.0 %), cost 0.5")
 
@@ -296,7 +360,9 @@ def test_log_text_is_shown_as_text_never_markup(
     at.button(key="open_weakest").click().run()
     # The injected prompt, and its conversation's feedback, reach the page verbatim, in
     # plain-text elements.
-    assert {XSS_PROMPT, XSS_FEEDBACK} <= {t.value for t in at.text}
+    assert {XSS_PROMPT_SHOWN, XSS_FEEDBACK} <= {t.value for t in at.text}
+    # Bidi controls are spelled out everywhere: "\u202eevil" must not display as "live".
+    assert not [t for t in (*[t.value for t in at.text], *_all_markdown_text(at)) if "\u202e" in t]
     # Wherever log text enters Markdown it is escaped: no raw tag, link or directive.
     injected = [
         t for t in _all_markdown_text(at) if any(m in t for m in ("script", "onerror", "kw"))
@@ -306,9 +372,37 @@ def test_log_text_is_shown_as_text_never_markup(
         unescaped = re.search(r"(?<!\\)[<>\[\]$`*]", text)
         assert unescaped is None, f"unescaped markup {unescaped.group()!r} in {text!r}"
     assert any("\\<script\\>" in label for label in (e.label for e in at.expander))
+    # Bare URLs and addresses (the prompt's, the group name's) do not become links either.
+    label = next(e.label for e in at.expander if "script" in e.label)
+    assert "http\\:" in label and "www" in label and "\\@" in label
+    assert "http\\:" in " ".join(c.value for c in at.caption)  # "group: … [go](http://…"
+    linked = {t: _autolinks(t) for t in _all_markdown_text(at) if _autolinks(t)}
+    assert not linked, linked
     # And no element is ever allowed to render HTML.
     assert all(not m.proto.allow_html for m in at.markdown)
     assert not at.get("html")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "![img](http://evil.example/x.png)",
+        "see HTTPS://evil.example/a?b=c",
+        "www.evil.example and WWW.evil.example, wwww.evil.example",
+        "mail a@evil.example or mailto:b.c+d@evil.example",
+    ],
+)
+def test_escaped_text_never_autolinks(text: str) -> None:
+    """Backslash escapes do not stop GFM's autolink literals; the escaped text must."""
+    assert _autolinks(text)  # the check sees these links before escaping
+    escaped = escape_markdown(text)
+    assert not _autolinks(escaped), escaped
+    assert _ESCAPED.sub(r"\1", escaped).replace("\u2060", "") == text  # reads the same
+
+
+def test_bidi_controls_are_spelled_out() -> None:
+    controls = "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f"
+    assert one_line(f"a{controls}b") == "a" + "".join(f"\\u{ord(c):04x}" for c in controls) + "b"
 
 
 def test_keyword_search_escapes_patterns(shared_db: BuiltDatabase) -> None:
@@ -345,6 +439,9 @@ def test_search_page_words_and_meaning_jump_to_cluster(
     hits = at.dataframe[0].value
     assert list(hits["Similarity"]) == sorted(hits["Similarity"], reverse=True)
     assert "refund" in hits["Prompt"].iloc[0].lower()
+    # Clicking the selected "Meaning" again deselects it: still a search by meaning.
+    at.get("button_group")[0].set_value(None).run()
+    assert list(at.dataframe[0].value["Similarity"]) == list(hits["Similarity"])
     at.button(key="search_open").click().run()
     assert at.selectbox(key="cluster_pick").value == fresh_db.weakest_id
 
@@ -364,6 +461,10 @@ def test_experts_page_leaderboard_and_heat_map(
     assert z.shape == (8, len(MODELS))
     cells = z[~np.isnan(z)]
     assert cells.size and ((cells >= 0) & (cells <= 1)).all()
+    whole_run = "the sidebar filter does not apply here"
+    assert not [c for c in at.caption if whole_run in c.value]
+    at.multiselect(key="f_models").select(MODELS[0]).run()  # the heat map is the run's still
+    assert len([c for c in at.caption if whole_run in c.value]) == 2  # heat map, routing
 
 
 def _array(value: object) -> np.ndarray:
@@ -395,8 +496,10 @@ def test_export_page_writes_names_tags_and_scores(
     weakest = [r for r in rows if r["cluster_id"] == fresh_db.weakest_id]
     assert weakest and {r["cluster_label"] for r in weakest} == {"Refund trouble"}
     assert all(r["tags"] == "needs-instruction" for r in weakest)
-    assert all(r[f"score:{SCORER}"] != "" for r in rows)
-    assert {"external_id", "conversation_id", "turn_index", "model"} <= set(rows[0])
+    # The columns of `convoscope export`: one reward and its scorer, the group.
+    assert list(rows[0]) == list(COLUMNS)
+    assert all(r["reward"] != "" and r["reward_scorer"] == SCORER for r in rows)
+    assert all(r["parent_cluster_id"] in fresh_db.group_ids for r in weakest)
 
     # Restricted to one cluster, as OpenAI fine-tune JSONL.
     at.radio(key="export_format").set_value("openai").run()
@@ -441,6 +544,60 @@ def test_export_page_csv_is_safe_for_spreadsheets_unless_unticked(
     assert labels(raw) == {formula}
     at.radio(key="export_format").set_value("parquet").run()  # CSV only
     assert not [b for b in at.checkbox if b.key == "export_spreadsheet_safe"]
+
+
+def test_tables_quote_cells_a_spreadsheet_would_run(
+    fresh_db: BuiltDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every `st.dataframe` has a CSV download Streamlit cannot switch off per table: its text
+    cells are quoted as the Export page's "Safe for spreadsheets" does."""
+    from app.export import FORMULA_STARTS
+    from storage.clusters import annotate_cluster
+
+    formula = '=HYPERLINK("http://evil.example","click")'
+    engine = open_database(fresh_db.url)
+    annotate_cluster(engine, fresh_db.weakest_id, name=formula)
+    engine.dispose()
+
+    def formula_cells(at: AppTest) -> list[str]:
+        return [
+            cell
+            for frame in at.dataframe
+            for column in frame.value.columns
+            for cell in frame.value[column]
+            if isinstance(cell, str) and cell.startswith(FORMULA_STARTS)
+        ]
+
+    at = _app(fresh_db.url, monkeypatch)
+    assert at.dataframe[0].value["Cluster"].iloc[0] == "'" + formula
+    assert not formula_cells(at)
+    at.switch_page("screens/search.py").run()
+    at.get("button_group")[0].set_value("Words").run()
+    at.text_input(key="search_query").input("refund").run()
+    assert "'" + formula in set(at.dataframe[0].value["Cluster"])
+    assert not formula_cells(at)
+
+
+def test_export_page_writes_a_relative_path_where_the_ui_was_started(
+    fresh_db: BuiltDatabase, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`convoscope ui` runs Streamlit in the install folder: a relative path is taken from
+    the folder the command was run from, which launch hands to the app."""
+    started, server = tmp_path / "started", tmp_path / "server"
+    started.mkdir()
+    server.mkdir()
+    monkeypatch.chdir(started)
+    monkeypatch.setenv(LAUNCH_DIR_ENV, child_environment()[LAUNCH_DIR_ENV])
+    monkeypatch.chdir(server)  # where the Streamlit process runs
+    at = _app(fresh_db.url, monkeypatch, "screens/export.py")
+    target = _by_label(at.text_input, "Or write to a file on the server")
+    assert target.value == "./convoscope-export.csv"
+    _by_label(at.button, "Write file").click().run()
+    written = started / "convoscope-export.csv"
+    assert [s.proto.body for s in at.success] == [
+        f"Wrote {fresh_db.n_exchanges:,} rows to {written}"
+    ]
+    assert written.is_file() and not list(server.iterdir())
 
 
 def test_export_page_writes_judged_battles_that_ingest_back(

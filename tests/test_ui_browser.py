@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from app.ui.launch import free_port, launch, wait_until_up
-from tests.ui_database import XSS_PROMPT, BuiltDatabase, build
+from tests.ui_database import SCORER, XSS_PROMPT_SHOWN, BuiltDatabase, build
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page
@@ -98,7 +98,9 @@ def test_rename_tag_and_download_in_chromium(server: tuple[str, BuiltDatabase]) 
             page.get_by_role("button", name=re.compile("Open weakest")).click()
             expect(page.get_by_text("Your notes")).to_be_visible()
             # The injected prompt is the weakest cluster's worst exchange: shown as text.
-            expect(page.get_by_text(XSS_PROMPT).first).to_be_visible()
+            expect(page.get_by_text(XSS_PROMPT_SHOWN).first).to_be_visible()
+            # Its bare URLs, and the group name's, are text: no link from log text.
+            assert page.locator("a[href*='evil.example']").count() == 0
             _settle(page)
             page.screenshot(path=ARTIFACTS / "cluster.png", full_page=True)
 
@@ -148,7 +150,7 @@ def test_rename_tag_and_download_in_chromium(server: tuple[str, BuiltDatabase]) 
     assert all(NEW_TAG in r["tags"].split("; ") for r in weakest)
     others = [r for r in rows if r["cluster_id"] and r["cluster_id"] != built.weakest_id]
     assert others and all(NEW_TAG not in r["tags"] for r in others)
-    assert any(r["score:reward:test0001"] for r in rows)
+    assert {r["reward_scorer"] for r in rows if r["reward"]} == {SCORER}
 
 
 def _settle(page: Page) -> None:

@@ -17,7 +17,7 @@ from storage.replay import list_runs
 from storage.reports import load_instructions
 from storage.schema import assignments, cluster_reports, cluster_runs, clusters
 from tests.openai_server import Fault, OpenAIServer, answer_for
-from tests.ui_database import XSS_PROMPT, BuiltDatabase, build
+from tests.ui_database import XSS_PROMPT, XSS_PROMPT_SHOWN, BuiltDatabase, build, shown
 
 APP = str(Path(__file__).resolve().parents[1] / "app" / "ui" / "app.py")
 PAGE = "screens/replay.py"
@@ -90,9 +90,11 @@ def test_replay_runs_the_edited_instruction_and_shows_answers_side_by_side(
 
     # Side by side: the script-tag prompt as plain text, its original and new answer beside it.
     texts = _texts(at)
-    assert XSS_PROMPT in texts
-    new_answer = answer_for(
-        [{"role": "system", "content": INSTRUCTION}, {"role": "user", "content": XSS_PROMPT}]
+    assert XSS_PROMPT_SHOWN in texts  # its bidi override spelled out, not obeyed
+    new_answer = shown(
+        answer_for(
+            [{"role": "system", "content": INSTRUCTION}, {"role": "user", "content": XSS_PROMPT}]
+        )
     )
     assert new_answer in texts
     assert any("not bold" in t and "<b>" in t for t in texts)  # an original answer, unrendered
@@ -102,6 +104,10 @@ def test_replay_runs_the_edited_instruction_and_shows_answers_side_by_side(
         unescaped = re.search(r"(?<!\\)[<>\[\]$`*]", text)
         assert unescaped is None, f"unescaped markup {unescaped.group()!r} in {text!r}"
     assert SECRET not in _everything(at)
+    # The version the run just saved is listed at once, not after a reload.
+    versions_note = "No saved instruction for this cluster yet"
+    assert not [t for t in _markdown_texts(at) if t.startswith(versions_note)]
+    assert [e.label for e in at.expander if e.label.startswith("Version 1 · ")]
 
     engine = open_database(built.url, read_only=True)
     runs = list_runs(engine)
@@ -118,7 +124,7 @@ def test_replay_runs_the_edited_instruction_and_shows_answers_side_by_side(
     at.selectbox(key="replay_cluster").select(built.weakest_id).run()
     assert at.text_area(key=f"replay_instruction_{built.weakest_id}").value == INSTRUCTION
     assert at.selectbox(key="replay_open").value == runs[0]["id"]
-    assert XSS_PROMPT in _texts(at) and new_answer in _texts(at)
+    assert XSS_PROMPT_SHOWN in _texts(at) and new_answer in _texts(at)
     assert INSTRUCTION in _texts(at)  # the version list and the run's instruction, as text
 
 

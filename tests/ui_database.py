@@ -4,10 +4,10 @@ It holds what every stage would have stored: conversations and exchanges (one ex
 conversation, several models, signals), judged battles, a cluster run with topics, parent
 groups, 2-D layout and representatives, reward scores and cluster reports shaped like
 scoring's. Texts follow a topic template, so clusters are about something. One exchange of
-the weakest cluster carries a script tag and Markdown/HTML injection, and that cluster's
-automatic name carries an HTML tag, so tests can check they are shown as text; so does the
-first group's name. The groups' reports are computed by scoring's own `group_reports` from
-the stored rewards and signals.
+the weakest cluster carries a script tag, Markdown/HTML injection, bare URLs and a bidi
+override, and that cluster's automatic name carries an HTML tag, so tests can check they are
+shown as text; so does the first group's name. The groups' reports are computed by scoring's
+own `group_reports` from the stored rewards and signals.
 """
 
 from __future__ import annotations
@@ -33,10 +33,21 @@ MODELS = ("gpt-4o-mini", "llama-3-8b", "mistral-7b", "pygmalion-6b")
 SCORER = "reward:test0001"
 # The weakest exchange's conversation also carries feedback with markup, shown in its drill-down.
 XSS_FEEDBACK = 'Useless :( <img src=x onerror="alert(4)"> **never again**'
+# It starts with bare URLs and an address (GFM would autolink them) and ends with a bidi
+# override: "\u202eevil\u202c" displays as "live" unless the controls are shown.
 XSS_PROMPT = (
+    "![img](http://evil.example/x.png) www.evil.example a@evil.example "
     "<script>alert(1)</script> **bold** [click me](javascript:alert(2)) "
-    '<img src=x onerror="alert(3)"> :red[red] $x^2$ # heading'
+    '<img src=x onerror="alert(3)"> :red[red] $x^2$ # heading \u202eevil\u202c'
 )
+
+
+def shown(text: str) -> str:
+    """`text` as the UI shows it: the fixture's bidi controls spelled out."""
+    return text.replace("\u202e", "\\u202e").replace("\u202c", "\\u202c")
+
+
+XSS_PROMPT_SHOWN = shown(XSS_PROMPT)
 XSS_NAME = "<b>refund</b> <img src=x onerror=alert(4)>"
 XSS_GROUP = "<b>help desk</b> <img src=x> [go](http://evil.example/) alert(5) **loud**"
 TOPICS = (

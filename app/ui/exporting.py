@@ -1,44 +1,60 @@
-"""The UI's export: the filtered rows of `storage.views.export_rows` (cluster, its display name,
-tags and one `score:<scorer>` column per scorer) through the writers of app/export.py, as bytes
-for a download or atomically to a path. JSONL rows also carry the stored metadata, as the
-CLI's do, so a UI export ingests back whole (ingest/exported.py). Judged battles export
-apart, as the battles JSONL that ingest reads (`convoscope export --format battles`)."""
+"""The UI's export: the same rows and columns as `convoscope export` (app/export.py's row
+builder and writers: cluster, its display name, parent group, tags, the latest reward and its
+scorer), selected by the sidebar filter and optionally some clusters, as bytes for a download
+or atomically to a path. JSONL rows also carry the stored metadata, as the CLI's do, so a UI
+export ingests back whole (ingest/exported.py). Judged battles export apart, as the battles
+JSONL that ingest reads (`convoscope export --format battles`)."""
 
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable
+import os
 from pathlib import Path
 
 from sqlalchemy.engine import Engine
 
 from app.export import (
+    COLUMNS,
     FORMATS,
+    ExportSelection,
     battles_bytes,
-    check_not_the_database,
-    check_out_path,
     export_battles,
+    export_exchanges,
+    iter_export_rows,
     no_battles_message,
-    write_file,
     write_rows,
 )
-from storage.logs import BattleFilter
-from storage.views import EXPORT_COLUMNS, ViewFilter, export_rows, score_names
+from app.ui.launch import LAUNCH_DIR_ENV
+from storage.logs import BattleFilter, ExchangeFilter
+from storage.views import EXCHANGE_EXPORT_COLUMNS, ViewFilter
 
 __all__ = [
+    "COLUMNS",
     "FORMATS",
     "battle_filter",
     "battles_bytes",
-    "columns",
     "export_battles",
     "export_bytes",
     "export_to_path",
     "no_battles_message",
+    "resolve_target",
 ]
 
 
-def columns(scorers: Iterable[str]) -> list[str]:
-    return [*EXPORT_COLUMNS, *(f"score:{s}" for s in scorers)]
+def selection(
+    run_id: str | None, flt: ViewFilter, cluster_ids: tuple[str, ...] = ()
+) -> ExportSelection:
+    """The sidebar filter as the CLI's selection: models, sources and dates select stored
+    fields; tags match an exchange tagged itself or through its topic or group, as the
+    sidebar's do; `cluster_ids` are topics of `run_id`, the latest clustering the page shows
+    (None: nothing is clustered, so there is no cluster to restrict to)."""
+    return ExportSelection(
+        where=ExchangeFilter(
+            models=flt.models, sources=flt.sources, since=flt.since, until=flt.until
+        ),
+        clusters=cluster_ids if run_id is not None else (),
+        tags=flt.tags,
+    )
 
 
 def export_bytes(
@@ -52,11 +68,10 @@ def export_bytes(
 ) -> bytes:
     """The whole export in memory (for a download button)."""
     buffer = io.BytesIO()
-    names = columns(score_names(engine))
-    rows = export_rows(
-        engine, run_id, flt, cluster_ids=cluster_ids, with_metadata=format == "jsonl"
-    )
-    write_rows(rows, names, format, buffer, safe_for_spreadsheets=safe_for_spreadsheets)
+    # As `export_exchanges` does: JSONL, the format that ingests back, carries the metadata.
+    columns = (*EXCHANGE_EXPORT_COLUMNS, "metadata") if format == "jsonl" else None
+    rows = iter_export_rows(engine, selection(run_id, flt, cluster_ids), columns=columns)
+    write_rows(rows, COLUMNS, format, buffer, safe_for_spreadsheets=safe_for_spreadsheets)
     return buffer.getvalue()
 
 
@@ -72,13 +87,22 @@ def export_to_path(
 ) -> int:
     """Write the export to `out` atomically; returns the row count. ValueError for a path
     that cannot be written or is the database itself."""
-    check_out_path(out, format)
-    check_not_the_database(engine, out)
-    names = columns(score_names(engine))
-    batches = export_rows(
-        engine, run_id, flt, cluster_ids=cluster_ids, with_metadata=format == "jsonl"
+    result = export_exchanges(
+        engine,
+        out,
+        format=format,
+        selection=selection(run_id, flt, cluster_ids),
+        safe_for_spreadsheets=safe_for_spreadsheets,
     )
-    return write_file(batches, names, format, out, safe_for_spreadsheets=safe_for_spreadsheets)
+    return result.rows
+
+
+def resolve_target(typed: str) -> Path:
+    """The absolute path a typed "write to a file" target means: `~` expanded, and a relative
+    path taken from the folder `convoscope ui` was run from (the server itself runs in the
+    install folder, see launch.py), else from this process's folder."""
+    path = Path(typed).expanduser()
+    return (Path(os.environ.get(LAUNCH_DIR_ENV) or os.getcwd()) / path).resolve()
 
 
 def battle_filter(flt: ViewFilter, sources: tuple[str, ...] = ()) -> BattleFilter:

@@ -8,6 +8,7 @@ headless (no browser is opened unless asked for) and the database URL travels as
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 import subprocess
 import sys
@@ -20,6 +21,9 @@ from storage.engine import resolve_url
 
 APP = Path(__file__).resolve().with_name("app.py")
 REPO_ROOT = APP.parents[2]
+# The folder `convoscope ui` was run from: the child runs in REPO_ROOT, so the Export page
+# resolves a relative "write to a file" path against this instead of the install folder.
+LAUNCH_DIR_ENV = "CONVOSCOPE_UI_CWD"
 
 
 def is_loopback(host: str) -> bool:
@@ -66,12 +70,22 @@ def launch(
             file=sys.stderr,
         )
     # Resolved here: the child runs in the repository root, where a relative path would move.
-    process = subprocess.Popen(command(resolve_url(db_url), host=host, port=port), cwd=REPO_ROOT)
+    process = subprocess.Popen(
+        command(resolve_url(db_url), host=host, port=port),
+        cwd=REPO_ROOT,
+        env=child_environment(),
+    )
     if open_browser:
         url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/"
         if wait_until_up(url, timeout=30.0):
             webbrowser.open(url)
     return process
+
+
+def child_environment() -> dict[str, str]:
+    """This process's environment plus the folder it runs in (`LAUNCH_DIR_ENV`), which the
+    child, started in REPO_ROOT, needs for paths the user typed relative to it."""
+    return {**os.environ, LAUNCH_DIR_ENV: os.getcwd()}
 
 
 def wait_until_up(url: str, *, timeout: float) -> bool:

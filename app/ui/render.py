@@ -6,6 +6,14 @@ typed into a chat box. Streamlit renders Markdown in titles, captions, expander 
 hover labels accept a subset of HTML. So text from the logs is shown with `st.text` (no
 interpretation at all), Markdown-escaped when it must sit in a Markdown context, and
 HTML-escaped in hover labels. Nothing here ever passes `unsafe_allow_html`.
+
+Escaping is not enough for links: Streamlit's GitHub-flavoured Markdown turns bare
+`http://…`, `www.…` and `name@host.tld` in plain text into live links, escapes or not. So
+escaped text also gets an invisible word joiner (U+2060) where those patterns would start.
+Bidirectional controls (U+202E and kin) would let text display as something else ("evil"
+reversed reads "live"), so they are shown as visible `\\u202e`-style codes instead.
+Table cells a spreadsheet would run as formulas are quoted: `st.dataframe`'s built-in CSV
+download (which Streamlit cannot switch off per table) would hand them to Excel as formulas.
 """
 
 from __future__ import annotations
@@ -17,12 +25,22 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import pandas as pd
 import streamlit as st
+
+from app.export import spreadsheet_safe
 
 # Every ASCII punctuation character CommonMark lets a backslash escape, plus ':' (Streamlit's
 # `:red[...]` directives and `:emoji:` codes) and '$' (LaTeX).
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()<>#+\-.!|~:$&\"'=^@%;,?/])")
 _WHITESPACE = re.compile(r"\s+")
+# Where GFM's autolink literals start: a scheme's "://", "www." and an e-mail's "@" (the
+# domain after it must begin with a letter or digit). A word joiner there breaks the match.
+_AUTOLINK_START = re.compile(r"(?<=:)(?=//)|(?i:(?<=www)(?=\.))|(?<=@)")
+_WORD_JOINER = "\u2060"
+# Bidirectional embeddings, overrides, isolates and marks: invisible, yet they reorder what
+# is shown around them.
+_BIDI_CONTROLS = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 ROLE_AVATARS = {
     "user": "user",
@@ -33,13 +51,21 @@ ROLE_AVATARS = {
 
 
 def escape_markdown(text: str) -> str:
-    """Text that renders literally inside any Streamlit Markdown context."""
-    return _MARKDOWN_SPECIAL.sub(r"\\\1", text)
+    """Text that renders literally inside any Streamlit Markdown context: markup escaped, and
+    no URL or e-mail address in it autolinked."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", _AUTOLINK_START.sub(_WORD_JOINER, text))
+
+
+def visible_controls(text: str) -> str:
+    """Bidirectional control characters spelled out (U+202E → `\\u202e`), so text cannot
+    disguise itself by reordering what follows."""
+    return _BIDI_CONTROLS.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def one_line(text: str | None, limit: int = 120) -> str:
-    """Whitespace collapsed and cut to `limit` characters (with "…")."""
-    flat = _WHITESPACE.sub(" ", text or "").strip()
+    """Whitespace collapsed, bidi controls made visible, cut to `limit` characters (with
+    "…")."""
+    flat = visible_controls(_WHITESPACE.sub(" ", text or "").strip())
     return flat if len(flat) <= limit else flat[: limit - 1].rstrip() + "…"
 
 
@@ -51,6 +77,19 @@ def safe_label(text: str | None, limit: int = 120) -> str:
 def hover_text(text: str | None, limit: int = 160) -> str:
     """For Plotly hover labels: one line, HTML-escaped (Plotly renders a subset of HTML)."""
     return html.escape(one_line(text, limit), quote=True)
+
+
+def table_cells(frame: pd.DataFrame) -> pd.DataFrame:
+    """A copy of `frame` to show with `st.dataframe`: text cells with bidi controls made
+    visible and, where a spreadsheet would run them as formulas, quoted as the Export page's
+    "Safe for spreadsheets" does, since the table's own CSV download cannot be turned off."""
+    shown = frame.copy()
+    for name in shown.columns:
+        if shown[name].dtype == object or pd.api.types.is_string_dtype(shown[name]):
+            shown[name] = shown[name].map(
+                lambda v: spreadsheet_safe(visible_controls(v)) if isinstance(v, str) else v
+            )
+    return shown
 
 
 # What the UI shows for an unknown value (NULL signal, no CI), in text and in tables alike.
@@ -115,7 +154,7 @@ def _bubble(role: str, text: str) -> None:
     with st.chat_message(
         role if role in ("user", "assistant") else "user", avatar=ROLE_AVATARS.get(role)
     ):
-        st.text(text)
+        st.text(visible_controls(text))
 
 
 def exchange_block(row: Mapping[str, Any], *, index: int, expanded: bool = False) -> None:
@@ -127,4 +166,5 @@ def exchange_block(row: Mapping[str, Any], *, index: int, expanded: bool = False
         chat_turns(row)
         if row.get("feedback_text"):
             st.caption("The user's feedback on this conversation:")
-            st.text(str(row["feedback_text"]))  # st.text: log text is never rendered as markup
+            # st.text: log text is never rendered as markup
+            st.text(visible_controls(str(row["feedback_text"])))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import date, datetime, time, timedelta
 from typing import Any
 
+import pandas as pd
 import streamlit as st
 
 from app.ui import data
@@ -90,6 +91,15 @@ def ctx() -> data.Context:
 def jump_to_cluster(cluster_id: str) -> None:
     st.session_state[PICK_KEY] = cluster_id
     st.switch_page(CLUSTER_PAGE)
+
+
+def cluster_order(table: pd.DataFrame) -> str:
+    """How `views.cluster_table` ordered `table`, in words for a label: by weakness once
+    `score` reported on this clustering (unfiltered), else by mean reward when exchanges
+    carry rewards, else by size."""
+    if table["weakness"].notna().any():
+        return "weakest first"
+    return "lowest reward first" if table["reward_mean"].notna().any() else "largest first"
 
 
 def empty_state(kind: str) -> None:

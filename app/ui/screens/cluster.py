@@ -19,6 +19,7 @@ from app.ui.render import (
     fmt_share,
     one_line,
     safe_label,
+    table_cells,
 )
 from storage.clusters import add_tag, annotate_cluster, remove_tag
 
@@ -45,7 +46,7 @@ if wanted not in names:
     wanted = ids[0]
 st.session_state[shell.PICK_KEY] = wanted
 picked = st.selectbox(
-    "Cluster (weakest first)",
+    f"Cluster ({shell.cluster_order(table)})",
     ids,
     key=shell.PICK_KEY,
     format_func=lambda cid: f"{ids.index(cid) + 1}. {one_line(names[cid], 80)}",
@@ -71,7 +72,12 @@ if detail["keywords"]:
     st.markdown("Keywords: " + ", ".join(escape_markdown(str(k)) for k in detail["keywords"][:12]))
 
 m = st.columns(6)
-m[0].metric("Exchanges", f"{int(row['n']):,}", help=f"{fmt_share(row['share'])} of the total")
+m[0].metric(
+    "Exchanges",
+    f"{int(row['n']):,}",
+    help=f"{fmt_share(row['share'])} of the clustered exchanges"
+    + (" that pass the filter" if c.flt.active else ""),
+)
 m[1].metric(
     "Reward",
     fmt_float(row["reward_mean"]),
@@ -86,7 +92,8 @@ if report.get("reason"):
         "Why it is weak: " + escape_markdown(str(report["reason"])), icon=":material/warning:"
     )
 elif not report:
-    shell.empty_state("reports")
+    # Exchanges that kept rewards from an earlier `score` order the clusters by reward.
+    shell.empty_state("unreported" if table["reward_mean"].notna().any() else "reports")
 
 main, side = st.columns([3, 2], gap="large")
 
@@ -177,15 +184,17 @@ with side:
     if board:
         st.subheader("Expert leaderboard")
         st.dataframe(
-            pd.DataFrame(
-                {
-                    "Rank": [line.get("rank") for line in board],
-                    "Model": [line.get("model") for line in board],
-                    "Elo": [line.get("elo") for line in board],
-                    "95 % CI": [fmt_ci(line.get("ci"), 0) for line in board],
-                    "Battles": [line.get("battles") for line in board],
-                    "Tied with": [", ".join(line.get("tied_with") or []) for line in board],
-                }
+            table_cells(
+                pd.DataFrame(
+                    {
+                        "Rank": [line.get("rank") for line in board],
+                        "Model": [line.get("model") for line in board],
+                        "Elo": [line.get("elo") for line in board],
+                        "95 % CI": [fmt_ci(line.get("ci"), 0) for line in board],
+                        "Battles": [line.get("battles") for line in board],
+                        "Tied with": [", ".join(line.get("tied_with") or []) for line in board],
+                    }
+                )
             ),
             hide_index=True,
             placeholder=MISSING,

@@ -7,7 +7,14 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app.ui import data, shell
-from app.ui.render import MISSING, fmt_ci, hover_text, one_line
+from app.ui.render import MISSING, fmt_ci, hover_text, one_line, table_cells
+
+# The heat map and routing come from `convoscope score`'s reports, computed over the whole
+# clustering run: the sidebar filter cannot narrow them, so the page says so.
+RUN_WIDE_NOTE = (
+    "Whole run: the sidebar filter does not apply here (these come from the last "
+    "`convoscope score`, over every exchange of the clustering)."
+)
 
 c = shell.ctx()
 st.title("Experts")
@@ -38,14 +45,16 @@ with left:
         # models are surely better than it), and rows sorted by rating alone then read 4, 3.
         board = board.sort_values(["rank", "rating"], ascending=[True, False])
         st.dataframe(
-            board.assign(
-                ci=[
-                    fmt_ci((lo, hi), 0)
-                    for lo, hi in zip(board["lower"], board["upper"], strict=True)
-                ],
-                win_share=board["wins"] / board["battles"],
-                tied_with=board["tied_with"].map(lambda t: ", ".join(t)),
-            )[["rank", "model", "rating", "ci", "battles", "win_share", "tied_with"]],
+            table_cells(
+                board.assign(
+                    ci=[
+                        fmt_ci((lo, hi), 0)
+                        for lo, hi in zip(board["lower"], board["upper"], strict=True)
+                    ],
+                    win_share=board["wins"] / board["battles"],
+                    tied_with=board["tied_with"].map(lambda t: ", ".join(t)),
+                )[["rank", "model", "rating", "ci", "battles", "win_share", "tied_with"]]
+            ),
             hide_index=True,
             placeholder=MISSING,
             width="stretch",
@@ -105,13 +114,15 @@ with right:
             "count half). Clusters weakest first (top 40); a cluster with too few battles for "
             "a leaderboard has no row."
         )
+        if c.flt.active:
+            st.caption(RUN_WIDE_NOTE)
 
 if c.run_id:
     routes = data.routing_rows(c.url, c.version, c.run_id)
     if not routes.empty:
         st.subheader("Routing suggestions, biggest gain first")
         st.dataframe(
-            routes.drop(columns=["cluster_id"]),
+            table_cells(routes.drop(columns=["cluster_id"])),
             hide_index=True,
             placeholder=MISSING,
             width="stretch",
@@ -132,3 +143,5 @@ if c.run_id:
                 "cheapest_within_tolerance": "Cheapest within tolerance",
             },
         )
+        if c.flt.active:
+            st.caption(RUN_WIDE_NOTE)

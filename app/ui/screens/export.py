@@ -1,11 +1,10 @@
-"""Export: the current filter (optionally some clusters) as a download or to a path, with
-cluster, its name, tags and every score on each row; or the judged battles, as the battles
-JSONL that `convoscope ingest` reads back."""
+"""Export: the current filter (optionally some clusters) as a download or to a path, in the
+columns of `convoscope export` (cluster, its name, group, tags and reward on each row); or the
+judged battles, as the battles JSONL that `convoscope ingest` reads back."""
 
 from __future__ import annotations
 
 from datetime import datetime
-from pathlib import Path
 
 import streamlit as st
 
@@ -67,7 +66,7 @@ if fmt == BATTLES:
                 "Or write to a file on the server", value="./convoscope-battles.jsonl"
             )
             if st.form_submit_button("Write file", disabled=battles == 0):
-                out = Path(target).expanduser().resolve()
+                out = exporting.resolve_target(target)
                 try:
                     result = data.read(
                         c.url, lambda e: exporting.export_battles(e, out, where=where)
@@ -153,7 +152,7 @@ with left:
             value=f"./convoscope-export{'-openai' if fmt == 'openai' else ''}{suffix}",
         )
         if st.form_submit_button("Write file", disabled=rows == 0):
-            out = Path(target).expanduser().resolve()
+            out = exporting.resolve_target(target)
             try:
                 written = data.read(
                     c.url,
@@ -178,15 +177,17 @@ with left:
 with right:
     st.subheader("What each row carries")
     st.markdown(
-        "- **ids to join back:** `external_id`, `conversation_id`, `turn_index`, `model`, "
-        "`source`, `id`\n"
-        "- **the exchange:** `instruction`, `context`, `prompt`, `response`, `created_at`\n"
+        "- **ids to join back:** `external_id`, `conversation_id`, "
+        "`conversation_external_id`, `turn_index`, `model`, `source`, `id`\n"
+        "- **the exchange:** `instruction`, `context`, `prompt`, `response`, `created_at`, "
+        "`feedback_text` (the conversation's)\n"
         "- **signals:** `retried`, `edited`, `deleted`, `rating`, `thumbs`, "
         "`user_turns_after`, `ended_conversation`, `seconds_to_next_user_message`\n"
         "- **where it landed:** `cluster_id`, `cluster_label` (your name when you gave one), "
-        "`tags` (the cluster's and the exchange's, `; `-separated)\n"
-        "- **scores:** one `score:<scorer>` column per scorer, e.g. `score:reward:…`\n\n"
+        "`parent_cluster_id` (its group), `tags` (the cluster's, its group's and the "
+        "exchange's, `; `-separated)\n"
+        "- **score:** `reward` (the latest reward scorer's) and `reward_scorer` (which one)\n\n"
         "OpenAI fine-tune JSONL keeps exchanges that have a response, as "
         '`{"messages": [...]}` with the instruction as the system message.'
     )
-    st.caption("The sidebar filters apply. Same data as `convoscope export`.")
+    st.caption("The sidebar filters apply. Same columns as `convoscope export`.")

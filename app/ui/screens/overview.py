@@ -7,7 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from app.ui import data, shell
-from app.ui.render import MISSING, fmt_ci, fmt_float, fmt_share, safe_label
+from app.ui.render import MISSING, fmt_ci, fmt_float, fmt_share, safe_label, table_cells
 
 c = shell.ctx()
 st.title("Overview")
@@ -26,10 +26,16 @@ cols[2].metric(
     f"{figures['models']:,}" if figures["models"] or c.flt.active else "—",
     help=None if figures["models"] or c.flt.active else "The logs name no model",
 )
+# Under a filter, the topics its exchanges fall in (those the cluster table lists), not the run's.
+table = data.cluster_table(c.url, c.version, c.run_id, c.flt, c.scorer) if c.run_id else None
 cols[3].metric(
     "Clusters",
-    f"{figures['clusters']:,}",
-    help="Topics of the latest clustering run"
+    f"{len(table) if table is not None and c.flt.active else figures['clusters']:,}",
+    help=(
+        "Topics of the latest clustering run holding a filtered exchange"
+        if c.flt.active
+        else "Topics of the latest clustering run"
+    )
     + (f"; {fmt_share(figures['assigned_share'])} of exchanges assigned" if c.run_id else ""),
 )
 cols[4].metric(
@@ -39,11 +45,10 @@ cols[4].metric(
 )
 cols[5].metric("Retry rate", fmt_share(figures["retry_rate"]))
 
-if c.run_id is None:
+if c.run_id is None or table is None:
     shell.empty_state("clusters")
     st.stop()
 
-table = data.cluster_table(c.url, c.version, c.run_id, c.flt, c.scorer)
 if table.empty:
     st.info("No cluster holds an exchange that passes the filter.", icon=":material/info:")
     st.stop()
@@ -100,7 +105,7 @@ shown = pd.DataFrame(
 )
 max_share = float(max(table["share"].max(), 1e-9))
 selection = st.dataframe(
-    shown,
+    table_cells(shown),
     hide_index=True,
     placeholder=MISSING,
     width="stretch",
@@ -140,29 +145,43 @@ if rows:
 # shows here as one line even when each of its topics alone looks only a little weak.
 groups = data.group_table(c.url, c.version, c.run_id, c.flt, c.scorer)
 if not groups.empty:
-    st.subheader("Groups, lowest reward first" if c.flt.active else "Groups, weakest first")
-    st.caption(
-        f"Each group pools the exchanges of its topics. {SLICE_NOTE}"
-        if c.flt.active
-        else "Each group pools the exchanges of its topics: its reward CI and weakness are "
-        "computed over them the same way as a topic's, and its weakest topics are named."
-    )
+    # Ordered as `views.group_table` sorts: by weakness when `score` ranked this clustering,
+    # else by mean reward (a filter, or a clustering newer than the last score), else by size.
+    groups_ranked = groups["weakness"].notna().any()
+    groups_rewarded = groups["reward_mean"].notna().any()
+    if c.flt.active:
+        st.subheader("Groups, lowest reward first")
+        st.caption(f"Each group pools the exchanges of its topics. {SLICE_NOTE}")
+    elif groups_ranked:
+        st.subheader("Groups, weakest first")
+        st.caption(
+            "Each group pools the exchanges of its topics: its reward CI and weakness are "
+            "computed over them the same way as a topic's, and its weakest topics are named."
+        )
+    else:
+        st.subheader("Groups, lowest reward first" if groups_rewarded else "Groups, largest first")
+        st.caption(
+            "Each group pools the exchanges of its topics. This clustering has no "
+            "`convoscope score` report yet, so there is no weakness, CI or weakest topic."
+        )
     st.dataframe(
-        pd.DataFrame(
-            {
-                "Group": groups["name"],
-                "Topics": groups["topics"],
-                "Size": groups["n"],
-                "Share": groups["share"],
-                "Reward": groups["reward_mean"],
-                "Reward 95 % CI": groups["reward_ci"].map(fmt_ci),
-                "Retry": groups["retry_rate"],
-                "Edited": groups["edit_rate"],
-                "Ended": groups["end_rate"],
-                "Weakness": groups["weakness"],
-                "Why": groups["reason"],
-                "Weakest topics": groups["weakest_topics"].map(lambda t: "; ".join(t)),
-            }
+        table_cells(
+            pd.DataFrame(
+                {
+                    "Group": groups["name"],
+                    "Topics": groups["topics"],
+                    "Size": groups["n"],
+                    "Share": groups["share"],
+                    "Reward": groups["reward_mean"],
+                    "Reward 95 % CI": groups["reward_ci"].map(fmt_ci),
+                    "Retry": groups["retry_rate"],
+                    "Edited": groups["edit_rate"],
+                    "Ended": groups["end_rate"],
+                    "Weakness": groups["weakness"],
+                    "Why": groups["reason"],
+                    "Weakest topics": groups["weakest_topics"].map(lambda t: "; ".join(t)),
+                }
+            )
         ),
         hide_index=True,
         placeholder=MISSING,

@@ -15,7 +15,14 @@ import openai
 import streamlit as st
 
 from app.ui import data, shell
-from app.ui.render import escape_markdown, fmt_float, fmt_share, one_line, safe_label
+from app.ui.render import (
+    escape_markdown,
+    fmt_float,
+    fmt_share,
+    one_line,
+    safe_label,
+    visible_controls,
+)
 from ingest.replay import ReplayConfig, ReplayError
 from scoring.judge import JudgeConfig, JudgeError
 
@@ -44,7 +51,7 @@ if st.session_state.get("replay_cluster") not in names:
     picked_before = st.session_state.get(shell.PICK_KEY)
     st.session_state["replay_cluster"] = picked_before if picked_before in names else ids[0]
 picked: str = st.selectbox(
-    "Cluster (weakest first)",
+    f"Cluster ({shell.cluster_order(table)})" if weakest_first else "Cluster",
     ids,
     key="replay_cluster",
     format_func=lambda cid: one_line(names[cid], 80),
@@ -61,18 +68,21 @@ def _version_label(row: dict[str, Any]) -> str:
     return " · ".join(parts)
 
 
-versions = data.instruction_versions(c.url, picked)
-form_side, versions_side = st.columns([3, 2], gap="large")
-
-with versions_side:
+def _versions_list(versions: list[dict[str, Any]]) -> None:
+    """The cluster's saved instructions, newest first (drawn after a run, so it lists the
+    version that run just saved)."""
     st.subheader("Instruction versions")
     if not versions:
         st.caption("No saved instruction for this cluster yet: the first run saves version 1.")
     for i, row in enumerate(versions):
         with st.expander(_version_label(row), expanded=i == 0):
-            st.text(row["text"])
+            st.text(visible_controls(row["text"]))
             if row.get("replay_run_id"):
                 st.caption(f"Replay run `{escape_markdown(row['replay_run_id'])}`")
+
+
+versions = data.instruction_versions(c.url, picked)
+form_side, versions_side = st.columns([3, 2], gap="large")
 
 with form_side:
     with st.form("replay_form", border=False):
@@ -151,6 +161,10 @@ with form_side:
                     )
                     if saved is not None:
                         st.toast(f"Instruction saved as version {saved['version']}")
+                        versions = data.instruction_versions(c.url, picked)  # cleared by the run
+
+with versions_side:
+    _versions_list(versions)
 
 st.divider()
 st.subheader("Replay runs")
@@ -238,7 +252,7 @@ facts = [
 st.caption(" · ".join(facts))
 if run["instruction"]:
     with st.expander("Instruction of this run"):
-        st.text(run["instruction"])
+        st.text(visible_controls(run["instruction"]))
 if overall is not None:
     m = st.columns(4)
     m[0].metric("Original reward", fmt_float(overall.mean_original))
@@ -281,19 +295,19 @@ if len(rows) > PAIRS_SHOWN:
     st.caption(f"Showing {PAIRS_SHOWN} of {len(rows):,} answered inputs.")
 for i, pair in enumerate(rows[:PAIRS_SHOWN], start=1):
     with st.expander(f"{i}. {safe_label(pair['prompt'], 90)}", expanded=i == 1):
-        st.text(pair["prompt"])
+        st.text(visible_controls(pair["prompt"]))
         old, new = st.columns(2)
         old.caption(
             f"Original · {safe_label(pair['original_model'] or 'unknown model', 50)} · "
             f"reward {fmt_float(pair['original_reward'])}"
         )
-        old.text(pair["original_response"] or "(no response stored)")
+        old.text(visible_controls(pair["original_response"] or "(no response stored)"))
         latency = f" · {pair['latency_s']:.2f} s" if pair["latency_s"] is not None else ""
         new.caption(
             f"New · {safe_label(run['model'], 50)} · reward {fmt_float(pair['new_reward'])}"
             f"{latency}"
         )
-        new.text(pair["new_response"] or "(empty answer)")
+        new.text(visible_controls(pair["new_response"] or "(empty answer)"))
         if pair["judge"] is not None:
             judge, winner = pair["judge"]
             outcome = {"a": "the original", "b": "the new answer", "tie": "a tie"}[winner]

@@ -7,13 +7,13 @@ import pandas as pd
 import streamlit as st
 
 from app.ui import data, shell
-from app.ui.render import MISSING, one_line
+from app.ui.render import MISSING, one_line, table_cells
 
 c = shell.ctx()
 st.title("Search")
 shell.filter_note(c.flt)
 
-if not data.overview(c.url, c.version, c.run_id, c.flt, None)["exchanges"]:
+if not data.overview(c.url, c.version, c.run_id, c.flt, None)["exchanges"] and not c.flt.active:
     shell.empty_state("exchanges")
     st.stop()
 
@@ -21,8 +21,12 @@ left, right = st.columns([4, 1], vertical_alignment="bottom")
 query = left.text_input(
     "Query", key="search_query", placeholder="e.g. refund for a cancelled flight"
 )
-mode = right.segmented_control(
-    "Match", ["Meaning", "Words"], default="Meaning" if c.run_id else "Words", key="search_mode"
+default_mode = "Meaning" if c.run_id else "Words"
+# Clicking the selected option deselects a segmented control (None): keep the default then,
+# rather than silently switching to the other mode.
+mode = (
+    right.segmented_control("Match", ["Meaning", "Words"], default=default_mode, key="search_mode")
+    or default_mode
 )
 limit = 50
 
@@ -75,7 +79,7 @@ if not similarity:
     shown = shown.drop(columns=["Similarity"])
 st.caption(f"{len(hits)} hits · select a row to open its cluster")
 selection = st.dataframe(
-    shown,
+    table_cells(shown),
     hide_index=True,
     placeholder=MISSING,
     width="stretch",
