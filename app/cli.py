@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from app import commands
 from ingest.readers import FORMATS as INGEST_FORMATS
-from storage.engine import StorageError, database_file, resolve_url
+from storage.engine import StorageError
 
 Handler = Callable[[argparse.Namespace], dict[str, Any]]
 
@@ -541,23 +541,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _refuse_a_folder(db: str | None) -> None:
-    """A folder given as the database was reported as "no database at FOLDER" (or as DuckDB's
-    IO error when writing), which sent users looking for a missing file."""
-    path = database_file(resolve_url(db))
-    if path is not None and path.expanduser().is_dir():
-        raise StorageError(
-            f"{path} is a folder, not a database file: give --db (or $CONVOSCOPE_DB) a file, "
-            f"such as {path / 'convoscope.duckdb'}"
-        )
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     status = 0
     try:
-        _refuse_a_folder(args.db)
         result = args.handler(args)
     except commands.NothingDone as failure:  # still report what was tried
         print(f"convoscope: error: {failure}", file=sys.stderr)

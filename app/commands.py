@@ -824,7 +824,7 @@ def _require_cluster(engine: Engine, cluster_id: str) -> dict[str, Any]:
 def replay(args: argparse.Namespace) -> dict[str, Any]:
     """Run or resume a replay, report on one (`replay report RUN`) or judge it."""
     from ingest.replay import ReplayError, compare
-    from scoring.judge import JudgeError, judge_names, judge_results
+    from scoring.judge import JudgeError, results_by_judge
 
     if args.action in ("report", "judge") and not args.run_id:
         raise UserError(
@@ -846,17 +846,17 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
                 engine, args.run_id, scores=_reward_scores(engine), cluster_of=cluster_of
             ).as_dict()
             _record_instruction_reward(engine, args.run_id, report)
-            # Per judge: two judges' verdicts on the same pairs are not independent samples,
-            # and pooled they would double the count and narrow the interval.
-            report["judges"] = {}
-            for judge in judge_names(engine, args.run_id):
-                overall, per_cluster = judge_results(
-                    engine, args.run_id, cluster_of=cluster_of, judge=judge
-                )
-                report["judges"][judge] = {
-                    "overall": asdict(overall) if overall else None,
+            # Per judge: pooled, two judges' verdicts on the same pairs would double the count
+            # and narrow the interval.
+            report["judges"] = {
+                judge: {
+                    "overall": asdict(overall),
                     "per_cluster": {c: asdict(r) for c, r in per_cluster.items()},
                 }
+                for judge, (overall, per_cluster) in results_by_judge(
+                    engine, args.run_id, cluster_of=cluster_of
+                ).items()
+            }
             return report
         return _run_replay(engine, args)
     except (ReplayError, JudgeError) as error:
@@ -964,13 +964,15 @@ def _resume_command(args: argparse.Namespace, run_id: str) -> str:
     """The command that finishes a run, runnable as printed: it names the database the run is
     in, and asks for the endpoint again only when its URL holds what is never stored
     (credentials, a query string)."""
-    words = ["convoscope"]
-    if args.db:
-        words += ["--db", shlex.quote(_safe_url(args.db))]
-    words += ["replay", "--resume", run_id]
+    words = [*_convoscope_on(args), "replay", "--resume", run_id]
     if _secret_in_url(args.base_url or ""):
         words += ["--base-url", "URL"]
     return " ".join(words)
+
+
+def _convoscope_on(args: argparse.Namespace) -> list[str]:
+    """The start of a command to print: `convoscope`, and the database it was run on."""
+    return ["convoscope", *(["--db", shlex.quote(_safe_url(args.db))] if args.db else [])]
 
 
 def _secret_in_url(url: str) -> bool:
@@ -982,12 +984,9 @@ def _secret_in_url(url: str) -> bool:
 def _judge_command(args: argparse.Namespace) -> str:
     """The command that finishes an interrupted judge run (it judges only pairs without a
     verdict from that judge): as given, the endpoint's secrets left for the user to fill."""
-    words = ["convoscope"]
-    if args.db:
-        words += ["--db", shlex.quote(_safe_url(args.db))]
     url = "URL" if _secret_in_url(args.base_url) else shlex.quote(args.base_url)
-    words += ["replay", "judge", args.run_id, "--model", shlex.quote(args.model)]
-    words += ["--base-url", url]
+    words = [*_convoscope_on(args), "replay", "judge", args.run_id]
+    words += ["--model", shlex.quote(args.model), "--base-url", url]
     if args.api_key_env:
         words += ["--api-key-env", shlex.quote(args.api_key_env)]
     if args.sample:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -216,9 +217,7 @@ def _one_topic_per_text(
         if j != i:
             copies.setdefault(j, [j]).append(i)
     for group in copies.values():
-        votes: dict[int, int] = {}
-        for label in labels[group].tolist():
-            votes[label] = votes.get(label, 0) + 1
+        votes = Counter(labels[group].tolist())
         label = max(votes, key=lambda c: (votes[c], c >= 0, -c))
         labels[group] = label
         if label >= 0:  # the distance to that topic (equal texts, equal vectors)

@@ -322,12 +322,6 @@ async def _judge_one(
     }
 
 
-def judge_names(engine: Engine, run_id: str) -> list[str]:
-    """The judges with verdicts on a run, to report each apart: two judges' verdicts on the
-    same pairs are not independent samples."""
-    return sorted({v["judge"] for v in load_verdicts(engine, JUDGE_SOURCE_PREFIX + run_id)})
-
-
 def judge_results(
     engine: Engine,
     run_id: str,
@@ -342,6 +336,24 @@ def judge_results(
         for v in load_verdicts(engine, JUDGE_SOURCE_PREFIX + run_id)
         if judge is None or v["judge"] == judge
     ]
+    return _results(rows, cluster_of)
+
+
+def results_by_judge(
+    engine: Engine, run_id: str, *, cluster_of: Mapping[str, str] | None = None
+) -> dict[str, tuple[JudgeResult, dict[str, JudgeResult]]]:
+    """`judge_results` for each judge with verdicts on the run, by judge name: two judges'
+    verdicts on the same pairs are not independent samples, so they are reported apart."""
+    by_judge: dict[str, list[dict[str, Any]]] = {}
+    for v in load_verdicts(engine, JUDGE_SOURCE_PREFIX + run_id):
+        by_judge.setdefault(v["judge"], []).append(v)
+    results = {name: _results(rows, cluster_of) for name, rows in sorted(by_judge.items())}
+    return {name: (overall, per) for name, (overall, per) in results.items() if overall}
+
+
+def _results(
+    rows: list[dict[str, Any]], cluster_of: Mapping[str, str] | None
+) -> tuple[JudgeResult | None, dict[str, JudgeResult]]:
     overall = _result([v["winner"] for v in rows])
     groups: dict[str, list[str]] = {}
     if cluster_of is not None:

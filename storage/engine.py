@@ -50,11 +50,7 @@ def resolve_url(db: str | None = None) -> str:
 def _file_scheme(path: Path) -> str:
     """The engine of a database file: an existing file's header says (DuckDB's own files are
     often named `.db` too), a new file's suffix decides (`.sqlite`, `.sqlite3`, `.db`: SQLite)."""
-    try:
-        with path.open("rb") as handle:
-            header = handle.read(16)
-    except OSError:  # no file yet (or not readable: opening it will say why)
-        header = b""
+    header = _header(path)
     if header.startswith(_SQLITE_HEADER):
         return "sqlite"
     if header[8:12] == _DUCKDB_MAGIC:
@@ -62,16 +58,30 @@ def _file_scheme(path: Path) -> str:
     return "sqlite" if path.suffix in _SQLITE_SUFFIXES else "duckdb"
 
 
-def _refuse_other_file(path: Path) -> None:
-    """Refuse an existing file that is not a DuckDB database. DuckDB opens a JSON, CSV or
-    Parquet file given as its database as an empty in-memory one: an ingest into `--db
-    chats.jsonl` reported rows stored and kept none."""
+def _header(path: Path) -> bytes:
+    """The first bytes of a file, which name its engine; empty when there is no such file
+    (or it cannot be read: opening it will say why)."""
     try:
         with path.open("rb") as handle:
-            header = handle.read(16)
-    except OSError:  # no file yet (or not readable: opening it will say why)
-        return
-    if header and header[8:12] != _DUCKDB_MAGIC:
+            return handle.read(16)
+    except OSError:
+        return b""
+
+
+def _check_database_file(path: Path, backend: str) -> None:
+    """Refuse a folder, and an existing file that is not a DuckDB database for DuckDB.
+
+    A folder was reported as "no database at FOLDER" (or as DuckDB's IO error when writing),
+    which sent users looking for a missing file. DuckDB opens a JSON, CSV or Parquet file
+    given as its database as an empty in-memory one: an ingest into `--db chats.jsonl`
+    reported rows stored and kept none."""
+    if path.expanduser().is_dir():
+        raise StorageError(
+            f"{path} is a folder, not a database file: give --db (or $CONVOSCOPE_DB) a file, "
+            f"such as {path / 'convoscope.duckdb'}"
+        )
+    header = _header(path)
+    if backend == "duckdb" and header and header[8:12] != _DUCKDB_MAGIC:
         raise StorageError(
             f"{path} exists and is not a DuckDB database (a log file?): give --db a database "
             "file, or a new path to create one"
@@ -91,7 +101,7 @@ def make_engine(url: str, *, read_only: bool = False) -> Engine:
         database = parsed.database
         if database and database != ":memory:":
             _make_parent(Path(database))
-            _refuse_other_file(Path(database))
+            _check_database_file(Path(database), backend)
         else:  # a named in-memory database: the engine's connections share it (see below)
             parsed = parsed.set(database=f":memory:{uuid.uuid4().hex}")
         # DuckDB's buffer pool would grow to 80 % of RAM; cap it so long ingests stay small
@@ -118,6 +128,7 @@ def make_engine(url: str, *, read_only: bool = False) -> Engine:
         path = database_file(url)
         if path is not None:
             _make_parent(path)
+            _check_database_file(path, backend)
         engine = sa.create_engine(url, connect_args={"timeout": 30})
         sa.event.listen(engine, "connect", _sqlite_pragmas)
         return engine
@@ -265,6 +276,8 @@ def database_file(url: str) -> Path | None:
 def _require_file(url: str) -> None:
     """A read-only open never creates a database: a missing file is an error, not an empty one."""
     path = database_file(url)
+    if path is not None:
+        _check_database_file(path, dialect_name(url))
     if path is not None and not path.is_file():
         raise StorageError(
             f"no database at {path}: check --db (or $CONVOSCOPE_DB), or make one with "

@@ -485,14 +485,10 @@ def run_replay(
 def judge_result(url: str, run_id: str) -> dict[str, JudgeResult]:
     """The LLM judges' verdicts on a run, by judge (two judges' verdicts on the same pairs
     are not independent samples); empty before any."""
-    from scoring.judge import judge_names, judge_results
+    from scoring.judge import results_by_judge
 
     def each(engine: Engine) -> dict[str, JudgeResult]:
-        found = {
-            name: judge_results(engine, run_id, judge=name)[0]
-            for name in judge_names(engine, run_id)
-        }
-        return {name: result for name, result in found.items() if result is not None}
+        return {name: overall for name, (overall, _) in results_by_judge(engine, run_id).items()}
 
     return read(url, each)
 
