@@ -15,6 +15,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -222,8 +223,9 @@ class SequenceClassifierReward:
                 "a base model, whose scores would be random; give a sequence-classification "
                 "model trained to score answers"
             )
+        _check_vocabulary(path, self.tokenizer)
         self.model.to(self.device).eval()
-        self.max_length = max_length
+        self.max_length = _usable_length(max_length, self.tokenizer, self.model.config)
 
     @torch.no_grad()
     def score(
@@ -243,3 +245,32 @@ class SequenceClassifierReward:
             logits = self.model(**enc).logits.float().cpu()
             out.append(logits[:, 0] if logits.shape[1] == 1 else logits[:, -1] - logits[:, 0])
         return torch.cat(out).numpy().astype(np.float64) if out else np.zeros(0)
+
+
+def _check_vocabulary(path: str, tokenizer: Any) -> None:
+    """Refuse a tokenizer that knows no words. A model directory saved without its tokenizer
+    files loads an empty vocabulary without a word of warning: every text then reads as
+    unknown tokens and every answer gets about the same reward."""
+    unknown = tokenizer.unk_token_id
+    ids = tokenizer(_SAMPLE_TEXT, add_special_tokens=False)["input_ids"]
+    if unknown is not None and ids and all(i == unknown for i in ids):
+        raise ValueError(
+            f"{path} has no tokenizer (tokenizer.json, vocab.txt...): every word would read "
+            "as unknown and every answer would score alike; save the model's tokenizer "
+            "beside it (tokenizer.save_pretrained)"
+        )
+
+
+def _usable_length(max_length: int, tokenizer: Any, config: Any) -> int:
+    """`max_length`, capped by what the model can read: a model with fewer positions (a
+    small BERT of 128) failed on the first long answer with a tensor size error."""
+    limits = [max_length]
+    if 0 < tokenizer.model_max_length < 1_000_000:  # unset, transformers gives 1e30
+        limits.append(int(tokenizer.model_max_length))
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 0:
+        limits.append(positions)
+    return min(limits)
+
+
+_SAMPLE_TEXT = "The quick brown fox jumps over the lazy dog."

@@ -428,9 +428,13 @@ def use_external(
     battles: pd.DataFrame,
     directory: str,
 ) -> TrainedReward:
-    """Score every exchange with the user's own reward model; measure it on all labels."""
+    """Score every exchange with the user's own reward model; measure it on all labels.
+
+    The directory is stored as an absolute path: `score reward apply` and `reward --file`
+    load it again, maybe from another folder, where a relative one names nothing."""
     from scoring.reward_model import SequenceClassifierReward
 
+    directory = str(Path(directory).expanduser().resolve())
     scores = SequenceClassifierReward(directory).score(
         list(frame["prompt"]), list(frame["response"].fillna(""))
     )

@@ -323,3 +323,69 @@ def test_equal_rewards_or_lengths_agree_half_with_the_judge() -> None:
     assert (found.battles, found.ties) == (3, 1)
     # An equal pair counted as "b preferred", so both were wrong here: 1/3.
     assert found.accuracy == found.longer_wins == pytest.approx((0.5 + 0.5 + 1.0) / 3)
+
+
+def _tiny_classifier(directory: Path, *, positions: int = 512, tokenizer: bool = True) -> Path:
+    """A small random sequence-classification model (one layer) with MiniLM's tokenizer."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig
+
+    words = AutoTokenizer.from_pretrained(default_backbone())
+    config = BertConfig(
+        vocab_size=words.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=positions,
+        num_labels=1,
+    )
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(directory)
+    if tokenizer:
+        words.save_pretrained(directory)
+    return directory
+
+
+def test_a_users_model_reads_no_more_tokens_than_it_has_positions(tmp_path: Path) -> None:
+    """A model of 64 positions failed on the first long pair (a tensor size error): the
+    texts were cut at 512 tokens whatever the model could read."""
+    rm = SequenceClassifierReward(_tiny_classifier(tmp_path / "rm", positions=64), device="cpu")
+    s = rm.score(["word " * 300, "hi"], ["an answer " * 100, "hello"])
+    assert s.shape == (2,) and np.isfinite(s).all()
+
+
+def test_a_users_model_without_its_tokenizer_is_refused(tmp_path: Path) -> None:
+    """Saved without its tokenizer files, a model loaded an empty vocabulary: every word read
+    as unknown and every answer scored alike, without a warning."""
+    bare = _tiny_classifier(tmp_path / "rm", tokenizer=False)
+    with pytest.raises(ValueError, match="no tokenizer"):
+        SequenceClassifierReward(bare, device="cpu")
+
+
+def test_a_users_model_given_by_a_relative_path_is_found_from_anywhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`score --reward-model rm` stored "rm" as it was given: `score reward apply` (or
+    `reward --file`) run from another folder then said the directory does not exist."""
+    from ingest.pipeline import IngestConfig, ingest_paths
+    from scoring.reward_step import apply_reward
+    from scoring.step import ScoreConfig, train_reward_only
+    from storage.engine import open_database
+
+    work = tmp_path / "work"
+    work.mkdir()
+    _tiny_classifier(work / "rm")
+    log = work / "chats.jsonl"
+    lines = [
+        {"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant",
+         "content": f"Answer {i}.", "thumbs": 1 if i % 2 else -1}], "model": "bot"}
+        for i in range(4)
+    ]  # fmt: skip
+    log.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    engine = open_database(f"duckdb:///{tmp_path / 'db.duckdb'}")
+    ingest_paths([log], engine=engine, config=IngestConfig(progress=False))
+    monkeypatch.chdir(work)
+    trained = train_reward_only(engine, config=ScoreConfig(reward_model_dir="rm"))
+    monkeypatch.chdir(tmp_path)
+    applied = apply_reward(engine)
+    engine.dispose()
+    assert applied["reward_model"] == trained["reward_model"] and applied["exchanges"] == 4
