@@ -408,7 +408,7 @@ def clusters(args: argparse.Namespace) -> dict[str, Any]:
                 **{k: v for k, v in report.items() if k not in {"n", "share"}},
             }
         )
-    listed.sort(key=lambda c: (c["level"], -(c.get("weakness") or 0.0), -c["size"]))
+    listed.sort(key=_weakest_first)
     return {
         "run_id": run["id"],
         "on": run["on_field"],
@@ -417,6 +417,21 @@ def clusters(args: argparse.Namespace) -> dict[str, Any]:
         "unassigned_share": run["unassigned_share"],
         "clusters": listed,
     }
+
+
+def _weakest_first(cluster: dict[str, Any]) -> tuple[Any, ...]:
+    """Topics then groups, each by weakness; equal weakness (0 for every cluster not below
+    the overall mean, often half of them) goes lowest mean reward first, as in the UI, not
+    largest first; unscored clusters come last, largest first."""
+    weakness, reward = cluster.get("weakness"), cluster.get("reward_mean")
+    return (
+        cluster["level"],
+        weakness is None,
+        -(weakness or 0.0),
+        reward is None,
+        reward if reward is not None else 0.0,
+        -cluster["size"],
+    )
 
 
 def score(args: argparse.Namespace) -> dict[str, Any]:

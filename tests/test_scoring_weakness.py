@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
+import pytest
 
 from scoring.weakness import bootstrap_mean_ci, rank_clusters
 
@@ -70,3 +74,39 @@ def test_bootstrap_of_a_large_group_keeps_memory_bounded_and_the_same_interval()
         min(float(expected[0]), float(small.mean())),
         max(float(expected[1]), float(small.mean())),
     )
+
+
+def test_clusters_lists_equally_weak_topics_lowest_reward_first(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every topic not below the overall mean has weakness 0: `clusters` listed those largest
+    first, so a big topic that does well came before a small one that does much worse (the
+    UI's overview puts the lower reward first)."""
+    from app.cli import main
+    from storage.clusters import save_cluster_run
+    from storage.engine import open_database
+    from storage.logs import utcnow
+    from storage.reports import save_cluster_reports
+
+    db = f"duckdb:///{tmp_path / 'db.duckdb'}"
+    engine = open_database(db)
+    run = {
+        "id": "run1", "created_at": utcnow(), "on_field": "prompt", "embedder": "m",
+        "params": "{}", "n_rows": 100, "n_clusters": 4, "unassigned_share": 0.0, "events": None,
+    }  # fmt: skip
+    sizes = {"weak": 10, "good-big": 50, "fair-small": 15, "unscored": 25, "g1": 100}
+    base = {"run_id": "run1", "auto_name": "topic", "keywords": "[]"}
+    rows = [
+        {**base, "id": cid, "parent_id": None if cid == "g1" else "g1",
+         "level": int(cid == "g1"), "size": n, "share": n / 100}
+        for cid, n in sizes.items()
+    ]  # fmt: skip
+    save_cluster_run(engine, run, rows, [])
+    figures = {"weak": (0.05, 0.1), "good-big": (0.0, 0.9), "fair-small": (0.0, 0.4)}
+    reports = {cid: {"weakness": w, "reward_mean": r} for cid, (w, r) in figures.items()}
+    save_cluster_reports(engine, "run1", {**reports, "g1": {"weakness": 0.0, "reward_mean": 0.5}})
+    engine.dispose()
+
+    assert main(["--db", db, "--json", "clusters"]) == 0
+    listed = [c["id"] for c in json.loads(capsys.readouterr().out)["clusters"]]
+    assert listed == ["weak", "fair-small", "good-big", "unscored", "g1"]
