@@ -54,7 +54,9 @@ def read_line_file(
 
     A line that has one of the `alternative` fields the main shape lacks must have all of
     them instead (a battle's two answers where a pair has one), and is named by that shape
-    when one is missing. `optional` fields are kept when they are strings. `checks` maps a
+    when one is missing. `optional` fields are kept when they are strings and may be null or
+    left out; another value (`"winner": 1`) is a bad line, not a battle silently unjudged.
+    `checks` maps a
     field to a function that says what is wrong with its value (None when nothing is)."""
     records: list[LineRecord] = []
     rejects: list[LineReject] = []
@@ -100,6 +102,9 @@ def _parse(
             return name, "missing"
         if not isinstance(value[name], str):
             return name, f"must be a string, not {type(value[name]).__name__}"
+    for name in optional:  # null is "not given"; a number is no verdict or name to drop
+        if value.get(name) is not None and not isinstance(value[name], str):
+            return name, f"must be a string or null, not {type(value[name]).__name__}"
     kept = {name: value[name] for name in optional if isinstance(value.get(name), str)}
     kept |= {name: value[name] for name in fields}
     for name, check in checks.items():

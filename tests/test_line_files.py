@@ -70,3 +70,25 @@ def test_a_line_with_the_alternative_fields_must_have_all_of_them(tmp_path: Path
         (4, {"prompt": "p", "response_a": "x", "response_b": "y"}),
     ]
     assert [(r.line, r.field, r.reason) for r in rejects] == [(3, "response_b", "missing")]
+
+
+def test_an_optional_field_that_is_no_string_is_a_bad_line(tmp_path: Path) -> None:
+    """`"winner": 1` was dropped as if no judge had decided: the battle left the agreement
+    with the judge without a word; `"model_a": 5` lost the expert's name the same way."""
+    path = tmp_path / "battles.jsonl"
+    path.write_text(
+        '{"prompt": "p", "response_a": "x", "response_b": "y", "winner": 1}\n'
+        '{"prompt": "p", "response_a": "x", "response_b": "y", "model_a": 5}\n'
+        '{"prompt": "p", "response_a": "x", "response_b": "y", "winner": null}\n'
+    )
+    records, rejects = read_line_file(
+        path,
+        ("prompt", "response"),
+        alternative=("prompt", "response_a", "response_b"),
+        optional=("winner", "model_a"),
+    )
+    assert [r.line for r in records] == [3]
+    assert [(r.line, r.field, r.reason) for r in rejects] == [
+        (1, "winner", "must be a string or null, not int"),
+        (2, "model_a", "must be a string or null, not int"),
+    ]
