@@ -424,6 +424,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the exported routing table sends each cluster to that cheapest expert",
     )
+    score.add_argument(
+        "--predicted-battles",
+        type=_non_negative,
+        default=10,
+        metavar="N",
+        help="battles' worth of the win predictor's estimate per expert in each cluster's "
+        "leaderboard, beside its judged battles (default 10; 0 = judged battles only)",
+    )
     score.set_defaults(handler=commands.score)
 
     reward = sub.add_parser(

@@ -496,6 +496,7 @@ def score(args: argparse.Namespace) -> dict[str, Any]:
         routing=RoutingConfig(tolerance=args.cost_tolerance),
         costs=costs,
         route_cheapest=args.route_cheapest,
+        predicted_battles=args.predicted_battles,
     )
     engine = open_database(args.db, existing=True)
     try:

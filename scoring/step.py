@@ -8,7 +8,8 @@
 3. The expert win predictor learns P(expert wins | prompt) from battles and single-expert
    logs; it is stored too, and `route` uses it.
 4. Every cluster of the latest run gets a report: reward mean with a bootstrap CI, behaviour
-   rates, a Bradley–Terry leaderboard of its battles, a routing suggestion and its weakness.
+   rates, a Bradley–Terry leaderboard of its battles and the predictor's estimate, a routing
+   suggestion and its weakness.
    Every parent group gets one too, from its exchanges (not its topics' means), ranked the
    same way, with its weakest topics, so a broad area that goes badly shows up as one line.
 Re-running replaces the reports and adds a new model version; nothing earlier is lost.
@@ -27,7 +28,7 @@ import pandas as pd
 from sqlalchemy.engine import Engine
 
 from ingest.embed_step import EmbedConfig
-from scoring.bradley_terry import BTConfig, leaderboard
+from scoring.bradley_terry import BTConfig, leaderboard, predicted_battles
 from scoring.features import prompt_features
 from scoring.labels import LabelConfig, joint_labels
 from scoring.predictor import PredictorConfig, WinPredictor
@@ -62,6 +63,9 @@ from storage.scores import latest_scores
 from storage.vectors import load_vectors
 
 WEAKEST_TOPICS = 3  # a group report names this many of its weakest topics
+# Prompts of a topic (a seeded sample) the predictor scores for its leaderboard's estimate:
+# plenty for the few battles drawn from them, and a 100K-row topic costs no more than this.
+ESTIMATE_PROMPTS = 256
 _NO_GROUP = ""  # stands for "no parent group" (never a cluster id) while groups are ranked
 
 SIGNAL_COLUMNS = (
@@ -88,6 +92,10 @@ class ScoreConfig:
     head: HeadConfig = STRUCTURAL_HEAD
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
     leaderboard: BTConfig = field(default_factory=lambda: BTConfig(n_bootstrap=100))
+    # Battles' worth of the win predictor's estimate per expert in each leaderboard (0 = the
+    # judged battles alone): as many as a ranked expert needs, so a topic without battles
+    # still ranks its experts, and a few dozen judged battles outweigh the estimate.
+    predicted_battles: int = 10
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     holdout_share: float = 0.2
     seed: int = 0
@@ -486,17 +494,22 @@ def _cluster_reports(
     reports: dict[str, dict[str, Any]] = {}
     parent_of = _parents(engine, run["id"])
     groups = group_reports(data, parent_of, list(weakness.values()))
+    group_of = data["cluster_id"].map(lambda t: parent_of.get(t) or _NO_GROUP)
     for group_id, figures in groups.items():
+        rows = data.index[group_of == group_id]
+        estimate = _estimate(predictor, prompts, prompt_feats, rows, config)
         figures["leaderboard"] = _group_leaderboard(
-            battles, assignment, parent_of, group_id, config
+            battles, assignment, parent_of, group_id, config, estimate
         )
         reports[group_id] = figures
     for cluster_id, w in weakness.items():
         route = routes.get(cluster_id)
-        served = data.loc[data["cluster_id"] == cluster_id, "model"].value_counts(normalize=True)
+        mine = data["cluster_id"] == cluster_id
+        served = data.loc[mine, "model"].value_counts(normalize=True)
+        estimate = _estimate(predictor, prompts, prompt_feats, data.index[mine], config)
         reports[cluster_id] = {
             **_reward_figures(w),
-            "leaderboard": _cluster_leaderboard(battles, assignment, cluster_id, config),
+            "leaderboard": _cluster_leaderboard(battles, assignment, cluster_id, config, estimate),
             "routing": None
             if route is None
             else {
@@ -561,13 +574,42 @@ def _routes(
     return routes
 
 
+def _estimate(
+    predictor: WinPredictor | None,
+    prompts: np.ndarray,
+    prompt_feats: np.ndarray,
+    rows: pd.Index,
+    config: ScoreConfig,
+) -> pd.DataFrame | None:
+    """The predictor's estimate for the leaderboard of the exchanges at `rows` (positions in
+    `prompts`): `predicted_battles` on a seeded sample of their prompts, or None without a
+    predictor."""
+    if predictor is None or not config.predicted_battles or not len(rows):
+        return None
+    picked = rows.to_numpy()
+    if len(picked) > ESTIMATE_PROMPTS:
+        rng = np.random.default_rng(config.seed)
+        picked = np.sort(rng.choice(picked, ESTIMATE_PROMPTS, replace=False))
+    inputs = predictor.inputs(prompts[picked], features=prompt_feats[picked])
+    return predicted_battles(
+        predictor.experts,
+        predictor.scores_of_inputs(inputs),
+        per_expert=config.predicted_battles,
+        seed=config.seed,
+    )
+
+
 def _cluster_leaderboard(
-    battles: pd.DataFrame, assignment: dict[str, str | None], cluster_id: str, config: ScoreConfig
+    battles: pd.DataFrame,
+    assignment: dict[str, str | None],
+    cluster_id: str,
+    config: ScoreConfig,
+    estimate: pd.DataFrame | None = None,
 ) -> list[dict[str, Any]]:
-    """Bradley–Terry on the battles whose prompt falls in the cluster (empty below the minimum)."""
-    if battles.empty:
-        return []
-    return _leaderboard_of(battles[battles["exchange_a"].map(assignment) == cluster_id], config)
+    """Bradley–Terry on the battles whose prompt falls in the cluster, with the predictor's
+    `estimate` when given (empty below the minimum)."""
+    mine = battles[battles["exchange_a"].map(assignment) == cluster_id] if len(battles) else None
+    return _leaderboard_of(mine, config, estimate)
 
 
 def _group_leaderboard(
@@ -576,26 +618,39 @@ def _group_leaderboard(
     parent_of: Mapping[str, str | None],
     group_id: str,
     config: ScoreConfig,
+    estimate: pd.DataFrame | None = None,
 ) -> list[dict[str, Any]]:
-    """Bradley–Terry on the battles whose prompt falls in any topic of the group: a group
-    often has enough battles for a leaderboard where each of its topics alone has too few."""
-    if battles.empty:
-        return []
-    topic = battles["exchange_a"].map(assignment)
-    return _leaderboard_of(battles[topic.map(lambda t: parent_of.get(t)) == group_id], config)
+    """Bradley–Terry on the battles whose prompt falls in any topic of the group (with the
+    predictor's `estimate` over the group's prompts): a group often has enough battles for a
+    leaderboard where each of its topics alone has too few."""
+    mine = None
+    if len(battles):
+        topic = battles["exchange_a"].map(assignment)
+        mine = battles[topic.map(lambda t: parent_of.get(t)) == group_id]
+    return _leaderboard_of(mine, config, estimate)
 
 
-def _leaderboard_of(mine: pd.DataFrame, config: ScoreConfig) -> list[dict[str, Any]]:
-    """The leaderboard rows of some battles (empty below the minimum)."""
-    if len(mine) < config.leaderboard.min_battles:
+def _leaderboard_of(
+    mine: pd.DataFrame | None, config: ScoreConfig, estimate: pd.DataFrame | None = None
+) -> list[dict[str, Any]]:
+    """The leaderboard rows of some judged battles and the predictor's estimate (empty below
+    the minimum). `battles` and `win_rate` are the judged battles'; `predicted_battles`, how
+    many of the estimate's each expert's rating also rests on."""
+    parts = [
+        frame[[c for c in ("model_a", "model_b", "winner", "outcome", "predicted") if c in frame]]
+        for frame in (mine, estimate)
+        if frame is not None and len(frame)
+    ]
+    if sum(len(part) for part in parts) < config.leaderboard.min_battles:
         return []
-    board = leaderboard(mine, config=config.leaderboard)
+    board = leaderboard(pd.concat(parts, ignore_index=True), config=config.leaderboard)
     return [
         {
             "model": r.model,
             "elo": r.rating,
             "ci": [r.lower, r.upper],
             "battles": r.battles,
+            "predicted_battles": r.predicted,
             "rank": r.rank,
             "tied_with": list(r.tied_with),
             "win_rate": r.wins / r.battles if r.battles else None,

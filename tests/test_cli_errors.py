@@ -542,6 +542,7 @@ def test_an_export_name_that_names_no_format_is_refused(
         (["replay", "report", "r1", "--seed", "-1"], "argument --seed: must be at least 0"),
         (["embed", "--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
         (["score", "--batch-size", "-5"], "argument --batch-size: must be at least 1, got -5"),
+        (["score", "--predicted-battles", "-1"], "argument --predicted-battles: must be at least"),
         (["assign", "--batch-size", "0"], "argument --batch-size: must be at least 1"),
         (["cluster", "--batch-size", "0"], "argument --batch-size: must be at least 1"),
         (["run", "--batch-size", "0"], "argument --batch-size: must be at least 1"),

@@ -175,6 +175,12 @@ def test_score_trains_applies_and_reports_every_cluster(scored_db: str, tmp_path
 
     predictor, encoder = load_predictor(engine)
     assert {"helpful-bot", "terse-bot", "gpt4_1106_preview"} <= set(predictor.experts)
+    for report in reports.values():  # judged battles plus the predictor's estimate: all ranked
+        board = {line["model"]: line for line in report["leaderboard"]}
+        assert set(board) == set(predictor.experts)
+        for line in board.values():
+            assert line["predicted_battles"] >= 10
+            assert (line["win_rate"] is None) == (line["battles"] == 0)
     assert encoder == "all-MiniLM-L6-v2"
     table = load_routing_table(engine)
     assert {c["cluster_id"] for c in table["clusters"]} == set(reports)

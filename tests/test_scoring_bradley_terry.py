@@ -8,10 +8,11 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
-from scoring.bradley_terry import BTConfig, leaderboard, win_probability
+from scoring.bradley_terry import BTConfig, leaderboard, predicted_battles, win_probability
 
 STRONG, WEAK = "FuseChat-Gemma-2-9B-Instruct", "alpaca-7b"
 
@@ -72,3 +73,40 @@ def test_minimum_battles_and_ties(battles: pd.DataFrame) -> None:
     assert "newcomer" not in {r.model for r in board.ratings}
     with pytest.raises(ValueError, match="unknown winner"):
         leaderboard(battles.head(3).assign(winner="model_a"))
+
+
+def _scores(strengths: list[float], prompts: int = 40, seed: int = 1) -> np.ndarray:
+    """Predictor scores: each expert's strength plus per-prompt noise."""
+    rng = np.random.default_rng(seed)
+    return np.array(strengths) + rng.normal(0.0, 0.3, (prompts, len(strengths)))
+
+
+def test_predicted_battles_rank_a_topic_without_judged_battles() -> None:
+    experts = ["e0", "e1", "e2", "e3", "e4"]
+    estimate = predicted_battles(experts, _scores([2, 1, 0, -1, -2]), per_expert=10)
+    assert estimate["predicted"].all() and estimate["outcome"].between(0, 1).all()
+    board = leaderboard(estimate, config=BTConfig(n_bootstrap=50, min_battles=10))
+    assert [r.model for r in board.ratings] == experts  # the predictor's order
+    assert board.n_battles == 0
+    for r in board.ratings:
+        assert r.battles == 0 and r.wins == 0 and r.predicted >= 10
+        assert r.lower < r.rating < r.upper  # drawn anew in the bootstrap: not a point
+    assert board.ratings[0].rank < board.ratings[-1].rank
+
+
+def test_judged_battles_outweigh_a_wrong_estimate(battles: pd.DataFrame) -> None:
+    experts = [STRONG, WEAK, "newcomer"]
+    wrong = predicted_battles(experts, _scores([-1.5, 1.5, 0.0]), per_expert=10)
+    few = battles[battles["model_b"] == "claude-2"].head(3).assign(model_b="newcomer")
+    board = leaderboard(
+        pd.concat([battles, few, wrong], ignore_index=True),
+        config=BTConfig(n_bootstrap=20, min_battles=5),
+    )
+    by = {r.model: r for r in board.ratings}
+    assert by[STRONG].rating > by[WEAK].rating  # 60 judged prompts against 10 estimates
+    judged = battles[battles["model_b"] == WEAK]
+    assert by[WEAK].battles == len(judged)  # the estimate is not a judged battle
+    assert by[WEAK].wins == judged["winner"].map({"a": 0.0, "b": 1.0, "tie": 0.5}).sum()
+    # Three battles alone are below the minimum: the estimate ranks the newcomer.
+    assert by["newcomer"].battles == 3 and by["newcomer"].predicted >= 10
+    assert board.n_battles == len(battles) + 3

@@ -311,6 +311,7 @@ def _reports(
                     "elo": elo,
                     "ci": [elo - 40, elo + 40],
                     "battles": 25,
+                    "predicted_battles": 10,
                     "rank": rank,
                     "tied_with": [],
                 }

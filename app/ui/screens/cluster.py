@@ -192,6 +192,7 @@ with side:
                         "Elo": [line.get("elo") for line in board],
                         "95 % CI": [fmt_ci(line.get("ci"), 0) for line in board],
                         "Battles": [line.get("battles") for line in board],
+                        "Predicted": [line.get("predicted_battles") for line in board],
                         "Tied with": [", ".join(line.get("tied_with") or []) for line in board],
                     }
                 )
@@ -200,6 +201,10 @@ with side:
             placeholder=MISSING,
             width="stretch",
             column_config={"Elo": st.column_config.NumberColumn(format="%.0f")},
+        )
+        st.caption(
+            "Bradley–Terry over the topic's judged battles and the win predictor's estimate, "
+            "counted as the Predicted battles; a few dozen judged battles outweigh it."
         )
 
     if c.scorer:
