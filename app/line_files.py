@@ -56,8 +56,8 @@ def read_line_file(
     them instead (a battle's two answers where a pair has one), and is named by that shape
     when one is missing. `optional` fields are kept when they are strings and may be null or
     left out; another value (`"winner": 1`) is a bad line, not a battle silently unjudged.
-    `checks` maps a
-    field to a function that says what is wrong with its value (None when nothing is)."""
+    `checks` maps a field to a function that says what is wrong with its value (None when
+    nothing is)."""
     records: list[LineRecord] = []
     rejects: list[LineReject] = []
     with path.open("rb") as handle:

@@ -370,15 +370,10 @@ def test_score_refuses_bad_fine_tuning_flags(
 
 
 def test_reward_file_and_a_users_own_reward_model(scored_db: str, tmp_path: Path) -> None:
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from tests.tiny_reward_model import tiny_classifier
 
-    from ingest.embed import default_model_path
-
-    own = tmp_path / "own-reward-model"  # a real sequence-classification directory
-    AutoModelForSequenceClassification.from_pretrained(
-        str(default_model_path()), num_labels=1
-    ).save_pretrained(own)
-    AutoTokenizer.from_pretrained(str(default_model_path())).save_pretrained(own)
+    # A real sequence-classification directory, of one small layer reading 64 tokens.
+    own = tiny_classifier(tmp_path / "own-reward-model", positions=64)
 
     engine = open_database(scored_db)
     config = ScoreConfig(embed=EmbedConfig(device="cpu", progress=False), reward_model_dir=str(own))
@@ -506,10 +501,12 @@ def test_reward_train_finetune_then_apply(scored_db: str, tmp_path: Path) -> Non
 
 
 def _train_reward(mode: str, db: str, cwd: Path) -> dict:
-    """`score reward train --mode MODE` with two CPU fine-tuning steps; its --json result."""
+    """`score reward train --mode MODE` with two CPU fine-tuning steps on 32 tokens (every
+    exchange is scored again after each: at the default 128, most of the test's minutes);
+    its --json result."""
     trained = convoscope(
-        "score", "reward", "train", "--mode", mode, "--steps", "2", "--device", "cpu", "--json",
-        db=db, cwd=cwd,
+        "score", "reward", "train", "--mode", mode, "--steps", "2", "--device", "cpu",
+        "--max-length", "32", "--json", db=db, cwd=cwd,
     )  # fmt: skip
     assert trained.returncode == 0, trained.stderr
     return json.loads(trained.stdout)

@@ -21,6 +21,7 @@ from scoring.reward_model import (
     TransformerReward,
     default_backbone,
 )
+from tests.tiny_reward_model import tiny_classifier
 
 MODELS = {"FuseChat-Gemma-2-9B-Instruct", "alpaca-7b", "claude-2", "vicuna-13b"}
 
@@ -325,30 +326,10 @@ def test_equal_rewards_or_lengths_agree_half_with_the_judge() -> None:
     assert found.accuracy == found.longer_wins == pytest.approx((0.5 + 0.5 + 1.0) / 3)
 
 
-def _tiny_classifier(directory: Path, *, positions: int = 512, tokenizer: bool = True) -> Path:
-    """A small random sequence-classification model (one layer) with MiniLM's tokenizer."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig
-
-    words = AutoTokenizer.from_pretrained(default_backbone())
-    config = BertConfig(
-        vocab_size=words.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=positions,
-        num_labels=1,
-    )
-    AutoModelForSequenceClassification.from_config(config).save_pretrained(directory)
-    if tokenizer:
-        words.save_pretrained(directory)
-    return directory
-
-
 def test_a_users_model_reads_no_more_tokens_than_it_has_positions(tmp_path: Path) -> None:
     """A model of 64 positions failed on the first long pair (a tensor size error): the
     texts were cut at 512 tokens whatever the model could read."""
-    rm = SequenceClassifierReward(_tiny_classifier(tmp_path / "rm", positions=64), device="cpu")
+    rm = SequenceClassifierReward(tiny_classifier(tmp_path / "rm", positions=64), device="cpu")
     s = rm.score(["word " * 300, "hi"], ["an answer " * 100, "hello"])
     assert s.shape == (2,) and np.isfinite(s).all()
 
@@ -356,7 +337,7 @@ def test_a_users_model_reads_no_more_tokens_than_it_has_positions(tmp_path: Path
 def test_a_users_model_without_its_tokenizer_is_refused(tmp_path: Path) -> None:
     """Saved without its tokenizer files, a model loaded an empty vocabulary: every word read
     as unknown and every answer scored alike, without a warning."""
-    bare = _tiny_classifier(tmp_path / "rm", tokenizer=False)
+    bare = tiny_classifier(tmp_path / "rm", tokenizer=False)
     with pytest.raises(ValueError, match="no tokenizer"):
         SequenceClassifierReward(bare, device="cpu")
 
@@ -373,7 +354,7 @@ def test_a_users_model_given_by_a_relative_path_is_found_from_anywhere(
 
     work = tmp_path / "work"
     work.mkdir()
-    _tiny_classifier(work / "rm")
+    tiny_classifier(work / "rm")
     log = work / "chats.jsonl"
     lines = [
         {"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant",
