@@ -176,11 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,  # a prefix guess turns a typo like `--mode` into `--model`
         description="See what your chat models are asked and how well they answer.",
     )
-    parser.add_argument(
-        "--db",
-        help="database URL or file (default: $CONVOSCOPE_DB, else ./convoscope.duckdb); "
-        "duckdb:///path, sqlite:///path and postgresql://… all work",
+    db_help = (
+        "database URL or file (default: $CONVOSCOPE_DB, else ./convoscope.duckdb); "
+        "duckdb:///path, sqlite:///path and postgresql://… all work"
     )
+    parser.add_argument("--db", help=db_help)
     parser.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     sub = parser.add_subparsers(
         dest="command",
@@ -189,8 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
         parser_class=partial(_Parser, allow_abbrev=False),
     )
 
-    # Each subcommand also accepts --json after its name; SUPPRESS keeps the global value.
-    common = argparse.ArgumentParser(add_help=False)
+    # Each subcommand also accepts --db and --json after its name (`ingest --db x.duckdb` is
+    # the order people type); SUPPRESS keeps the global value when they are not given there.
+    database = argparse.ArgumentParser(add_help=False)
+    database.add_argument("--db", default=argparse.SUPPRESS, help=db_help)
+    common = argparse.ArgumentParser(add_help=False, parents=[database])
     common.add_argument(
         "--json",
         action="store_true",
@@ -524,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-score", action="store_true", help="stop after clustering")
     run.set_defaults(handler=commands.run)
 
-    ui = sub.add_parser("ui", help="open the Streamlit UI on the database")
+    ui = sub.add_parser("ui", parents=[database], help="open the Streamlit UI on the database")
     ui.add_argument("--port", type=_port, default=8501)
     ui.add_argument(
         "--host",

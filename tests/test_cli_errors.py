@@ -642,3 +642,21 @@ def test_a_folder_given_as_the_database_is_called_one(
         assert code == 2 and out == ""
         assert f"{folder} is a folder, not a database file: give --db" in err
     assert not list(folder.iterdir())
+
+
+def test_db_after_the_command_name_is_the_same_db(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`convoscope ingest --db logs.duckdb chats.jsonl` is the natural order to type (like
+    `--json`, which works on either side); it failed with "unrecognized arguments: --db",
+    which named neither the rule nor the fix."""
+    write_openai_jsonl(tmp_path / "chat.jsonl", 2)
+    db = tmp_path / "after.duckdb"
+    code, _, err = cli(capsys, "ingest", "--db", str(db), "chat.jsonl")
+    assert code == 0, err
+    code, out, err = cli(capsys, "clusters", "--db", str(db), "--json")
+    assert code == 0, err
+    assert json.loads(out)["clusters"] == []
+    assert not (tmp_path / "convoscope.duckdb").exists()
+    code, out, err = cli(capsys, "ui", "--db", str(tmp_path / "typo.duckdb"), "--no-browser")
+    assert code == 2 and "no database at" in err  # ui takes it too, and checks it first
