@@ -538,7 +538,9 @@ def build_parser() -> argparse.ArgumentParser:
     ui.set_defaults(handler=commands.ui)
 
     demo = sub.add_parser(
-        "demo", parents=[common], help="ingest a ShareGPT sample into the default database"
+        "demo",
+        parents=[common],
+        help="the whole job on a ShareGPT sample (ingest → score), then open the UI",
     )
     demo.add_argument(
         "--sample", type=_positive_int, default=800, help="conversations to take (default 800)"
