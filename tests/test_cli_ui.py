@@ -4,6 +4,7 @@ SIGTERM stops the Streamlit child too, so nothing is left listening."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -42,10 +43,13 @@ def test_a_port_in_use_makes_ui_exit_non_zero(tmp_path: Path) -> None:
 
 
 def test_sigterm_stops_the_streamlit_child(tmp_path: Path) -> None:
+    """Also: with --json, stdout is the JSON summary alone; Streamlit's banner ("You can now
+    view your Streamlit app", the URL) went to stdout, before it, so `--json ui` (and `--json
+    demo`) printed no valid JSON."""
     open_database(str(tmp_path / "ui.duckdb")).dispose()  # the UI opens an existing database
     port = free_port()
     ui = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "--db", str(tmp_path / "ui.duckdb"), "ui",
+        [sys.executable, "-m", "app.cli", "--db", str(tmp_path / "ui.duckdb"), "--json", "ui",
          "--port", str(port), "--no-browser"],
         cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": str(REPO)},
@@ -58,6 +62,9 @@ def test_sigterm_stops_the_streamlit_child(tmp_path: Path) -> None:
         ui.send_signal(signal.SIGTERM)
         ui.wait(timeout=30)
         assert not wait_until_up(f"http://127.0.0.1:{port}/", timeout=1.0)
+        assert ui.stdout and ui.stderr
+        summary = json.loads(ui.stdout.read())
+        assert summary["port"] == port and f"{port}" in ui.stderr.read().decode()
     finally:
         with contextlib.suppress(ProcessLookupError):  # the group is gone when all went well
             os.killpg(ui.pid, signal.SIGKILL)

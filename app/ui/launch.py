@@ -70,10 +70,13 @@ def launch(
             file=sys.stderr,
         )
     # Resolved here: the child runs in the repository root, where a relative path would move.
+    # Streamlit's banner and log are progress, so they go to stderr (fd 2): stdout is the
+    # command's result alone, the JSON summary with `--json`.
     process = subprocess.Popen(
         command(resolve_url(db_url), host=host, port=port),
         cwd=REPO_ROOT,
         env=child_environment(),
+        stdout=2,
     )
     if open_browser:
         url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/"
