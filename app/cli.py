@@ -333,8 +333,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MODEL",
         help="name clusters with this chat model (sends cluster examples to --llm-base-url)",
     )
-    cluster.add_argument("--llm-base-url", help="OpenAI-compatible endpoint for --llm-names")
-    cluster.add_argument("--llm-api-key-env", default="OPENAI_API_KEY")
+    cluster.add_argument(
+        "--llm-base-url", type=_http_url, help="OpenAI-compatible endpoint for --llm-names"
+    )
+    cluster.add_argument(
+        "--llm-api-key-env",
+        help="variable holding the API key, which must be set (default OPENAI_API_KEY, "
+        "optional: a local server takes any key)",
+    )
     cluster.set_defaults(handler=commands.cluster)
 
     assign = sub.add_parser(

@@ -296,8 +296,9 @@ def cluster(args: argparse.Namespace) -> dict[str, Any]:
     config, stages = _cluster_stages(args)
     engine = open_database(args.db, existing=True)
     try:
+        namer = _llm_namer(args, engine)  # refused, as options the rows cannot satisfy are,
         _check_fit_size(args, table_counts(engine)["exchanges"])  # before minutes of embedding
-        summary = cluster_exchanges(engine, config=config, namer=_llm_namer(args, engine), **stages)
+        summary = cluster_exchanges(engine, config=config, namer=namer, **stages)
         return summary.as_dict()
     except EmbedderError as error:
         raise UserError(str(error)) from error
@@ -347,7 +348,14 @@ def _llm_namer(args: argparse.Namespace, engine: Engine) -> Any:
     from clustering.llm_names import LLMNamer, openai_client
     from storage.cache import StoredCache
 
-    client = openai_client(args.llm_base_url, api_key=os.environ.get(args.llm_api_key_env))
+    # A variable named on purpose must hold the key (as for replay): otherwise every topic
+    # fails to be named, after the whole clustering.
+    if args.llm_api_key_env and not os.environ.get(args.llm_api_key_env):
+        raise UserError(
+            f"--llm-api-key-env {args.llm_api_key_env}: that variable is not set (or empty)"
+        )
+    key = os.environ.get(args.llm_api_key_env or "OPENAI_API_KEY")
+    client = openai_client(args.llm_base_url, api_key=key)
     return LLMNamer(client, args.llm_names, cache=StoredCache(engine))
 
 

@@ -660,3 +660,24 @@ def test_db_after_the_command_name_is_the_same_db(
     assert not (tmp_path / "convoscope.duckdb").exists()
     code, out, err = cli(capsys, "ui", "--db", str(tmp_path / "typo.duckdb"), "--no-browser")
     assert code == 2 and "no database at" in err  # ui takes it too, and checks it first
+
+
+def test_an_llm_naming_endpoint_that_cannot_work_is_refused_before_clustering(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A base URL without its scheme, or an API key variable that is not set, clustered
+    everything (minutes at scale) and then named no topic ("Connection error.", or the
+    endpoint's 401 per topic); replay refuses both before sending anything, as this now does."""
+    db, _ = _ingested(tmp_path, capsys)
+    code, out, err = cli(
+        capsys, "--db", db, "cluster", "--llm-names", "m", "--llm-base-url", "127.0.0.1:8000/v1"
+    )
+    assert code == 2 and out == ""
+    assert "argument --llm-base-url: expected an http(s) URL" in err
+    code, out, err = cli(
+        capsys,
+        "--db", db, "cluster", "--llm-names", "m", "--llm-base-url", "http://127.0.0.1:9/v1",
+        "--llm-api-key-env", "CONVOSCOPE_TEST_UNSET_KEY",
+    )  # fmt: skip
+    assert code == 2 and out == ""
+    assert "--llm-api-key-env CONVOSCOPE_TEST_UNSET_KEY: that variable is not set" in err
