@@ -562,7 +562,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse fills `score`'s word list once, before the first option, so the `train` of
+    # `score reward --mode head train` came back unknown: such words join the list.
+    if extra and args.command == "score" and set(extra) <= {"reward", "train", "apply"}:
+        args.what = [*args.what, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     status = 0
     try:
         result = args.handler(args)

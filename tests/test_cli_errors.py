@@ -681,3 +681,23 @@ def test_an_llm_naming_endpoint_that_cannot_work_is_refused_before_clustering(
     )  # fmt: skip
     assert code == 2 and out == ""
     assert "--llm-api-key-env CONVOSCOPE_TEST_UNSET_KEY: that variable is not set" in err
+
+
+@pytest.mark.parametrize(
+    "words",
+    [
+        ["score", "reward", "--mode", "head", "train"],
+        ["score", "reward", "--model-id", "m1", "apply"],
+    ],
+)
+def test_score_reward_words_may_come_around_its_options(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], words: list[str]
+) -> None:
+    """`score reward --mode head train` failed with "unrecognized arguments: train": argparse
+    fills a list of positionals once, before the first option, and calls the rest unknown."""
+    typo = tmp_path / "none.duckdb"
+    code, out, err = cli(capsys, "--db", str(typo), *words)
+    assert code == 2 and out == ""
+    assert "unrecognized" not in err and f"no database at {typo}" in err  # parsed, then opened
+    code, _, err = cli(capsys, "--db", str(typo), "score", "reward", "--mode", "head", "bogus")
+    assert code == 2 and "unrecognized arguments: bogus" in err  # other words stay refused
