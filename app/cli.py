@@ -560,14 +560,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _take_late_words(args: argparse.Namespace, extra: list[str]) -> bool:
+    """Give a command the words typed after its options: argparse fills positionals before
+    the first option only, so `score reward --mode head train` and `replay report --json RUN`
+    came back as unrecognized arguments. False when the words are no such words."""
+    if args.command == "score" and set(extra) <= {"reward", "train", "apply"}:
+        args.what = [*args.what, *extra]
+        return True
+    if args.command != "replay" or args.action not in ("report", "judge") or args.run_id:
+        return False  # a replay to run takes no word: one there is a mistake, refused
+    if len(extra) == 1 and not extra[0].startswith("-"):
+        args.run_id = extra[0]
+        return True
+    return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    # argparse fills `score`'s word list once, before the first option, so the `train` of
-    # `score reward --mode head train` came back unknown: such words join the list.
-    if extra and args.command == "score" and set(extra) <= {"reward", "train", "apply"}:
-        args.what = [*args.what, *extra]
-    elif extra:
+    if extra and not _take_late_words(args, extra):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     status = 0
     try:

@@ -688,16 +688,21 @@ def test_an_llm_naming_endpoint_that_cannot_work_is_refused_before_clustering(
     [
         ["score", "reward", "--mode", "head", "train"],
         ["score", "reward", "--model-id", "m1", "apply"],
+        ["replay", "report", "--json", "r1"],
+        ["replay", "judge", "--model", "j", "--base-url", "http://127.0.0.1:9/v1", "r1"],
     ],
 )
-def test_score_reward_words_may_come_around_its_options(
+def test_command_words_may_come_around_its_options(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], words: list[str]
 ) -> None:
-    """`score reward --mode head train` failed with "unrecognized arguments: train": argparse
-    fills a list of positionals once, before the first option, and calls the rest unknown."""
+    """`score reward --mode head train` failed with "unrecognized arguments: train", `replay
+    report --json RUN` with "unrecognized arguments: RUN": argparse fills the positionals
+    before the first option and calls the words after it unknown."""
     typo = tmp_path / "none.duckdb"
     code, out, err = cli(capsys, "--db", str(typo), *words)
     assert code == 2 and out == ""
     assert "unrecognized" not in err and f"no database at {typo}" in err  # parsed, then opened
-    code, _, err = cli(capsys, "--db", str(typo), "score", "reward", "--mode", "head", "bogus")
-    assert code == 2 and "unrecognized arguments: bogus" in err  # other words stay refused
+    strays = (["score", "reward", "--mode", "head", "x"], ["replay", "run", "--sample", "2", "r1"])
+    for stray in strays:
+        code, _, err = cli(capsys, "--db", str(typo), *stray)
+        assert code == 2 and f"unrecognized arguments: {stray[-1]}" in err  # still refused
