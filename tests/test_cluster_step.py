@@ -19,7 +19,7 @@ from sklearn.metrics import normalized_mutual_info_score
 from clustering.step import ClusterStepConfig, cluster_exchanges
 from ingest.embed_step import EmbedConfig
 from storage.engine import open_database
-from tests.test_ingest_pipeline import convoscope
+from tests.test_ingest_pipeline import convoscope_here as convoscope  # many commands
 
 INTENTS = (
     "balance", "bill_due", "book_flight", "calories", "change_language", "cook_time",

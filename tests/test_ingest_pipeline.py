@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -32,6 +34,26 @@ def convoscope(*args: str, db: str, cwd: Path) -> subprocess.CompletedProcess[st
         env=env,
         timeout=600,
     )
+
+
+def convoscope_here(*args: str, db: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """`convoscope`, run by the same `main` in this process, for tests of many commands: a
+    subprocess pays 3-5 s of imports per command and compiles UMAP's numba code again for
+    every `cluster` (13 s each), where this process compiles it once."""
+    from app.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    started = Path.cwd()
+    os.chdir(cwd)
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            try:
+                code = main(["--db", db, *args])
+            except SystemExit as exit:  # argparse refusing an argument
+                code = int(exit.code or 0)
+    finally:
+        os.chdir(started)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def openai_line(i: int) -> str:

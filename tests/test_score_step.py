@@ -35,7 +35,7 @@ from storage.models import latest_model, load_model
 from storage.reports import load_cluster_reports
 from storage.scores import latest_scores
 from storage.vectors import missing_hashes
-from tests.test_ingest_pipeline import convoscope
+from tests.test_ingest_pipeline import convoscope_here as convoscope  # many commands
 
 
 def _signal_log(path: Path) -> Path:
