@@ -32,8 +32,11 @@ def resolve_url(db: str | None = None) -> str:
     if raw == ":memory:":  # an in-memory DuckDB database, not a file of that name
         return "duckdb:///:memory:"
     if "://" not in raw:
+        # Quoted into the URL: pasted in as it is, `what?.duckdb` opened a file named `what`
+        # (the rest read as URL options) and `p%20q.duckdb` one named `p q.duckdb`.
         path = Path(raw).expanduser().resolve()
-        return f"{_file_scheme(path)}:///{path}"
+        url = sa.URL.create(_file_scheme(path), database=str(path))
+        return url.render_as_string(hide_password=False)
     try:
         sa.make_url(raw)
     except sa.exc.ArgumentError:  # not echoed: a mistyped URL may still hold a password

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from storage.engine import StorageError, make_engine, open_database, resolve_url
+from storage.engine import StorageError, database_file, make_engine, open_database, resolve_url
 from storage.logs import ExchangeFilter, iter_exchanges, store_batch, table_counts, utcnow
 from storage.schema import metadata
 
@@ -189,6 +189,16 @@ def test_urls_resolve_from_paths_and_environment(monkeypatch, tmp_path) -> None:
     assert resolve_url(":memory:") == "duckdb:///:memory:"  # not a file of that name
     monkeypatch.setenv("CONVOSCOPE_DB", "postgresql://u@127.0.0.1/db")
     assert resolve_url(None) == "postgresql+psycopg://u@127.0.0.1/db"
+
+
+@pytest.mark.parametrize("name", ["what?.duckdb", "x?mode=ro.sqlite", "p%20q.duckdb", "a#b é.db"])
+def test_a_file_path_opens_the_file_it_names(tmp_path, name: str) -> None:
+    """A path is not a URL: `what?.duckdb` created a file named `what` (the rest read as
+    URL options) and `p%20q.duckdb` one named `p q.duckdb`."""
+    open_database(str(tmp_path / name)).dispose()
+    files = [p.name for p in tmp_path.iterdir() if not p.name.endswith(("-wal", "-shm"))]
+    assert files == [name]
+    assert database_file(resolve_url(str(tmp_path / name))) == tmp_path / name
 
 
 def test_upgrading_an_old_database_keeps_its_rows(db_url: str) -> None:
