@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 from sqlalchemy.engine import Engine
 
+from ingest.embed_fast import PCA_DIMS
 from ingest.embed_step import EmbedConfig, embed_exchanges, exchange_texts
 from scoring.agreement import agreeing_share
 from scoring.features import FEATURE_NAMES, text_features
@@ -55,6 +56,7 @@ REWARD_MEMBERS = ("head", "lexical", "finetune")
 DEFAULT_MODE = "head+lexical"
 _MODE_ALIASES = {"ensemble": REWARD_MEMBERS}
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
+_FAST_SUFFIX = f"+model2vec-{PCA_DIMS}"  # the name of a static variant (`--fast`)
 _CONTEXT_CHARS = 500  # of the earlier turns a fine-tuned model reads before the prompt
 # What a head reads. "structure:N" (the default): the first N columns of
 # scoring.features.text_features (length, layout, refusals, truncation, degenerate output),
@@ -134,9 +136,13 @@ def reward_members(mode: str) -> tuple[str, ...]:
 
 
 def embed_config_for(encoder: str, embed: EmbedConfig | None = None) -> EmbedConfig:
-    """`embed` (device, batch size...) with the embedder a stored model was trained on."""
-    model = None if encoder == DEFAULT_ENCODER else encoder
-    return EmbedConfig(**{**asdict(embed or EmbedConfig()), "model": model})
+    """`embed` (device, batch size...) with the embedder a stored model was trained on: the
+    fast variant of a model for a name `score --fast` stored (`...+model2vec-256`), which was
+    looked up as a model of that name and failed."""
+    fast = encoder.endswith(_FAST_SUFFIX)
+    base = encoder.removesuffix(_FAST_SUFFIX)
+    model = None if base == DEFAULT_ENCODER else base
+    return EmbedConfig(**{**asdict(embed or EmbedConfig()), "model": model, "fast": fast})
 
 
 def head_inputs(frame: pd.DataFrame, features: str, vectors: Vectors) -> np.ndarray:
@@ -536,8 +542,8 @@ def _file_scores(stored: dict[str, Any], prompts: list[str], responses: list[str
     from ingest.embed import load_embedder
 
     def vectors() -> tuple[np.ndarray, np.ndarray]:
-        encoder = stored["config"].get("encoder") or DEFAULT_ENCODER
-        embedder = load_embedder(None if encoder == DEFAULT_ENCODER else encoder)
+        config = embed_config_for(stored["config"].get("encoder") or DEFAULT_ENCODER)
+        embedder = load_embedder(config.model, fast=config.fast)
         return embedder.embed(prompts), embedder.embed(responses)
 
     frame = pd.DataFrame({"prompt": prompts, "response": responses})

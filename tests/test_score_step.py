@@ -329,6 +329,39 @@ def test_the_default_head_reads_no_embeddings_an_older_head_still_does(scored_db
     engine.dispose()
 
 
+def test_an_older_head_on_fast_vectors_still_scores(tmp_path: Path) -> None:
+    """A head an earlier release trained after `score --fast` stored its encoder as
+    `all-MiniLM-L6-v2+model2vec-256`: `score reward apply` and `reward --file` looked that
+    name up as a model on the hub and failed, so the upgraded database could not use it."""
+    from scoring.reward_step import apply_reward, exchange_embeddings, score_texts, train_head
+
+    engine = open_database(f"duckdb:///{tmp_path / 'old.duckdb'}")
+    config = IngestConfig(progress=False, rejects_path=tmp_path / "rejects.jsonl")
+    ingest_paths([_signal_log(tmp_path / "chats.jsonl")], engine=engine, config=config)
+    frame = _exchange_frame(engine)
+    fast = EmbedConfig(device="cpu", progress=False, fast=True)
+    labels = pd.DataFrame({"label": np.where(frame["retried"].eq(True), 0.0, 1.0), "weight": 1.0})
+    older = train_head(
+        engine,
+        frame,
+        lambda: exchange_embeddings(engine, list(frame["id"]), fast),
+        labels,
+        pd.DataFrame(columns=["exchange_a", "exchange_b", "winner"]),
+        np.zeros(len(frame), dtype=bool),
+        config=HeadConfig(epochs=2),
+        label_config=LabelConfig(),
+        features_kind=f"text:{len(FEATURE_NAMES)}",
+    )
+    assert load_model(engine, older.model_id)["config"]["encoder"].endswith("+model2vec-256")
+    apply_reward(engine, model_id=older.model_id, embed=EmbedConfig(progress=False))
+    rewards = latest_scores(engine, prefix="reward:")
+    assert np.allclose([rewards[i] for i in frame["id"]], older.scores, atol=1e-5)
+    first = frame["prompt"].str.startswith("Help me plan").to_numpy()  # no earlier turn
+    texts, _ = score_texts(engine, list(frame["prompt"]), list(frame["response"]))
+    assert np.allclose(texts[first], older.scores[first], atol=1e-4)
+    engine.dispose()
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
