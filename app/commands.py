@@ -361,10 +361,13 @@ def _llm_namer(args: argparse.Namespace, engine: Engine) -> Any:
 
 def assign(args: argparse.Namespace) -> dict[str, Any]:
     from clustering.step import ClusterStepConfig, assign_new
+    from ingest.embed import EmbedderError
 
     engine = open_database(args.db, existing=True)
     try:
         return assign_new(engine, config=ClusterStepConfig(embed=_embed_config(args)))
+    except EmbedderError as error:
+        raise UserError(str(error)) from error
     finally:
         engine.dispose()
 
@@ -446,6 +449,7 @@ def score(args: argparse.Namespace) -> dict[str, Any]:
     """`score` (everything), `score reward train` or `score reward apply`."""
     from dataclasses import replace
 
+    from ingest.embed import EmbedderError
     from scoring.labels import SIGNALS, LabelConfig
     from scoring.reward_head import STRUCTURAL_HEAD
     from scoring.reward_model import FineTuneConfig
@@ -514,6 +518,8 @@ def score(args: argparse.Namespace) -> dict[str, Any]:
         if args.what == ["reward", "train"]:
             return train_reward_only(engine, config=config)
         result = score_all(engine, config=config)
+    except EmbedderError as error:  # --model, or the embedder a stored head was trained on
+        raise UserError(str(error)) from error
     finally:
         engine.dispose()
     for message in result.get("warnings", []):
@@ -568,6 +574,7 @@ def reward(args: argparse.Namespace) -> dict[str, Any]:
     """Rewards for the lines of a file, by the latest reward model: (prompt, response) pairs,
     and battles (prompt, response_a, response_b), whose judged winners, when given, measure how
     often the rewards agree with the judge (scoring.agreement)."""
+    from ingest.embed import EmbedderError
     from scoring.reward_step import score_texts
 
     if args.reward_model:
@@ -590,6 +597,8 @@ def reward(args: argparse.Namespace) -> dict[str, Any]:
     engine = None if args.reward_model else open_database(args.db, existing=True)
     try:
         scores, model = score_texts(engine, prompts, responses, reward_model_dir=args.reward_model)
+    except EmbedderError as error:  # the embedder a stored head was trained on
+        raise UserError(str(error)) from error
     finally:
         if engine is not None:
             engine.dispose()

@@ -706,3 +706,36 @@ def test_command_words_may_come_around_its_options(
     for stray in strays:
         code, _, err = cli(capsys, "--db", str(typo), *stray)
         assert code == 2 and f"unrecognized arguments: {stray[-1]}" in err  # still refused
+
+
+def test_an_embedder_that_cannot_load_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`score` and `assign` let the embedder's error out as a traceback (`embed` and
+    `cluster` already said it in one line)."""
+    from clustering.stages import kmeans_clusterer, pca_reducer
+    from clustering.step import ClusterStepConfig, cluster_exchanges
+    from clustering.topics import ClusterConfig
+    from ingest.embed_step import EmbedConfig
+
+    log = tmp_path / "chat.jsonl"
+    write_openai_jsonl(log, 12)
+    db = str(tmp_path / "x.duckdb")
+    assert cli(capsys, "--db", db, "ingest", str(log))[0] == 0
+    engine = open_database(db)
+    cluster_exchanges(
+        engine,
+        config=ClusterStepConfig(
+            embed=EmbedConfig(fast=True, progress=False), topics=ClusterConfig(layout=False)
+        ),
+        reducer=pca_reducer(5),
+        clusterer=kmeans_clusterer(2),
+    )
+    engine.dispose()
+    write_openai_jsonl(log, 14)  # two new conversations for `assign`
+    assert cli(capsys, "--db", db, "ingest", str(log))[0] == 0
+    missing = tmp_path / "no-such-model"
+    for command in (["score"], ["assign"]):
+        code, out, err = cli(capsys, "--db", db, *command, "--model", str(missing))
+        assert code == 2 and out == ""
+        assert f"embedding model directory {missing} does not exist" in err
