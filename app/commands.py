@@ -379,7 +379,7 @@ def clusters(args: argparse.Namespace) -> dict[str, Any]:
     from storage.clusters import latest_run, load_clusters
     from storage.reports import load_cluster_reports
 
-    engine = open_database(args.db, existing=True)
+    engine = open_database(args.db, read_only=True)  # reads only: beside other readers
     try:
         run = latest_run(engine, on_field=args.on)
         if run is None:
@@ -594,7 +594,7 @@ def reward(args: argparse.Namespace) -> dict[str, Any]:
     responses += [r.fields["response_b"] for r in battles]
     # Your own model directory needs no database; the stored model needs the one named, and
     # a mistyped --db must not become an empty one that says "no reward model yet".
-    engine = None if args.reward_model else open_database(args.db, existing=True)
+    engine = None if args.reward_model else open_database(args.db, read_only=True)
     try:
         scores, model = score_texts(engine, prompts, responses, reward_model_dir=args.reward_model)
     except EmbedderError as error:  # the embedder a stored head was trained on
@@ -703,7 +703,7 @@ def route(args: argparse.Namespace) -> dict[str, Any]:
     if args.export:
         return _export_routing_table(args)
     prompts, lines, rejected = _route_prompts(args)  # a bad prompt is said before any work
-    engine = open_database(args.db, existing=True)
+    engine = open_database(args.db, read_only=True)  # reads only: beside other readers
     try:
         predictor, encoder = load_predictor(engine)
     finally:
@@ -738,7 +738,7 @@ def _export_routing_table(args: argparse.Namespace) -> dict[str, Any]:
     problem = unwritable_reason(args.export)
     if problem is not None:
         raise UserError(f"--export {args.export} {problem}")
-    engine = open_database(args.db, existing=True)
+    engine = open_database(args.db, read_only=True)  # reads only: beside other readers
     try:
         table = load_routing_table(engine)
         run_id = table["clustering_run_id"]

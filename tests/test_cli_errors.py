@@ -292,6 +292,31 @@ def test_export_only_reads_so_it_runs_beside_another_reader(
 
 
 @pytest.mark.parametrize(
+    "command",
+    [
+        ["clusters"],
+        ["route", "hi"],
+        ["route", "--export", "t.json"],
+        ["reward", "--file", "p.jsonl"],
+    ],
+)
+def test_commands_that_only_read_run_beside_another_reader(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    """They opened DuckDB for writing, so while an export or the UI read the file they
+    failed with "in use by another process ... one writer at a time", with no writer about."""
+    db, _ = _ingested(tmp_path, capsys)
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "hi", "response": "hey"}) + "\n")
+    reader = duckdb.connect(db, read_only=True)  # as an export or the UI holds it
+    try:
+        result = convoscope(*command, db=db, cwd=tmp_path)
+    finally:
+        reader.close()
+    assert "in use by another process" not in result.stderr
+    assert result.returncode == 0 or "`convoscope score`" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
     "args",
     [
         ("run", "--mode", "head"),  # once silently `--model head`
