@@ -6,6 +6,8 @@ convoscope: we stop with a clear message instead of reading tables we do not und
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -102,11 +104,39 @@ def check_version(engine: Engine) -> None:
 
 def upgrade(engine: Engine, target: str = "head") -> None:
     """Bring the database to the newest schema (or `target`); a no-op when it is there."""
-    with engine.begin() as connection:
+    wanted = head_revision() if target == "head" else target
+    with (
+        engine.connect() as connection,
+        _sqlite_ddl_in_transaction(connection),
+        connection.begin(),
+    ):
         revision = current_revision(connection)
+        if connection.dialect.name == "sqlite" and revision != wanted:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")  # waits while another one migrates
+            revision = current_revision(connection)
         url = engine.url.render_as_string(hide_password=True)
         _refuse_newer(revision, url)
         if revision is None:
             _refuse_clashing_tables(connection, url)
-        if revision != (head_revision() if target == "head" else target):
+        if revision != wanted:
             command.upgrade(_config(connection), target)
+
+
+@contextmanager
+def _sqlite_ddl_in_transaction(connection: Connection) -> Iterator[None]:
+    """Let `upgrade` begin SQLite's transaction itself. Python's sqlite3 commits each ALTER or
+    CREATE on its own, so a migration cut short (killed, Ctrl-C, a later step failing) kept
+    its columns without the revision that records them, and every later open failed on
+    "duplicate column name". `BEGIN IMMEDIATE`, only when there is something to migrate,
+    makes the steps and the revision one transaction, and a second process opening the
+    file meanwhile waits for it and then finds it migrated."""
+    if connection.dialect.name != "sqlite":
+        yield
+        return
+    driver = connection.connection.driver_connection
+    before = driver.isolation_level  # type: ignore[union-attr]
+    driver.isolation_level = None  # type: ignore[union-attr]
+    try:
+        yield
+    finally:
+        driver.isolation_level = before  # type: ignore[union-attr]

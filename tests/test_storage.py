@@ -216,6 +216,30 @@ def test_upgrading_an_old_database_keeps_its_rows(db_url: str) -> None:
     engine.dispose()
 
 
+def test_an_interrupted_upgrade_leaves_the_database_as_it_was(db_url: str) -> None:
+    """Ctrl-C (or a kill) right after a migration's ALTER TABLE: SQLite had committed the
+    column without the revision, and every later open failed on "duplicate column name"."""
+    from storage.migrate import current_revision, head_revision, upgrade
+
+    old = make_engine(resolve_url(db_url))
+    upgrade(old, "0002")
+    store_batch(old, conversation_rows=[_conversation(0)], exchange_rows=[_exchange(0)])
+
+    def interrupt(_conn, _cursor, statement: str, *_args: object) -> None:
+        if "context_parent" in statement:
+            raise KeyboardInterrupt
+
+    sa.event.listen(old, "after_cursor_execute", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        upgrade(old)
+    old.dispose()
+    engine = open_database(db_url)
+    with engine.connect() as conn:
+        assert current_revision(conn) == head_revision()
+    assert table_counts(engine)["exchanges"] == 1
+    engine.dispose()
+
+
 def test_floats_keep_every_digit_and_an_upgrade_keeps_the_old_ones(db_url: str) -> None:
     """DuckDB's FLOAT is 32 bits: 61.123456789 s read back as 61.12345886230469. The schema
     asks for double precision (migration 0004); a value stored before keeps its 32 bits."""
