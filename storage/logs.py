@@ -351,18 +351,24 @@ def add_conversation_fields(
 
 
 def load_battles(engine: Engine) -> list[Row]:
-    """Every battle with the models and prompts of its two exchanges."""
+    """Every battle with the models and prompts of its two exchanges, by id: training reads
+    them in this order, and in the join's own order PostgreSQL's differed from DuckDB's, so
+    the same data trained other rewards under another data fingerprint."""
     a, b = exchanges.alias("a"), exchanges.alias("b")
-    query = sa.select(
-        battles.c.id,
-        battles.c.exchange_a,
-        battles.c.exchange_b,
-        battles.c.winner,
-        battles.c.judge_preference,
-        a.c.model.label("model_a"),
-        b.c.model.label("model_b"),
-    ).select_from(
-        battles.join(a, a.c.id == battles.c.exchange_a).join(b, b.c.id == battles.c.exchange_b)
+    query = (
+        sa.select(
+            battles.c.id,
+            battles.c.exchange_a,
+            battles.c.exchange_b,
+            battles.c.winner,
+            battles.c.judge_preference,
+            a.c.model.label("model_a"),
+            b.c.model.label("model_b"),
+        )
+        .select_from(
+            battles.join(a, a.c.id == battles.c.exchange_a).join(b, b.c.id == battles.c.exchange_b)
+        )
+        .order_by(battles.c.id)
     )
     with engine.connect() as conn:
         return [dict(r) for r in conn.execute(query).mappings()]

@@ -144,6 +144,32 @@ def test_a_batch_holding_a_stored_row_is_stored_whole_but_that_row(db_url: str) 
     engine.dispose()
 
 
+def test_battles_load_in_one_order_on_every_engine(db_url: str) -> None:
+    """Reward training reads battles in the order loaded: in the join's own order the same
+    data trained other rewards (and another data fingerprint) on PostgreSQL than on DuckDB."""
+    from storage.logs import load_battles
+
+    engine = open_database(db_url)
+    rows = [_exchange(i) for i in range(8)]
+    store_batch(engine, conversation_rows=[_conversation(i) for i in range(4)], exchange_rows=rows)
+    for i in (3, 0, 2, 1):  # stored out of id order, one batch each
+        battle = {
+            "id": f"{i:032x}",
+            "exchange_a": rows[2 * i]["id"],
+            "exchange_b": rows[2 * i + 1]["id"],
+            "winner": "a",
+            "judge": None,
+            "judge_preference": None,
+            "source": "b.jsonl",
+            "external_id": None,
+            "metadata": None,
+            "ingested_at": utcnow(),
+        }
+        store_batch(engine, conversation_rows=[], exchange_rows=[], battle_rows=[battle])
+    assert [b["id"] for b in load_battles(engine)] == [f"{i:032x}" for i in range(4)]
+    engine.dispose()
+
+
 def test_filters_select_by_model(db_url: str) -> None:
     engine = open_database(db_url)
     store_batch(
