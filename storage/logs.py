@@ -4,7 +4,8 @@ Every write is one transaction per batch that skips rows already stored (by cont
 a process killed mid-ingest leaves whole batches only, and running the same ingest again
 stores exactly what is missing. DuckDB gets its rows through Arrow, because its row-at-a-time
 `executemany` is two orders of magnitude slower, and skips stored ids inside the insert;
-SQLite and PostgreSQL probe for stored ids, then use plain executemany. Contexts are stored
+SQLite and PostgreSQL probe for stored ids, then insert the rest skipping any that another
+writer stored meanwhile (ON CONFLICT DO NOTHING). Contexts are stored
 as references (storage/contexts.py) and resolved by the readers here.
 """
 
@@ -19,6 +20,7 @@ from typing import Any
 
 import pyarrow as pa
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from storage.contexts import context_columns, stream_with_contexts
@@ -171,9 +173,26 @@ def _store_new(
     if not rows:
         return 0
     existing = _existing_ids(conn, table, [row["id"] for row in rows])
-    new = [row for row in rows if row["id"] not in existing]
-    insert_rows(conn, table, new)
-    return len(new)
+    return insert_new_rows(conn, table, [row for row in rows if row["id"] not in existing])
+
+
+def insert_new_rows(conn: Connection, table: sa.Table, rows: list[Row]) -> int:
+    """Insert rows, leaving out any whose key another process stored since the caller looked
+    (PostgreSQL's concurrent writers, a second SQLite process); returns how many went in.
+    Two ingests sharing a battle's answer failed on the primary key with a traceback.
+
+    On PostgreSQL rows go in key order: a row another transaction has inserted but not yet
+    committed makes this insert wait for it, and two writers taking shared keys in opposite
+    orders would each wait for the other."""
+    if not rows or conn.dialect.name not in ("postgresql", "sqlite"):
+        insert_rows(conn, table, rows)
+        return len(rows)
+    keys = [column.name for column in table.primary_key]
+    if conn.dialect.name == "postgresql":
+        rows = sorted(rows, key=lambda row: tuple(row[key] for key in keys))
+    module = postgresql if conn.dialect.name == "postgresql" else sqlite
+    statement = module.insert(table).on_conflict_do_nothing().returning(*table.primary_key)
+    return len(conn.execute(statement, rows).all())
 
 
 def store_batch(

@@ -13,7 +13,7 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from storage.logs import insert_rows
+from storage.logs import insert_new_rows
 from storage.schema import vectors
 
 _CHUNK = 5000
@@ -51,9 +51,8 @@ def store_vectors(engine: Engine, model: str, hashes: Sequence[str], matrix: np.
                     "vector": vector.tobytes(),
                 }
             )
-    with engine.begin() as conn:
-        insert_rows(conn, vectors, rows)
-    return len(rows)
+    with engine.begin() as conn:  # another process may embed the same texts meanwhile
+        return insert_new_rows(conn, vectors, rows)
 
 
 def load_vectors(engine: Engine, model: str, hashes: Sequence[str]) -> np.ndarray:

@@ -170,6 +170,32 @@ def test_battles_load_in_one_order_on_every_engine(db_url: str) -> None:
     engine.dispose()
 
 
+def test_rows_another_writer_stores_meanwhile_are_skipped(db_url: str) -> None:
+    """Two ingests into PostgreSQL (or two processes on a SQLite file) that share a battle's
+    answer: the other one stored it between this one's look-up and its insert, which then
+    failed on the primary key with a traceback."""
+    if db_url.startswith("duckdb"):
+        pytest.skip("one writing process at a time: DuckDB skips stored ids inside the insert")
+    engine = open_database(db_url)
+    other = open_database(db_url)
+    rows = [_exchange(i) for i in range(4)]
+    shared = [([_conversation(0)], [rows[0], rows[1]])]  # what the other one stores, once
+
+    def other_writer_first(_conn, _cursor, statement: str, *_args: object) -> None:
+        if statement.startswith("INSERT INTO conversations") and shared:
+            conversation_rows, exchange_rows = shared.pop()
+            store_batch(other, conversation_rows=conversation_rows, exchange_rows=exchange_rows)
+
+    sa.event.listen(engine, "before_cursor_execute", other_writer_first)
+    counts = store_batch(
+        engine, conversation_rows=[_conversation(0), _conversation(1)], exchange_rows=rows
+    )
+    assert (counts.stored, counts.duplicates) == (2, 2)
+    assert table_counts(engine) == {"conversations": 2, "exchanges": 4, "battles": 0}
+    other.dispose()
+    engine.dispose()
+
+
 def test_filters_select_by_model(db_url: str) -> None:
     engine = open_database(db_url)
     store_batch(
