@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from app import commands
 from ingest.readers import FORMATS as INGEST_FORMATS
-from storage.engine import StorageError
+from storage.engine import StorageError, explain_failure
 
 Handler = Callable[[argparse.Namespace], dict[str, Any]]
 
@@ -592,6 +592,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as error:  # a path that cannot be written or read: name it, no traceback
         where = f"{error.filename}: " if error.filename else ""
         print(f"convoscope: error: {where}{error.strerror or error}", file=sys.stderr)
+        return 2
+    except Exception as error:  # a database failing mid-step (disk full): one line, no rows
+        problem = explain_failure(error)
+        if problem is None:
+            raise
+        print(f"convoscope: error: {problem}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as interrupt:
         again = getattr(interrupt, "how_to_finish", "re-run to finish")

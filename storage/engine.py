@@ -288,6 +288,23 @@ def _require_file(url: str) -> None:
         )
 
 
+def explain_failure(error: BaseException) -> str | None:
+    """One line for a database failure in the middle of a step (a full disk, an I/O error, a
+    lost server, a lock held too long), or None for any other error. Those printed
+    SQLAlchemy's traceback, with the batch's rows (the user's log text) in it."""
+    if not isinstance(error, sa.exc.OperationalError):
+        return None
+    text = (str(error.orig) if error.orig is not None else str(error)).strip()
+    text = text.splitlines()[0] if text else type(error.orig).__name__
+    lowered = text.lower()
+    if any(word in lowered for word in ("no space left", "disk is full", "disk i/o error")):
+        return (
+            f"the database could not be written ({text}): free disk space where --db is, "
+            "then run the command again; what was stored before is kept"
+        )
+    return f"the database failed ({text}); what was stored before is kept"
+
+
 def _explain(url: str, error: Exception) -> str:
     text = str(error).splitlines()[0]
     safe_url = sa.make_url(url).render_as_string(hide_password=True)

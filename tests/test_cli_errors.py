@@ -764,3 +764,39 @@ def test_an_embedder_that_cannot_load_is_one_line(
         code, out, err = cli(capsys, "--db", db, *command, "--model", str(missing))
         assert code == 2 and out == ""
         assert f"embedding model directory {missing} does not exist" in err
+
+
+def test_a_database_that_cannot_be_written_mid_step_is_one_line(tmp_path: Path) -> None:
+    """A full disk (here a file-size limit) failed an ingest with SQLAlchemy's traceback,
+    the batch's log text included; what earlier batches stored is kept."""
+    import resource
+    import signal
+
+    def limit_file_size() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past it fails instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (400_000, 400_000))
+
+    log = tmp_path / "chat.jsonl"
+    words = "a long answer " * 200
+    lines = [
+        {
+            "messages": [
+                {"role": "user", "content": f"q{i}"},
+                {"role": "assistant", "content": f"{i} {words}"},
+            ]
+        }
+        for i in range(1000)
+    ]
+    log.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    result = subprocess.run(
+        [sys.executable, "-m", "app.cli", "--db", str(tmp_path / "x.sqlite"), "ingest", str(log)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        preexec_fn=limit_file_size,
+        timeout=120,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "the database could not be written" in result.stderr
+    assert "a long answer" not in result.stderr
