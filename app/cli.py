@@ -76,6 +76,19 @@ def _weight(text: str) -> float:
     return value
 
 
+def _rating_scale(text: str) -> tuple[float, float]:
+    """MIN:MAX of logged ratings: a 1-10 log read on the default 1-5 scale made every rating of
+    5 or more fully good."""
+    low, _, high = text.partition(":")
+    try:
+        bounds = float(low), float(high)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN:MAX such as 1:10, got {text!r}") from None
+    if not (all(math.isfinite(b) for b in bounds) and bounds[0] < bounds[1]):
+        raise argparse.ArgumentTypeError(f"MIN must be below MAX, both numbers, got {text}")
+    return bounds
+
+
 def _whole_number(minimum: int) -> Callable[[str], int]:
     """A count of at least `minimum`, refused while parsing: `--sample 0` ran a demo to "only
     0 exchanges are stored", `--k 0` said "needs --k", `--min-cluster-size 1` showed HDBSCAN's
@@ -407,6 +420,28 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--alpha-rating", type=_weight, default=1.0, help="weight of star ratings")
     score.add_argument("--alpha-thumbs", type=_weight, default=1.0, help="weight of thumbs")
     score.add_argument("--alpha-battle", type=_weight, default=1.0, help="weight of judged battles")
+    score.add_argument(
+        "--ended-within",
+        type=_positive_int,
+        default=1,
+        metavar="K",
+        help="an answer with fewer than K user turns after it is one the user left (bad); "
+        "default 1: the last answer",
+    )
+    score.add_argument(
+        "--continued-at-least",
+        type=_positive_int,
+        default=3,
+        metavar="N",
+        help="an answer with N or more user turns after it, not retried, is good (default 3)",
+    )
+    score.add_argument(
+        "--rating-scale",
+        type=_rating_scale,
+        default=(1.0, 5.0),
+        metavar="MIN:MAX",
+        help="the range of logged star ratings, mapped to 0-1 (default 1:5)",
+    )
     score.add_argument(
         "--epochs", type=int, help="reward head training epochs (default: the head's, 30)"
     )

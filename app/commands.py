@@ -485,6 +485,11 @@ def score(args: argparse.Namespace) -> dict[str, Any]:
         _check_reward_model(args.reward_model)
     if not any(getattr(args, f"alpha_{signal}") for signal in SIGNALS):
         raise UserError("every --alpha-* weight is 0, so no response would get a label")
+    if args.continued_at_least < args.ended_within:
+        raise UserError(
+            f"--continued-at-least {args.continued_at_least} is below --ended-within "
+            f"{args.ended_within}: an answer would count as left and as continued"
+        )
     config = ScoreConfig(
         on=args.on,
         embed=replace(_embed_config(args), progress=True),
@@ -495,6 +500,10 @@ def score(args: argparse.Namespace) -> dict[str, Any]:
             alpha_rating=args.alpha_rating,
             alpha_thumbs=args.alpha_thumbs,
             alpha_battle=args.alpha_battle,
+            ended_within=args.ended_within,
+            continued_at_least=args.continued_at_least,
+            rating_min=args.rating_scale[0],
+            rating_max=args.rating_scale[1],
         ),
         head=replace(STRUCTURAL_HEAD, epochs=args.epochs or STRUCTURAL_HEAD.epochs),
         mode=args.mode,

@@ -52,6 +52,11 @@ class LabelConfig:
             )
         if self.ended_within < 1 or self.continued_at_least < 1:
             raise ValueError("ended_within and continued_at_least must be at least 1")
+        if self.continued_at_least < self.ended_within:  # an answer would be bad and good
+            raise ValueError(
+                f"continued_at_least ({self.continued_at_least}) must be at least ended_within "
+                f"({self.ended_within})"
+            )
         if not self.rating_min < self.rating_max:
             raise ValueError(f"rating_min {self.rating_min} must be below rating_max")
 

@@ -154,6 +154,24 @@ def test_battles_with_equal_rewards_are_ties_and_no_decided_battle_is_said(
     assert "agreement with the judge" not in out and "ties left out" not in out
 
 
+def test_label_thresholds_and_rating_scale_reach_the_labels(
+    fast_db: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """K, N and the rating scale were fixed: a chat of two questions never had a good answer."""
+    fast = ("score", "--fast", "--mode", "head", "--json")
+    code, out, err = cli(capsys, "--db", fast_db, *fast)
+    assert code == 0, err
+    assert json.loads(out)["labels"]["length"]["good"] == 0  # one turn after: not 3
+    code, out, err = cli(capsys, "--db", fast_db, *fast, "--continued-at-least", "1")
+    assert code == 0, err
+    assert json.loads(out)["labels"]["length"]["good"] == 60  # each chat's first answer
+    wrong = ("--ended-within", "2", "--continued-at-least", "1")
+    code, out, err = cli(capsys, "--db", fast_db, "score", *wrong)
+    assert code == 2 and "--continued-at-least 1 is below --ended-within 2" in err
+    code, _, err = cli(capsys, "--db", fast_db, "score", "--rating-scale", "5:1")
+    assert code == 2 and "argument --rating-scale: MIN must be below MAX" in err
+
+
 def test_clusters_show_the_size_their_scores_are_over(
     fast_db: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

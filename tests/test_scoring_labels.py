@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pandas as pd
+import pytest
 
 from scoring.labels import LabelConfig, joint_labels
 
@@ -75,3 +76,17 @@ def test_leaving_is_unknown_in_a_log_where_no_conversation_goes_on() -> None:
     assert labels.frame["label_length"].tolist()[3:] == [0.0, 1.0]
     assert labels.frame["label_length"].iloc[:3].isna().all()
     assert labels.counts["length"] == {"known": 2, "good": 1, "bad": 1, "unknown": 3}
+
+
+def test_thresholds_and_rating_scale_are_configurable() -> None:
+    rows = _conversation_rows()
+    # K = 3: two turns after is leaving too soon; N = 2: two turns after is going on.
+    strict = joint_labels(rows, LabelConfig(ended_within=3, continued_at_least=3))
+    assert strict.frame.loc[5, "label_length"] == 0.0
+    lenient = joint_labels(rows, LabelConfig(continued_at_least=2))
+    assert lenient.frame.loc[5, "label_length"] == 1.0
+    # A 1-10 log: 5 stars is below the middle, not the top of a 1-5 scale.
+    ten = joint_labels(rows, LabelConfig(rating_min=1.0, rating_max=10.0))
+    assert ten.frame.loc[3, "label_rating"] == pytest.approx(4 / 9)
+    with pytest.raises(ValueError, match="continued_at_least"):
+        LabelConfig(ended_within=3, continued_at_least=2)
