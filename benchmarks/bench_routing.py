@@ -282,9 +282,11 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", type=Path, default=DATA, help="battles JSONL (.gz)")
-    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--folds", type=int, default=5, help="cross-validation folds (2 or more)")
     parser.add_argument("--finetune", action="store_true", help="add the MiniLM fine-tune")
     args = parser.parse_args()
+    if args.folds < 2:  # one fold holds out every prompt; none divides by zero
+        parser.error(f"--folds must be at least 2, got {args.folds}")
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
 

@@ -299,7 +299,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="one held-out fold, no fine-tuning")
-    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--folds", type=int, default=5, help="cross-validation folds (2 or more)")
     parser.add_argument("--finetune-steps", type=int, default=150)
     parser.add_argument("--finetune-eval", type=int, default=300)
     parser.add_argument("--data", type=Path, default=DATA, help="battles JSONL (.gz)")
@@ -309,6 +309,8 @@ def main() -> None:
         help="a second battles file: train on all of --data, report on this one too",
     )
     args = parser.parse_args()
+    if args.folds < 2:  # one fold holds out every prompt; none divides by zero
+        parser.error(f"--folds must be at least 2, got {args.folds}")
     folds = args.folds
 
     from scoring.features import text_features
