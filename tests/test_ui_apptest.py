@@ -282,6 +282,7 @@ def test_cluster_page_rename_tags_and_note_persist(
     assert cheapest and cheapest[0].endswith("(predicted win rate 61.0 %), cost 0.5")
     board = next(d.value for d in at.dataframe if "Elo" in d.value.columns)
     assert list(board["Battles"].unique()) == [25] and list(board["Predicted"].unique()) == [10]
+    assert any(c.value.startswith("Bradley–Terry over the topic's judged") for c in at.caption)
 
     _by_label(at.text_input, "Name").input("Refund trouble")
     _by_label(at.button, "Rename").click().run()

@@ -202,10 +202,12 @@ with side:
             width="stretch",
             column_config={"Elo": st.column_config.NumberColumn(format="%.0f")},
         )
-        st.caption(
-            "Bradley–Terry over the topic's judged battles and the win predictor's estimate, "
-            "counted as the Predicted battles; a few dozen judged battles outweigh it."
-        )
+        if any(line.get("predicted_battles") for line in board):
+            st.caption(
+                "Bradley–Terry over the topic's judged battles and the win predictor's "
+                "estimate, counted as the Predicted battles; a few dozen judged battles "
+                "outweigh it."
+            )
 
     if c.scorer:
         values = data.reward_values(c.url, c.version, c.run_id, picked, c.flt, c.scorer)
