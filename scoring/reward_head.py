@@ -70,7 +70,11 @@ def labelled_rows(
         wt = np.ones_like(lab) if weights is None else np.asarray(weights, dtype=dtype)
     point = np.flatnonzero(~np.isnan(lab) & (wt > 0))
     if len(point) == 0 and (pairs is None or len(pairs.a) == 0):
-        raise ValueError("nothing to train on: no labelled rows and no pairs")
+        raise ValueError(
+            "nothing to train on: no training row has a known signal with a weight above 0, "
+            "and there are no judged battles to learn from pairwise (--alpha-battle 0 leaves "
+            "them out)"
+        )
     return point, lab, wt
 
 

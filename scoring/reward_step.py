@@ -163,6 +163,16 @@ def head_inputs(frame: pd.DataFrame, features: str, vectors: Vectors) -> np.ndar
     return head_features(*vectors(), extra)
 
 
+def training_pairs(
+    frame: pd.DataFrame, battles: pd.DataFrame, holdout: np.ndarray, label_config: LabelConfig
+) -> Pairs | None:
+    """The battles a reward model learns from pairwise, between training rows; none with
+    `alpha_battle` 0, which asks that judged battles not shape the reward (they still measure
+    it on the held-out rows). It left them out of the joint target only, and the pairwise
+    loss went on learning the judge's preferences."""
+    return battle_pairs(frame, battles, ~holdout) if label_config.alpha_battle > 0 else None
+
+
 def battle_pairs(frame: pd.DataFrame, battles: pd.DataFrame, keep: np.ndarray) -> Pairs | None:
     """The battles between two kept rows of the frame, as row indices."""
     if battles.empty:
@@ -207,7 +217,7 @@ def train_head(
     features = head_inputs(frame, features_kind, vectors)
     label = labels["label"].to_numpy(dtype=float)
     weight = labels["weight"].to_numpy(dtype=float)
-    train_pairs = battle_pairs(frame, battles, ~holdout)
+    train_pairs = training_pairs(frame, battles, holdout, label_config)
     head = RewardHead(config).fit(
         features, labels=np.where(holdout, np.nan, label), weights=weight, pairs=train_pairs
     )
@@ -239,8 +249,9 @@ def train_finetuned(
     record = {"finetune": asdict(config), "labels": asdict(label_config)}
     prompts = model_prompts(engine, frame)
     model = TransformerReward(config)
+    pairs = training_pairs(frame, battles, holdout, label_config)
     return _train_text_reward(
-        engine, "reward_finetuned", model, record, prompts, frame, labels, battles, holdout
+        engine, "reward_finetuned", model, record, prompts, frame, labels, battles, holdout, pairs
     )
 
 
@@ -258,8 +269,9 @@ def train_lexical(
     record = {"lexical": asdict(config), "labels": asdict(label_config)}
     prompts = frame["prompt"].fillna("").tolist()
     model = LexicalReward(config)
+    pairs = training_pairs(frame, battles, holdout, label_config)
     return _train_text_reward(
-        engine, "reward_lexical", model, record, prompts, frame, labels, battles, holdout
+        engine, "reward_lexical", model, record, prompts, frame, labels, battles, holdout, pairs
     )
 
 
@@ -289,13 +301,13 @@ def _train_text_reward(
     labels: pd.DataFrame,
     battles: pd.DataFrame,
     holdout: np.ndarray,
+    train_pairs: Pairs | None,
 ) -> TrainedReward:
-    """Fit a text reward model on the training rows' labels and battles, measure it on the
-    held-out ones, and store it as a new version of `kind` with its scores."""
+    """Fit a text reward model on the training rows' labels and `train_pairs`, measure it on
+    the held-out rows and battles, and store it as a new version of `kind` with its scores."""
     label = labels["label"].to_numpy(dtype=float)
     weight = labels["weight"].to_numpy(dtype=float)
     responses = frame["response"].fillna("").tolist()
-    train_pairs = battle_pairs(frame, battles, ~holdout)
     model.fit(
         prompts,
         responses,
@@ -372,7 +384,7 @@ def train_ensemble(
     metrics["members"] = {m.model_id: m.metrics for m in members}
     config_record = {"members": [m.model_id for m in members], "labels": asdict(label_config)}
     fingerprint = training_fingerprint(
-        frame["id"], label, weight, holdout, battle_pairs(frame, battles, ~holdout)
+        frame["id"], label, weight, holdout, training_pairs(frame, battles, holdout, label_config)
     )
     return _version(
         engine, "reward_ensemble", ensemble, config_record, metrics, frame, scores, fingerprint

@@ -370,3 +370,27 @@ def test_a_users_model_given_by_a_relative_path_is_found_from_anywhere(
     applied = apply_reward(engine)
     engine.dispose()
     assert applied["reward_model"] == trained["reward_model"] and applied["exchanges"] == 4
+
+
+def test_alpha_battle_zero_keeps_battles_out_of_training(
+    shared_file: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """`--alpha-battle 0` left battles out of the joint target only: the pairwise loss still
+    learnt the judge's preferences. On a log of battles alone there is then nothing to learn
+    from, and the error says why; the battles still measure a model trained on other signals."""
+    from ingest.pipeline import IngestConfig, ingest_paths
+    from scoring.labels import LabelConfig
+    from scoring.step import ScoreConfig, train_reward_only
+    from storage.engine import open_database
+
+    log = tmp_path / "battles.jsonl"
+    with gzip.open(shared_file("alpacaeval_battles_dev.jsonl.gz"), "rt") as source:
+        log.write_text("".join(line for _, line in zip(range(60), source, strict=False)))
+    engine = open_database(f"duckdb:///{tmp_path / 'db.duckdb'}")
+    ingest_paths([log], engine=engine, config=IngestConfig(progress=False))
+    trained = train_reward_only(engine, config=ScoreConfig(mode="head"))  # pairwise
+    assert trained["labels"]["battle"]["known"] > 0
+    no_battles = ScoreConfig(mode="head", labels=LabelConfig(alpha_battle=0.0))
+    with pytest.raises(ValueError, match="--alpha-battle 0 leaves them out"):
+        train_reward_only(engine, config=no_battles)
+    engine.dispose()
