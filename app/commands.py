@@ -778,12 +778,11 @@ def _predictor_embedder(encoder: str) -> Embedder:
     """The embedder the win predictor was trained on, by its stored name: the shipped model, a
     model directory or hub id, or the fast static variant of either (`score --fast`)."""
     from ingest.embed import EmbedderError, load_embedder
-    from ingest.embed_fast import PCA_DIMS
+    from ingest.embed_fast import split_embedder_name
 
-    fast_suffix = f"+model2vec-{PCA_DIMS}"
-    fast = encoder.endswith(fast_suffix)
+    model, fast = split_embedder_name(encoder)
     try:
-        embedder = load_embedder(encoder.removesuffix(fast_suffix), device="auto", fast=fast)
+        embedder = load_embedder(model, device="auto", fast=fast)
     except EmbedderError as error:
         raise UserError(
             f"cannot load {encoder!r}, the embedder the win predictor was trained on ({error}); "

@@ -34,6 +34,7 @@ from ingest.embed import (
 )
 
 PCA_DIMS = 256  # model2vec's default: PCA to 256 dims keeps quality and shrinks the table
+FAST_SUFFIX = f"+model2vec-{PCA_DIMS}"  # a static variant's name: its source's, then this
 MAX_TOKENS = 256  # the window all-MiniLM-L6-v2 sees, so both modes embed the same words
 DISTILL_FORMAT = 1  # bump when the recipe below changes, so stale caches are not reused
 
@@ -120,4 +121,11 @@ def load_static_embedder(name_or_path: str) -> StaticEmbedder:
     if not (target / "config.json").exists():
         _distil(source, target)
     model = StaticModel.from_pretrained(str(target), force_download=False)
-    return StaticEmbedder(model, name=f"{source_name}+model2vec-{PCA_DIMS}")
+    return StaticEmbedder(model, name=f"{source_name}{FAST_SUFFIX}")
+
+
+def split_embedder_name(name: str) -> tuple[str, bool]:
+    """(the model, whether it is that model's fast static variant) for an embedder's stored
+    name: what `score --fast` or `cluster --fast` stored (`all-MiniLM-L6-v2+model2vec-256`)
+    names no model to load."""
+    return name.removesuffix(FAST_SUFFIX), name.endswith(FAST_SUFFIX)

@@ -128,7 +128,7 @@ def predicted_battles(
         {
             "model_a": [experts[i] for i in a],
             "model_b": [experts[i] for i in b],
-            "outcome": 1.0 / (1.0 + np.exp(-margin)),
+            "outcome": expit(margin),
             "predicted": True,
         }
     )

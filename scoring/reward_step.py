@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 from sqlalchemy.engine import Engine
 
-from ingest.embed_fast import PCA_DIMS
+from ingest.embed_fast import split_embedder_name
 from ingest.embed_step import EmbedConfig, embed_exchanges, exchange_texts
 from scoring.agreement import agreeing_share
 from scoring.features import FEATURE_NAMES, text_features
@@ -56,7 +56,6 @@ REWARD_MEMBERS = ("head", "lexical", "finetune")
 DEFAULT_MODE = "head+lexical"
 _MODE_ALIASES = {"ensemble": REWARD_MEMBERS}
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
-_FAST_SUFFIX = f"+model2vec-{PCA_DIMS}"  # the name of a static variant (`--fast`)
 _CONTEXT_CHARS = 500  # of the earlier turns a fine-tuned model reads before the prompt
 # What a head reads. "structure:N" (the default): the first N columns of
 # scoring.features.text_features (length, layout, refusals, truncation, degenerate output),
@@ -139,8 +138,7 @@ def embed_config_for(encoder: str, embed: EmbedConfig | None = None) -> EmbedCon
     """`embed` (device, batch size...) with the embedder a stored model was trained on: the
     fast variant of a model for a name `score --fast` stored (`...+model2vec-256`), which was
     looked up as a model of that name and failed."""
-    fast = encoder.endswith(_FAST_SUFFIX)
-    base = encoder.removesuffix(_FAST_SUFFIX)
+    base, fast = split_embedder_name(encoder)
     model = None if base == DEFAULT_ENCODER else base
     return EmbedConfig(**{**asdict(embed or EmbedConfig()), "model": model, "fast": fast})
 

@@ -271,18 +271,19 @@ def _refresh_reports(
         return ReportCounts()
     before = load_cluster_reports(engine, run["id"], level=None)
     ranked = rank_clusters(data, config=WeaknessConfig())
+    parent_of = _parents(engine, run["id"])
+    battle_topic, battle_group = _battle_places(battles, assignment, parent_of)
     reports = {}
     for w in ranked:
         kept = before.get(w.cluster_id) or {
-            "leaderboard": _cluster_leaderboard(battles, assignment, w.cluster_id, config),
+            "leaderboard": _leaderboard_of(battles[battle_topic == w.cluster_id], config),
             "routing": None,
         }
         reports[w.cluster_id] = {**kept, **_reward_figures(w)}
-    parent_of = _parents(engine, run["id"])
     groups = group_reports(data, parent_of, ranked)
     for group_id, figures in groups.items():
         kept = before.get(group_id) or {
-            "leaderboard": _group_leaderboard(battles, assignment, parent_of, group_id, config)
+            "leaderboard": _leaderboard_of(battles[battle_group == group_id], config)
         }
         reports[group_id] = {**kept, **figures}
     save_cluster_reports(engine, run["id"], reports)
@@ -495,11 +496,12 @@ def _cluster_reports(
     parent_of = _parents(engine, run["id"])
     groups = group_reports(data, parent_of, list(weakness.values()))
     group_of = data["cluster_id"].map(lambda t: parent_of.get(t) or _NO_GROUP)
+    battle_topic, battle_group = _battle_places(battles, assignment, parent_of)
     for group_id, figures in groups.items():
         rows = data.index[group_of == group_id]
         estimate = _estimate(predictor, prompts, prompt_feats, rows, config)
-        figures["leaderboard"] = _group_leaderboard(
-            battles, assignment, parent_of, group_id, config, estimate
+        figures["leaderboard"] = _leaderboard_of(
+            battles[battle_group == group_id], config, estimate
         )
         reports[group_id] = figures
     for cluster_id, w in weakness.items():
@@ -509,7 +511,7 @@ def _cluster_reports(
         estimate = _estimate(predictor, prompts, prompt_feats, data.index[mine], config)
         reports[cluster_id] = {
             **_reward_figures(w),
-            "leaderboard": _cluster_leaderboard(battles, assignment, cluster_id, config, estimate),
+            "leaderboard": _leaderboard_of(battles[battle_topic == cluster_id], config, estimate),
             "routing": None
             if route is None
             else {
@@ -599,43 +601,23 @@ def _estimate(
     )
 
 
-def _cluster_leaderboard(
-    battles: pd.DataFrame,
-    assignment: dict[str, str | None],
-    cluster_id: str,
-    config: ScoreConfig,
-    estimate: pd.DataFrame | None = None,
-) -> list[dict[str, Any]]:
-    """Bradley–Terry on the battles whose prompt falls in the cluster, with the predictor's
-    `estimate` when given (empty below the minimum)."""
-    mine = battles[battles["exchange_a"].map(assignment) == cluster_id] if len(battles) else None
-    return _leaderboard_of(mine, config, estimate)
-
-
-def _group_leaderboard(
-    battles: pd.DataFrame,
-    assignment: dict[str, str | None],
-    parent_of: Mapping[str, str | None],
-    group_id: str,
-    config: ScoreConfig,
-    estimate: pd.DataFrame | None = None,
-) -> list[dict[str, Any]]:
-    """Bradley–Terry on the battles whose prompt falls in any topic of the group (with the
-    predictor's `estimate` over the group's prompts): a group often has enough battles for a
-    leaderboard where each of its topics alone has too few."""
-    mine = None
-    if len(battles):
-        topic = battles["exchange_a"].map(assignment)
-        mine = battles[topic.map(lambda t: parent_of.get(t)) == group_id]
-    return _leaderboard_of(mine, config, estimate)
+def _battle_places(
+    battles: pd.DataFrame, assignment: dict[str, str | None], parent_of: Mapping[str, str | None]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each battle's topic (its prompt's) and that topic's group, found once for all of a
+    run's leaderboards rather than again for each (topics × battles lookups)."""
+    if battles.empty:
+        return np.array([], dtype=object), np.array([], dtype=object)
+    topic = battles["exchange_a"].map(assignment)
+    return topic.to_numpy(), topic.map(lambda t: parent_of.get(t)).to_numpy()
 
 
 def _leaderboard_of(
-    mine: pd.DataFrame | None, config: ScoreConfig, estimate: pd.DataFrame | None = None
+    mine: pd.DataFrame, config: ScoreConfig, estimate: pd.DataFrame | None = None
 ) -> list[dict[str, Any]]:
-    """The leaderboard rows of some judged battles and the predictor's estimate (empty below
-    the minimum). `battles` and `win_rate` are the judged battles'; `predicted_battles`, how
-    many of the estimate's each expert's rating also rests on."""
+    """The leaderboard rows of a topic's or group's judged battles and the predictor's
+    estimate (empty below the minimum). `battles` and `win_rate` are the judged battles';
+    `predicted_battles`, how many of the estimate's each expert's rating also rests on."""
     parts = [
         frame[[c for c in ("model_a", "model_b", "winner", "outcome", "predicted") if c in frame]]
         for frame in (mine, estimate)

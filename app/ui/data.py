@@ -345,10 +345,11 @@ def embedder_for(name: str) -> Any:
     """The embedder a run was clustered with (the shipped model, a directory, or the fast
     static variant of either); loaded once per process."""
     from ingest.embed import load_embedder
+    from ingest.embed_fast import split_embedder_name
 
-    fast_marker = "+model2vec-"
-    if fast_marker in name:
-        return load_embedder(name.split(fast_marker, 1)[0], fast=True)
+    model, fast = split_embedder_name(name)
+    if fast:
+        return load_embedder(model, fast=True)
     return load_embedder(name, device="cpu")
 
 
