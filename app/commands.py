@@ -377,7 +377,7 @@ def clusters(args: argparse.Namespace) -> dict[str, Any]:
     largest first. A group's weakest topics carry their current names (a rename after
     scoring shows), which the stored report, keyed by id, cannot."""
     from storage.clusters import latest_run, load_clusters
-    from storage.reports import load_cluster_reports
+    from storage.reports import load_cluster_reports, stale_reports
 
     engine = open_database(args.db, read_only=True)  # reads only: beside other readers
     try:
@@ -386,6 +386,7 @@ def clusters(args: argparse.Namespace) -> dict[str, Any]:
             return {"run_id": None, "on": args.on, "clusters": []}
         rows = load_clusters(engine, run["id"])
         reports = load_cluster_reports(engine, run["id"], level=None)
+        stale = stale_reports(engine, run["id"])
     finally:
         engine.dispose()
     names = {row["id"]: row["name"] for row in rows}
@@ -420,6 +421,8 @@ def clusters(args: argparse.Namespace) -> dict[str, Any]:
             }
         )
     listed.sort(key=_weakest_first)
+    if stale:
+        warn(stale)
     return {
         "run_id": run["id"],
         "on": run["on_field"],
@@ -427,6 +430,7 @@ def clusters(args: argparse.Namespace) -> dict[str, Any]:
         "rows": run["n_rows"],
         "unassigned_share": run["unassigned_share"],
         "clusters": listed,
+        "warnings": [stale] if stale else [],
     }
 
 

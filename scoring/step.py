@@ -58,8 +58,8 @@ from scoring.weakness import ClusterWeakness, WeaknessConfig, rank_clusters
 from storage.clusters import latest_run, load_assignments, load_clusters
 from storage.logs import iter_exchanges, load_battles
 from storage.models import latest_model, save_model
-from storage.reports import load_cluster_reports, save_cluster_reports
-from storage.scores import latest_scores
+from storage.reports import SCORER_KEY, load_cluster_reports, save_cluster_reports
+from storage.scores import latest_scorer, load_scores
 from storage.vectors import load_vectors
 
 WEAKEST_TOPICS = 3  # a group report names this many of its weakest topics
@@ -163,7 +163,15 @@ def score_all(engine: Engine, *, config: ScoreConfig) -> dict[str, Any]:
                 f"(known: {', '.join(sorted(predictor.experts))})"
             ]
     counts = _cluster_reports(
-        engine, frame, reward.scores, prompts, prompt_feats, predictor, battles, config, encoder
+        engine,
+        frame,
+        _Rewards(reward.scores, f"reward:{reward.model_id}"),
+        prompts,
+        prompt_feats,
+        predictor,
+        battles,
+        config,
+        encoder,
     )
     return {**result, **counts.as_dict()}
 
@@ -236,7 +244,9 @@ def train_reward_only(engine: Engine, *, config: ScoreConfig) -> dict[str, Any]:
         "mode": "external" if config.reward_model_dir else config.mode,
         "reward_model": reward.model_id,
         "reward_metrics": reward.metrics,
-        **_refresh_reports(engine, frame, reward.scores, battles, config).as_dict(),
+        **_refresh_reports(
+            engine, frame, _Rewards(reward.scores, f"reward:{reward.model_id}"), battles, config
+        ).as_dict(),
     }
 
 
@@ -246,17 +256,20 @@ def refresh_reports(engine: Engine, *, config: ScoreConfig) -> ReportCounts:
     cluster table never shows an older model's rewards beside the new ones. Routing
     suggestions and leaderboards do not depend on rewards: they are kept as `score` made
     them. Returns how many reports were written."""
-    rewards = latest_scores(engine, prefix="reward:")
+    scorer = latest_scorer(engine, "reward:")
+    if scorer is None:
+        return ReportCounts()
+    values = load_scores(engine, scorer)
     frame = _exchange_frame(engine)
-    frame = frame[frame["id"].isin(rewards.keys())].reset_index(drop=True)
-    scores = frame["id"].map(rewards).to_numpy(dtype=float)
-    return _refresh_reports(engine, frame, scores, pd.DataFrame(load_battles(engine)), config)
+    frame = frame[frame["id"].isin(values.keys())].reset_index(drop=True)
+    rewards = _Rewards(frame["id"].map(values).to_numpy(dtype=float), scorer)
+    return _refresh_reports(engine, frame, rewards, pd.DataFrame(load_battles(engine)), config)
 
 
 def _refresh_reports(
     engine: Engine,
     frame: pd.DataFrame,
-    rewards: np.ndarray,
+    rewards: _Rewards,
     battles: pd.DataFrame,
     config: ScoreConfig,
 ) -> ReportCounts:
@@ -266,7 +279,7 @@ def _refresh_reports(
     if run is None or frame.empty:
         return ReportCounts()
     assignment = load_assignments(engine, run["id"])
-    data = _cluster_data(frame, rewards, assignment)
+    data = _cluster_data(frame, rewards.values, assignment)
     if data.empty:
         return ReportCounts()
     before = load_cluster_reports(engine, run["id"], level=None)
@@ -286,7 +299,7 @@ def _refresh_reports(
             "leaderboard": _leaderboard_of(battles[battle_group == group_id], config)
         }
         reports[group_id] = {**kept, **figures}
-    save_cluster_reports(engine, run["id"], reports)
+    save_cluster_reports(engine, run["id"], _stamped(reports, rewards.scorer))
     return ReportCounts(topics=len(ranked), groups=len(groups))
 
 
@@ -352,6 +365,22 @@ def group_reports(
 def _parents(engine: Engine, run_id: str) -> dict[str, str | None]:
     """topic id → its parent group's id, for one run."""
     return {c["id"]: c["parent_id"] for c in load_clusters(engine, run_id) if c["level"] == 0}
+
+
+@dataclass(frozen=True, slots=True)
+class _Rewards:
+    """Reward scores, one per row of the frame beside them, and the scorer that wrote them."""
+
+    values: np.ndarray
+    scorer: str  # `reward:<model id>`, as stored with the scores
+
+
+def _stamped(reports: dict[str, dict[str, Any]], scorer: str) -> dict[str, dict[str, Any]]:
+    """Every report marked with the scorer its reward figures come from: a `score` stopped
+    between storing a new model's scores and rewriting the reports leaves reports that the
+    newest scores no longer back, and `clusters` and the UI tell by this mark (`SCORER_KEY`).
+    """
+    return {cluster_id: {**report, SCORER_KEY: scorer} for cluster_id, report in reports.items()}
 
 
 def _reward_figures(w: ClusterWeakness) -> dict[str, Any]:
@@ -473,7 +502,7 @@ def _predictor(
 def _cluster_reports(
     engine: Engine,
     frame: pd.DataFrame,
-    rewards: np.ndarray,
+    rewards: _Rewards,
     prompts: np.ndarray,
     prompt_feats: np.ndarray,
     predictor: WinPredictor | None,
@@ -487,7 +516,7 @@ def _cluster_reports(
     if run is None:
         return ReportCounts()
     assignment = load_assignments(engine, run["id"])
-    data = _cluster_data(frame, rewards, assignment)
+    data = _cluster_data(frame, rewards.values, assignment)
     if data.empty:
         return ReportCounts()
     weakness = {w.cluster_id: w for w in rank_clusters(data, config=WeaknessConfig())}
@@ -524,7 +553,8 @@ def _cluster_reports(
                 "cheapest_cost": route.cheapest_cost,
             },
         }
-    save_cluster_reports(engine, run["id"], reports)  # topics and groups in one transaction
+    # Topics and groups in one transaction.
+    save_cluster_reports(engine, run["id"], _stamped(reports, rewards.scorer))
     if predictor is not None and routes:
         members = {
             str(cid): topic.index.to_numpy()

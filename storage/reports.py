@@ -20,6 +20,10 @@ from sqlalchemy.engine import Engine
 
 from storage.logs import Row, insert_rows, utcnow
 from storage.schema import cluster_reports, clusters, instructions
+from storage.scores import latest_scorer
+
+# The payload key naming the scorer (`reward:<model id>`) a report's reward figures come from.
+SCORER_KEY = "reward_scorer"
 
 
 def save_cluster_reports(
@@ -62,6 +66,28 @@ def load_cluster_reports(
         ).where(clusters.c.level == level)
     with engine.connect() as conn:
         return {cluster_id: json.loads(payload) for cluster_id, payload in conn.execute(query)}
+
+
+def stale_reports(engine: Engine, run_id: str) -> str | None:
+    """Why the run's reports no longer match the stored rewards, or None when they do.
+
+    `score` stores a new reward model's scores before it rewrites the reports; stopped in
+    between, the table would rank clusters by the old model while every reward shown beside
+    it is the new one's. Reports name the scorer they came from (`SCORER_KEY`); reports
+    from before that mark, or a run not yet scored, are not judged.
+    """
+    query = sa.select(cluster_reports.c.payload).where(cluster_reports.c.run_id == run_id).limit(1)
+    with engine.connect() as conn:
+        payload = conn.execute(query).scalar_one_or_none()
+    used = None if payload is None else json.loads(payload).get(SCORER_KEY)
+    newest = latest_scorer(engine, "reward:")
+    if used is None or newest is None or used == newest:
+        return None
+    return (
+        f"the cluster reports were computed from {used}, but the newest reward scores are "
+        f"{newest} (a `score` stopped before it finished?): run `convoscope score` again so "
+        "the weakness ranking, CIs and reasons follow the newest rewards"
+    )
 
 
 def save_instruction(

@@ -32,6 +32,7 @@ from storage.schema import (
     scores,
     tags,
 )
+from storage.scores import latest_scorer
 
 _CHUNK = 5000  # ids per IN (...) probe: under SQLite's bound-parameter limit
 PROMPT_PREVIEW = 200  # characters of a prompt carried by map points and search hits
@@ -206,15 +207,7 @@ def latest_run_id(engine: Engine) -> str | None:
 
 def reward_scorer(engine: Engine) -> str | None:
     """The newest reward model's scorer name (`reward:<id>`), or None before scoring."""
-    query = (
-        sa.select(scores.c.scorer)
-        .where(scores.c.scorer.startswith("reward:", autoescape=True))
-        .group_by(scores.c.scorer)
-        .order_by(sa.func.max(scores.c.created_at).desc())
-        .limit(1)
-    )
-    with engine.connect() as conn:
-        return conn.execute(query).scalar_one_or_none()
+    return latest_scorer(engine, "reward:")
 
 
 # ---------------------------------------------------------------------------------- options

@@ -269,6 +269,8 @@ def test_score_trains_applies_and_reports_every_cluster(scored_db: str, tmp_path
 
     listing = json.loads(convoscope("clusters", "--json", db=scored_db, cwd=tmp_path).stdout)
     assert all("reward_mean" in c for c in listing["clusters"] if c["level"] == 0)
+    assert listing["warnings"] == []
+    assert {c["reward_scorer"] for c in listing["clusters"]} == {f"reward:{result['reward_model']}"}
 
     pairs = _pairs_file(tmp_path / "pairs.jsonl")
     scored = convoscope("reward", "--file", str(pairs), "--json", db=scored_db, cwd=tmp_path)
@@ -276,6 +278,18 @@ def test_score_trains_applies_and_reports_every_cluster(scored_db: str, tmp_path
     answer = json.loads(scored.stdout)
     assert answer["reward_model"] == result["reward_model"]
     assert len(answer["scores"]) == 2 and all(np.isfinite(s["reward"]) for s in answer["scores"])
+
+    # A `score` stopped after storing a new model's scores, before the reports: `clusters`
+    # says the ranking is from the older model (it read as current).
+    from storage.scores import store_scores
+
+    engine = open_database(scored_db)
+    store_scores(engine, "reward:stopped0001", dict.fromkeys(rewards, 0.5))
+    engine.dispose()
+    listed = convoscope("clusters", "--json", db=scored_db, cwd=tmp_path)
+    (stale,) = json.loads(listed.stdout)["warnings"]
+    assert f"reward:{result['reward_model']}" in stale and "reward:stopped0001" in stale
+    assert "run `convoscope score` again" in stale and stale in listed.stderr
 
     # `score reward apply` re-aggregates the reports' rewards and keeps the routing `score`
     # made (with its costs) without being given them again.
@@ -289,6 +303,8 @@ def test_score_trains_applies_and_reports_every_cluster(scored_db: str, tmp_path
     }
     _assert_reports_use(engine, latest_scores(engine, prefix="reward:"))
     engine.dispose()
+    listing = json.loads(convoscope("clusters", "--json", db=scored_db, cwd=tmp_path).stdout)
+    assert listing["warnings"] == []
 
 
 def test_the_default_head_reads_no_embeddings_an_older_head_still_does(scored_db: str) -> None:

@@ -104,6 +104,23 @@ def test_overview_headline_figures_and_weakest_first(
     weakness = list(table["Weakness"])
     assert weakness == sorted(weakness, reverse=True)
     assert len(at.get("plotly_chart")) == 1
+    assert not at.warning
+
+
+def test_overview_says_when_its_ranking_is_from_an_older_reward_model(
+    fresh_db: BuiltDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Newer reward scores than the reports were made from (a `score` stopped half-way): the
+    rewards shown are the new model's, the weakness order the old one's, and the page says so."""
+    from storage.scores import store_scores
+
+    engine = open_database(fresh_db.url)
+    store_scores(engine, "reward:newer0002", {fresh_db.xss_exchange_id: 0.25})
+    engine.dispose()
+    at = _app(fresh_db.url, monkeypatch)
+    (warning,) = [w.proto.body for w in at.warning]
+    assert warning.startswith("Stale ranking") and "reward:newer0002" in warning
+    assert SCORER in warning and "convoscope score" in warning
 
 
 def test_overview_of_a_clustering_newer_than_its_scores_says_how_it_is_ordered(

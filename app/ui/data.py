@@ -176,6 +176,13 @@ def overview(
     return read(url, lambda e: views.overview(e, run_id, flt, scorer=scorer))
 
 
+@st.cache_data(show_spinner=False, max_entries=16)
+def stale_reports(url: str, version: tuple[Any, ...], run_id: str) -> str | None:
+    from storage.reports import stale_reports
+
+    return read(url, lambda e: stale_reports(e, run_id))
+
+
 @st.cache_data(show_spinner=False, max_entries=64)
 def cluster_table(
     url: str, version: tuple[Any, ...], run_id: str, flt: ViewFilter, scorer: str | None

@@ -56,6 +56,8 @@ ranked = table["weakness"].notna().any()  # reports exist: `score` ran on this c
 rewarded = table["reward_mean"].notna().any()  # exchanges carry rewards from an earlier one
 if not ranked and not c.flt.active:
     shell.empty_state("unreported" if rewarded else "reports")
+elif ranked and (stale := data.stale_reports(c.url, c.version, c.run_id)):
+    st.warning(f"Stale ranking: {stale}.", icon=":material/history:")
 
 # Weakness ranks the whole run's traffic: a filtered slice is ordered by its own mean reward.
 SLICE_NOTE = (
