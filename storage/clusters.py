@@ -14,7 +14,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from storage.logs import Row, insert_rows, utcnow
+from storage.logs import Row, insert_new_rows, insert_rows, utcnow
 from storage.schema import assignments, cluster_annotations, cluster_runs, clusters, tags
 
 
@@ -152,7 +152,8 @@ def annotate_cluster(
 
 
 def add_tag(engine: Engine, kind: str, target_id: str, tag: str) -> None:
-    """Tag a cluster or an exchange; tagging twice is a no-op."""
+    """Tag a cluster or an exchange; tagging twice is a no-op, also when another process
+    tags the same target between this one's look-up and its insert (`insert_new_rows`)."""
     with engine.begin() as conn:
         exists = conn.execute(
             sa.select(sa.func.count())
@@ -160,11 +161,8 @@ def add_tag(engine: Engine, kind: str, target_id: str, tag: str) -> None:
             .where(tags.c.target_kind == kind, tags.c.target_id == target_id, tags.c.tag == tag)
         ).scalar_one()
         if not exists:
-            conn.execute(
-                sa.insert(tags).values(
-                    target_kind=kind, target_id=target_id, tag=tag, created_at=utcnow()
-                )
-            )
+            row = {"target_kind": kind, "target_id": target_id, "tag": tag, "created_at": utcnow()}
+            insert_new_rows(conn, tags, [row])
 
 
 def remove_tag(engine: Engine, kind: str, target_id: str, tag: str) -> bool:

@@ -11,9 +11,10 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
+from storage.clusters import add_tag
 from storage.engine import StorageError, database_file, make_engine, open_database, resolve_url
 from storage.logs import ExchangeFilter, iter_exchanges, store_batch, table_counts, utcnow
-from storage.schema import metadata
+from storage.schema import metadata, tags
 
 
 def _exchange(i: int, *, model: str = "m1", retried: bool | None = None) -> dict:
@@ -192,6 +193,29 @@ def test_rows_another_writer_stores_meanwhile_are_skipped(db_url: str) -> None:
     )
     assert (counts.stored, counts.duplicates) == (2, 2)
     assert table_counts(engine) == {"conversations": 2, "exchanges": 4, "battles": 0}
+    other.dispose()
+    engine.dispose()
+
+
+def test_a_tag_another_writer_adds_meanwhile_is_not_an_error(db_url: str) -> None:
+    """Two people tagging the same cluster at once (PostgreSQL, or two processes on a SQLite
+    file): the other one's tag landed between this one's look-up and its insert, which then
+    failed on the primary key."""
+    if db_url.startswith("duckdb"):
+        pytest.skip("one writing process at a time")
+    engine = open_database(db_url)
+    other = open_database(db_url)
+    first = [True]
+
+    def other_writer_first(_conn, _cursor, statement: str, *_args: object) -> None:
+        if statement.startswith("INSERT INTO tags") and first:
+            first.pop()
+            add_tag(other, "cluster", "t1", "billing")
+
+    sa.event.listen(engine, "before_cursor_execute", other_writer_first)
+    add_tag(engine, "cluster", "t1", "billing")
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(tags)).scalar_one() == 1
     other.dispose()
     engine.dispose()
 
