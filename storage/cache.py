@@ -27,9 +27,15 @@ class StoredCache(MutableMapping[str, str]):
         return value
 
     def __setitem__(self, key: str, value: str) -> None:
-        with self.engine.begin() as conn:
-            conn.execute(sa.delete(llm_cache).where(llm_cache.c.key == key))
-            conn.execute(sa.insert(llm_cache).values(key=key, value=value, created_at=utcnow()))
+        """Store `value`; when another process cached the same key meanwhile (the same
+        request answered twice), its answer is kept and this one is not an error."""
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(sa.delete(llm_cache).where(llm_cache.c.key == key))
+                row = {"key": key, "value": value, "created_at": utcnow()}
+                conn.execute(sa.insert(llm_cache).values(**row))
+        except sa.exc.IntegrityError:
+            pass
 
     def __delitem__(self, key: str) -> None:
         with self.engine.begin() as conn:

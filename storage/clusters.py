@@ -125,7 +125,19 @@ def annotate_cluster(
 ) -> Row:
     """Set a person's name and/or note for a cluster (None leaves that field as it was); a
     blank name clears it. Returns the name and note now stored, so a caller reports what is
-    kept rather than what was typed."""
+    kept rather than what was typed.
+
+    Another process can annotate the same cluster first between this one's look-up and its
+    insert (two people renaming at once); the insert then fails on the key, and the look-up
+    runs again and updates what that process stored.
+    """
+    try:
+        return _annotate(engine, cluster_id, name=name, note=note)
+    except sa.exc.IntegrityError:
+        return _annotate(engine, cluster_id, name=name, note=note)
+
+
+def _annotate(engine: Engine, cluster_id: str, *, name: str | None, note: str | None) -> Row:
     with engine.begin() as conn:
         current = (
             conn.execute(

@@ -11,7 +11,8 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from storage.clusters import add_tag
+from storage.cache import StoredCache
+from storage.clusters import add_tag, annotate_cluster
 from storage.engine import StorageError, database_file, make_engine, open_database, resolve_url
 from storage.logs import ExchangeFilter, iter_exchanges, store_batch, table_counts, utcnow
 from storage.schema import metadata, tags
@@ -216,6 +217,48 @@ def test_a_tag_another_writer_adds_meanwhile_is_not_an_error(db_url: str) -> Non
     add_tag(engine, "cluster", "t1", "billing")
     with engine.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(tags)).scalar_one() == 1
+    other.dispose()
+    engine.dispose()
+
+
+def test_a_cluster_another_writer_names_meanwhile_is_renamed(db_url: str) -> None:
+    """Two people naming a cluster at once: the other one's name landed between this one's
+    look-up and its insert, which failed on the key; now the later name wins and the other
+    one's note is kept."""
+    if db_url.startswith("duckdb"):
+        pytest.skip("one writing process at a time")
+    engine = open_database(db_url)
+    other = open_database(db_url)
+    first = [True]
+
+    def other_writer_first(_conn, _cursor, statement: str, *_args: object) -> None:
+        if statement.startswith("INSERT INTO cluster_annotations") and first:
+            first.pop()
+            annotate_cluster(other, "t1", name="Refunds", note="seen by ops")
+
+    sa.event.listen(engine, "before_cursor_execute", other_writer_first)
+    kept = annotate_cluster(engine, "t1", name="Billing")
+    assert kept == {"name": "Billing", "note": "seen by ops"}
+    other.dispose()
+    engine.dispose()
+
+
+def test_a_cached_answer_another_writer_stores_meanwhile_is_not_an_error(db_url: str) -> None:
+    """Two `cluster --llm-names` runs asking the same question at once (PostgreSQL)."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("PostgreSQL only: one DuckDB writer; the delete before it locks a SQLite file")
+    engine = open_database(db_url)
+    other = open_database(db_url)
+    first = [True]
+
+    def other_writer_first(_conn, _cursor, statement: str, *_args: object) -> None:
+        if statement.startswith("INSERT INTO llm_cache") and first:
+            first.pop()
+            StoredCache(other)["q"] = "Refunds"
+
+    sa.event.listen(engine, "before_cursor_execute", other_writer_first)
+    StoredCache(engine)["q"] = "Refunds"
+    assert dict(StoredCache(engine)) == {"q": "Refunds"}
     other.dispose()
     engine.dispose()
 
