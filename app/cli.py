@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import sys
@@ -615,6 +616,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and not _take_late_words(args, extra):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    # When a write fails (a full disk), SQLAlchemy's pool logs the failed rollback with a
+    # traceback of its own; the failure itself is said in one line below.
+    logging.getLogger("sqlalchemy.pool").addHandler(logging.NullHandler())
     status = 0
     try:
         result = args.handler(args)

@@ -292,17 +292,25 @@ def explain_failure(error: BaseException) -> str | None:
     """One line for a database failure in the middle of a step (a full disk, an I/O error, a
     lost server, a lock held too long), or None for any other error. Those printed
     SQLAlchemy's traceback, with the batch's rows (the user's log text) in it."""
-    if not isinstance(error, sa.exc.OperationalError):
+    invalidated = type(getattr(error, "orig", None)).__name__ == "FatalException"
+    if not isinstance(error, sa.exc.OperationalError) and not invalidated:
         return None
     text = (str(error.orig) if error.orig is not None else str(error)).strip()
+    if invalidated:  # DuckDB refuses every statement after a failed write: say what failed
+        text = text.rpartition("Original error:")[2].strip().strip('"') or text
     text = text.splitlines()[0] if text else type(error.orig).__name__
     lowered = text.lower()
-    if any(word in lowered for word in ("no space left", "disk is full", "disk i/o error")):
+    if any(word in lowered for word in _FULL_DISK):
         return (
-            f"the database could not be written ({text}): free disk space where --db is, "
-            "then run the command again; what was stored before is kept"
+            f"the database could not be written ({text}): free disk space where --db is "
+            "(or raise the file-size limit), then run the command again; what was stored "
+            "before is kept"
         )
     return f"the database failed ({text}); what was stored before is kept"
+
+
+# How a full disk reads in each engine's errors (a file-size limit, `ulimit -f`, alike).
+_FULL_DISK = ("no space left", "disk is full", "disk i/o error", "file too large")
 
 
 def _explain(url: str, error: Exception) -> str:

@@ -766,9 +766,13 @@ def test_an_embedder_that_cannot_load_is_one_line(
         assert f"embedding model directory {missing} does not exist" in err
 
 
-def test_a_database_that_cannot_be_written_mid_step_is_one_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize("db_file", ["x.sqlite", "x.duckdb"])
+def test_a_database_that_cannot_be_written_mid_step_is_one_line(
+    tmp_path: Path, db_file: str
+) -> None:
     """A full disk (here a file-size limit) failed an ingest with SQLAlchemy's traceback,
-    the batch's log text included; what earlier batches stored is kept."""
+    the batch's log text included; what earlier batches stored is kept. DuckDB then refuses
+    every statement ("database has been invalidated"), the closing checkpoint's included."""
     import resource
     import signal
 
@@ -789,7 +793,7 @@ def test_a_database_that_cannot_be_written_mid_step_is_one_line(tmp_path: Path) 
     ]
     log.write_text("".join(json.dumps(line) + "\n" for line in lines))
     result = subprocess.run(
-        [sys.executable, "-m", "app.cli", "--db", str(tmp_path / "x.sqlite"), "ingest", str(log)],
+        [sys.executable, "-m", "app.cli", "--db", str(tmp_path / db_file), "ingest", str(log)],
         capture_output=True,
         text=True,
         cwd=tmp_path,
