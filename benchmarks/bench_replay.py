@@ -111,6 +111,7 @@ def main() -> None:
                     tool.append(time.perf_counter() - started)
                     assert summary.done == n, summary
                 rows.append((concurrency, min(bare), min(tool)))
+                print(f"# concurrency {concurrency}: done", file=sys.stderr, flush=True)
             engine.dispose()
     finally:
         server.terminate()  # it serves until SIGTERM

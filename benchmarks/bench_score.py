@@ -161,6 +161,7 @@ def main() -> None:
     for size in sizes:
         with tempfile.TemporaryDirectory() as tmp:
             r = _run("--prepare", str(size), "--work", tmp)
+            print(f"# {size:,}: ingested, embedded, clustered", file=sys.stderr, flush=True)
             r |= _run("--score", "--work", tmp)
         unit = r["score"] / (r["exchanges"] / 10_000)
         per_10k = per_10k or unit
