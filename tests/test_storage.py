@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from sqlalchemy.engine import Engine
 
 from storage.cache import StoredCache
 from storage.clusters import add_tag, annotate_cluster
@@ -172,30 +175,45 @@ def test_battles_load_in_one_order_on_every_engine(db_url: str) -> None:
     engine.dispose()
 
 
+@contextmanager
+def _another_writer(
+    db_url: str, before: str, write: Callable[[Engine], object]
+) -> Iterator[Engine]:
+    """An engine on `db_url` whose first statement starting with `before` runs after another
+    process (a second engine) has done `write`: the race between a look-up and an insert."""
+    engine = open_database(db_url)
+    other = open_database(db_url)
+    pending = [write]
+
+    def other_writer_first(_conn, _cursor, statement: str, *_args: object) -> None:
+        if statement.startswith(before) and pending:
+            pending.pop()(other)
+
+    sa.event.listen(engine, "before_cursor_execute", other_writer_first)
+    try:
+        yield engine
+    finally:
+        other.dispose()
+        engine.dispose()
+
+
 def test_rows_another_writer_stores_meanwhile_are_skipped(db_url: str) -> None:
     """Two ingests into PostgreSQL (or two processes on a SQLite file) that share a battle's
     answer: the other one stored it between this one's look-up and its insert, which then
     failed on the primary key with a traceback."""
     if db_url.startswith("duckdb"):
         pytest.skip("one writing process at a time: DuckDB skips stored ids inside the insert")
-    engine = open_database(db_url)
-    other = open_database(db_url)
     rows = [_exchange(i) for i in range(4)]
-    shared = [([_conversation(0)], [rows[0], rows[1]])]  # what the other one stores, once
 
-    def other_writer_first(_conn, _cursor, statement: str, *_args: object) -> None:
-        if statement.startswith("INSERT INTO conversations") and shared:
-            conversation_rows, exchange_rows = shared.pop()
-            store_batch(other, conversation_rows=conversation_rows, exchange_rows=exchange_rows)
+    def shared(other: Engine) -> None:  # what the other one stores
+        store_batch(other, conversation_rows=[_conversation(0)], exchange_rows=rows[:2])
 
-    sa.event.listen(engine, "before_cursor_execute", other_writer_first)
-    counts = store_batch(
-        engine, conversation_rows=[_conversation(0), _conversation(1)], exchange_rows=rows
-    )
-    assert (counts.stored, counts.duplicates) == (2, 2)
-    assert table_counts(engine) == {"conversations": 2, "exchanges": 4, "battles": 0}
-    other.dispose()
-    engine.dispose()
+    with _another_writer(db_url, "INSERT INTO conversations", shared) as engine:
+        counts = store_batch(
+            engine, conversation_rows=[_conversation(0), _conversation(1)], exchange_rows=rows
+        )
+        assert (counts.stored, counts.duplicates) == (2, 2)
+        assert table_counts(engine) == {"conversations": 2, "exchanges": 4, "battles": 0}
 
 
 def test_a_tag_another_writer_adds_meanwhile_is_not_an_error(db_url: str) -> None:
@@ -204,21 +222,14 @@ def test_a_tag_another_writer_adds_meanwhile_is_not_an_error(db_url: str) -> Non
     failed on the primary key."""
     if db_url.startswith("duckdb"):
         pytest.skip("one writing process at a time")
-    engine = open_database(db_url)
-    other = open_database(db_url)
-    first = [True]
 
-    def other_writer_first(_conn, _cursor, statement: str, *_args: object) -> None:
-        if statement.startswith("INSERT INTO tags") and first:
-            first.pop()
-            add_tag(other, "cluster", "t1", "billing")
+    def tag(other: Engine) -> None:
+        add_tag(other, "cluster", "t1", "billing")
 
-    sa.event.listen(engine, "before_cursor_execute", other_writer_first)
-    add_tag(engine, "cluster", "t1", "billing")
-    with engine.connect() as conn:
-        assert conn.execute(sa.select(sa.func.count()).select_from(tags)).scalar_one() == 1
-    other.dispose()
-    engine.dispose()
+    with _another_writer(db_url, "INSERT INTO tags", tag) as engine:
+        add_tag(engine, "cluster", "t1", "billing")
+        with engine.connect() as conn:
+            assert conn.execute(sa.select(sa.func.count()).select_from(tags)).scalar_one() == 1
 
 
 def test_a_cluster_another_writer_names_meanwhile_is_renamed(db_url: str) -> None:
@@ -227,40 +238,26 @@ def test_a_cluster_another_writer_names_meanwhile_is_renamed(db_url: str) -> Non
     one's note is kept."""
     if db_url.startswith("duckdb"):
         pytest.skip("one writing process at a time")
-    engine = open_database(db_url)
-    other = open_database(db_url)
-    first = [True]
 
-    def other_writer_first(_conn, _cursor, statement: str, *_args: object) -> None:
-        if statement.startswith("INSERT INTO cluster_annotations") and first:
-            first.pop()
-            annotate_cluster(other, "t1", name="Refunds", note="seen by ops")
+    def name(other: Engine) -> None:
+        annotate_cluster(other, "t1", name="Refunds", note="seen by ops")
 
-    sa.event.listen(engine, "before_cursor_execute", other_writer_first)
-    kept = annotate_cluster(engine, "t1", name="Billing")
-    assert kept == {"name": "Billing", "note": "seen by ops"}
-    other.dispose()
-    engine.dispose()
+    with _another_writer(db_url, "INSERT INTO cluster_annotations", name) as engine:
+        kept = annotate_cluster(engine, "t1", name="Billing")
+        assert kept == {"name": "Billing", "note": "seen by ops"}
 
 
 def test_a_cached_answer_another_writer_stores_meanwhile_is_not_an_error(db_url: str) -> None:
     """Two `cluster --llm-names` runs asking the same question at once (PostgreSQL)."""
     if not db_url.startswith("postgresql"):
         pytest.skip("PostgreSQL only: one DuckDB writer; the delete before it locks a SQLite file")
-    engine = open_database(db_url)
-    other = open_database(db_url)
-    first = [True]
 
-    def other_writer_first(_conn, _cursor, statement: str, *_args: object) -> None:
-        if statement.startswith("INSERT INTO llm_cache") and first:
-            first.pop()
-            StoredCache(other)["q"] = "Refunds"
+    def answer(other: Engine) -> None:
+        StoredCache(other)["q"] = "Refunds"
 
-    sa.event.listen(engine, "before_cursor_execute", other_writer_first)
-    StoredCache(engine)["q"] = "Refunds"
-    assert dict(StoredCache(engine)) == {"q": "Refunds"}
-    other.dispose()
-    engine.dispose()
+    with _another_writer(db_url, "INSERT INTO llm_cache", answer) as engine:
+        StoredCache(engine)["q"] = "Refunds"
+        assert dict(StoredCache(engine)) == {"q": "Refunds"}
 
 
 def test_filters_select_by_model(db_url: str) -> None:
