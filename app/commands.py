@@ -944,7 +944,7 @@ def _run_replay(engine: Engine, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _count(n: int, noun: str) -> str:
-    """`1 input`, `2 inputs`."""
+    """`1 input`, `2 inputs`, `30 topics`."""
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
@@ -1400,11 +1400,6 @@ def _reward_figures(metrics: dict[str, Any]) -> str:
             figure += f" on only {metrics[count]} {what}: too few to trust"
         figures.append(figure)
     return "; ".join(figures)
-
-
-def _count(n: int, noun: str) -> str:
-    """'1 topic', '30 topics'."""
-    return f"{n} {noun}{'s' * (n != 1)}"
 
 
 def _report_counts(result: dict[str, Any]) -> str:
