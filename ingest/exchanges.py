@@ -7,6 +7,10 @@ Conventions, chosen so the reward model's labels mean what they say:
   Assistant messages before the first user message (a bot's greeting) are context only.
 - `user_turns_after` counts user messages after the response; `ended_conversation` is true
   when there are none, except for a retried response: regenerating is a reaction, not leaving.
+- A request the user edited (`Message.replaced`, as `--merge-history` reads a gateway's log)
+  is the prompt of its answers, which are marked `edited`; neither is in later contexts, and
+  it is not a user turn of its own: the edit that replaced it is, so the answers before count
+  the chat's turns once, and the edited answer is followed by the edit (never "ended").
 - `seconds_to_next_user_message` is the gap to the next user message when both are dated.
 - Conversation-level thumbs and rating (Chai's `thumbs_up`) apply to the last response that was
   kept (not retried), the one the user judged on leaving, and only when no response in the
@@ -37,7 +41,7 @@ def split_conversation(conv: Conversation, conversation_id: str | None = None) -
     thousands of these a second.
     """
     messages = conv.messages
-    users = [i for i, m in enumerate(messages) if m.role == "user"]
+    users = [i for i, m in enumerate(messages) if m.role == "user" and not m.replaced]
     if not users:
         return []
     if conversation_id is None:
@@ -56,7 +60,8 @@ def split_conversation(conv: Conversation, conversation_id: str | None = None) -
         if role == "user":
             context = tuple(kept)
             prompt = m
-            users_seen += 1
+            if not m.replaced:
+                users_seen += 1
             steps = []
         elif role == "system":
             system = m.content
@@ -89,7 +94,7 @@ def split_conversation(conv: Conversation, conversation_id: str | None = None) -
                 )
             )
             steps = []
-        if not m.retried:
+        if not _set_aside(m):
             kept.append(m)
     if not exchanges or exchanges[-1].turn_index < users[-1]:  # the last request unanswered
         exchanges.append(_saved_input(conv, conversation_id, users[-1]))
@@ -99,7 +104,8 @@ def split_conversation(conv: Conversation, conversation_id: str | None = None) -
 def _feedback_target(conv: Conversation, first_user: int, signal: str) -> int | None:
     """The response a conversation-level signal ("thumbs" or "rating") applies to, if any.
 
-    The last kept (not retried) answer, and only when no answer carries that signal itself.
+    The last kept (not retried or edited away) answer, and only when no answer carries that
+    signal itself.
     """
     if getattr(conv, signal) is None:
         return None
@@ -110,7 +116,13 @@ def _feedback_target(conv: Conversation, first_user: int, signal: str) -> int | 
     ]
     if any(getattr(conv.messages[i], signal) is not None for i in answers):
         return None
-    return next((i for i in reversed(answers) if not conv.messages[i].retried), None)
+    return next((i for i in reversed(answers) if not _set_aside(conv.messages[i])), None)
+
+
+def _set_aside(m: Message) -> bool:
+    """A regenerated answer, or a request the user edited and its answers: the user never built
+    on them, and the model answering later turns never saw them."""
+    return bool(m.retried) or m.replaced
 
 
 def _is_step(m: Message) -> bool:
@@ -167,7 +179,7 @@ def _saved_input(conv: Conversation, conversation_id: str, prompt_at: int) -> Ex
     return Exchange(
         conversation_id=conversation_id,
         turn_index=len(messages),
-        context=tuple(c for c in messages[:prompt_at] if not c.retried),
+        context=tuple(c for c in messages[:prompt_at] if not _set_aside(c)),
         prompt=prompt.content,
         response="",
         model=prompt.model or conv.model,

@@ -156,10 +156,15 @@ class _History:
     so a re-run stores nothing new.
 
     A line of the same conversation id that sends a held line's last request again with
-    another answer is a regeneration: the earlier answer stays in the chat as `retried`. With
-    no id, that is as likely two users' chats that began alike, and a false retry would teach
-    the reward model that a good answer was rejected: such a line, like one that continues a
-    state another line continued already, is a conversation of its own, counted in a Notice.
+    another answer is a regeneration: the earlier answer stays in the chat as `retried`. One
+    that sends the held line's history up to its last request with another request in its place
+    (and an answer) is an edit (a chat UI's "edit" button): the replaced request and its answers
+    stay in the chat, set aside (`Message.replaced`), the answers `edited`. Only the last
+    request is recognised as edited: a line that goes back further (edits an earlier message)
+    is a conversation of its own. With no id, either is as likely two users' chats that began
+    alike, and a false retry or edit would teach the reward model that a good answer was
+    rejected: such a line, like one that continues a state another line continued already, is a
+    conversation of its own, counted in a Notice.
     """
 
     def __init__(self) -> None:
@@ -168,10 +173,12 @@ class _History:
         # emptied before it, which took 3 of 20 s to read 100K lines.
         self._held: OrderedDict[bytes, _Chat] = OrderedDict()
         self._requests: dict[bytes, bytes] = {}  # a held answered line's last request → its key
+        self._befores: dict[bytes, bytes] = {}  # its history before that request → its key
         self._chars = 0
         self._gone = _Recent()  # digests of chats let go, or continued by a held line
         self.merged = 0
         self.retried = 0
+        self.edited = 0
         self.late = 0
         self.first_late = 0
 
@@ -179,8 +186,10 @@ class _History:
         """The held conversations this one lets go (oldest first); it is held itself."""
         digests = _digests(conversation.messages, conversation.external_id)
         request = _last_request(conversation)  # the same in the chat it joins: same messages
-        chat = self._goes_on(conversation, digests) or self._regenerates(
-            conversation, digests, request
+        chat = (
+            self._goes_on(conversation, digests)
+            or self._regenerates(conversation, digests, request)
+            or self._edits(conversation, digests, request)
         )
         if chat is None:
             chat = _Chat(_stamped(conversation, 0))
@@ -220,20 +229,45 @@ class _History:
             return None
         chat = self._take(key)
         answers = chat.line.messages[request + 1 :]
-        chat.retried += [(request + 1, replace(m, retried=True)) for m in answers]
+        chat.aside += [(request + 1, replace(m, retried=True)) for m in answers]
         shared = replace(chat.line, messages=chat.line.messages[: request + 1])
         chat.line = _continued(shared, line)
         self.merged += 1
         self.retried += 1
         return chat
 
+    def _edits(self, line: Conversation, digests: list[bytes], request: int) -> _Chat | None:
+        """The held chat of the same conversation id whose history before its last request
+        this line sends with another request in its place, now ending with this line's request
+        and answer; the replaced request and its answers (regenerated ones too) set aside."""
+        if line.external_id is None or request == len(line.messages) - 1:
+            return None
+        key = self._befores.get(_before(digests, request, line.external_id))
+        if key is None:
+            return None
+        chat = self._take(key)
+        # The held line's request is at `request` too (the same history comes before it).
+        messages = chat.conversation().messages
+        cut = request + sum(1 for at, _ in chat.aside if at <= request)
+        old_request, *answers = messages[cut:]
+        chat.aside = [(at, m) for at, m in chat.aside if at <= request]
+        chat.aside.append((request, replace(old_request, replaced=True)))
+        chat.aside += [(request, replace(m, edited=True, replaced=True)) for m in answers]
+        shared = replace(chat.line, messages=chat.line.messages[:request])
+        chat.line = _continued(shared, line)
+        self.merged += 1
+        self.edited += 1
+        return chat
+
     def _hold(self, chat: _Chat, digests: list[bytes], request: int) -> None:
-        chat.chars = _chars(chat.line) + sum(len(m.content) for _, m in chat.retried)
+        chat.chars = _chars(chat.line) + sum(len(m.content) for _, m in chat.aside)
         self._held[digests[-1]] = chat
         self._chars += chat.chars
         if request < len(chat.line.messages) - 1:
             self._requests[digests[request]] = digests[-1]
             chat.request = digests[request]
+            chat.before = _before(digests, request, chat.line.external_id)
+            self._befores[chat.before] = digests[-1]
 
     def _take(self, digest: bytes) -> _Chat:
         """The held chat under `digest`, no longer held."""
@@ -242,6 +276,8 @@ class _History:
         self._gone.add(digest)
         if chat.request is not None and self._requests.get(chat.request) == digest:
             del self._requests[chat.request]
+        if chat.before is not None and self._befores.get(chat.before) == digest:
+            del self._befores[chat.before]
         return chat
 
     def _let_go(self) -> Conversation:
@@ -250,15 +286,20 @@ class _History:
 
     def notices(self, source: str) -> Iterator[Notice]:
         if self.merged:
-            regenerated = (
-                f" ({self.retried} of them regenerated the last answer: it is stored as retried)"
-                if self.retried
-                else ""
-            )
+            how = []
+            if self.retried:
+                how.append(
+                    f"{self.retried} of them regenerated the last answer: it is stored as retried"
+                )
+            if self.edited:
+                how.append(
+                    f"{self.edited} of them edited the last message: its earlier answer is "
+                    "stored as edited"
+                )
             yield Notice(
                 source,
                 f"--merge-history: {self.merged} lines continued an earlier line's "
-                f"conversation and were merged into it{regenerated}",
+                "conversation and were merged into it" + (f" ({'; '.join(how)})" if how else ""),
             )
         if self.late:
             yield Notice(
@@ -266,32 +307,35 @@ class _History:
                 f"--merge-history: {self.late} lines (the first at line {self.first_late}) "
                 "continue a conversation that was stored before them (more than "
                 f"{_HELD_CHARS // 10**6}M characters of log earlier) or that another line "
-                "had continued already (with no conversation id: a regenerated answer, or two "
-                "chats that began alike): each is stored as a conversation of its own",
+                "had continued already (with no conversation id: a regenerated answer, an edited "
+                "message, or two chats that began alike): each is stored as a conversation of "
+                "its own",
             )
 
 
 @dataclass(slots=True)
 class _Chat:
-    """A held chat: its last line (merged with the earlier ones), and the answers the user
-    regenerated, each with the position in that line it came before."""
+    """A held chat: its last line (merged with the earlier ones), and the messages set aside
+    (answers the user regenerated, requests the user edited and their answers), each with the
+    position in that line it came before, in order."""
 
     line: Conversation
-    retried: list[tuple[int, Message]] = field(default_factory=list)
+    aside: list[tuple[int, Message]] = field(default_factory=list)
     request: bytes | None = None  # the digest of the line's last request, when answered
+    before: bytes | None = None  # the digest of the history before it, when answered
     chars: int = 0  # the characters held, counted when it is held
 
     def conversation(self) -> Conversation:
-        """The chat as stored: the last line with the regenerated answers in their places."""
-        if not self.retried:
+        """The chat as stored: the last line with the messages set aside in their places."""
+        if not self.aside:
             return self.line
         messages: list[Message] = []
-        retried = iter(self.retried)
-        pending = next(retried, None)
+        aside = iter(self.aside)
+        pending = next(aside, None)
         for position, message in enumerate(self.line.messages):
             while pending is not None and pending[0] == position:
                 messages.append(pending[1])
-                pending = next(retried, None)
+                pending = next(aside, None)
             messages.append(message)
         return replace(self.line, messages=tuple(messages))
 
@@ -309,15 +353,27 @@ _HELD_LINES = 100_000
 def _digests(messages: tuple[Message, ...], external_id: str | None) -> list[bytes]:
     """8-byte digests of the first 1, 2, ... messages (roles and texts), after the
     conversation's external id: equal digests are the same history of the same conversation."""
-    digest = hashlib.blake2b(digest_size=8)
-    external = (external_id or "").encode("utf-8", "surrogatepass")
-    digest.update(b"%d:" % len(external) + external)
+    digest = _opened(external_id)
     digests = []
     for message in messages:
         text = message.content.encode("utf-8", "surrogatepass")
         digest.update(b"%s %d:" % (message.role.encode(), len(text)) + text)
         digests.append(digest.digest())
     return digests
+
+
+def _opened(external_id: str | None) -> hashlib.blake2b:
+    """A digest of the conversation's external id, the history of no messages yet."""
+    digest = hashlib.blake2b(digest_size=8)
+    external = (external_id or "").encode("utf-8", "surrogatepass")
+    digest.update(b"%d:" % len(external) + external)
+    return digest
+
+
+def _before(digests: list[bytes], at: int, external_id: str | None) -> bytes:
+    """The digest of the first `at` messages (`digests` being `_digests`'), `at` 0 included: an
+    edit of a chat's first request keeps only its id."""
+    return digests[at - 1] if at else _opened(external_id).digest()
 
 
 def _chars(conversation: Conversation) -> int:

@@ -80,6 +80,10 @@ class Message:
     thumbs: int | None = None  # +1 up, -1 down
     deleted: bool | None = None  # the log marks it deleted (Chai: deleted = regenerated)
     metadata: dict[str, Any] | None = None  # per-message extras (e.g. a CSV row's other columns)
+    # Set aside by the user's edit of its turn (`--merge-history`): a request the user replaced
+    # and its answers stay in the chat, out of later contexts and of the user-turn counts. Never
+    # read from a log: a log's `edited` flag may mark the edited version, which is kept.
+    replaced: bool = False
 
 
 @dataclass(frozen=True, slots=True)

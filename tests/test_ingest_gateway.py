@@ -137,6 +137,115 @@ def test_a_regenerated_answer_in_a_conversation_is_kept_as_retried(tmp_path: Pat
     assert again.stored == 0
 
 
+def _edits_log(path: Path) -> None:
+    """Two chats whose users edit their last message (a chat UI's "edit" button): the gateway
+    logs the history before that message with the edited one in its place. In c1 the second
+    request is edited and the chat goes on; in c2 the first and only one is."""
+    hi = ("hi", "Hello!")
+    lines = [
+        _request([hi], 0, conversation_id="c1"),
+        _request([hi, ("capital of Autralia?", "Sorry, which country?")], 1, conversation_id="c1"),
+        _request([hi, ("capital of Australia?", "Canberra.")], 3, conversation_id="c1"),
+        _request(
+            [hi, ("capital of Australia?", "Canberra."), ("thanks", "You're welcome.")],
+            4,
+            conversation_id="c1",
+        ),
+        _request([("helo", "?")], 5, conversation_id="c2"),
+        _request([("hello", "Hi!")], 6, conversation_id="c2"),
+    ]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_an_edited_last_message_is_merged_and_its_earlier_answer_kept_as_edited(
+    tmp_path: Path,
+) -> None:
+    """The answer to the message before the edit is what the user rejected by editing: stored
+    `edited`, not as where they left, and out of what later turns were built on."""
+    log = tmp_path / "edits.jsonl"
+    _edits_log(log)
+    summary, rows, counts = _ingest(log, tmp_path / "edits.duckdb", merge_history=True)
+    assert (summary.conversations, counts["conversations"], summary.stored) == (2, 2, 6)
+    assert summary.warnings == [
+        f"{log}: --merge-history: 4 lines continued an earlier line's conversation and were "
+        "merged into it (2 of them edited the last message: its earlier answer is stored as "
+        "edited)"
+    ]
+    signals = [
+        (r["prompt"], r["edited"], r["user_turns_after"], r["ended_conversation"])
+        for r in sorted(rows, key=lambda r: (r["created_at"], r["turn_index"]))
+    ]
+    assert signals == [
+        ("hi", None, 2, False),  # the edited message is not a turn of its own: the edit is
+        ("capital of Autralia?", True, 2, False),
+        ("capital of Australia?", None, 1, False),
+        ("thanks", None, 0, True),
+        ("helo", True, 1, False),
+        ("hello", None, 0, True),
+    ]
+    by_answer = {r["response"]: r for r in rows}
+    assert len({r["conversation_id"] for r in rows}) == 2
+    assert not any(r["retried"] for r in rows)
+    # The model answering the edit saw the chat without the replaced turn, and so did later ones.
+    context = {a: [m["content"] for m in json.loads(by_answer[a]["context"])] for a in by_answer}
+    assert context["Canberra."] == context["Sorry, which country?"] == ["hi", "Hello!"]
+    assert context["You're welcome."] == ["hi", "Hello!", "capital of Australia?", "Canberra."]
+    assert context["Hi!"] == context["?"] == []
+    # From the answer the user rejected to their edit: 2 minutes.
+    assert by_answer["Sorry, which country?"]["seconds_to_next_user_message"] == 120.0
+    assert by_answer["Canberra."]["seconds_to_next_user_message"] == 60.0
+
+    again, _, _ = _ingest(log, tmp_path / "edits.duckdb", merge_history=True)
+    assert (again.stored, again.duplicates) == (0, 6)
+
+
+def test_an_edit_after_a_regeneration_sets_both_answers_aside(tmp_path: Path) -> None:
+    """The user regenerates an answer, then edits the request instead: both answers were
+    rejected, the first one twice."""
+    hi = ("hi", "Hello!")
+    lines = [
+        _request([hi, ("q", "a")], 0, conversation_id="c1"),
+        _request([hi, ("q", "a2")], 1, conversation_id="c1"),  # regenerated
+        _request([hi, ("q!", "b")], 2, conversation_id="c1"),  # edited
+    ]
+    log = tmp_path / "both.jsonl"
+    log.write_text("\n".join(lines) + "\n")
+    summary, rows, _ = _ingest(log, tmp_path / "both.duckdb", merge_history=True)
+    (merged,) = summary.warnings
+    assert "(1 of them regenerated the last answer: it is stored as retried; 1 of" in merged
+    assert [
+        (r["prompt"], r["response"], r["retried"], r["edited"], r["ended_conversation"])
+        for r in sorted(rows, key=lambda r: r["turn_index"])
+    ] == [
+        ("hi", "Hello!", None, None, False),
+        ("q", "a", True, True, False),
+        ("q", "a2", None, True, False),
+        ("q!", "b", None, None, True),
+    ]
+
+
+def test_without_the_option_an_edited_message_is_a_conversation_of_its_own(
+    tmp_path: Path,
+) -> None:
+    """Unchanged without --merge-history: each line is stored as logged."""
+    log = tmp_path / "edits.jsonl"
+    _edits_log(log)
+    summary, rows, counts = _ingest(log, tmp_path / "lines.duckdb")
+    assert (summary.conversations, counts["conversations"], summary.stored) == (6, 6, 10)
+    (warning,) = summary.warnings
+    assert "3 lines (the first at line 2) begin with the whole conversation" in warning
+    assert not any(r["edited"] or r["retried"] for r in rows)
+    ended = sorted(r["prompt"] for r in rows if r["ended_conversation"])
+    assert ended == [
+        "capital of Australia?",
+        "capital of Autralia?",
+        "hello",
+        "helo",
+        "hi",
+        "thanks",
+    ]
+
+
 def test_lines_of_other_conversations_or_too_late_are_not_merged(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
