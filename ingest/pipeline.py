@@ -9,7 +9,10 @@ So a re-run stores nothing new, a killed run resumes by running it again, and a 
 costs only itself: it goes to the rejects file with its file, line, field and reason while the
 records around it are stored.
 A file rejected whole (line 0: empty, binary, an unknown mapped field) is also a warning in
-the summary, since a user would otherwise see only a count.
+the summary, since a user would otherwise see only a count. So is an answer to a user message
+with no text (empty, whitespace, or images only), which is not stored as an exchange: with no
+prompt there is nothing to judge it against or replay. The message and its answer stay in later
+turns' context, and the conversation's other exchanges keep their ids.
 """
 
 from __future__ import annotations
@@ -85,6 +88,7 @@ class IngestSummary:
     truncated: list[dict[str, Any]] = field(default_factory=list)
     unknown_roles: dict[str, int] = field(default_factory=dict)
     unread_files: int = 0  # files rejected whole (line 0): nothing of them was read
+    empty_prompts: int = 0  # exchanges left out: the user message they answer has no text
     warnings: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -170,6 +174,7 @@ def _ingest_file(
         disable=None if config.progress else True,
     )
     taken = 0
+    empty_prompts = 0
     try:
         for record in bar:
             if config.limit is not None and taken >= config.limit:
@@ -180,7 +185,9 @@ def _ingest_file(
                 summary.conversations += 1
                 conversation_id = copies.conversation_id(record)
                 parts = split_conversation(record, conversation_id)
-                batch.add_conversation(record, conversation_id, parts)
+                prompted = [part for part in parts if part.prompt.strip()]
+                empty_prompts += len(parts) - len(prompted)
+                batch.add_conversation(record, conversation_id, prompted)
             elif isinstance(record, StoredExchanges):
                 summary.conversations += 1
                 batch.add_stored(record)
@@ -206,6 +213,12 @@ def _ingest_file(
         bar.close()
         writer.drain()  # the batch in flight is committed even when reading failed
     _store(batch.take(engine), engine, summary)
+    if empty_prompts:
+        summary.empty_prompts += empty_prompts
+        summary.warnings.append(
+            f"{path}: {empty_prompts} exchanges left out: the user message each answers has no "
+            "text (empty, whitespace, or only images); it stays in later turns' context"
+        )
     if summary.read == before[0] and summary.rejected > before[3]:
         _check_forced_format(path, config, summary)
     finish_ingest_run(

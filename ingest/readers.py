@@ -302,12 +302,17 @@ def content_text(value: Any, name: str) -> str:
 def checked_conversation(
     conversation: Conversation, record: Any, field_name: str = "messages"
 ) -> Conversation | Reject:
-    """The conversation, or a Reject when it has nothing to judge (no user message) or holds
-    text no database can store (`unstorable_text`)."""
+    """The conversation, or a Reject when it has nothing to judge (no user message with text:
+    an answer to an empty one is not stored, `ingest.pipeline`) or holds text no database can
+    store (`unstorable_text`)."""
     if not conversation.messages:
         err = FieldError(field_name, "no messages")
     elif not any(m.role == "user" for m in conversation.messages):
         err = FieldError(field_name, "no user message (missing prompt)")
+    elif not any(m.role == "user" and m.content.strip() for m in conversation.messages):
+        err = FieldError(
+            field_name, "no user message (missing prompt): every user message is empty"
+        )
     else:
         unstorable = unstorable_text(record)
         if unstorable is None:

@@ -8,6 +8,7 @@ import gzip
 import json
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -15,10 +16,11 @@ import pytest
 
 from ingest.detect import detect_format
 from ingest.exchanges import split_conversation
-from ingest.pipeline import IngestConfig, ingest_paths
+from ingest.pipeline import IngestConfig, IngestSummary, ingest_paths
 from ingest.readers import ReadOptions, read_file
-from ingest.records import Conversation, Reject
+from ingest.records import Conversation, Message, Reject, content_hash
 from storage.engine import open_database
+from storage.logs import iter_exchanges
 from tests.test_ingest_readers import of, openai_line, write_jsonl
 
 
@@ -332,3 +334,108 @@ def test_an_unanswered_csv_row_keeps_its_model_and_id(tmp_path: Path) -> None:
         ("answered", "yes", "m1", "e1"),
         ("open", "", "m4", "e2"),  # a saved input, for the model it was meant for
     ]
+
+
+IMAGE_ONLY = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]
+
+
+def _ingest_into(tmp_path: Path, *logs: Path) -> tuple[IngestSummary, list[dict[str, Any]], Path]:
+    """Ingest into one DuckDB file under tmp_path: the summary, the stored exchanges by turn,
+    the rejects file."""
+    engine = open_database(f"duckdb:///{tmp_path / 'x.duckdb'}")
+    rejects = tmp_path / "rejects.jsonl"
+    summary = ingest_paths(
+        list(logs), engine=engine, config=IngestConfig(rejects_path=rejects, progress=False)
+    )
+    rows = sorted(
+        (r for batch in iter_exchanges(engine) for r in batch),
+        key=lambda r: (r["source"], r["turn_index"]),
+    )
+    engine.dispose()
+    return summary, rows, rejects
+
+
+def test_an_answer_to_a_user_message_with_no_text_is_left_out_and_counted(
+    tmp_path: Path,
+) -> None:
+    """A user message of images only (OpenAI) or of whitespace (ShareGPT) is no prompt: its
+    answer is not an exchange, and an unanswered one is no saved input. The rest of the
+    conversation is stored under the ids it always had, the empty turn in its context."""
+    chat = [
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "a1"},
+        {"role": "user", "content": IMAGE_ONLY},
+        {"role": "assistant", "content": "A cat."},
+        {"role": "user", "content": "q3"},
+        {"role": "assistant", "content": "a3"},
+    ]
+    openai = write_jsonl(
+        tmp_path / "chat.jsonl",
+        [{"messages": chat, "model": "m1"}, {"messages": [chat[0]], "model": "m1"}],
+    )
+    turns = [("human", "hi"), ("gpt", "Hello!"), ("human", " \n")]
+    sharegpt = write_jsonl(
+        tmp_path / "sharegpt.jsonl",
+        [{"id": "s1", "conversations": [{"from": f, "value": v} for f, v in turns]}],
+    )
+    summary, rows, _ = _ingest_into(tmp_path, openai, sharegpt)
+    assert (summary.rejected, summary.stored) == (0, 4)
+    assert summary.empty_prompts == 2
+    assert summary.warnings == [
+        f"{log}: 1 exchanges left out: the user message each answers has no text (empty, "
+        "whitespace, or only images); it stays in later turns' context"
+        for log in (openai, sharegpt)
+    ]
+    by_answer = {(r["source"], r["response"]): r for r in rows}
+    assert sorted(by_answer) == [
+        (str(openai), ""),  # a saved input: an empty response is no missing prompt
+        (str(openai), "a1"),
+        (str(openai), "a3"),
+        (str(sharegpt), "Hello!"),
+    ]
+    # The ids are the ones the conversation's exchanges always had: the whole conversation,
+    # empty turn included, names it, and each answer keeps its place in it.
+    messages = tuple(Message(m["role"], m["content"] if m is not chat[2] else "") for m in chat)
+    conversation_id = Conversation(messages, source=str(openai), line=1).id
+    a1, a3 = by_answer[str(openai), "a1"], by_answer[str(openai), "a3"]
+    assert (a1["turn_index"], a3["turn_index"]) == (1, 5)
+    assert a1["id"] == content_hash("exchange", conversation_id, 1, "q1", "a1", "m1")
+    assert a3["id"] == content_hash("exchange", conversation_id, 5, "q3", "a3", "m1")
+    assert [m["content"] for m in json.loads(a3["context"])] == ["q1", "a1", "", "A cat."]
+    assert a1["user_turns_after"] == 2  # the empty message was a turn all the same
+
+    again, _, _ = _ingest_into(tmp_path, openai, sharegpt)
+    assert (again.stored, again.duplicates, again.empty_prompts) == (0, 4, 2)
+
+
+def test_a_conversation_whose_user_messages_are_all_empty_is_rejected(tmp_path: Path) -> None:
+    openai = write_jsonl(
+        tmp_path / "chat.jsonl",
+        [
+            openai_line("q", "a"),
+            openai_line(IMAGE_ONLY, "A cat."),
+            {"messages": [{"role": "user", "content": ""}, {"role": "user", "content": " "}]},
+        ],
+    )
+    sharegpt = write_jsonl(
+        tmp_path / "sharegpt.jsonl",
+        [
+            {
+                "id": "s1",
+                "conversations": [{"from": "human", "value": "\t"}, {"from": "gpt", "value": "?"}],
+            }
+        ],
+    )
+    summary, rows, rejects = _ingest_into(tmp_path, openai, sharegpt)
+    assert (summary.stored, summary.rejected) == (1, 3)
+    assert [r["prompt"] for r in rows] == ["q"]
+    reason = "no user message (missing prompt): every user message is empty"
+    assert [
+        (r["file"], r["line"], r["field"], r["reason"])
+        for r in map(json.loads, rejects.read_text(encoding="utf-8").splitlines())
+    ] == [
+        (str(openai), 2, "messages", reason),
+        (str(openai), 3, "messages", reason),
+        (str(sharegpt), 1, "conversations", reason),
+    ]
+    assert summary.empty_prompts == 0  # rejected whole: nothing of them was left out
