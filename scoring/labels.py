@@ -4,7 +4,7 @@ Each known signal gives a per-signal label in [0, 1] (0 = the user showed the re
 and the joint label is their α-weighted mean; the row's training weight is the sum of the α of
 the signals it has. Following Chai, a response is bad when it was retried (regenerated),
 edited, or the user left within K turns; good when the user went on for at least N more turns
-without retrying; ratings, thumbs and battle outcomes add their own evidence. An unknown
+without retrying or editing; ratings, thumbs and battle outcomes add their own evidence. An unknown
 signal (None / NaN) contributes nothing: it is never read as 0, so rows with no signal at all
 get a NaN label and weight 0 rather than a fake "bad". Leaving says something only where
 staying was possible: in a source (a log file) whose conversations never go past one user turn
@@ -108,8 +108,9 @@ def signal_labels(frame: pd.DataFrame, config: LabelConfig = LabelConfig()) -> p
     # An ended flag alone says the user left right after this response.
     length[ended == 1] = 0.0
     length[turns < config.ended_within] = 0.0
-    # Going on for N turns only counts as good when the response was not regenerated.
-    length[(turns >= config.continued_at_least) & (retried != 1)] = 1.0
+    # Going on for N turns only counts as good when the response was not regenerated or
+    # edited away: the user went on from another answer (an edit, `--merge-history`).
+    length[(turns >= config.continued_at_least) & (retried != 1) & (edited != 1)] = 1.0
     out["length"] = length.where(_conversations_go_on(frame, turns))
 
     span = config.rating_max - config.rating_min

@@ -26,6 +26,8 @@ def _conversation_rows() -> pd.DataFrame:
             {"retried": True, "edited": None, "user_turns_after": 4, "rating": None},
             # middle length: neither ended nor continued; thumbs down
             {"retried": None, "edited": None, "user_turns_after": 2, "thumbs": -1},
+            # the user edited the request it answers, then went on: no length credit either
+            {"retried": False, "edited": True, "user_turns_after": 4, "rating": None},
         ]
     )
 
@@ -39,9 +41,10 @@ def test_joint_target_and_null_handling() -> None:
     assert f.loc[3, "label"] == 1.0 and f.loc[3, "weight"] == 1.0
     assert math.isnan(f.loc[4, "label_length"]) and f.loc[4, "label"] == 0.0
     assert math.isnan(f.loc[5, "label_length"]) and f.loc[5, "label"] == 0.0
+    assert math.isnan(f.loc[6, "label_length"]) and f.loc[6, "label"] == 0.5  # retry, edit
     c = labels.counts
-    assert c["retry"] == {"known": 3, "good": 1, "bad": 2, "unknown": 3}
-    assert c["joint"]["unknown"] == 1 and c["joint"]["known"] == 5
+    assert c["retry"] == {"known": 4, "good": 2, "bad": 2, "unknown": 3}
+    assert c["joint"]["unknown"] == 1 and c["joint"]["known"] == 6
 
 
 def test_weights_are_configurable_and_pandas_nulls_are_unknown() -> None:
