@@ -219,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     reading.add_argument(
         "--format",
         choices=list(INGEST_FORMATS),
-        help="skip auto-detection (convoscope: a `convoscope export --format jsonl` file)",
+        help="skip auto-detection (convoscope: a file `convoscope export` wrote, JSONL, CSV or "
+        "Parquet; csv or parquet reads such a file as a log, under new ids)",
     )
     reading.add_argument(
         "--map",

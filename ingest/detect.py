@@ -40,17 +40,18 @@ _CHAI_KEYS = frozenset({"bot_id", "bot_name"})
 _CHAI_MESSAGE_KEYS = frozenset({"sender", "sent_date", "deleted", "sender_type", "is_user"})
 _TABULAR_SUFFIXES = (".csv", ".tsv")
 _CANONICAL_COLUMNS = frozenset({"prompt", "response", "conversation_id"})
-# The keys of every row of `convoscope export --format jsonl` (ingest.exported.REQUIRED_KEYS).
+# The keys of every row of `convoscope export` (ingest.exported.REQUIRED_KEYS), and the columns
+# of its CSV and Parquet files.
 EXPORT_KEYS = frozenset({"id", "conversation_id", "turn_index", "prompt", "response", "context"})
 
 
 def detect_format(path: Path, *, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> str:
     """One of "openai", "sharegpt", "chai", "battles", "csv", "parquet", "convoscope" (our own
-    JSONL export); ValueError otherwise."""
+    export, JSONL, CSV or Parquet); ValueError otherwise."""
     path = Path(path)
     start = head(path)
     if start.startswith(b"PAR1"):
-        return "parquet"
+        return "convoscope" if set(_parquet_columns(path)) >= EXPORT_KEYS else "parquet"
     if not start.strip():
         raise ValueError(f"cannot detect the format of {path}: the file is empty")
     if looks_binary(start):
@@ -75,8 +76,9 @@ def detect_format(path: Path, *, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -
             else f"{kind} has keys {sorted(first_keys)}"
         )
     else:
-        if _looks_tabular(path, start):
-            return "csv"
+        tabular = _tabular_format(path, start)
+        if tabular is not None:
+            return tabular
         text = start[:80].decode("utf-8", errors="replace")
         seen = f"text starting {text!r}"
     raise ValueError(
@@ -182,14 +184,30 @@ def _message_keys(record: dict) -> set[str]:
     return set()
 
 
-def _looks_tabular(path: Path, start: bytes) -> bool:
-    """A .csv/.tsv name, or a header line naming canonical columns."""
-    name = path.name.lower().removesuffix(".gz")
-    if name.endswith(_TABULAR_SUFFIXES):
-        return True
+def _tabular_format(path: Path, start: bytes) -> str | None:
+    """The format of a table: "convoscope" when its header line names our export's columns,
+    "csv" for another (a .csv/.tsv name, or a header line naming canonical columns); None for
+    text that is no table."""
     first_line = start.removeprefix(UTF8_BOM).split(b"\n", 1)[0].decode("utf-8", errors="replace")
-    for delimiter in (",", "\t", ";"):
-        header = next(csv.reader(io.StringIO(first_line), delimiter=delimiter), [])
+    delimiters = (",", "\t", ";")
+    headers = [next(csv.reader(io.StringIO(first_line), delimiter=d), []) for d in delimiters]
+    if any(set(header) >= EXPORT_KEYS for header in headers):
+        return "convoscope"
+    if path.name.lower().removesuffix(".gz").endswith(_TABULAR_SUFFIXES):
+        return "csv"
+    for header in headers:
         if len(header) > 1 and _CANONICAL_COLUMNS & {h.strip().lower() for h in header}:
-            return True
-    return False
+            return "csv"
+    return None
+
+
+def _parquet_columns(path: Path) -> list[str]:
+    """The column names of a Parquet file (from its footer); none when it cannot be read (the
+    Parquet reader rejects it with the reason)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_schema(path).names
+    except (pa.ArrowException, OSError):
+        return []

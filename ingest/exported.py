@@ -1,4 +1,4 @@
-"""convoscope's own JSONL export read back: the exchanges it holds, under their original ids.
+"""convoscope's own export read back: the exchanges it holds, under their original ids.
 
 An export row is an exchange as stored (`convoscope export --format jsonl`): its id, the
 conversation id and turn index it was stored under, its whole context, prompt, response,
@@ -20,28 +20,40 @@ be a different exchange, stored under a new one it would no longer join back.
 
 The file is untrusted like any log: every field is type-checked, and a bad row is a reject
 naming its line and field while the rows around it are stored.
+
+A CSV or Parquet export (`--format csv|parquet`) has the same columns but the metadata, which
+only JSONL carries. Read as a log, it was split into new conversations with new ids (doubling
+the data in the database it came from) and new structural signals. Its rows come from the
+tabular readers' row streams and are turned into the record the JSONL export writes (JSON text
+parsed; in CSV, where every cell is text, signals read as booleans and numbers and an empty
+cell null, as the export writes a NULL), then read by the same code as a JSONL row.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ingest.detect import EXPORT_KEYS
-from ingest.files import Record, iter_json_records
+from ingest.files import Record, first_json_byte, head, iter_json_records
 from ingest.readers import (
     FieldError,
+    as_bool,
     as_datetime,
+    as_float,
+    as_int,
     field_reject,
     not_an_object,
     unstorable_text,
 )
 from ingest.records import Exchange, Message, Parsed, Reject, StoredExchanges, canonical_role
+from ingest.tabular import Header, TableItem, csv_records, parquet_records
 
 if TYPE_CHECKING:
     from ingest.readers import ReadOptions
@@ -74,20 +86,25 @@ _ID = re.compile(r"[0-9a-f]{32}")
 
 
 def read_exported(path: Path, *, options: ReadOptions) -> Iterator[Parsed]:
-    """`StoredExchanges` per run of rows of one conversation, and Rejects, in file order.
+    """`StoredExchanges` per run of rows of one conversation, and Rejects, in file order, from
+    a JSONL, CSV or Parquet export (told apart by content).
 
     The export writes a conversation's rows together, in turn order; rows of one conversation
     that are not contiguous (two exports joined) are read as two groups, which is harmless:
     their ids are carried, not derived from the group.
     """
     source = options.source_for(path)
+    records, kind = _records(path, source, options)
     group: list[_Row] = []
     line = 0
-    for item in iter_json_records(path, source=source, max_line_bytes=options.max_line_bytes):
+    for item in records:
+        if isinstance(item, Header):
+            _check_columns(item.names, path, kind)
+            continue
         if type(item) is not Record:
             yield item
             continue
-        parsed = _exchange(item.value, item.number, source)
+        parsed = _exchange(item.value, item.number, source, kind)
         if isinstance(parsed, Reject):
             yield parsed
             continue
@@ -99,6 +116,27 @@ def read_exported(path: Path, *, options: ReadOptions) -> Iterator[Parsed]:
         group.append(parsed)
     if group:
         yield _group(group, source, line)
+
+
+def _records(path: Path, source: str, options: ReadOptions) -> tuple[Iterable[TableItem], str]:
+    """The file's records, and the export format holding them: "jsonl" (JSON lines or a JSON
+    array), "csv" or "parquet"."""
+    if head(path, 4) == b"PAR1":
+        return parquet_records(path, source=source), "parquet"
+    if first_json_byte(path) in (b"{", b"[", b""):
+        lines = iter_json_records(path, source=source, max_line_bytes=options.max_line_bytes)
+        return lines, "jsonl"
+    return csv_records(path, source=source, options=options), "csv"
+
+
+def _check_columns(names: list[str], path: Path, kind: str) -> None:
+    """Refuse a table without an export's columns as a whole: each row would be a reject."""
+    missing = sorted(REQUIRED_KEYS - {"id"} - set(names))
+    if missing:
+        raise ValueError(
+            f"{path}: not a convoscope export: no column {', '.join(missing)} (columns: "
+            f"{names}); to read it as a log, pass --format {kind}"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,12 +164,14 @@ def _group(rows: list[_Row], source: str, line: int) -> StoredExchanges:
     )
 
 
-def _exchange(record: Any, number: int, source: str) -> _Row | Reject:
+def _exchange(record: Any, number: int, source: str, kind: str = "jsonl") -> _Row | Reject:
     """The exchange one export row holds with its conversation's fields, or the Reject naming
-    its first bad field."""
+    its first bad field; `kind` is the export's format ("jsonl", "csv", "parquet")."""
     if not isinstance(record, dict):
         return not_an_object(source, number, record)
     try:
+        if kind != "jsonl":
+            record = _from_table(record, text_cells=kind == "csv")
         missing = sorted(REQUIRED_KEYS - set(record) - {"id"})
         if missing:
             raise FieldError(missing[0], "missing: an export row names its exchange by it")
@@ -177,6 +217,40 @@ def _exchange(record: Any, number: int, source: str) -> _Row | Reject:
         text["feedback_text"],
         _object(record.get("conversation_metadata"), "conversation_metadata"),
     )
+
+
+def _json_text(value: Any, name: str) -> Any:
+    """A value a table holds as JSON text (a list, an object)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        raise FieldError(name, f"expected JSON text, got {value!r}"[:200]) from None
+
+
+# How a CSV or Parquet export's cell becomes what the JSONL export writes: counts are floats in
+# a Parquet file rewritten by pandas, and every CSV cell is text.
+_FROM_TABLE: dict[str, Callable[[Any, str], Any]] = {
+    **dict.fromkeys(_BOOLEANS, as_bool),
+    **dict.fromkeys(_NUMBERS, as_float),
+    **dict.fromkeys(("turn_index", "thumbs", "user_turns_after"), as_int),
+    **dict.fromkeys(("context", "metadata", "conversation_metadata"), _json_text),
+}
+
+
+def _from_table(record: dict[str, Any], *, text_cells: bool) -> dict[str, Any]:
+    """A CSV or Parquet export row as the JSONL export writes it. With `text_cells` (CSV) an
+    empty cell is null, as the export writes a NULL, but for the prompt and response, where it
+    is empty text (a saved input's response)."""
+    row = {}
+    for name, value in record.items():
+        if text_cells and value == "" and name not in ("prompt", "response"):
+            value = None
+        elif name in _FROM_TABLE:
+            value = _FROM_TABLE[name](value, name)
+        row[name] = value
+    return row
 
 
 def _kind(value: Any) -> str:
@@ -230,7 +304,8 @@ def _thumbs(value: Any) -> int | None:
 
 
 def _time(value: Any) -> datetime | None:
-    if value is not None and not isinstance(value, str):
+    """ISO text (JSONL, CSV) or a timestamp (Parquet)."""
+    if value is not None and not isinstance(value, str | datetime):
         raise FieldError("created_at", f"expected an ISO date-time or null, got {_kind(value)}")
     return as_datetime(value, "created_at")
 

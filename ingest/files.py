@@ -48,9 +48,10 @@ class Line:
 
 @dataclass(frozen=True, slots=True)
 class Record:
-    """One parsed JSON record: a JSONL line or an item of a top-level JSON array."""
+    """One parsed record: a JSONL line, an item of a top-level JSON array, or a table's row
+    (its values by column name)."""
 
-    number: int  # 1-based line (JSONL) or item number (JSON array)
+    number: int  # 1-based line (JSONL, CSV) or item number (JSON array) or row (Parquet)
     value: Any
 
 

@@ -152,9 +152,11 @@ def _ingest_file(
     )
     format = _format_name(path, config)
     if config.mapping and format not in _TABULAR_FORMATS | {"unknown"}:
+        export = format == "convoscope"
+        as_log = "; --format csv or parquet reads an export as a log" if export else ""
         summary.warnings.append(
             f"{path}: --map ignored: the {format} format names its own fields "
-            "(a column mapping is for CSV and Parquet files)"
+            f"(a column mapping is for CSV and Parquet logs{as_log})"
         )
     if config.merge_history and format not in {"openai", "unknown"}:
         summary.warnings.append(

@@ -10,6 +10,9 @@ so `seconds_to_next_user_message` is the time between one row and the next. `con
 given, is a JSON list of `{role, content}` messages that precede the conversation's first row.
 A row that repeats the prompt of a row whose answer was `retried` is that request answered
 again (as an export writes a regenerated answer), not a new user turn.
+
+The row streams (`csv_records`, `parquet_records`) also feed ingest.exported, which reads
+convoscope's own CSV and Parquet exports back under their stored ids.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ingest.files import Line, iter_lines
+from ingest.files import Line, Record, iter_lines
 from ingest.readers import (
     FieldError,
     as_bool,
@@ -77,42 +80,69 @@ class _Row:
 def read_csv(path: Path, *, options: ReadOptions) -> Iterator[Parsed]:
     """Conversations and Rejects from a CSV/TSV file (gzip allowed), streamed row by row."""
     source = options.source_for(path)
-    rows = _csv_rows(path, source=source, options=options)
-    yield from _conversations(rows, source=source)
+    records = csv_records(path, source=source, options=options)
+    yield from _conversations(_typed_rows(records, path, source, options), source=source)
 
 
 def read_parquet(path: Path, *, options: ReadOptions) -> Iterator[Parsed]:
     """Conversations and Rejects from a Parquet file, streamed batch by batch."""
+    source = options.source_for(path)
+    records = parquet_records(path, source=source)
+    yield from _conversations(_typed_rows(records, path, source, options), source=source)
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """A table's column names, which come before its rows."""
+
+    names: list[str]
+
+
+TableItem = Header | Record | Reject | Truncation
+
+
+def _typed_rows(
+    records: Iterable[TableItem], path: Path, source: str, options: ReadOptions
+) -> Iterator[_Row | Reject | Truncation | Notice]:
+    """The rows with their cells mapped to canonical fields (`options.mapping`) and typed."""
+    columns: dict[str, str] = {}
+    for item in records:
+        if isinstance(item, Header):
+            columns = _column_map(item.names, options.mapping, path)
+            if notice := _no_response(columns, item.names, source):
+                yield notice
+        elif type(item) is Record:
+            yield _typed_row(item.value, item.number, columns, source)
+        else:
+            yield item
+
+
+def parquet_records(path: Path, *, source: str) -> Iterator[TableItem]:
+    """A Parquet file's `Header`, then each row as a Record of its values by column name
+    (numbered from 1), streamed batch by batch; an unreadable file or batch is a Reject."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    source = options.source_for(path)
     try:
         parquet = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as err:
         yield Reject(source=source, line=0, reason=f"unreadable Parquet file: {err}")
         return
-    columns = _column_map(parquet.schema_arrow.names, options.mapping, path)
-    if notice := _no_response(columns, parquet.schema_arrow.names, source):
-        yield notice
-
-    def rows() -> Iterator[_Row | Reject]:
-        number = 0
-        batches = parquet.iter_batches(batch_size=_BATCH_ROWS)
-        while True:
-            try:
-                batch = next(batches, None)
-            except (pa.ArrowException, OSError) as err:  # damaged data: keep the rows before
-                reason = f"unreadable Parquet data after row {number}, the rest skipped: {err}"
-                yield Reject(source=source, line=number + 1, reason=reason)
-                return
-            if batch is None:
-                return
-            for record in batch.to_pylist():
-                number += 1
-                yield _typed_row(record, number, columns, source)
-
-    yield from _conversations(rows(), source=source)
+    yield Header(parquet.schema_arrow.names)
+    number = 0
+    batches = parquet.iter_batches(batch_size=_BATCH_ROWS)
+    while True:
+        try:
+            batch = next(batches, None)
+        except (pa.ArrowException, OSError) as err:  # damaged data: keep the rows before
+            reason = f"unreadable Parquet data after row {number}, the rest skipped: {err}"
+            yield Reject(source=source, line=number + 1, reason=reason)
+            return
+        if batch is None:
+            return
+        for record in batch.to_pylist():
+            number += 1
+            yield Record(number=number, value=record)
 
 
 def _column_map(header: Iterable[str], mapping: Mapping[str, str], path: Path) -> dict[str, str]:
@@ -185,10 +215,9 @@ def _find_column(wanted: str, names: list[str]) -> str | None:
     return next((name for name in names if name.strip() == wanted.strip()), None)
 
 
-def _csv_rows(
-    path: Path, *, source: str, options: ReadOptions
-) -> Iterator[_Row | Reject | Truncation | Notice]:
-    """Typed rows; bad lines and bad rows come out as Rejects in their place."""
+def csv_records(path: Path, *, source: str, options: ReadOptions) -> Iterator[TableItem]:
+    """A CSV file's `Header`, then each row as a Record of its cells by column name, numbered
+    by its first physical line; bad lines and bad rows come out as Rejects in their place."""
     csv.field_size_limit(max(csv.field_size_limit(), options.max_line_bytes))
     pending: list[Reject | Truncation] = []
     first_line: list[int] = []  # the first physical line of the row being read
@@ -228,9 +257,7 @@ def _csv_rows(
         "\t" if path.name.lower().removesuffix(".gz").endswith(".tsv") else _delimiter(header_text)
     )
     header = next(csv.reader([header_text], delimiter=delimiter))
-    columns = _column_map(header, options.mapping, path)
-    if notice := _no_response(columns, header, source):
-        yield notice
+    yield Header(header)
     # strict: a quote left open at the end of the file is an error, not a cell that silently
     # swallows every row after it; a stray quote after a closing one is an error too.
     reader = csv.reader(stream, delimiter=delimiter, strict=True)
@@ -265,7 +292,7 @@ def _csv_rows(
                 excerpt=delimiter.join(cells)[:200],
             )
             continue
-        yield _typed_row(dict(zip(header, cells, strict=False)), line, columns, source)
+        yield Record(number=line, value=dict(zip(header, cells, strict=False)))
     yield from pending
 
 

@@ -1,18 +1,25 @@
-"""A JSONL export ingests back as the exchanges it holds, under their original ids: through the
-real CLI, between real DuckDB and SQLite files."""
+"""An export (JSONL, CSV or Parquet) ingests back as the exchanges it holds, under their
+original ids: through the real CLI, between real DuckDB and SQLite files."""
 
 from __future__ import annotations
 
+import csv
 import json
+import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
 import sqlalchemy as sa
 
+from ingest.detect import detect_format
 from storage.engine import open_database
 from storage.logs import iter_exchanges
 from storage.schema import conversations, ingest_runs
-from tests.test_ingest_pipeline import convoscope
+from tests.test_ingest_pipeline import convoscope, convoscope_here
 
 T0 = 1_767_268_800  # 2026-01-01 12:00 UTC
 
@@ -40,7 +47,13 @@ def _chat_log(path: Path) -> None:
                     "deleted": False,
                 },
                 {"role": "user", "content": '=HYPERLINK("x")', "created_at": T0 + 90},
-                {"role": "assistant", "content": "Plain text.", "created_at": T0 + 95},
+                # Another model's answer: an export of bot-1's holds part of this chat.
+                {
+                    "role": "assistant",
+                    "content": "Plain text.",
+                    "created_at": T0 + 95,
+                    "model": "bot-2",
+                },
             ],
         },
         {
@@ -89,8 +102,11 @@ def _conversations(db: str) -> dict[str, tuple[str | None, str | None, str | Non
         engine.dispose()
 
 
-def _ingest(db: str, path: Path, cwd: Path, *extra: str) -> dict[str, Any]:
-    result = convoscope("ingest", str(path), "--json", *extra, db=db, cwd=cwd)
+Cli = Callable[..., subprocess.CompletedProcess[str]]
+
+
+def _ingest(db: str, path: Path, cwd: Path, *extra: str, cli: Cli = convoscope) -> dict[str, Any]:
+    result = cli("ingest", str(path), "--json", *extra, db=db, cwd=cwd)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -210,3 +226,143 @@ def test_the_ui_jsonl_export_carries_metadata_and_ingests_back_whole(tmp_path: P
     assert (fresh["stored"], fresh["rejected"]) == (6, 0)
     assert _stored(b) == originals
     assert _conversations(b) == _conversations(a)
+
+
+# --- CSV and Parquet exports: the same columns, read back the same way ---
+
+
+def _export_table(db: str, out: Path, cwd: Path, *extra: str) -> None:
+    """`convoscope export` to `out`, in the format its name gives (csv or parquet)."""
+    result = convoscope_here("export", "--out", str(out), *extra, db=db, cwd=cwd)
+    assert result.returncode == 0, result.stderr
+
+
+def _read_table(path: Path) -> list[dict[str, Any]]:
+    """A CSV export's rows as text cells, a Parquet export's with their types."""
+    if path.suffix == ".parquet":
+        return pq.read_table(path).to_pylist()
+    with path.open(newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def _write_table(path: Path, rows: list[dict[str, Any]]) -> None:
+    if path.suffix == ".parquet":
+        pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(path)), path)
+        return
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _without_metadata(rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Stored exchanges less their metadata, which only the JSONL export carries."""
+    return {i: {k: v for k, v in row.items() if k != "metadata"} for i, row in rows.items()}
+
+
+@pytest.mark.parametrize("suffix", ["csv", "parquet"])
+def test_a_csv_or_parquet_export_ingests_back_under_the_same_ids(
+    tmp_path: Path, suffix: str
+) -> None:
+    """Read as a log, the rows became new conversations: re-ingested into the database they
+    came from they were stored again (the data doubled), and a filtered export's last turn
+    was read as the one the user left after."""
+    log = tmp_path / "chats.jsonl"
+    _chat_log(log)
+    a = f"duckdb:///{tmp_path / 'a.duckdb'}"
+    _ingest(a, log, tmp_path, cli=convoscope_here)
+    originals = _stored(a)
+    export = tmp_path / f"export.{suffix}"
+    _export_table(a, export, tmp_path)
+
+    # Into the database it came from: every row is already there.
+    again = _ingest(a, export, tmp_path, cli=convoscope_here)
+    assert (again["read"], again["stored"], again["duplicates"], again["rejected"]) == (6, 0, 6, 0)
+    assert _stored(a) == originals
+    assert detect_format(export) == "convoscope"
+
+    # Into a fresh database: the same ids and the same fields, NULL signals still NULL.
+    b = f"duckdb:///{tmp_path / 'b.duckdb'}"
+    fresh = _ingest(b, export, tmp_path, cli=convoscope_here)
+    assert (fresh["stored"], fresh["rejected"]) == (6, 0)
+    copies = _stored(b)
+    assert _without_metadata(copies) == _without_metadata(originals)
+    last = next(r for r in copies.values() if r["response"] == "Plain text.")
+    assert (last["ended_conversation"], last["seconds_to_next_user_message"]) == (True, None)
+    assert last["rating"] is None and last["retried"] is None
+    conversation_fields = {i: v[:2] for i, v in _conversations(a).items()}  # id and feedback
+    assert {i: v[:2] for i, v in _conversations(b).items()} == conversation_fields
+    engine = open_database(b)
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(ingest_runs.c.format)).scalar_one() == "convoscope"
+    engine.dispose()
+
+    # A filtered export holds part of a chat: its signals are the ones logged, not read again
+    # from the rows it holds ("8." is bot-1's last answer, and the user went on after it).
+    part = tmp_path / f"bot-1.{suffix}"
+    _export_table(a, part, tmp_path, "--model", "bot-1")
+    c = f"duckdb:///{tmp_path / 'c.duckdb'}"
+    assert _ingest(c, part, tmp_path, cli=convoscope_here)["stored"] == 4
+    wanted = {i: r for i, r in originals.items() if r["model"] == "bot-1"}
+    assert _without_metadata(_stored(c)) == _without_metadata(wanted)
+    eight = next(r for r in _stored(c).values() if r["response"] == "8.")
+    assert (eight["ended_conversation"], eight["user_turns_after"]) == (False, 1)
+
+    # --format csv/parquet still reads the file as a log, for whoever means that.
+    d = f"duckdb:///{tmp_path / 'd.duckdb'}"
+    as_log = _ingest(d, export, tmp_path, "--format", suffix, cli=convoscope_here)
+    assert as_log["stored"] > 0 and _stored(d).keys().isdisjoint(originals)
+
+
+@pytest.mark.parametrize("suffix", ["csv", "parquet"])
+def test_a_tampered_csv_or_parquet_export_row_is_rejected_with_its_line(
+    tmp_path: Path, suffix: str
+) -> None:
+    log = tmp_path / "chats.jsonl"
+    _chat_log(log)
+    a = f"duckdb:///{tmp_path / 'a.duckdb'}"
+    _ingest(a, log, tmp_path, cli=convoscope_here)
+    originals = _stored(a)
+    export = tmp_path / f"export.{suffix}"
+    _export_table(a, export, tmp_path)
+    rows = _read_table(export)
+    rows[1]["prompt"] = "Something else"  # edited text under the original id
+    rows[2]["context"] = "[{oops"  # not JSON
+    _write_table(export, rows)
+
+    b = f"duckdb:///{tmp_path / 'b.duckdb'}"
+    rejects = tmp_path / "rejects.jsonl"
+    summary = _ingest(b, export, tmp_path, "--rejects", str(rejects), cli=convoscope_here)
+    assert (summary["stored"], summary["rejected"]) == (4, 2)
+    found = [json.loads(line) for line in rejects.read_text().splitlines()]
+    first = 2 if suffix == "csv" else 1  # the CSV line after the header, the Parquet row
+    assert [(r["file"], r["line"], r["field"]) for r in found] == [
+        (str(export), first + 1, "id"),
+        (str(export), first + 2, "context"),
+    ]
+    kept = {rows[i]["id"] for i in (0, 3, 4, 5)}
+    assert _without_metadata(_stored(b)) == _without_metadata(
+        {i: r for i, r in originals.items() if i in kept}
+    )
+
+
+def test_an_ordinary_csv_is_still_read_as_a_log(tmp_path: Path) -> None:
+    """A table is an export only when its header has the export's columns: a log whose columns
+    are mapped is read as before, and one passed as --format convoscope is refused whole."""
+    plain = tmp_path / "qa.csv"
+    plain.write_text(
+        "conversation_id,turn_index,question,answer,bot\n"
+        "c1,0,What is DNS?,Domain Name System.,m1\n"
+        "c1,1,And HTTP?,A protocol.,m1\n"
+    )
+    assert detect_format(plain) == "csv"
+    db = f"duckdb:///{tmp_path / 'a.duckdb'}"
+    mapping = ("--map", "prompt=question,response=answer,model=bot")
+    summary = _ingest(db, plain, tmp_path, *mapping, cli=convoscope_here)
+    assert (summary["stored"], summary["conversations"], summary["rejected"]) == (2, 1, 0)
+    second = next(r for r in _stored(db).values() if r["prompt"] == "And HTTP?")
+    assert second["ended_conversation"] is True and second["turn_index"] == 3
+
+    forced = convoscope_here("ingest", str(plain), "--format", "convoscope", db=db, cwd=tmp_path)
+    assert forced.returncode == 2  # no file could be read
+    assert "not a convoscope export" in forced.stderr and "pass --format csv" in forced.stderr
