@@ -1,0 +1,35 @@
+"""One function per CLI command: open the database, run the step, return a JSON-able result.
+
+Kept apart from argument parsing (app/cli.py) so the UI and tests can call the same code
+paths. Each module holds the commands of one stage; `describe` says any result in words.
+"""
+
+from app.commands.common import Interrupted, NothingDone, UserError
+from app.commands.describe import describe
+from app.commands.launch import demo, run, ui
+from app.commands.logs import export, ingest
+from app.commands.replays import replay
+from app.commands.scores import reward, route, score
+from app.commands.topics import assign, cluster, clusters, embed, rename, tag
+
+__all__ = [
+    "Interrupted",
+    "NothingDone",
+    "UserError",
+    "assign",
+    "cluster",
+    "clusters",
+    "demo",
+    "describe",
+    "embed",
+    "export",
+    "ingest",
+    "rename",
+    "replay",
+    "reward",
+    "route",
+    "run",
+    "score",
+    "tag",
+    "ui",
+]

@@ -1,0 +1,307 @@
+"""Each command's result said in a sentence or a few lines, for output without `--json`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app.commands.common import WARN_AT_MOST, count
+from app.export import BATTLES
+
+
+def describe(command: str, result: dict[str, Any]) -> str:
+    """A short human summary of a command's result (the JSON has everything)."""
+    if command == "ingest":
+        return _describe_ingest(result)
+    if command == "export" and not result["rows"]:
+        return f"no rows exported to {result['path']}"
+    if command == "export" and result["format"] == BATTLES:
+        line = f"wrote {result['rows']} battles to {result['path']} (battles JSONL)"
+        if result["not_round_trip"]:
+            line += f"; {result['not_round_trip']} will not ingest back under their own ids"
+        return line
+    if command == "export":
+        return f"wrote {result['rows']} rows to {result['path']} ({result['format']})"
+    if command == "cluster":
+        return (
+            f"{result['rows']} exchanges → {count(result['clusters'], 'topic')} in "
+            f"{count(result['parents'], 'group')}, {result['unassigned_share']:.1%} unassigned "
+            f"(run {result['run_id']}); "
+            "ids: " + ", ".join(f"{n} {event}" for event, n in result["events"].items())
+        )
+    if command == "clusters":
+        return _describe_clusters(result)
+    if command == "embed":
+        return (
+            f"{result['exchanges']} exchanges ({result['texts']} distinct {result['on']} texts): "
+            f"embedded {result['embedded']} with {result['model']}, {result['cached']} cached"
+        )
+    if command == "replay" and "judged" in result:
+        return _describe_judge(result)
+    if command == "replay" and "pairs" in result:
+        return _describe_replay_report(result)
+    if command == "replay" and "status" in result:
+        line = (
+            f"replay {result['run_id']} ({result['model']}): {result['done']} done, "
+            f"{result['failed']} failed in {result['seconds']:.1f}s — status {result['status']}"
+        )
+        if result["pending"]:
+            line += (
+                f"; {count(result['pending'], 'input')} still unanswered: "
+                f"`{result['resume_command']}` sends them again"
+            )
+        if result.get("errors"):
+            line += f"\nfailures: {'; '.join(result['errors'])}"
+        return line
+    if command in ("demo", "run"):
+        counts = result["stored_in_db"]
+        lines = [
+            _describe_ingest({"db": result["db"], **result["ingest"]})
+            if "ingest" in result
+            else f"nothing to ingest; working on {result['db']}",
+            describe("embed", result["embed"]),
+            describe("cluster", result["cluster"]),
+        ]
+        if "score" in result:
+            lines.append(describe("score", result["score"]))
+        lines.append(
+            f"database now holds {counts['conversations']} conversations, "
+            f"{counts['exchanges']} exchanges, {counts['battles']} battles"
+        )
+        return "\n".join(lines)
+    if command == "score" and "scorer" in result:
+        return (
+            f"scored {result['exchanges']} exchanges with stored {result['kind']} "
+            f"{result['reward_model']} (mean reward {result['mean_reward']:.3f}); "
+            + _report_counts(result)
+        )
+    if command == "score":
+        metrics = _reward_figures(result["reward_metrics"])
+        reports = f"; {_report_counts(result)}" if "clusters" in result else ""
+        if result.get("clusters") == 0:
+            reports += " (no clustering yet: run `convoscope cluster`, then `score` again)"
+        return (
+            f"scored {result['exchanges']} exchanges with reward model {result['reward_model']}"
+            f" ({result['mode']}; {metrics or 'no held-out labels'}){reports}"
+        )
+    if command == "reward":
+        return _describe_rewards(result)
+    if command == "route" and "routes" in result:
+        return "\n".join(
+            (f"line {r['line']}: " if "line" in r else "")  # `--file`: which line, as rejects
+            + f"route to {r['recommended']}; predicted chance to beat the average expert: "
+            + ", ".join(f"{e['model']} {e['win_probability']:.2f}" for e in r["experts"][:5])
+            + (f" (+{len(r['experts']) - 5} more)" if len(r["experts"]) > 5 else "")
+            for r in result["routes"]
+        )
+    if command == "ui":
+        return f"UI stopped (exit code {result['exit_code']})"
+    if command == "route":
+        skipped = result["instructions_left_out"]
+        return (
+            f"routing table written to {result['path']} ({result['clusters']} clusters, "
+            f"{result['instructions']} with an instruction that beat the original answers; "
+            f"instruction versions left out: {skipped['not_scored']} never scored (run "
+            "`convoscope score`, then `convoscope replay report RUN`), "
+            f"{skipped['not_better_than_original']} no better than the original answers)"
+        )
+    if command == "rename":
+        if result["name"] is None:
+            return (
+                f"cluster {result['cluster_id']} has its automatic name again "
+                f"({result['auto_name']!r})"
+            )
+        return f"cluster {result['cluster_id']} renamed to {result['name']!r}"
+    if command == "tag":
+        if result["removed"]:
+            return f"tag {result['tag']!r} removed from cluster {result['cluster_id']}"
+        return f"cluster {result['cluster_id']} tagged {result['tag']!r}"
+    if command == "assign":
+        return (
+            f"{result['assigned']} new exchanges assigned to the clusters of run "
+            f"{result['run_id']}, {result['unassigned']} left unassigned"
+        )
+    return str(result)
+
+
+_FEW_LABELS = 100  # held-out labels (or battles) below which a figure is mostly noise
+
+
+# A held-out figure → the count it was measured on, and what that count counts.
+_MEASURED_ON = {
+    "engagement_auc": ("held_out_labels", "held-out labels"),  # an AUC of 0.35 on 20 is noise
+    "battle_pairwise_accuracy": ("held_out_battles", "held-out battles"),  # 1.000 on 13: luck
+}
+
+
+def _reward_figures(metrics: dict[str, Any]) -> str:
+    """The reward model's held-out figures, each followed by its own caveat when it was
+    measured on too few rows (a caveat at the end of the line read as the last figure's)."""
+    figures = []
+    for name, value in metrics.items():
+        if not isinstance(value, float):
+            continue
+        figure = f"{name} {value:.3f}"
+        count, what = _MEASURED_ON.get(name, ("", ""))
+        if metrics.get(count) is not None and metrics[count] < _FEW_LABELS:
+            figure += f" on only {metrics[count]} {what}: too few to trust"
+        figures.append(figure)
+    return "; ".join(figures)
+
+
+def _report_counts(result: dict[str, Any]) -> str:
+    """'30 topic reports and 5 group reports' (the groups only where there are some)."""
+    topics = count(result["clusters"], "topic report")
+    groups = result.get("groups", 0)
+    return f"{topics} and {count(groups, 'group report')}" if groups else topics
+
+
+def _describe_rewards(result: dict[str, Any]) -> str:
+    """One line per pair, and per battle when they are few; then the agreement with the judge,
+    overall and by expert."""
+    lines = [f"{s['line']}: {s['reward']:.3f}" for s in result["scores"]]
+    battles = result.get("battles", [])
+    if len(battles) > WARN_AT_MOST:
+        lines.append(f"{len(battles)} battles scored (--json lists each)")
+    else:
+        lines += [
+            f"{b['line']}: a {b['reward_a']:.3f}, b {b['reward_b']:.3f} → {b['preferred']}"
+            + (f" (judge: {b['winner']})" if b["winner"] else "")
+            for b in battles
+        ]
+    if "agreement" in result and not result["agreement"]["battles"]:
+        ties = result["agreement"]["ties"]
+        lines += [
+            "",
+            f"no battle the judge decided ({count(ties, 'tie')}): no agreement to measure",
+        ]
+    elif "agreement" in result:
+        header = f"{'agreement with the judge':<40} {'battles':>7} {'reward':>7} {'longer':>7}"
+        lines += ["", header]
+        rows = [("all battles", result["agreement"]), *result["agreement_by_model"].items()]
+        lines += [
+            f"{name[:40]:<40} {a['battles']:>7} {a['accuracy']:>7.3f} {a['longer_wins']:>7.3f}"
+            for name, a in rows
+            if a["battles"]
+        ]
+        lines.append("(ties left out; reward: the higher reward is the winner's; longer: the")
+        lines.append("longer answer is)")
+    return "\n".join(lines)
+
+
+def _describe_judge(result: dict[str, Any]) -> str:
+    line = (
+        f"judge {result['judge']} on replay {result['run_id']}: {result['judged']} judged, "
+        f"{result['already_judged']} judged before, {result['failed']} failed"
+    )
+    if result["errors"]:
+        line += f" (first: {result['errors'][0]})"
+    if result["result"]:
+        line += "\n" + _judge_line("overall", result["result"])
+    return line
+
+
+def _judge_line(label: str, r: dict[str, Any]) -> str:
+    return (
+        f"{label}: the new answer wins {r['win_rate']:.0%} (95% CI {r['ci_low']:.0%}-"
+        f"{r['ci_high']:.0%}) of {r['n']} judged pairs ({r['new_wins']} won, {r['ties']} tied, "
+        f"{r['original_wins']} lost)"
+    )
+
+
+def _describe_replay_report(result: dict[str, Any]) -> str:
+    counts = result["counts"]
+    lines = [
+        f"replay {result['run_id']} ({result['model']}, {result['status']}): {result['pairs']} "
+        f"answered, {counts.get('failed', 0)} failed, {counts.get('pending', 0)} pending"
+    ]
+    if result["overall"]:
+        o = result["overall"]
+        lines.append(
+            f"reward: original {o['mean_original']:.3f}, new {o['mean_new']:.3f}, difference "
+            f"{o['mean_diff']:+.3f} (95% CI {o['ci_low']:+.3f} to {o['ci_high']:+.3f}); new "
+            f"wins {o['win_rate']:.0%} of {o['n']}"
+        )
+    else:
+        lines.append("reward: not scored yet (run `convoscope score`)")
+    for judge, verdicts in result.get("judges", {}).items():
+        if verdicts["overall"]:
+            lines.append(_judge_line(f"judge {judge}", verdicts["overall"]))
+    for cluster, d in result["per_cluster"].items():
+        lines.append(
+            f"  {cluster:<8} n={d['n']:<5} reward diff {d['mean_diff']:+.3f} "
+            f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] new wins {d['win_rate']:.0%}"
+        )
+    return "\n".join(lines)
+
+
+def _describe_clusters(result: dict[str, Any]) -> str:
+    """Topics, then the groups under their own heading: a group's line is followed by why it
+    ranks where it does and its weakest topics, so a broad area going badly reads at once."""
+    if not result["clusters"]:
+        on = result.get("on", "prompt")
+        if on != "prompt":  # `clusters --on response` before any response clustering
+            return f"no clusters on {on} yet: run `convoscope cluster --on {on}`"
+        return "no clusters yet: run `convoscope cluster`"
+    header = f"{'id':<6} {'size':>7} {'share':>6} {'reward':>7}  name — keywords"
+    scored = any(c.get("scored_n") is not None for c in result["clusters"])
+    topics = [c for c in result["clusters"] if c["level"] == 0]
+    groups = [c for c in result["clusters"] if c["level"] != 0]
+    lines = [header, *map(_cluster_line, topics)] if topics else []
+    if groups:
+        lines += [""] if lines else []
+        lines += ["groups, weakest first" if scored else "groups", header]
+        for group in groups:
+            lines.append(_cluster_line(group))
+            if group.get("reason"):
+                lines.append(f"{'':6}   why: {group['reason']}")
+            weakest = [  # ranked by weakness (low reward × traffic), so both are shown
+                f"{t['id']} {t['name']} (reward {t['reward_mean']:.2f}, "
+                f"weakness {t['weakness']:.3f})"
+                for t in group.get("weakest_topics", [])
+            ]
+            if weakest:
+                lines.append(f"{'':6}   weakest topics: {'; '.join(weakest)}")
+    if scored:
+        lines.append(
+            "size, share: the exchanges the latest scores cover (assigned since clustering "
+            "included); --json also gives the clustering's own count"
+        )
+    else:
+        lines.append("size, share: the exchanges the clustering assigned")
+        lines.append("no rewards for this clustering yet: run `convoscope score`")
+    return "\n".join(lines)
+
+
+def _cluster_line(c: dict[str, Any]) -> str:
+    """One cluster: its size and share as scored when it has a report (the figures beside
+    them are over those exchanges), else as clustered."""
+    reward = c.get("reward_mean")
+    shown = f"{reward:7.2f}" if isinstance(reward, float) else f"{'':>7}"
+    keywords = ", ".join(c["keywords"][:5])
+    scored = c.get("scored_n") is not None
+    size, share = (c["scored_n"], c["scored_share"]) if scored else (c["size"], c["share"])
+    return f"{c['id']:<6} {size:>7} {share:>6.1%} {shown}  {c['name']} — {keywords}"
+
+
+def _describe_ingest(s: dict[str, Any]) -> str:
+    lines = [
+        f"{s['db']}: read {s['read']} exchanges from {s['files']} file(s); "
+        f"stored {s['stored']}, {s['duplicates']} already stored, {s['rejected']} rejected"
+    ]
+    if s["battles"]:  # a new vote on stored answers adds a battle and no exchange
+        lines.append(
+            f"battles: read {s['battles']}, stored {s['battles_stored']}, "
+            f"{s['battles'] - s['battles_stored']} already stored"
+        )
+    if s["rejects_file"]:
+        lines.append(f"rejected records and why: {s['rejects_file']}")
+    for cut in s["truncated"]:
+        lines.append(
+            f"{cut['source']} is truncated at byte {cut['byte_offset']} (record starting at "
+            f"{cut['line']}); read the {cut['records_kept']} whole records before the cut "
+            "(bad ones among them are rejected)"
+        )
+    if s["unknown_roles"]:
+        roles = ", ".join(f"{k} ({v})" for k, v in s["unknown_roles"].items())
+        lines.append(f"skipped messages with unknown roles: {roles}")
+    return "\n".join(lines)

@@ -1,0 +1,278 @@
+"""`replay` (with `--resume`, `report` and `judge`): saved inputs sent to a new model, and
+its answers compared with the originals."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from sqlalchemy.engine import Engine
+
+from app.commands.common import Interrupted, NothingDone, UserError, count, safe_url
+from app.export import matching_sources
+from storage.engine import open_database
+from storage.logs import ExchangeFilter
+
+if TYPE_CHECKING:  # imported lazily at run time: it pulls in torch
+    from ingest.replay import ReplayConfig
+
+
+def replay(args: argparse.Namespace) -> dict[str, Any]:
+    """Run or resume a replay, report on one (`replay report RUN`) or judge it."""
+    from ingest.replay import ReplayError, compare
+    from scoring.judge import JudgeError, results_by_judge
+
+    if args.action in ("report", "judge") and not args.run_id:
+        raise UserError(
+            f"replay {args.action} needs the run id: convoscope replay {args.action} RUN"
+        )
+    new_run = args.action not in ("report", "judge") and not args.resume
+    if new_run and not (args.model and args.base_url):  # said before any database is opened
+        raise UserError("replay needs --model and --base-url (or `replay report RUN`)")
+    if args.action != "report" and args.api_key_env and not os.environ.get(args.api_key_env):
+        # Else every request would go out with no key, and fail (or be served) as anonymous.
+        raise UserError(f"--api-key-env {args.api_key_env}: that variable is not set (or empty)")
+    engine = open_database(args.db, existing=True)  # saved inputs or a run to replay
+    try:
+        if args.action == "judge":
+            return _judge(engine, args)
+        if args.action == "report":
+            cluster_of = _cluster_of(engine)
+            report = compare(
+                engine, args.run_id, scores=_reward_scores(engine), cluster_of=cluster_of
+            ).as_dict()
+            _record_instruction_reward(engine, args.run_id, report)
+            # Per judge: pooled, two judges' verdicts on the same pairs would double the count
+            # and narrow the interval.
+            report["judges"] = {
+                judge: {
+                    "overall": asdict(overall),
+                    "per_cluster": {c: asdict(r) for c, r in per_cluster.items()},
+                }
+                for judge, (overall, per_cluster) in results_by_judge(
+                    engine, args.run_id, cluster_of=cluster_of
+                ).items()
+            }
+            return report
+        return _run_replay(engine, args)
+    except (ReplayError, JudgeError) as error:
+        raise UserError(str(error)) from error
+    finally:
+        engine.dispose()
+
+
+def _run_replay(engine: Engine, args: argparse.Namespace) -> dict[str, Any]:
+    """Start a run, or finish the one `--resume` names, and say how to finish it if needed."""
+    from ingest.replay import replay as run_replay
+    from storage.replay import get_run, run_items
+    from storage.reports import save_instruction
+
+    stored = get_run(engine, args.resume) if args.resume else None
+    if args.resume and stored is None:
+        # The library would start a new run under a mistyped id and send every input.
+        raise UserError(f"no replay run {args.resume!r}")
+    config = _replay_config(args, stored)
+    select = _replay_selection(engine, args)
+    run_id = args.resume or uuid.uuid4().hex  # known here, so an interrupt can name it
+    try:
+        summary = run_replay(engine, config=config, select=select, run_id=run_id).as_dict()
+    except KeyboardInterrupt:
+        raise Interrupted(f"finish with `{_resume_command(args, run_id)}`") from None
+    summary["resume_command"] = _resume_command(args, run_id) if summary["pending"] else None
+    if summary["failed"]:  # why, in the output, not only in the UI
+        errors = {i["error"] for i in run_items(engine, summary["run_id"]) if i["error"]}
+        summary["errors"] = sorted(errors)[:5]
+    if config.instruction is not None and args.cluster and not args.resume:
+        # An instruction tried on a cluster becomes that cluster's next version.
+        version = save_instruction(
+            engine, args.cluster, config.instruction, replay_run_id=summary["run_id"]
+        )
+        summary["instruction_version"] = version["version"]
+    if summary["sent"] and not summary["done"]:
+        sent = count(summary["sent"], "input")
+        raise NothingDone(f"none of the {sent} sent was answered", summary)
+    return summary
+
+
+def _replay_config(args: argparse.Namespace, stored: dict[str, Any] | None) -> ReplayConfig:
+    """The options given; for a resumed run, its stored ones fill in those left out, so that
+    `replay --resume RUN` alone sends the same requests to the same endpoint as the run did."""
+    from ingest.replay import ReplayConfig
+
+    instruction = _read_instruction(args.instruction) if args.instruction else None
+    given = {"model": args.model, "base_url": args.base_url, "instruction": instruction}
+    # `replay` checked a new run has --model and --base-url; a resumed run recorded both.
+    options = {**_stored_options(stored), **_given(given | _call_options(args))}
+    return ReplayConfig(**options, sample=args.sample, seed=args.seed)
+
+
+def _read_instruction(path: Path) -> str:
+    """The --instruction file's text: an empty file would replace every system message with
+    nothing, and a decoding error named neither the option nor the file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"--instruction {path}: not UTF-8 text") from None
+    except OSError as error:
+        raise UserError(f"--instruction {path}: {error.strerror or error}") from None
+    if not text.strip():
+        raise UserError(f"--instruction {path}: the file is empty")
+    return text
+
+
+def _stored_options(run: dict[str, Any] | None) -> dict[str, Any]:
+    """What a run recorded of how it was called (the API key's variable, never the key)."""
+    if run is None:
+        return {}
+    params = run["params"]
+    recorded = ("api_key_env", "concurrency", "rate_limit", "max_attempts", "timeout_s")
+    return {
+        "model": run["model"],
+        "base_url": run["base_url"],
+        "instruction": run["instruction"],
+        "params": params.get("generation", {}),
+        **{key: params[key] for key in recorded if key in params},
+    }
+
+
+def _call_options(args: argparse.Namespace) -> dict[str, Any]:
+    """How hard to push an endpoint, as given (None: not given), for replay and judge alike."""
+    return {
+        "api_key_env": args.api_key_env,
+        "concurrency": args.concurrency,
+        "rate_limit": args.rate_limit,
+        "max_attempts": args.max_attempts,
+        "timeout_s": args.timeout,
+    }
+
+
+def _given(options: dict[str, Any]) -> dict[str, Any]:
+    """The options given on the command line: the others keep their defaults."""
+    return {key: value for key, value in options.items() if value is not None}
+
+
+def _resume_command(args: argparse.Namespace, run_id: str) -> str:
+    """The command that finishes a run, runnable as printed: it names the database the run is
+    in, and asks for the endpoint again only when its URL holds what is never stored
+    (credentials, a query string)."""
+    words = [*_convoscope_on(args), "replay", "--resume", run_id]
+    if _secret_in_url(args.base_url or ""):
+        words += ["--base-url", "URL"]
+    return " ".join(words)
+
+
+def _convoscope_on(args: argparse.Namespace) -> list[str]:
+    """The start of a command to print: `convoscope`, and the database it was run on."""
+    return ["convoscope", *(["--db", shlex.quote(safe_url(args.db))] if args.db else [])]
+
+
+def _secret_in_url(url: str) -> bool:
+    """Whether a URL holds what is never stored or printed: credentials, a query string."""
+    parts = urlsplit(url)
+    return bool(parts.username or parts.password or parts.query)
+
+
+def _judge_command(args: argparse.Namespace) -> str:
+    """The command that finishes an interrupted judge run (it judges only pairs without a
+    verdict from that judge): as given, the endpoint's secrets left for the user to fill."""
+    url = "URL" if _secret_in_url(args.base_url) else shlex.quote(args.base_url)
+    words = [*_convoscope_on(args), "replay", "judge", args.run_id]
+    words += ["--model", shlex.quote(args.model), "--base-url", url]
+    if args.api_key_env:
+        words += ["--api-key-env", shlex.quote(args.api_key_env)]
+    if args.sample:
+        words += ["--sample", str(args.sample), "--seed", str(args.seed)]
+    return " ".join(words)
+
+
+def _judge(engine: Engine, args: argparse.Namespace) -> dict[str, Any]:
+    """`replay judge RUN --model JUDGE --base-url URL`: verdicts stored, then summarised."""
+    from scoring.judge import JudgeConfig, judge_replay, judge_results
+
+    if not args.model or not args.base_url:
+        raise UserError("replay judge needs --model (the judge) and --base-url")
+    config = JudgeConfig(
+        model=args.model,
+        base_url=args.base_url,
+        sample=args.sample,
+        seed=args.seed,
+        **_given(_call_options(args)),
+    )
+    try:
+        summary = judge_replay(engine, args.run_id, config=config).as_dict()
+    except KeyboardInterrupt:  # the verdicts received are stored: re-running judges the rest
+        raise Interrupted(f"finish with `{_judge_command(args)}`") from None
+    overall, _ = judge_results(engine, args.run_id, judge=args.model)
+    summary["result"] = asdict(overall) if overall else None
+    if summary["sent"] and not summary["judged"]:  # as replay: a run where nothing worked
+        raise NothingDone(f"none of the {count(summary['sent'], 'pair')} sent was judged", summary)
+    return summary
+
+
+def _record_instruction_reward(engine: Engine, run_id: str, report: dict[str, Any]) -> None:
+    """The mean reward of a replay's new answers, and of the original answers to the same
+    inputs, become its instruction version's score."""
+    from storage.reports import load_instructions, set_instruction_reward
+
+    overall = report.get("overall")
+    if not overall or overall.get("mean_new") is None:
+        return
+    for version in load_instructions(engine):
+        if version["replay_run_id"] == run_id:
+            set_instruction_reward(
+                engine, version["id"], overall["mean_new"], overall["mean_original"]
+            )
+
+
+def _replay_selection(engine: Engine, args: argparse.Namespace) -> ExchangeFilter | list[str]:
+    """--cluster / --tag become exchange ids (those --filter matches, when it is given too);
+    --filter alone becomes an ExchangeFilter."""
+    from storage.clusters import exchanges_in_clusters, latest_run
+    from storage.logs import iter_exchanges
+
+    unknown = {key for key, _ in args.filter} - {"model", "source"}
+    if unknown:
+        raise UserError(f"--filter takes model= and source=, not {', '.join(sorted(unknown))}")
+    where = ExchangeFilter(
+        models=tuple(dict.fromkeys(value for key, value in args.filter if key == "model")),
+        sources=matching_sources(engine, [value for key, value in args.filter if key == "source"]),
+    )
+    if not (args.cluster or args.tag):
+        return where
+    run = latest_run(engine)
+    if run is None:
+        raise UserError("--cluster/--tag need a clustering: run `convoscope cluster` first")
+    ids = exchanges_in_clusters(engine, run["id"], cluster_id=args.cluster, tag=args.tag)
+    if not ids:
+        raise UserError("no exchanges match that --cluster/--tag")
+    if args.filter:  # both apply: the cluster's (or tag's) exchanges that match the filter
+        matching = {
+            row["id"]
+            for batch in iter_exchanges(engine, where=where, columns=("id",))
+            for row in batch
+        }
+        ids = [i for i in ids if i in matching]
+        if not ids:
+            raise UserError("no exchange matches both --cluster/--tag and --filter")
+    return ids
+
+
+def _reward_scores(engine: Engine) -> dict[str, float] | None:
+    from storage.scores import latest_scores
+
+    return latest_scores(engine, prefix="reward:") or None
+
+
+def _cluster_of(engine: Engine) -> dict[str, str] | None:
+    from storage.clusters import latest_run, load_assignments
+
+    run = latest_run(engine)
+    if run is None:
+        return None
+    return {k: v for k, v in load_assignments(engine, run["id"]).items() if v is not None}
