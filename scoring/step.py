@@ -469,7 +469,9 @@ def _predictor(
     battles: pd.DataFrame,
     config: ScoreConfig,
 ) -> WinPredictor | None:
-    """Fit the expert win predictor, or None when the logs name fewer than two experts."""
+    """Fit the expert win predictor, or None when the logs name fewer than two experts or
+    none of them has a battle or a labelled answer (replays' answers of a log that names no
+    model: no user saw them)."""
     if frame["model"].dropna().nunique() < 2:
         return None
     index = {exchange_id: i for i, exchange_id in enumerate(frame["id"])}
@@ -494,6 +496,8 @@ def _predictor(
             "label": label[single.to_numpy()],
         }
     )
+    if battle_rows.empty and singles["label"].isna().all():
+        return None
     return WinPredictor(config.predictor).fit(
         prompts, battles=battle_rows, singles=singles, features=prompt_feats
     )

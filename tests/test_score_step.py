@@ -717,3 +717,38 @@ def test_an_engagement_auc_on_few_labels_is_said_to_be_noise() -> None:
 
     assert "engagement_auc 0.350 on only 20 held-out labels: too few to trust" in line(20)
     assert "too few" not in line(500)
+
+
+def test_score_after_two_replays_of_a_log_that_names_no_model(tmp_path: Path) -> None:
+    """A ShareGPT-style log names no model; two replays against it add two models whose
+    answers no user saw (no label). `score` then fitted the win predictor on two experts
+    without a single labelled row and failed ("no battles and no labelled single-expert rows
+    to learn from") after storing the rewards, leaving every cluster report stale: the
+    README's replay, score, replay report flow broke on the demo's own data."""
+    from ingest.replay import ReplayConfig, replay
+    from tests.openai_server import OpenAIServer
+
+    log = _signal_log(tmp_path / "chats.jsonl")
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    log.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in lines))
+    engine = open_database(f"duckdb:///{tmp_path / 'nomodel.duckdb'}")
+    config = IngestConfig(progress=False, rejects_path=tmp_path / "rejects.jsonl")
+    ingest_paths([log], engine=engine, config=config)
+    embed = EmbedConfig(device="cpu", progress=False)
+    cluster_exchanges(
+        engine,
+        config=ClusterStepConfig(embed=embed, topics=ClusterConfig(layout=False)),
+        reducer=pca_reducer(5),
+        clusterer=kmeans_clusterer(2),
+    )
+    with OpenAIServer() as server:
+        for model in ("new-a", "new-b"):
+            sent = ReplayConfig(model=model, base_url=server.base_url, progress=False)
+            assert replay(engine, config=sent).done > 0
+    result = score_all(engine, config=ScoreConfig(embed=embed))
+    assert "predictor" not in result  # nothing to learn experts from: no predictor, no error
+    assert result["clusters"] == 2
+    rewards = latest_scores(engine, prefix="reward:")
+    reports = load_cluster_reports(engine, latest_run(engine)["id"])
+    engine.dispose()
+    assert len(rewards) == result["exchanges"] and len(reports) == 2
