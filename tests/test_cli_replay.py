@@ -412,3 +412,57 @@ def test_wrong_key_variables_and_instruction_files_are_refused_naming_them(
     out, err = capsys.readouterr()
     assert "1 input still unanswered" in out
     assert err.splitlines()[-1] == "convoscope: error: none of the 1 input sent was answered"
+
+
+def test_an_interrupted_instruction_replay_on_a_cluster_still_saves_its_version(
+    tmp_path: Path,
+) -> None:
+    """The version was saved only when the run ended: Ctrl-C (or SIGTERM) mid-run skipped it,
+    and `replay --resume` (which names no cluster) never saves one, so the instruction tried
+    on the cluster was lost from its versions, and `replay report` had no version to score."""
+    from clustering.stages import kmeans_clusterer, pca_reducer
+    from clustering.step import ClusterStepConfig, cluster_exchanges
+    from clustering.topics import ClusterConfig
+    from ingest.embed_step import EmbedConfig
+    from storage.engine import open_database
+    from storage.reports import load_instructions
+
+    db = _ingested(tmp_path, 12)
+    engine = open_database(db)
+    config = ClusterStepConfig(
+        embed=EmbedConfig(device="cpu", progress=False), topics=ClusterConfig(layout=False)
+    )
+    cluster_exchanges(engine, config=config, reducer=pca_reducer(5), clusterer=kmeans_clusterer(2))
+    engine.dispose()
+    instruction = tmp_path / "instruction.txt"
+    instruction.write_text("Answer briefly.")
+    with OpenAIServer(delay_s=900) as server:  # answers nothing: only the interrupt ends it
+        args = ("replay", "--model", "m", "--base-url", server.base_url, "--cluster", "t0")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "--db", db, *args, "--instruction", str(instruction)],
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 120
+        while server.total_requests() == 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=300)
+    assert process.returncode == 130, err
+    resume = re.search(r"replay --resume ([0-9a-f]{32})`", err)
+    assert resume, err
+    engine = open_database(db)
+    versions = load_instructions(engine, "t0")
+    engine.dispose()
+    assert [(v["version"], v["text"]) for v in versions] == [(1, "Answer briefly.")]
+    assert versions[0]["replay_run_id"] == resume.group(1)
+
+    with OpenAIServer() as server:  # finishing the run saves no second version
+        done = convoscope("replay", "--resume", resume.group(1), "--base-url", server.base_url,
+                          db=db, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    engine = open_database(db)
+    assert len(load_instructions(engine, "t0")) == 1
+    engine.dispose()

@@ -80,16 +80,20 @@ def _run_replay(engine: Engine, args: argparse.Namespace) -> dict[str, Any]:
     config = _replay_config(args, stored)
     select = _replay_selection(engine, args)
     run_id = args.resume or uuid.uuid4().hex  # known here, so an interrupt can name it
+    # An instruction tried on a cluster becomes that cluster's next version, also when the run
+    # is interrupted: `--resume` names no cluster, so it could not save it later.
+    versioned = bool(config.instruction is not None and args.cluster and not args.resume)
     try:
         summary = run_replay(engine, config=config, select=select, run_id=run_id).as_dict()
     except KeyboardInterrupt:
+        if versioned and get_run(engine, run_id) is not None:
+            save_instruction(engine, args.cluster, config.instruction, replay_run_id=run_id)
         raise Interrupted(f"finish with `{_resume_command(args, run_id)}`") from None
     summary["resume_command"] = _resume_command(args, run_id) if summary["pending"] else None
     if summary["failed"]:  # why, in the output, not only in the UI
         errors = {i["error"] for i in run_items(engine, summary["run_id"]) if i["error"]}
         summary["errors"] = sorted(errors)[:5]
-    if config.instruction is not None and args.cluster and not args.resume:
-        # An instruction tried on a cluster becomes that cluster's next version.
+    if versioned:
         version = save_instruction(
             engine, args.cluster, config.instruction, replay_run_id=summary["run_id"]
         )
