@@ -180,9 +180,11 @@ def display_name(row: Row) -> str:
 
 def database_version(engine: Engine) -> tuple[Any, ...]:
     """A cheap fingerprint of everything the UI shows: it changes whenever an ingest, a run,
-    a score, a report, a rename, a note or a tag does, so caches keyed on it stay fresh."""
+    a score, a report, a rename, a note or a tag does, so caches keyed on it stay fresh.
+    Battles count apart from exchanges: a replay judge's verdicts are battles alone."""
     parts = (
         sa.select(sa.func.count(), sa.func.max(exchanges.c.ingested_at)).select_from(exchanges),
+        sa.select(sa.func.count(), sa.func.max(battles.c.ingested_at)).select_from(battles),
         sa.select(sa.func.count(), sa.func.max(cluster_runs.c.created_at)).select_from(
             cluster_runs
         ),

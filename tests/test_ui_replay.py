@@ -4,6 +4,7 @@ and a real OpenAI-compatible server on 127.0.0.1 that the page's replay talks to
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -195,3 +196,36 @@ def test_judge_from_the_replay_page(built: BuiltDatabase, monkeypatch: pytest.Mo
     captions = [c.value for c in at.caption]
     shown = ("Judge judge\\-model: the new answer", "Judge other\\*judge: the original")
     assert sum(any(s in c for s in shown) for c in captions) == 5, captions  # a verdict a pair
+
+
+def test_verdicts_judged_from_the_cli_show_on_each_pair(
+    built: BuiltDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`convoscope replay judge` in another process stores battles only, which the database
+    version the pages cache under did not count: the page's metric showed the judge's win
+    rate while every pair below it still read as unjudged, until something else changed."""
+    from scoring.judge import JudgeConfig, judge_replay
+    from tests.test_replay_judge import prefers_replayed
+
+    at = _page(built.url, monkeypatch)
+    with OpenAIServer() as server:
+        at.text_input(key="replay_model").input("test-model")
+        at.text_input(key="replay_base_url").input(server.base_url)
+        at.number_input(key="replay_sample").set_value(5)
+        at.button(key="replay_run").click().run()
+    run_id = at.selectbox(key="replay_open").value
+    time.sleep(1.2)  # the version is re-read at most once a second
+    at.run()  # the pairs as the page shows them after the run, before any verdict
+    assert not [c for c in at.caption if c.value.startswith("Judge ")]
+    engine = open_database(built.url)
+    with OpenAIServer(responder=prefers_replayed) as judge:  # as `replay judge` would
+        config = JudgeConfig(model="cli-judge", base_url=judge.base_url, progress=False)
+        assert judge_replay(engine, run_id, config=config).judged == 5
+    engine.dispose()
+    time.sleep(1.2)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    verdicts = {m.label: m.value for m in at.metric if m.label.startswith("LLM judge")}
+    assert verdicts == {"LLM judge cli\\-judge: new answer wins": "100.0 %"}
+    captions = [c.value for c in at.caption if c.value.startswith("Judge cli\\-judge:")]
+    assert captions == ["Judge cli\\-judge: the new answer"] * 5
