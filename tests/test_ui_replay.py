@@ -229,3 +229,36 @@ def test_verdicts_judged_from_the_cli_show_on_each_pair(
     assert verdicts == {"LLM judge cli\\-judge: new answer wins": "100.0 %"}
     captions = [c.value for c in at.caption if c.value.startswith("Judge cli\\-judge:")]
     assert captions == ["Judge cli\\-judge: the new answer"] * 5
+
+
+def test_the_retry_command_for_failed_inputs_runs_on_the_pages_database(
+    built: BuiltDatabase, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The page said "Retry them with `convoscope replay --resume RUN`": without `--db` that
+    resumes in ./convoscope.duckdb (or $CONVOSCOPE_DB), where there is no such run, whenever
+    the UI was opened on another database. The command shown is now the one to run as is."""
+    import shlex
+
+    from app.cli import main
+
+    at = _page(built.url, monkeypatch)
+    with OpenAIServer(faults=[Fault(status=401, times=3)]) as server:
+        at.text_input(key="replay_model").input("test-model")
+        at.text_input(key="replay_base_url").input(server.base_url)
+        at.number_input(key="replay_sample").set_value(3)
+        at.button(key="replay_run").click().run()
+        assert not at.exception, [e.value for e in at.exception]
+        (command,) = [c.value for c in at.code if "--resume" in c.value]
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        monkeypatch.chdir(elsewhere)  # a shell in another folder
+        monkeypatch.delenv("CONVOSCOPE_DB")
+        words = shlex.split(command)
+        assert words[0] == "convoscope"
+        assert main(words[1:]) == 0
+        assert server.total_answered() == 3
+    assert not (elsewhere / "convoscope.duckdb").exists()
+    engine = open_database(built.url, read_only=True)
+    (run,) = list_runs(engine)
+    engine.dispose()
+    assert run["status"] == "done" and run["counts"]["done"] == 3

@@ -9,9 +9,11 @@ the replay reads it at call time.
 from __future__ import annotations
 
 import os
+import shlex
 from typing import Any
 
 import openai
+import sqlalchemy as sa
 import streamlit as st
 
 from app.ui import data, shell
@@ -228,6 +230,13 @@ def _judge_form(run_id: str) -> None:
             st.text(reason)
 
 
+def _resume_command(url: str, run_id: str) -> str:
+    """The command that finishes a run, runnable as shown from any folder: it names this
+    page's database (its password hidden, as the command line prints it)."""
+    safe = sa.make_url(url).render_as_string(hide_password=True)
+    return f"convoscope --db {shlex.quote(safe)} replay --resume {shlex.quote(run_id)}"
+
+
 def _run_label(run_id: str) -> str:
     run = by_id[run_id]
     counts = run["counts"]
@@ -284,9 +293,10 @@ if run["counts"]["failed"]:
     failures = data.replay_failures(c.url, opened, run["counts"]["failed"])
     with st.expander(f"{len(failures)} failed inputs: why"):
         st.caption(
-            f"Retry them with `convoscope replay --resume {escape_markdown(opened)}` and the "
-            "same model, base URL and instruction."
+            "Send them again from a shell: the run keeps its model, base URL and instruction "
+            "(add `--base-url` when its URL carried a key or a query string, never stored)."
         )
+        st.code(_resume_command(c.url, opened), language="bash")
         for failure in failures[:PAIRS_SHOWN]:
             st.text(f"{failure['exchange_id']}: {failure['error'] or 'unknown error'}")
 if not rows:
