@@ -723,3 +723,28 @@ def test_launch_command_binds_loopback_and_passes_the_database() -> None:
     assert cmd[-2:] == ["--db", "duckdb:////tmp/x.duckdb"]
     assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.4")
+
+
+def test_the_heat_map_draws_every_cluster_and_expert_when_their_labels_repeat(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Plotly draws equal category labels as one row (or column): two topics a person named
+    alike, or two fine-tunes whose names share their first 30 characters, were drawn over
+    each other, one row's numbers under the other's name and the other row gone."""
+    import tests.ui_database as ui_database
+    from storage.clusters import annotate_cluster
+
+    fine_tunes = tuple(f"ft:gpt-4o-mini-2024-07-18:acme:support-{k}" for k in "abcd")
+    monkeypatch.setattr(ui_database, "MODELS", fine_tunes)  # the test data's expert names
+    built = build(f"duckdb:///{tmp_path / 'alike.duckdb'}", n_exchanges=200, seed=4)
+    engine = open_database(built.url)
+    topics = [c["id"] for c in load_clusters(engine, built.run_id) if c["level"] == 0]
+    for cluster_id in topics[:2]:
+        annotate_cluster(engine, cluster_id, name="Refunds")
+    engine.dispose()
+    at = _app(built.url, monkeypatch, "screens/experts.py")
+    heat = json.loads(at.get("plotly_chart")[0].proto.spec)["data"][0]
+    rows, columns = _array(heat["z"]).shape
+    assert len(set(heat["y"])) == len(heat["y"]) == rows
+    assert len(set(heat["x"])) == len(heat["x"]) == columns == len(fine_tunes)
+    assert sum(label.startswith("Refunds") for label in heat["y"]) == 2

@@ -3,11 +3,13 @@ the routing suggestions ranked by what they would gain."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import plotly.graph_objects as go
 import streamlit as st
 
 from app.ui import data, shell
-from app.ui.render import MISSING, fmt_ci, hover_text, one_line, table_cells
+from app.ui.render import MISSING, fmt_ci, hover_text, table_cells
 
 # The heat map and routing come from `convoscope score`'s reports, computed over the whole
 # clustering run: the sidebar filter cannot narrow them, so the page says so.
@@ -15,6 +17,15 @@ RUN_WIDE_NOTE = (
     "Whole run: the sidebar filter does not apply here (these come from the last "
     "`convoscope score`, over every exchange of the clustering)."
 )
+
+
+def _distinct(labels: list[str], fuller: list[str]) -> list[str]:
+    """Axis labels Plotly draws one row (or column) each: it draws equal labels as one, over
+    each other. A label shown for more than one row (two topics named alike, two experts
+    whose names begin alike) is replaced by its row's fuller label (escaped already)."""
+    counts = Counter(labels)
+    return [f if counts[label] > 1 else label for label, f in zip(labels, fuller, strict=True)]
+
 
 c = shell.ctx()
 st.title("Experts")
@@ -87,12 +98,19 @@ with right:
         pivot = matrix.pivot_table(
             index="cluster_id", columns="model", values="win_rate", aggfunc="mean"
         ).reindex(index=clusters, columns=models)
-        labels = [one_line(n, 40) for n in order["cluster"]]
         heat = go.Figure(
             go.Heatmap(
                 z=pivot.to_numpy(),
-                x=[hover_text(m, 30) for m in models],
-                y=[hover_text(label, 40) for label in labels],
+                x=_distinct(
+                    [hover_text(m, 30) for m in models], [hover_text(m, 200) for m in models]
+                ),
+                y=_distinct(
+                    [hover_text(n, 40) for n in order["cluster"]],
+                    [
+                        f"{hover_text(n, 40)} ({hover_text(cid, 40)})"
+                        for n, cid in zip(order["cluster"], clusters, strict=True)
+                    ],
+                ),
                 colorscale="RdBu",
                 zmid=0.5,
                 zmin=0.0,
