@@ -108,6 +108,8 @@ class JudgeSummary:
     retried: int
     errors: list[str]  # the first few failure reasons
     seconds: float
+    # Answered saved inputs (prompts logged without an answer): nothing to judge against.
+    without_original: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -191,6 +193,16 @@ def judge_replay(engine: Engine, run_id: str, *, config: JudgeConfig) -> JudgeSu
     ]
     if not done:
         raise JudgeError(f"replay run {run_id} has no answered input to judge yet")
+    # A saved input was logged without an answer: a verdict against nothing says nothing.
+    originals = exchanges_by_id(engine, [o for o, _ in done], columns=("id", "response"))
+    answered = [pair for pair in done if originals[pair[0]]["response"]]
+    without_original = len(done) - len(answered)
+    if not answered:
+        raise JudgeError(
+            f"replay run {run_id} replayed saved inputs only: no original answer to judge the "
+            "new answers against"
+        )
+    done = answered
     if config.sample is not None and config.sample < len(done):
         rng = np.random.default_rng(config.seed)
         done = [done[i] for i in sorted(rng.choice(len(done), config.sample, replace=False))]
@@ -214,6 +226,7 @@ def judge_replay(engine: Engine, run_id: str, *, config: JudgeConfig) -> JudgeSu
         retried=client.stats.retried,
         errors=errors[:5],
         seconds=round(time.perf_counter() - started, 3),
+        without_original=without_original,
     )
 
 

@@ -30,7 +30,7 @@ from scoring.judge import (
     parse_verdict,
 )
 from storage.engine import open_database
-from storage.logs import load_battles
+from storage.logs import ExchangeFilter, load_battles
 from storage.replay import load_verdicts
 from tests.openai_server import Fault, OpenAIServer, last_user_message
 from tests.test_ingest_pipeline import REPO, convoscope
@@ -244,4 +244,39 @@ def test_an_interrupted_judge_keeps_its_verdicts_and_says_how_to_finish(tmp_path
     assert re.search(rf"finish with `convoscope --db \S+ {re.escape(finish)}", err), err
     engine = open_database(db)
     assert len(load_verdicts(engine, f"judge:{run_id}")) == 5
+    engine.dispose()
+
+
+def test_saved_inputs_without_an_original_answer_are_not_judged(
+    duckdb_url: str, tmp_path: Path
+) -> None:
+    """A saved input (a prompt logged without its answer: a CSV with no response column) has
+    no original answer. The judge was sent an empty "Answer" beside the new one and the new
+    answer "won" against nothing, paid for and counted in the win rate."""
+    from ingest.pipeline import IngestConfig, ingest_paths
+
+    engine = logged_db(duckdb_url, tmp_path, 4)  # four logged exchanges with their answers
+    saved = tmp_path / "inputs.csv"
+    saved.write_text("prompt\n" + "".join(f"Saved question {i}?\n" for i in range(3)))
+    config = IngestConfig(progress=False, rejects_path=tmp_path / "rejects.jsonl")
+    assert ingest_paths([saved], engine=engine, config=config).stored == 3
+    with OpenAIServer() as server:
+        run_id = replay(engine, config=config_for(server)).run_id
+    with OpenAIServer(responder=prefers_replayed) as judge:
+        summary = judge_replay(engine, run_id, config=judge_config(judge))
+        prompts = sorted(r["prompt"] for r in judge.received)
+    assert [p.split("\n")[1] for p in prompts] == [question(i) for i in range(4)]
+    assert (summary.sent, summary.judged, summary.without_original) == (4, 4, 3)
+    assert len(load_verdicts(engine, f"judge:{run_id}")) == 4
+
+    only_saved = tmp_path / "only-saved.csv"  # a run of saved inputs alone: nothing to judge
+    only_saved.write_text("prompt\nAnother saved question?\n")
+    ingest_paths([only_saved], engine=engine, config=config)
+    with OpenAIServer() as server:
+        source = ExchangeFilter(sources=(str(only_saved),))
+        alone = replay(engine, config=config_for(server), select=source).run_id
+    with OpenAIServer(responder=prefers_replayed) as judge:
+        with pytest.raises(JudgeError, match="no original answer"):
+            judge_replay(engine, alone, config=judge_config(judge))
+        assert judge.total_requests() == 0
     engine.dispose()

@@ -195,6 +195,11 @@ def _describe_judge(result: dict[str, Any]) -> str:
     )
     if result["errors"]:
         line += f" (first: {result['errors'][0]})"
+    if result.get("without_original"):
+        line += (
+            f"; {count(result['without_original'], 'saved input')} without an original "
+            "answer, not judged"
+        )
     if result["result"]:
         line += "\n" + _judge_line("overall", result["result"])
     return line

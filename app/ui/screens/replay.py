@@ -222,9 +222,11 @@ def _judge_form(run_id: str) -> None:
             except (JudgeError, openai.OpenAIError, ValueError) as error:
                 st.error(escape_markdown(str(error)), icon=":material/error:")
                 return
+        left_out = summary.without_original
         st.success(
             f"{summary.judged} judged, {summary.already_judged} judged before, "
             f"{summary.failed} without a verdict"
+            + (f", {left_out} saved inputs without an original answer left out" if left_out else "")
         )
         for reason in summary.errors:
             st.text(reason)
