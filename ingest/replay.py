@@ -151,6 +151,7 @@ class ReplayReport:
     status: str
     counts: dict[str, int]
     pairs: int  # inputs with a stored new answer
+    without_original: int  # of those, saved inputs logged without an answer: not compared
     mean_latency_s: float | None
     prompt_tokens: int
     completion_tokens: int
@@ -529,12 +530,18 @@ def compare(
     items = run_items(engine, run_id)
     done = [i for i in items if i["status"] == DONE and i["response_exchange_id"]]
     latencies = [i["latency_s"] for i in done if i["latency_s"] is not None]
+    # A saved input (a prompt logged without its answer) has no original answer: the reward
+    # of an empty response is no baseline, and beating it says nothing of the new answers.
+    originals = exchanges_by_id(
+        engine, [i["exchange_id"] for i in done], columns=("id", "response")
+    )
+    compared = [i for i in done if originals[i["exchange_id"]]["response"]]
     overall: RewardDiff | None = None
     per_cluster: dict[str, RewardDiff] = {}
     if scores is not None:
         scored = [
             (i["exchange_id"], scores[i["exchange_id"]], scores[i["response_exchange_id"]])
-            for i in done
+            for i in compared
             if i["exchange_id"] in scores and i["response_exchange_id"] in scores
         ]
         overall = _reward_diff([(o, n) for _, o, n in scored], n_boot=n_boot, seed=seed)
@@ -556,6 +563,7 @@ def compare(
         status=run["status"],
         counts=item_counts(engine, run_id),
         pairs=len(done),
+        without_original=len(done) - len(compared),
         mean_latency_s=float(np.mean(latencies)) if latencies else None,
         prompt_tokens=sum(i["prompt_tokens"] or 0 for i in done),
         completion_tokens=sum(i["completion_tokens"] or 0 for i in done),

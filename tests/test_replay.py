@@ -554,3 +554,38 @@ def test_cluster_ids_never_select_earlier_replays_answers(
     with pytest.raises(ReplayError, match="matches no saved input"):
         replay(engine, config=config_for(server), select=answers)
     engine.dispose()
+
+
+def test_the_report_compares_only_inputs_that_had_an_original_answer(
+    duckdb_url: str, tmp_path: Path, server: OpenAIServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A saved input was logged without an answer: its "original reward" was the reward of
+    an empty response, so the new answers beat nothing, the difference and win rate mixed in
+    those wins, and the instruction version was recorded as beating the original answers."""
+    from app.cli import main
+    from storage.scores import store_scores
+
+    engine = logged_db(duckdb_url, tmp_path, 4)
+    saved = tmp_path / "inputs.csv"
+    saved.write_text("prompt\n" + "".join(f"Saved question {i}?\n" for i in range(3)))
+    config = IngestConfig(progress=False, rejects_path=tmp_path / "rejects.jsonl")
+    assert ingest_paths([saved], engine=engine, config=config).stored == 3
+    run_id = replay(engine, config=config_for(server)).run_id
+    alone = replay(
+        engine, config=config_for(server), select=ExchangeFilter(sources=(str(saved),))
+    ).run_id
+    rewards: dict[str, float] = {}
+    for pair in pairs(engine, run_id):  # new answers lose to logged ones, "win" over nothing
+        logged = bool(pair["original_response"])
+        rewards |= {pair["original_id"]: 0.5 if logged else -3.0, pair["new_id"]: 0.0}
+    store_scores(engine, "reward:test", rewards)
+
+    report = compare(engine, run_id, scores=rewards)
+    assert report.overall is not None and report.overall.n == 4
+    assert report.overall.mean_diff == -0.5 and report.overall.wins == 0
+    assert report.pairs == 7 and report.without_original == 3
+    engine.dispose()
+    assert main(["--db", duckdb_url, "replay", "report", alone]) == 0
+    said = capsys.readouterr().out
+    assert "not scored yet" not in said
+    assert "3 saved inputs without an original answer: no reward to compare" in said

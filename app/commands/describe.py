@@ -226,8 +226,13 @@ def _describe_replay_report(result: dict[str, Any]) -> str:
             f"{o['mean_diff']:+.3f} (95% CI {o['ci_low']:+.3f} to {o['ci_high']:+.3f}); new "
             f"wins {o['win_rate']:.0%} of {o['n']}"
         )
-    else:
+    elif not result["pairs"] or result.get("without_original") != result["pairs"]:
         lines.append("reward: not scored yet (run `convoscope score`)")
+    if result.get("without_original"):
+        lines.append(
+            f"{count(result['without_original'], 'saved input')} without an original answer: "
+            "no reward to compare, left out"
+        )
     for judge, verdicts in result.get("judges", {}).items():
         if verdicts["overall"]:
             lines.append(_judge_line(f"judge {judge}", verdicts["overall"]))

@@ -275,6 +275,11 @@ if overall is not None:
     )
     m[2].metric("Win rate of new", fmt_share(overall.win_rate))
     m[3].metric("Scored pairs", f"{overall.n:,}")
+elif rows and not any(pair["original_response"] for pair in rows):
+    st.caption(
+        "These inputs were logged without answers (saved inputs): there is no original "
+        "answer to compare the new ones with."
+    )
 elif rows:
     st.caption(
         "The new answers have no reward yet: run `convoscope score` to score them, then "
