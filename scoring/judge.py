@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import random
 import re
@@ -124,7 +125,7 @@ class JudgeResult:
     ties: int
     original_wins: int
     win_rate: float  # of the new answer, ties counted half
-    ci_low: float  # 95 % normal interval of win_rate
+    ci_low: float  # 95 % Wilson score interval of win_rate
     ci_high: float
 
 
@@ -381,13 +382,23 @@ def _result(winners: list[str]) -> JudgeResult | None:
         return None
     points = np.array([{"b": 1.0, "tie": 0.5, "a": 0.0}[w] for w in winners])
     mean = float(points.mean())
-    half = 1.96 * float(points.std(ddof=1)) / np.sqrt(len(points)) if len(points) > 1 else 0.0
+    low, high = _wilson(mean, len(points))
     return JudgeResult(
         n=len(points),
         new_wins=int((points == 1.0).sum()),
         ties=int((points == 0.5).sum()),
         original_wins=int((points == 0.0).sum()),
         win_rate=mean,
-        ci_low=max(0.0, mean - half),
-        ci_high=min(1.0, mean + half),
+        ci_low=low,
+        ci_high=high,
     )
+
+
+def _wilson(rate: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a win rate over n verdicts (ties counted half). The
+    normal interval, mean ± z standard errors, has width 0 when every verdict goes one way:
+    "100% (95% CI 100%-100%)" on a single pair."""
+    z2 = z * z
+    centre = (rate + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(rate * (1 - rate) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)

@@ -213,8 +213,8 @@ def test_the_report_gives_each_judge_apart(
     assert (one["n"], one["win_rate"], two["n"], two["win_rate"]) == (6, 1.0, 6, 0.0)
     assert main(["--db", db, "replay", "report", run_id]) == 0
     said = capsys.readouterr().out
-    assert "judge judge-1: the new answer wins 100% (95% CI 100%-100%) of 6 judged pairs" in said
-    assert "judge judge-2: the new answer wins 0% (95% CI 0%-0%) of 6 judged pairs" in said
+    assert "judge judge-1: the new answer wins 100% (95% CI 61%-100%) of 6 judged pairs" in said
+    assert "judge judge-2: the new answer wins 0% (95% CI 0%-39%) of 6 judged pairs" in said
 
 
 def test_an_interrupted_judge_keeps_its_verdicts_and_says_how_to_finish(tmp_path: Path) -> None:
@@ -280,3 +280,22 @@ def test_saved_inputs_without_an_original_answer_are_not_judged(
             judge_replay(engine, alone, config=judge_config(judge))
         assert judge.total_requests() == 0
     engine.dispose()
+
+
+def test_a_judges_interval_on_a_few_pairs_is_never_certain(duckdb_url: str, tmp_path: Path) -> None:
+    """The interval was the normal one, mean ± 1.96 standard errors: when every verdict went
+    one way its width was 0, and the report read "wins 100% (95% CI 100%-100%)" on one pair,
+    or on three, a certainty no handful of verdicts gives a release decision."""
+    engine, run_id = replayed_db(duckdb_url, tmp_path, 3)
+    with OpenAIServer(responder=prefers_replayed) as judge:
+        assert judge_replay(engine, run_id, config=judge_config(judge, sample=1)).judged == 1
+        one, _ = judge_results(engine, run_id)
+        assert judge_replay(engine, run_id, config=judge_config(judge)).judged == 2
+        three, _ = judge_results(engine, run_id)
+    engine.dispose()
+    assert one is not None and three is not None
+    assert (one.n, one.win_rate, three.n, three.win_rate) == (1, 1.0, 3, 1.0)
+    assert one.ci_high == three.ci_high == 1.0
+    assert one.ci_low < three.ci_low < 0.5  # Wilson's: 0.21 on one pair, 0.44 on three
+    assert one.ci_low == pytest.approx(0.2065, abs=1e-3)
+    assert three.ci_low == pytest.approx(0.4385, abs=1e-3)
