@@ -748,3 +748,24 @@ def test_the_heat_map_draws_every_cluster_and_expert_when_their_labels_repeat(
     assert len(set(heat["y"])) == len(heat["y"]) == rows
     assert len(set(heat["x"])) == len(heat["x"]) == columns == len(fine_tunes)
     assert sum(label.startswith("Refunds") for label in heat["y"]) == 2
+
+
+def test_the_topic_map_colours_every_cluster_when_names_repeat(
+    fresh_db: BuiltDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The map draws a trace per cluster name: two topics named alike were one colour, and a
+    topic named "unassigned" merged with the points no topic holds."""
+    from storage.clusters import annotate_cluster
+
+    engine = open_database(fresh_db.url)
+    first, second, third = fresh_db.cluster_ids[:3]
+    annotate_cluster(engine, first, name="Refunds")
+    annotate_cluster(engine, second, name="Refunds")
+    annotate_cluster(engine, third, name="unassigned")
+    engine.dispose()
+    at = _app(fresh_db.url, monkeypatch)
+    traces = json.loads(at.get("plotly_chart")[0].proto.spec)["data"]
+    names = [trace["name"] for trace in traces]
+    assert len(names) == len(set(names))
+    for cluster_id in (first, second, third):  # the id kept whole within the legend's width
+        assert sum(name.endswith(f" ({cluster_id})") for name in names) == 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ import streamlit as st
 from sqlalchemy.engine import Engine
 
 from app.ui import charts
-from app.ui.render import hover_text
+from app.ui.render import hover_text, one_line
 from storage import logs, views
 from storage.engine import StorageError, dialect_name, make_engine, open_database, resolve_url
 from storage.logs import BattleFilter
@@ -209,14 +210,32 @@ def map_points(
     limit: int = MAP_POINTS,
 ) -> tuple[pd.DataFrame, int]:
     rows, total = read(url, lambda e: views.map_points(e, run_id, flt, scorer=scorer, limit=limit))
-    names = cluster_names(url, version, run_id)
+    names = _distinct_names(cluster_names(url, version, run_id))
     frame = pd.DataFrame(rows, columns=["id", "cluster_id", "x", "y", "model", "prompt", "reward"])
-    frame["cluster"] = frame["cluster_id"].map(names).fillna("unassigned")
+    frame["cluster"] = frame["cluster_id"].map(names).fillna(UNASSIGNED)
     frame["hover"] = [
         f"{hover_text(prompt)}<br><i>{hover_text(cluster, 60)}</i>"
         for prompt, cluster in zip(frame["prompt"], frame["cluster"], strict=True)
     ]
     return frame, total
+
+
+UNASSIGNED = "unassigned"  # the map's name for the points no topic holds
+
+
+def _distinct_names(names: dict[str, str]) -> dict[str, str]:
+    """Cluster names the map can colour by: it draws one trace per name, so two topics a
+    person named alike (or one named "unassigned") were one colour. A name shared is followed
+    by the cluster's id, the name shortened so that the legend's 40 characters keep the id."""
+    counts = Counter(names.values())
+    return {
+        cluster_id: (
+            f"{one_line(name, max(40 - len(cluster_id) - 3, 1))} ({cluster_id})"
+            if counts[name] > 1 or name == UNASSIGNED
+            else name
+        )
+        for cluster_id, name in names.items()
+    }
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)
