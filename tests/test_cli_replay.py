@@ -281,8 +281,12 @@ def test_an_instruction_replayed_on_a_cluster_is_versioned(tmp_path: Path) -> No
     instruction = tmp_path / "instruction.txt"
     runs = []
     with OpenAIServer() as server:
-        for text in ("Answer briefly.", "Answer with a number only."):
-            instruction.write_text(text)
+        # The second as Windows Notepad saves it, after a byte-order mark: not instruction text.
+        for text, encoding in (
+            ("Answer briefly.", "utf-8"),
+            ("Answer with a number only.", "utf-8-sig"),
+        ):
+            instruction.write_text(text, encoding=encoding)
             result = convoscope(
                 "replay", "--model", "m2", "--base-url", server.base_url, "--cluster", "t0",
                 "--instruction", str(instruction), "--json", db=db, cwd=tmp_path,

@@ -118,9 +118,11 @@ def _replay_config(args: argparse.Namespace, stored: dict[str, Any] | None) -> R
 
 def _read_instruction(path: Path) -> str:
     """The --instruction file's text: an empty file would replace every system message with
-    nothing, and a decoding error named neither the option nor the file."""
+    nothing, and a decoding error named neither the option nor the file. A byte-order mark
+    (Windows Notepad writes one) is not part of the text: it was sent as the system message's
+    first character."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise UserError(f"--instruction {path}: not UTF-8 text") from None
     except OSError as error:
