@@ -417,6 +417,12 @@ def test_wrong_key_variables_and_instruction_files_are_refused_naming_them(
     assert "1 input still unanswered" in out
     assert err.splitlines()[-1] == "convoscope: error: none of the 1 input sent was answered"
 
+    # A resumed run sends what it left pending: a selection given with it was silently ignored.
+    resume = ["--db", db, "replay", "--resume", "somerun"]
+    assert main([*resume, "--cluster", "t0", "--sample", "3"]) == 2
+    said = "--cluster, --sample cannot change what a resumed run sends"
+    assert said in capsys.readouterr().err
+
 
 def test_an_interrupted_instruction_replay_on_a_cluster_still_saves_its_version(
     tmp_path: Path,

@@ -33,6 +33,13 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
             f"replay {args.action} needs the run id: convoscope replay {args.action} RUN"
         )
     new_run = args.action not in ("report", "judge") and not args.resume
+    chosen = [f"--{name}" for name in ("cluster", "tag", "filter", "sample") if getattr(args, name)]
+    if args.resume and args.action == "run" and chosen:  # they were silently ignored
+        raise UserError(
+            f"{', '.join(chosen)} cannot change what a resumed run sends (its pending inputs, "
+            f"chosen when it started): leave {'them' if len(chosen) > 1 else 'it'} out, or "
+            "start a new run"
+        )
     if new_run and not (args.model and args.base_url):  # said before any database is opened
         raise UserError("replay needs --model and --base-url (or `replay report RUN`)")
     if args.action != "report" and args.api_key_env and not os.environ.get(args.api_key_env):
