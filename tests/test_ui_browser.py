@@ -115,6 +115,16 @@ def test_rename_tag_and_download_in_chromium(server: tuple[str, BuiltDatabase]) 
             _settle(page)
             page.screenshot(path=ARTIFACTS / "cluster-renamed.png", full_page=True)
 
+            # A note typed but not saved stays with its cluster: the next one with no note
+            # showed it, and "Save note" there would have stored it on the wrong cluster.
+            note = page.locator('textarea[aria-label="Note"]')
+            note.fill("draft, not saved")
+            page.get_by_label(re.compile(r"^Cluster \(")).click()
+            page.get_by_role("option", name=re.compile(r"^2\. ")).click()
+            expect(page.get_by_role("heading", name=NEW_NAME)).to_have_count(0)
+            _settle(page)
+            assert note.input_value() == ""
+
             page.get_by_role("link", name="Search").click()
             page.get_by_role("radio", name="Words").click()
             page.get_by_label("Query").fill("refund")

@@ -119,7 +119,7 @@ with main:
 with side:
     st.subheader("Your notes")
     with st.form("rename", border=False):
-        new_name = st.text_input("Name", value=detail["name"], max_chars=200)
+        new_name = st.text_input("Name", value=detail["name"], max_chars=200, key=f"name_{picked}")
         if st.form_submit_button("Rename"):
             data.write(c.url, lambda e: annotate_cluster(e, picked, name=new_name))
             st.toast("Renamed")
@@ -143,7 +143,9 @@ with side:
             st.rerun()
 
     with st.form("note", border=False):
-        note = st.text_area("Note", value=detail["note"] or "", height=100)
+        # Keyed by cluster: the same box for every cluster with no note kept an unsaved note
+        # typed on one, to be saved on the next.
+        note = st.text_area("Note", value=detail["note"] or "", height=100, key=f"note_{picked}")
         if st.form_submit_button("Save note"):
             data.write(c.url, lambda e: annotate_cluster(e, picked, note=note))
             st.toast("Note saved")
