@@ -262,3 +262,31 @@ def test_the_retry_command_for_failed_inputs_runs_on_the_pages_database(
     (run,) = list_runs(engine)
     engine.dispose()
     assert run["status"] == "done" and run["counts"]["done"] == 3
+
+
+def test_failure_reasons_follow_a_resume_that_fails_as_many_again(
+    built: BuiltDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reasons were cached by run and failure count: a resume from a shell that failed the
+    same inputs again, for another reason, left the first reasons on the page."""
+    import time
+
+    from app.cli import main
+
+    at = _page(built.url, monkeypatch)
+    with OpenAIServer(faults=[Fault(status=401, times=3)]) as server:
+        at.text_input(key="replay_model").input("test-model")
+        at.text_input(key="replay_base_url").input(server.base_url)
+        at.number_input(key="replay_sample").set_value(3)
+        at.button(key="replay_run").click().run()
+    reasons = [t.value for t in at.text]
+    assert sum("401" in r for r in reasons) == 3, reasons
+    (command,) = [c.value for c in at.code if "--resume" in c.value]
+    run_id = command.split("--resume ")[1].split()[0]
+    with OpenAIServer(faults=[Fault(status=403, times=3)]) as server:
+        resume = ["--db", built.url, "replay", "--resume", run_id, "--base-url", server.base_url]
+        assert main(resume) == 2  # none answered, again
+    time.sleep(1.1)  # the page reads runs at most once a second
+    at.run()
+    reasons = [t.value for t in at.text]
+    assert sum("403" in r for r in reasons) == 3 and not any("401" in r for r in reasons)

@@ -530,9 +530,11 @@ def run_judge(url: str, run_id: str, config: JudgeConfig) -> JudgeSummary:
     return summary
 
 
-@st.cache_data(show_spinner=False, max_entries=16)
+@st.cache_data(show_spinner=False, ttl=1.0, max_entries=16)
 def replay_failures(url: str, run_id: str, failed: int) -> list[dict[str, Any]]:
-    """A run's failed items with their last error (endpoint text: show it as text)."""
+    """A run's failed items with their last error (endpoint text: show it as text). Expires
+    like the runs: a resume that fails as many items again, for other reasons, kept the old
+    reasons on the page while the count stayed the same."""
     from storage.replay import FAILED, run_items
 
     items = read(url, lambda e: run_items(e, run_id))
