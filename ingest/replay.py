@@ -131,8 +131,10 @@ class RewardDiff:
     mean_original: float
     mean_new: float
     mean_diff: float
-    ci_low: float  # 95 % bootstrap interval of mean_diff
-    ci_high: float
+    # 95 % bootstrap interval of mean_diff; None for one pair, which bounds nothing (a
+    # bootstrap of one value is that value: the interval read as certain)
+    ci_low: float | None
+    ci_high: float | None
     wins: int
     ties: int
     losses: int
@@ -610,17 +612,17 @@ def _reward_diff(
                 for start in range(0, n_boot, step)
             ]
         )
-        low, high = np.percentile(means, [2.5, 97.5])
+        low, high = (float(v) for v in np.percentile(means, [2.5, 97.5]))
     else:
-        low = high = diffs.mean()
+        low = high = None
     wins, ties = int((diffs > 0).sum()), int((diffs == 0).sum())
     return RewardDiff(
         n=len(diffs),
         mean_original=float(values[:, 0].mean()),
         mean_new=float(values[:, 1].mean()),
         mean_diff=float(diffs.mean()),
-        ci_low=float(low),
-        ci_high=float(high),
+        ci_low=low,
+        ci_high=high,
         wins=wins,
         ties=ties,
         losses=len(diffs) - wins - ties,

@@ -415,7 +415,7 @@ def test_compare_reports_reward_diff_overall_and_per_cluster(
     for i, item in enumerate(done):
         scores[item["exchange_id"]] = float(i)
         scores[item["response_exchange_id"]] = i + (1.0 if i % 2 == 0 else -0.5)
-        cluster_of[item["exchange_id"]] = "even" if i % 2 == 0 else "odd"
+        cluster_of[item["exchange_id"]] = "lone" if i == 0 else "even" if i % 2 == 0 else "odd"
 
     report = compare(engine, summary.run_id, scores=scores, cluster_of=cluster_of)
     assert report.counts == {"pending": 0, "done": 11, "failed": 1} and report.pairs == 11
@@ -424,7 +424,14 @@ def test_compare_reports_reward_diff_overall_and_per_cluster(
     assert report.overall.ci_low < report.overall.mean_diff < report.overall.ci_high
     assert report.overall.wins == 6 and report.overall.losses == 5
     even, odd = report.per_cluster["even"], report.per_cluster["odd"]
-    assert (even.n, even.mean_diff, even.win_rate, even.ci_low) == (6, 1.0, 1.0, 1.0)
+    assert (even.n, even.mean_diff, even.win_rate, even.ci_low) == (5, 1.0, 1.0, 1.0)
+    # One pair bounds nothing: its interval was the pair's own difference, read as certain.
+    lone = report.per_cluster["lone"]
+    assert (lone.n, lone.ci_low, lone.ci_high) == (1, None, None)
+    from app.commands import describe
+
+    said = describe("replay", {**report.as_dict(), "judges": {}})
+    assert "lone" in said and "(no CI from one pair)" in said
     assert (odd.n, odd.mean_diff, odd.win_rate) == (5, -0.5, 0.0)
     assert report.prompt_tokens > 0 and report.mean_latency_s is not None
     assert json.loads(json.dumps(report.as_dict()))["per_cluster"]["odd"]["losses"] == 5

@@ -223,8 +223,8 @@ def _describe_replay_report(result: dict[str, Any]) -> str:
         o = result["overall"]
         lines.append(
             f"reward: original {o['mean_original']:.3f}, new {o['mean_new']:.3f}, difference "
-            f"{o['mean_diff']:+.3f} (95% CI {o['ci_low']:+.3f} to {o['ci_high']:+.3f}); new "
-            f"wins {o['win_rate']:.0%} of {o['n']}"
+            f"{o['mean_diff']:+.3f} ({_diff_ci(o, ' to ')}); new wins {o['win_rate']:.0%} of "
+            f"{o['n']}"
         )
     elif not result["pairs"] or result.get("without_original") != result["pairs"]:
         lines.append("reward: not scored yet (run `convoscope score`)")
@@ -239,9 +239,16 @@ def _describe_replay_report(result: dict[str, Any]) -> str:
     for cluster, d in result["per_cluster"].items():
         lines.append(
             f"  {cluster:<8} n={d['n']:<5} reward diff {d['mean_diff']:+.3f} "
-            f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] new wins {d['win_rate']:.0%}"
+            f"({_diff_ci(d, ', ')}) new wins {d['win_rate']:.0%}"
         )
     return "\n".join(lines)
+
+
+def _diff_ci(diff: dict[str, Any], between: str) -> str:
+    """A reward difference's 95 % CI, or why there is none (one pair bounds nothing)."""
+    if diff["ci_low"] is None:
+        return "no CI from one pair"
+    return f"95% CI {diff['ci_low']:+.3f}{between}{diff['ci_high']:+.3f}"
 
 
 def _describe_clusters(result: dict[str, Any]) -> str:

@@ -271,7 +271,11 @@ if overall is not None:
         "New reward",
         fmt_float(overall.mean_new),
         delta=f"{overall.mean_diff:+.2f}",
-        help=f"95 % CI of the difference {overall.ci_low:+.2f} – {overall.ci_high:+.2f}",
+        help=(
+            "One scored pair: too few for a CI of the difference"
+            if overall.ci_low is None or overall.ci_high is None
+            else f"95 % CI of the difference {overall.ci_low:+.2f} – {overall.ci_high:+.2f}"
+        ),
     )
     m[2].metric("Win rate of new", fmt_share(overall.win_rate))
     m[3].metric("Scored pairs", f"{overall.n:,}")
