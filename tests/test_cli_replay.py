@@ -340,6 +340,17 @@ def test_an_instruction_replayed_on_a_cluster_is_versioned(tmp_path: Path) -> No
     assert both.returncode == 0, both.stderr
     assert json.loads(both.stdout)["sent"] == expected == server.total_requests()
 
+    # A mistyped cluster id or tag is named as such ("no exchanges match" did not say why).
+    for option, value, said in (
+        ("--cluster", "t99", "no cluster 't99' in the latest clustering"),
+        ("--tag", "nope", "no exchange or cluster of the latest clustering is tagged 'nope'"),
+    ):
+        wrong = convoscope(
+            "replay", "--model", "m3", "--base-url", "http://127.0.0.1:1/v1", option, value,
+            db=db, cwd=tmp_path,
+        )  # fmt: skip
+        assert wrong.returncode == 2 and said in wrong.stderr, wrong.stderr
+
 
 def test_the_printed_resume_command_alone_finishes_the_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch

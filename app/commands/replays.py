@@ -263,7 +263,7 @@ def _replay_selection(engine: Engine, args: argparse.Namespace) -> ExchangeFilte
         raise UserError("--cluster/--tag need a clustering: run `convoscope cluster` first")
     ids = exchanges_in_clusters(engine, run["id"], cluster_id=args.cluster, tag=args.tag)
     if not ids:
-        raise UserError("no exchanges match that --cluster/--tag")
+        raise UserError(_why_no_member(engine, run["id"], args.cluster, args.tag))
     if args.filter:  # both apply: the cluster's (or tag's) exchanges that match the filter
         matching = {
             row["id"]
@@ -274,6 +274,18 @@ def _replay_selection(engine: Engine, args: argparse.Namespace) -> ExchangeFilte
         if not ids:
             raise UserError("no exchange matches both --cluster/--tag and --filter")
     return ids
+
+
+def _why_no_member(engine: Engine, run_id: str, cluster: str | None, tag: str | None) -> str:
+    """Why --cluster/--tag select nothing: most often a mistyped id or tag, which "no
+    exchanges match" did not say."""
+    from storage.clusters import load_clusters
+
+    if cluster and cluster not in {c["id"] for c in load_clusters(engine, run_id)}:
+        return f"no cluster {cluster!r} in the latest clustering (see `convoscope clusters`)"
+    if tag and not cluster:
+        return f"no exchange or cluster of the latest clustering is tagged {tag!r}"
+    return "no exchange matches that --cluster/--tag"
 
 
 def _reward_scores(engine: Engine) -> dict[str, float] | None:
