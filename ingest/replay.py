@@ -199,7 +199,10 @@ async def areplay(
     if run is None:
         ids = select_inputs(engine, select, config=config)
         if not ids:
-            raise ReplayError("the selection matches no saved input to replay")
+            raise ReplayError(
+                "the selection matches no saved input to replay (earlier replays' answers are "
+                "inputs only when --filter source=replay:RUN names their run)"
+            )
         create_run(
             engine,
             run_id=run_id,
