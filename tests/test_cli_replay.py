@@ -262,13 +262,13 @@ def test_replay_without_model_is_a_clear_error(tmp_path: Path) -> None:
     assert "--model" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_an_instruction_replayed_on_a_cluster_is_versioned(tmp_path: Path) -> None:
+def _clustered(tmp_path: Path) -> str:
+    """12 logged exchanges in two topics, t0 and t1."""
     from clustering.stages import kmeans_clusterer, pca_reducer
     from clustering.step import ClusterStepConfig, cluster_exchanges
     from clustering.topics import ClusterConfig
     from ingest.embed_step import EmbedConfig
     from storage.engine import open_database
-    from storage.reports import load_instructions
 
     db = _ingested(tmp_path, 12)
     engine = open_database(db)
@@ -277,6 +277,14 @@ def test_an_instruction_replayed_on_a_cluster_is_versioned(tmp_path: Path) -> No
     )
     cluster_exchanges(engine, config=config, reducer=pca_reducer(5), clusterer=kmeans_clusterer(2))
     engine.dispose()
+    return db
+
+
+def test_an_instruction_replayed_on_a_cluster_is_versioned(tmp_path: Path) -> None:
+    from storage.engine import open_database
+    from storage.reports import load_instructions
+
+    db = _clustered(tmp_path)
 
     instruction = tmp_path / "instruction.txt"
     runs = []
@@ -441,20 +449,10 @@ def test_an_interrupted_instruction_replay_on_a_cluster_still_saves_its_version(
     """The version was saved only when the run ended: Ctrl-C (or SIGTERM) mid-run skipped it,
     and `replay --resume` (which names no cluster) never saves one, so the instruction tried
     on the cluster was lost from its versions, and `replay report` had no version to score."""
-    from clustering.stages import kmeans_clusterer, pca_reducer
-    from clustering.step import ClusterStepConfig, cluster_exchanges
-    from clustering.topics import ClusterConfig
-    from ingest.embed_step import EmbedConfig
     from storage.engine import open_database
     from storage.reports import load_instructions
 
-    db = _ingested(tmp_path, 12)
-    engine = open_database(db)
-    config = ClusterStepConfig(
-        embed=EmbedConfig(device="cpu", progress=False), topics=ClusterConfig(layout=False)
-    )
-    cluster_exchanges(engine, config=config, reducer=pca_reducer(5), clusterer=kmeans_clusterer(2))
-    engine.dispose()
+    db = _clustered(tmp_path)
     instruction = tmp_path / "instruction.txt"
     instruction.write_text("Answer briefly.")
     with OpenAIServer(delay_s=900) as server:  # answers nothing: only the interrupt ends it
