@@ -469,6 +469,9 @@ def test_demo_runs_the_whole_job_on_a_sharegpt_sample(tmp_path: Path) -> None:
     assert summary["cluster"]["rows"] == exchanges and summary["cluster"]["clusters"] >= 2
     assert summary["score"]["exchanges"] == exchanges
     assert summary["score"]["labels"]["length"]["known"] > 0  # structural labels were mined
+    # The sample's answers to empty user messages are left out, and said so, as `run` says.
+    assert summary["ingest"]["empty_prompts"] > 0
+    assert "exchanges left out: the user message each answers has no text" in result.stderr
 
 
 def test_more_text_than_duckdbs_memory_cap_reads_back_whole_and_in_order(

@@ -100,6 +100,7 @@ def demo(args: argparse.Namespace) -> dict[str, Any]:
             config = PipelineConfig(ingest=ingest, cluster=ClusterStepConfig())
             try:
                 result = run_pipeline(engine, [Path(path)], config=config)
+                warn_ingest(result["ingest"])  # as `run` does: what was left out, and why
             except NoTopicFound:  # the cluster step's advice is for its own options
                 taken = "every" if args.full else args.sample
                 raise UserError(
