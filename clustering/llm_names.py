@@ -85,7 +85,7 @@ class LLMNamer:
         reply = self.client.chat.completions.create(
             model=self.model, messages=messages, temperature=0.0, max_tokens=32
         )
-        name = clean_name(reply.choices[0].message.content or "")
+        name = clean_name(_reply_text(reply))
         if name:
             self.cache[key] = name
         return name
@@ -111,10 +111,10 @@ class LLMNamer:
     def name_topics(self, topics: TopicModel, texts: Sequence[str]) -> dict[int, str]:
         """Names for every cluster of `topics`; a cluster whose request failed is left out.
 
-        A failure (endpoint down, refusal, empty answer) leaves that cluster with its keyword
-        name, and the failures are logged once, together; an endpoint that cannot be reached
-        is not asked again for the other clusters. The next run retries only what is missing
-        from the cache.
+        A failure (endpoint down, refusal, empty answer, a reply that is not a chat
+        completion) leaves that cluster with its keyword name, and the failures are logged
+        once, together; an endpoint that cannot be reached is not asked again for the other
+        clusters. The next run retries only what is missing from the cache.
         """
         import openai
 
@@ -129,7 +129,7 @@ class LLMNamer:
             except openai.APIConnectionError as error:
                 failed += [str(error)] * (topics.n_clusters - c)  # this one and the rest
                 break
-            except openai.OpenAIError as error:
+            except (openai.OpenAIError, NotACompletion) as error:
                 failed.append(str(error))
                 continue
             if name:
@@ -142,6 +142,20 @@ class LLMNamer:
                 failed[0],
             )
         return names
+
+
+class NotACompletion(ValueError):
+    """A 200 whose body is not a chat completion (an HTML login page, `{}`, no choices)."""
+
+
+def _reply_text(reply: Any) -> str:
+    """The first choice's text ("" when it has none); NotACompletion when the body is not a
+    chat completion at all: the client does not validate it, so it may be anything."""
+    choices = getattr(reply, "choices", None)
+    if not isinstance(choices, list) or not choices:
+        raise NotACompletion(f"the endpoint's reply is not a chat completion: {str(reply)[:80]!r}")
+    content = getattr(getattr(choices[0], "message", None), "content", None)
+    return content if isinstance(content, str) else ""
 
 
 def nearest_clusters(centroids: np.ndarray, n: int) -> list[list[int]]:

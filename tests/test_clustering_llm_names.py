@@ -17,6 +17,7 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from clustering.llm_names import LLMNamer, clean_name, openai_client
 from clustering.stages import PassThrough, kmeans_clusterer
 from clustering.topics import ClusterConfig, TopicModel, fit_topics
+from tests.openai_server import Fault, OpenAIServer
 
 
 @dataclass
@@ -145,6 +146,27 @@ def test_an_unreachable_endpoint_is_one_warning(
         assert namer.name_topics(model, texts) == {}
     said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(said) == 1 and "failed for 6 of 6 topics" in said[0]
+
+
+def test_replies_that_are_not_completions_leave_those_clusters_unnamed(
+    topics_and_texts: tuple[TopicModel, list[str]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 200 whose body is not a chat completion (a proxy's HTML page, `{}`, no choices)
+    raised TypeError or IndexError after the whole clustering, which was lost."""
+    model, texts = topics_and_texts
+    faults = [
+        Fault(body="<html><body>Sign in to continue</body></html>", times=1),
+        Fault(body={}, times=1),
+        Fault(body={"id": "x", "object": "chat.completion", "choices": []}, times=1),
+    ]
+    cache: dict[str, str] = {}
+    with OpenAIServer(faults=faults) as server, caplog.at_level(logging.WARNING):
+        namer = LLMNamer(openai_client(server.base_url, max_retries=0), "m", cache=cache)
+        names = namer.name_topics(model, texts)
+    assert len(names) == len(cache) == model.n_clusters - 3  # the others are named
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(said) == 1 and said[0].startswith(f"LLM names failed for 3 of {model.n_clusters}")
+    assert "not a chat completion" in said[0]
 
 
 def test_clean_name_strips_decoration_and_bounds_length() -> None:
