@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -20,8 +21,8 @@ from sqlalchemy.engine import Engine
 from clustering.llm_names import LLMNamer
 from clustering.matching import UNASSIGNED, ClusterMatch, match_clusters
 from clustering.stages import Clusterer, Reducer
-from clustering.topics import ClusterConfig, TopicModel, assign, fit_topics
-from ingest.embed_step import EmbedConfig, embed_exchanges, exchange_texts
+from clustering.topics import ClusterConfig, TopicModel, assign, fit_topics, unit_rows
+from ingest.embed_step import EmbedConfig, EmbeddedText, embed_exchanges, exchange_texts
 from storage.clusters import (
     add_assignments,
     cluster_ids_used,
@@ -149,7 +150,8 @@ def assign_new(engine: Engine, *, config: ClusterStepConfig) -> dict[str, Any]:
     if run is None:
         raise ValueError("no clustering yet: run `convoscope cluster` first")
     assigned = load_assignments(engine, run["id"])
-    items = [i for i in exchange_texts(engine, on=config.embed.on) if i.exchange_id not in assigned]
+    stored = list(exchange_texts(engine, on=config.embed.on))
+    items = [i for i in stored if i.exchange_id not in assigned]
     if not items:
         return {"run_id": run["id"], "assigned": 0, "unassigned": 0}
     embedded = embed_exchanges(engine, config=config.embed)
@@ -163,6 +165,7 @@ def assign_new(engine: Engine, *, config: ClusterStepConfig) -> dict[str, Any]:
     radii = np.array([c["radius"] for c in topics], dtype=np.float32)
     vectors = load_vectors(engine, embedded.model, [i.text_hash for i in items])
     labels, distances = assign(vectors, centroids, radii)
+    _as_earlier_copies(stored, assigned, items, topics, labels, distances, vectors, centroids)
     rows = [
         {
             "run_id": run["id"],
@@ -182,6 +185,35 @@ def assign_new(engine: Engine, *, config: ClusterStepConfig) -> dict[str, Any]:
         "unassigned": int(np.sum(labels < 0)),
         "stored": added,
     }
+
+
+def _as_earlier_copies(
+    stored: Sequence[EmbeddedText],
+    assigned: Mapping[str, str | None],
+    items: Sequence[EmbeddedText],
+    topics: Sequence[Mapping[str, Any]],
+    labels: np.ndarray,
+    distances: np.ndarray,
+    vectors: np.ndarray,
+    centroids: np.ndarray,
+) -> None:
+    """Give a new exchange whose text the run holds already the topic its copies have (most
+    of them, a topic before none), in place, as the fit gives every copy of a text one topic.
+    The nearest centroid can differ from the clusterer's verdict on the stored copy: a new
+    'Hello' stayed unassigned while the clustered one was in a topic."""
+    votes: dict[str, Counter[str | None]] = {}
+    for item in stored:
+        if item.exchange_id in assigned:
+            votes.setdefault(item.text_hash, Counter())[assigned[item.exchange_id]] += 1
+    position = {topic["id"]: k for k, topic in enumerate(topics)}
+    for n, item in enumerate(items):
+        counts = votes.get(item.text_hash)
+        if not counts:
+            continue
+        cluster_id = max(counts, key=lambda c: (counts[c], c is not None, c or ""))
+        labels[n] = position.get(cluster_id, -1) if cluster_id is not None else -1
+        if labels[n] >= 0:
+            distances[n] = 1.0 - float(unit_rows(vectors[n : n + 1])[0] @ centroids[labels[n]])
 
 
 def _match_previous(
