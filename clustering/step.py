@@ -84,12 +84,16 @@ def cluster_exchanges(
     model = fit_topics(vectors, texts, config=config.topics, reducer=reducer, clusterer=clusterer)
     if model.n_clusters == 0:  # nothing to store or match; keep the previous run as it is
         fitted = len(model.fitted_rows)
-        advice = (
-            "lower --min-cluster-size or raise --sample-size"
-            if fitted < len(ids)
-            else "lower --min-cluster-size, or choose the number of topics for so small a "
-            f"log: --clusterer kmeans --k {max(2, min(10, fitted // 3))}"
-        )
+        # 2 is the least topic size HDBSCAN takes (and the CLI's): no lower to go from there.
+        lower = "lower --min-cluster-size" if model.min_cluster_size > 2 else ""
+        if fitted < len(ids):
+            advice = " or ".join(filter(None, [lower, "raise --sample-size"]))
+        else:
+            kmeans = (
+                "choose the number of topics for so small a log: "
+                f"--clusterer kmeans --k {max(2, min(10, fitted // 3))}"
+            )
+            advice = f"{lower}, or {kmeans}" if lower else kmeans
         raise NoTopicFound(
             f"no topic found: every row is an outlier with --min-cluster-size "
             f"{model.min_cluster_size} on {fitted} fitted rows; {advice}"

@@ -152,6 +152,27 @@ def test_a_clustering_that_finds_no_topic_is_a_clear_error_and_keeps_the_last(
     assert "Traceback" not in zero.stderr
 
 
+def test_no_topic_at_the_least_cluster_size_does_not_advise_lowering_it(tmp_path: Path) -> None:
+    """Six near-identical prompts make one dense blob, which HDBSCAN never returns as a topic:
+    with --min-cluster-size 2, the least it takes, the advice was still to lower it."""
+    log = _write_csv(
+        tmp_path / "pasta.csv", [(f"question number {i} about cooking pasta", "") for i in range(6)]
+    )
+    db = f"duckdb:///{tmp_path / 'least.duckdb'}"
+    ingest = convoscope("ingest", str(log), "--map", "prompt=question", db=db, cwd=tmp_path)
+    assert ingest.returncode == 0, ingest.stderr
+    flags = ("--device", "cpu", "--reducer", "none", "--min-cluster-size", "2")
+    result = convoscope("cluster", *flags, db=db, cwd=tmp_path)
+    assert result.returncode == 2, result.stdout
+    assert "no topic found" in result.stderr
+    assert "lower --min-cluster-size" not in result.stderr
+    assert "--clusterer kmeans --k 2" in result.stderr
+    sampled = convoscope("cluster", *flags, "--sample-size", "5", db=db, cwd=tmp_path)
+    assert sampled.returncode == 2, sampled.stdout
+    assert sampled.stderr.rstrip().endswith("raise --sample-size"), sampled.stderr
+    assert "lower --min-cluster-size" not in sampled.stderr
+
+
 def test_clusterings_on_different_fields_never_share_an_id(tmp_path: Path) -> None:
     from tests.test_ingest_pipeline import write_openai_jsonl
 
