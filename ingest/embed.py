@@ -204,6 +204,11 @@ def load_sentence_transformer(name_or_path: str, device: str) -> tuple[SentenceT
         return SentenceTransformer(path, device=device, local_files_only=True), DEFAULT_MODEL_NAME
     if looks_like_path(name_or_path):
         path = Path(name_or_path).expanduser().resolve()
+        if path.exists() and not path.is_dir():
+            raise EmbedderError(
+                f"embedding model {path} is a file: give the model's directory (the folder "
+                "that holds its config.json)"
+            )
         if not path.is_dir():
             raise EmbedderError(f"embedding model directory {path} does not exist")
         name = DEFAULT_MODEL_NAME if path == default_model_path().resolve() else str(path)

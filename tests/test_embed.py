@@ -126,6 +126,15 @@ def test_missing_model_directory_is_a_clear_error(tmp_path: Path) -> None:
         load_embedder(str(missing), device="cpu")
 
 
+def test_a_model_file_instead_of_its_directory_is_named_a_file(tmp_path: Path) -> None:
+    """A file given as the model (its model.safetensors, its config.json) was said not to
+    exist, sending the user looking for a typo in a path that is there."""
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"weights")
+    with pytest.raises(EmbedderError, match="is a file: give the model's directory"):
+        load_embedder(str(weights), device="cpu")
+
+
 def test_directory_without_a_model_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("not a model")
     with pytest.raises(EmbedderError, match="not a loadable"):
