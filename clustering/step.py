@@ -154,8 +154,13 @@ def assign_new(engine: Engine, *, config: ClusterStepConfig) -> dict[str, Any]:
     if run is None:
         raise ValueError("no clustering yet: run `convoscope cluster` first")
     assigned = load_assignments(engine, run["id"])
-    stored = list(exchange_texts(engine, on=config.embed.on))
-    items = [i for i in stored if i.exchange_id not in assigned]
+    items: list[EmbeddedText] = []
+    clustered: list[tuple[str, str | None]] = []  # (text hash, topic) of each assigned row
+    for item in exchange_texts(engine, on=config.embed.on):
+        if item.exchange_id in assigned:
+            clustered.append((item.text_hash, assigned[item.exchange_id]))
+        else:
+            items.append(item)
     if not items:
         return {"run_id": run["id"], "assigned": 0, "unassigned": 0}
     embedded = embed_exchanges(engine, config=config.embed)
@@ -169,7 +174,7 @@ def assign_new(engine: Engine, *, config: ClusterStepConfig) -> dict[str, Any]:
     radii = np.array([c["radius"] for c in topics], dtype=np.float32)
     vectors = load_vectors(engine, embedded.model, [i.text_hash for i in items])
     labels, distances = assign(vectors, centroids, radii)
-    _as_earlier_copies(stored, assigned, items, topics, labels, distances, vectors, centroids)
+    _as_earlier_copies(clustered, items, topics, labels, distances, vectors, centroids)
     rows = [
         {
             "run_id": run["id"],
@@ -192,8 +197,7 @@ def assign_new(engine: Engine, *, config: ClusterStepConfig) -> dict[str, Any]:
 
 
 def _as_earlier_copies(
-    stored: Sequence[EmbeddedText],
-    assigned: Mapping[str, str | None],
+    clustered: Sequence[tuple[str, str | None]],
     items: Sequence[EmbeddedText],
     topics: Sequence[Mapping[str, Any]],
     labels: np.ndarray,
@@ -204,11 +208,13 @@ def _as_earlier_copies(
     """Give a new exchange whose text the run holds already the topic its copies have (most
     of them, a topic before none), in place, as the fit gives every copy of a text one topic.
     The nearest centroid can differ from the clusterer's verdict on the stored copy: a new
-    'Hello' stayed unassigned while the clustered one was in a topic."""
+    'Hello' stayed unassigned while the clustered one was in a topic. `clustered` holds the
+    run's rows as (text hash, topic), not their texts: `embed` holds every text already."""
+    wanted = {item.text_hash for item in items}
     votes: dict[str, Counter[str | None]] = {}
-    for item in stored:
-        if item.exchange_id in assigned:
-            votes.setdefault(item.text_hash, Counter())[assigned[item.exchange_id]] += 1
+    for text_hash, cluster_id in clustered:
+        if text_hash in wanted:
+            votes.setdefault(text_hash, Counter())[cluster_id] += 1
     position = {topic["id"]: k for k, topic in enumerate(topics)}
     for n, item in enumerate(items):
         counts = votes.get(item.text_hash)
