@@ -111,6 +111,13 @@ def load_assignments(engine: Engine, run_id: str) -> dict[str, str | None]:
         return dict(conn.execute(query).all())
 
 
+def _one_line(name: str) -> str:
+    """A cluster name as one line of printable text: `rename t3 $'two\nlines'` stored a line
+    break that split the `clusters` table, and a control character (a bidi override) would
+    reorder what is shown after it. Runs of white space become one space."""
+    return "".join(ch for ch in " ".join(name.split()) if ch.isprintable())
+
+
 def load_layout(engine: Engine, run_id: str) -> list[Row]:
     """exchange id, cluster id and 2-D map position of every assigned row."""
     query = sa.select(
@@ -148,7 +155,7 @@ def _annotate(engine: Engine, cluster_id: str, *, name: str | None, note: str | 
         )
         values: dict[str, Any] = {"updated_at": utcnow()}
         if name is not None:
-            values["name"] = name.strip() or None
+            values["name"] = _one_line(name) or None
         if note is not None:
             values["note"] = note
         if current is None:

@@ -124,6 +124,12 @@ def test_a_blank_name_reports_the_automatic_name_it_restores(
 
     code, out, err = cli(capsys, "--db", fast_db, "rename", cluster_id, "  Sums  ", "--json")
     assert code == 0 and json.loads(out)["name"] == "Sums", err
+    # One line of printable text: a line break split the `clusters` table, a bidi override
+    # reordered what followed it.
+    code, out, err = cli(
+        capsys, "--db", fast_db, "rename", cluster_id, "Two\nlines\t\u202eand more", "--json"
+    )
+    assert code == 0 and json.loads(out)["name"] == "Two lines and more", err
     code, out, err = cli(capsys, "--db", fast_db, "rename", cluster_id, "   ", "--json")
     assert code == 0, err
     assert json.loads(out) == {"cluster_id": cluster_id, "name": None, "auto_name": auto}
