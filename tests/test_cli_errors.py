@@ -706,6 +706,10 @@ def test_an_llm_naming_endpoint_that_cannot_work_is_refused_before_clustering(
     )  # fmt: skip
     assert code == 2 and out == ""
     assert "--llm-api-key-env CONVOSCOPE_TEST_UNSET_KEY: that variable is not set" in err
+    # An endpoint without --llm-names read as asking for LLM names, and was silently unused.
+    code, out, err = cli(capsys, "--db", db, "cluster", "--llm-base-url", "http://127.0.0.1:9/v1")
+    assert code == 2 and out == ""
+    assert "--llm-base-url is for --llm-names MODEL" in err
 
 
 @pytest.mark.parametrize(

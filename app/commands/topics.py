@@ -110,6 +110,9 @@ def check_fit_size(args: argparse.Namespace, stored: int) -> None:
 def _llm_namer(args: argparse.Namespace, engine: Engine) -> Any:
     """An LLM namer only when the user asked for one: log text never leaves otherwise."""
     if not args.llm_names:
+        if args.llm_base_url or args.llm_api_key_env:  # else read as asked for, silently not
+            given = "--llm-base-url" if args.llm_base_url else "--llm-api-key-env"
+            raise UserError(f"{given} is for --llm-names MODEL, which names the chat model")
         return None
     if not args.llm_base_url:
         raise UserError("--llm-names needs --llm-base-url (any OpenAI-compatible endpoint)")
