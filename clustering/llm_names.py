@@ -134,6 +134,8 @@ class LLMNamer:
                 continue
             if name:
                 names[c] = name
+            else:  # an empty (or null, or all-markup) answer names nothing either
+                failed.append("the answer held no name")
         if failed:
             log.warning(
                 "LLM names failed for %d of %d topics, which keep their keyword names (%s)",

@@ -158,15 +158,23 @@ def test_replies_that_are_not_completions_leave_those_clusters_unnamed(
         Fault(body="<html><body>Sign in to continue</body></html>", times=1),
         Fault(body={}, times=1),
         Fault(body={"id": "x", "object": "chat.completion", "choices": []}, times=1),
+        Fault(body=_completion(""), times=1),  # an empty answer: nothing was said of it
+        Fault(body=_completion(None), times=1),
     ]
     cache: dict[str, str] = {}
     with OpenAIServer(faults=faults) as server, caplog.at_level(logging.WARNING):
         namer = LLMNamer(openai_client(server.base_url, max_retries=0), "m", cache=cache)
         names = namer.name_topics(model, texts)
-    assert len(names) == len(cache) == model.n_clusters - 3  # the others are named
+    assert len(names) == len(cache) == model.n_clusters - 5  # the others are named
     said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert len(said) == 1 and said[0].startswith(f"LLM names failed for 3 of {model.n_clusters}")
+    assert len(said) == 1 and said[0].startswith(f"LLM names failed for 5 of {model.n_clusters}")
     assert "not a chat completion" in said[0]
+
+
+def _completion(content: str | None) -> dict[str, object]:
+    message = {"role": "assistant", "content": content}
+    choice = {"index": 0, "message": message, "finish_reason": "stop"}
+    return {"id": "x", "object": "chat.completion", "choices": [choice]}
 
 
 def test_clean_name_strips_decoration_and_bounds_length() -> None:
