@@ -93,6 +93,25 @@ def test_failed_replay_says_why_and_how_to_resume(tmp_path: Path) -> None:
     assert "failures: " in said and "401" in said  # the reason, not only a count
 
 
+def _stopped_once_sending(
+    server: OpenAIServer, args: list[str], db: str, cwd: Path, stop: signal.Signals
+) -> subprocess.Popen[str]:
+    """`convoscope --db DB ARGS` in a process of its own, sent `stop` once its first request
+    reached `server` (faulthandler on: SIGABRT prints where each thread is)."""
+    process = subprocess.Popen(
+        [sys.executable, "-X", "faulthandler", "-m", "app.cli", "--db", db, *args],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while server.total_requests() == 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(stop)
+    return process
+
+
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "kill"])
 def test_an_interrupted_replay_names_the_run_to_resume(
     tmp_path: Path, stop: signal.Signals
@@ -103,17 +122,7 @@ def test_an_interrupted_replay_names_the_run_to_resume(
     # The server never answers within the test: the replay can only end through the interrupt.
     with OpenAIServer(delay_s=900) as server:
         args = ("replay", "--model", "m", "--base-url", server.base_url, "--timeout", "900")
-        process = subprocess.Popen(
-            [sys.executable, "-X", "faulthandler", "-m", "app.cli", "--db", db, *args],
-            cwd=tmp_path,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        deadline = time.monotonic() + 120
-        while server.total_requests() == 0 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        process.send_signal(stop)
+        process = _stopped_once_sending(server, [*args], db, tmp_path, stop)
         # It exits in about a second; the margin is for a machine loaded by other test runs.
         try:
             _, err = process.communicate(timeout=300)
@@ -457,17 +466,8 @@ def test_an_interrupted_instruction_replay_on_a_cluster_still_saves_its_version(
     instruction.write_text("Answer briefly.")
     with OpenAIServer(delay_s=900) as server:  # answers nothing: only the interrupt ends it
         args = ("replay", "--model", "m", "--base-url", server.base_url, "--cluster", "t0")
-        process = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "--db", db, *args, "--instruction", str(instruction)],
-            cwd=tmp_path,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        deadline = time.monotonic() + 120
-        while server.total_requests() == 0 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        process.send_signal(signal.SIGINT)
+        args = (*args, "--instruction", str(instruction))
+        process = _stopped_once_sending(server, [*args], db, tmp_path, signal.SIGINT)
         _, err = process.communicate(timeout=300)
     assert process.returncode == 130, err
     resume = re.search(r"replay --resume ([0-9a-f]{32})`", err)

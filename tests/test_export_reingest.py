@@ -231,6 +231,18 @@ def test_the_ui_jsonl_export_carries_metadata_and_ingests_back_whole(tmp_path: P
 # --- CSV and Parquet exports: the same columns, read back the same way ---
 
 
+def _exported_table(tmp_path: Path, suffix: str) -> tuple[str, dict[str, dict[str, Any]], Path]:
+    """The chat log ingested into a.duckdb, its stored rows, and its whole export as `suffix`
+    (csv or parquet)."""
+    log = tmp_path / "chats.jsonl"
+    _chat_log(log)
+    a = f"duckdb:///{tmp_path / 'a.duckdb'}"
+    _ingest(a, log, tmp_path, cli=convoscope_here)
+    export = tmp_path / f"export.{suffix}"
+    _export_table(a, export, tmp_path)
+    return a, _stored(a), export
+
+
 def _export_table(db: str, out: Path, cwd: Path, *extra: str) -> None:
     """`convoscope export` to `out`, in the format its name gives (csv or parquet)."""
     result = convoscope_here("export", "--out", str(out), *extra, db=db, cwd=cwd)
@@ -267,13 +279,7 @@ def test_a_csv_or_parquet_export_ingests_back_under_the_same_ids(
     """Read as a log, the rows became new conversations: re-ingested into the database they
     came from they were stored again (the data doubled), and a filtered export's last turn
     was read as the one the user left after."""
-    log = tmp_path / "chats.jsonl"
-    _chat_log(log)
-    a = f"duckdb:///{tmp_path / 'a.duckdb'}"
-    _ingest(a, log, tmp_path, cli=convoscope_here)
-    originals = _stored(a)
-    export = tmp_path / f"export.{suffix}"
-    _export_table(a, export, tmp_path)
+    a, originals, export = _exported_table(tmp_path, suffix)
 
     # Into the database it came from: every row is already there.
     again = _ingest(a, export, tmp_path, cli=convoscope_here)
@@ -318,13 +324,7 @@ def test_a_csv_or_parquet_export_ingests_back_under_the_same_ids(
 def test_a_tampered_csv_or_parquet_export_row_is_rejected_with_its_line(
     tmp_path: Path, suffix: str
 ) -> None:
-    log = tmp_path / "chats.jsonl"
-    _chat_log(log)
-    a = f"duckdb:///{tmp_path / 'a.duckdb'}"
-    _ingest(a, log, tmp_path, cli=convoscope_here)
-    originals = _stored(a)
-    export = tmp_path / f"export.{suffix}"
-    _export_table(a, export, tmp_path)
+    _, originals, export = _exported_table(tmp_path, suffix)
     rows = _read_table(export)
     rows[1]["prompt"] = "Something else"  # edited text under the original id
     rows[2]["context"] = "[{oops"  # not JSON

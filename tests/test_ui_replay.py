@@ -32,6 +32,14 @@ def built(tmp_path: Path) -> BuiltDatabase:
     return build(f"duckdb:///{tmp_path / 'replay.duckdb'}", n_exchanges=120, seed=5)
 
 
+def _run_from_page(at: AppTest, base_url: str, *, sample: int) -> None:
+    """Replay `sample` inputs to "test-model" at `base_url` with the page's form."""
+    at.text_input(key="replay_model").input("test-model")
+    at.text_input(key="replay_base_url").input(base_url)
+    at.number_input(key="replay_sample").set_value(sample)
+    at.button(key="replay_run").click().run()
+
+
 def _page(url: str, monkeypatch: pytest.MonkeyPatch) -> AppTest:
     monkeypatch.setenv("CONVOSCOPE_DB", url)
     at = AppTest.from_file(APP, default_timeout=60)
@@ -172,10 +180,7 @@ def test_judge_from_the_replay_page(built: BuiltDatabase, monkeypatch: pytest.Mo
 
     at = _page(built.url, monkeypatch)
     with OpenAIServer() as server:
-        at.text_input(key="replay_model").input("test-model")
-        at.text_input(key="replay_base_url").input(server.base_url)
-        at.number_input(key="replay_sample").set_value(5)
-        at.button(key="replay_run").click().run()
+        _run_from_page(at, server.base_url, sample=5)
     with OpenAIServer(responder=prefers_replayed) as judge:
         at.text_input(key="judge_model").input("judge-model")
         at.text_input(key="judge_base_url").input(judge.base_url)
@@ -209,10 +214,7 @@ def test_verdicts_judged_from_the_cli_show_on_each_pair(
 
     at = _page(built.url, monkeypatch)
     with OpenAIServer() as server:
-        at.text_input(key="replay_model").input("test-model")
-        at.text_input(key="replay_base_url").input(server.base_url)
-        at.number_input(key="replay_sample").set_value(5)
-        at.button(key="replay_run").click().run()
+        _run_from_page(at, server.base_url, sample=5)
     run_id = at.selectbox(key="replay_open").value
     time.sleep(1.2)  # the version is re-read at most once a second
     at.run()  # the pairs as the page shows them after the run, before any verdict
@@ -243,10 +245,7 @@ def test_the_retry_command_for_failed_inputs_runs_on_the_pages_database(
 
     at = _page(built.url, monkeypatch)
     with OpenAIServer(faults=[Fault(status=401, times=3)]) as server:
-        at.text_input(key="replay_model").input("test-model")
-        at.text_input(key="replay_base_url").input(server.base_url)
-        at.number_input(key="replay_sample").set_value(3)
-        at.button(key="replay_run").click().run()
+        _run_from_page(at, server.base_url, sample=3)
         assert not at.exception, [e.value for e in at.exception]
         (command,) = [c.value for c in at.code if "--resume" in c.value]
         elsewhere = tmp_path / "elsewhere"
@@ -275,10 +274,7 @@ def test_failure_reasons_follow_a_resume_that_fails_as_many_again(
 
     at = _page(built.url, monkeypatch)
     with OpenAIServer(faults=[Fault(status=401, times=3)]) as server:
-        at.text_input(key="replay_model").input("test-model")
-        at.text_input(key="replay_base_url").input(server.base_url)
-        at.number_input(key="replay_sample").set_value(3)
-        at.button(key="replay_run").click().run()
+        _run_from_page(at, server.base_url, sample=3)
     reasons = [t.value for t in at.text]
     assert sum("401" in r for r in reasons) == 3, reasons
     (command,) = [c.value for c in at.code if "--resume" in c.value]
