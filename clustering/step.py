@@ -22,6 +22,7 @@ from clustering.llm_names import LLMNamer
 from clustering.matching import UNASSIGNED, ClusterMatch, match_clusters
 from clustering.stages import Clusterer, Reducer
 from clustering.topics import ClusterConfig, TopicModel, assign, fit_topics, unit_rows
+from ingest.embed import load_embedder
 from ingest.embed_step import EmbedConfig, EmbeddedText, embed_exchanges, exchange_texts
 from storage.clusters import (
     add_assignments,
@@ -163,12 +164,18 @@ def assign_new(engine: Engine, *, config: ClusterStepConfig) -> dict[str, Any]:
             items.append(item)
     if not items:
         return {"run_id": run["id"], "assigned": 0, "unassigned": 0}
-    embedded = embed_exchanges(engine, config=config.embed)
-    if embedded.model != run["embedder"]:
+    # The embedder is checked against the run's before it embeds anything: another one's
+    # vectors cannot be placed among these centroids, and embedding them all took minutes.
+    embed = config.embed
+    embedder = load_embedder(
+        embed.model, device=embed.device, fast=embed.fast, batch_size=embed.batch_size
+    )
+    if embedder.name != run["embedder"]:
         raise ValueError(
             f"the latest clustering used {run['embedder']!r} vectors but --model/--fast give "
-            f"{embedded.model!r}: use the same embedder, or re-cluster"
+            f"{embedder.name!r}: use the same embedder, or re-cluster"
         )
+    embedded = embed_exchanges(engine, config=embed, embedder=embedder)
     topics = [c for c in load_clusters(engine, run["id"]) if c["level"] == 0]
     centroids = np.stack([np.frombuffer(c["centroid"], dtype="<f4") for c in topics])
     radii = np.array([c["radius"] for c in topics], dtype=np.float32)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -17,8 +18,10 @@ import pytest
 from sklearn.metrics import normalized_mutual_info_score
 
 from clustering.step import ClusterStepConfig, cluster_exchanges
+from ingest.embed import default_model_path
 from ingest.embed_step import EmbedConfig
 from storage.engine import open_database
+from storage.vectors import count_vectors
 from tests.test_ingest_pipeline import convoscope_here as convoscope  # many commands
 
 INTENTS = (
@@ -272,6 +275,15 @@ def test_assign_puts_a_new_copy_of_a_clustered_text_in_the_topic_of_its_copies(
         writer.writerows((text, "asked again") for text, _ in rows)
     mapping = "prompt=question,response=answer"
     assert convoscope("ingest", str(again), "--map", mapping, db=db, cwd=tmp_path).returncode == 0
+    # Another embedder is refused before it embeds anything (it embedded every text first).
+    other = tmp_path / "other-minilm"
+    shutil.copytree(default_model_path(), other)
+    refused = convoscope("assign", "--device", "cpu", "--model", str(other), db=db, cwd=tmp_path)
+    assert refused.returncode == 2 and "use the same embedder" in refused.stderr
+    engine = open_database(db, read_only=True)
+    assert count_vectors(engine, str(other.resolve())) == 0
+    engine.dispose()
+
     assigned = convoscope("assign", "--device", "cpu", "--json", db=db, cwd=tmp_path)
     assert assigned.returncode == 0, assigned.stderr
     assert json.loads(assigned.stdout)["stored"] == len(rows)
