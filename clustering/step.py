@@ -175,11 +175,11 @@ def assign_new(engine: Engine, *, config: ClusterStepConfig) -> dict[str, Any]:
             f"the latest clustering used {run['embedder']!r} vectors but --model/--fast give "
             f"{embedder.name!r}: use the same embedder, or re-cluster"
         )
-    embedded = embed_exchanges(engine, config=embed, embedder=embedder)
+    embed_exchanges(engine, config=embed, embedder=embedder, items=items)  # the new ones only
     topics = [c for c in load_clusters(engine, run["id"]) if c["level"] == 0]
     centroids = np.stack([np.frombuffer(c["centroid"], dtype="<f4") for c in topics])
     radii = np.array([c["radius"] for c in topics], dtype=np.float32)
-    vectors = load_vectors(engine, embedded.model, [i.text_hash for i in items])
+    vectors = load_vectors(engine, embedder.name, [i.text_hash for i in items])
     labels, distances = assign(vectors, centroids, radii)
     _as_earlier_copies(clustered, items, topics, labels, distances, vectors, centroids)
     rows = [

@@ -21,6 +21,7 @@ from ingest.pipeline import IngestConfig, ingest_paths
 from scoring.features import FEATURE_NAMES
 from scoring.labels import LabelConfig
 from scoring.reward_head import HeadConfig
+from scoring.reward_step import TrainedReward, exchange_embeddings, train_head
 from scoring.step import (
     ReportCounts,
     ScoreConfig,
@@ -311,7 +312,7 @@ def test_the_default_head_reads_no_embeddings_an_older_head_still_does(scored_db
     """Embedding every answer was most of a first `score` on a CPU and lowered the head's
     accuracy: the default head reads the answers' structure only. A head stored before, on
     embeddings and text features, still scores with the inputs it was trained on."""
-    from scoring.reward_step import apply_reward, exchange_embeddings, train_head
+    from scoring.reward_step import apply_reward
 
     engine = open_database(scored_db)
     embed = EmbedConfig(device="cpu", progress=False)
@@ -322,19 +323,7 @@ def test_the_default_head_reads_no_embeddings_an_older_head_still_does(scored_db
     assert latest_model(engine, "reward_head")["config"]["encoder"] is None
 
     frame = _exchange_frame(engine)
-    holdout = np.zeros(len(frame), dtype=bool)
-    labels = pd.DataFrame({"label": np.where(frame["retried"].eq(True), 0.0, 1.0), "weight": 1.0})
-    older = train_head(
-        engine,
-        frame,
-        lambda: exchange_embeddings(engine, list(frame["id"]), embed),
-        labels,
-        pd.DataFrame(columns=["exchange_a", "exchange_b", "winner"]),
-        holdout,
-        config=HeadConfig(epochs=2),
-        label_config=LabelConfig(),
-        features_kind=f"text:{len(FEATURE_NAMES)}",
-    )
+    older = _older_text_head(engine, frame, embed)
     assert missing_hashes(engine, DEFAULT_MODEL_NAME, responses) == []  # it read them
     stored = load_model(engine, older.model_id)
     assert stored["config"]["encoder"] == DEFAULT_MODEL_NAME
@@ -345,22 +334,14 @@ def test_the_default_head_reads_no_embeddings_an_older_head_still_does(scored_db
     engine.dispose()
 
 
-def test_an_older_head_on_fast_vectors_still_scores(tmp_path: Path) -> None:
-    """A head an earlier release trained after `score --fast` stored its encoder as
-    `all-MiniLM-L6-v2+model2vec-256`: `score reward apply` and `reward --file` looked that
-    name up as a model on the hub and failed, so the upgraded database could not use it."""
-    from scoring.reward_step import apply_reward, exchange_embeddings, score_texts, train_head
-
-    engine = open_database(f"duckdb:///{tmp_path / 'old.duckdb'}")
-    config = IngestConfig(progress=False, rejects_path=tmp_path / "rejects.jsonl")
-    ingest_paths([_signal_log(tmp_path / "chats.jsonl")], engine=engine, config=config)
-    frame = _exchange_frame(engine)
-    fast = EmbedConfig(device="cpu", progress=False, fast=True)
+def _older_text_head(engine: Engine, frame: pd.DataFrame, embed: EmbedConfig) -> TrainedReward:
+    """A head as earlier releases trained it by default: on the prompt's and the response's
+    `embed` vectors beside the text features, labelled by retries alone."""
     labels = pd.DataFrame({"label": np.where(frame["retried"].eq(True), 0.0, 1.0), "weight": 1.0})
-    older = train_head(
+    return train_head(
         engine,
         frame,
-        lambda: exchange_embeddings(engine, list(frame["id"]), fast),
+        lambda: exchange_embeddings(engine, list(frame["id"]), embed),
         labels,
         pd.DataFrame(columns=["exchange_a", "exchange_b", "winner"]),
         np.zeros(len(frame), dtype=bool),
@@ -368,6 +349,19 @@ def test_an_older_head_on_fast_vectors_still_scores(tmp_path: Path) -> None:
         label_config=LabelConfig(),
         features_kind=f"text:{len(FEATURE_NAMES)}",
     )
+
+
+def test_an_older_head_on_fast_vectors_still_scores(tmp_path: Path) -> None:
+    """A head an earlier release trained after `score --fast` stored its encoder as
+    `all-MiniLM-L6-v2+model2vec-256`: `score reward apply` and `reward --file` looked that
+    name up as a model on the hub and failed, so the upgraded database could not use it."""
+    from scoring.reward_step import apply_reward, score_texts
+
+    engine = open_database(f"duckdb:///{tmp_path / 'old.duckdb'}")
+    config = IngestConfig(progress=False, rejects_path=tmp_path / "rejects.jsonl")
+    ingest_paths([_signal_log(tmp_path / "chats.jsonl")], engine=engine, config=config)
+    frame = _exchange_frame(engine)
+    older = _older_text_head(engine, frame, EmbedConfig(device="cpu", progress=False, fast=True))
     assert load_model(engine, older.model_id)["config"]["encoder"].endswith("+model2vec-256")
     apply_reward(engine, model_id=older.model_id, embed=EmbedConfig(progress=False))
     rewards = latest_scores(engine, prefix="reward:")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ import streamlit as st
 from sqlalchemy.engine import Engine
 
 from app.ui import charts
-from app.ui.render import hover_text, one_line
+from app.ui.render import distinct_labels, hover_text, one_line
 from storage import logs, views
 from storage.engine import StorageError, dialect_name, make_engine, open_database, resolve_url
 from storage.logs import BattleFilter
@@ -227,15 +226,9 @@ def _distinct_names(names: dict[str, str]) -> dict[str, str]:
     """Cluster names the map can colour by: it draws one trace per name, so two topics a
     person named alike (or one named "unassigned") were one colour. A name shared is followed
     by the cluster's id, the name shortened so that the legend's 40 characters keep the id."""
-    counts = Counter(names.values())
-    return {
-        cluster_id: (
-            f"{one_line(name, max(40 - len(cluster_id) - 3, 1))} ({cluster_id})"
-            if counts[name] > 1 or name == UNASSIGNED
-            else name
-        )
-        for cluster_id, name in names.items()
-    }
+    fuller = [f"{one_line(name, max(40 - len(cid) - 3, 1))} ({cid})" for cid, name in names.items()]
+    shown = distinct_labels(list(names.values()), fuller, taken=[UNASSIGNED])
+    return dict(zip(names, shown, strict=True))
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)

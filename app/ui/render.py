@@ -22,7 +22,8 @@ import html
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import pandas as pd
@@ -168,3 +169,13 @@ def exchange_block(row: Mapping[str, Any], *, index: int, expanded: bool = False
             st.caption("The user's feedback on this conversation:")
             # st.text: log text is never rendered as markup
             st.text(visible_controls(str(row["feedback_text"])))
+
+
+def distinct_labels(
+    labels: Sequence[str], fuller: Sequence[str], *, taken: Iterable[str] = ()
+) -> list[str]:
+    """Labels a Plotly chart draws one trace, row or column each: it draws equal labels as one,
+    over each other. A label shown for more than one item (two topics named alike, two experts
+    whose names begin alike), or one of `taken`, becomes that item's fuller label."""
+    counts = Counter([*labels, *taken])
+    return [f if counts[label] > 1 else label for label, f in zip(labels, fuller, strict=True)]

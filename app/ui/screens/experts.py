@@ -3,13 +3,11 @@ the routing suggestions ranked by what they would gain."""
 
 from __future__ import annotations
 
-from collections import Counter
-
 import plotly.graph_objects as go
 import streamlit as st
 
 from app.ui import data, shell
-from app.ui.render import MISSING, fmt_ci, hover_text, table_cells
+from app.ui.render import MISSING, distinct_labels, fmt_ci, hover_text, table_cells
 
 # The heat map and routing come from `convoscope score`'s reports, computed over the whole
 # clustering run: the sidebar filter cannot narrow them, so the page says so.
@@ -17,14 +15,6 @@ RUN_WIDE_NOTE = (
     "Whole run: the sidebar filter does not apply here (these come from the last "
     "`convoscope score`, over every exchange of the clustering)."
 )
-
-
-def _distinct(labels: list[str], fuller: list[str]) -> list[str]:
-    """Axis labels Plotly draws one row (or column) each: it draws equal labels as one, over
-    each other. A label shown for more than one row (two topics named alike, two experts
-    whose names begin alike) is replaced by its row's fuller label (escaped already)."""
-    counts = Counter(labels)
-    return [f if counts[label] > 1 else label for label, f in zip(labels, fuller, strict=True)]
 
 
 c = shell.ctx()
@@ -101,10 +91,10 @@ with right:
         heat = go.Figure(
             go.Heatmap(
                 z=pivot.to_numpy(),
-                x=_distinct(
+                x=distinct_labels(
                     [hover_text(m, 30) for m in models], [hover_text(m, 200) for m in models]
                 ),
-                y=_distinct(
+                y=distinct_labels(
                     [hover_text(n, 40) for n in order["cluster"]],
                     [
                         f"{hover_text(n, 40)} ({hover_text(cid, 40)})"
