@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 from sqlalchemy.engine import Engine
 from streamlit.testing.v1 import AppTest
@@ -596,6 +597,23 @@ def test_tables_quote_cells_a_spreadsheet_would_run(
     at.text_input(key="search_query").input("refund").run()
     assert "'" + formula in set(at.dataframe[0].value["Cluster"])
     assert not formula_cells(at)
+
+
+def test_tables_show_negative_intervals_unquoted(
+    fresh_db: BuiltDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Quoting is for text from the logs: an interval the UI writes itself showed every weak
+    cluster's reward CI as '-2.65 – -1.75. Negative bounds take the minus sign instead."""
+    from app.ui.render import fmt_ci, table_cells
+
+    shown = table_cells(pd.DataFrame({"ci": [fmt_ci((-2.65, -1.752)), fmt_ci((-0.5, 0.25))]}))
+    assert list(shown["ci"]) == ["\u22122.65 – \u22121.75", "\u22120.50 – 0.25"]
+    at = _app(fresh_db.url, monkeypatch)
+    cells = [c for frame in at.dataframe for c in frame.value.get("Reward 95 % CI", [])]
+    assert cells and not [c for c in cells if c.startswith("'")], cells
+    for cell in cells:
+        lo, hi = (float(bound.replace("\u2212", "-")) for bound in cell.split(" – "))
+        assert lo <= hi
 
 
 def test_export_page_writes_a_relative_path_where_the_ui_was_started(

@@ -110,10 +110,13 @@ def fmt_share(value: Any) -> str:
 
 
 def fmt_ci(ci: Any, digits: int = 2) -> str:
-    """[lo, hi] → "lo – hi"; nothing known → "—"."""
+    """[lo, hi] → "lo – hi"; nothing known → "—". A negative bound takes the minus sign
+    (U+2212), not a hyphen: `table_cells` quotes a cell that starts with "-" for spreadsheets,
+    and every weak cluster's interval showed as '-2.65 – -1.75."""
     if not ci or len(ci) != 2 or ci[0] is None or ci[1] is None:
         return MISSING
-    return f"{float(ci[0]):.{digits}f} – {float(ci[1]):.{digits}f}"
+    lo, hi = (f"{float(bound):.{digits}f}".replace("-", "\u2212") for bound in ci)
+    return f"{lo} – {hi}"
 
 
 def signals_line(row: Mapping[str, Any]) -> str:
