@@ -310,7 +310,7 @@ def _cluster_data(
     row positions in `frame`."""
     cluster_of = frame["id"].map(assignment).to_numpy()
     rows = np.flatnonzero(pd.notna(cluster_of))
-    columns = ["retried", "edited", "ended_conversation", "model"]
+    columns = ["retried", "edited", "ended_conversation", "model", "conversation_id"]
     data = frame.iloc[rows][columns].set_axis(rows)
     data["cluster_id"] = cluster_of[rows]
     data["reward"] = rewards[rows]
@@ -387,6 +387,7 @@ def _reward_figures(w: ClusterWeakness) -> dict[str, Any]:
     """The part of a cluster report that follows from its rewards and behaviour signals."""
     return {
         "n": w.n,
+        "conversations": w.conversations,
         "share": w.traffic_share,
         "reward_mean": w.mean_reward,
         "reward_ci": [w.reward_lower, w.reward_upper],

@@ -1,7 +1,11 @@
 """Which clusters are weakest: low reward that we are sure of, on traffic that matters.
 
 Per cluster: mean reward with a bootstrap CI, retry / edit / end rates (over the rows where
-the signal is known — an unknown signal is not a 0), and its share of traffic. Weakness is
+the signal is known — an unknown signal is not a 0), and its share of traffic. The turns of
+one conversation are not independent draws (one user, one task, often one frustration), so
+when the rows carry their `conversation_id` the CI is also bootstrapped over whole
+conversations and the wider of the two intervals is kept: a topic filled by a few long chats
+is less sure than its row count says. Weakness is
 the shortfall of the CI's lower bound below the overall mean reward, times the traffic share:
 a small cluster whose CI is wide because it has few rows cannot outrank a large, surely bad
 one, and a large cluster that is merely average scores 0. Each cluster carries a sentence
@@ -35,6 +39,7 @@ class ClusterWeakness:
 
     cluster_id: str
     n: int
+    conversations: int | None  # distinct conversations among the rows; None when not given
     traffic_share: float
     mean_reward: float
     reward_lower: float
@@ -47,30 +52,61 @@ class ClusterWeakness:
 
 
 def bootstrap_mean_ci(
-    values: np.ndarray, *, n_bootstrap: int = 1000, ci: float = 0.95, seed: int = 0
+    values: np.ndarray,
+    *,
+    groups: np.ndarray | None = None,
+    n_bootstrap: int = 1000,
+    ci: float = 0.95,
+    seed: int = 0,
 ) -> tuple[float, float, float]:
-    """Mean of the non-NaN values and its percentile bootstrap interval."""
+    """Mean of the non-NaN values and its percentile bootstrap interval.
+
+    With `groups` (each value's conversation id) the interval is the wider of
+    the one over values and the one over whole groups, each resample's mean being its values'
+    mean. Neither alone will do: resampling values treats a 40-turn chat as 40 users, and
+    resampling groups gives one conversation a zero-width interval."""
     v = np.asarray(values, dtype=float)
-    v = v[~np.isnan(v)]
+    known = ~np.isnan(v)
+    v = v[known]
     if len(v) == 0:
         return float("nan"), float("nan"), float("nan")
     mean = float(v.mean())
     if len(v) == 1 or n_bootstrap <= 0:
         return mean, mean, mean
-    rng = np.random.default_rng(seed)
-    # Resamples are drawn a block at a time so memory stays bounded: a parent group can hold
-    # most of a million-row log, and all resamples at once would need n_bootstrap × n indices.
-    # The generator yields the same stream in blocks, so the interval does not change.
-    block = max(1, _BOOTSTRAP_ELEMENTS // len(v))
-    means = np.concatenate(
-        [
-            v[rng.integers(0, len(v), (min(block, n_bootstrap - start), len(v)))].mean(axis=1)
-            for start in range(0, n_bootstrap, block)
-        ]
-    )
     tail = (1.0 - ci) / 2.0
+    means = _resampled_means(v, None, n_bootstrap, seed)
     lo, hi = np.quantile(means, [tail, 1.0 - tail])
+    if groups is not None:
+        _, codes = np.unique(np.asarray(groups)[known], return_inverse=True)
+        if codes.max() + 1 < len(v):  # some conversation has more than one row
+            sums, counts = np.bincount(codes, weights=v), np.bincount(codes).astype(float)
+            by_group = np.quantile(
+                _resampled_means(sums, counts, n_bootstrap, seed), [tail, 1.0 - tail]
+            )
+            lo, hi = min(lo, by_group[0]), max(hi, by_group[1])
     return mean, float(min(lo, mean)), float(max(hi, mean))
+
+
+def _resampled_means(
+    sums: np.ndarray, counts: np.ndarray | None, n_bootstrap: int, seed: int
+) -> np.ndarray:
+    """`n_bootstrap` means of units drawn with replacement: each unit (a value, or a whole
+    conversation) adds its sum and its count of values (`counts`; None: one each).
+
+    Resamples are drawn a block at a time so memory stays bounded: a parent group can hold
+    most of a million-row log, and all resamples at once would need n_bootstrap × n indices.
+    The generator yields the same stream in blocks, so the interval does not change."""
+    rng = np.random.default_rng(seed)
+    n = len(sums)
+    block = max(1, _BOOTSTRAP_ELEMENTS // n)
+    means = []
+    for start in range(0, n_bootstrap, block):
+        drawn = rng.integers(0, n, (min(block, n_bootstrap - start), n))
+        if counts is None:
+            means.append(sums[drawn].mean(axis=1))
+        else:
+            means.append(sums[drawn].sum(axis=1) / counts[drawn].sum(axis=1))
+    return np.concatenate(means)
 
 
 def _rate(frame: pd.DataFrame, column: str) -> float | None:
@@ -84,7 +120,8 @@ def rank_clusters(
     frame: pd.DataFrame, *, config: WeaknessConfig = WeaknessConfig()
 ) -> list[ClusterWeakness]:
     """Clusters weakest first, from rows with `cluster_id`, `reward` and (optionally) the
-    signal columns `retried`, `edited`, `ended_conversation`."""
+    signal columns `retried`, `edited`, `ended_conversation` and the rows' `conversation_id`.
+    """
     total = len(frame)
     if total == 0:
         return []
@@ -92,8 +129,10 @@ def rank_clusters(
     overall_rates = {name: _rate(frame, col) for name, col in RATES.items()}
     results = []
     for cid, rows in frame.groupby(frame["cluster_id"].astype(str), sort=True):
+        groups = rows["conversation_id"].to_numpy() if "conversation_id" in rows else None
         mean, lo, hi = bootstrap_mean_ci(
             rows["reward"].to_numpy(dtype=float),
+            groups=groups,
             n_bootstrap=config.n_bootstrap,
             ci=config.ci,
             seed=config.seed,
@@ -101,10 +140,15 @@ def rank_clusters(
         share = len(rows) / total
         shortfall = max(0.0, overall - lo) if not np.isnan(lo) else 0.0
         rates = {name: _rate(rows, col) for name, col in RATES.items()}
+        chats = None if groups is None else len(np.unique(groups))
+        traffic = f"{share:.0%} of the clustered traffic"
+        if chats is not None and chats < len(rows):
+            traffic += f" ({len(rows)} exchanges from {chats} conversations)"
         results.append(
             ClusterWeakness(
                 cluster_id=str(cid),
                 n=len(rows),
+                conversations=chats,
                 traffic_share=share,
                 mean_reward=mean,
                 reward_lower=lo,
@@ -113,7 +157,7 @@ def rank_clusters(
                 edit_rate=rates["edit_rate"],
                 end_rate=rates["end_rate"],
                 weakness=shortfall * share,
-                reason=_reason(mean, lo, hi, overall, share, rates, overall_rates, config),
+                reason=_reason(mean, lo, hi, overall, traffic, rates, overall_rates, config),
             )
         )
     return sorted(results, key=lambda r: (-r.weakness, r.reward_lower, r.cluster_id))
@@ -124,14 +168,15 @@ def _reason(
     lo: float,
     hi: float,
     overall: float,
-    share: float,
+    traffic: str,
     rates: dict[str, float | None],
     overall_rates: dict[str, float | None],
     config: WeaknessConfig,
 ) -> str:
-    """A sentence a person can act on: how bad, how sure, how much traffic, which signals."""
+    """A sentence a person can act on: how bad, how sure, how much traffic (`traffic`, said
+    already), which signals."""
     if np.isnan(mean):
-        return f"no reward scores yet; {share:.0%} of the clustered traffic"
+        return f"no reward scores yet; {traffic}"
     if hi < overall:
         verdict = "surely below"
     elif lo < overall:
@@ -140,7 +185,7 @@ def _reason(
         verdict = "above"
     parts = [
         f"mean reward {mean:.3f} [{lo:.3f}, {hi:.3f}] is {verdict} the overall {overall:.3f}",
-        f"{share:.0%} of the clustered traffic",
+        traffic,
     ]
     for name, value in rates.items():
         base = overall_rates[name]

@@ -647,8 +647,10 @@ def test_groups_carry_reward_weakness_and_weakest_topics(scored_db: str, tmp_pat
         for group, report in load_cluster_reports(engine, run["id"], level=1).items():
             members = [e for e, t in assignment.items() if parent_of[t] == group]
             values = np.array([rewards[e] for e in members])
-            mean, lo, hi = bootstrap_mean_ci(values)
+            chats = signals.loc[members, "conversation_id"].to_numpy()
+            mean, lo, hi = bootstrap_mean_ci(values, groups=chats)
             assert report["n"] == len(members)
+            assert report["conversations"] == len(set(chats))
             assert report["share"] == pytest.approx(len(members) / len(assignment))
             assert report["reward_mean"] == pytest.approx(mean, abs=1e-9)
             assert report["reward_ci"] == pytest.approx([lo, hi], abs=1e-9)

@@ -46,6 +46,40 @@ def test_weakness_ordering_and_reasons() -> None:
     assert abs(sum(r.traffic_share for r in ranked) - 1.0) < 1e-9
 
 
+def test_a_topic_of_few_long_conversations_is_less_sure_than_its_row_count() -> None:
+    """Turns of one chat share a user and a task: 60 rows from 3 conversations are not 60
+    independent draws. Resampled by row, their interval was as narrow as 60 users' and the
+    topic read "surely below"; now the interval is also resampled by conversation and the
+    wider one kept, and the reason says how few conversations the rows come from."""
+    rng = np.random.default_rng(1)
+    chat_means = np.repeat([-0.6, 0.1, 0.35], 20)  # one user had a bad time
+    reward = chat_means + rng.normal(0, 0.05, 60)
+    good = rng.normal(0.3, 0.1, 600)
+    frame = pd.DataFrame(
+        {
+            "cluster_id": ["chats"] * 60 + ["other"] * 600,
+            "reward": np.concatenate([reward, good]),
+            "conversation_id": [f"c{i // 20}" for i in range(60)] + [f"o{i}" for i in range(600)],
+        }
+    )
+    by_chat = {w.cluster_id: w for w in rank_clusters(frame)}["chats"]
+    by_row = {w.cluster_id: w for w in rank_clusters(frame.drop(columns="conversation_id"))}[
+        "chats"
+    ]
+    assert "surely below" in by_row.reason  # what the row bootstrap claimed
+    assert by_chat.reward_lower < by_row.reward_lower - 0.1
+    assert by_chat.reward_upper >= by_row.reward_upper
+    assert "surely below" not in by_chat.reason
+    assert "(60 exchanges from 3 conversations)" in by_chat.reason
+    assert (by_chat.conversations, by_row.conversations) == (3, None)
+    assert by_chat.mean_reward == pytest.approx(reward.mean())
+    # One conversation: resampling it gives nothing, so the rows' interval stands.
+    one = bootstrap_mean_ci(reward[:20], groups=np.array(["c0"] * 20))
+    assert one == bootstrap_mean_ci(reward[:20]) and one[1] < one[2]
+    # One row per conversation: the same interval as by row.
+    assert bootstrap_mean_ci(good, groups=np.arange(600)) == bootstrap_mean_ci(good)
+
+
 def test_bootstrap_ci_ignores_nan() -> None:
     mean, lo, hi = bootstrap_mean_ci(np.array([1.0, 2.0, np.nan, 3.0]), n_bootstrap=200)
     assert mean == 2.0 and lo <= mean <= hi
