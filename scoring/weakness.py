@@ -4,8 +4,8 @@ Per cluster: mean reward with a bootstrap CI, retry / edit / end rates (over the
 the signal is known — an unknown signal is not a 0), and its share of traffic. The turns of
 one conversation are not independent draws (one user, one task, often one frustration), so
 when the rows carry their `conversation_id` the CI is also bootstrapped over whole
-conversations and the wider of the two intervals is kept: a topic filled by a few long chats
-is less sure than its row count says. Weakness is
+conversations (with fewer than 30, the wider of that interval and the rows' one is kept): a
+topic filled by a few long chats is less sure than its row count says. Weakness is
 the shortfall of the CI's lower bound below the overall mean reward, times the traffic share:
 a small cluster whose CI is wide because it has few rows cannot outrank a large, surely bad
 one, and a large cluster that is merely average scores 0. Each cluster carries a sentence
@@ -21,6 +21,9 @@ import pandas as pd
 
 RATES = {"retry_rate": "retried", "edit_rate": "edited", "end_rate": "ended_conversation"}
 _BOOTSTRAP_ELEMENTS = 1 << 22  # resampled values held at once (32 MiB of indices)
+# Conversations enough for resampling them alone to give a fair interval (the usual rule of
+# thumb for a cluster bootstrap); below, the exchanges' interval is a floor on its width.
+TRUSTED_CONVERSATIONS = 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,10 +64,10 @@ def bootstrap_mean_ci(
 ) -> tuple[float, float, float]:
     """Mean of the non-NaN values and its percentile bootstrap interval.
 
-    With `groups` (each value's conversation id) the interval is the wider of
-    the one over values and the one over whole groups, each resample's mean being its values'
-    mean. Neither alone will do: resampling values treats a 40-turn chat as 40 users, and
-    resampling groups gives one conversation a zero-width interval."""
+    With `groups` (each value's conversation id) whole groups are resampled, each resample's
+    mean being its values' mean: resampling values treats a 40-turn chat as 40 users. Under
+    `TRUSTED_CONVERSATIONS` groups, too few for their resamples alone (one conversation gives
+    a zero-width interval), the wider of that interval and the values' one is kept."""
     v = np.asarray(values, dtype=float)
     known = ~np.isnan(v)
     v = v[known]
@@ -74,16 +77,19 @@ def bootstrap_mean_ci(
     if len(v) == 1 or n_bootstrap <= 0:
         return mean, mean, mean
     tail = (1.0 - ci) / 2.0
-    means = _resampled_means(v, None, n_bootstrap, seed)
-    lo, hi = np.quantile(means, [tail, 1.0 - tail])
+    quantiles = [tail, 1.0 - tail]
+    by_group = None
     if groups is not None:
-        _, codes = np.unique(np.asarray(groups)[known], return_inverse=True)
-        if codes.max() + 1 < len(v):  # some conversation has more than one row
+        # Numbered in order of appearance (hashing, not sorting: ids or codes number alike).
+        codes, uniques = pd.factorize(np.asarray(groups)[known])
+        if len(uniques) < len(v):  # some conversation has more than one row
             sums, counts = np.bincount(codes, weights=v), np.bincount(codes).astype(float)
-            by_group = np.quantile(
-                _resampled_means(sums, counts, n_bootstrap, seed), [tail, 1.0 - tail]
-            )
-            lo, hi = min(lo, by_group[0]), max(hi, by_group[1])
+            by_group = np.quantile(_resampled_means(sums, counts, n_bootstrap, seed), quantiles)
+            if len(uniques) >= TRUSTED_CONVERSATIONS:
+                return mean, float(min(by_group[0], mean)), float(max(by_group[1], mean))
+    lo, hi = np.quantile(_resampled_means(v, None, n_bootstrap, seed), quantiles)
+    if by_group is not None:
+        lo, hi = min(lo, by_group[0]), max(hi, by_group[1])
     return mean, float(min(lo, mean)), float(max(hi, mean))
 
 
@@ -125,11 +131,17 @@ def rank_clusters(
     total = len(frame)
     if total == 0:
         return []
+    # Conversation ids as integer codes once: hashed per cluster, strings cost 3× the ranking.
+    conversations = (
+        pd.Series(pd.factorize(frame["conversation_id"])[0], index=frame.index)
+        if "conversation_id" in frame.columns
+        else None
+    )
     overall = float(frame["reward"].astype(float).mean())
     overall_rates = {name: _rate(frame, col) for name, col in RATES.items()}
     results = []
     for cid, rows in frame.groupby(frame["cluster_id"].astype(str), sort=True):
-        groups = rows["conversation_id"].to_numpy() if "conversation_id" in rows else None
+        groups = None if conversations is None else conversations[rows.index].to_numpy()
         mean, lo, hi = bootstrap_mean_ci(
             rows["reward"].to_numpy(dtype=float),
             groups=groups,
@@ -140,7 +152,7 @@ def rank_clusters(
         share = len(rows) / total
         shortfall = max(0.0, overall - lo) if not np.isnan(lo) else 0.0
         rates = {name: _rate(rows, col) for name, col in RATES.items()}
-        chats = None if groups is None else len(np.unique(groups))
+        chats = None if groups is None else len(pd.unique(groups))
         traffic = f"{share:.0%} of the clustered traffic"
         if chats is not None and chats < len(rows):
             traffic += f" ({len(rows)} exchanges from {chats} conversations)"

@@ -78,6 +78,16 @@ def test_a_topic_of_few_long_conversations_is_less_sure_than_its_row_count() -> 
     assert one == bootstrap_mean_ci(reward[:20]) and one[1] < one[2]
     # One row per conversation: the same interval as by row.
     assert bootstrap_mean_ci(good, groups=np.arange(600)) == bootstrap_mean_ci(good)
+    # Enough conversations: theirs alone, each resample the mean of the rows it drew.
+    chats = np.repeat(np.arange(40), 5)
+    values = rng.normal(0, 1, 40)[chats] + rng.normal(0, 0.1, 200)
+    drawn = np.random.default_rng(0).integers(0, 40, (1000, 40))
+    sums = np.bincount(chats, weights=values)
+    expected = np.quantile(sums[drawn].sum(axis=1) / (5 * 40), [0.025, 0.975])
+    mean, lo, hi = bootstrap_mean_ci(values, groups=chats)
+    assert (lo, hi) == pytest.approx(tuple(expected)) and hi - lo > 0.4
+    assert mean == pytest.approx(values.mean())
+    assert bootstrap_mean_ci(values)[2] - bootstrap_mean_ci(values)[1] < 0.3  # rows: too sure
 
 
 def test_bootstrap_ci_ignores_nan() -> None:
