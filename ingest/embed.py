@@ -177,6 +177,28 @@ def _hub_offline() -> bool:
     return bool(huggingface_hub.constants.HF_HUB_OFFLINE) or flag in ("1", "true", "yes", "on")
 
 
+def hub_unreachable(timeout: float = 5.0) -> str | None:
+    """Why the Hugging Face hub cannot be reached (its address and the error), or None when a
+    connection to it opens or a proxy is configured (which only the HTTP client knows how to
+    use). Offline, huggingface_hub retries every file with back-off: 80 s of "Retrying in 8s"
+    on stderr before the same failure."""
+    import socket
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    import huggingface_hub.constants
+
+    if urllib.request.getproxies():
+        return None
+    url = urlsplit(huggingface_hub.constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname or "", port), timeout=timeout).close()
+    except OSError as exc:
+        return f"{url.scheme}://{url.netloc}: {exc}"
+    return None
+
+
 def looks_like_path(name: str) -> bool:
     """A hub id is "name" or "org/name"; anything else the user typed is meant as a path."""
     return (
@@ -228,6 +250,12 @@ def load_sentence_transformer(name_or_path: str, device: str) -> tuple[SentenceT
                 f"model {name_or_path!r} is not in the local Hugging Face cache and the hub is "
                 "offline (HF_HUB_OFFLINE is set): download it on a connected machine, or pass "
                 "the path of a local model directory"
+            ) from None
+        if (unreachable := hub_unreachable()) is not None:
+            raise EmbedderError(
+                f"model {name_or_path!r} is not in the local Hugging Face cache and the hub "
+                f"cannot be reached ({unreachable}): download it on a connected machine, or "
+                "pass the path of a local model directory"
             ) from None
         try:
             return SentenceTransformer(name_or_path, device=device), name_or_path

@@ -148,6 +148,29 @@ def test_uncached_hub_name_offline_says_so(monkeypatch: pytest.MonkeyPatch) -> N
     assert info.value.__cause__ is None and info.value.__suppress_context__
 
 
+def test_uncached_hub_name_with_the_hub_unreachable_says_so_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Online mode with no route to the hub: huggingface_hub retried each file with back-off
+    for 80 s, printing "Retrying in 8s", before the error. A closed port stands in for the
+    hub here; the error names it and comes before any download is tried."""
+    import socket
+
+    import huggingface_hub.constants
+
+    with socket.socket() as probe:  # a port nothing listens on once the probe is closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    for proxy in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(proxy, raising=False)
+    with pytest.raises(EmbedderError, match="cannot be reached") as info:
+        load_embedder("someone/no-such-embedding-model", device="cpu")
+    assert f"http://127.0.0.1:{port}" in str(info.value)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error when there is no GPU")
 def test_cuda_without_a_gpu_is_a_clear_error() -> None:
     with pytest.raises(EmbedderError, match="no CUDA GPU"):
