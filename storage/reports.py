@@ -90,10 +90,30 @@ def stale_reports(engine: Engine, run_id: str) -> str | None:
     )
 
 
+# Saves of one cluster's instruction that another writer may beat to a version number, in a row.
+_VERSION_TRIES = 20
+
+
 def save_instruction(
     engine: Engine, cluster_id: str, text: str, *, replay_run_id: str | None = None
 ) -> Row:
-    """Store a new version of a cluster's instruction; returns it with its version number."""
+    """Store a new version of a cluster's instruction; returns it with its version number.
+
+    The next number is read, then inserted: another process saving the same cluster's
+    instruction in between takes that number first, and the unique (cluster, version) index
+    fails this insert, so the look-up runs again and this save takes the number after it.
+    """
+    for _ in range(_VERSION_TRIES - 1):
+        try:
+            return _insert_next_version(engine, cluster_id, text, replay_run_id)
+        except sa.exc.IntegrityError:
+            continue
+    return _insert_next_version(engine, cluster_id, text, replay_run_id)
+
+
+def _insert_next_version(
+    engine: Engine, cluster_id: str, text: str, replay_run_id: str | None
+) -> Row:
     with engine.begin() as conn:
         latest = conn.execute(
             sa.select(sa.func.max(instructions.c.version)).where(

@@ -240,6 +240,8 @@ instructions = sa.Table(
     sa.Column("replay_run_id", Id),
     sa.Column("mean_reward", Real),  # of its replay's new answers (`replay report`)
     sa.Column("original_mean_reward", Real),  # of the original answers to the same inputs
+    # Two saves at once must not both take the next number (migration 0006).
+    sa.Index("uq_instructions_cluster_version", "cluster_id", "version", unique=True),
 )
 
 # Answers of external models (LLM cluster names) cached by a hash of the request, so a re-run

@@ -247,6 +247,69 @@ def test_a_cluster_another_writer_names_meanwhile_is_renamed(db_url: str) -> Non
         assert kept == {"name": "Billing", "note": "seen by ops"}
 
 
+def test_an_instruction_another_writer_saves_meanwhile_takes_the_next_version(
+    db_url: str,
+) -> None:
+    """Two saves of one cluster's instruction at once (two people on the Replay page, or a
+    `replay --cluster --instruction` beside them): both read the same highest version and
+    both stored the next one, so "the latest version" was whichever came back first."""
+    from storage.reports import load_instructions, save_instruction
+
+    def save(other: Engine) -> None:
+        save_instruction(other, "t1", "Answer briefly.")
+
+    with _another_writer(db_url, "INSERT INTO instructions", save) as engine:
+        saved = save_instruction(engine, "t1", "Answer step by step.")
+        assert saved["version"] == 2
+        versions = [(v["version"], v["text"]) for v in load_instructions(engine, "t1")]
+        assert versions == [(2, "Answer step by step."), (1, "Answer briefly.")]
+
+
+def test_an_upgrade_renumbers_repeated_instruction_versions_and_keeps_every_one(
+    db_url: str,
+) -> None:
+    """A database written before versions were unique may hold two rows of one version: the
+    upgrade keeps both, the later one as the cluster's next version, and no other moves."""
+    from storage.migrate import upgrade
+    from storage.reports import load_instructions
+    from storage.schema import instructions
+
+    def version(row_id: str, cluster_id: str, number: int, second: int) -> dict:
+        created = utcnow().replace(year=2026, month=1, day=1, hour=0, minute=0, second=second)
+        return {
+            "id": row_id,
+            "cluster_id": cluster_id,
+            "version": number,
+            "text": row_id,
+            "created_at": created,
+        }
+
+    old = make_engine(resolve_url(db_url))
+    upgrade(old, "0005")
+    with old.begin() as conn:
+        conn.execute(
+            sa.insert(instructions),
+            [
+                version("a1", "t1", 1, 0),
+                version("a2-later", "t1", 2, 2),
+                version("a2", "t1", 2, 1),
+                version("a3", "t1", 3, 3),
+                version("b1", "t2", 1, 0),
+            ],
+        )
+    old.dispose()
+    engine = open_database(db_url)
+    found = {v["id"]: (v["cluster_id"], v["version"]) for v in load_instructions(engine)}
+    assert found == {
+        "a1": ("t1", 1),
+        "a2": ("t1", 2),
+        "a3": ("t1", 3),
+        "a2-later": ("t1", 4),
+        "b1": ("t2", 1),
+    }
+    engine.dispose()
+
+
 def test_a_cached_answer_another_writer_stores_meanwhile_is_not_an_error(db_url: str) -> None:
     """Two `cluster --llm-names` runs asking the same question at once (PostgreSQL)."""
     if not db_url.startswith("postgresql"):
