@@ -556,6 +556,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="finish an interrupted run, with its model, endpoint, instruction and options "
         "unless given",
     )
+    replay.add_argument(
+        "--take-over",
+        action="store_true",
+        help="with --resume: take the run from the process that drives it, without waiting "
+        "for its lease to lapse (only when that process is dead: a live one stops, but its "
+        "requests in flight were sent)",
+    )
     replay.set_defaults(handler=commands.replay)
 
     run = sub.add_parser(

@@ -8,6 +8,9 @@ Answers are committed as they finish, grouped with whatever else finished meanwh
 commit: one transaction per batch instead of one per answer, so the database never throttles a
 fast endpoint), each answer in the same transaction as its item's status. A SIGKILL therefore
 loses only the requests in flight; running the same run id again sends only the items not done.
+The process driving a run holds a lease on it (storage.replay.Lease), so a second process
+resuming the same run meanwhile is refused instead of sending the same inputs again; a killed
+one's lease lapses `lease_s` after its last heartbeat, or is taken over at once on request.
 
 Each answer becomes an ordinary exchange (source `replay:<run id>`), so embedding, clustering
 and scoring treat it like any other log. The API key is read from the environment at call time
@@ -48,14 +51,18 @@ from storage.replay import (
     FAILED,
     PENDING,
     ItemOutcome,
+    Lease,
+    LeaseLost,
+    claim_run,
     create_run,
     exchanges_by_id,
     get_run,
     item_counts,
     open_inputs,
     record_outcomes,
+    release_run,
+    renew_lease,
     run_items,
-    set_run_status,
 )
 
 REPLAY_SOURCE_PREFIX = "replay:"
@@ -78,7 +85,9 @@ class ReplayConfig:
     `rate_limit` caps requests per second over all workers, retries included (None: no cap).
     `sample` replays a deterministic sample of that many inputs (by `seed`); `dedupe` sends
     identical requests (same messages) once. `on_progress(finished, total)` is called after
-    each group commit (the UI draws its progress bar with it).
+    each group commit (the UI draws its progress bar with it). `lease_s`: how long the run
+    stays held by this process after its last heartbeat (one every `lease_s / 4`), so how long
+    a killed process keeps another from resuming the run without `take_over`.
     """
 
     model: str
@@ -98,6 +107,7 @@ class ReplayConfig:
     dedupe: bool = True
     progress: bool = True
     on_progress: Callable[[int, int], None] | None = field(default=None, compare=False)
+    lease_s: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,15 +180,19 @@ def replay(
     config: ReplayConfig,
     select: Select = None,
     run_id: str | None = None,
+    take_over: bool = False,
 ) -> ReplaySummary:
     """Create (or resume, when `run_id` names a stored run) a replay and run it to the end.
 
     `select` is an ExchangeFilter or a sequence of exchange ids (None: every logged exchange
     that is not itself a replay; replays' answers are inputs only when a filter names their
     run's source, never through a list of ids); it only matters when the run is created: a
-    resumed run keeps its items and sends those not done yet.
+    resumed run keeps its items and sends those not done yet. A run another process still
+    drives (its lease not lapsed) is refused unless `take_over`: that process, if alive,
+    then stops at its next renewal.
     """
-    return run_interruptible(areplay(engine, config=config, select=select, run_id=run_id))
+    work = areplay(engine, config=config, select=select, run_id=run_id, take_over=take_over)
+    return run_interruptible(work)
 
 
 async def areplay(
@@ -187,6 +201,7 @@ async def areplay(
     config: ReplayConfig,
     select: Select = None,
     run_id: str | None = None,
+    take_over: bool = False,
 ) -> ReplaySummary:
     """`replay` for callers that already run an event loop."""
     started = time.perf_counter()
@@ -194,35 +209,27 @@ async def areplay(
     run_id = run_id or uuid.uuid4().hex
     if not _RUN_ID.match(run_id):
         raise ReplayError(f"run id {run_id!r}: use 1-32 letters, digits, '-' or '_'")
+    lease = Lease(run_id=run_id, owner=uuid.uuid4().hex, seconds=config.lease_s)
     run = get_run(engine, run_id)
     resumed = run is not None
     if run is None:
-        ids = select_inputs(engine, select, config=config)
-        if not ids:
-            raise ReplayError(
-                "the selection matches no saved input to replay (earlier replays' answers are "
-                "inputs only when --filter source=replay:RUN names their run)"
-            )
-        create_run(
-            engine,
-            run_id=run_id,
-            model=config.model,
-            base_url=public_url(config.base_url),
-            instruction=config.instruction,
-            params=_run_params(config),
-            exchange_ids=ids,
-        )
+        _create(engine, lease, select, config)
     else:
         _check_same_run(run, config)
+        holder = claim_run(engine, lease, take_over=take_over)
+        if holder is not None:
+            raise ReplayError(_held_elsewhere(holder))
     inputs = open_inputs(engine, run_id)
     before = item_counts(engine, run_id)
-    set_run_status(engine, run_id, "running")
     try:
-        stats = await _send_all(engine, run_id, inputs, config)
-    finally:  # interrupted too: "running" would outlive the process that ran it
-        after = item_counts(engine, run_id)
-        status = "done" if after[PENDING] == 0 and after[FAILED] == 0 else "incomplete"
-        set_run_status(engine, run_id, status)
+        try:
+            stats = await _send_all(engine, lease, inputs, config)
+        finally:  # interrupted too: "running" would outlive the process that ran it
+            after = item_counts(engine, run_id)
+            status = "done" if after[PENDING] == 0 and after[FAILED] == 0 else "incomplete"
+            release_run(engine, lease, status)
+    except LeaseLost:
+        raise ReplayError(_taken_over(run_id)) from None
     return ReplaySummary(
         run_id=run_id,
         model=config.model,
@@ -238,6 +245,43 @@ async def areplay(
         pending=after[PENDING] + after[FAILED],
         seconds=round(time.perf_counter() - started, 3),
         status=status,
+    )
+
+
+def _create(engine: Engine, lease: Lease, select: Select, config: ReplayConfig) -> None:
+    """Store a new run of the selected inputs, held by `lease`."""
+    ids = select_inputs(engine, select, config=config)
+    if not ids:
+        raise ReplayError(
+            "the selection matches no saved input to replay (earlier replays' answers are "
+            "inputs only when --filter source=replay:RUN names their run)"
+        )
+    create_run(
+        engine,
+        lease=lease,
+        model=config.model,
+        base_url=public_url(config.base_url),
+        instruction=config.instruction,
+        params=_run_params(config),
+        exchange_ids=ids,
+    )
+
+
+def _held_elsewhere(run: Mapping[str, Any]) -> str:
+    """Why a run cannot be resumed now, and how to take it from a dead process."""
+    since, until = (f"{run[key]:%Y-%m-%d %H:%M:%S} UTC" for key in ("owner_since", "lease_until"))
+    return (
+        f"run {run['id']} is being replayed by another process since {since}, which renews "
+        f"its lease while it works (now until {until}): let it finish; if that process is "
+        f"dead, resume after {until}, or now with `replay --resume {run['id']} --take-over`"
+    )
+
+
+def _taken_over(run_id: str) -> str:
+    return (
+        f"run {run_id} was taken over by another process (`--take-over`, or this one's lease "
+        "lapsed): this one stopped sending; the answers it stored are kept, and the run is "
+        "the other process's to finish"
     )
 
 
@@ -306,6 +350,8 @@ def _check_config(config: ReplayConfig) -> None:
         raise ReplayError("rate_limit must be positive (or None for no limit)")
     if config.sample is not None and config.sample < 1:
         raise ReplayError("sample must be at least 1")
+    if config.lease_s <= 0:
+        raise ReplayError("lease_s must be positive")
 
 
 def _run_params(config: ReplayConfig) -> dict[str, Any]:
@@ -349,14 +395,18 @@ class _Finished:
 
 
 async def _send_all(
-    engine: Engine, run_id: str, inputs: list[dict[str, Any]], config: ReplayConfig
+    engine: Engine, lease: Lease, inputs: list[dict[str, Any]], config: ReplayConfig
 ) -> CallStats:
-    """Send every input with `concurrency` workers; one writer commits what they finish."""
+    """Send every input with `concurrency` workers; one writer commits what they finish, and a
+    heartbeat renews the lease while they wait on the endpoint. Writer and heartbeat take
+    turns: both update the run's row, which DuckDB refuses to do in two transactions at once."""
     client = ChatClient(config, os.environ.get(config.api_key_env))
     stats = client.stats
     if not inputs:
         return stats
+    run_id = lease.run_id
     sender = _Sender(config, client, run_id)
+    turns = asyncio.Lock()
     finished: asyncio.Queue[_Finished | None] = asyncio.Queue()
     pending = iter(inputs)
     bar = tqdm(
@@ -382,7 +432,8 @@ async def _send_all(
                     break
                 last = finished.get_nowait()
             if batch:
-                await asyncio.to_thread(_commit, engine, run_id, batch)
+                async with turns:
+                    await asyncio.to_thread(_commit, engine, lease, batch)
                 bar.update(len(batch))
                 committed += len(batch)
                 if config.on_progress is not None:
@@ -391,24 +442,35 @@ async def _send_all(
             if last is None:
                 return
 
+    async def heartbeat() -> None:
+        while True:
+            await asyncio.sleep(lease.seconds / 4)
+            async with turns:
+                await asyncio.to_thread(renew_lease, engine, lease)
+
     try:
         async with client, asyncio.TaskGroup() as group:
-            group.create_task(writer())
+            written = group.create_task(writer())
+            beating = group.create_task(heartbeat())
             workers = [
                 group.create_task(worker()) for _ in range(min(config.concurrency, len(inputs)))
             ]
             await asyncio.gather(*workers)
             await finished.put(None)
+            await written
+            beating.cancel()
+    except* LeaseLost as lost:  # taken over: the group stopped sending
+        raise lost.exceptions[0] from None
     finally:
         bar.close()
     return stats
 
 
-def _commit(engine: Engine, run_id: str, batch: list[_Finished]) -> None:
+def _commit(engine: Engine, lease: Lease, batch: list[_Finished]) -> None:
     record_outcomes(
         engine,
         [f.outcome for f in batch],
-        run_id=run_id,
+        lease=lease,
         conversation_rows=[f.conversation_row for f in batch if f.conversation_row],
         exchange_rows=[f.exchange_row for f in batch if f.exchange_row],
     )

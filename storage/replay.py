@@ -4,6 +4,12 @@ A run is created with all its items pending in one transaction. Each finished it
 in the same transaction as the exchange it produced (`record_outcomes`), so after a crash an
 item is either done with its answer stored, or not done and without one: running it again
 sends exactly the items that are not done, and never stores an answer twice.
+
+One process drives a run at a time: it holds a lease on the run (`Lease`), taken in one UPDATE
+(`create_run`, `claim_run`) and renewed in every transaction that stores its answers, and by a
+heartbeat while it waits on the endpoint. A process killed without letting go stops renewing,
+so its lease lapses and another one may take the run; one that was taken over finds its lease
+gone at its next renewal (`LeaseLost`) and stores nothing more.
 """
 
 from __future__ import annotations
@@ -11,10 +17,11 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from storage.contexts import context_columns, read_with_contexts
 from storage.logs import Row, insert_rows, store_rows, utcnow
@@ -54,37 +61,122 @@ class ItemOutcome:
     completion_tokens: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """One process's hold on a run: `owner` is a token of its own, and the hold lapses
+    `seconds` after its last renewal (a killed process never renews, so it never blocks the
+    run for longer)."""
+
+    run_id: str
+    owner: str
+    seconds: float
+
+    def until(self, now: datetime) -> datetime:
+        return now + timedelta(seconds=self.seconds)
+
+
+class LeaseLost(RuntimeError):
+    """Another process took the run over: this one must neither store nor send any more."""
+
+
 def create_run(
     engine: Engine,
     *,
-    run_id: str,
+    lease: Lease,
     model: str,
     base_url: str,
     instruction: str | None,
     params: Mapping[str, Any],
     exchange_ids: Sequence[str],
 ) -> None:
-    """Store a run and its items (all pending) atomically: a run never exists half-listed."""
+    """Store a run, held by `lease`, and its items (all pending) atomically: a run never
+    exists half-listed."""
+    now = utcnow()
     with engine.begin() as conn:
         conn.execute(
             sa.insert(replay_runs).values(
-                id=run_id,
-                created_at=utcnow(),
+                id=lease.run_id,
+                created_at=now,
                 model=model,
                 base_url=base_url,
                 instruction=instruction,
                 params=json.dumps(dict(params), sort_keys=True, default=str),
                 status="running",
+                owner=lease.owner,
+                owner_since=now,
+                lease_until=lease.until(now),
             )
         )
         insert_rows(
             conn,
             replay_items,
             [
-                {"run_id": run_id, "exchange_id": exchange_id, "status": PENDING, "attempts": 0}
-                for exchange_id in exchange_ids
+                {"run_id": lease.run_id, "exchange_id": i, "status": PENDING, "attempts": 0}
+                for i in exchange_ids
             ],
         )
+
+
+def claim_run(engine: Engine, lease: Lease, *, take_over: bool = False) -> Row | None:
+    """Take a stored run for `lease`'s owner: None when taken, else the run as another
+    process holds it (its lease not lapsed), for the refusal to name. One UPDATE decides, so
+    of two processes claiming at once exactly one gets the run. `take_over` takes it from a
+    holder whose lease has not lapsed yet (a process the user knows is dead)."""
+    for _ in range(2):  # the holder may let go between the UPDATE and the look-up
+        if _take(engine, lease, take_over=take_over):
+            return None
+        holder = get_run(engine, lease.run_id)
+        if holder is None:
+            raise LookupError(f"no replay run {lease.run_id!r}")
+        if holder["owner"] is not None:
+            return holder
+    return holder
+
+
+def _take(engine: Engine, lease: Lease, *, take_over: bool) -> bool:
+    now = utcnow()
+    query = sa.update(replay_runs).where(replay_runs.c.id == lease.run_id)
+    if not take_over:
+        query = query.where(sa.or_(replay_runs.c.owner.is_(None), replay_runs.c.lease_until < now))
+    values = {"owner": lease.owner, "owner_since": now, "lease_until": lease.until(now)}
+    with engine.begin() as conn:
+        taken = conn.execute(query.values(status="running", **values).returning(replay_runs.c.id))
+        return taken.first() is not None
+
+
+def renew_lease(engine: Engine, lease: Lease) -> None:
+    """Extend the lease (the heartbeat); LeaseLost when another process took the run."""
+    with engine.begin() as conn:
+        _renew(conn, lease)
+
+
+def release_run(engine: Engine, lease: Lease, status: str) -> None:
+    """Record how the run ended and let go of it; LeaseLost (and nothing written) when
+    another process took it meanwhile: its status is that process's to set."""
+    values = {"status": status, "owner": None, "owner_since": None, "lease_until": None}
+    with engine.begin() as conn:
+        released = conn.execute(
+            sa.update(replay_runs)
+            .where(replay_runs.c.id == lease.run_id, replay_runs.c.owner == lease.owner)
+            .values(**values)
+            .returning(replay_runs.c.id)
+        ).first()
+    if released is None:
+        raise LeaseLost(lease.run_id)
+
+
+def _renew(conn: Connection, lease: Lease) -> None:
+    """Extend the lease inside `conn`'s transaction. On PostgreSQL the row stays locked
+    until it commits, so a take-over waits for this transaction's answers and then sees them
+    done; with the lease gone, LeaseLost rolls the transaction back."""
+    renewed = conn.execute(
+        sa.update(replay_runs)
+        .where(replay_runs.c.id == lease.run_id, replay_runs.c.owner == lease.owner)
+        .values(lease_until=lease.until(utcnow()))
+        .returning(replay_runs.c.id)
+    ).first()
+    if renewed is None:
+        raise LeaseLost(lease.run_id)
 
 
 def get_run(engine: Engine, run_id: str) -> Row | None:
@@ -92,11 +184,7 @@ def get_run(engine: Engine, run_id: str) -> Row | None:
     with engine.connect() as conn:
         row = conn.execute(sa.select(replay_runs).where(replay_runs.c.id == run_id)).mappings()
         found = row.first()
-    if found is None:
-        return None
-    run = dict(found)
-    run["params"] = json.loads(run["params"]) if run["params"] else {}
-    return run
+    return None if found is None else _decoded(found, utcnow())
 
 
 def list_runs(engine: Engine) -> list[Row]:
@@ -105,16 +193,23 @@ def list_runs(engine: Engine) -> list[Row]:
         runs = conn.execute(
             sa.select(replay_runs).order_by(replay_runs.c.created_at.desc())
         ).mappings()
-        rows = [dict(run) for run in runs]
+        now = utcnow()
+        rows = [_decoded(run, now) for run in runs]
     for row in rows:
-        row["params"] = json.loads(row["params"]) if row["params"] else {}
         row["counts"] = item_counts(engine, row["id"])
     return rows
 
 
-def set_run_status(engine: Engine, run_id: str, status: str) -> None:
-    with engine.begin() as conn:
-        conn.execute(sa.update(replay_runs).where(replay_runs.c.id == run_id).values(status=status))
+def _decoded(found: Mapping[str, Any], now: datetime) -> Row:
+    """A run's row with its params decoded. A "running" run whose process stopped without
+    letting go (killed: its lease lapsed, or from before leases) is "incomplete", as an
+    interrupted run is: "running" says a live process drives it."""
+    run = dict(found)
+    run["params"] = json.loads(run["params"]) if run["params"] else {}
+    lapsed = run["lease_until"] is None or run["lease_until"] < now
+    if run["status"] == "running" and lapsed:
+        run["status"] = "incomplete"
+    return run
 
 
 def item_counts(engine: Engine, run_id: str) -> dict[str, int]:
@@ -160,13 +255,15 @@ def record_outcomes(
     engine: Engine,
     outcomes: Sequence[ItemOutcome],
     *,
-    run_id: str,
+    lease: Lease,
     conversation_rows: Sequence[Row] = (),
     exchange_rows: Sequence[Row] = (),
 ) -> None:
-    """Store the answers and mark their items, all in one transaction (see module docstring)."""
+    """Store the answers and mark their items, all in one transaction that also renews the
+    lease (see module docstring): LeaseLost, and nothing stored, when the run was taken over."""
     if not outcomes:
         return
+    run_id = lease.run_id
     rows = [
         {
             "run_id": run_id,
@@ -182,6 +279,7 @@ def record_outcomes(
         for o in outcomes
     ]
     with engine.begin() as conn:
+        _renew(conn, lease)
         if exchange_rows:
             store_rows(
                 conn,

@@ -200,6 +200,11 @@ replay_runs = sa.Table(
     sa.Column("params", sa.Text),
     sa.Column("status", sa.String(16), nullable=False),
     sa.Column("finished_at", sa.DateTime),
+    # The process driving the run holds a lease on it (migration 0007): its random token, when
+    # it took the run, and when the lease lapses unless renewed. NULL: no process drives it.
+    sa.Column("owner", Id),
+    sa.Column("owner_since", sa.DateTime),
+    sa.Column("lease_until", sa.DateTime),
 )
 
 replay_items = sa.Table(

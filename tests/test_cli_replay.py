@@ -19,7 +19,7 @@ import pytest
 from app.cli import main
 from storage.logs import iter_exchanges
 from tests.openai_server import Fault, OpenAIServer
-from tests.test_ingest_pipeline import REPO, convoscope, write_openai_jsonl
+from tests.test_ingest_pipeline import REPO, convoscope, convoscope_here, write_openai_jsonl
 
 
 def _ingested(tmp_path: Path, conversations: int = 4) -> str:
@@ -485,3 +485,143 @@ def test_an_interrupted_instruction_replay_on_a_cluster_still_saves_its_version(
     engine = open_database(db)
     assert len(load_instructions(engine, "t0")) == 1
     engine.dispose()
+
+
+def _replaying(db: str, cwd: Path, *args: str) -> subprocess.Popen[str]:
+    """`convoscope --db DB replay ARGS` running in a process of its own."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "--db", db, "replay", *args],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _the_run_once_sent(db: str, server: OpenAIServer, sent: int) -> str:
+    """The id of the one replay run in `db`, once `sent` requests of it reached `server`."""
+    from storage.engine import open_database
+    from storage.replay import list_runs
+
+    deadline = time.monotonic() + 120
+    while server.total_requests() < sent and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert server.total_requests() == sent
+    engine = open_database(db)
+    (run,) = list_runs(engine)
+    engine.dispose()
+    return run["id"]
+
+
+def test_resuming_a_run_another_process_drives_is_refused_until_taken_over(
+    db_url: str, tmp_path: Path
+) -> None:
+    """Two `replay --resume RUN` at once (or one beside the process still running the run)
+    each sent every unanswered input, so inputs went out twice. A second process now leaves a
+    live run alone, saying how to take it over; a killed process's run is taken with
+    --take-over, which sends each input once more and finishes the run."""
+    if db_url.startswith("duckdb"):
+        pytest.skip("a DuckDB file opens in one process at a time: no second one can resume")
+    write_openai_jsonl(tmp_path / "chat.jsonl", 4)
+    assert convoscope("ingest", "chat.jsonl", db=db_url, cwd=tmp_path).returncode == 0
+    with OpenAIServer(delay_s=900) as held, OpenAIServer() as fast:
+        first = _replaying(
+            db_url, tmp_path, "--model", "m", "--base-url", held.base_url, "--timeout", "900",
+            "--filter", "model=expert-1",
+        )  # fmt: skip
+        try:
+            run_id = _the_run_once_sent(db_url, held, 2)
+            again = ("replay", "--resume", run_id, "--base-url", fast.base_url)
+            second = convoscope(*again, db=db_url, cwd=tmp_path)
+            assert second.returncode == 2, second.stderr
+            said = f"run {run_id} is being replayed by another process since "
+            assert said in second.stderr and f"--resume {run_id} --take-over`" in second.stderr
+            assert fast.total_requests() == 0 and held.total_requests() == 2
+        finally:
+            first.kill()
+            first.communicate(timeout=60)
+        # Killed: its lease has not lapsed, so the run stays refused until taken over.
+        assert convoscope(*again, db=db_url, cwd=tmp_path).returncode == 2
+        taken = convoscope(*again, "--take-over", "--json", db=db_url, cwd=tmp_path)
+        assert taken.returncode == 0, taken.stderr
+        assert json.loads(taken.stdout)["status"] == "done"
+        assert fast.requests == {"What is 1 + 1?": 1, "And doubled?": 1}
+
+
+def test_a_killed_replays_run_is_incomplete_and_resumes_once_its_lease_lapses(
+    db_url: str, tmp_path: Path
+) -> None:
+    """A run whose process was killed stayed "running" like a live one; it blocks a plain
+    `--resume` only until its lease lapses (a second here, a minute by default)."""
+    if db_url.startswith("duckdb"):
+        pytest.skip("a DuckDB file opens in one process at a time: the lease is the same")
+    write_openai_jsonl(tmp_path / "chat.jsonl", 4)
+    assert convoscope("ingest", "chat.jsonl", db=db_url, cwd=tmp_path).returncode == 0
+    driver = (
+        "import sys\n"
+        "from ingest.replay import ReplayConfig, replay\n"
+        "from storage.engine import open_database\n"
+        "from storage.logs import ExchangeFilter\n"
+        "config = ReplayConfig(model='m', base_url=sys.argv[2], lease_s=1.0, timeout_s=900)\n"
+        "replay(open_database(sys.argv[1]), config=config, "
+        "select=ExchangeFilter(models=('expert-1',)))\n"
+    )
+    with OpenAIServer(delay_s=900) as held, OpenAIServer() as fast:
+        first = subprocess.Popen(
+            [sys.executable, "-c", driver, db_url, held.base_url],
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        try:
+            run_id = _the_run_once_sent(db_url, held, 2)
+        finally:
+            first.kill()
+            first.wait(timeout=60)
+        time.sleep(1.5)  # the lease lapses
+        report = convoscope("replay", "report", run_id, "--json", db=db_url, cwd=tmp_path)
+        assert json.loads(report.stdout)["status"] == "incomplete", report.stderr
+        again = ("replay", "--resume", run_id, "--base-url", fast.base_url, "--json")
+        resumed = convoscope(*again, db=db_url, cwd=tmp_path)
+        assert resumed.returncode == 0, resumed.stderr
+        assert json.loads(resumed.stdout)["done"] == 2 == fast.total_requests()
+
+
+def test_take_over_needs_resume(tmp_path: Path) -> None:
+    db = f"duckdb:///{tmp_path / 'replay.duckdb'}"
+    args = ("replay", "--model", "m", "--base-url", "http://127.0.0.1:9/v1", "--take-over")
+    result = convoscope_here(*args, db=db, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "--take-over takes a run from a dead process: give it with --resume RUN" in (
+        result.stderr
+    )
+
+
+def test_a_live_replay_taken_over_stops_and_stores_nothing_more(
+    db_url: str, tmp_path: Path
+) -> None:
+    """--take-over of a process that was alive after all: that process finds its lease gone at
+    its next renewal (a heartbeat, or the commit of its late answers) and stops, storing none
+    of them, so each input keeps the one answer the process that took over stored."""
+    from storage.engine import open_database
+
+    if db_url.startswith("duckdb"):
+        pytest.skip("a DuckDB file opens in one process at a time: no second one can resume")
+    write_openai_jsonl(tmp_path / "chat.jsonl", 4)
+    assert convoscope("ingest", "chat.jsonl", db=db_url, cwd=tmp_path).returncode == 0
+    with OpenAIServer(delay_s=20) as slow, OpenAIServer() as fast:
+        first = _replaying(
+            db_url, tmp_path, "--model", "m", "--base-url", slow.base_url,
+            "--filter", "model=expert-1",
+        )  # fmt: skip
+        run_id = _the_run_once_sent(db_url, slow, 2)
+        again = ("replay", "--resume", run_id, "--base-url", fast.base_url, "--take-over")
+        taken = convoscope(*again, db=db_url, cwd=tmp_path)
+        assert taken.returncode == 0, taken.stderr
+        _, err = first.communicate(timeout=300)
+    assert first.returncode == 2, err
+    assert f"run {run_id} was taken over by another process" in err
+    engine = open_database(db_url)
+    stored = [r for b in iter_exchanges(engine) for r in b if r["source"] == f"replay:{run_id}"]
+    engine.dispose()
+    assert sorted(r["prompt"] for r in stored) == ["And doubled?", "What is 1 + 1?"]

@@ -340,7 +340,8 @@ def test_sigkill_then_resume_sends_no_completed_input_twice(
     sent_before = Counter(server.requests)
 
     server.delay_s = 0.0
-    summary = replay(engine, config=config_for(server), run_id=run_id)
+    # Killed: its lease is still fresh, so the resume takes the run over (`--take-over`).
+    summary = replay(engine, config=config_for(server), run_id=run_id, take_over=True)
     assert summary.resumed and summary.sent == n - len(done_before)
     assert summary.already_done == len(done_before) and summary.status == "done"
 

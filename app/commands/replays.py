@@ -40,6 +40,8 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
             f"chosen when it started): leave {'them' if len(chosen) > 1 else 'it'} out, or "
             "start a new run"
         )
+    if args.take_over and not (args.resume and args.action == "run"):
+        raise UserError("--take-over takes a run from a dead process: give it with --resume RUN")
     if new_run and not (args.model and args.base_url):  # said before any database is opened
         raise UserError("replay needs --model and --base-url (or `replay report RUN`)")
     if args.action != "report" and args.api_key_env and not os.environ.get(args.api_key_env):
@@ -91,7 +93,9 @@ def _run_replay(engine: Engine, args: argparse.Namespace) -> dict[str, Any]:
     # is interrupted: `--resume` names no cluster, so it could not save it later.
     versioned = bool(config.instruction is not None and args.cluster and not args.resume)
     try:
-        summary = run_replay(engine, config=config, select=select, run_id=run_id).as_dict()
+        summary = run_replay(
+            engine, config=config, select=select, run_id=run_id, take_over=args.take_over
+        ).as_dict()
     except KeyboardInterrupt:
         if versioned and get_run(engine, run_id) is not None:
             save_instruction(engine, args.cluster, config.instruction, replay_run_id=run_id)
