@@ -302,6 +302,33 @@ def table_counts(engine: Engine) -> dict[str, int]:
         }
 
 
+# The exchange columns a reward model learns from (scoring.labels), beside judged battles.
+FEEDBACK_COLUMNS = (
+    "retried",
+    "edited",
+    "user_turns_after",
+    "ended_conversation",
+    "rating",
+    "thumbs",
+)
+
+
+def holds_feedback(engine: Engine) -> bool:
+    """Whether anything stored can teach a reward model: an answer with a known signal, a
+    rated or thumbed conversation, or a battle. A log of saved inputs (prompts logged without
+    answers) and the replayed answers to them hold none, and `score` cannot train there."""
+    answered = sa.select(exchanges.c.id).where(
+        exchanges.c.response != "",
+        sa.or_(*(exchanges.c[name].is_not(None) for name in FEEDBACK_COLUMNS)),
+    )
+    rated = sa.select(conversations.c.id).where(
+        sa.or_(conversations.c.rating.is_not(None), conversations.c.thumbs.is_not(None))
+    )
+    judged = sa.select(battles.c.id)
+    with engine.connect() as conn:
+        return any(conn.execute(query.limit(1)).first() for query in (answered, rated, judged))
+
+
 @dataclass(frozen=True, slots=True)
 class ExchangeFilter:
     """Which exchanges a read returns; empty tuples mean no restriction."""

@@ -20,6 +20,7 @@ from app.cli import main
 from storage.logs import iter_exchanges
 from tests.openai_server import Fault, OpenAIServer
 from tests.test_ingest_pipeline import REPO, convoscope, convoscope_here, write_openai_jsonl
+from tests.tiny_reward_model import tiny_classifier
 
 
 def _ingested(tmp_path: Path, conversations: int = 4) -> str:
@@ -625,3 +626,45 @@ def test_a_live_replay_taken_over_stops_and_stores_nothing_more(
     stored = [r for b in iter_exchanges(engine) for r in b if r["source"] == f"replay:{run_id}"]
     engine.dispose()
     assert sorted(r["prompt"] for r in stored) == ["And doubled?", "What is 1 + 1?"]
+
+
+def test_the_report_advises_score_only_where_it_can_train(tmp_path: Path) -> None:
+    """On a log of saved inputs alone (prompts without answers) and replays of them, the
+    report of a run compared against earlier replayed answers said "run `convoscope score`",
+    which stops there with "nothing to train on": no logged feedback, no battle."""
+    db = f"duckdb:///{tmp_path / 'saved.duckdb'}"
+    (tmp_path / "inputs.csv").write_text("prompt\nSaved question 1?\nSaved question 2?\n")
+    assert convoscope_here("ingest", "inputs.csv", db=db, cwd=tmp_path).returncode == 0
+    with OpenAIServer() as server:
+        replay = ("replay", "--model", "m", "--base-url", server.base_url, "--json")
+        first = json.loads(convoscope_here(*replay, db=db, cwd=tmp_path).stdout)["run_id"]
+        of_answers = ("--filter", f"source=replay:{first}")
+        second = json.loads(convoscope_here(*replay, *of_answers, db=db, cwd=tmp_path).stdout)
+    with OpenAIServer(faults=[Fault(status=401)]) as refusing:
+        replay = ("replay", "--model", "m", "--base-url", refusing.base_url, "--json")
+        unanswered = json.loads(convoscope_here(*replay, db=db, cwd=tmp_path).stdout)
+
+    def report(run_id: str) -> str:
+        result = convoscope_here("replay", "report", run_id, db=db, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    said = report(second["run_id"])
+    assert "run `convoscope score`" not in said
+    assert "`convoscope score` has nothing to train on here" in said
+    assert f"`convoscope replay judge {second['run_id']} --model JUDGE" in said
+    assert "--reward-model DIR" in said
+    assert "reward: nothing answered yet to score" in report(unanswered["run_id"])
+    # A user's own reward model, stored: it scores the answers that come after it.
+    own = tiny_classifier(tmp_path / "own-reward-model", positions=64)
+    scored = ("score", "reward", "train", "--reward-model", str(own), "--max-length", "32")
+    assert convoscope_here(*scored, db=db, cwd=tmp_path).returncode == 0
+    with OpenAIServer() as server:
+        replay = ("replay", "--model", "m2", "--base-url", server.base_url, "--json")
+        later = json.loads(convoscope_here(*replay, *of_answers, db=db, cwd=tmp_path).stdout)
+    apply = "reward: not scored yet (run `convoscope score reward apply`: the stored reward model)"
+    assert apply in report(later["run_id"])
+    # A logged chat (its last answers ended their conversations: feedback) can train.
+    write_openai_jsonl(tmp_path / "chat.jsonl", 2)
+    assert convoscope_here("ingest", "chat.jsonl", db=db, cwd=tmp_path).returncode == 0
+    assert "reward: not scored yet (run `convoscope score`)" in report(later["run_id"])

@@ -226,8 +226,8 @@ def _describe_replay_report(result: dict[str, Any]) -> str:
             f"{o['mean_diff']:+.3f} ({_diff_ci(o, ' to ')}); new wins {o['win_rate']:.0%} of "
             f"{o['n']}"
         )
-    elif not result["pairs"] or result.get("without_original") != result["pairs"]:
-        lines.append("reward: not scored yet (run `convoscope score`)")
+    elif result.get("reward_advice"):
+        lines.append(f"reward: {result['reward_advice']}")
     if result.get("without_original"):
         lines.append(
             f"{count(result['without_original'], 'saved input')} without an original answer: "

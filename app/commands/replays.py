@@ -57,6 +57,7 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
                 engine, args.run_id, scores=_reward_scores(engine), cluster_of=cluster_of
             ).as_dict()
             _record_instruction_reward(engine, args.run_id, report)
+            report["reward_advice"] = _reward_advice(engine, report)
             # Per judge: pooled, two judges' verdicts on the same pairs would double the count
             # and narrow the interval.
             report["judges"] = {
@@ -230,6 +231,31 @@ def _judge(engine: Engine, args: argparse.Namespace) -> dict[str, Any]:
     if summary["sent"] and not summary["judged"]:  # as replay: a run where nothing worked
         raise NothingDone(f"none of the {count(summary['sent'], 'pair')} sent was judged", summary)
     return summary
+
+
+def _reward_advice(engine: Engine, report: dict[str, Any]) -> str | None:
+    """What gives a report without rewards its rewards; None when it has them, or when every
+    answered input is a saved input (nothing to compare with). `score` trains on logged
+    feedback and battles: a log of saved inputs alone has neither, and advising it there only
+    led to its "nothing to train on"."""
+    from scoring.reward_step import REWARD_KINDS
+    from storage.logs import holds_feedback
+    from storage.models import model_ids
+
+    if report["overall"] is not None or report["pairs"] == report["without_original"] > 0:
+        return None
+    if not report["pairs"]:
+        return "nothing answered yet to score"
+    if holds_feedback(engine):
+        return "not scored yet (run `convoscope score`)"
+    if model_ids(engine, REWARD_KINDS):
+        return "not scored yet (run `convoscope score reward apply`: the stored reward model)"
+    return (
+        "not scored, and `convoscope score` has nothing to train on here (no logged feedback "
+        "signal, no judged battle): judge the answers with `convoscope replay judge "
+        f"{report['run_id']} --model JUDGE --base-url URL`, whose verdicts it trains on, or "
+        "score with your own reward model: `convoscope score --reward-model DIR`"
+    )
 
 
 def _record_instruction_reward(engine: Engine, run_id: str, report: dict[str, Any]) -> None:
