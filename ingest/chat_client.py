@@ -4,8 +4,11 @@ that replay and the LLM judge share.
 The `openai` client's own retries are off, so this module alone decides what is retried: 429,
 408/409, 5xx, timeouts, dropped connections and malformed bodies, with exponential backoff,
 jitter and the server's Retry-After. Other errors (400, 401, 404...) fail at once: retrying
-cannot fix them. The API key is given by the caller (read from the environment at call time),
-never stored, and scrubbed from every error text this module returns.
+cannot fix them. So does an empty answer (a whole completion whose text is empty): the endpoint
+worked and the model said nothing, which is no malformed body, and no answer to store either
+(an empty response is a saved input waiting for replay); it fails as "empty answer". The API
+key is given by the caller (read from the environment at call time), never stored, and scrubbed
+from every error text this module returns.
 """
 
 from __future__ import annotations
@@ -85,6 +88,10 @@ def public_url(url: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
+# How a failure that is the model's empty answer, not a transport or format error, begins.
+EMPTY_ANSWER = "empty answer"
+
+
 # A URL's user:password@, and each value of a query string (`?api-key=...&b=...`), anywhere.
 _USERINFO = re.compile(r"(?<=://)[^/\s@'\"]+@")
 _QUERY_VALUE = re.compile(r"([?&][\w.\-~%]+=)[^&\s'\"#]*")
@@ -153,6 +160,9 @@ class ChatClient:
                 self.stats.retried += 1
                 await asyncio.sleep(self._backoff(attempt, retry_after))
                 continue
+            if not content.strip():
+                self.stats.failed += 1
+                return Failure(self._empty(completion), attempts)
             self.stats.done += 1
             return Answer(content, completion, time.perf_counter() - started, attempts)
         raise AssertionError("unreachable: the last attempt returns")
@@ -178,6 +188,14 @@ class ChatClient:
         if retry_after is not None:
             delay = max(delay, min(retry_after, policy.retry_after_max_s))
         return delay
+
+    def _empty(self, completion: Any) -> str:
+        """Why an empty answer came back, as far as the server said (`length`: max_tokens
+        spent before any text, as reasoning models do; `content_filter`: withheld)."""
+        reason = getattr(completion.choices[0], "finish_reason", None)
+        said = f" (finish_reason {reason!r})" if isinstance(reason, str) else ""
+        text = f"{EMPTY_ANSWER}: the endpoint answered with no text{said}"
+        return redact(text, self._hidden)[:_ERROR_CHARS]
 
     def _describe(self, error: Exception) -> str:
         """Kind, status, message and underlying cause ("Connection error." alone says nothing
@@ -208,15 +226,19 @@ class _RateLimiter:
 
 
 def _content(completion: Any) -> str:
-    """The answer text, or MalformedResponse when the body is not a usable completion (the
-    client does not validate it: `choices` may be anything the server sent)."""
+    """The answer text ("" for a message without any), or MalformedResponse when the body is
+    not a usable completion (the client does not validate it: `choices` may be anything the
+    server sent)."""
     choices = getattr(completion, "choices", None)
     if not isinstance(choices, list) or not choices:
         raise MalformedResponse("the completion has no list of choices")
-    content = getattr(getattr(choices[0], "message", None), "content", None)
-    if not isinstance(content, str) or not content:
+    message = getattr(choices[0], "message", None)
+    if message is None:
+        raise MalformedResponse("the completion's first choice has no message")
+    content = getattr(message, "content", None)
+    if content is not None and not isinstance(content, str):
         raise MalformedResponse("the completion's first choice has no text")
-    return content
+    return content or ""
 
 
 def _classify(error: Exception) -> tuple[bool, float | None]:

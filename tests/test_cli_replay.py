@@ -18,7 +18,7 @@ import pytest
 
 from app.cli import main
 from storage.logs import iter_exchanges
-from tests.openai_server import Fault, OpenAIServer
+from tests.openai_server import Fault, OpenAIServer, answer_for
 from tests.test_ingest_pipeline import REPO, convoscope, convoscope_here, write_openai_jsonl
 from tests.tiny_reward_model import tiny_classifier
 
@@ -668,3 +668,23 @@ def test_the_report_advises_score_only_where_it_can_train(tmp_path: Path) -> Non
     write_openai_jsonl(tmp_path / "chat.jsonl", 2)
     assert convoscope_here("ingest", "chat.jsonl", db=db, cwd=tmp_path).returncode == 0
     assert "reward: not scored yet (run `convoscope score`)" in report(later["run_id"])
+
+
+def test_an_empty_answer_is_a_failure_the_summary_names(tmp_path: Path) -> None:
+    """The endpoint's empty answer read as "MalformedResponse: the completion's first choice
+    has no text", after every retry: an endpoint fault, where the model had said nothing."""
+    db = f"duckdb:///{tmp_path / 'replay.duckdb'}"
+    write_openai_jsonl(tmp_path / "chat.jsonl", 4)
+    assert convoscope_here("ingest", "chat.jsonl", db=db, cwd=tmp_path).returncode == 0
+
+    def silent_on_sums(messages: list[dict[str, object]]) -> str:
+        return "" if messages[-1]["content"] == "What is 1 + 1?" else answer_for(messages)
+
+    with OpenAIServer(responder=silent_on_sums) as server:
+        args = ("--model", "m", "--base-url", server.base_url, "--filter", "model=expert-1")
+        result = convoscope_here("replay", *args, db=db, cwd=tmp_path)
+        assert server.requests["What is 1 + 1?"] == 1
+    assert result.returncode == 0, result.stderr
+    assert "1 done, 1 failed" in result.stdout
+    said = "failures: empty answer: the endpoint answered with no text (finish_reason 'stop')"
+    assert said in result.stdout and "Malformed" not in result.stdout

@@ -597,3 +597,31 @@ def test_the_report_compares_only_inputs_that_had_an_original_answer(
     said = capsys.readouterr().out
     assert "not scored yet" not in said
     assert "3 saved inputs without an original answer: no reward to compare" in said
+
+
+def test_an_empty_answer_fails_as_such_and_is_never_stored(db_url: str, tmp_path: Path) -> None:
+    """A 200 whose completion says "" (or only blanks) was retried as a malformed body until
+    the attempts ran out, then failed as "MalformedResponse", read as a broken endpoint. It is
+    the model's answer: a failure named "empty answer" at once, and no exchange is stored
+    with it (an empty response is a saved input waiting for replay)."""
+    silent = {question(1): "", question(2): " \n"}
+
+    def responder(messages: list[dict[str, object]]) -> str:
+        prompt = str(messages[-1]["content"])
+        return silent.get(prompt, answer_for(messages))  # type: ignore[arg-type]
+
+    engine = logged_db(db_url, tmp_path, 4)
+    with OpenAIServer(responder=responder) as server:
+        summary = replay(engine, config=config_for(server, max_attempts=3))
+        assert server.requests[question(1)] == server.requests[question(2)] == 1
+    assert (summary.done, summary.failed, summary.retried, summary.pending) == (2, 2, 0, 2)
+    items = items_by_prompt(engine, summary.run_id)
+    for prompt in silent:
+        assert items[prompt]["status"] == "failed" and items[prompt]["attempts"] == 1
+        said = str(items[prompt]["error"])
+        assert said == "empty answer: the endpoint answered with no text (finish_reason 'stop')"
+    assert sorted(row["prompt"] for row in replayed(engine, summary.run_id)) == [
+        question(0),
+        question(3),
+    ]
+    engine.dispose()

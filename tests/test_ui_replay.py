@@ -286,3 +286,21 @@ def test_failure_reasons_follow_a_resume_that_fails_as_many_again(
     at.run()
     reasons = [t.value for t in at.text]
     assert sum("403" in r for r in reasons) == 3 and not any("401" in r for r in reasons)
+
+
+def test_empty_answers_are_listed_as_failures_named_so(
+    built: BuiltDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An endpoint answering "" was retried as a malformed body and listed as
+    "MalformedResponse": the page now lists each input it answered with nothing as an empty
+    answer, and shows no empty new answer beside an original."""
+    at = _page(built.url, monkeypatch)
+    with OpenAIServer(responder=lambda _messages: "") as server:
+        _run_from_page(at, server.base_url, sample=3)
+        assert server.total_requests() == 3  # not retried
+    assert not at.exception, [e.value for e in at.exception]
+    failed = next(e for e in at.expander if "failed inputs" in e.label)
+    assert failed.label.startswith("3 ")
+    reasons = [t for t in _texts(at) if "empty answer: the endpoint answered with no text" in t]
+    assert len(reasons) == 3 and not any("Malformed" in t for t in _texts(at))
+    assert "This run has no answered input yet." in [c.value for c in at.caption]
