@@ -269,7 +269,8 @@ def test_an_upgrade_renumbers_repeated_instruction_versions_and_keeps_every_one(
     db_url: str,
 ) -> None:
     """A database written before versions were unique may hold two rows of one version: the
-    upgrade keeps both, the later one as the cluster's next version, and no other moves."""
+    upgrade keeps both, the later one as the cluster's next version, no other moves, and
+    every index stays (DuckDB's upgrade copies the table to renumber it)."""
     from storage.migrate import upgrade
     from storage.reports import load_instructions
     from storage.schema import instructions
@@ -297,6 +298,7 @@ def test_an_upgrade_renumbers_repeated_instruction_versions_and_keeps_every_one(
                 version("b1", "t2", 1, 0),
             ],
         )
+        conn.exec_driver_sql("CREATE INDEX my_instructions ON instructions (created_at)")
     old.dispose()
     engine = open_database(db_url)
     found = {v["id"]: (v["cluster_id"], v["version"]) for v in load_instructions(engine)}
@@ -307,6 +309,8 @@ def test_an_upgrade_renumbers_repeated_instruction_versions_and_keeps_every_one(
         "a2-later": ("t1", 4),
         "b1": ("t2", 1),
     }
+    kept = {i["name"] for i in _indexes(engine, "instructions")}
+    assert {"my_instructions", "ix_instructions_cluster_id"} <= kept  # DuckDB rebuilt the table
     engine.dispose()
 
 

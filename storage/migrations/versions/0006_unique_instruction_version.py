@@ -24,13 +24,23 @@ branch_labels = None
 depends_on = None
 
 INDEX = "uq_instructions_cluster_version"
+COLUMNS = (
+    "id",
+    "cluster_id",
+    "version",
+    "text",
+    "created_at",
+    "replay_run_id",
+    "mean_reward",
+    "original_mean_reward",
+)
 
 
 def upgrade() -> None:
     bind = op.get_bind()
     renumbered = _renumbered(bind)
     if renumbered and bind.dialect.name == "duckdb":
-        _rebuild_on_duckdb(bind, renumbered)
+        _rebuild_on_duckdb(bind)
     for row_id, version in renumbered.items():
         op.execute(
             sa.text("UPDATE instructions SET version = :version WHERE id = :id").bindparams(
@@ -66,10 +76,11 @@ def _renumbered(bind: sa.Connection) -> dict[str, int]:
     return renumbered
 
 
-def _rebuild_on_duckdb(bind: sa.Connection, renumbered: dict[str, int]) -> None:
+def _rebuild_on_duckdb(bind: sa.Connection) -> None:
     """DuckDB refuses to create an index on a table updated in the same transaction ("outstanding
     updates"), and the migration is one transaction: copy the table into a new one, which the
-    transaction may update and index, and put it in the old one's place with its indexes."""
+    transaction may update and index, and put it in the old one's place with its indexes
+    (ours, and any a user added)."""
     indexes = bind.execute(
         sa.text(
             "SELECT sql FROM duckdb_indexes() WHERE database_name = current_database() "
@@ -88,8 +99,7 @@ def _rebuild_on_duckdb(bind: sa.Connection, renumbered: dict[str, int]) -> None:
         sa.Column("mean_reward", sa.Double(), nullable=True),
         sa.Column("original_mean_reward", sa.Double(), nullable=True),
     )
-    columns = "id, cluster_id, version, text, created_at, replay_run_id, mean_reward, "
-    columns += "original_mean_reward"
+    columns = ", ".join(COLUMNS)
     op.execute(
         sa.text(
             f"INSERT INTO instructions_renumbered ({columns}) SELECT {columns} FROM instructions"
