@@ -122,7 +122,7 @@ def claim_run(engine: Engine, lease: Lease, *, take_over: bool = False) -> Row |
     process holds it (its lease not lapsed), for the refusal to name. One UPDATE decides, so
     of two processes claiming at once exactly one gets the run. `take_over` takes it from a
     holder whose lease has not lapsed yet (a process the user knows is dead)."""
-    for _ in range(2):  # the holder may let go between the UPDATE and the look-up
+    while True:  # a holder that let go between the UPDATE and the look-up: try again
         if _take(engine, lease, take_over=take_over):
             return None
         holder = get_run(engine, lease.run_id)
@@ -130,7 +130,6 @@ def claim_run(engine: Engine, lease: Lease, *, take_over: bool = False) -> Row |
             raise LookupError(f"no replay run {lease.run_id!r}")
         if holder["owner"] is not None:
             return holder
-    return holder
 
 
 def _take(engine: Engine, lease: Lease, *, take_over: bool) -> bool:
