@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 from app import commands
 from ingest.readers import FORMATS as INGEST_FORMATS
+from storage.clusters import DEFAULT_ON, ON_FIELDS
 from storage.engine import StorageError, explain_failure
 
 Handler = Callable[[argparse.Namespace], dict[str, Any]]
@@ -215,6 +216,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="print a JSON summary on stdout",
     )
 
+    # Commands that act on "the latest clustering" take the newest run of this field
+    # (storage.clusters.latest_run), the same default everywhere.
+    clustering = argparse.ArgumentParser(add_help=False)
+    clustering.add_argument(
+        "--on",
+        choices=ON_FIELDS,
+        default=DEFAULT_ON,
+        help=f"whose latest clustering: the one `cluster --on` made (default: {DEFAULT_ON})",
+    )
+
     reading = argparse.ArgumentParser(add_help=False)
     reading.add_argument(
         "--format",
@@ -258,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.set_defaults(handler=commands.ingest)
 
     export = sub.add_parser(
-        "export", parents=[common], help="write exchanges (or judged battles) to a file"
+        "export",
+        parents=[common, clustering],
+        help="write exchanges (or judged battles) to a file",
     )
     export.add_argument("--out", type=Path, required=True, help="output file")
     export.add_argument(
@@ -295,8 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     embedding.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     embedding.add_argument(
         "--on",
-        choices=["prompt", "response", "exchange"],
-        default="prompt",
+        choices=ON_FIELDS,
+        default=DEFAULT_ON,
         help="what text stands for an exchange (default: prompt with a slice of context)",
     )
     embedding.add_argument(
@@ -365,8 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     assign.set_defaults(handler=commands.assign)
 
-    listing = sub.add_parser("clusters", parents=[common], help="list clusters, weakest first")
-    listing.add_argument("--on", choices=["prompt", "response", "exchange"], default="prompt")
+    listing = sub.add_parser(
+        "clusters", parents=[common, clustering], help="list clusters, weakest first"
+    )
     listing.add_argument("--level", type=int, choices=[0, 1], help="0 = topics, 1 = groups")
     listing.set_defaults(handler=commands.clusters)
 
@@ -506,7 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     replay = sub.add_parser(
         "replay",
-        parents=[common],
+        parents=[common, clustering],
         help="send saved inputs to an OpenAI-compatible endpoint (or: replay report|judge RUN)",
         description="`convoscope replay --model M --base-url URL [selection]` runs or resumes a "
         "replay; `convoscope replay report RUN` compares its answers with the originals; "

@@ -40,7 +40,7 @@ from ingest.pipeline import Copies, battle_content_id
 from ingest.records import Reject, repeat_id
 from storage.clusters import (
     exchanges_in_clusters,
-    latest_run,
+    latest_field_of,
     load_assignments,
     load_clusters,
     load_tags,
@@ -103,10 +103,14 @@ Batches = Iterable[list[dict[str, Any]]]
 
 @dataclass(frozen=True, slots=True)
 class ExportSelection:
-    """Which exchanges to export: stored-field filters plus cluster, tag and reward bounds."""
+    """Which exchanges to export: stored-field filters plus cluster, tag and reward bounds,
+    and the clustering whose topics the rows carry and `clusters`/`tags` select from: the
+    latest clustering of the export's --on field (`storage.clusters.latest_run`; None when
+    it has none), resolved by the caller so that what it reports is what was written."""
 
+    run_id: str | None
     where: ExchangeFilter = field(default_factory=ExchangeFilter)
-    clusters: tuple[str, ...] = ()  # topic or parent ids of the latest clustering
+    clusters: tuple[str, ...] = ()  # topic or parent ids of that clustering
     tags: tuple[str, ...] = ()
     min_reward: float | None = None
     max_reward: float | None = None
@@ -225,8 +229,9 @@ def _longest_tail(stored: Sequence[str], wanted: Path) -> list[str]:
     return best if len(best) == 1 else []
 
 
-def why_empty(engine: Engine, selection: ExportSelection) -> list[str]:
-    """Which filters of an export that wrote no rows match nothing, for a warning."""
+def why_empty(engine: Engine, selection: ExportSelection, no_clustering: str) -> list[str]:
+    """Which filters of an export that wrote no rows match nothing, for a warning;
+    `no_clustering` says why the selection has no clustering, when it has none."""
     options = filter_options(engine)
     reasons = [
         f"--model {m} matches no stored model ({_some(options['models'])})"
@@ -238,11 +243,10 @@ def why_empty(engine: Engine, selection: ExportSelection) -> list[str]:
         for s in selection.where.sources
         if s not in options["sources"]
     ]
-    run = latest_run(engine)
-    cluster_ids = {c["id"] for c in load_clusters(engine, run["id"])} if run else set()
+    run_id = selection.run_id
+    cluster_ids = {c["id"] for c in load_clusters(engine, run_id)} if run_id else set()
     reasons += [
-        f"--cluster {c} is not in the latest clustering"
-        + ("" if run else " (there is none yet: run `convoscope cluster`)")
+        _not_in_clustering(engine, c, None if run_id else no_clustering)
         for c in selection.clusters
         if c not in cluster_ids
     ]
@@ -257,6 +261,18 @@ def why_empty(engine: Engine, selection: ExportSelection) -> list[str]:
     if not options["sources"]:
         reasons.append("the database holds no exchanges")
     return reasons or ["each filter matches rows, but no row matches them all"]
+
+
+def _not_in_clustering(engine: Engine, cluster_id: str, no_clustering: str | None) -> str:
+    """Why `--cluster cluster_id` selected nothing: the export's --on field has no clustering
+    (`no_clustering` says so), or the id is another field's (named with its --on), or none's."""
+    said = f"--cluster {cluster_id} is not in the latest clustering"
+    if no_clustering:
+        return f"{said} ({no_clustering})"
+    elsewhere = latest_field_of(engine, cluster_id)
+    if elsewhere is None:
+        return said
+    return f"{said} of this --on: it is in the clustering on {elsewhere}, pass --on {elsewhere}"
 
 
 def _unmatched_source(text: str, stored: Sequence[str], what: str) -> str:
@@ -281,7 +297,7 @@ def export_exchanges(
     out: Path,
     *,
     format: str | None = None,
-    selection: ExportSelection | None = None,
+    selection: ExportSelection,
     safe_for_spreadsheets: bool = False,
 ) -> ExportResult:
     """Write the selected exchanges to `out` in `format`: how many rows were written, and how
@@ -294,7 +310,7 @@ def export_exchanges(
     # metadata (tool steps, a CSV row's other columns; the conversation's other keys), which
     # a flat table has no column for.
     columns = (*EXCHANGE_EXPORT_COLUMNS, "metadata") if chosen == "jsonl" else None
-    batches = iter_export_rows(engine, selection or ExportSelection(), columns=columns)
+    batches = iter_export_rows(engine, selection, columns=columns)
     stats = WriteStats()
     rows = write_file(
         batches, COLUMNS, chosen, out, safe_for_spreadsheets=safe_for_spreadsheets, stats=stats
@@ -324,13 +340,13 @@ def iter_export_rows(
 ) -> Iterator[list[dict[str, Any]]]:
     """Selected exchanges in batches, each row carrying its cluster, tags and reward; the
     exchange columns are `columns` (default EXCHANGE_EXPORT_COLUMNS)."""
-    run = latest_run(engine)
-    assignment = load_assignments(engine, run["id"]) if run else {}
-    clusters = {c["id"]: c for c in load_clusters(engine, run["id"])} if run else {}
+    run_id = selection.run_id
+    assignment = load_assignments(engine, run_id) if run_id else {}
+    clusters = {c["id"]: c for c in load_clusters(engine, run_id)} if run_id else {}
     exchange_tags = load_tags(engine, "exchange")
     scorer = latest_scorer(engine, "reward:")
     rewards = load_scores(engine, scorer) if scorer else {}
-    wanted = _selected_ids(engine, run["id"] if run else None, selection, exchange_tags)
+    wanted = _selected_ids(engine, run_id, selection, exchange_tags)
     columns = columns or EXCHANGE_EXPORT_COLUMNS
     for batch in iter_exchanges(engine, where=selection.where, columns=columns):
         rows = []

@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from storage import views  # noqa: E402
+from storage.clusters import latest_run  # noqa: E402
 from storage.engine import make_engine  # noqa: E402
 from tests.ui_database import build  # noqa: E402
 
@@ -87,7 +88,7 @@ def main() -> None:
     os.environ["CONVOSCOPE_DB"] = url
 
     engine = make_engine(url, read_only=True)
-    run_id = views.latest_run_id(engine)
+    run_id = latest_run(engine)["id"]
     scorer = views.reward_scorer(engine)
     engine.dispose()
     flt = views.ViewFilter()

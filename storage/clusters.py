@@ -44,11 +44,25 @@ def add_assignments(engine: Engine, assignment_rows: Sequence[Row]) -> int:
     return len(new)
 
 
-def latest_run(engine: Engine, on_field: str | None = None) -> Row | None:
-    """The newest cluster run (optionally for one `on` field), or None before any."""
-    query = sa.select(cluster_runs).order_by(cluster_runs.c.created_at.desc()).limit(1)
-    if on_field is not None:
-        query = query.where(cluster_runs.c.on_field == on_field)
+# What `cluster --on` clusters by, and the field whose clustering a command that acts on "the
+# latest clustering" (`clusters`, `export`, `replay`, `score`, the UI) takes unless its --on
+# names another.
+ON_FIELDS = ("prompt", "response", "exchange")
+DEFAULT_ON = "prompt"
+
+
+def latest_run(engine: Engine, on_field: str = DEFAULT_ON) -> Row | None:
+    """The latest clustering of `on_field`: its newest cluster run, or None before any.
+
+    The one rule for "the latest clustering": each field's runs are their own topics, so the
+    newest run of any field is not it (after `cluster --on response`, exports carried
+    response topics while `clusters` listed prompt ones)."""
+    query = (
+        sa.select(cluster_runs)
+        .where(cluster_runs.c.on_field == on_field)
+        .order_by(cluster_runs.c.created_at.desc())
+        .limit(1)
+    )
     with engine.connect() as conn:
         row = conn.execute(query).mappings().first()
     return dict(row) if row else None
@@ -65,10 +79,24 @@ def newer_run(engine: Engine, run_id: str) -> Row | None:
 
 
 def latest_runs(engine: Engine) -> list[Row]:
-    """The newest cluster run of each `on` field (prompt, response, exchange) clustered."""
+    """The latest clustering of each `on` field clustered, in ON_FIELDS order."""
     with engine.connect() as conn:
-        fields = conn.execute(sa.select(cluster_runs.c.on_field).distinct()).scalars().all()
-    return [run for field in sorted(fields) if (run := latest_run(engine, on_field=field))]
+        fields = set(conn.execute(sa.select(cluster_runs.c.on_field).distinct()).scalars())
+    return [run for field in ON_FIELDS if field in fields and (run := latest_run(engine, field))]
+
+
+def latest_field_of(engine: Engine, cluster_id: str) -> str | None:
+    """The `on` field whose latest clustering holds `cluster_id` (ids are unique across
+    fields), None when none does: says which --on a command given a cluster id needs."""
+    query = (
+        sa.select(cluster_runs.c.on_field, cluster_runs.c.id)
+        .join(clusters, clusters.c.run_id == cluster_runs.c.id)
+        .where(clusters.c.id == cluster_id)
+    )
+    with engine.connect() as conn:
+        holding = conn.execute(query).all()
+    latest = {run["id"] for run in latest_runs(engine)}
+    return next((field for field, run_id in holding if run_id in latest), None)
 
 
 def cluster_ids_used(engine: Engine) -> set[str]:

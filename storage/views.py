@@ -201,12 +201,6 @@ def database_version(engine: Engine) -> tuple[Any, ...]:
         return tuple(str(value) for part in parts for value in conn.execute(part).one())
 
 
-def latest_run_id(engine: Engine) -> str | None:
-    query = sa.select(cluster_runs.c.id).order_by(cluster_runs.c.created_at.desc()).limit(1)
-    with engine.connect() as conn:
-        return conn.execute(query).scalar_one_or_none()
-
-
 def reward_scorer(engine: Engine) -> str | None:
     """The newest reward model's scorer name (`reward:<id>`), or None before scoring."""
     return latest_scorer(engine, "reward:")

@@ -361,7 +361,11 @@ def test_an_instruction_replayed_on_a_cluster_is_versioned(tmp_path: Path) -> No
     # A mistyped cluster id or tag is named as such ("no exchanges match" did not say why).
     for option, value, said in (
         ("--cluster", "t99", "no cluster 't99' in the latest clustering"),
-        ("--tag", "nope", "no exchange or cluster of the latest clustering is tagged 'nope'"),
+        (
+            "--tag",
+            "nope",
+            "no exchange or cluster of the latest clustering on prompt is tagged 'nope'",
+        ),
     ):
         wrong = convoscope(
             "replay", "--model", "m3", "--base-url", "http://127.0.0.1:1/v1", option, value,

@@ -6,9 +6,12 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, Any
 
+from storage.clusters import DEFAULT_ON, latest_runs
 from storage.engine import resolve_url
 
 if TYPE_CHECKING:  # imported lazily at run time: it pulls in torch
+    from sqlalchemy.engine import Engine
+
     from ingest.embed_step import EmbedConfig
 
 
@@ -68,3 +71,22 @@ def safe_url(db: str | None) -> str:
     import sqlalchemy as sa
 
     return sa.make_url(resolve_url(db)).render_as_string(hide_password=True)
+
+
+def no_clustering(engine: Engine, on: str) -> str:
+    """Why `on` has no latest clustering: nothing is clustered on it yet, and where another
+    field is, the --on that picks that field's clustering (a command quietly taking it would
+    mix one field's topics with another's)."""
+    others = [run["on_field"] for run in latest_runs(engine) if run["on_field"] != on]
+    cluster = "`convoscope cluster`" if on == DEFAULT_ON else f"`convoscope cluster --on {on}`"
+    if not others:
+        return f"no clusters on {on} yet: run {cluster}"
+    return (
+        f"no clusters on {on} yet, only on {' and '.join(others)}: pass --on {others[0]} "
+        f"for that clustering, or run {cluster}"
+    )
+
+
+def clustering_used(on: str, run: dict[str, Any] | None) -> dict[str, Any]:
+    """Which clustering a command's rows or figures are of, for its summary."""
+    return {"on": on, "run_id": run["id"] if run else None}

@@ -20,7 +20,10 @@ def describe(command: str, result: dict[str, Any]) -> str:
             line += f"; {result['not_round_trip']} will not ingest back under their own ids"
         return line
     if command == "export":
-        return f"wrote {result['rows']} rows to {result['path']} ({result['format']})"
+        return (
+            f"wrote {result['rows']} rows to {result['path']} ({result['format']}; "
+            f"{_clustering(result['clustering'])})"
+        )
     if command == "cluster":
         return (
             f"{result['rows']} exchanges → {count(result['clusters'], 'topic')} in "
@@ -236,6 +239,8 @@ def _describe_replay_report(result: dict[str, Any]) -> str:
     for judge, verdicts in result.get("judges", {}).items():
         if verdicts["overall"]:
             lines.append(_judge_line(f"judge {judge}", verdicts["overall"]))
+    if result["per_cluster"]:
+        lines.append(f"per cluster ({_clustering(result['clustering'])}):")
     for cluster, d in result["per_cluster"].items():
         lines.append(
             f"  {cluster:<8} n={d['n']:<5} reward diff {d['mean_diff']:+.3f} "
@@ -251,14 +256,18 @@ def _diff_ci(diff: dict[str, Any], between: str) -> str:
     return f"95% CI {diff['ci_low']:+.3f}{between}{diff['ci_high']:+.3f}"
 
 
+def _clustering(used: dict[str, Any]) -> str:
+    """Which clustering a result's clusters are of (`common.clustering_used`)."""
+    if used["run_id"] is None:
+        return f"no clustering on {used['on']}"
+    return f"clusters of the latest clustering on {used['on']}, run {used['run_id']}"
+
+
 def _describe_clusters(result: dict[str, Any]) -> str:
     """Topics, then the groups under their own heading: a group's line is followed by why it
     ranks where it does and its weakest topics, so a broad area going badly reads at once."""
-    if not result["clusters"]:
-        on = result.get("on", "prompt")
-        if on != "prompt":  # `clusters --on response` before any response clustering
-            return f"no clusters on {on} yet: run `convoscope cluster --on {on}`"
-        return "no clusters yet: run `convoscope cluster`"
+    if result["run_id"] is None:  # nothing clustered on this --on field
+        return result["hint"]
     header = f"{'id':<6} {'size':>7} {'share':>6} {'reward':>7}  name — keywords"
     scored = any(c.get("scored_n") is not None for c in result["clusters"])
     topics = [c for c in result["clusters"] if c["level"] == 0]

@@ -6,7 +6,15 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from app.commands.common import NothingDone, UserError, note, safe_url, warn
+from app.commands.common import (
+    NothingDone,
+    UserError,
+    clustering_used,
+    no_clustering,
+    note,
+    safe_url,
+    warn,
+)
 from app.export import (
     BATTLES,
     ExportSelection,
@@ -22,6 +30,7 @@ from app.export import (
 )
 from ingest.files import LOG_SUFFIXES, log_files_in
 from ingest.pipeline import IngestConfig, ingest_paths
+from storage.clusters import latest_run, latest_runs
 from storage.engine import open_database
 from storage.logs import BattleFilter, ExchangeFilter, battle_options
 
@@ -89,7 +98,11 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
     engine = open_database(args.db, read_only=True)  # export only reads: no write lock
     try:
         sources = matching_sources(engine, args.source)
+        run = latest_run(engine, args.on)
+        unclustered = None if run else no_clustering(engine, args.on)
+        elsewhere = run is None and bool(latest_runs(engine))  # another field is clustered
         selection = ExportSelection(
+            run_id=run["id"] if run else None,
             where=ExchangeFilter(models=tuple(args.model), sources=sources),
             clusters=tuple(args.cluster),
             tags=tuple(args.tag),
@@ -104,11 +117,18 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
             safe_for_spreadsheets=args.spreadsheet_safe,
         )
         if not result.rows:
-            for reason in why_empty(engine, selection):
+            for reason in why_empty(engine, selection, unclustered or ""):
                 warn(f"no rows exported: {reason}")
     finally:
         engine.dispose()
-    summary: dict[str, Any] = {"path": result.path, "format": result.format, "rows": result.rows}
+    summary: dict[str, Any] = {
+        "path": result.path,
+        "format": result.format,
+        "rows": result.rows,
+        "clustering": clustering_used(args.on, run),
+    }
+    if elsewhere and result.rows:
+        note(f"the rows carry no cluster: {unclustered}")
     if format == "openai":
         summary["without_answer"] = result.without_answer
         if result.without_answer:

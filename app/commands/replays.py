@@ -14,8 +14,17 @@ from urllib.parse import urlsplit
 
 from sqlalchemy.engine import Engine
 
-from app.commands.common import Interrupted, NothingDone, UserError, count, safe_url
+from app.commands.common import (
+    Interrupted,
+    NothingDone,
+    UserError,
+    clustering_used,
+    count,
+    no_clustering,
+    safe_url,
+)
 from app.export import matching_sources
+from storage.clusters import latest_run
 from storage.engine import open_database
 from storage.logs import ExchangeFilter
 
@@ -52,7 +61,8 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
         if args.action == "judge":
             return _judge(engine, args)
         if args.action == "report":
-            cluster_of = _cluster_of(engine)
+            run = latest_run(engine, args.on)
+            cluster_of = _cluster_of(engine, run)
             report = compare(
                 engine, args.run_id, scores=_reward_scores(engine), cluster_of=cluster_of
             ).as_dict()
@@ -69,6 +79,7 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
                     engine, args.run_id, cluster_of=cluster_of
                 ).items()
             }
+            report["clustering"] = clustering_used(args.on, run)  # whose clusters per_cluster has
             return report
         return _run_replay(engine, args)
     except (ReplayError, JudgeError) as error:
@@ -276,7 +287,7 @@ def _record_instruction_reward(engine: Engine, run_id: str, report: dict[str, An
 def _replay_selection(engine: Engine, args: argparse.Namespace) -> ExchangeFilter | list[str]:
     """--cluster / --tag become exchange ids (those --filter matches, when it is given too);
     --filter alone becomes an ExchangeFilter."""
-    from storage.clusters import exchanges_in_clusters, latest_run
+    from storage.clusters import exchanges_in_clusters
     from storage.logs import iter_exchanges
 
     unknown = {key for key, _ in args.filter} - {"model", "source"}
@@ -288,12 +299,14 @@ def _replay_selection(engine: Engine, args: argparse.Namespace) -> ExchangeFilte
     )
     if not (args.cluster or args.tag):
         return where
-    run = latest_run(engine)
+    run = latest_run(engine, args.on)
     if run is None:
-        raise UserError("--cluster/--tag need a clustering: run `convoscope cluster` first")
+        raise UserError(
+            f"--cluster/--tag select from a clustering: {no_clustering(engine, args.on)}"
+        )
     ids = exchanges_in_clusters(engine, run["id"], cluster_id=args.cluster, tag=args.tag)
     if not ids:
-        raise UserError(_why_no_member(engine, run["id"], args.cluster, args.tag))
+        raise UserError(_why_no_member(engine, run, args.cluster, args.tag))
     if args.filter:  # both apply: the cluster's (or tag's) exchanges that match the filter
         matching = {
             row["id"]
@@ -306,15 +319,25 @@ def _replay_selection(engine: Engine, args: argparse.Namespace) -> ExchangeFilte
     return ids
 
 
-def _why_no_member(engine: Engine, run_id: str, cluster: str | None, tag: str | None) -> str:
-    """Why --cluster/--tag select nothing: most often a mistyped id or tag, which "no
-    exchanges match" did not say."""
-    from storage.clusters import load_clusters
+def _why_no_member(
+    engine: Engine, run: dict[str, Any], cluster: str | None, tag: str | None
+) -> str:
+    """Why --cluster/--tag select nothing from `run`: most often a mistyped id or tag, which
+    "no exchanges match" did not say, or a topic of another --on field's clustering."""
+    from storage.clusters import latest_field_of, load_clusters
 
-    if cluster and cluster not in {c["id"] for c in load_clusters(engine, run_id)}:
-        return f"no cluster {cluster!r} in the latest clustering (see `convoscope clusters`)"
+    on = run["on_field"]
+    if cluster and cluster not in {c["id"] for c in load_clusters(engine, run["id"])}:
+        elsewhere = latest_field_of(engine, cluster)
+        hint = (
+            f": it is in the clustering on {elsewhere}, pass --on {elsewhere}" if elsewhere else ""
+        )
+        return (
+            f"no cluster {cluster!r} in the latest clustering on {on} "
+            f"(see `convoscope clusters --on {on}`){hint}"
+        )
     if tag and not cluster:
-        return f"no exchange or cluster of the latest clustering is tagged {tag!r}"
+        return f"no exchange or cluster of the latest clustering on {on} is tagged {tag!r}"
     return "no exchange matches that --cluster/--tag"
 
 
@@ -324,10 +347,10 @@ def _reward_scores(engine: Engine) -> dict[str, float] | None:
     return latest_scores(engine, prefix="reward:") or None
 
 
-def _cluster_of(engine: Engine) -> dict[str, str] | None:
-    from storage.clusters import latest_run, load_assignments
+def _cluster_of(engine: Engine, run: dict[str, Any] | None) -> dict[str, str] | None:
+    """exchange id → its topic in `run` (the report's per-cluster figures), None unclustered."""
+    from storage.clusters import load_assignments
 
-    run = latest_run(engine)
     if run is None:
         return None
     return {k: v for k, v in load_assignments(engine, run["id"]).items() if v is not None}

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import Engine
 
-from app.commands.common import UserError, embed_config, warn
+from app.commands.common import UserError, embed_config, no_clustering, warn
 from storage.engine import open_database
 from storage.logs import table_counts
 
@@ -155,7 +155,12 @@ def clusters(args: argparse.Namespace) -> dict[str, Any]:
     try:
         run = latest_run(engine, on_field=args.on)
         if run is None:
-            return {"run_id": None, "on": args.on, "clusters": []}
+            return {
+                "run_id": None,
+                "on": args.on,
+                "clusters": [],
+                "hint": no_clustering(engine, args.on),
+            }
         rows = load_clusters(engine, run["id"])
         reports = load_cluster_reports(engine, run["id"], level=None)
         stale = stale_reports(engine, run["id"])

@@ -49,8 +49,9 @@ def main() -> None:
     st.sidebar.markdown("### :material/travel_explore: convoscope")
     try:
         data.ensure_database(url)
+        on = shell.sidebar_clustering(url)
         flt = shell.sidebar_filter(url)
-        st.session_state["_ctx"] = data.context(url, flt)
+        st.session_state["_ctx"] = data.context(url, flt, on)
     except data.DatabaseBusy as busy:
         st.warning(str(busy), icon=":material/hourglass_top:")
         st.stop()

@@ -28,6 +28,7 @@ from sqlalchemy.engine import Engine
 from app.ui import charts
 from app.ui.render import distinct_labels, hover_text, one_line
 from storage import logs, views
+from storage.clusters import latest_runs
 from storage.engine import StorageError, dialect_name, make_engine, open_database, resolve_url
 from storage.logs import BattleFilter
 from storage.views import ViewFilter
@@ -140,7 +141,8 @@ def database_version(url: str) -> tuple[Any, ...]:
 
 @dataclass(frozen=True, slots=True)
 class Context:
-    """What every page needs: where the database is, its version, the run and the scorer."""
+    """What every page needs: where the database is, its version, the clustering shown (the
+    latest of one `on` field, `shell.sidebar_clustering`) and the scorer."""
 
     url: str
     version: tuple[Any, ...]
@@ -150,14 +152,22 @@ class Context:
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
-def _run_and_scorer(url: str, version: tuple[Any, ...]) -> tuple[str | None, str | None]:
-    return read(url, lambda e: (views.latest_run_id(e), views.reward_scorer(e)))
+def clusterings(url: str, version: tuple[Any, ...]) -> dict[str, str]:
+    """`on` field → the run id of its latest clustering, for each field clustered, in
+    `storage.clusters.ON_FIELDS` order: the pages show one, the CLI's rule picks which."""
+    return read(url, lambda e: {run["on_field"]: run["id"] for run in latest_runs(e)})
 
 
-def context(url: str, flt: ViewFilter) -> Context:
+@st.cache_data(show_spinner=False, max_entries=16)
+def _scorer(url: str, version: tuple[Any, ...]) -> str | None:
+    return read(url, views.reward_scorer)
+
+
+def context(url: str, flt: ViewFilter, on: str | None) -> Context:
+    """The pages' context, showing the latest clustering of `on` (None: nothing clustered)."""
     version = database_version(url)
-    run_id, scorer = _run_and_scorer(url, version)
-    return Context(url=url, version=version, run_id=run_id, scorer=scorer, flt=flt)
+    run_id = clusterings(url, version).get(on) if on else None
+    return Context(url=url, version=version, run_id=run_id, scorer=_scorer(url, version), flt=flt)
 
 
 # ------------------------------------------------------------------------------ cached reads

@@ -46,9 +46,10 @@ def selection(
 ) -> ExportSelection:
     """The sidebar filter as the CLI's selection: models, sources and dates select stored
     fields; tags match an exchange tagged itself or through its topic or group, as the
-    sidebar's do; `cluster_ids` are topics of `run_id`, the latest clustering the page shows
-    (None: nothing is clustered, so there is no cluster to restrict to)."""
+    sidebar's do; `run_id` is the clustering the pages show, whose topics the rows carry and
+    `cluster_ids` are of (None: nothing is clustered, so there is no cluster to restrict to)."""
     return ExportSelection(
+        run_id=run_id,
         where=ExchangeFilter(
             models=flt.models, sources=flt.sources, since=flt.since, until=flt.until
         ),

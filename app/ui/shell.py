@@ -10,10 +10,12 @@ import streamlit as st
 
 from app.ui import data
 from app.ui.render import escape_markdown
+from storage.clusters import DEFAULT_ON
 from storage.views import ViewFilter
 
 CLUSTER_PAGE = "screens/cluster.py"
 PICK_KEY = "cluster_pick"  # the cluster page's selectbox; a jump sets it first
+CLUSTERING_KEY = "clustering_on"  # which field's latest clustering the pages show
 
 EMPTY_HINTS = {
     "exchanges": (
@@ -69,6 +71,30 @@ def sidebar_filter(url: str) -> ViewFilter:
         side.button("Clear filters", on_click=_clear_filters, width="stretch")
     side.caption("Database: " + escape_markdown(_short(url)))
     return flt
+
+
+def sidebar_clustering(url: str) -> str | None:
+    """The `on` field whose latest clustering the pages show, said in the sidebar: `prompt`
+    by default, as `convoscope clusters` and `export`; the only field clustered when that is
+    another; a pick of the user's when several are (None: nothing is clustered)."""
+    runs = data.clusterings(url, data.database_version(url))
+    if not runs:
+        return None
+    fields = list(runs)
+    on = fields[0]
+    if len(fields) > 1:
+        default = fields.index(DEFAULT_ON) if DEFAULT_ON in fields else 0
+        on = st.sidebar.selectbox(
+            "Clustering", fields, index=default, key=CLUSTERING_KEY, format_func=_on_label
+        )
+    st.sidebar.caption(
+        f"Clusters: the latest clustering {_on_label(on)} (run `{escape_markdown(runs[on])}`)"
+    )
+    return on
+
+
+def _on_label(on: str) -> str:
+    return f"on {on}"
 
 
 def _clear_filters() -> None:
