@@ -51,6 +51,7 @@ def match_clusters(
     min_jaccard: float = 0.3,
     min_similarity: float = 0.9,
     part_share: float = 0.2,
+    min_containment: float = 0.5,
     next_id: int | None = None,
     compare_centroids: bool = True,
 ) -> ClusterMatch:
@@ -64,6 +65,10 @@ def match_clusters(
     min_similarity: least centroid cosine similarity to continue an id without shared rows.
     part_share: a split (merge) needs at least two parts that each hold this share of the old
         (new) cluster while coming mostly (over half) from it (going mostly into it).
+    min_containment: an old cluster no id continues, with at least this share of its rows in
+        one new cluster, was absorbed: merged into it (continuing an id still takes
+        `min_jaccard`, so names and tags stay where they were); likewise a new cluster that
+        continues no id, with this share of its rows from one old cluster, split off from it.
     next_id: first fresh id; by default one past the largest old id.
     compare_centroids: False when the two runs' vectors come from different embedders, whose
         centroids live in different spaces (even of one size): members alone decide then.
@@ -114,6 +119,17 @@ def match_clusters(
             involved_old.update(parts)
             involved_new.add(n)
     continued = {ids[n] for n in new_labels}
+    gone = [o for o in old_ids if o not in continued and o not in involved_old]
+    old_rows = {o: len(old_members.get(o, ())) for o in old_ids}  # rows only one run has too
+    for o, n in _absorbed(gone, new_labels, counts, old_rows, min_containment).items():
+        events = _add_part(events, "merged", o, ids[n], ids[n] in old_centroids)
+        involved_old.add(o)
+        involved_new.add(n)
+    fresh_labels = [n for n in new_labels if n not in involved_new and ids[n] not in old_centroids]
+    new_rows = {n: len(new_members.get(n, ())) for n in new_labels}
+    for n, o in _carved(fresh_labels, old_ids, counts, new_rows, min_containment).items():
+        events = _add_part(events, "split", ids[n], o, o in continued)
+        involved_new.update(m for m in new_labels if m == n or ids[m] == o)
     for n in new_labels:
         if n in involved_new:
             continue
@@ -123,6 +139,61 @@ def match_clusters(
         if o not in continued and o not in involved_old:
             events.append(ClusterEvent("gone", (o,), ()))
     return ClusterMatch(ids=ids, events=tuple(events))
+
+
+def _absorbed(
+    gone: list[int],
+    new_labels: list[int],
+    counts: Counter[tuple[int, int]],
+    old_rows: Mapping[int, int],
+    min_containment: float,
+) -> dict[int, int]:
+    """Old clusters no new one continues, each → the new cluster holding at least
+    `min_containment` of its rows: absorbed whole into a much larger topic, it shares too few
+    of that topic's rows to continue it (Jaccard) or to count as a merge's part, and read as
+    gone. `old_rows` are the clusters' whole sizes, so rows the new run lacks count against."""
+    absorbed = {}
+    for o in gone:
+        n = max(new_labels, key=lambda n: counts[(o, n)], default=None)
+        if n is not None and counts[(o, n)] >= min_containment * max(old_rows[o], 1):
+            absorbed[o] = n
+    return absorbed
+
+
+def _carved(
+    fresh: list[int],
+    old_ids: list[int],
+    counts: Counter[tuple[int, int]],
+    new_rows: Mapping[int, int],
+    min_containment: float,
+) -> dict[int, int]:
+    """New clusters that continue no id, each → the old cluster at least `min_containment` of
+    its rows came from: the same case as `_absorbed` the other way, a small topic carved out
+    of a larger one, which read as new rather than split off. `new_rows` are the clusters'
+    whole sizes: one mostly of rows the old run lacked (new data) is new, whatever the rest."""
+    carved = {}
+    for n in fresh:
+        o = max(old_ids, key=lambda o: counts[(o, n)], default=None)
+        if o is not None and counts[(o, n)] >= min_containment * max(new_rows[n], 1):
+            carved[n] = o
+    return carved
+
+
+def _add_part(
+    events: list[ClusterEvent], kind: EventKind, part: int, whole: int, whole_continues: bool
+) -> list[ClusterEvent]:
+    """`events` with `part` added to the merge into `whole` (kind "merged": `part` is an old
+    id) or to the split of `whole` (kind "split": `part` is a new id), recording that event
+    when there is none yet; the whole's own id comes first when it continues."""
+    side = 0 if kind == "merged" else 1  # where the parts are listed: old ids, or new ids
+    for k, event in enumerate(events):
+        if event.kind == kind and (event.new, event.old)[side] == (whole,):
+            parts = (event.old, event.new)[side] + (part,)
+            ends = (parts, event.new) if kind == "merged" else (event.old, parts)
+            return [*events[:k], ClusterEvent(kind, *ends), *events[k + 1 :]]
+    parts = ((whole,) if whole_continues else ()) + (part,)
+    ends = (parts, (whole,)) if kind == "merged" else ((whole,), parts)
+    return [*events, ClusterEvent(kind, *ends)]
 
 
 def _overlaps(
