@@ -35,6 +35,11 @@ from sqlalchemy.engine import Engine
 
 from ingest.battles import parse_battle
 from ingest.exchanges import battle_exchanges
+from ingest.exported import (
+    SPREADSHEET_SAFE_COLUMN,
+    runs_as_formula,
+    spreadsheet_safe,
+)
 from ingest.files import DEFAULT_MAX_LINE_BYTES, unwritable_reason
 from ingest.pipeline import Copies, battle_content_id
 from ingest.records import Reject, repeat_id
@@ -81,10 +86,6 @@ _TYPES: dict[str, pa.DataType] = {
     "reward": pa.float64(),
 }
 TAG_SEPARATOR = "; "  # tags in CSV/Parquet cells; JSONL carries them as a list
-# What a cell starts with when a spreadsheet (Excel, LibreOffice, Google Sheets) runs it as a
-# formula, per OWASP's CSV injection guidance: log text is untrusted, so a prompt such as
-# `=HYPERLINK("http://evil","click")` must not become a live link in an analyst's sheet.
-FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 # The CLI's column order: the exchange and its conversation's, then where it landed and its reward.
 COLUMNS: tuple[str, ...] = (
@@ -133,18 +134,6 @@ class WriteStats:
 
     formula_cells: int = 0
     without_answer: int = 0
-
-
-def runs_as_formula(value: Any) -> bool:
-    """Whether a spreadsheet opening this CSV cell would run it as a formula. Only text
-    counts: a number (a thumbs-down -1, a negative reward) is written and read as a number."""
-    return isinstance(value, str) and value.startswith(FORMULA_STARTS)
-
-
-def spreadsheet_safe(value: Any) -> Any:
-    """OWASP's neutralisation: a leading single quote makes the cell text in a spreadsheet
-    (which hides the quote); every other value is left as it is."""
-    return "'" + value if runs_as_formula(value) else value
 
 
 def guess_format(path: Path) -> str:
@@ -507,14 +496,21 @@ def _plain(row: dict[str, Any]) -> dict[str, Any]:
 def _csv(
     batches: Batches, names: Sequence[str], text: IO[str], safe: bool, stats: WriteStats
 ) -> int:
-    writer = csv.DictWriter(text, fieldnames=list(names))
+    # A safe file says so in a column of its own, so that ingest takes the quotes off again.
+    marker = [SPREADSHEET_SAFE_COLUMN] if safe else []
+    writer = csv.DictWriter(text, fieldnames=[*names, *marker])
     writer.writeheader()
     count = 0
     for batch in batches:
-        formulas = sum(runs_as_formula(value) for row in batch for value in row.values())
-        if formulas and safe:
-            batch = [{k: spreadsheet_safe(v) for k, v in row.items()} for row in batch]
-        stats.formula_cells += formulas
+        stats.formula_cells += sum(runs_as_formula(v) for row in batch for v in row.values())
+        if safe:
+            batch = [
+                {
+                    **{k: spreadsheet_safe(v) for k, v in row.items()},
+                    SPREADSHEET_SAFE_COLUMN: "true",
+                }
+                for row in batch
+            ]
         writer.writerows(batch)
         count += len(batch)
     return count

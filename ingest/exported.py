@@ -84,6 +84,39 @@ _KNOWN = REQUIRED_KEYS | {
 # Ids are 32 hex digits (records.content_hash); the column is 32 characters wide.
 _ID = re.compile(r"[0-9a-f]{32}")
 
+# What a cell starts with when a spreadsheet (Excel, LibreOffice, Google Sheets) runs it as a
+# formula, per OWASP's CSV injection guidance: log text is untrusted, so a prompt such as
+# `=HYPERLINK("http://evil","click")` must not become a live link in an analyst's sheet.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+# The column a spreadsheet-safe CSV export marks itself with ("true" in every row), so that
+# reading it back takes off the quotes it added; a reader that does not know it keeps it as
+# one more column, and detection goes by the export's other columns.
+SPREADSHEET_SAFE_COLUMN = "spreadsheet_safe"
+
+
+def runs_as_formula(value: Any) -> bool:
+    """Whether a spreadsheet opening this CSV cell would run it as a formula. Only text
+    counts: a number (a thumbs-down -1, a negative reward) is written and read as a number."""
+    return isinstance(value, str) and value.startswith(FORMULA_STARTS)
+
+
+def spreadsheet_safe(value: Any) -> Any:
+    """OWASP's neutralisation: a leading single quote makes a formula cell text in a
+    spreadsheet (which hides the quote). A cell of quotes then a formula (`'=x` as stored)
+    takes one more, so that taking one quote off (`spreadsheet_unsafe`) gives back every cell
+    as stored, and a spreadsheet shows it as stored too."""
+    return "'" + value if _quoted_when_safe(value) else value
+
+
+def spreadsheet_unsafe(value: Any) -> Any:
+    """The cell `spreadsheet_safe` wrote, as it was: the one quote it added taken off."""
+    added = isinstance(value, str) and value.startswith("'") and _quoted_when_safe(value[1:])
+    return value[1:] if added else value
+
+
+def _quoted_when_safe(value: Any) -> bool:
+    return isinstance(value, str) and runs_as_formula(value.lstrip("'"))
+
 
 def read_exported(path: Path, *, options: ReadOptions) -> Iterator[Parsed]:
     """`StoredExchanges` per run of rows of one conversation, and Rejects, in file order, from
@@ -170,6 +203,8 @@ def _exchange(record: Any, number: int, source: str, kind: str = "jsonl") -> _Ro
     if not isinstance(record, dict):
         return not_an_object(source, number, record)
     try:
+        if kind == "csv":
+            record = _unquoted(record)
         if kind != "jsonl":
             record = _from_table(record, text_cells=kind == "csv")
         missing = sorted(REQUIRED_KEYS - set(record) - {"id"})
@@ -237,6 +272,16 @@ _FROM_TABLE: dict[str, Callable[[Any, str], Any]] = {
     **dict.fromkeys(("turn_index", "thumbs", "user_turns_after"), as_int),
     **dict.fromkeys(("context", "metadata", "conversation_metadata"), _json_text),
 }
+
+
+def _unquoted(record: dict[str, Any]) -> dict[str, Any]:
+    """A CSV export row without its spreadsheet-safe marker, and when the row carries it, its
+    cells as stored (the quote `--spreadsheet-safe` added taken off: with it a quoted prompt
+    no longer matched its id, and a quoted instruction was stored with the quote)."""
+    row = dict(record)
+    if row.pop(SPREADSHEET_SAFE_COLUMN, None) != "true":
+        return row
+    return {name: spreadsheet_unsafe(value) for name, value in row.items()}
 
 
 def _from_table(record: dict[str, Any], *, text_cells: bool) -> dict[str, Any]:

@@ -9,7 +9,7 @@ import gzip
 import json
 from pathlib import Path
 
-from tests.test_ingest_pipeline import convoscope
+from tests.test_ingest_pipeline import convoscope, convoscope_here
 
 # Prompts a spreadsheet would run as a formula (OWASP's list: = + - @ tab CR), and safe ones.
 FORMULAS = [
@@ -94,3 +94,47 @@ def test_spreadsheet_safe_is_refused_for_other_formats(tmp_path: Path) -> None:
             f"{chosen})" in result.stderr
         )
         assert not (tmp_path / args[1]).exists()
+
+
+def test_a_spreadsheet_safe_csv_ingests_back_as_stored(tmp_path: Path) -> None:
+    """The quotes --spreadsheet-safe adds come off again on ingest: the file says it is safe
+    in a column of its own, and a cell that was stored starting with a quote and a formula
+    gets one more quote, so exactly one comes off. Quoted prompts were rejected as edited,
+    and a quoted system prompt was stored with its quote."""
+    quoted = ["'=quoted as stored", "''+twice"]  # texts that start with quotes of their own
+    records = [
+        {
+            "id": f"q{i}",
+            "model": "@bot" if i % 2 else "plain-bot",
+            "messages": [
+                {"role": "system", "content": f"=SYSTEM({i})"},
+                {"role": "user", "content": prompt},
+                {"role": "assistant", "content": f"-{i} as an answer"},
+            ],
+        }
+        for i, prompt in enumerate(FORMULAS + quoted + PLAIN)
+    ]
+    (tmp_path / "chats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    db, other = (f"duckdb:///{tmp_path / name}" for name in ("a.duckdb", "b.duckdb"))
+    assert convoscope_here("ingest", "chats.jsonl", db=db, cwd=tmp_path).returncode == 0
+    safe = convoscope_here("export", "--out", "safe.csv", "--spreadsheet-safe", db=db, cwd=tmp_path)
+    assert safe.returncode == 0, safe.stderr
+    cells = _cells(tmp_path / "safe.csv")
+    assert {row["spreadsheet_safe"] for row in cells} == {"true"}
+    assert {"'" + q for q in quoted} <= {row["prompt"] for row in cells}
+
+    for target, stored in ((db, 0), (other, len(records))):
+        back = convoscope_here("ingest", "safe.csv", "--json", db=target, cwd=tmp_path)
+        assert back.returncode == 0, back.stderr
+        summary = json.loads(back.stdout)
+        assert (summary["stored"], summary["rejected"]) == (stored, 0), back.stderr
+    exported = {}
+    for name, target in (("a", db), ("b", other)):
+        out = f"{name}.jsonl"
+        assert convoscope_here("export", "--out", out, db=target, cwd=tmp_path).returncode == 0
+        rows = [json.loads(line) for line in (tmp_path / out).read_text().splitlines()]
+        fields = ("id", "prompt", "response", "model", "instruction", "context")
+        exported[name] = {tuple(json.dumps(row[f]) for f in fields) for row in rows}
+        assert not any("spreadsheet_safe" in (row["metadata"] or {}) for row in rows)
+    assert exported["a"] == exported["b"]
+    assert len(exported["b"]) == len(records)

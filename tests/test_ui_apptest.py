@@ -572,7 +572,7 @@ def test_tables_quote_cells_a_spreadsheet_would_run(
 ) -> None:
     """Every `st.dataframe` has a CSV download Streamlit cannot switch off per table: its text
     cells are quoted as the Export page's "Safe for spreadsheets" does."""
-    from app.export import FORMULA_STARTS
+    from ingest.exported import FORMULA_STARTS
     from storage.clusters import annotate_cluster
 
     formula = '=HYPERLINK("http://evil.example","click")'
