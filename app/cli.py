@@ -223,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--on",
         choices=ON_FIELDS,
         default=DEFAULT_ON,
-        help=f"whose latest clustering: the one `cluster --on` made (default: {DEFAULT_ON})",
+        help=f"use the latest clustering of this field, made by `cluster --on F` "
+        f"(default: {DEFAULT_ON})",
     )
 
     reading = argparse.ArgumentParser(add_help=False)

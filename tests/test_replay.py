@@ -431,8 +431,10 @@ def test_compare_reports_reward_diff_overall_and_per_cluster(
     assert (lone.n, lone.ci_low, lone.ci_high) == (1, None, None)
     from app.commands import describe
 
-    said = describe("replay", {**report.as_dict(), "judges": {}})
+    clustering = {"on": "prompt", "run_id": "r1"}  # what `replay report` adds
+    said = describe("replay", {**report.as_dict(), "judges": {}, "clustering": clustering})
     assert "lone" in said and "(no CI from one pair)" in said
+    assert "per cluster (clusters of the latest clustering on prompt, run r1):" in said
     assert (odd.n, odd.mean_diff, odd.win_rate) == (5, -0.5, 0.0)
     assert report.prompt_tokens > 0 and report.mean_latency_s is not None
     assert json.loads(json.dumps(report.as_dict()))["per_cluster"]["odd"]["losses"] == 5
