@@ -517,8 +517,9 @@ def test_export_page_writes_names_tags_and_scores(
     weakest = [r for r in rows if r["cluster_id"] == fresh_db.weakest_id]
     assert weakest and {r["cluster_label"] for r in weakest} == {"Refund trouble"}
     assert all(r["tags"] == "needs-instruction" for r in weakest)
-    # The columns of `convoscope export`: one reward and its scorer, the group.
-    assert list(rows[0]) == list(COLUMNS)
+    # The columns of `convoscope export`: one reward and its scorer, the group; safe for
+    # spreadsheets by default, and marked so (ingest takes the quotes off again).
+    assert list(rows[0]) == [*COLUMNS, "spreadsheet_safe"]
     assert all(r["reward"] != "" and r["reward_scorer"] == SCORER for r in rows)
     assert all(r["parent_cluster_id"] in fresh_db.group_ids for r in weakest)
 
