@@ -652,7 +652,12 @@ def _leaderboard_of(
 ) -> list[dict[str, Any]]:
     """The leaderboard rows of a topic's or group's judged battles and the predictor's
     estimate (empty below the minimum). `battles` and `win_rate` are the judged battles';
-    `predicted_battles`, how many of the estimate's each expert's rating also rests on."""
+    `predicted_battles`, how many of the estimate's each expert's rating also rests on.
+
+    A battle with an answer that names no model (a judge's verdict on a replay of a log
+    that names none) ranks no expert against another: it is left out, as the win predictor
+    and the UI's leaderboard leave it out."""
+    mine = mine.dropna(subset=["model_a", "model_b"]) if len(mine) else mine
     parts = [
         frame[[c for c in ("model_a", "model_b", "winner", "outcome", "predicted") if c in frame]]
         for frame in (mine, estimate)

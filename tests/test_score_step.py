@@ -748,3 +748,44 @@ def test_score_after_two_replays_of_a_log_that_names_no_model(tmp_path: Path) ->
     reports = load_cluster_reports(engine, latest_run(engine)["id"])
     engine.dispose()
     assert len(rewards) == result["exchanges"] and len(reports) == 2
+
+
+def test_score_after_judging_a_replay_of_a_log_that_names_no_model(tmp_path: Path) -> None:
+    """A judge's verdicts on a replay of a log that names no model are battles between an
+    answer with no model and the replayed model's. `score` put them in the leaderboards and
+    failed with a TypeError traceback (sorting None beside model names) after storing the
+    new rewards; a leaderboard ranks named experts, so such a battle is left out of it."""
+    from ingest.replay import ReplayConfig, replay
+    from scoring.judge import JudgeConfig, judge_replay
+    from tests.openai_server import OpenAIServer
+    from tests.test_replay_judge import prefers_replayed
+
+    log = _signal_log(tmp_path / "chats.jsonl")
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    log.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in lines))
+    db = f"duckdb:///{tmp_path / 'judged.duckdb'}"
+    engine = open_database(db)
+    config = IngestConfig(progress=False, rejects_path=tmp_path / "rejects.jsonl")
+    ingest_paths([log], engine=engine, config=config)
+    embed = EmbedConfig(device="cpu", progress=False)
+    cluster_exchanges(
+        engine,
+        config=ClusterStepConfig(embed=embed, topics=ClusterConfig(layout=False)),
+        reducer=pca_reducer(5),
+        clusterer=kmeans_clusterer(2),
+    )
+    with OpenAIServer() as server:
+        sent = ReplayConfig(model="new-a", base_url=server.base_url, sample=12, progress=False)
+        run_id = replay(engine, config=sent).run_id
+    with OpenAIServer(responder=prefers_replayed) as judge:
+        judged = JudgeConfig(model="judge", base_url=judge.base_url, progress=False)
+        assert judge_replay(engine, run_id, config=judged).judged > 0
+    engine.dispose()
+
+    scored = convoscope("score", "--mode", "head", db=db, cwd=tmp_path)
+    assert scored.returncode == 0, scored.stderr
+    engine = open_database(db)
+    reports = load_cluster_reports(engine, latest_run(engine)["id"], level=None)
+    engine.dispose()
+    assert len(reports) == 3  # two topics and their group
+    assert all(r["leaderboard"] == [] for r in reports.values())  # one named expert: no ranks
