@@ -161,7 +161,18 @@ class _Parser(argparse.ArgumentParser):
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
     ) -> tuple[argparse.Namespace, list[str]]:
         self._tokens = list(sys.argv[1:] if args is None else args)
-        return super().parse_known_args(args, namespace)
+        parsed, extra = super().parse_known_args(args, namespace)
+        # The options typed, by dest (a subcommand's parser adds its own): a default value
+        # cannot tell an option left out from one given, and a command refuses one it would
+        # not read rather than leave it silently unused.
+        actions = self._option_string_actions
+        typed = {
+            actions[t.partition("=")[0]].dest
+            for t in self._tokens
+            if t.partition("=")[0] in actions
+        }
+        parsed.options_given = getattr(parsed, "options_given", frozenset()) | typed
+        return parsed, extra
 
     def error(self, message: str) -> NoReturn:
         if message.endswith("expected one argument"):

@@ -412,6 +412,29 @@ def test_score_refuses_bad_fine_tuning_flags(
     assert refused.returncode == 2 and message in refused.stderr
 
 
+@pytest.mark.parametrize(
+    ("words", "named"),
+    [
+        (["reward", "apply", "--reward-model", "my-model"], "--reward-model"),
+        (["reward", "apply", "--mode=lexical", "--alpha-retry", "2"], "--mode, --alpha-retry"),
+        (["reward", "apply", "--rating-scale", "1:10"], "--rating-scale"),
+        (["reward", "apply", "--predicted-battles", "0"], "--predicted-battles"),
+        (["reward", "train", "--costs", "costs.json", "--route-cheapest"], "--costs, --route"),
+        (["reward", "--cost-tolerance", "0.1", "train"], "--cost-tolerance"),
+    ],
+)
+def test_score_reward_refuses_options_it_would_not_read(
+    tmp_path: Path, words: list[str], named: str
+) -> None:
+    """`score reward apply --reward-model DIR` applied the stored model, and `score reward
+    train --costs F` chose no cheaper expert, each saying nothing: refused before any work."""
+    db = f"duckdb:///{tmp_path / 'never.duckdb'}"
+    refused = convoscope("score", *words, db=db, cwd=tmp_path)
+    assert refused.returncode == 2 and named in refused.stderr
+    assert "would go unused" in refused.stderr
+    assert not (tmp_path / "never.duckdb").exists()
+
+
 def test_reward_file_and_a_users_own_reward_model(scored_db: str, tmp_path: Path) -> None:
     from tests.tiny_reward_model import tiny_classifier
 

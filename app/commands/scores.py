@@ -42,6 +42,7 @@ def score(args: argparse.Namespace) -> dict[str, Any]:
             "--model-id picks the stored model `score reward apply` uses; `score` and "
             "`score reward train` train a new one"
         )
+    _refuse_unread_options(args)
     try:
         reward_members(args.mode)
     except ValueError as error:
@@ -112,6 +113,57 @@ def score(args: argparse.Namespace) -> dict[str, Any]:
     for message in result.get("warnings", []):
         warn(message)
     return result
+
+
+# `score`'s options that only training a reward model reads, and those that only the
+# routing and leaderboards of a whole `score` read (dest → flag).
+_TRAINING_OPTIONS = {
+    name: "--" + name.replace("_", "-")
+    for name in (
+        "mode",
+        "steps",
+        "max_length",
+        "finetune_batch_size",
+        "epochs",
+        "reward_model",
+        "alpha_retry",
+        "alpha_edit",
+        "alpha_length",
+        "alpha_rating",
+        "alpha_thumbs",
+        "alpha_battle",
+        "ended_within",
+        "continued_at_least",
+        "rating_scale",
+    )
+}
+_ROUTING_OPTIONS = {
+    name: "--" + name.replace("_", "-")
+    for name in ("costs", "cost_tolerance", "route_cheapest", "predicted_battles")
+}
+
+
+def _refuse_unread_options(args: argparse.Namespace) -> None:
+    """`score reward apply` scores with a stored model and `score reward train` leaves
+    routing and leaderboards as `score` made them: an option either would not read was
+    silently unused (`score reward apply --reward-model DIR` applied the stored model, and
+    `score reward train --costs F` chose no cheaper expert), so it is refused, naming it."""
+    given = getattr(args, "options_given", frozenset())
+    routing = [flag for name, flag in _ROUTING_OPTIONS.items() if name in given]
+    if args.what == ["reward", "apply"]:
+        training = [flag for name, flag in _TRAINING_OPTIONS.items() if name in given]
+        if training or routing:
+            raise UserError(
+                f"`score reward apply` scores with a stored reward model (--model-id), so "
+                f"{', '.join(training + routing)} would go unused: train with "
+                "`convoscope score` or `score reward train` (--reward-model DIR scores with "
+                "your own model there)"
+            )
+    elif args.what == ["reward", "train"] and routing:
+        raise UserError(
+            f"`score reward train` leaves routing and leaderboards as `score` made them, so "
+            f"{', '.join(routing)} would go unused: give them to `convoscope score`"
+        )
 
 
 def _expert_costs(path: Path) -> dict[str, float]:
