@@ -122,6 +122,22 @@ def signal_labels(frame: pd.DataFrame, config: LabelConfig = LabelConfig()) -> p
     return out
 
 
+def rating_scale_warning(frame: pd.DataFrame, config: LabelConfig = LabelConfig()) -> str | None:
+    """What to say when logged ratings fall outside the rating scale, else None. They are
+    clipped to its ends, so a log rated 1-10 read on the default 1:5 scale labelled a 6 and
+    a 10 alike as fully good, and said nothing."""
+    ratings = _column(frame, "rating").dropna()
+    outside = ratings[(ratings < config.rating_min) | (ratings > config.rating_max)]
+    if outside.empty:
+        return None
+    return (
+        f"{len(outside)} of {len(ratings)} ratings lie outside the rating scale "
+        f"{config.rating_min:g}:{config.rating_max:g} (logged: {ratings.min():g} to "
+        f"{ratings.max():g}), and count as its nearest end; give --rating-scale MIN:MAX "
+        "for this log's scale"
+    )
+
+
 def _conversations_go_on(frame: pd.DataFrame, turns: pd.Series) -> pd.Series:
     """Per row: does its source hold any conversation with a user turn after an answer?"""
     sources = frame["source"] if "source" in frame.columns else pd.Series("", index=frame.index)

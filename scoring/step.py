@@ -30,7 +30,7 @@ from sqlalchemy.engine import Engine
 from ingest.embed_step import EmbedConfig
 from scoring.bradley_terry import BTConfig, leaderboard, predicted_battles
 from scoring.features import prompt_features
-from scoring.labels import LabelConfig, joint_labels
+from scoring.labels import LabelConfig, joint_labels, rating_scale_warning
 from scoring.predictor import PredictorConfig, WinPredictor
 from scoring.reward_head import STRUCTURAL_HEAD, HeadConfig
 from scoring.reward_lexical import LexicalConfig
@@ -131,12 +131,14 @@ def score_all(engine: Engine, *, config: ScoreConfig) -> dict[str, Any]:
     labels = joint_labels(frame, config.labels)
     prompt_hashes, encoder = embedded_hashes(engine, list(frame["id"]), config.embed, "prompt")
     reward = train_reward(engine, frame, labels.frame, battles, config)
+    warnings = [w for w in (rating_scale_warning(frame, config.labels),) if w]
     result: dict[str, Any] = {
         "exchanges": len(frame),
         "labels": labels.counts,
         "mode": "external" if config.reward_model_dir else config.mode,
         "reward_model": reward.model_id,
         "reward_metrics": reward.metrics,
+        "warnings": warnings,
     }
     # The prompts' features, computed once: the predictor and every cluster's routing read them.
     prompt_feats = prompt_features(frame["prompt"].fillna(""))
@@ -158,10 +160,10 @@ def score_all(engine: Engine, *, config: ScoreConfig) -> dict[str, Any]:
         )
         unknown = sorted(set(config.costs or ()) - set(predictor.experts))
         if unknown:  # a typo would otherwise leave that expert silently without a cost
-            result["warnings"] = [
+            warnings.append(
                 f"--costs names experts the predictor does not know: {', '.join(unknown)} "
                 f"(known: {', '.join(sorted(predictor.experts))})"
-            ]
+            )
     counts = _cluster_reports(
         engine,
         frame,
@@ -244,6 +246,7 @@ def train_reward_only(engine: Engine, *, config: ScoreConfig) -> dict[str, Any]:
         "mode": "external" if config.reward_model_dir else config.mode,
         "reward_model": reward.model_id,
         "reward_metrics": reward.metrics,
+        "warnings": [w for w in (rating_scale_warning(frame, config.labels),) if w],
         **_refresh_reports(
             engine, frame, _Rewards(reward.scores, f"reward:{reward.model_id}"), battles, config
         ).as_dict(),

@@ -412,6 +412,30 @@ def test_score_refuses_bad_fine_tuning_flags(
     assert refused.returncode == 2 and message in refused.stderr
 
 
+def test_ratings_outside_the_rating_scale_are_said(tmp_path: Path) -> None:
+    """A log rated 1-10, scored on the default 1:5 scale, read every rating of 5 or more as
+    fully good (a 6 and a 10 alike) and said nothing: it is now a warning that names the
+    ratings logged and the option, and the right scale clears it."""
+    log = tmp_path / "rated.jsonl"
+    with log.open("w") as handle:
+        for i in range(30):
+            messages = [
+                {"role": "user", "content": f"Rate my haiku number {i}"},
+                {"role": "assistant", "content": "Lovely. " * (i % 5 + 1), "rating": i % 10 + 1},
+            ]
+            handle.write(json.dumps({"messages": messages, "model": "bot"}) + "\n")
+    db = f"duckdb:///{tmp_path / 'rated.duckdb'}"
+    assert convoscope("ingest", str(log), db=db, cwd=tmp_path).returncode == 0
+    train = ["score", "reward", "train", "--mode", "head", "--json"]
+    scored = convoscope(*train, db=db, cwd=tmp_path)
+    assert scored.returncode == 0, scored.stderr
+    (warning,) = json.loads(scored.stdout)["warnings"]
+    assert warning.startswith("15 of 30 ratings lie outside the rating scale 1:5 (logged: 1 to 10)")
+    assert warning in scored.stderr and "--rating-scale" in warning
+    rescaled = convoscope(*train, "--rating-scale", "1:10", db=db, cwd=tmp_path)
+    assert rescaled.returncode == 0 and json.loads(rescaled.stdout)["warnings"] == []
+
+
 @pytest.mark.parametrize(
     ("words", "named"),
     [

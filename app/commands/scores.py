@@ -104,8 +104,9 @@ def score(args: argparse.Namespace) -> dict[str, Any]:
             applied = apply_reward(engine, model_id=args.model_id, embed=config.embed)
             return {**applied, **refresh_reports(engine, config=config).as_dict()}
         if args.what == ["reward", "train"]:
-            return train_reward_only(engine, config=config)
-        result = score_all(engine, config=config)
+            result = train_reward_only(engine, config=config)
+        else:
+            result = score_all(engine, config=config)
     except EmbedderError as error:  # --model, or the embedder a stored head was trained on
         raise UserError(str(error)) from error
     finally:
