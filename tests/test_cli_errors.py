@@ -450,6 +450,21 @@ def test_a_step_on_stored_data_never_creates_a_database_from_a_typo(
     assert f"no database at {typo}: check --db" in err and not typo.exists()
 
 
+@pytest.mark.parametrize("prompts", [["how do I reset my password"], ["--file", "prompts.txt"]])
+def test_route_export_with_prompts_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], prompts: list[str]
+) -> None:
+    """`route TEXT --export F` (or `--file P --export F`) wrote the table and routed none of
+    the prompts, saying nothing of them: refused before the database is read."""
+    (tmp_path / "prompts.txt").write_text("how do I reset my password\n")
+    table = tmp_path / "table.json"
+    code, out, err = cli(
+        capsys, "--db", str(tmp_path / "x.duckdb"), "route", *prompts, "--export", str(table)
+    )
+    assert code == 2 and out == "" and "routes no prompt: give it alone" in err
+    assert not table.exists()
+
+
 def test_hints_name_what_is_stored_and_what_is_wrong(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

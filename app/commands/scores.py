@@ -341,6 +341,8 @@ def route(args: argparse.Namespace) -> dict[str, Any]:
     from scoring.step import load_predictor
 
     if args.export:
+        if args.text is not None or args.file:  # it wrote the table and routed nothing
+            raise UserError("--export writes the routing table and routes no prompt: give it alone")
         return _export_routing_table(args)
     prompts, lines, rejected = _route_prompts(args)  # a bad prompt is said before any work
     engine = open_database(args.db, read_only=True)  # reads only: beside other readers
