@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ingest.files import UTF8_BOM
+
 
 @dataclass(frozen=True, slots=True)
 class LineRecord:
@@ -62,6 +64,8 @@ def read_line_file(
     rejects: list[LineReject] = []
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, 1):
+            if number == 1:  # a Windows editor's BOM is no part of the first line, as in ingest
+                raw = raw.removeprefix(UTF8_BOM)
             try:
                 text = raw.decode("utf-8").strip()
             except UnicodeDecodeError as error:

@@ -50,6 +50,21 @@ def test_plain_lines_are_the_plain_field(tmp_path: Path) -> None:
     assert [(r.line, r.field, r.reason) for r in rejects] == [(3, "prompt", "missing")]
 
 
+def test_a_utf8_bom_is_no_part_of_the_first_line(tmp_path: Path) -> None:
+    """A file saved with a BOM (Windows editors, Excel) lost its first line to `reward
+    --file` as "not JSON", and `route --file` routed that line's JSON text as the prompt."""
+    path = tmp_path / "prompts.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "Plan a trip", "response": "Go"}\n')
+    records, rejects = read_line_file(path, ("prompt", "response"))
+    assert [r.fields for r in records] == [{"prompt": "Plan a trip", "response": "Go"}]
+    assert rejects == []
+    records, rejects = read_line_file(path, ("prompt",), plain_field="prompt")
+    assert [r.fields for r in records] == [{"prompt": "Plan a trip"}] and rejects == []
+    path.write_bytes(b"\xef\xbb\xbfHow do I sort a list?\n")
+    records, _ = read_line_file(path, ("prompt",), plain_field="prompt")
+    assert [r.fields for r in records] == [{"prompt": "How do I sort a list?"}]
+
+
 def test_a_line_with_the_alternative_fields_must_have_all_of_them(tmp_path: Path) -> None:
     path = tmp_path / "mixed.jsonl"
     path.write_text(
