@@ -465,6 +465,15 @@ def test_route_export_with_prompts_is_refused(
     assert not table.exists()
 
 
+@pytest.mark.parametrize("command", [["reward", "--file"], ["route", "--file"]])
+def test_a_folder_given_as_the_file_of_lines_is_named_a_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    """`reward --file DIR` said "no such file: DIR" of a path that is there."""
+    code, _, err = cli(capsys, "--db", str(tmp_path / "x.duckdb"), *command, str(tmp_path))
+    assert code == 2 and f"{tmp_path} is a folder: give the file of lines to read" in err
+
+
 def test_hints_name_what_is_stored_and_what_is_wrong(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

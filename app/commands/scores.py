@@ -319,6 +319,8 @@ def _read_line_file(
 ) -> tuple[list[LineRecord], list[dict[str, Any]]]:
     """A file's good lines, and its bad ones (warned about on stderr); no good line is an
     error. `shapes`: read_line_file's plain_field, alternative, optional and checks."""
+    if path.is_dir():  # "no such file" sent people looking for a path that is there
+        raise UserError(f"{path} is a folder: give the file of lines to read")
     if not path.is_file():
         raise UserError(f"no such file: {path}")
     records, rejects = read_line_file(path, fields, **shapes)
