@@ -21,7 +21,7 @@ from ingest.pipeline import IngestConfig, ingest_paths
 from scoring.features import FEATURE_NAMES
 from scoring.labels import LabelConfig
 from scoring.reward_head import HeadConfig
-from scoring.reward_step import TrainedReward, exchange_embeddings, train_head
+from scoring.reward_step import TrainedReward, exchange_embeddings, reward_members, train_head
 from scoring.step import (
     ReportCounts,
     ScoreConfig,
@@ -445,13 +445,18 @@ def test_ratings_outside_the_rating_scale_are_said(tmp_path: Path) -> None:
         (["reward", "apply", "--predicted-battles", "0"], "--predicted-battles"),
         (["reward", "train", "--costs", "costs.json", "--route-cheapest"], "--costs, --route"),
         (["reward", "--cost-tolerance", "0.1", "train"], "--cost-tolerance"),
+        (["--mode", "head", "--steps", "1600"], "--mode head fine-tunes no model, so --steps"),
+        (["reward", "train", "--mode", "lexical", "--epochs", "5"], "trains no head, so --epochs"),
+        (["--reward-model", "my-model", "--mode", "ensemble"], "so --mode would go unused"),
     ],
 )
 def test_score_reward_refuses_options_it_would_not_read(
     tmp_path: Path, words: list[str], named: str
 ) -> None:
-    """`score reward apply --reward-model DIR` applied the stored model, and `score reward
-    train --costs F` chose no cheaper expert, each saying nothing: refused before any work."""
+    """`score reward apply --reward-model DIR` applied the stored model, `score reward train
+    --costs F` chose no cheaper expert, `--mode head --steps N` fine-tuned nothing and
+    `--reward-model DIR --mode ensemble` trained nothing, each saying nothing: refused before
+    any work."""
     db = f"duckdb:///{tmp_path / 'never.duckdb'}"
     refused = convoscope("score", *words, db=db, cwd=tmp_path)
     assert refused.returncode == 2 and named in refused.stderr
@@ -591,12 +596,13 @@ def test_reward_train_finetune_then_apply(scored_db: str, tmp_path: Path) -> Non
 
 
 def _train_reward(mode: str, db: str, cwd: Path) -> dict:
-    """`score reward train --mode MODE` with two CPU fine-tuning steps on 32 tokens (every
-    exchange is scored again after each: at the default 128, most of the test's minutes);
-    its --json result."""
+    """`score reward train --mode MODE`, when it fine-tunes with two CPU steps on 32 tokens
+    (every exchange is scored again after each: at the default 128, most of the test's
+    minutes); its --json result."""
+    finetune = ["--steps", "2", "--max-length", "32"] if "finetune" in reward_members(mode) else []
     trained = convoscope(
-        "score", "reward", "train", "--mode", mode, "--steps", "2", "--device", "cpu",
-        "--max-length", "32", "--json", db=db, cwd=cwd,
+        "score", "reward", "train", "--mode", mode, *finetune, "--device", "cpu", "--json",
+        db=db, cwd=cwd,
     )  # fmt: skip
     assert trained.returncode == 0, trained.stderr
     return json.loads(trained.stdout)

@@ -44,9 +44,10 @@ def score(args: argparse.Namespace) -> dict[str, Any]:
         )
     _refuse_unread_options(args)
     try:
-        reward_members(args.mode)
+        members = reward_members(args.mode)
     except ValueError as error:
         raise UserError(str(error)) from None
+    _refuse_unread_member_options(args, members)
     if args.steps < 1:
         raise UserError("--steps must be at least 1")
     if args.epochs is not None and args.epochs < 1:
@@ -165,6 +166,41 @@ def _refuse_unread_options(args: argparse.Namespace) -> None:
             f"`score reward train` leaves routing and leaderboards as `score` made them, so "
             f"{', '.join(routing)} would go unused: give them to `convoscope score`"
         )
+
+
+# The options of one reward member each (dest → flag).
+_FINETUNE_OPTIONS = {
+    "steps": "--steps",
+    "max_length": "--max-length",
+    "finetune_batch_size": "--finetune-batch-size",
+}
+_HEAD_OPTIONS = {"epochs": "--epochs"}
+
+
+def _refuse_unread_member_options(args: argparse.Namespace, members: tuple[str, ...]) -> None:
+    """Options of reward members that will not be trained were silently unused: `--mode head
+    --steps 1600` fine-tuned nothing, and `--reward-model DIR --mode ensemble` scored with DIR
+    alone. Refused, naming them."""
+    given = getattr(args, "options_given", frozenset())
+    if args.reward_model:
+        options = {"mode": "--mode", **_FINETUNE_OPTIONS, **_HEAD_OPTIONS}
+        unread = [flag for name, flag in options.items() if name in given]
+        if unread:
+            raise UserError(
+                f"--reward-model scores with your own model and trains none, so "
+                f"{', '.join(unread)} would go unused"
+            )
+        return
+    for member, options, doing in (
+        ("finetune", _FINETUNE_OPTIONS, "fine-tunes no model"),
+        ("head", _HEAD_OPTIONS, "trains no head"),
+    ):
+        unread = [flag for name, flag in options.items() if name in given]
+        if unread and member not in members:
+            raise UserError(
+                f"--mode {args.mode} {doing}, so {', '.join(unread)} would go unused "
+                f"(add {member} to --mode, e.g. --mode {args.mode}+{member})"
+            )
 
 
 def _expert_costs(path: Path) -> dict[str, float]:
