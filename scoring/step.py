@@ -433,9 +433,14 @@ def _holdout(frame: pd.DataFrame, battles: pd.DataFrame, share: float, seed: int
     """A boolean mask holding out whole conversations, so no conversation leaks across, with
     a battle's two answers on one side. Each answer of a battles file is a conversation of its
     own: held out one by one, a battle fell on both sides and counted on neither (of 301
-    battles, 13 were held out whole and a third were lost to training and measure alike)."""
+    battles, 13 were held out whole and a third were lost to training and measure alike).
+    A single conversation (or battles all linked into one) cannot be split: it was held out
+    whole, and training on nothing failed with "no training row has a known signal" of rows
+    that had them; it is trained on whole, with no held-out measure."""
     groups = _battle_linked(frame, battles)
     unique = groups.unique()
+    if len(unique) < 2:
+        return np.zeros(len(frame), dtype=bool)
     rng = np.random.default_rng(seed)
     held = set(rng.choice(unique, size=max(1, int(len(unique) * share)), replace=False))
     return groups.isin(held).to_numpy()

@@ -436,6 +436,30 @@ def test_ratings_outside_the_rating_scale_are_said(tmp_path: Path) -> None:
     assert rescaled.returncode == 0 and json.loads(rescaled.stdout)["warnings"] == []
 
 
+def test_a_log_of_one_conversation_trains_on_it(tmp_path: Path) -> None:
+    """One conversation, every answer rated or thumbed: the held-out 20 % of conversations
+    took it whole and `score` refused with "no training row has a known signal", which
+    every row had. It is now trained on whole, with no held-out measure to report."""
+    messages = []
+    for turn in range(6):
+        signal = {"rating": 5} if turn % 2 else {"thumbs": -1}
+        messages += [
+            {"role": "user", "content": f"Question {turn} about Rust lifetimes"},
+            {"role": "assistant", "content": "Borrow it. " * (turn + 1), **signal},
+        ]
+    log = tmp_path / "one.jsonl"
+    log.write_text(json.dumps({"messages": messages, "model": "solo"}) + "\n")
+    db = f"duckdb:///{tmp_path / 'one.duckdb'}"
+    assert convoscope("ingest", str(log), db=db, cwd=tmp_path).returncode == 0
+    trained = convoscope(
+        "score", "reward", "train", "--mode", "head", "--json", db=db, cwd=tmp_path
+    )
+    assert trained.returncode == 0, trained.stderr
+    result = json.loads(trained.stdout)
+    assert result["labels"]["joint"]["known"] == 6
+    assert result["reward_metrics"] == {"held_out_exchanges": 0}
+
+
 @pytest.mark.parametrize(
     ("words", "named"),
     [
