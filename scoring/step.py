@@ -663,9 +663,13 @@ def _leaderboard_of(
     `predicted_battles`, how many of the estimate's each expert's rating also rests on.
 
     A battle with an answer that names no model (a judge's verdict on a replay of a log
-    that names none) ranks no expert against another: it is left out, as the win predictor
-    and the UI's leaderboard leave it out."""
-    mine = mine.dropna(subset=["model_a", "model_b"]) if len(mine) else mine
+    that names none) ranks no expert against another, nor does one of an expert against
+    itself (a judge's verdict on a replay by the same model with a new instruction): it
+    counted as two of that expert's battles with one win, so its battles and win rate
+    were off. Both are left out, as the UI's leaderboard leaves them out."""
+    if len(mine):
+        mine = mine[mine["model_a"].notna() & mine["model_b"].notna()]
+        mine = mine[mine["model_a"] != mine["model_b"]]
     parts = [
         frame[[c for c in ("model_a", "model_b", "winner", "outcome", "predicted") if c in frame]]
         for frame in (mine, estimate)

@@ -782,15 +782,15 @@ def routing_rows(engine: Engine, run_id: str) -> list[Row]:
 
 
 def battle_models(engine: Engine, flt: ViewFilter) -> list[Row]:
-    """(model_a, model_b, winner) of every judged battle whose two sides pass the filter:
-    the input of a global leaderboard."""
+    """(model_a, model_b, winner) of every judged battle of two experts whose two sides pass
+    the filter: the input of a global leaderboard (an expert against itself ranks nothing)."""
     a, b = exchanges.alias("a"), exchanges.alias("b")
     query = sa.select(
         a.c.model.label("model_a"), b.c.model.label("model_b"), battles.c.winner
     ).select_from(
         battles.join(a, a.c.id == battles.c.exchange_a).join(b, b.c.id == battles.c.exchange_b)
     )
-    query = query.where(a.c.model.is_not(None), b.c.model.is_not(None))
+    query = query.where(a.c.model.is_not(None), b.c.model.is_not(None), a.c.model != b.c.model)
     if flt.models:
         query = query.where(a.c.model.in_(flt.models), b.c.model.in_(flt.models))
     if flt.sources:

@@ -436,6 +436,53 @@ def test_ratings_outside_the_rating_scale_are_said(tmp_path: Path) -> None:
     assert rescaled.returncode == 0 and json.loads(rescaled.stdout)["warnings"] == []
 
 
+def test_a_battle_of_an_expert_against_itself_is_in_no_leaderboard(tmp_path: Path) -> None:
+    """A judge's verdict on a replay by the same model with a new instruction is a battle of
+    that expert against itself: it counted as two of its battles with one win, so a cluster
+    leaderboard (and the UI's) gave it more battles and a win rate nearer 0.5 than it had."""
+    from storage.views import ViewFilter, battle_models
+
+    battles = tmp_path / "battles.jsonl"
+    with battles.open("w") as handle:
+        for i in range(24):
+            self_battle = i % 4 == 0
+            line = {
+                "prompt": f"Name a {['river', 'mountain'][i % 2]} number {i}",
+                "model_a": "steady",
+                "response_a": f"Here is one answer, number {i}.",
+                "model_b": "steady" if self_battle else "rival",
+                "response_b": f"Another answer {i}, longer than the first one here.",
+                "winner": "model_b",
+            }
+            handle.write(json.dumps(line) + "\n")
+    db = f"duckdb:///{tmp_path / 'self.duckdb'}"
+    engine = open_database(db)
+    config = IngestConfig(progress=False, rejects_path=tmp_path / "rejects.jsonl")
+    ingest_paths([battles], engine=engine, config=config)
+    cluster_exchanges(
+        engine,
+        config=ClusterStepConfig(
+            embed=EmbedConfig(device="cpu", progress=False), topics=ClusterConfig(layout=False)
+        ),
+        reducer=pca_reducer(5),
+        clusterer=kmeans_clusterer(2),
+    )
+    engine.dispose()
+    scored = convoscope("score", "--mode", "head", db=db, cwd=tmp_path)
+    assert scored.returncode == 0, scored.stderr
+    engine = open_database(db)
+    reports = load_cluster_reports(engine, latest_run(engine)["id"])  # the two topics
+    ui_battles = battle_models(engine, ViewFilter())
+    engine.dispose()
+    lines = [line for r in reports.values() for line in r["leaderboard"]]
+    judged = {
+        m: sum(line["battles"] for line in lines if line["model"] == m) for m in ("steady", "rival")
+    }
+    assert judged == {"steady": 18, "rival": 18}  # the 6 battles of `steady` against itself: none
+    assert all(line["win_rate"] in (0.0, 1.0) for line in lines)
+    assert len(ui_battles) == 18
+
+
 def test_a_log_of_one_conversation_trains_on_it(tmp_path: Path) -> None:
     """One conversation, every answer rated or thumbed: the held-out 20 % of conversations
     took it whole and `score` refused with "no training row has a known signal", which
