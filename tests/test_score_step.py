@@ -380,6 +380,7 @@ def test_an_older_head_on_fast_vectors_still_scores(tmp_path: Path) -> None:
         ('{"a": "cheap"}', "the cost of 'a' must be a number"),
         ('{"a": -1}', "the cost of 'a' must be a number"),
         ("{nope", "not JSON"),
+        ('\ufeff{"a": -1}', "the cost of 'a' must be a number"),  # a BOM: JSON all the same
     ],
 )
 def test_score_refuses_a_bad_costs_file(tmp_path: Path, content: str | None, message: str) -> None:

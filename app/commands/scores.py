@@ -205,9 +205,10 @@ def _refuse_unread_member_options(args: argparse.Namespace, members: tuple[str, 
 
 def _expert_costs(path: Path) -> dict[str, float]:
     """`--costs FILE`: a JSON object of expert name → cost (per request, per token: any unit,
-    only the order matters)."""
+    only the order matters). A BOM (a Windows editor's) is no part of the JSON: it was
+    refused as "not JSON"."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise UserError(f"no such file: {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
