@@ -532,17 +532,27 @@ def score_texts(
     reward_model_dir: str | None = None,
 ) -> tuple[np.ndarray, str]:
     """Rewards for (prompt, response) pairs from a file: the newest stored reward model (of
-    any kind), or a user's model directory (no database needed: `engine` may be None)."""
+    any kind), or a user's model directory (no database needed: `engine` may be None).
+
+    Each distinct pair is scored once and its reward given to every copy: scored at two
+    places of a batch, the same pair came out some 1e-7 apart (float32 batch arithmetic), so
+    a battle of two identical answers preferred one of them rather than a tie."""
+    given = list(zip(prompts, responses, strict=True))
+    unique = list(dict.fromkeys(given))
+    prompts, responses = [p for p, _ in unique], [r for _, r in unique]
     if reward_model_dir:
         from scoring.reward_model import SequenceClassifierReward
 
         scorer = SequenceClassifierReward(reward_model_dir)
-        return scorer.score(prompts, responses), reward_model_dir
-    if engine is None:
+        scores, model = np.asarray(scorer.score(prompts, responses)), reward_model_dir
+    elif engine is None:
         raise ValueError("scoring with a stored reward model needs its database")
-    stored = _stored_reward(engine, None)
-    scores = _model_scores(engine, stored, lambda one: _file_scores(one, prompts, responses))
-    return scores, stored["id"]
+    else:
+        stored = _stored_reward(engine, None)
+        scores = _model_scores(engine, stored, lambda one: _file_scores(one, prompts, responses))
+        model = stored["id"]
+    at = {pair: i for i, pair in enumerate(unique)}
+    return scores[[at[pair] for pair in given]], model
 
 
 def _file_scores(stored: dict[str, Any], prompts: list[str], responses: list[str]) -> np.ndarray:

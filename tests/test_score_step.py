@@ -484,6 +484,28 @@ def test_a_battle_of_an_expert_against_itself_is_in_no_leaderboard(tmp_path: Pat
     assert len(ui_battles) == 18
 
 
+def test_a_battle_of_two_identical_answers_is_a_tie(tmp_path: Path) -> None:
+    """`reward --file` scored the same answer at two places of a batch some 1e-7 apart, so a
+    battle of two identical answers named one of them preferred rather than a tie."""
+    from tests.tiny_reward_model import tiny_classifier
+
+    own = tiny_classifier(tmp_path / "own-reward-model")
+    lines = tmp_path / "same.jsonl"
+    with lines.open("w") as handle:
+        for i in range(40):
+            answer = "The moon orbits the earth. " * (i + 1)
+            line = {"prompt": "Tell me about the moon " * (i % 3 + 1), "winner": "tie"}
+            handle.write(json.dumps({**line, "response_a": answer, "response_b": answer}) + "\n")
+    db = f"duckdb:///{tmp_path / 'none.duckdb'}"
+    scored = convoscope(
+        "reward", "--file", str(lines), "--reward-model", str(own), "--json", db=db, cwd=tmp_path
+    )
+    assert scored.returncode == 0, scored.stderr
+    battles = json.loads(scored.stdout)["battles"]
+    assert len(battles) == 40
+    assert all(b["reward_a"] == b["reward_b"] and b["preferred"] == "tie" for b in battles)
+
+
 def test_a_log_of_one_conversation_trains_on_it(tmp_path: Path) -> None:
     """One conversation, every answer rated or thumbed: the held-out 20 % of conversations
     took it whole and `score` refused with "no training row has a known signal", which
