@@ -172,7 +172,10 @@ def rank_clusters(
                 reason=_reason(mean, lo, hi, overall, traffic, rates, overall_rates, config),
             )
         )
-    return sorted(results, key=lambda r: (-r.weakness, r.reward_lower, r.cluster_id))
+    # Equal weakness (0 for every cluster not below the overall mean) goes lowest mean reward
+    # first, as `clusters` and the UI list topics: by the CI's lower bound, a group's weakest
+    # topics put a wide-CI topic that does better before one that does worse.
+    return sorted(results, key=lambda r: (-r.weakness, r.mean_reward, r.cluster_id))
 
 
 def _reason(

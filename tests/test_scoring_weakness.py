@@ -120,6 +120,23 @@ def test_bootstrap_of_a_large_group_keeps_memory_bounded_and_the_same_interval()
     )
 
 
+def test_equally_weak_clusters_rank_lowest_mean_reward_first() -> None:
+    """Two topics above the overall mean (weakness 0) ranked by their CI's lower bound, so a
+    group's weakest topics named a wide-CI topic with mean 0.5 before a steady one with mean
+    0.3, the other way round from the topic list of the same `clusters` output."""
+    from scoring.step import group_reports
+
+    rows = [("low", -1.0)] * 60 + [("steady", 0.3 + 0.01 * (i % 2)) for i in range(20)]
+    rows += [("wide", -0.5 if i % 2 else 1.5) for i in range(20)]
+    frame = pd.DataFrame(rows, columns=["cluster_id", "reward"])
+    ranked = rank_clusters(frame)
+    assert [r.cluster_id for r in ranked] == ["low", "steady", "wide"]
+    wide = ranked[2]
+    assert wide.weakness == ranked[1].weakness == 0.0 and wide.reward_lower < ranked[1].reward_lower
+    groups = group_reports(frame, {"low": "g1", "steady": "g1", "wide": "g1"}, ranked)
+    assert [t["id"] for t in groups["g1"]["weakest_topics"]] == ["low", "steady", "wide"]
+
+
 def test_clusters_lists_equally_weak_topics_lowest_reward_first(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
