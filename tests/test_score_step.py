@@ -539,6 +539,7 @@ def test_a_log_of_one_conversation_trains_on_it(tmp_path: Path) -> None:
         (["reward", "apply", "--predicted-battles", "0"], "--predicted-battles"),
         (["reward", "train", "--costs", "costs.json", "--route-cheapest"], "--costs, --route"),
         (["reward", "--cost-tolerance", "0.1", "train"], "--cost-tolerance"),
+        (["--cost-tolerance", "0.1"], "--cost-tolerance would go unused without --costs"),
         (["--mode", "head", "--steps", "1600"], "--mode head fine-tunes no model, so --steps"),
         (["reward", "train", "--mode", "lexical", "--epochs", "5"], "trains no head, so --epochs"),
         (["--reward-model", "my-model", "--mode", "ensemble"], "so --mode would go unused"),

@@ -61,6 +61,11 @@ def score(args: argparse.Namespace) -> dict[str, Any]:
     costs = _expert_costs(args.costs) if args.costs else None
     if args.route_cheapest and not costs:
         raise UserError("--route-cheapest needs --costs FILE")
+    if "cost_tolerance" in getattr(args, "options_given", ()) and not costs:  # else unused
+        raise UserError(
+            "--cost-tolerance would go unused without --costs FILE: it is how far the "
+            "cheapest expert's win rate may fall behind the best's"
+        )
     if args.reward_model:
         _check_reward_model(args.reward_model)
     if not any(getattr(args, f"alpha_{signal}") for signal in SIGNALS):
