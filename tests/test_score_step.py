@@ -540,6 +540,8 @@ def test_a_log_of_one_conversation_trains_on_it(tmp_path: Path) -> None:
         (["reward", "train", "--costs", "costs.json", "--route-cheapest"], "--costs, --route"),
         (["reward", "--cost-tolerance", "0.1", "train"], "--cost-tolerance"),
         (["--cost-tolerance", "0.1"], "--cost-tolerance would go unused without --costs"),
+        (["reward", "apply", "--fast"], "trained on, so --fast would go unused"),
+        (["reward", "train", "--model", "m", "--batch-size", "8"], "embeds nothing"),
         (["--mode", "head", "--steps", "1600"], "--mode head fine-tunes no model, so --steps"),
         (["reward", "train", "--mode", "lexical", "--epochs", "5"], "trains no head, so --epochs"),
         (["--reward-model", "my-model", "--mode", "ensemble"], "so --mode would go unused"),

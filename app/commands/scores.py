@@ -166,11 +166,34 @@ def _refuse_unread_options(args: argparse.Namespace) -> None:
                 "`convoscope score` or `score reward train` (--reward-model DIR scores with "
                 "your own model there)"
             )
+        embedder = [
+            flag for name, flag in (("model", "--model"), ("fast", "--fast")) if name in given
+        ]
+        if embedder:  # the stored model's own embedder is loaded whatever is asked
+            raise UserError(
+                f"`score reward apply` reads with the embedder the stored model was trained "
+                f"on, so {', '.join(embedder)} would go unused"
+            )
     elif args.what == ["reward", "train"] and routing:
         raise UserError(
             f"`score reward train` leaves routing and leaderboards as `score` made them, so "
             f"{', '.join(routing)} would go unused: give them to `convoscope score`"
         )
+    elif args.what == ["reward", "train"]:
+        embedder = [
+            flag
+            for name, flag in (
+                ("model", "--model"),
+                ("fast", "--fast"),
+                ("batch_size", "--batch-size"),
+            )
+            if name in given
+        ]
+        if embedder:  # the reward members read texts; only `score`'s win predictor embeds
+            raise UserError(
+                f"`score reward train` embeds nothing (the reward models read the texts), so "
+                f"{', '.join(embedder)} would go unused: give them to `convoscope score`"
+            )
 
 
 # The options of one reward member each (dest → flag).
