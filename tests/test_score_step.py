@@ -506,6 +506,25 @@ def test_a_battle_of_two_identical_answers_is_a_tie(tmp_path: Path) -> None:
     assert all(b["reward_a"] == b["reward_b"] and b["preferred"] == "tie" for b in battles)
 
 
+def test_fine_tuning_on_a_gpu_that_is_not_there_is_refused(tmp_path: Path) -> None:
+    """`score reward train --mode ensemble --device cuda` on a machine without CUDA stored the
+    head and lexical members, then failed in torch with an AssertionError traceback."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    log = _signal_log(tmp_path / "chats.jsonl")
+    db = f"duckdb:///{tmp_path / 'gpu.duckdb'}"
+    assert convoscope("ingest", str(log), db=db, cwd=tmp_path).returncode == 0
+    train = ["score", "reward", "train", "--mode", "ensemble", "--steps", "1", "--max-length", "16"]
+    refused = convoscope(*train, "--device", "cuda", db=db, cwd=tmp_path)
+    assert refused.returncode == 2
+    assert "device 'cuda' was asked for but torch sees no CUDA GPU" in refused.stderr
+    engine = open_database(db)
+    assert latest_model(engine, "reward_head") is None  # nothing trained, nothing stored
+    engine.dispose()
+
+
 def test_a_log_of_one_conversation_trains_on_it(tmp_path: Path) -> None:
     """One conversation, every answer rated or thumbed: the held-out 20 % of conversations
     took it whole and `score` refused with "no training row has a known signal", which

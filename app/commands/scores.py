@@ -27,7 +27,7 @@ def score(args: argparse.Namespace) -> dict[str, Any]:
     """`score` (everything), `score reward train` or `score reward apply`."""
     from dataclasses import replace
 
-    from ingest.embed import EmbedderError
+    from ingest.embed import EmbedderError, resolve_device
     from scoring.labels import SIGNALS, LabelConfig
     from scoring.reward_head import STRUCTURAL_HEAD
     from scoring.reward_model import FineTuneConfig
@@ -48,6 +48,10 @@ def score(args: argparse.Namespace) -> dict[str, Any]:
     except ValueError as error:
         raise UserError(str(error)) from None
     _refuse_unread_member_options(args, members)
+    try:  # fine-tuning asked for `cuda` on a machine without one failed in torch's `.to()`
+        resolve_device(args.device)  # with a traceback, after the other members were stored
+    except EmbedderError as error:
+        raise UserError(str(error)) from None
     if args.steps < 1:
         raise UserError("--steps must be at least 1")
     if args.epochs is not None and args.epochs < 1:
