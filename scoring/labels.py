@@ -6,7 +6,9 @@ the signals it has. Following Chai, a response is bad when it was retried (regen
 edited, or the user left within K turns; good when the user went on for at least N more turns
 without retrying or editing; ratings, thumbs and battle outcomes add their own evidence. An unknown
 signal (None / NaN) contributes nothing: it is never read as 0, so rows with no signal at all
-get a NaN label and weight 0 rather than a fake "bad". Leaving says something only where
+get a NaN label and weight 0 rather than a fake "bad". A flag a log marks where it happened
+(retried, edited) is known for every answer of a source that marks it at all (`source_flag`):
+unmarked there means not retried. Leaving says something only where
 staying was possible: in a source (a log file) whose conversations never go past one user turn
 (an API request log, a one-shot benchmark), every answer "ended" its conversation, so there the
 length signal is unknown rather than "bad" for every row.
@@ -96,8 +98,8 @@ def signal_labels(frame: pd.DataFrame, config: LabelConfig = LabelConfig()) -> p
     `ended_conversation`, `rating`, `thumbs`, and for battles `battle_wins` / `battle_count`
     (ties count half a win).
     """
-    retried = _column(frame, "retried")
-    edited = _column(frame, "edited")
+    retried = source_flag(frame, "retried")
+    edited = source_flag(frame, "edited")
     turns = _column(frame, "user_turns_after")
     ended = _column(frame, "ended_conversation")
     out = pd.DataFrame(index=frame.index)
@@ -138,11 +140,27 @@ def rating_scale_warning(frame: pd.DataFrame, config: LabelConfig = LabelConfig(
     )
 
 
+def source_flag(frame: pd.DataFrame, name: str) -> pd.Series:
+    """A flag a log marks where it happened (`retried`, `edited`) as float, NaN where unknown:
+    in a source (log file) that marks it on any answer, the unmarked answers were not retried
+    (0). Logs mark the answers a user regenerated ("retried": true, a regeneration found by
+    `--merge-history`) and say nothing of the rest; read as unknown, the retry label knew
+    only bad answers and every cluster's retry rate read 100 %."""
+    values = _column(frame, name)
+    if "source" not in frame.columns:  # which answers share a log is not known: no inference
+        return values
+    logged = values.notna().groupby(_sources(frame)).transform("any").astype(bool)
+    return values.where(values.notna() | ~logged, 0.0)
+
+
+def _sources(frame: pd.DataFrame) -> pd.Series:
+    sources = frame["source"] if "source" in frame.columns else pd.Series("", index=frame.index)
+    return sources.astype(object).where(sources.notna(), "")
+
+
 def _conversations_go_on(frame: pd.DataFrame, turns: pd.Series) -> pd.Series:
     """Per row: does its source hold any conversation with a user turn after an answer?"""
-    sources = frame["source"] if "source" in frame.columns else pd.Series("", index=frame.index)
-    sources = sources.astype(object).where(sources.notna(), "")
-    went_on = (turns > 0).groupby(sources).transform("any")
+    went_on = (turns > 0).groupby(_sources(frame)).transform("any")
     return went_on.astype(bool)
 
 

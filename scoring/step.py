@@ -30,7 +30,7 @@ from sqlalchemy.engine import Engine
 from ingest.embed_step import EmbedConfig
 from scoring.bradley_terry import BTConfig, leaderboard, predicted_battles
 from scoring.features import prompt_features
-from scoring.labels import LabelConfig, joint_labels, rating_scale_warning
+from scoring.labels import LabelConfig, joint_labels, rating_scale_warning, source_flag
 from scoring.predictor import PredictorConfig, WinPredictor
 from scoring.reward_head import STRUCTURAL_HEAD, HeadConfig
 from scoring.reward_lexical import LexicalConfig
@@ -315,6 +315,8 @@ def _cluster_data(
     rows = np.flatnonzero(pd.notna(cluster_of))
     columns = ["retried", "edited", "ended_conversation", "model", "conversation_id"]
     data = frame.iloc[rows][columns].set_axis(rows)
+    for flag in ("retried", "edited"):  # as the labels read them: per source
+        data[flag] = source_flag(frame, flag).to_numpy()[rows]
     data["cluster_id"] = cluster_of[rows]
     data["reward"] = rewards[rows]
     return data

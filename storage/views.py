@@ -166,6 +166,23 @@ def _rate(column: sa.ColumnElement[Any]) -> sa.ColumnElement[float]:
     return sa.func.avg(sa.case((column.is_(None), None), (column, 1.0), else_=0.0))
 
 
+def _flag_rate(name: str) -> sa.ColumnElement[float]:
+    """`_rate` of a flag a log marks where it happened (`retried`, `edited`): in a source that
+    marks it at all, an unmarked answer was not retried (0), as `scoring.labels.source_flag`
+    reads it; elsewhere it stays unknown. Read as unknown, only the retried answers were
+    known, and every retry rate was 100 %."""
+    column = exchanges.c[name]
+    marking = exchanges.alias("marking")
+    logged = sa.select(marking.c.source).where(marking.c[name].is_not(None)).distinct()
+    return sa.func.avg(
+        sa.case(
+            (column.is_not(None), sa.case((column, 1.0), else_=0.0)),
+            (exchanges.c.source.in_(logged), 0.0),
+            else_=None,
+        )
+    )
+
+
 def _json(text: str | None, default: Any) -> Any:
     return json.loads(text) if text else default
 
@@ -243,7 +260,7 @@ def overview(
         sa.func.count().label("exchanges"),
         sa.func.count(sa.distinct(exchanges.c.conversation_id)).label("conversations"),
         sa.func.count(sa.distinct(exchanges.c.model)).label("models"),
-        _rate(exchanges.c.retried).label("retry_rate"),
+        _flag_rate("retried").label("retry_rate"),
         _rate(exchanges.c.ended_conversation).label("end_rate"),
         (sa.func.avg(scores.c.value) if scorer else sa.null()).label("reward_mean"),
         (sa.func.count(assignments.c.cluster_id) if run_id else sa.literal(0)).label("assigned"),
@@ -274,7 +291,7 @@ def cluster_table(engine: Engine, run_id: str, flt: ViewFilter, *, scorer: str |
             assignments.c.cluster_id,
             sa.func.count().label("n"),
             (sa.func.avg(scores.c.value) if scorer else sa.null()).label("reward_filtered"),
-            _rate(exchanges.c.retried).label("retry_filtered"),
+            _flag_rate("retried").label("retry_filtered"),
             _rate(exchanges.c.ended_conversation).label("end_filtered"),
         )
         .select_from(_joined(run_id, scorer))
@@ -345,8 +362,8 @@ def group_table(engine: Engine, run_id: str, flt: ViewFilter, *, scorer: str | N
             topic.c.parent_id,
             sa.func.count().label("n"),
             (sa.func.avg(scores.c.value) if scorer else sa.null()).label("reward_filtered"),
-            _rate(exchanges.c.retried).label("retry_filtered"),
-            _rate(exchanges.c.edited).label("edit_filtered"),
+            _flag_rate("retried").label("retry_filtered"),
+            _flag_rate("edited").label("edit_filtered"),
             _rate(exchanges.c.ended_conversation).label("end_filtered"),
         )
         .select_from(

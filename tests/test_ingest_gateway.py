@@ -303,3 +303,47 @@ def test_the_option_on_a_format_without_histories_is_named_as_ignored(tmp_path: 
     assert summary.warnings == [
         f"{log}: --merge-history ignored: it merges OpenAI chat logs' lines (this file is sharegpt)"
     ]
+
+
+def test_retry_rates_count_the_answers_that_were_not_retried(tmp_path: Path) -> None:
+    """A regeneration found by --merge-history marks one answer retried and leaves the rest
+    of the log unmarked: the UI's retry rate, over known answers only, read 100 %. In a source
+    that marks retries the unmarked answers count as not retried; a log that marks none
+    stays unknown."""
+    from storage.views import ViewFilter, overview
+
+    chat = [{"role": "user", "content": "Plan a trip"}]
+    lines = [
+        {"conversation_id": "c1", "messages": [*chat, {"role": "assistant", "content": "No."}]},
+        {"conversation_id": "c1", "messages": [*chat, {"role": "assistant", "content": "Day 1"}]},
+    ]
+    for i in range(3):
+        lines.append(
+            {
+                "conversation_id": f"other{i}",
+                "messages": [
+                    {"role": "user", "content": f"question {i}"},
+                    {"role": "assistant", "content": f"answer {i}"},
+                ],
+            }
+        )
+    gateway = tmp_path / "gateway.jsonl"
+    gateway.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text(json.dumps({"messages": [*chat, {"role": "assistant", "content": "Hi"}]}))
+    db = f"duckdb:///{tmp_path / 'rates.duckdb'}"
+    engine = open_database(db)
+    config = IngestConfig(progress=False, rejects_path=tmp_path / "r.jsonl", merge_history=True)
+    ingest_paths([gateway], engine=engine, config=config)
+    stored = [row["retried"] for batch in iter_exchanges(engine) for row in batch]
+    assert sorted(stored, key=str) == [None] * 4 + [True]  # one regeneration marked
+    figures = overview(engine, None, ViewFilter(), scorer=None)
+    assert figures["retry_rate"] == pytest.approx(1 / 5)
+    ingest_paths(
+        [plain],
+        engine=engine,
+        config=IngestConfig(progress=False, rejects_path=tmp_path / "r2.jsonl"),
+    )
+    figures = overview(engine, None, ViewFilter(), scorer=None)
+    assert figures["retry_rate"] == pytest.approx(1 / 5)  # the other log says nothing of it
+    engine.dispose()

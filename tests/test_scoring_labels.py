@@ -93,3 +93,24 @@ def test_thresholds_and_rating_scale_are_configurable() -> None:
     assert ten.frame.loc[3, "label_rating"] == pytest.approx(4 / 9)
     with pytest.raises(ValueError, match="continued_at_least"):
         LabelConfig(ended_within=3, continued_at_least=2)
+
+
+def test_a_source_that_marks_retries_knows_every_answer_was_or_was_not_retried() -> None:
+    """Logs mark the answers a user regenerated and say nothing of the rest: read as unknown,
+    the retry label knew only bad answers. In a source that marks it at all, unmarked is 0;
+    a source that never marks it stays unknown."""
+    from scoring.labels import signal_labels, source_flag
+
+    frame = pd.DataFrame(
+        {
+            "source": ["gateway.jsonl"] * 4 + ["sharegpt.json"] * 2,
+            "retried": [True, None, None, False, None, None],
+            "edited": [None, True, None, None, None, None],
+        }
+    )
+    assert source_flag(frame, "retried").tolist()[:4] == [1.0, 0.0, 0.0, 0.0]
+    assert source_flag(frame, "edited").tolist()[:4] == [0.0, 1.0, 0.0, 0.0]
+    assert source_flag(frame, "retried")[4:].isna().all()
+    labels = signal_labels(frame)
+    assert labels["retry"].tolist()[:4] == [0.0, 1.0, 1.0, 1.0]
+    assert labels["retry"][4:].isna().all() and labels["edit"][4:].isna().all()
