@@ -898,19 +898,9 @@ def test_score_after_two_replays_of_a_log_that_names_no_model(tmp_path: Path) ->
     from ingest.replay import ReplayConfig, replay
     from tests.openai_server import OpenAIServer
 
-    log = _signal_log(tmp_path / "chats.jsonl")
-    lines = [json.loads(line) for line in log.read_text().splitlines()]
-    log.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in lines))
-    engine = open_database(f"duckdb:///{tmp_path / 'nomodel.duckdb'}")
-    config = IngestConfig(progress=False, rejects_path=tmp_path / "rejects.jsonl")
-    ingest_paths([log], engine=engine, config=config)
+    db = _clustered_log_without_models(tmp_path)
+    engine = open_database(db)
     embed = EmbedConfig(device="cpu", progress=False)
-    cluster_exchanges(
-        engine,
-        config=ClusterStepConfig(embed=embed, topics=ClusterConfig(layout=False)),
-        reducer=pca_reducer(5),
-        clusterer=kmeans_clusterer(2),
-    )
     with OpenAIServer() as server:
         for model in ("new-a", "new-b"):
             sent = ReplayConfig(model=model, base_url=server.base_url, progress=False)
@@ -924,6 +914,29 @@ def test_score_after_two_replays_of_a_log_that_names_no_model(tmp_path: Path) ->
     assert len(rewards) == result["exchanges"] and len(reports) == 2
 
 
+def _clustered_log_without_models(tmp_path: Path) -> str:
+    """The signal log with its model names taken out, ingested and clustered into 2 topics:
+    the database of a log that names no model (a DuckDB URL)."""
+    log = _signal_log(tmp_path / "chats.jsonl")
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    log.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in lines))
+    db = f"duckdb:///{tmp_path / 'nomodel.duckdb'}"
+    engine = open_database(db)
+    config = IngestConfig(progress=False, rejects_path=tmp_path / "rejects.jsonl")
+    ingest_paths([log], engine=engine, config=config)
+    cluster_exchanges(
+        engine,
+        config=ClusterStepConfig(
+            embed=EmbedConfig(device="cpu", progress=False),
+            topics=ClusterConfig(layout=False),
+        ),
+        reducer=pca_reducer(5),
+        clusterer=kmeans_clusterer(2),
+    )
+    engine.dispose()
+    return db
+
+
 def test_score_after_judging_a_replay_of_a_log_that_names_no_model(tmp_path: Path) -> None:
     """A judge's verdicts on a replay of a log that names no model are battles between an
     answer with no model and the replayed model's. `score` put them in the leaderboards and
@@ -934,20 +947,8 @@ def test_score_after_judging_a_replay_of_a_log_that_names_no_model(tmp_path: Pat
     from tests.openai_server import OpenAIServer
     from tests.test_replay_judge import prefers_replayed
 
-    log = _signal_log(tmp_path / "chats.jsonl")
-    lines = [json.loads(line) for line in log.read_text().splitlines()]
-    log.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in lines))
-    db = f"duckdb:///{tmp_path / 'judged.duckdb'}"
+    db = _clustered_log_without_models(tmp_path)
     engine = open_database(db)
-    config = IngestConfig(progress=False, rejects_path=tmp_path / "rejects.jsonl")
-    ingest_paths([log], engine=engine, config=config)
-    embed = EmbedConfig(device="cpu", progress=False)
-    cluster_exchanges(
-        engine,
-        config=ClusterStepConfig(embed=embed, topics=ClusterConfig(layout=False)),
-        reducer=pca_reducer(5),
-        clusterer=kmeans_clusterer(2),
-    )
     with OpenAIServer() as server:
         sent = ReplayConfig(model="new-a", base_url=server.base_url, sample=12, progress=False)
         run_id = replay(engine, config=sent).run_id
