@@ -661,7 +661,7 @@ def test_the_report_advises_score_only_where_it_can_train(tmp_path: Path) -> Non
     assert "reward: nothing answered yet to score" in report(unanswered["run_id"])
     # A user's own reward model, stored: it scores the answers that come after it.
     own = tiny_classifier(tmp_path / "own-reward-model", positions=64)
-    scored = ("score", "reward", "train", "--reward-model", str(own), "--max-length", "32")
+    scored = ("score", "reward", "train", "--reward-model", str(own))  # cut at its 64 positions
     assert convoscope_here(*scored, db=db, cwd=tmp_path).returncode == 0
     with OpenAIServer() as server:
         replay = ("replay", "--model", "m2", "--base-url", server.base_url, "--json")
