@@ -203,13 +203,21 @@ _DOWN = {"down", "-1", "thumbs_down", "dislike", "bad", "negative"}
 
 
 def as_thumbs(value: Any, name: str) -> int | None:
-    """A thumbs signal: +1 / -1, True / False, "up" / "down"; 0 and blank mean none given."""
+    """A thumbs signal: +1 / -1, True / False, "up" / "down"; 0 and blank mean none given.
+    Another number is refused, not read by its sign: 0.5 or 3 is a score on some scale (it
+    was stored as a thumbs up), and a score belongs in `rating`."""
     if _blank(value):
         return None
     if isinstance(value, bool):
         return 1 if value else -1
+    if isinstance(value, int | float) and value in (-1, 0, 1):
+        return None if value == 0 else int(value)
     if isinstance(value, int | float):
-        return None if value == 0 else (1 if value > 0 else -1)
+        raise FieldError(
+            name,
+            f"expected thumbs up/down (+1/-1, true/false, 0 for none), got {value!r}: a score "
+            "on another scale is a rating (a `rating` field, or --map rating=COLUMN)",
+        )
     if isinstance(value, str):
         text = value.strip().lower()
         if text in _UP:

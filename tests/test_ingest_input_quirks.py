@@ -439,3 +439,30 @@ def test_a_conversation_whose_user_messages_are_all_empty_is_rejected(tmp_path: 
         (str(sharegpt), 1, "conversations", reason),
     ]
     assert summary.empty_prompts == 0  # rejected whole: nothing of them was left out
+
+
+def test_a_thumbs_value_on_another_scale_is_a_reject_not_a_thumbs_up(tmp_path: Path) -> None:
+    """`"thumbs": 0.5` (or 3) was read by its sign and stored as a thumbs up: a score on some
+    other scale became the strongest "good" a log gives. It is a reject naming the field and
+    pointing at `rating`; +1, -1, 1.0, true and 0 (none given) still read as before."""
+
+    def answer(thumbs: Any) -> dict[str, Any]:
+        return {"role": "assistant", "content": "a", "thumbs": thumbs}
+
+    lines = [
+        {"messages": [{"role": "user", "content": f"q{i}"}, answer(value)]}
+        for i, value in enumerate([1, -1, 1.0, True, 0, 0.5, 3])
+    ]
+    parsed = list(read_file(write_jsonl(tmp_path / "chat.jsonl", lines)))
+    conversations, rejects = of(Conversation, parsed), of(Reject, parsed)
+    assert [c.messages[1].thumbs for c in conversations] == [1, -1, 1, 1, None]
+    assert [(r.line, r.field) for r in rejects] == [
+        (6, "messages[1].thumbs"),
+        (7, "messages[1].thumbs"),
+    ]
+    assert "rating" in rejects[0].reason and "0.5" in rejects[0].reason
+    csv_log = tmp_path / "rated.csv"
+    write_csv_rows(csv_log, [["prompt", "response", "thumbs"], ["q", "a", "2"], ["p", "b", "-1"]])
+    parsed = list(read_file(csv_log))
+    assert [c.messages[1].thumbs for c in of(Conversation, parsed)] == [-1]
+    assert [(r.line, r.field) for r in of(Reject, parsed)] == [(2, "thumbs")]
