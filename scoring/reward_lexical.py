@@ -119,7 +119,9 @@ class LexicalReward:
             x = self.vectorizer.fit_transform([texts[i] for i in used]).tocsr()
         except ValueError as error:  # scikit-learn: "empty vocabulary"
             raise ValueError(
-                f"the training answers have no words to learn from ({error})"
+                "the training answers have no words of two letters or more for the lexical "
+                f"reward model to learn from ({error}): score with --mode head, which reads "
+                "the answers' structure"
             ) from None
         # x's rows are `used`'s: the labelled rows and the battles' answers, renumbered.
         point = np.searchsorted(used, point)

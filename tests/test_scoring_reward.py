@@ -119,6 +119,9 @@ def test_lexical_model_learns_words_from_battles_and_labels(
         LexicalReward().fit(["p"], ["r"], labels=np.array([np.nan]))
     with pytest.raises(ValueError, match="no words"):
         LexicalReward().fit(["p", "p"], ["", "!"], labels=np.array([1.0, 0.0]))
+    # Answers of one-letter words only (digits): the way out is the structural head.
+    with pytest.raises(ValueError, match="score with --mode head"):
+        LexicalReward().fit(["p", "p"], ["1", "7 a"], labels=np.array([1.0, 0.0]))
 
 
 def test_an_anchor_experts_style_is_discounted(tmp_path: Path) -> None:
