@@ -456,19 +456,7 @@ def test_a_battle_of_an_expert_against_itself_is_in_no_leaderboard(tmp_path: Pat
                 "winner": "model_b",
             }
             handle.write(json.dumps(line) + "\n")
-    db = f"duckdb:///{tmp_path / 'self.duckdb'}"
-    engine = open_database(db)
-    config = IngestConfig(progress=False, rejects_path=tmp_path / "rejects.jsonl")
-    ingest_paths([battles], engine=engine, config=config)
-    cluster_exchanges(
-        engine,
-        config=ClusterStepConfig(
-            embed=EmbedConfig(device="cpu", progress=False), topics=ClusterConfig(layout=False)
-        ),
-        reducer=pca_reducer(5),
-        clusterer=kmeans_clusterer(2),
-    )
-    engine.dispose()
+    db = _ingested_and_clustered([battles], tmp_path / "self.duckdb", topics=2)
     scored = convoscope("score", "--mode", "head", db=db, cwd=tmp_path)
     assert scored.returncode == 0, scored.stderr
     engine = open_database(db)
@@ -920,10 +908,16 @@ def _clustered_log_without_models(tmp_path: Path) -> str:
     log = _signal_log(tmp_path / "chats.jsonl")
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     log.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in lines))
-    db = f"duckdb:///{tmp_path / 'nomodel.duckdb'}"
+    return _ingested_and_clustered([log], tmp_path / "nomodel.duckdb", topics=2)
+
+
+def _ingested_and_clustered(logs: list[Path], path: Path, *, topics: int) -> str:
+    """A DuckDB file (its URL) holding `logs`, clustered into `topics` topics by PCA and
+    k-means (no UMAP: the clustering itself is not under test)."""
+    db = f"duckdb:///{path}"
     engine = open_database(db)
-    config = IngestConfig(progress=False, rejects_path=tmp_path / "rejects.jsonl")
-    ingest_paths([log], engine=engine, config=config)
+    config = IngestConfig(progress=False, rejects_path=path.with_suffix(".rejects.jsonl"))
+    ingest_paths(logs, engine=engine, config=config)
     cluster_exchanges(
         engine,
         config=ClusterStepConfig(
@@ -931,7 +925,7 @@ def _clustered_log_without_models(tmp_path: Path) -> str:
             topics=ClusterConfig(layout=False),
         ),
         reducer=pca_reducer(5),
-        clusterer=kmeans_clusterer(2),
+        clusterer=kmeans_clusterer(topics),
     )
     engine.dispose()
     return db

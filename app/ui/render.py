@@ -29,7 +29,7 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from app.export import spreadsheet_safe
+from ingest.exported import spreadsheet_safe
 
 # Every ASCII punctuation character CommonMark lets a backslash escape, plus ':' (Streamlit's
 # `:red[...]` directives and `:emoji:` codes) and '$' (LaTeX).
