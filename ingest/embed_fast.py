@@ -110,18 +110,25 @@ def _distil(source: str, target: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def load_static_embedder(name_or_path: str) -> StaticEmbedder:
-    """The fast embedder for a model: distilled on first use, then loaded from the cache."""
-    from model2vec import StaticModel
-
+def static_model_dir(name_or_path: str) -> Path:
+    """The folder of a model's fast static variant (a model2vec model), distilled into the
+    cache on first use: what `load_static_embedder` loads and `route --export` ships beside a
+    routing table, since a gateway cannot rebuild it from its name."""
     source, source_name = _source(name_or_path)
     key = hashlib.sha256(f"{source_name}|{PCA_DIMS}|{DISTILL_FORMAT}".encode()).hexdigest()[:12]
     slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in source_name)[-60:]
     target = cache_dir() / "static" / f"{slug}-{key}"
     if not (target / "config.json").exists():
         _distil(source, target)
-    model = StaticModel.from_pretrained(str(target), force_download=False)
-    return StaticEmbedder(model, name=f"{source_name}{FAST_SUFFIX}")
+    return target
+
+
+def load_static_embedder(name_or_path: str) -> StaticEmbedder:
+    """The fast embedder for a model: distilled on first use, then loaded from the cache."""
+    from model2vec import StaticModel
+
+    model = StaticModel.from_pretrained(str(static_model_dir(name_or_path)), force_download=False)
+    return StaticEmbedder(model, name=f"{_source(name_or_path)[1]}{FAST_SUFFIX}")
 
 
 def split_embedder_name(name: str) -> tuple[str, bool]:

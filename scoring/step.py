@@ -57,7 +57,7 @@ from scoring.routing import (
 from scoring.weakness import ClusterWeakness, WeaknessConfig, rank_clusters
 from storage.clusters import latest_run, load_assignments, load_clusters
 from storage.logs import iter_exchanges, load_battles
-from storage.models import latest_model, save_model
+from storage.models import latest_model, model_ids, save_model
 from storage.reports import SCORER_KEY, load_cluster_reports, save_cluster_reports
 from storage.scores import latest_scorer, load_scores
 from storage.vectors import load_vectors
@@ -107,6 +107,15 @@ class ScoreConfig:
     reward_model_dir: str | None = None  # a user's own sequence-classification reward model
     costs: dict[str, float] | None = None  # per expert (any unit): enables the cheapest choice
     route_cheapest: bool = False  # the routing table picks the cheapest within tolerance
+
+
+@dataclass(frozen=True, slots=True)
+class _Routed:
+    """The per-cluster routes of one clustering and its clusters' prompt centroids."""
+
+    run_id: str
+    routes: list[ClusterRoute]
+    centroids: dict[str, np.ndarray]
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +173,7 @@ def score_all(engine: Engine, *, config: ScoreConfig) -> dict[str, Any]:
                 f"--costs names experts the predictor does not know: {', '.join(unknown)} "
                 f"(known: {', '.join(sorted(predictor.experts))})"
             )
-    counts = _cluster_reports(
+    counts, routed = _cluster_reports(
         engine,
         frame,
         _Rewards(reward.scores, f"reward:{reward.model_id}"),
@@ -173,8 +182,9 @@ def score_all(engine: Engine, *, config: ScoreConfig) -> dict[str, Any]:
         predictor,
         battles,
         config,
-        encoder,
     )
+    if predictor is not None:
+        _save_routing_table(engine, predictor, result["predictor"], routed, encoder, config)
     return {**result, **counts.as_dict()}
 
 
@@ -523,17 +533,17 @@ def _cluster_reports(
     predictor: WinPredictor | None,
     battles: pd.DataFrame,
     config: ScoreConfig,
-    encoder: str,
-) -> ReportCounts:
+) -> tuple[ReportCounts, _Routed | None]:
     """Write one report per topic and one per parent group of the latest run (together, so
-    re-scoring replaces both). `encoder` embedded `prompts`, the predictor's inputs."""
+    re-scoring replaces both); returns their counts and the topics' routes (None without a
+    predictor or a clustered topic)."""
     run = latest_run(engine, on_field=config.on)
     if run is None:
-        return ReportCounts()
+        return ReportCounts(), None
     assignment = load_assignments(engine, run["id"])
     data = _cluster_data(frame, rewards.values, assignment)
     if data.empty:
-        return ReportCounts()
+        return ReportCounts(), None
     weakness = {w.cluster_id: w for w in rank_clusters(data, config=WeaknessConfig())}
     routes = {} if predictor is None else _routes(predictor, prompts, prompt_feats, data, config)
     reports: dict[str, dict[str, Any]] = {}
@@ -570,28 +580,44 @@ def _cluster_reports(
         }
     # Topics and groups in one transaction.
     save_cluster_reports(engine, run["id"], _stamped(reports, rewards.scorer))
-    if predictor is not None and routes:
-        members = {
-            str(cid): topic.index.to_numpy()
-            for cid, topic in data.groupby(data["cluster_id"].astype(str), sort=True)
-        }
-        centroids = prompt_centroids(prompts, members)
-        table = routing_table(
-            predictor,
-            list(routes.values()),
-            centroids,
-            encoder=encoder,
-            config=config.routing,
-            use_cheapest=config.route_cheapest,
-        )
-        save_model(
-            engine,
-            "routing_table",
-            files={"routing_table.json": json.dumps(table).encode()},
-            config={"run_id": run["id"]},
-            metrics={"clusters": len(routes)},
-        )
-    return ReportCounts(topics=len(weakness), groups=len(groups))
+    counts = ReportCounts(topics=len(weakness), groups=len(groups))
+    if not routes:
+        return counts, None
+    members = {
+        str(cid): topic.index.to_numpy()
+        for cid, topic in data.groupby(data["cluster_id"].astype(str), sort=True)
+    }
+    return counts, _Routed(run["id"], list(routes.values()), prompt_centroids(prompts, members))
+
+
+def _save_routing_table(
+    engine: Engine,
+    predictor: WinPredictor,
+    predictor_id: str,
+    routed: _Routed | None,
+    encoder: str,
+    config: ScoreConfig,
+) -> None:
+    """Store the routing table of the predictor just stored, whether or not a clustering gave
+    it per-cluster choices. Saved only with per-cluster choices, the table `route --export`
+    wrote after `score --on response` with no response clustering was an older predictor's,
+    while `route TEXT` ranked with the new one, and nothing said so. `encoder` embedded the
+    predictor's inputs."""
+    table = routing_table(
+        predictor,
+        [] if routed is None else routed.routes,
+        {} if routed is None else routed.centroids,
+        encoder=encoder,
+        config=config.routing,
+        use_cheapest=config.route_cheapest,
+    )
+    save_model(
+        engine,
+        "routing_table",
+        files={"routing_table.json": json.dumps(table).encode()},
+        config={"run_id": None if routed is None else routed.run_id, "predictor_id": predictor_id},
+        metrics={"clusters": len(table["clusters"])},
+    )
 
 
 def _routes(
@@ -706,7 +732,9 @@ def load_predictor(engine: Engine) -> tuple[WinPredictor, str]:
 
 def load_routing_table(engine: Engine) -> dict[str, Any]:
     """The newest routing table, with `clustering_run_id`: the clustering its per-cluster
-    choices were made for, so that a table left behind by a re-clustering can be told."""
+    choices were made for, so that a table left behind by a re-clustering can be told, and
+    `predictor_id`: the win predictor it was made with (None for tables stored before they
+    named it)."""
     stored = latest_model(engine, "routing_table")
     if stored is None and latest_model(engine, "win_predictor") is None:
         raise ValueError(
@@ -716,4 +744,14 @@ def load_routing_table(engine: Engine) -> dict[str, Any]:
     if stored is None:
         raise ValueError("no routing table yet: run `convoscope cluster` then `convoscope score`")
     table = json.load(io.BytesIO(stored["files"]["routing_table.json"]))
-    return {**table, "clustering_run_id": stored["config"].get("run_id")}
+    made_with = stored["config"].get("predictor_id")
+    return {**table, "clustering_run_id": stored["config"].get("run_id"), "predictor_id": made_with}
+
+
+def newer_predictor(engine: Engine) -> str | None:
+    """The id of a win predictor stored after the newest routing table, which `route TEXT`
+    ranks with and the table does not reflect (a `score` stopped between the two, or a table
+    from before every predictor got one), or None when the table is current."""
+    newest = model_ids(engine, ["win_predictor", "routing_table"])
+    predictors = model_ids(engine, "win_predictor")
+    return newest[0] if newest and predictors and newest[0] == predictors[0] else None

@@ -32,7 +32,7 @@ from scoring.step import (
 )
 from storage.clusters import latest_run, load_assignments
 from storage.engine import open_database
-from storage.models import latest_model, load_model
+from storage.models import latest_model, load_model, model_ids
 from storage.reports import load_cluster_reports
 from storage.scores import latest_scores
 from storage.vectors import missing_hashes
@@ -112,6 +112,39 @@ def test_the_routing_table_is_in_the_predictors_space_whatever_clustered(
         centroid = np.asarray(entry["centroid"])
         assert apply_routing_table(table, centroid, per_cluster=True) == entry["expert"]
         assert apply_routing_table(table, centroid) in table["experts"]
+
+
+def test_a_fast_encoder_is_exported_beside_the_table(scored_db: str, tmp_path: Path) -> None:
+    """After `score --fast` the table named `all-MiniLM-L6-v2+model2vec-256`, a static model
+    convoscope distils, which a gateway cannot rebuild from that name. `route --export` copies
+    it beside the table, and the gateway's route with that folder is `route TEXT`'s."""
+    from model2vec import StaticModel
+
+    from scoring.features import prompt_features
+    from scoring.routing import apply_routing_table
+
+    engine = open_database(scored_db)
+    embed = EmbedConfig(device="cpu", progress=False, fast=True)
+    score_all(engine, config=ScoreConfig(embed=embed, mode="head"))
+    engine.dispose()
+    (tmp_path / "rt-encoder").mkdir()  # someone else's folder is never replaced
+    out = tmp_path / "rt.json"
+    refused = convoscope("route", "--export", str(out), db=scored_db, cwd=tmp_path)
+    assert refused.returncode != 0 and "is not an encoder folder" in refused.stderr
+    (tmp_path / "rt-encoder").rmdir()
+    for _ in range(2):  # a second export replaces the folder it wrote
+        exported = convoscope("route", "--export", str(out), "--json", db=scored_db, cwd=tmp_path)
+        assert exported.returncode == 0, exported.stderr
+    assert json.loads(exported.stdout)["encoder_folder"] == str(tmp_path / "rt-encoder")
+    table = json.loads(out.read_text())
+    assert table["encoder"]["static_model"] == "rt-encoder"
+    gateway = StaticModel.from_pretrained(str(out.parent / table["encoder"]["static_model"]))
+    for prompt in ("Plan a weekend in Lisbon", "Write a Python function that sorts a list"):
+        routed = convoscope("route", prompt, "--json", db=scored_db, cwd=tmp_path)
+        assert routed.returncode == 0, routed.stderr
+        (vector,) = gateway.encode([prompt], max_length=table["encoder"]["max_length"])
+        chosen = apply_routing_table(table, vector, features=prompt_features([prompt])[0])
+        assert chosen == json.loads(routed.stdout)["routes"][0]["recommended"]
 
 
 def test_a_battle_is_held_out_whole_with_the_battles_sharing_its_answers() -> None:
@@ -306,6 +339,47 @@ def test_score_trains_applies_and_reports_every_cluster(scored_db: str, tmp_path
     engine.dispose()
     listing = json.loads(convoscope("clusters", "--json", db=scored_db, cwd=tmp_path).stdout)
     assert listing["warnings"] == []
+
+
+def test_the_routing_table_is_always_the_newest_predictors(scored_db: str, tmp_path: Path) -> None:
+    """`score --on response` with nothing clustered on responses stored a new win predictor
+    and no table, so `route --export` wrote the older predictor's table while `route TEXT`
+    ranked with the new one, and nothing said so. Every predictor now gets its table (with
+    per-cluster choices where a clustering gave them), and a table older than the newest
+    predictor (a `score` stopped between the two, an older database) is exported with a
+    warning naming that predictor."""
+    from storage.models import save_model
+
+    engine = open_database(scored_db)
+    embed = EmbedConfig(device="cpu", progress=False)
+    result = score_all(engine, config=ScoreConfig(embed=embed, mode="head"))
+    table = load_routing_table(engine)
+    assert table["predictor_id"] == result["predictor"] and len(table["clusters"]) == 6
+    newer = load_model(engine, result["predictor"])  # as a `score` stopped after storing it
+    newer_id = save_model(
+        engine, "win_predictor", files=newer["files"], config=newer["config"], metrics={}
+    )
+    engine.dispose()
+    out = tmp_path / "table.json"
+    exported = convoscope("route", "--export", str(out), "--json", db=scored_db, cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr
+    assert json.loads(exported.stdout)["newer_predictor_id"] == newer_id
+    assert f"older win predictor than win predictor {newer_id}" in exported.stderr
+
+    scored = convoscope("score", "--on", "response", "--mode", "head", db=scored_db, cwd=tmp_path)
+    assert scored.returncode == 0, scored.stderr
+    assert "no clusters on response yet, only on prompt: pass --on prompt" in scored.stdout
+    exported = convoscope("route", "--export", str(out), "--json", db=scored_db, cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr
+    summary = json.loads(exported.stdout)
+    assert summary["newer_predictor_id"] is None and summary["clusters"] == 0
+    assert "no per-cluster choices" in exported.stderr and "older win" not in exported.stderr
+    engine = open_database(scored_db)
+    predictor_id = model_ids(engine, "win_predictor")[0]
+    engine.dispose()
+    written = json.loads(out.read_text())
+    assert written["predictor_id"] == predictor_id not in (newer_id, result["predictor"])
+    assert written["clusters"] == [] and written["theta"]  # each prompt by the predictor
 
 
 def test_the_default_head_reads_no_embeddings_an_older_head_still_does(scored_db: str) -> None:

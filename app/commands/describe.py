@@ -80,8 +80,8 @@ def describe(command: str, result: dict[str, Any]) -> str:
     if command == "score":
         metrics = _reward_figures(result["reward_metrics"])
         reports = f"; {_report_counts(result)}" if "clusters" in result else ""
-        if result.get("clusters") == 0:
-            reports += " (no clustering yet: run `convoscope cluster`, then `score` again)"
+        if result.get("no_clustering"):
+            reports += f" ({result['no_clustering']}, then `score` again)"
         return (
             f"scored {result['exchanges']} exchanges with reward model {result['reward_model']}"
             f" ({result['mode']}; {metrics or 'no held-out labels'}){reports}"
@@ -106,6 +106,11 @@ def describe(command: str, result: dict[str, Any]) -> str:
             f"instruction versions left out: {skipped['not_scored']} never scored (run "
             "`convoscope score`, then `convoscope replay report RUN`), "
             f"{skipped['not_better_than_original']} no better than the original answers)"
+            + (
+                f"; its fast encoder copied to {result['encoder_folder']}"
+                if result.get("encoder_folder")
+                else ""
+            )
         )
     if command == "rename":
         if result["name"] is None:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import Engine
 
-from app.commands.common import WARN_AT_MOST, UserError, embed_config, warn
+from app.commands.common import WARN_AT_MOST, UserError, embed_config, no_clustering, warn
 from app.line_files import LineRecord, read_line_file
 from ingest.battles import parse_winner
 from storage.engine import open_database
@@ -34,6 +34,7 @@ def score(args: argparse.Namespace) -> dict[str, Any]:
     from scoring.reward_step import apply_reward, reward_members
     from scoring.routing import RoutingConfig
     from scoring.step import ScoreConfig, refresh_reports, score_all, train_reward_only
+    from storage.clusters import latest_run
 
     if args.what not in ([], ["reward", "train"], ["reward", "apply"]):
         raise UserError("use `score`, `score reward train` or `score reward apply`")
@@ -117,6 +118,8 @@ def score(args: argparse.Namespace) -> dict[str, Any]:
             result = train_reward_only(engine, config=config)
         else:
             result = score_all(engine, config=config)
+            if latest_run(engine, on_field=args.on) is None:  # what to cluster, said exactly
+                result["no_clustering"] = no_clustering(engine, args.on)
     except EmbedderError as error:  # --model, or the embedder a stored head was trained on
         raise UserError(str(error)) from error
     finally:
@@ -445,7 +448,7 @@ def _export_routing_table(args: argparse.Namespace) -> dict[str, Any]:
     choices belong to an older clustering is written with a warning (its per-prompt rule
     still holds)."""
     from ingest.files import unwritable_reason
-    from scoring.step import load_routing_table
+    from scoring.step import load_routing_table, newer_predictor
     from storage.clusters import newer_run
 
     problem = unwritable_reason(args.export)
@@ -456,9 +459,22 @@ def _export_routing_table(args: argparse.Namespace) -> dict[str, Any]:
         table = load_routing_table(engine)
         run_id = table["clustering_run_id"]
         newer = None if run_id is None else newer_run(engine, run_id)
+        stale_predictor = newer_predictor(engine)
         table["instructions"], left_out = _best_instructions(engine)
     finally:
         engine.dispose()
+    if stale_predictor is not None:
+        warn(
+            f"the routing table was made with an older win predictor than win predictor "
+            f"{stale_predictor}, which `convoscope route` ranks with: a gateway applying it would "
+            "route otherwise; run `convoscope score` for a table of the current predictor"
+        )
+    if not table["clusters"]:
+        warn(
+            "the routing table has no per-cluster choices (nothing was clustered on the field "
+            "`score` ranked, --on): it routes each prompt by the predictor alone; run "
+            "`convoscope cluster` then `convoscope score` to add them"
+        )
     if newer is not None:
         warn(
             f"the routing table's clusters are those of clustering run {run_id}, and the "
@@ -467,15 +483,58 @@ def _export_routing_table(args: argparse.Namespace) -> dict[str, Any]:
             "current clusters"
         )
     args.export.parent.mkdir(parents=True, exist_ok=True)
+    encoder_folder = _ship_static_encoder(table, args.export)
     args.export.write_text(json.dumps(table, indent=2))
     return {
         "path": str(args.export),
+        "encoder_folder": None if encoder_folder is None else str(encoder_folder),
         "clusters": len(table["clusters"]),
         "clustering_run_id": run_id,
         "newer_clustering_run_id": None if newer is None else newer["id"],
+        "newer_predictor_id": stale_predictor,
         "instructions": len(table["instructions"]),
         "instructions_left_out": left_out,
     }
+
+
+def _ship_static_encoder(table: dict[str, Any], out: Path) -> Path | None:
+    """After `score --fast` the table's encoder is a static model convoscope distilled, which
+    a gateway cannot rebuild from its name: its folder is copied beside the table (`rt-encoder`
+    for `rt.json`, replaced whole on a new export) and named in `encoder.static_model`,
+    relative to the table. Returns that folder, or None for an encoder a name loads."""
+    import shutil
+    import tempfile
+
+    from ingest.embed import EmbedderError
+    from ingest.embed_fast import MAX_TOKENS, split_embedder_name, static_model_dir
+
+    model, fast = split_embedder_name(table["encoder"]["name"])
+    if not fast:
+        return None
+    try:
+        source = static_model_dir(model)
+    except EmbedderError as error:
+        raise UserError(f"cannot copy the table's fast encoder beside it ({error})") from None
+    target = out.parent / f"{out.stem}-encoder"
+    if target.exists() and not (target / "config.json").exists():
+        raise UserError(
+            f"{target} exists and is not an encoder folder `route --export` wrote; the table's "
+            "fast encoder is copied there: move it, or export to another name"
+        )
+    staging = Path(tempfile.mkdtemp(prefix=".encoder-", dir=out.parent))
+    try:
+        shutil.copytree(source, staging, dirs_exist_ok=True)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    table["encoder"].update(
+        static_model=target.name,
+        max_length=MAX_TOKENS,
+        loader="model2vec: StaticModel.from_pretrained(static_model).encode(texts, max_length)",
+    )
+    return target
 
 
 def _predictor_embedder(encoder: str) -> Embedder:
