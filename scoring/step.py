@@ -741,8 +741,11 @@ def load_routing_table(engine: Engine) -> dict[str, Any]:
             "no routing table: there is no win predictor to route with; `convoscope score` "
             "fits one on logs or battles that name 2 or more models"
         )
-    if stored is None:
-        raise ValueError("no routing table yet: run `convoscope cluster` then `convoscope score`")
+    if stored is None:  # a predictor stored before every predictor got its table
+        raise ValueError(
+            "no routing table yet: run `convoscope score` (after `convoscope cluster`, for "
+            "per-cluster choices)"
+        )
     table = json.load(io.BytesIO(stored["files"]["routing_table.json"]))
     made_with = stored["config"].get("predictor_id")
     return {**table, "clustering_run_id": stored["config"].get("run_id"), "predictor_id": made_with}
