@@ -99,7 +99,14 @@ def _parse(
         return None, f"not JSON ({error})"
     if not isinstance(value, dict):
         return None, f"expected a JSON object with {', '.join(fields)}"
-    if any(name in value for name in alternative if name not in fields):
+    others = [name for name in alternative if name not in fields and name in value]
+    if others:
+        mine = [name for name in fields if name not in alternative and name in value]
+        if mine:  # which shape was meant is a guess: the field the guess dropped was lost
+            return mine[0], (
+                f"given with {', '.join(others)}: a line holds {', '.join(fields)} or "
+                f"{', '.join(alternative)}, not both"
+            )
         fields = alternative
     for name in fields:
         if name not in value:

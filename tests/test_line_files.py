@@ -72,6 +72,7 @@ def test_a_line_with_the_alternative_fields_must_have_all_of_them(tmp_path: Path
         '{"prompt": "p", "response_a": "x", "response_b": "y", "winner": "model_b"}\n'
         '{"prompt": "p", "response_a": "x", "winner": null}\n'
         '{"prompt": "p", "response_a": "x", "response_b": "y", "winner": null}\n'
+        '{"prompt": "p", "response": "r", "response_a": "x", "response_b": "y"}\n'
     )
     records, rejects = read_line_file(
         path,
@@ -84,7 +85,12 @@ def test_a_line_with_the_alternative_fields_must_have_all_of_them(tmp_path: Path
         (2, {"prompt": "p", "response_a": "x", "response_b": "y", "winner": "model_b"}),
         (4, {"prompt": "p", "response_a": "x", "response_b": "y"}),
     ]
-    assert [(r.line, r.field, r.reason) for r in rejects] == [(3, "response_b", "missing")]
+    # A pair's answer beside a battle's was read as the battle, the pair's answer dropped.
+    both = "given with response_a, response_b: a line holds prompt, response or prompt, "
+    assert [(r.line, r.field, r.reason) for r in rejects] == [
+        (3, "response_b", "missing"),
+        (5, "response", both + "response_a, response_b, not both"),
+    ]
 
 
 def test_an_optional_field_that_is_no_string_is_a_bad_line(tmp_path: Path) -> None:
