@@ -591,6 +591,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     replay.set_defaults(handler=commands.replay)
 
+    prune = sub.add_parser(
+        "prune",
+        parents=[common],
+        help="remove stored models and score rows nothing reads any more",
+        description="Remove stored artefacts (reward models, win predictors, routing tables) "
+        "and the reward scores of the models removed, keeping the newest --keep of each kind, "
+        "the model of the latest scores, the models the latest clusterings' reports name and "
+        "an ensemble's members. One transaction; a second prune removes nothing. SQLite is "
+        "vacuumed after; a DuckDB file keeps most of its size (copy it to a new file to "
+        "shrink it: see the README's Prune); PostgreSQL reuses the space (VACUUM FULL returns "
+        "it to the system).",
+    )
+    prune.add_argument(
+        "--keep",
+        type=_positive_int,
+        default=commands.DEFAULT_KEEP,
+        help=f"newest versions of each kind to keep (default {commands.DEFAULT_KEEP})",
+    )
+    prune.add_argument(
+        "--dry-run", action="store_true", help="list what would be removed, remove nothing"
+    )
+    prune.set_defaults(handler=commands.prune)
+
     run = sub.add_parser(
         "run",
         parents=[common, reading, embedding, topics],

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -88,6 +88,25 @@ def stale_reports(engine: Engine, run_id: str) -> str | None:
         f"{newest} (a `score` stopped before it finished?): run `convoscope score` again so "
         "the weakness ranking, CIs and reasons follow the newest rewards"
     )
+
+
+def report_scorers(engine: Engine, run_ids: Sequence[str]) -> set[str]:
+    """The scorers (`SCORER_KEY`) the reports of these runs were ranked by. A run's reports
+    are written together with one scorer, so one report per run tells; reports from before
+    the mark name none."""
+    named = set()
+    with engine.connect() as conn:
+        for run_id in run_ids:
+            query = (
+                sa.select(cluster_reports.c.payload)
+                .where(cluster_reports.c.run_id == run_id)
+                .limit(1)
+            )
+            payload = conn.execute(query).scalar_one_or_none()
+            scorer = None if payload is None else json.loads(payload).get(SCORER_KEY)
+            if scorer:
+                named.add(scorer)
+    return named
 
 
 # Saves of one cluster's instruction that another writer may beat to a version number, in a row.

@@ -8,11 +8,13 @@ from app.commands.common import Interrupted, NothingDone, UserError
 from app.commands.describe import describe
 from app.commands.launch import demo, run, ui
 from app.commands.logs import export, ingest
+from app.commands.prune import DEFAULT_KEEP, prune
 from app.commands.replays import replay
 from app.commands.scores import reward, route, score
 from app.commands.topics import assign, cluster, clusters, embed, rename, tag
 
 __all__ = [
+    "DEFAULT_KEEP",
     "Interrupted",
     "NothingDone",
     "UserError",
@@ -24,6 +26,7 @@ __all__ = [
     "embed",
     "export",
     "ingest",
+    "prune",
     "rename",
     "replay",
     "reward",

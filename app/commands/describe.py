@@ -123,6 +123,8 @@ def describe(command: str, result: dict[str, Any]) -> str:
         if result["removed"]:
             return f"tag {result['tag']!r} removed from cluster {result['cluster_id']}"
         return f"cluster {result['cluster_id']} tagged {result['tag']!r}"
+    if command == "prune":
+        return _describe_prune(result)
     if command == "assign":
         return (
             f"{result['assigned']} new exchanges assigned to the clusters of run "
@@ -161,6 +163,41 @@ def _report_counts(result: dict[str, Any]) -> str:
     topics = count(result["clusters"], "topic report")
     groups = result.get("groups", 0)
     return f"{topics} and {count(groups, 'group report')}" if groups else topics
+
+
+def _describe_prune(result: dict[str, Any]) -> str:
+    """What went (or would go), one line per artefact up to WARN_AT_MOST, then the totals and
+    what the file's size did."""
+    removed = result["removed"]
+    verb = "would remove" if result["dry_run"] else "removed"
+    lines = [
+        f"{a['kind']} {a['id']} of {a['created_at']:%Y-%m-%d %H:%M}: {_bytes(a['bytes'])}"
+        + (f", {count(a['score_rows'], 'score row')}" if a["score_rows"] else "")
+        for a in removed[:WARN_AT_MOST]
+    ]
+    if len(removed) > WARN_AT_MOST:
+        lines.append(f"(+{len(removed) - WARN_AT_MOST} more; --json lists each)")
+    lines.append(
+        f"{verb} {count(len(removed), 'stored artefact')} ({_bytes(result['bytes'])}) and "
+        f"{count(result['score_rows'], 'score row')}; kept {len(result['kept'])} (the newest "
+        f"{result['keep']} of each kind and what the latest scores and reports use)"
+    )
+    before, after = result["file_bytes_before"], result["file_bytes_after"]
+    if not result["dry_run"] and before is not None and removed:
+        lines.append(
+            f"database file {_bytes(before)} → {_bytes(after)} ({_bytes(before - after)} freed)"
+        )
+    return "\n".join(lines)
+
+
+def _bytes(n: int) -> str:
+    """A size as people read it: 812 B, 3.4 kB, 98.1 MB (powers of 1000, as `ls -lh --si`)."""
+    size = float(n)
+    for unit in ("B", "kB", "MB"):
+        if abs(size) < 1000:
+            return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} GB"
 
 
 def _describe_rewards(result: dict[str, Any]) -> str:

@@ -1,0 +1,81 @@
+"""`prune`: remove stored models and score rows that nothing reads any more, so a database
+scored again and again does not grow without bound (storage/prune.py says what is kept)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from app.commands.common import note, safe_url
+from storage.engine import database_file, open_database, resolve_url
+
+DEFAULT_KEEP = 3  # versions of each kind: the newest, and two a user may still go back to
+
+
+def prune(args: argparse.Namespace) -> dict[str, Any]:
+    """Plan the prune; unless `--dry-run`, delete in one transaction and give the space back
+    where the engine can in place. The summary lists what went (or would go), its bytes,
+    and the database file's size before and after."""
+    from storage.prune import plan_prune, prune_stored, reclaim_space
+
+    path = database_file(resolve_url(args.db))
+    before = _file_bytes(path)
+    engine = open_database(args.db, existing=True)
+    try:
+        plan = plan_prune(engine, keep=args.keep)
+        removing = not args.dry_run and bool(plan.remove or plan.score_rows)
+        if removing:
+            prune_stored(engine, plan)
+            reclaim_space(engine)
+        backend = engine.dialect.name
+    finally:
+        engine.dispose()  # DuckDB writes its last checkpoint here: measure after it
+    if removing and backend == "duckdb" and path is not None:
+        note(_duckdb_compaction(path))
+    return {
+        "db": safe_url(args.db),
+        "backend": backend,
+        "dry_run": args.dry_run,
+        "keep": args.keep,
+        "removed": [
+            {
+                "id": a.id,
+                "kind": a.kind,
+                "created_at": a.created_at,
+                "bytes": a.bytes,
+                "score_rows": plan.score_rows.get(f"reward:{a.id}", 0),
+            }
+            for a in plan.remove
+        ],
+        "kept": [{"id": a.id, "kind": a.kind, "created_at": a.created_at} for a in plan.keep],
+        "scorers_in_use": list(plan.scorers_in_use),
+        "bytes": plan.bytes,
+        "score_rows": sum(plan.score_rows.values()),
+        "scorers": plan.score_rows,
+        "file_bytes_before": before,
+        "file_bytes_after": _file_bytes(path) if removing else before,
+    }
+
+
+def _file_bytes(path: Path | None) -> int | None:
+    """A database file's size with its write-ahead log (DuckDB's `.wal`, SQLite's `-wal`
+    and `-shm`), or None for a server or an in-memory database."""
+    if path is None:
+        return None
+    files = [path, *(path.with_name(path.name + end) for end in (".wal", "-wal", "-shm"))]
+    return sum(f.stat().st_size for f in files if f.is_file())
+
+
+def _duckdb_compaction(path: Path) -> str:
+    """How to shrink a DuckDB file after a prune: DuckDB reuses a deleted row's space only
+    once its whole row group is gone, and VACUUM reclaims nothing, so the way to get the disk
+    back is a copy (tables, keys, indexes and the schema version come along)."""
+    new = path.with_name(path.stem + "-compact" + path.suffix)
+    return (
+        "DuckDB keeps most of the removed rows' space inside the file; to shrink it, stop "
+        "other convoscope commands on it and copy it to a new file, then replace the old one: "
+        f"""python -c "import duckdb; duckdb.connect().execute(\\"ATTACH '{path}' AS old """
+        f"""(READ_ONLY); ATTACH '{new}' AS new; COPY FROM DATABASE old TO new\\")" """
+        f"&& mv '{new}' '{path}'"
+    )
