@@ -7,8 +7,10 @@ person's name winning), tags and reward score. The file is written next to its t
 renamed into place at the end, so a failed export never leaves half a file behind; a name
 ending in `.gz` is gzipped.
 
-JSONL rows are whole stored exchanges (context as a list, metadata as an object), so
-`convoscope ingest` reads them back under the same ids (ingest/exported.py). Judged battles
+JSONL rows are whole stored exchanges (context as a list, metadata as an object), and so
+are Parquet rows (the metadata as JSON text, with where the file came from in the schema's
+key-value metadata), so `convoscope ingest` reads them back under the same ids, metadata
+included (ingest/exported.py); CSV rows leave the metadata out (`METADATA_COLUMNS`). Judged battles
 are exported apart (`export_battles`), as the battles JSONL that ingest reads (ingest/battles.py).
 
 The writers here serve the CLI and the UI (app/ui/exporting.py), whose rows differ only in
@@ -25,6 +27,7 @@ import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from itertools import chain, groupby
 from pathlib import Path
 from typing import IO, Any
@@ -99,7 +102,60 @@ COLUMNS: tuple[str, ...] = (
     "reward_scorer",
 )
 
+# The stored metadata (the exchange's: tool steps, a CSV row's other columns; its
+# conversation's other keys), as JSON text: a JSONL row carries it as objects, a Parquet row
+# in these columns, so both ingest back whole. A CSV export leaves it out: it is the file
+# people open in a spreadsheet, where JSON objects are noise and tool steps can pass a cell's
+# 32,767 characters; JSONL or Parquet move data between databases.
+METADATA_COLUMNS = ("metadata", "conversation_metadata")
+# The Parquet schema's key-value metadata key holding where the file came from.
+PARQUET_METADATA_KEY = b"convoscope"
+
 Batches = Iterable[list[dict[str, Any]]]
+
+
+def exchange_columns(format: str) -> tuple[str, ...] | None:
+    """The stored exchange columns an export in `format` reads (None: the default set)."""
+    return (*EXCHANGE_EXPORT_COLUMNS, "metadata") if format in ("jsonl", "parquet") else None
+
+
+def file_columns(format: str) -> tuple[str, ...]:
+    """The columns a tabular export writes, in order (JSONL writes every key of a row)."""
+    return (*COLUMNS, *METADATA_COLUMNS) if format == "parquet" else COLUMNS
+
+
+def provenance(engine: Engine, selection: ExportSelection) -> dict[str, Any]:
+    """What a Parquet export says about itself in its schema metadata: the convoscope that
+    wrote it and when, the clustering its clusters are of, the filters that chose its rows
+    and the scorer of its rewards. The rows cannot say it: they are the same whichever
+    filter chose them."""
+    where = selection.where
+    return {
+        "convoscope_version": _version(),
+        "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "clustering_run_id": selection.run_id,
+        "reward_scorer": latest_scorer(engine, "reward:"),
+        "filters": {
+            "models": list(where.models),
+            "sources": list(where.sources),
+            "since": where.since.isoformat() if where.since else None,
+            "until": where.until.isoformat() if where.until else None,
+            "clusters": list(selection.clusters),
+            "tags": list(selection.tags),
+            "min_reward": selection.min_reward,
+            "max_reward": selection.max_reward,
+        },
+    }
+
+
+def _version() -> str | None:
+    """This convoscope's version, None when it runs from a tree that is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("convoscope")
+    except PackageNotFoundError:
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,14 +351,16 @@ def export_exchanges(
     check_spreadsheet_safe(chosen, safe_for_spreadsheets)
     check_out_path(out, chosen)
     check_not_the_database(engine, out)
-    # JSONL is the format that ingests back (ingest.exported): it also carries the stored
-    # metadata (tool steps, a CSV row's other columns; the conversation's other keys), which
-    # a flat table has no column for.
-    columns = (*EXCHANGE_EXPORT_COLUMNS, "metadata") if chosen == "jsonl" else None
-    batches = iter_export_rows(engine, selection, columns=columns)
+    batches = iter_export_rows(engine, selection, columns=exchange_columns(chosen))
     stats = WriteStats()
     rows = write_file(
-        batches, COLUMNS, chosen, out, safe_for_spreadsheets=safe_for_spreadsheets, stats=stats
+        batches,
+        file_columns(chosen),
+        chosen,
+        out,
+        safe_for_spreadsheets=safe_for_spreadsheets,
+        stats=stats,
+        about=provenance(engine, selection),
     )
     return ExportResult(
         path=str(out),
@@ -408,15 +466,22 @@ def write_file(
     *,
     safe_for_spreadsheets: bool = False,
     stats: WriteStats | None = None,
+    about: dict[str, Any] | None = None,
 ) -> int:
     """Write rows to `out` atomically (a `.partial` sibling renamed into place), gzipped when
-    its name ends in `.gz`; the count. See write_rows for the CSV options."""
+    its name ends in `.gz`; the count. See write_rows for the CSV options and `about`."""
     _check_format(format)
     check_spreadsheet_safe(format, safe_for_spreadsheets)
 
     def write(handle: IO[bytes]) -> int:
         return write_rows(
-            batches, names, format, handle, safe_for_spreadsheets=safe_for_spreadsheets, stats=stats
+            batches,
+            names,
+            format,
+            handle,
+            safe_for_spreadsheets=safe_for_spreadsheets,
+            stats=stats,
+            about=about,
         )
 
     return _write_atomically(out, write)
@@ -452,17 +517,19 @@ def write_rows(
     *,
     safe_for_spreadsheets: bool = False,
     stats: WriteStats | None = None,
+    about: dict[str, Any] | None = None,
 ) -> int:
     """Write rows to a binary handle in `format`; returns how many were written.
 
     CSV cells are written as stored (what pandas and other readers expect) unless
     `safe_for_spreadsheets`, which prefixes those a spreadsheet would run as formulas with a
-    quote; either way `stats` counts them.
+    quote; either way `stats` counts them. A Parquet file carries `about` (`provenance`) as
+    JSON in its schema's key-value metadata, under `convoscope`.
     """
     _check_format(format)
     check_spreadsheet_safe(format, safe_for_spreadsheets)
     if format == "parquet":
-        return _parquet(batches, names, handle)
+        return _parquet(batches, names, handle, about)
     text = io.TextIOWrapper(handle, encoding="utf-8", newline="", write_through=True)
     try:
         if format == "csv":
@@ -586,8 +653,12 @@ def _instruction_text(instruction: str | None) -> bool:
     return len(instruction.split()) > 1 or len(instruction) > 64
 
 
-def _parquet(batches: Batches, names: Sequence[str], handle: IO[bytes]) -> int:
+def _parquet(
+    batches: Batches, names: Sequence[str], handle: IO[bytes], about: dict[str, Any] | None
+) -> int:
     schema = arrow_schema(names)
+    if about is not None:
+        schema = schema.with_metadata({PARQUET_METADATA_KEY: json.dumps(about).encode()})
     count = 0
     with pq.ParquetWriter(handle, schema) as writer:
         for batch in batches:

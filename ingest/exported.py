@@ -21,8 +21,9 @@ be a different exchange, stored under a new one it would no longer join back.
 The file is untrusted like any log: every field is type-checked, and a bad row is a reject
 naming its line and field while the rows around it are stored.
 
-A CSV or Parquet export (`--format csv|parquet`) has the same columns but the metadata, which
-only JSONL carries. Read as a log, it was split into new conversations with new ids (doubling
+A CSV or Parquet export (`--format csv|parquet`) has the same columns; a Parquet export also
+carries the metadata as JSON text (`metadata`, `conversation_metadata`), a CSV export none of
+it. Read as a log, it was split into new conversations with new ids (doubling
 the data in the database it came from) and new structural signals. Its rows come from the
 tabular readers' row streams and are turned into the record the JSONL export writes (JSON text
 parsed; in CSV, where every cell is text, signals read as booleans and numbers and an empty

@@ -4,9 +4,11 @@ original ids: through the real CLI, between real DuckDB and SQLite files."""
 from __future__ import annotations
 
 import csv
+import importlib.metadata
 import json
 import subprocess
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -267,8 +269,11 @@ def _write_table(path: Path, rows: list[dict[str, Any]]) -> None:
         writer.writerows(rows)
 
 
-def _without_metadata(rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Stored exchanges less their metadata, which only the JSONL export carries."""
+def _as_exported(rows: dict[str, dict[str, Any]], suffix: str) -> dict[str, dict[str, Any]]:
+    """Stored exchanges as an export in `suffix` carries them: a CSV export leaves their
+    metadata out (JSONL and Parquet carry it)."""
+    if suffix != "csv":
+        return rows
     return {i: {k: v for k, v in row.items() if k != "metadata"} for i, row in rows.items()}
 
 
@@ -292,12 +297,13 @@ def test_a_csv_or_parquet_export_ingests_back_under_the_same_ids(
     fresh = _ingest(b, export, tmp_path, cli=convoscope_here)
     assert (fresh["stored"], fresh["rejected"]) == (6, 0)
     copies = _stored(b)
-    assert _without_metadata(copies) == _without_metadata(originals)
+    assert _as_exported(copies, suffix) == _as_exported(originals, suffix)  # Parquet: whole
     last = next(r for r in copies.values() if r["response"] == "Plain text.")
     assert (last["ended_conversation"], last["seconds_to_next_user_message"]) == (True, None)
     assert last["rating"] is None and last["retried"] is None
-    conversation_fields = {i: v[:2] for i, v in _conversations(a).items()}  # id and feedback
-    assert {i: v[:2] for i, v in _conversations(b).items()} == conversation_fields
+    kept = 3 if suffix == "parquet" else 2  # the conversation's metadata, in Parquet only
+    conversation_fields = {i: v[:kept] for i, v in _conversations(a).items()}
+    assert {i: v[:kept] for i, v in _conversations(b).items()} == conversation_fields
     engine = open_database(b)
     with engine.connect() as conn:
         assert conn.execute(sa.select(ingest_runs.c.format)).scalar_one() == "convoscope"
@@ -310,7 +316,7 @@ def test_a_csv_or_parquet_export_ingests_back_under_the_same_ids(
     c = f"duckdb:///{tmp_path / 'c.duckdb'}"
     assert _ingest(c, part, tmp_path, cli=convoscope_here)["stored"] == 4
     wanted = {i: r for i, r in originals.items() if r["model"] == "bot-1"}
-    assert _without_metadata(_stored(c)) == _without_metadata(wanted)
+    assert _as_exported(_stored(c), suffix) == _as_exported(wanted, suffix)
     eight = next(r for r in _stored(c).values() if r["response"] == "8.")
     assert (eight["ended_conversation"], eight["user_turns_after"]) == (False, 1)
 
@@ -318,6 +324,25 @@ def test_a_csv_or_parquet_export_ingests_back_under_the_same_ids(
     d = f"duckdb:///{tmp_path / 'd.duckdb'}"
     as_log = _ingest(d, export, tmp_path, "--format", suffix, cli=convoscope_here)
     assert as_log["stored"] > 0 and _stored(d).keys().isdisjoint(originals)
+
+
+def test_a_parquet_export_says_where_it_came_from(tmp_path: Path) -> None:
+    """The filters, clustering, reward scorer, time and version that made a Parquet export
+    ride in its schema's key-value metadata, which readers other than convoscope keep too;
+    its rows still ingest back (above). A CSV has no place for them and says nothing."""
+    log = tmp_path / "chats.jsonl"
+    _chat_log(log)
+    a = f"duckdb:///{tmp_path / 'a.duckdb'}"
+    _ingest(a, log, tmp_path, cli=convoscope_here)
+    export = tmp_path / "bot-1.parquet"
+    _export_table(a, export, tmp_path, "--model", "bot-1")
+    about = json.loads(pq.read_schema(export).metadata[b"convoscope"])
+    assert about["convoscope_version"] == importlib.metadata.version("convoscope")
+    assert about["filters"]["models"] == ["bot-1"] and about["filters"]["min_reward"] is None
+    assert about["clustering_run_id"] is None and about["reward_scorer"] is None  # not yet
+    exported_at = datetime.fromisoformat(about["exported_at"])
+    assert abs((datetime.now(UTC) - exported_at).total_seconds()) < 600
+    assert pq.read_table(export).num_rows == 4
 
 
 @pytest.mark.parametrize("suffix", ["csv", "parquet"])
@@ -341,8 +366,8 @@ def test_a_tampered_csv_or_parquet_export_row_is_rejected_with_its_line(
         (str(export), first + 2, "context"),
     ]
     kept = {rows[i]["id"] for i in (0, 3, 4, 5)}
-    assert _without_metadata(_stored(b)) == _without_metadata(
-        {i: r for i, r in originals.items() if i in kept}
+    assert _as_exported(_stored(b), suffix) == _as_exported(
+        {i: r for i, r in originals.items() if i in kept}, suffix
     )
 
 

@@ -18,15 +18,18 @@ from app.export import (
     FORMATS,
     ExportSelection,
     battles_bytes,
+    exchange_columns,
     export_battles,
     export_exchanges,
+    file_columns,
     iter_export_rows,
     no_battles_message,
+    provenance,
     write_rows,
 )
 from app.ui.launch import LAUNCH_DIR_ENV
 from storage.logs import BattleFilter, ExchangeFilter
-from storage.views import EXCHANGE_EXPORT_COLUMNS, ViewFilter
+from storage.views import ViewFilter
 
 __all__ = [
     "COLUMNS",
@@ -69,10 +72,18 @@ def export_bytes(
 ) -> bytes:
     """The whole export in memory (for a download button)."""
     buffer = io.BytesIO()
-    # As `export_exchanges` does: JSONL, the format that ingests back, carries the metadata.
-    columns = (*EXCHANGE_EXPORT_COLUMNS, "metadata") if format == "jsonl" else None
-    rows = iter_export_rows(engine, selection(run_id, flt, cluster_ids), columns=columns)
-    write_rows(rows, COLUMNS, format, buffer, safe_for_spreadsheets=safe_for_spreadsheets)
+    # As `export_exchanges` does: JSONL and Parquet carry the stored metadata, Parquet where
+    # it came from too.
+    chosen = selection(run_id, flt, cluster_ids)
+    rows = iter_export_rows(engine, chosen, columns=exchange_columns(format))
+    write_rows(
+        rows,
+        file_columns(format),
+        format,
+        buffer,
+        safe_for_spreadsheets=safe_for_spreadsheets,
+        about=provenance(engine, chosen),
+    )
     return buffer.getvalue()
 
 
