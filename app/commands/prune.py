@@ -4,6 +4,8 @@ scored again and again does not grow without bound (storage/prune.py says what i
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -70,12 +72,16 @@ def _file_bytes(path: Path | None) -> int | None:
 def _duckdb_compaction(path: Path) -> str:
     """How to shrink a DuckDB file after a prune: DuckDB reuses a deleted row's space only
     once its whole row group is gone, and VACUUM reclaims nothing, so the way to get the disk
-    back is a copy (tables, keys, indexes and the schema version come along)."""
+    back is a copy (tables, keys, indexes and the schema version come along). The command
+    runs this Python, which has duckdb: a bare `python` outside the venv may not."""
     new = path.with_name(path.stem + "-compact" + path.suffix)
+    sql = (
+        f"ATTACH '{path}' AS old (READ_ONLY); ATTACH '{new}' AS new; COPY FROM DATABASE old TO new"
+    )
+    script = f"import duckdb; duckdb.connect().execute({sql!r})"
     return (
         "DuckDB keeps most of the removed rows' space inside the file; to shrink it, stop "
         "other convoscope commands on it and copy it to a new file, then replace the old one: "
-        f"""python -c "import duckdb; duckdb.connect().execute(\\"ATTACH '{path}' AS old """
-        f"""(READ_ONLY); ATTACH '{new}' AS new; COPY FROM DATABASE old TO new\\")" """
-        f"&& mv '{new}' '{path}'"
+        f"{shlex.quote(sys.executable)} -c {shlex.quote(script)} && "
+        f"mv {shlex.quote(str(new))} {shlex.quote(str(path))}"
     )
