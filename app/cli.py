@@ -585,9 +585,9 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument(
         "--take-over",
         action="store_true",
-        help="with --resume: take the run from the process that drives it, without waiting "
-        "for its lease to lapse (only when that process is dead: a live one stops, but its "
-        "requests in flight were sent)",
+        help="with --resume (or replay judge): take the run from the process that drives it "
+        "(or judges it with that judge), without waiting for its lease to lapse (only when "
+        "that process is dead: a live one stops, but its requests in flight were sent)",
     )
     replay.set_defaults(handler=commands.replay)
 

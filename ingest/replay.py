@@ -58,10 +58,10 @@ from storage.replay import (
     exchanges_by_id,
     get_run,
     item_counts,
+    keep_lease,
     open_inputs,
     record_outcomes,
     release_run,
-    renew_lease,
     run_items,
 )
 
@@ -442,16 +442,10 @@ async def _send_all(
             if last is None:
                 return
 
-    async def heartbeat() -> None:
-        while True:
-            await asyncio.sleep(lease.seconds / 4)
-            async with turns:
-                await asyncio.to_thread(renew_lease, engine, lease)
-
     try:
         async with client, asyncio.TaskGroup() as group:
             written = group.create_task(writer())
-            beating = group.create_task(heartbeat())
+            beating = group.create_task(keep_lease(engine, lease, turns))
             workers = [
                 group.create_task(worker()) for _ in range(min(config.concurrency, len(inputs)))
             ]

@@ -9,7 +9,9 @@ LLM judges favour the answer shown first, so each pair is shown in a random orde
 pair, so a re-run shows the same order) and the verdict is mapped back. Verdicts are stored as
 battles (exchange_a = the original, exchange_b = the new answer, source `judge:<run>`), so the
 expert leaderboards learn from them like from any judged battle, and a re-run judges only the
-pairs without a verdict from that judge.
+pairs without a verdict from that judge. One process judges a run with a given judge at a time:
+it holds a lease on that (run, judge) as a replay holds its run (storage.replay.Lease), so a
+second one is refused instead of sending every pair without a verdict again.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import random
 import re
 import sys
 import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -32,8 +35,20 @@ from tqdm import tqdm
 
 from ingest.chat_client import Answer, ChatClient, public_url, run_interruptible
 from ingest.records import content_hash
-from storage.logs import store_batch, utcnow
-from storage.replay import DONE, exchanges_by_id, get_run, load_verdicts, run_items
+from storage.logs import utcnow
+from storage.replay import (
+    DONE,
+    Lease,
+    LeaseLost,
+    claim_judge_run,
+    exchanges_by_id,
+    get_run,
+    keep_lease,
+    load_verdicts,
+    release_run,
+    run_items,
+    store_verdicts,
+)
 
 JUDGE_SOURCE_PREFIX = "judge:"
 _FLUSH = 32  # verdicts per commit
@@ -92,6 +107,8 @@ class JudgeConfig:
     sample: int | None = None  # judge a seeded sample of the answered pairs
     seed: int = 0
     progress: bool = True
+    # How long the run stays held for this judge after its last heartbeat (as ReplayConfig's).
+    lease_s: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +128,7 @@ class JudgeSummary:
     seconds: float
     # Answered saved inputs (prompts logged without an answer): nothing to judge against.
     without_original: int = 0
+    status: str = DONE  # done, or incomplete: some pairs got no verdict (judged on a re-run)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -180,41 +198,35 @@ def new_shown_first(seed: int, original_id: str, new_id: str) -> bool:
     return random.Random(content_hash("order", str(seed), original_id, new_id)).random() < 0.5
 
 
-def judge_replay(engine: Engine, run_id: str, *, config: JudgeConfig) -> JudgeSummary:
-    """Ask `config.model` to judge every answered pair of a replay run not judged by it yet."""
+def judge_replay(
+    engine: Engine, run_id: str, *, config: JudgeConfig, take_over: bool = False
+) -> JudgeSummary:
+    """Ask `config.model` to judge every answered pair of a replay run not judged by it yet.
+
+    Another process judging the run with the same judge (its lease not lapsed) is refused
+    unless `take_over`: that process, if alive, then stops at its next renewal."""
     started = time.perf_counter()
-    if config.concurrency < 1 or config.max_attempts < 1:
-        raise JudgeError("concurrency and max_attempts must be at least 1")
-    if get_run(engine, run_id) is None:
-        raise JudgeError(f"no replay run {run_id!r}")
-    done = [
-        (i["exchange_id"], i["response_exchange_id"])
-        for i in run_items(engine, run_id)
-        if i["status"] == DONE and i["response_exchange_id"]
-    ]
-    if not done:
-        raise JudgeError(f"replay run {run_id} has no answered input to judge yet")
-    # A saved input was logged without an answer: a verdict against nothing says nothing.
-    originals = exchanges_by_id(engine, [o for o, _ in done], columns=("id", "response"))
-    answered = [pair for pair in done if originals[pair[0]]["response"]]
-    without_original = len(done) - len(answered)
-    if not answered:
-        raise JudgeError(
-            f"replay run {run_id} replayed saved inputs only: no original answer to judge the "
-            "new answers against"
-        )
-    done = answered
-    if config.sample is not None and config.sample < len(done):
-        rng = np.random.default_rng(config.seed)
-        done = [done[i] for i in sorted(rng.choice(len(done), config.sample, replace=False))]
-    judged = {
-        (v["exchange_a"], v["exchange_b"])
-        for v in load_verdicts(engine, JUDGE_SOURCE_PREFIX + run_id)
-        if v["judge"] == config.model
-    }
-    todo = [pair for pair in done if pair not in judged]
+    if config.concurrency < 1 or config.max_attempts < 1 or config.lease_s <= 0:
+        raise JudgeError("concurrency and max_attempts must be at least 1, lease_s positive")
+    done, without_original = _answered_pairs(engine, run_id, config)
     client = ChatClient(config, os.environ.get(config.api_key_env))
-    errors = run_interruptible(_judge_all(engine, run_id, todo, client, config)) if todo else []
+    lease = Lease(run_id=run_id, owner=uuid.uuid4().hex, seconds=config.lease_s, judge=config.model)
+    holder = claim_judge_run(engine, lease, take_over=take_over)
+    if holder is not None:
+        raise JudgeError(_judged_elsewhere(holder))
+    status = "incomplete"
+    try:
+        try:
+            # Read once the run is held: a process taken over may have stored verdicts.
+            todo = _unjudged(engine, run_id, config.model, done)
+            errors = (
+                run_interruptible(_judge_all(engine, lease, todo, client, config)) if todo else []
+            )
+            status = "incomplete" if errors else DONE
+        finally:  # interrupted too: "running" would outlive the process that ran it
+            release_run(engine, lease, status)
+    except LeaseLost:
+        raise JudgeError(_taken_over(run_id, config.model)) from None
     return JudgeSummary(
         run_id=run_id,
         judge=config.model,
@@ -228,44 +240,104 @@ def judge_replay(engine: Engine, run_id: str, *, config: JudgeConfig) -> JudgeSu
         errors=errors[:5],
         seconds=round(time.perf_counter() - started, 3),
         without_original=without_original,
+        status=status,
+    )
+
+
+def _answered_pairs(
+    engine: Engine, run_id: str, config: JudgeConfig
+) -> tuple[list[tuple[str, str]], int]:
+    """The run's (original, new) pairs to judge (sampled), and how many answered saved inputs
+    were left out: a saved input was logged without an answer, and a verdict against nothing
+    says nothing."""
+    if get_run(engine, run_id) is None:
+        raise JudgeError(f"no replay run {run_id!r}")
+    done = [
+        (i["exchange_id"], i["response_exchange_id"])
+        for i in run_items(engine, run_id)
+        if i["status"] == DONE and i["response_exchange_id"]
+    ]
+    if not done:
+        raise JudgeError(f"replay run {run_id} has no answered input to judge yet")
+    originals = exchanges_by_id(engine, [o for o, _ in done], columns=("id", "response"))
+    answered = [pair for pair in done if originals[pair[0]]["response"]]
+    if not answered:
+        raise JudgeError(
+            f"replay run {run_id} replayed saved inputs only: no original answer to judge the "
+            "new answers against"
+        )
+    if config.sample is not None and config.sample < len(answered):
+        rng = np.random.default_rng(config.seed)
+        picked = sorted(rng.choice(len(answered), config.sample, replace=False))
+        return [answered[i] for i in picked], len(done) - len(answered)
+    return answered, len(done) - len(answered)
+
+
+def _unjudged(
+    engine: Engine, run_id: str, judge: str, pairs: list[tuple[str, str]]
+) -> list[tuple[str, str]]:
+    """The pairs without a verdict from `judge` yet."""
+    judged = {
+        (v["exchange_a"], v["exchange_b"])
+        for v in load_verdicts(engine, JUDGE_SOURCE_PREFIX + run_id)
+        if v["judge"] == judge
+    }
+    return [pair for pair in pairs if pair not in judged]
+
+
+def _judged_elsewhere(run: Mapping[str, Any]) -> str:
+    """Why a run cannot be judged with this judge now, and how to take it from a dead process."""
+    since, until = (f"{run[key]:%Y-%m-%d %H:%M:%S} UTC" for key in ("owner_since", "lease_until"))
+    return (
+        f"run {run['run_id']} is being judged by {run['judge']} in another process since "
+        f"{since}, which renews its lease while it works (now until {until}): let it finish; "
+        f"if that process is dead, judge again after {until}, or now with "
+        f"`replay judge {run['run_id']} --model {run['judge']} --base-url URL --take-over`"
+    )
+
+
+def _taken_over(run_id: str, judge: str) -> str:
+    return (
+        f"judging run {run_id} with {judge} was taken over by another process (`--take-over`, "
+        "or this one's lease lapsed): this one stopped; the verdicts it stored are kept, and "
+        "the rest are the other process's to judge"
     )
 
 
 async def _judge_all(
     engine: Engine,
-    run_id: str,
+    lease: Lease,
     todo: list[tuple[str, str]],
     client: ChatClient,
     config: JudgeConfig,
 ) -> list[str]:
-    """Judge `todo` with `concurrency` workers, committing verdicts as they come; the errors."""
+    """Judge `todo` with `concurrency` workers, committing verdicts as they come (each commit
+    renewing the lease, and a heartbeat while they wait on the judge); the errors."""
     ids = [i for pair in todo for i in pair]
     texts = exchanges_by_id(engine, ids, columns=("id", "context", "prompt", "response"))
     pending = iter(todo)
     verdicts: list[dict[str, Any]] = []
     errors: list[str] = []
-    lock = asyncio.Lock()
+    turns = asyncio.Lock()  # commits and heartbeat both update the lease's row
     bar = tqdm(
         total=len(todo),
-        desc=f"judge {run_id[:8]}",
+        desc=f"judge {lease.run_id[:8]}",
         unit=" pair",
         file=sys.stderr,
         disable=None if config.progress else True,
     )
 
     async def flush() -> None:
-        async with lock:
+        async with turns:
             if len(verdicts) >= _FLUSH:
                 batch = verdicts[:]
                 verdicts.clear()
-                await asyncio.to_thread(
-                    store_batch, engine, conversation_rows=(), exchange_rows=(), battle_rows=batch
-                )
+                await asyncio.to_thread(store_verdicts, engine, batch, lease=lease)
 
     async def worker() -> None:
         for original_id, new_id in pending:  # one shared iterator: each pair judged once
             row = await _judge_one(
-                client, config, run_id, texts[original_id], texts[new_id], errors
+                client, config, lease.run_id, texts[original_id], texts[new_id], errors
             )
             bar.update(1)
             if row is not None:
@@ -275,15 +347,20 @@ async def _judge_all(
     try:
         async with client:
             try:
-                await asyncio.gather(*(worker() for _ in range(min(config.concurrency, len(todo)))))
+                async with asyncio.TaskGroup() as group:
+                    beating = group.create_task(keep_lease(engine, lease, turns))
+                    workers = min(config.concurrency, len(todo))
+                    await asyncio.gather(*(group.create_task(worker()) for _ in range(workers)))
+                    beating.cancel()
+            except* LeaseLost as lost:  # taken over: the other process judges the rest
+                verdicts.clear()
+                raise lost.exceptions[0] from None
             finally:
                 # Interrupted too: a verdict is paid for, so those not flushed yet are stored,
                 # before the client's close (which may wait on a server). Not in a thread:
                 # blocking the loop, the write ends before a second Ctrl-C can stop it.
                 if verdicts:
-                    store_batch(
-                        engine, conversation_rows=(), exchange_rows=(), battle_rows=verdicts
-                    )
+                    store_verdicts(engine, verdicts, lease=lease)
     finally:
         bar.close()
     return errors

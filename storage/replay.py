@@ -9,11 +9,14 @@ One process drives a run at a time: it holds a lease on the run (`Lease`), taken
 (`create_run`, `claim_run`) and renewed in every transaction that stores its answers, and by a
 heartbeat while it waits on the endpoint. A process killed without letting go stops renewing,
 so its lease lapses and another one may take the run; one that was taken over finds its lease
-gone at its next renewal (`LeaseLost`) and stores nothing more.
+gone at its next renewal (`LeaseLost`) and stores nothing more. A judge of a run is held the
+same way, on its own row of `judge_runs` (a `Lease` that names the judge): two processes
+judging the same run with the same judge would each send every pair without a verdict.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -25,7 +28,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from storage.contexts import context_columns, read_with_contexts
 from storage.logs import Row, insert_rows, store_rows, utcnow
-from storage.schema import battles, exchanges, replay_items, replay_runs
+from storage.schema import battles, exchanges, judge_runs, replay_items, replay_runs
 
 PENDING, DONE, FAILED = "pending", "done", "failed"
 
@@ -65,14 +68,22 @@ class ItemOutcome:
 class Lease:
     """One process's hold on a run: `owner` is a token of its own, and the hold lapses
     `seconds` after its last renewal (a killed process never renews, so it never blocks the
-    run for longer)."""
+    run for longer). With `judge`, the hold is on judging the run with that judge (its row
+    of `judge_runs`), not on replaying it: a judge may work while the run is resumed."""
 
     run_id: str
     owner: str
     seconds: float
+    judge: str | None = None
 
     def until(self, now: datetime) -> datetime:
         return now + timedelta(seconds=self.seconds)
+
+    def row(self) -> tuple[sa.Table, tuple[sa.ColumnElement[bool], ...]]:
+        """The table whose row this lease holds, and the conditions that pick the row."""
+        if self.judge is None:
+            return replay_runs, (replay_runs.c.id == self.run_id,)
+        return judge_runs, (judge_runs.c.run_id == self.run_id, judge_runs.c.judge == self.judge)
 
 
 class LeaseLost(RuntimeError):
@@ -118,28 +129,45 @@ def create_run(
 
 
 def claim_run(engine: Engine, lease: Lease, *, take_over: bool = False) -> Row | None:
-    """Take a stored run for `lease`'s owner: None when taken, else the run as another
-    process holds it (its lease not lapsed), for the refusal to name. One UPDATE decides, so
-    of two processes claiming at once exactly one gets the run. `take_over` takes it from a
-    holder whose lease has not lapsed yet (a process the user knows is dead)."""
+    """Take a stored run (or judge run) for `lease`'s owner: None when taken, else the run
+    as another process holds it (its lease not lapsed), for the refusal to name. One UPDATE
+    decides, so of two processes claiming at once exactly one gets the run. `take_over` takes
+    it from a holder whose lease has not lapsed yet (a process the user knows is dead)."""
     while True:  # a holder that let go between the UPDATE and the look-up: try again
         if _take(engine, lease, take_over=take_over):
             return None
-        holder = get_run(engine, lease.run_id)
+        holder = _held_row(engine, lease)
         if holder is None:
             raise LookupError(f"no replay run {lease.run_id!r}")
         if holder["owner"] is not None:
             return holder
 
 
+def claim_judge_run(engine: Engine, lease: Lease, *, take_over: bool = False) -> Row | None:
+    """`claim_run` for judging a run with `lease.judge`, whose row is made, unheld, the first
+    time that judge judges the run: as with `claim_run`, None when taken, else the holder."""
+    assert lease.judge is not None, "a judge run's lease names its judge"
+    if get_judge_run(engine, lease.run_id, lease.judge) is None:
+        row = {"run_id": lease.run_id, "judge": lease.judge}
+        try:
+            with engine.begin() as conn:
+                conn.execute(
+                    sa.insert(judge_runs).values(**row, created_at=utcnow(), status="incomplete")
+                )
+        except sa.exc.IntegrityError:
+            pass  # another process made it meanwhile: the claim below decides between them
+    return claim_run(engine, lease, take_over=take_over)
+
+
 def _take(engine: Engine, lease: Lease, *, take_over: bool) -> bool:
     now = utcnow()
-    query = sa.update(replay_runs).where(replay_runs.c.id == lease.run_id)
+    table, keys = lease.row()
+    query = sa.update(table).where(*keys)
     if not take_over:
-        query = query.where(sa.or_(replay_runs.c.owner.is_(None), replay_runs.c.lease_until < now))
+        query = query.where(sa.or_(table.c.owner.is_(None), table.c.lease_until < now))
     values = {"owner": lease.owner, "owner_since": now, "lease_until": lease.until(now)}
     with engine.begin() as conn:
-        taken = conn.execute(query.values(status="running", **values).returning(replay_runs.c.id))
+        taken = conn.execute(query.values(status="running", **values).returning(table.c.owner))
         return taken.first() is not None
 
 
@@ -149,16 +177,27 @@ def renew_lease(engine: Engine, lease: Lease) -> None:
         _renew(conn, lease)
 
 
+async def keep_lease(engine: Engine, lease: Lease, turns: asyncio.Lock) -> None:
+    """Renew `lease` every quarter of its length until cancelled: the heartbeat of a process
+    waiting on an endpoint. It takes `turns` with the process's writes, which renew the lease
+    too: DuckDB refuses two transactions updating the same row at once."""
+    while True:
+        await asyncio.sleep(lease.seconds / 4)
+        async with turns:
+            await asyncio.to_thread(renew_lease, engine, lease)
+
+
 def release_run(engine: Engine, lease: Lease, status: str) -> None:
     """Record how the run ended and let go of it; LeaseLost (and nothing written) when
     another process took it meanwhile: its status is that process's to set."""
+    table, keys = lease.row()
     values = {"status": status, "owner": None, "owner_since": None, "lease_until": None}
     with engine.begin() as conn:
         released = conn.execute(
-            sa.update(replay_runs)
-            .where(replay_runs.c.id == lease.run_id, replay_runs.c.owner == lease.owner)
+            sa.update(table)
+            .where(*keys, table.c.owner == lease.owner)
             .values(**values)
-            .returning(replay_runs.c.id)
+            .returning(table.c.owner)
         ).first()
     if released is None:
         raise LeaseLost(lease.run_id)
@@ -168,14 +207,39 @@ def _renew(conn: Connection, lease: Lease) -> None:
     """Extend the lease inside `conn`'s transaction. On PostgreSQL the row stays locked
     until it commits, so a take-over waits for this transaction's answers and then sees them
     done; with the lease gone, LeaseLost rolls the transaction back."""
+    table, keys = lease.row()
     renewed = conn.execute(
-        sa.update(replay_runs)
-        .where(replay_runs.c.id == lease.run_id, replay_runs.c.owner == lease.owner)
+        sa.update(table)
+        .where(*keys, table.c.owner == lease.owner)
         .values(lease_until=lease.until(utcnow()))
-        .returning(replay_runs.c.id)
+        .returning(table.c.owner)
     ).first()
     if renewed is None:
         raise LeaseLost(lease.run_id)
+
+
+def _held_row(engine: Engine, lease: Lease) -> Row | None:
+    """The row `lease` would hold, as stored now (None: no such run)."""
+    if lease.judge is None:
+        return get_run(engine, lease.run_id)
+    return get_judge_run(engine, lease.run_id, lease.judge)
+
+
+def get_judge_run(engine: Engine, run_id: str, judge: str) -> Row | None:
+    """How judging `run_id` with `judge` stands (None: that judge never judged it since
+    schema 0008), its status "incomplete" when the process judging it stopped unreleased."""
+    query = sa.select(judge_runs).where(judge_runs.c.run_id == run_id, judge_runs.c.judge == judge)
+    with engine.connect() as conn:
+        found = conn.execute(query).mappings().first()
+    return None if found is None else _live(dict(found), utcnow())
+
+
+def judge_runs_of(engine: Engine, run_id: str) -> list[Row]:
+    """Every judge run of a replay run, by judge name, with its live status (`_live`)."""
+    query = sa.select(judge_runs).where(judge_runs.c.run_id == run_id).order_by(judge_runs.c.judge)
+    with engine.connect() as conn:
+        now = utcnow()
+        return [_live(dict(row), now) for row in conn.execute(query).mappings()]
 
 
 def get_run(engine: Engine, run_id: str) -> Row | None:
@@ -200,11 +264,16 @@ def list_runs(engine: Engine) -> list[Row]:
 
 
 def _decoded(found: Mapping[str, Any], now: datetime) -> Row:
-    """A run's row with its params decoded. A "running" run whose process stopped without
-    letting go (killed: its lease lapsed, or from before leases) is "incomplete", as an
-    interrupted run is: "running" says a live process drives it."""
+    """A run's row with its params decoded and its live status (`_live`)."""
     run = dict(found)
     run["params"] = json.loads(run["params"]) if run["params"] else {}
+    return _live(run, now)
+
+
+def _live(run: Row, now: datetime) -> Row:
+    """A "running" run (or judge run) whose process stopped without letting go (killed: its
+    lease lapsed, or from before leases) is "incomplete", as an interrupted run is:
+    "running" says a live process drives it."""
     lapsed = run["lease_until"] is None or run["lease_until"] < now
     if run["status"] == "running" and lapsed:
         run["status"] = "incomplete"
@@ -307,6 +376,14 @@ def run_items(engine: Engine, run_id: str) -> list[Row]:
     )
     with engine.connect() as conn:
         return [dict(row) for row in conn.execute(query).mappings()]
+
+
+def store_verdicts(engine: Engine, verdicts: Sequence[Row], *, lease: Lease) -> None:
+    """Store a judge's verdicts (battle rows) in one transaction that also renews its lease:
+    LeaseLost, and nothing stored, when the judge run was taken over."""
+    with engine.begin() as conn:
+        _renew(conn, lease)
+        store_rows(conn, conversation_rows=(), exchange_rows=(), battle_rows=verdicts)
 
 
 def load_verdicts(engine: Engine, source: str) -> list[Row]:

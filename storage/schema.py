@@ -207,6 +207,21 @@ replay_runs = sa.Table(
     sa.Column("lease_until", sa.DateTime),
 )
 
+# One row per (replay run, judge) that judged it: the lease of the process judging the run's
+# answers with that judge (migration 0008), as replay_runs' own. Two judges of one run hold
+# two rows, so they judge at once; the same judge twice would send every pair twice.
+judge_runs = sa.Table(
+    "judge_runs",
+    metadata,
+    sa.Column("run_id", Id, primary_key=True),
+    sa.Column("judge", sa.Text, primary_key=True),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),  # running | done | incomplete
+    sa.Column("owner", Id),
+    sa.Column("owner_since", sa.DateTime),
+    sa.Column("lease_until", sa.DateTime),
+)
+
 replay_items = sa.Table(
     "replay_items",
     metadata,

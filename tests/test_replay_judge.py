@@ -30,8 +30,17 @@ from scoring.judge import (
     parse_verdict,
 )
 from storage.engine import open_database
-from storage.logs import ExchangeFilter, load_battles
-from storage.replay import load_verdicts
+from storage.logs import ExchangeFilter, load_battles, utcnow
+from storage.replay import (
+    Lease,
+    LeaseLost,
+    claim_judge_run,
+    claim_run,
+    get_judge_run,
+    load_verdicts,
+    release_run,
+    store_verdicts,
+)
 from tests.openai_server import Fault, OpenAIServer, last_user_message
 from tests.test_ingest_pipeline import REPO, convoscope
 from tests.test_replay import config_for, logged_db, question
@@ -299,3 +308,162 @@ def test_a_judges_interval_on_a_few_pairs_is_never_certain(duckdb_url: str, tmp_
     assert one.ci_low < three.ci_low < 0.5  # Wilson's: 0.21 on one pair, 0.44 on three
     assert one.ci_low == pytest.approx(0.2065, abs=1e-3)
     assert three.ci_low == pytest.approx(0.4385, abs=1e-3)
+
+
+def test_one_process_judges_a_run_with_a_judge_at_a_time(db_url: str, tmp_path: Path) -> None:
+    """The lease on judging a run with one judge, as a replay's on its run: a second claim is
+    refused while it holds, another judge of the same run is not, and a holder taken over
+    stores no verdict more (its late verdicts would have been paid for twice)."""
+    engine, run_id = replayed_db(db_url, tmp_path, 2)
+    first, second, other = (
+        Lease(run_id=run_id, owner=owner, seconds=60.0, judge=judge)
+        for owner, judge in (("first", "judge-1"), ("second", "judge-1"), ("other", "judge-2"))
+    )
+    assert claim_judge_run(engine, first) is None
+    holder = claim_judge_run(engine, second)
+    assert holder is not None and (holder["owner"], holder["status"]) == ("first", "running")
+    assert claim_judge_run(engine, other) is None  # another judge: its own verdicts, at once
+    assert claim_run(engine, Lease(run_id=run_id, owner="resume", seconds=60.0)) is None
+
+    assert claim_judge_run(engine, second, take_over=True) is None
+    verdict = {"id": "v1", "exchange_a": "a", "exchange_b": "b", "winner": "b"}
+    verdict |= {"judge": "judge-1", "source": f"judge:{run_id}", "ingested_at": utcnow()}
+    with pytest.raises(LeaseLost):
+        store_verdicts(engine, [verdict], lease=first)
+    assert load_verdicts(engine, f"judge:{run_id}") == []
+    store_verdicts(engine, [verdict], lease=second)
+    assert len(load_verdicts(engine, f"judge:{run_id}")) == 1
+    with pytest.raises(LeaseLost):
+        release_run(engine, first, "done")
+    release_run(engine, second, "done")
+    assert get_judge_run(engine, run_id, "judge-1")["status"] == "done"  # type: ignore[index]
+    engine.dispose()
+
+
+def _judging(db: str, cwd: Path, run_id: str, *args: str) -> subprocess.Popen[str]:
+    """`convoscope --db DB replay judge RUN --model judge-model ARGS` in a process of its own."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "--db", db, "replay", "judge", run_id,
+         "--model", "judge-model", *args],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+
+
+def _once_sent(server: OpenAIServer, sent: int) -> None:
+    """Wait until `sent` requests reached `server` (the judging process holds the run)."""
+    deadline = time.monotonic() + 120
+    while server.total_requests() < sent and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert server.total_requests() == sent
+
+
+def test_judging_a_run_another_process_judges_is_refused_until_taken_over(
+    db_url: str, tmp_path: Path
+) -> None:
+    """Two `replay judge RUN --model J` at once each sent every pair without a verdict from
+    J, so each pair was paid for twice. A second process now leaves a live judge run alone,
+    saying how to take it over; a killed process's judge run is taken with --take-over."""
+    if db_url.startswith("duckdb"):
+        pytest.skip("a DuckDB file opens in one process at a time: no second one can judge")
+    engine, run_id = replayed_db(db_url, tmp_path, 3)
+    engine.dispose()
+    with OpenAIServer(delay_s=900) as held, OpenAIServer(responder=prefers_replayed) as fast:
+        first = _judging(db_url, tmp_path, run_id, "--base-url", held.base_url, "--timeout", "900")
+        try:
+            _once_sent(held, 3)
+            again = ("replay", "judge", run_id, "--model", "judge-model")
+            again += ("--base-url", fast.base_url)
+            second = convoscope(*again, db=db_url, cwd=tmp_path)
+            assert second.returncode == 2, second.stderr
+            said = f"run {run_id} is being judged by judge-model in another process since "
+            assert said in second.stderr and "--take-over`" in second.stderr, second.stderr
+            assert fast.total_requests() == 0 and held.total_requests() == 3
+        finally:
+            first.kill()
+            first.communicate(timeout=60)
+        # Killed: its lease has not lapsed, so the run stays refused until taken over.
+        assert convoscope(*again, db=db_url, cwd=tmp_path).returncode == 2
+        taken = convoscope(*again, "--take-over", "--json", db=db_url, cwd=tmp_path)
+        assert taken.returncode == 0, taken.stderr
+        assert json.loads(taken.stdout)["judged"] == 3 == fast.total_requests()
+        assert json.loads(taken.stdout)["status"] == "done"
+    engine = open_database(db_url)
+    assert len(load_verdicts(engine, f"judge:{run_id}")) == 3
+    engine.dispose()
+
+
+_KILLED_JUDGE = """
+import sys
+from scoring.judge import JudgeConfig, judge_replay
+from storage.engine import open_database
+
+config = JudgeConfig(model="judge-model", base_url=sys.argv[2], lease_s=1.0, timeout_s=900)
+judge_replay(open_database(sys.argv[1]), sys.argv[3], config=config)
+"""
+
+
+def test_a_killed_judge_run_is_incomplete_and_judged_again_once_its_lease_lapses(
+    db_url: str, tmp_path: Path
+) -> None:
+    """A judge run had no record: one at work and one killed looked alike. The report now
+    says which judge runs are running, and a killed one is incomplete once its lease lapses
+    (a second here, a minute by default); then a plain re-run judges its pairs."""
+    if db_url.startswith("duckdb"):
+        pytest.skip("a DuckDB file opens in one process at a time: the report waits for it")
+    engine, run_id = replayed_db(db_url, tmp_path, 2)
+    engine.dispose()
+    report = ("replay", "report", run_id, "--json")
+    with OpenAIServer(delay_s=900) as held, OpenAIServer(responder=prefers_replayed) as fast:
+        first = subprocess.Popen(
+            [sys.executable, "-c", _KILLED_JUDGE, db_url, held.base_url, run_id],
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        try:
+            _once_sent(held, 2)
+            live = convoscope(*report, db=db_url, cwd=tmp_path)
+            assert json.loads(live.stdout)["judge_runs"] == {"judge-model": "running"}
+        finally:
+            first.kill()
+            first.wait(timeout=60)
+        time.sleep(1.5)  # the lease lapses
+        killed = convoscope(*report, db=db_url, cwd=tmp_path)
+        assert json.loads(killed.stdout)["judge_runs"] == {"judge-model": "incomplete"}
+        said = convoscope("replay", "report", run_id, db=db_url, cwd=tmp_path).stdout
+        assert "judge judge-model: incomplete" in said
+        again = ("replay", "judge", run_id, "--model", "judge-model", "--base-url", fast.base_url)
+        judged = convoscope(*again, "--json", db=db_url, cwd=tmp_path)
+        assert judged.returncode == 0, judged.stderr
+        assert json.loads(judged.stdout)["judged"] == 2 == fast.total_requests()
+    done = convoscope(*report, db=db_url, cwd=tmp_path)
+    assert json.loads(done.stdout)["judge_runs"] == {"judge-model": "done"}
+
+
+def test_a_live_judge_taken_over_stops_and_stores_nothing_more(db_url: str, tmp_path: Path) -> None:
+    """--take-over of a judging process that was alive after all: it finds its lease gone at
+    its next renewal (the heartbeat, before its slow replies come) and stops, saying so; it
+    went on judging, and reported success, beside the process that took over."""
+    if db_url.startswith("duckdb"):
+        pytest.skip("a DuckDB file opens in one process at a time: no second one can judge")
+    engine, run_id = replayed_db(db_url, tmp_path, 2)
+    engine.dispose()
+    slow_judge = OpenAIServer(delay_s=20, responder=prefers_original)
+    with slow_judge as slow, OpenAIServer(responder=prefers_replayed) as fast:
+        first = _judging(db_url, tmp_path, run_id, "--base-url", slow.base_url)
+        _once_sent(slow, 2)
+        again = ("replay", "judge", run_id, "--model", "judge-model")
+        taken = convoscope(
+            *again, "--base-url", fast.base_url, "--take-over", db=db_url, cwd=tmp_path
+        )
+        assert taken.returncode == 0, taken.stderr
+        _, err = first.communicate(timeout=300)
+    assert first.returncode == 2, err
+    assert f"judging run {run_id} with judge-model was taken over by another process" in err
+    engine = open_database(db_url)
+    # The process that took over judged for the new answers; the slow one, against them.
+    assert [v["winner"] for v in load_verdicts(engine, f"judge:{run_id}")] == ["b", "b"]
+    engine.dispose()

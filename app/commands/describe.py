@@ -281,6 +281,9 @@ def _describe_replay_report(result: dict[str, Any]) -> str:
     for judge, verdicts in result.get("judges", {}).items():
         if verdicts["overall"]:
             lines.append(_judge_line(f"judge {judge}", verdicts["overall"]))
+    for judge, status in result.get("judge_runs", {}).items():
+        if status != "done":  # a judge still at work, or one stopped before every verdict
+            lines.append(f"judge {judge}: {status}")
     if result["per_cluster"]:
         lines.append(f"per cluster ({_clustering(result['clustering'])}):")
     for cluster, d in result["per_cluster"].items():

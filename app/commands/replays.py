@@ -49,8 +49,12 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
             f"chosen when it started): leave {'them' if len(chosen) > 1 else 'it'} out, or "
             "start a new run"
         )
-    if args.take_over and not (args.resume and args.action == "run"):
-        raise UserError("--take-over takes a run from a dead process: give it with --resume RUN")
+    taken = args.action == "judge" or (args.action == "run" and args.resume)
+    if args.take_over and not taken:
+        raise UserError(
+            "--take-over takes a run from a dead process: give it with --resume RUN (or to "
+            "`replay judge RUN`)"
+        )
     if new_run and not (args.model and args.base_url):  # said before any database is opened
         raise UserError("replay needs --model and --base-url (or `replay report RUN`)")
     if args.action != "report" and args.api_key_env and not os.environ.get(args.api_key_env):
@@ -79,6 +83,7 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
                     engine, args.run_id, cluster_of=cluster_of
                 ).items()
             }
+            report["judge_runs"] = _judge_statuses(engine, args.run_id)
             report["clustering"] = clustering_used(args.on, run)  # whose clusters per_cluster has
             return report
         return _run_replay(engine, args)
@@ -234,7 +239,9 @@ def _judge(engine: Engine, args: argparse.Namespace) -> dict[str, Any]:
         **_given(_call_options(args)),
     )
     try:
-        summary = judge_replay(engine, args.run_id, config=config).as_dict()
+        summary = judge_replay(
+            engine, args.run_id, config=config, take_over=args.take_over
+        ).as_dict()
     except KeyboardInterrupt:  # the verdicts received are stored: re-running judges the rest
         raise Interrupted(f"finish with `{_judge_command(args)}`") from None
     overall, _ = judge_results(engine, args.run_id, judge=args.model)
@@ -242,6 +249,14 @@ def _judge(engine: Engine, args: argparse.Namespace) -> dict[str, Any]:
     if summary["sent"] and not summary["judged"]:  # as replay: a run where nothing worked
         raise NothingDone(f"none of the {count(summary['sent'], 'pair')} sent was judged", summary)
     return summary
+
+
+def _judge_statuses(engine: Engine, run_id: str) -> dict[str, str]:
+    """judge → how judging the run with it stands (running, done, incomplete: a judge run
+    whose process was killed is incomplete once its lease lapses, not running)."""
+    from storage.replay import judge_runs_of
+
+    return {row["judge"]: row["status"] for row in judge_runs_of(engine, run_id)}
 
 
 def _reward_advice(engine: Engine, report: dict[str, Any]) -> str | None:
