@@ -602,6 +602,35 @@ def test_take_over_needs_resume(tmp_path: Path) -> None:
     )
 
 
+def test_on_without_cluster_or_tag_is_refused_naming_them(tmp_path: Path) -> None:
+    """`--on` only picks the clustering `--cluster`/`--tag` select from: `replay --on
+    response` without either replayed every saved input, the --on silently unused (as it is
+    by a resumed run or a judge). `replay report RUN --on F` reads it: not refused there."""
+    write_openai_jsonl(tmp_path / "chat.jsonl", 2)
+    db = f"duckdb:///{tmp_path / 'on.duckdb'}"
+    assert convoscope_here("ingest", "chat.jsonl", db=db, cwd=tmp_path).returncode == 0
+    said = "--on picks the clustering --cluster or --tag select from"
+    with OpenAIServer() as server:
+        endpoint = ("--model", "m", "--base-url", server.base_url)
+        for args in (
+            (*endpoint, "--on", "response"),
+            (*endpoint, "--on", "prompt", "--filter", "model=expert-1"),
+            ("--resume", "some-run", "--on", "response"),
+            ("judge", "some-run", *endpoint, "--on", "response"),
+        ):
+            refused = convoscope_here("replay", *args, db=db, cwd=tmp_path)
+            assert refused.returncode == 2, refused.stdout
+            assert said in refused.stderr and "leave --on out" in refused.stderr, args
+        assert server.total_requests() == 0
+        sent = convoscope_here("replay", *endpoint, "--json", db=db, cwd=tmp_path)
+    assert sent.returncode == 0, sent.stderr
+    run_id = json.loads(sent.stdout)["run_id"]
+    report = convoscope_here("replay", "report", run_id, "--on", "response", "--json", db=db,
+                             cwd=tmp_path)  # fmt: skip
+    assert report.returncode == 0, report.stderr
+    assert json.loads(report.stdout)["clustering"]["on"] == "response"
+
+
 def test_a_live_replay_taken_over_stops_and_stores_nothing_more(
     db_url: str, tmp_path: Path
 ) -> None:

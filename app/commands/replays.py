@@ -49,6 +49,7 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
             f"chosen when it started): leave {'them' if len(chosen) > 1 else 'it'} out, or "
             "start a new run"
         )
+    _refuse_unread_on(args)
     taken = args.action == "judge" or (args.action == "run" and args.resume)
     if args.take_over and not taken:
         raise UserError(
@@ -91,6 +92,26 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError(str(error)) from error
     finally:
         engine.dispose()
+
+
+def _refuse_unread_on(args: argparse.Namespace) -> None:
+    """`--on` picks the clustering that `--cluster`/`--tag` select from (and that `replay
+    report` gives per-cluster figures on): without them it went silently unused, so
+    `replay --on response` replayed every saved input. Refused, naming the way out."""
+    if "on" not in getattr(args, "options_given", ()) or args.action == "report":
+        return
+    if args.action == "run" and not args.resume and not (args.cluster or args.tag):
+        raise UserError(
+            "--on picks the clustering --cluster or --tag select from: without either it "
+            "would go unused; add --cluster ID or --tag TAG, or leave --on out"
+        )
+    if args.action == "judge" or args.resume:
+        what = "a judge" if args.action == "judge" else "a resumed run"
+        raise UserError(
+            f"--on picks the clustering --cluster or --tag select from, which {what} does "
+            "not read: leave --on out (`replay report RUN --on FIELD` gives per-cluster "
+            "figures on another clustering)"
+        )
 
 
 def _run_replay(engine: Engine, args: argparse.Namespace) -> dict[str, Any]:
