@@ -179,3 +179,48 @@ def test_the_ui_shows_the_only_field_clustered_and_offers_no_choice(
         f"Clusters: the latest clustering on response (run `{runs['response']}`)"
     )
     assert not [s for s in at.sidebar.selectbox if s.key == "clustering_on"]
+
+
+def _linked(db: str, monkeypatch: pytest.MonkeyPatch, cluster: str) -> AppTest:
+    """The cluster page opened from a link to `cluster` (`/cluster?cluster=ID`), fresh."""
+    monkeypatch.setenv("CONVOSCOPE_DB", db)
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.switch_page("screens/cluster.py")
+    at.query_params["cluster"] = cluster
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def test_a_link_to_a_topic_of_another_fields_clustering_opens_that_clustering(
+    twice, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A link to a topic of the latest clustering on response opened the page on prompt's
+    clustering, which has no such topic, and showed prompt's weakest topic instead, without a
+    word. It now opens the response clustering at that topic; the sidebar still switches."""
+    db, runs, cwd = twice
+    topic = min(_topics(db, cwd, "--on", "response")[1])
+    at = _linked(db, monkeypatch, topic)
+    assert _shown_clustering(at) == (
+        f"Clusters: the latest clustering on response (run `{runs['response']}`)"
+    )
+    assert at.selectbox(key="cluster_pick").value == topic and not at.warning
+    assert at.sidebar.selectbox(key="clustering_on").value == "response"
+
+    at.sidebar.selectbox(key="clustering_on").select("prompt").run()  # the link pins nothing
+    assert not at.exception, [e.value for e in at.exception]
+    assert "on prompt" in _shown_clustering(at) and not at.warning
+    assert at.selectbox(key="cluster_pick").value in _topics(db, cwd)[1]
+
+
+def test_a_link_to_a_topic_no_latest_clustering_holds_says_so(
+    twice, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A link to a topic that is in no latest clustering (re-clustered away, another
+    database's) silently showed the weakest topic as if it were the one linked."""
+    db, _, cwd = twice
+    at = _linked(db, monkeypatch, "t999")
+    (warning,) = at.warning
+    assert "No topic t999 in the latest clustering on prompt or response" in warning.value
+    assert "on prompt" in _shown_clustering(at)
+    assert at.selectbox(key="cluster_pick").value in _topics(db, cwd)[1]

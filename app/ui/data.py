@@ -28,7 +28,7 @@ from sqlalchemy.engine import Engine
 from app.ui import charts
 from app.ui.render import distinct_labels, hover_text, one_line
 from storage import logs, views
-from storage.clusters import latest_runs
+from storage.clusters import latest_field_of, latest_runs
 from storage.engine import StorageError, dialect_name, make_engine, open_database, resolve_url
 from storage.logs import BattleFilter
 from storage.views import ViewFilter
@@ -156,6 +156,13 @@ def clusterings(url: str, version: tuple[Any, ...]) -> dict[str, str]:
     """`on` field → the run id of its latest clustering, for each field clustered, in
     `storage.clusters.ON_FIELDS` order: the pages show one, the CLI's rule picks which."""
     return read(url, lambda e: {run["on_field"]: run["id"] for run in latest_runs(e)})
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def field_of_cluster(url: str, version: tuple[Any, ...], cluster_id: str) -> str | None:
+    """The `on` field whose latest clustering holds `cluster_id` (None: none does): which
+    clustering a link to that cluster needs shown."""
+    return read(url, lambda e: latest_field_of(e, cluster_id))
 
 
 @st.cache_data(show_spinner=False, max_entries=16)

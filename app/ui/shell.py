@@ -16,6 +16,7 @@ from storage.views import ViewFilter
 CLUSTER_PAGE = "screens/cluster.py"
 PICK_KEY = "cluster_pick"  # the cluster page's selectbox; a jump sets it first
 CLUSTERING_KEY = "clustering_on"  # which field's latest clustering the pages show
+LINK_PARAM = "cluster"  # the cluster page's address names its cluster: ?cluster=ID
 
 EMPTY_HINTS = {
     "exchanges": (
@@ -83,6 +84,7 @@ def sidebar_clustering(url: str) -> str | None:
     fields = list(runs)
     on = fields[0]
     if len(fields) > 1:
+        _follow_link(url)
         default = fields.index(DEFAULT_ON) if DEFAULT_ON in fields else 0
         on = st.sidebar.selectbox(
             "Clustering", fields, index=default, key=CLUSTERING_KEY, format_func=_on_label
@@ -91,6 +93,19 @@ def sidebar_clustering(url: str) -> str | None:
         f"Clusters: the latest clustering {_on_label(on)} (run `{escape_markdown(runs[on])}`)"
     )
     return on
+
+
+def _follow_link(url: str) -> None:
+    """A link to a cluster (`?cluster=ID`, the cluster page's address) opens the clustering
+    that holds it (ids are unique across fields): the default one has no such topic, and its
+    weakest topic was shown instead. Only on the session's first run: after that the
+    sidebar's pick is the user's, whatever the address still says."""
+    linked = st.query_params.get(LINK_PARAM)
+    if not linked or CLUSTERING_KEY in st.session_state:
+        return
+    field = data.field_of_cluster(url, data.database_version(url), linked)
+    if field is not None:
+        st.session_state[CLUSTERING_KEY] = field
 
 
 def _on_label(on: str) -> str:

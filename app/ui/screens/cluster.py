@@ -41,9 +41,17 @@ if table.empty:
 
 ids = list(table["id"])
 names = dict(zip(table["id"], table["name"], strict=True))
-wanted = st.session_state.get(shell.PICK_KEY) or st.query_params.get("cluster")
+linked = None if shell.PICK_KEY in st.session_state else st.query_params.get(shell.LINK_PARAM)
+wanted = st.session_state.get(shell.PICK_KEY) or linked
 if wanted not in names:
     wanted = ids[0]
+    if linked:  # opened from a link (not a pick gone with a switch of clustering): say so
+        st.warning(
+            f"No topic {safe_label(linked, 40)} in the latest clustering on "
+            f"{' or '.join(data.clusterings(c.url, c.version))} (re-clustered away, or a link "
+            f"to another database): showing the first topic ({shell.cluster_order(table)}).",
+            icon=":material/link_off:",
+        )
 st.session_state[shell.PICK_KEY] = wanted
 picked = st.selectbox(
     f"Cluster ({shell.cluster_order(table)})",
@@ -51,7 +59,7 @@ picked = st.selectbox(
     key=shell.PICK_KEY,
     format_func=lambda cid: f"{ids.index(cid) + 1}. {one_line(names[cid], 80)}",
 )
-st.query_params["cluster"] = picked
+st.query_params[shell.LINK_PARAM] = picked
 
 detail = data.cluster_detail(c.url, c.version, c.run_id, picked)
 if detail is None:
