@@ -630,6 +630,21 @@ def test_on_without_cluster_or_tag_is_refused_naming_them(tmp_path: Path) -> Non
     assert report.returncode == 0, report.stderr
     assert json.loads(report.stdout)["clustering"]["on"] == "response"
 
+    # A judge judges every answer of its run, a report compares them all: a selection, an
+    # instruction or an endpoint given to either went silently unused.
+    with OpenAIServer() as server:
+        endpoint = ("--model", "judge", "--base-url", server.base_url)
+        for args, unread in (
+            (("judge", run_id, *endpoint, "--cluster", "t1"), "--cluster"),
+            (("judge", run_id, *endpoint, "--filter", "model=m", "--instruction", "x"),
+             "--filter, --instruction"),
+            (("report", run_id, "--model", "m", "--sample", "1"), "--model, --sample"),
+        ):  # fmt: skip
+            refused = convoscope_here("replay", *args, db=db, cwd=tmp_path)
+            assert refused.returncode == 2, refused.stdout
+            assert f"so {unread} would go unused" in refused.stderr, refused.stderr
+        assert server.total_requests() == 0
+
 
 def test_a_live_replay_taken_over_stops_and_stores_nothing_more(
     db_url: str, tmp_path: Path

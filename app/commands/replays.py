@@ -50,6 +50,7 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
             "start a new run"
         )
     _refuse_unread_on(args)
+    _refuse_unread_options(args)
     taken = args.action == "judge" or (args.action == "run" and args.resume)
     if args.take_over and not taken:
         raise UserError(
@@ -92,6 +93,48 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError(str(error)) from error
     finally:
         engine.dispose()
+
+
+# The options `replay judge` and `replay report` read besides the run id (and --db, --json);
+# another one typed (`replay judge RUN --cluster t3`) went silently unused.
+_ACTION_READS = {
+    "judge": frozenset(
+        {
+            "model",
+            "base_url",
+            "sample",
+            "seed",
+            "concurrency",
+            "rate_limit",
+            "timeout",
+            "max_attempts",
+            "api_key_env",
+            "take_over",
+        }
+    ),
+    "report": frozenset({"on"}),
+}
+
+
+def _refuse_unread_options(args: argparse.Namespace) -> None:
+    """`replay judge RUN --cluster t3` judged every answer of the run, and `replay report RUN
+    --model M` reported as if no model were named: an option the action does not read is
+    refused, naming it (the replay itself chose its inputs, instruction and model)."""
+    reads = _ACTION_READS.get(args.action)
+    if reads is None:
+        return
+    given = getattr(args, "options_given", frozenset()) - {"db", "json", "on"}  # on: above
+    unread = sorted(f"--{name.replace('_', '-')}" for name in given - reads)
+    if unread:
+        what = {
+            "judge": "judges every answer of the run with --model at --base-url",
+            "report": "compares the run's answers with the originals",
+        }[args.action]
+        raise UserError(
+            f"`replay {args.action}` {what}, so {', '.join(unread)} would go unused: the run "
+            "chose its inputs and instruction when it started; a new selection is a new "
+            "`convoscope replay`"
+        )
 
 
 def _refuse_unread_on(args: argparse.Namespace) -> None:
