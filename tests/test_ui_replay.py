@@ -232,6 +232,25 @@ def test_verdicts_judged_from_the_cli_show_on_each_pair(
     captions = [c.value for c in at.caption if c.value.startswith("Judge cli\\-judge:")]
     assert captions == ["Judge cli\\-judge: the new answer"] * 5
 
+    # Judges held by other processes, one alive and one killed (its lease lapsed): the
+    # page said nothing of either, so partial verdicts read as a finished judgement.
+    from storage.replay import Lease, claim_judge_run
+
+    engine = open_database(built.url)
+    for judge, seconds in (("busy*judge", 60.0), ("killed-judge", 0.01)):
+        assert claim_judge_run(engine, Lease(run_id, judge[:4], seconds, judge=judge)) is None
+    engine.dispose()
+    time.sleep(1.2)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    said = [c.value for c in at.caption if c.value.startswith("LLM judge")]
+    assert said == [
+        "LLM judge busy\\*judge: at work in another process: its verdicts show here as they "
+        "are stored",
+        "LLM judge killed\\-judge: stopped before judging every pair; judge again with this "
+        "model to finish",
+    ]
+
 
 def test_the_retry_command_for_failed_inputs_runs_on_the_pages_database(
     built: BuiltDatabase, monkeypatch: pytest.MonkeyPatch, tmp_path: Path

@@ -530,12 +530,22 @@ def judge_result(url: str, run_id: str) -> dict[str, JudgeResult]:
     return read(url, each)
 
 
+@st.cache_data(show_spinner=False, ttl=1.0)
+def judge_statuses(url: str, run_id: str) -> dict[str, str]:
+    """How each judge of a run stands, by judge: running (a live process holds it), done,
+    or incomplete (stopped before every verdict)."""
+    from storage.replay import judge_runs_of
+
+    return read(url, lambda e: {row["judge"]: row["status"] for row in judge_runs_of(e, run_id)})
+
+
 def run_judge(url: str, run_id: str, config: JudgeConfig) -> JudgeSummary:
     """Judge a run's answered pairs not judged by this model yet. Synchronous."""
     from scoring.judge import judge_replay
 
     summary = write(url, lambda e: judge_replay(e, run_id, config=config))
     judge_result.clear()
+    judge_statuses.clear()
     replay_pairs.clear()
     return summary
 

@@ -297,6 +297,13 @@ for judge, verdict in data.judge_result(c.url, opened).items():
         f"{verdict.n} judged pairs: {verdict.new_wins} won, {verdict.ties} tied, "
         f"{verdict.original_wins} lost",
     )
+_JUDGE_STATUS = {
+    "running": "at work in another process: its verdicts show here as they are stored",
+    "incomplete": "stopped before judging every pair; judge again with this model to finish",
+}
+for judge, status in data.judge_statuses(c.url, opened).items():
+    if status in _JUDGE_STATUS:  # said beside the verdicts, which are partial until done
+        st.caption(f"LLM judge {escape_markdown(judge)}: {_JUDGE_STATUS[status]}")
 if rows:
     _judge_form(opened)
 
