@@ -46,6 +46,7 @@ def run_pipeline(
     result["cluster"] = cluster_exchanges(
         engine, config=config.cluster, reducer=reducer, clusterer=clusterer
     ).as_dict()
-    if config.score:
-        result["score"] = score_all(engine, config=ScoreConfig(on=config.cluster.embed.on))
+    if config.score:  # the prompts' vectors are the embedder's the run was given, as stored
+        embed = config.cluster.embed
+        result["score"] = score_all(engine, config=ScoreConfig(on=embed.on, embed=embed))
     return result
