@@ -25,7 +25,7 @@ import io
 import json
 import os
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import chain, groupby
@@ -278,16 +278,7 @@ def why_empty(engine: Engine, selection: ExportSelection, no_clustering: str) ->
     """Which filters of an export that wrote no rows match nothing, for a warning;
     `no_clustering` says why the selection has no clustering, when it has none."""
     options = filter_options(engine)
-    reasons = [
-        f"--model {m} matches no stored model ({_some(options['models'])})"
-        for m in selection.where.models
-        if m not in options["models"]
-    ]
-    reasons += [
-        _unmatched_source(s, options["sources"], "stored source")
-        for s in selection.where.sources
-        if s not in options["sources"]
-    ]
+    reasons = unmatched_models_and_sources(selection.where, options)
     run_id = selection.run_id
     cluster_ids = {c["id"] for c in load_clusters(engine, run_id)} if run_id else set()
     reasons += [
@@ -308,6 +299,29 @@ def why_empty(engine: Engine, selection: ExportSelection, no_clustering: str) ->
     return reasons or ["each filter matches rows, but no row matches them all"]
 
 
+def unmatched_models_and_sources(
+    where: ExchangeFilter,
+    options: Mapping[str, Any],
+    model: str = "--model {}",
+    source: str = "--source {}",
+) -> list[str]:
+    """Which of a selection's models and sources no stored exchange has, each with the stored
+    ones beside it: a mistyped name is the usual reason a selection comes out empty, and
+    "nothing matched" does not say which name. `options` is `filter_options`; `model` and
+    `source` spell the option as the command takes it (`--filter model={}` for replay)."""
+    reasons = [
+        f"{model.format(m)} matches no stored model ({_some(options['models'])})"
+        for m in where.models
+        if m not in options["models"]
+    ]
+    reasons += [
+        _unmatched_source(s, options["sources"], "stored source", source)
+        for s in where.sources
+        if s not in options["sources"]
+    ]
+    return reasons
+
+
 def _not_in_clustering(engine: Engine, cluster_id: str, no_clustering: str | None) -> str:
     """Why `--cluster cluster_id` selected nothing: the export's --on field has no clustering
     (`no_clustering` says so), or the id is another field's (named with its --on), or none's."""
@@ -320,13 +334,16 @@ def _not_in_clustering(engine: Engine, cluster_id: str, no_clustering: str | Non
     return f"{said} of this --on: it is in the clustering on {elsewhere}, pass --on {elsewhere}"
 
 
-def _unmatched_source(text: str, stored: Sequence[str], what: str) -> str:
+def _unmatched_source(
+    text: str, stored: Sequence[str], what: str, option: str = "--source {}"
+) -> str:
     """Why `--source text` selected nothing: no such source, or a bare file name that several
     stored sources share (which one is meant only a path can say)."""
     named = [s for s in stored if Path(s).name == text]
+    given = option.format(text)
     if len(named) > 1:
-        return f"--source {text} names {len(named)} files ({_some(named)}): give its path"
-    return f"--source {text} matches no {what} ({_some(stored)})"
+        return f"{given} names {len(named)} files ({_some(named)}): give its path"
+    return f"{given} matches no {what} ({_some(stored)})"
 
 
 def _some(names: Sequence[str], shown: int = 5) -> str:

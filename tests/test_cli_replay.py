@@ -241,6 +241,25 @@ def test_a_bad_filter_names_the_filter_option(tmp_path: Path) -> None:
     assert "--filter expects key=value pairs, got 'model'" in result.stderr.splitlines()[-1]
 
 
+def test_a_filter_naming_no_stored_model_or_source_says_which_and_what_is_stored(
+    tmp_path: Path,
+) -> None:
+    """A mistyped `--filter model=` used to end in "the selection matches no saved input to
+    replay", with a hint about earlier replays' answers: which name matched nothing, and the
+    names there are, were left to guess (as `export --model` says them)."""
+    db = _ingested(tmp_path)
+    with OpenAIServer() as server:
+        args = ("replay", "--model", "m", "--base-url", server.base_url)
+        for given, said in [
+            ("model=expert-9", "--filter model=expert-9 matches no stored model (stored: expert-0"),
+            ("source=chats.jsonl", "--filter source=chats.jsonl matches no stored source (stored:"),
+        ]:
+            result = convoscope(*args, "--filter", given, db=db, cwd=tmp_path)
+            assert result.returncode == 2
+            assert said in result.stderr, result.stderr
+        assert server.total_requests() == 0
+
+
 @pytest.mark.parametrize(
     ("option", "value", "said"),
     [

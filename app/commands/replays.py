@@ -23,10 +23,11 @@ from app.commands.common import (
     no_clustering,
     safe_url,
 )
-from app.export import matching_sources
+from app.export import matching_sources, unmatched_models_and_sources
 from storage.clusters import latest_run
 from storage.engine import open_database
 from storage.logs import ExchangeFilter
+from storage.views import filter_options
 
 if TYPE_CHECKING:  # imported lazily at run time: it pulls in torch
     from ingest.replay import ReplayConfig
@@ -376,6 +377,9 @@ def _replay_selection(engine: Engine, args: argparse.Namespace) -> ExchangeFilte
         models=tuple(dict.fromkeys(value for key, value in args.filter if key == "model")),
         sources=matching_sources(engine, [value for key, value in args.filter if key == "source"]),
     )
+    spelled = ("--filter model={}", "--filter source={}")
+    if unmatched := unmatched_models_and_sources(where, filter_options(engine), *spelled):
+        raise UserError(f"nothing to replay: {'; '.join(unmatched)}")
     if not (args.cluster or args.tag):
         return where
     run = latest_run(engine, args.on)
