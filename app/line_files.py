@@ -42,6 +42,11 @@ class LineReject:
         return f"{where}: {field}{self.reason}"
 
 
+class NotLineDelimited(ValueError):
+    """The file is one JSON document spread over many lines (pretty-printed), not a record a
+    line: read line by line, its every line would be a bad line or, as plain text, a prompt."""
+
+
 def read_line_file(
     path: Path,
     fields: Sequence[str],
@@ -59,9 +64,12 @@ def read_line_file(
     when one is missing. `optional` fields are kept when they are strings and may be null or
     left out; another value (`"winner": 1`) is a bad line, not a battle silently unjudged.
     `checks` maps a field to a function that says what is wrong with its value (None when
-    nothing is)."""
+    nothing is). A first line that only opens a JSON document (`{` or `[`, as `json.dump`
+    with an indent and `jq` write one) is NotLineDelimited: its lines are no records, and
+    `route --file` routed each of them (`"intent": [`, `],`) as a prompt."""
     records: list[LineRecord] = []
     rejects: list[LineReject] = []
+    opened = False
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, 1):
             if number == 1:  # a Windows editor's BOM is no part of the first line, as in ingest
@@ -74,6 +82,14 @@ def read_line_file(
                 continue
             if not text:
                 continue
+            if not opened and text in ("{", "["):
+                raise NotLineDelimited(
+                    f"{path}:{number}: the file is one JSON document spread over many lines, "
+                    "not a record a line: write one JSON object a line (JSONL; `jq -c '.[]'` "
+                    "turns an array into one)"
+                    + (" or one plain-text prompt a line" if plain_field else "")
+                )
+            opened = True
             if plain_field is not None and not text.startswith("{"):
                 records.append(LineRecord(number, {plain_field: text}))
                 continue

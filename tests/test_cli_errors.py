@@ -9,6 +9,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -472,6 +473,23 @@ def test_a_folder_given_as_the_file_of_lines_is_named_a_folder(
     """`reward --file DIR` said "no such file: DIR" of a path that is there."""
     code, _, err = cli(capsys, "--db", str(tmp_path / "x.duckdb"), *command, str(tmp_path))
     assert code == 2 and f"{tmp_path} is a folder: give the file of lines to read" in err
+
+
+@pytest.mark.parametrize("command", [["reward", "--file"], ["route", "--file"]])
+def test_a_pretty_printed_json_document_is_refused_as_no_file_of_lines(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    shared_file: Callable[[str], Path],
+    command: list[str],
+) -> None:
+    """`route --file clinc150.json` (an indented JSON document) routed its 94,812 lines after
+    the first, `"oos_val": [` and `],` among them, as prompts; `reward --file` rejected every
+    line one by one. Neither file holds a record a line: it is refused, saying what to give."""
+    document = shared_file("clinc150.json")
+    code, out, err = cli(capsys, "--db", str(tmp_path / "x.duckdb"), *command, str(document))
+    assert code == 2 and out == ""
+    assert f"{document}:1: the file is one JSON document spread over many lines" in err
+    assert "jq -c '.[]'" in err
 
 
 def test_hints_name_what_is_stored_and_what_is_wrong(

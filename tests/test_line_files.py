@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
-from app.line_files import read_line_file
+from app.line_files import NotLineDelimited, read_line_file
 
 
 @pytest.mark.parametrize(
@@ -113,3 +114,16 @@ def test_an_optional_field_that_is_no_string_is_a_bad_line(tmp_path: Path) -> No
         (1, "winner", "must be a string or null, not int"),
         (2, "model_a", "must be a string or null, not int"),
     ]
+
+
+@pytest.mark.parametrize("opening", ["[", "{"])
+def test_a_json_document_over_many_lines_is_no_file_of_lines(tmp_path: Path, opening: str) -> None:
+    """Its lines are no records: as plain text, `"prompt": "a",` and `}` were prompts."""
+    path = tmp_path / "prompts.json"
+    records = [{"prompt": "Plan a trip"}, {"prompt": "Sort a list"}]
+    path.write_text(json.dumps(records if opening == "[" else records[0], indent=2) + "\n")
+    with pytest.raises(NotLineDelimited, match=rf"^{path}:1: the file is one JSON document"):
+        read_line_file(path, ("prompt",), plain_field="prompt")
+    path.write_text('\n{"prompt": "Plan a trip"}\n{\n')  # a stray `{` later is a bad line
+    records_read, rejects = read_line_file(path, ("prompt",), plain_field="prompt")
+    assert [r.line for r in records_read] == [2] and [r.line for r in rejects] == [3]

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.engine import Engine
 
 from app.commands.common import WARN_AT_MOST, UserError, embed_config, no_clustering, warn
-from app.line_files import LineRecord, read_line_file
+from app.line_files import LineRecord, NotLineDelimited, read_line_file
 from ingest.battles import parse_winner
 from storage.engine import open_database
 
@@ -395,7 +395,10 @@ def _read_line_file(
         raise UserError(f"{path} is a folder: give the file of lines to read")
     if not path.is_file():
         raise UserError(f"no such file: {path}")
-    records, rejects = read_line_file(path, fields, **shapes)
+    try:
+        records, rejects = read_line_file(path, fields, **shapes)
+    except NotLineDelimited as error:
+        raise UserError(str(error)) from None
     for reject in rejects[:WARN_AT_MOST]:
         print(f"convoscope: warning: skipped {reject}", file=sys.stderr)
     if len(rejects) > WARN_AT_MOST:
