@@ -124,6 +124,9 @@ def test_a_field_never_clustered_is_said_with_the_option_that_picks_another(
         assert refused.returncode == 2 and hint in refused.stderr, refused.stderr
     filtered = convoscope("export", "--out", "t.csv", "--cluster", topic, db=db, cwd=tmp_path)
     assert filtered.returncode == 2 and hint in filtered.stderr, filtered.stderr
+    # `assign` said "no clustering yet: run `convoscope cluster` first" of a clustered database
+    assigned = convoscope("assign", "--device", "cpu", db=db, cwd=tmp_path)
+    assert assigned.returncode == 2 and hint in assigned.stderr, assigned.stderr
 
 
 def _cluster_page(db: str, monkeypatch: pytest.MonkeyPatch) -> AppTest:

@@ -134,9 +134,12 @@ def _llm_namer(args: argparse.Namespace, engine: Engine) -> Any:
 def assign(args: argparse.Namespace) -> dict[str, Any]:
     from clustering.step import ClusterStepConfig, assign_new
     from ingest.embed import EmbedderError
+    from storage.clusters import latest_run
 
     engine = open_database(args.db, existing=True)
     try:
+        if latest_run(engine, on_field=args.on) is None:  # "run `cluster`" made prompt topics
+            raise UserError(f"nothing to assign new exchanges to: {no_clustering(engine, args.on)}")
         return assign_new(engine, config=ClusterStepConfig(embed=embed_config(args)))
     except EmbedderError as error:
         raise UserError(str(error)) from error
