@@ -69,6 +69,13 @@ def detect_format(path: Path, *, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -
         body = start.removeprefix(UTF8_BOM).lstrip()
         if first == b"[" and body[1:].lstrip()[:1] == b"]":
             raise ValueError(f"{path} is an empty JSON array: no records to ingest")
+        if first == b"{" and body.split(b"\n", 1)[0].strip() == b"{":
+            # A pretty-printed object (a dataset's dict of splits): no --format reads it.
+            raise ValueError(
+                f"cannot read {path}: it is one JSON object spread over many lines, neither "
+                "JSON lines (a record a line) nor a JSON array of records; write its records "
+                "one a line (`jq -c '.KEY[]'` does) or as an array, and ingest that"
+            )
         kind = "a JSON array whose first item" if first == b"[" else "JSON lines whose first record"
         seen = (
             f"{kind} is not a JSON object"

@@ -95,6 +95,20 @@ def test_detection_looks_past_a_first_record_that_fits_no_format(tmp_path: Path)
     assert detect_format(battles) == "battles"
 
 
+def test_a_pretty_printed_object_is_said_to_be_one(tmp_path: Path) -> None:
+    """A dataset's dict of splits (clinc150.json) read as "JSON lines whose first record is
+    not a JSON object ... Pass --format": it is no JSON lines, and no --format reads it."""
+    splits = tmp_path / "splits.json"
+    splits.write_text(json.dumps({"train": [["book a flight", "travel"]]}, indent=4))
+    with pytest.raises(ValueError, match="one JSON object spread over many lines") as raised:
+        detect_format(splits)
+    assert "--format" not in str(raised.value) and "jq -c" in str(raised.value)
+    one_line = tmp_path / "one.jsonl"  # a JSON line that fits no format still reads as one
+    one_line.write_text(json.dumps({"train": [["book a flight", "travel"]]}) + "\n")
+    with pytest.raises(ValueError, match="JSON lines whose first record has keys"):
+        detect_format(one_line)
+
+
 def test_an_empty_or_scalar_array_says_what_it_holds(tmp_path: Path) -> None:
     """`[ ]` used to read as "an array whose first item has keys []"."""
     empty = tmp_path / "empty.json"
