@@ -15,7 +15,14 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from storage.logs import Row, insert_new_rows, insert_rows, utcnow
-from storage.schema import assignments, cluster_annotations, cluster_runs, clusters, tags
+from storage.schema import (
+    assignments,
+    cluster_annotations,
+    cluster_runs,
+    clusters,
+    retired_cluster_ids,
+    tags,
+)
 
 
 def save_cluster_run(
@@ -100,9 +107,11 @@ def latest_field_of(engine: Engine, cluster_id: str) -> str | None:
 
 
 def cluster_ids_used(engine: Engine) -> set[str]:
-    """Every cluster id any run, of any `on` field, has used."""
+    """Every cluster id any run, of any `on` field, has used: the stored runs' and those of
+    runs `prune` removed (`retired_cluster_ids`), which a fresh id must not take either."""
+    held = sa.select(clusters.c.id).union(sa.select(retired_cluster_ids.c.cluster_id))
     with engine.connect() as conn:
-        return set(conn.execute(sa.select(clusters.c.id).distinct()).scalars())
+        return set(conn.execute(held).scalars())
 
 
 def load_clusters(engine: Engine, run_id: str) -> list[Row]:

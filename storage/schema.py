@@ -146,6 +146,16 @@ cluster_annotations = sa.Table(
     sa.Column("updated_at", sa.DateTime, nullable=False),
 )
 
+# Ids of clusters that no stored run holds since `prune` removed their runs (migration 0008):
+# a fresh cluster skips them as it skips the stored runs' ids, or the names, notes, tags and
+# instructions kept by id would land on an unrelated topic.
+retired_cluster_ids = sa.Table(
+    "retired_cluster_ids",
+    metadata,
+    sa.Column("cluster_id", sa.String(32), primary_key=True),
+    sa.Column("retired_at", sa.DateTime, nullable=False),
+)
+
 assignments = sa.Table(
     "assignments",
     metadata,
