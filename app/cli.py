@@ -594,20 +594,24 @@ def build_parser() -> argparse.ArgumentParser:
     prune = sub.add_parser(
         "prune",
         parents=[common],
-        help="remove stored models and score rows nothing reads any more",
+        help="remove stored models, score rows and clusterings nothing reads any more",
         description="Remove stored artefacts (reward models, win predictors, routing tables) "
         "and the reward scores of the models removed, keeping the newest --keep of each kind, "
         "the model of the latest scores, the models the latest clusterings' reports name and "
-        "an ensemble's members. One transaction; a second prune removes nothing. SQLite is "
-        "vacuumed after; a DuckDB file keeps most of its size (copy it to a new file to "
-        "shrink it: see the README's Prune); PostgreSQL reuses the space (VACUUM FULL returns "
-        "it to the system).",
+        "an ensemble's members; and superseded clustering runs with their clusters, "
+        "assignments and reports, keeping the newest --keep of each --on field (every command "
+        "reads the latest; names, notes and tags are kept by cluster id, and a removed run's "
+        "ids are never given to a new topic). One transaction; a second prune removes "
+        "nothing. SQLite is vacuumed after; a DuckDB file keeps most of its size (copy it to a "
+        "new file to shrink it: see the README's Prune); PostgreSQL reuses the space (VACUUM "
+        "FULL returns it to the system).",
     )
     prune.add_argument(
         "--keep",
         type=_positive_int,
         default=commands.DEFAULT_KEEP,
-        help=f"newest versions of each kind to keep (default {commands.DEFAULT_KEEP})",
+        help="newest versions of each kind, and clusterings of each field, to keep "
+        f"(default {commands.DEFAULT_KEEP})",
     )
     prune.add_argument(
         "--dry-run", action="store_true", help="list what would be removed, remove nothing"

@@ -85,6 +85,14 @@ def newer_run(engine: Engine, run_id: str) -> Row | None:
     return newest if newest is not None and newest["id"] != run_id else None
 
 
+def run_stored(engine: Engine, run_id: str) -> bool:
+    """Whether clustering run `run_id` is stored. `prune` removes superseded runs (never the
+    newest of a field), so an artefact naming a run that is gone names a stale clustering."""
+    query = sa.select(sa.func.count()).select_from(cluster_runs).where(cluster_runs.c.id == run_id)
+    with engine.connect() as conn:
+        return conn.execute(query).scalar_one() > 0
+
+
 def latest_runs(engine: Engine) -> list[Row]:
     """The latest clustering of each `on` field clustered, in ON_FIELDS order."""
     with engine.connect() as conn:

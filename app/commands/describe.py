@@ -166,28 +166,46 @@ def _report_counts(result: dict[str, Any]) -> str:
 
 
 def _describe_prune(result: dict[str, Any]) -> str:
-    """What went (or would go), one line per artefact up to WARN_AT_MOST, then the totals and
-    what the file's size did."""
-    removed = result["removed"]
+    """What went (or would go), one line per artefact and clustering up to WARN_AT_MOST, then
+    the totals and what the file's size did."""
+    removed, runs = result["removed"], result["removed_runs"]
     verb = "would remove" if result["dry_run"] else "removed"
-    lines = [
-        f"{a['kind']} {a['id']} of {a['created_at']:%Y-%m-%d %H:%M}: {_bytes(a['bytes'])}"
-        + (f", {count(a['score_rows'], 'score row')}" if a["score_rows"] else "")
-        for a in removed[:WARN_AT_MOST]
-    ]
-    if len(removed) > WARN_AT_MOST:
-        lines.append(f"(+{len(removed) - WARN_AT_MOST} more; --json lists each)")
+    lines = [_pruned_artefact(a) for a in removed] + [_pruned_run(r) for r in runs]
+    if len(lines) > WARN_AT_MOST:
+        lines[WARN_AT_MOST:] = [f"(+{len(lines) - WARN_AT_MOST} more; --json lists each)"]
     lines.append(
         f"{verb} {count(len(removed), 'stored artefact')} ({_bytes(result['bytes'])}) and "
         f"{count(result['score_rows'], 'score row')}; kept {len(result['kept'])} (the newest "
         f"{result['keep']} of each kind and what the latest scores and reports use)"
     )
+    if runs or result["kept_runs"]:
+        lines.append(
+            f"{verb} {count(len(runs), 'superseded clustering')} with "
+            f"{count(result['run_rows'], 'assignment row')}; kept {len(result['kept_runs'])} "
+            f"(the newest {result['keep']} of each field clustered; names, notes and tags "
+            "stay with their cluster ids)"
+        )
     before, after = result["file_bytes_before"], result["file_bytes_after"]
-    if not result["dry_run"] and before is not None and removed:
+    if not result["dry_run"] and before is not None and (removed or runs):
         lines.append(
             f"database file {_bytes(before)} → {_bytes(after)} ({_bytes(before - after)} freed)"
         )
     return "\n".join(lines)
+
+
+def _pruned_artefact(artefact: dict[str, Any]) -> str:
+    rows = artefact["score_rows"]
+    return (
+        f"{artefact['kind']} {artefact['id']} of {artefact['created_at']:%Y-%m-%d %H:%M}: "
+        f"{_bytes(artefact['bytes'])}" + (f", {count(rows, 'score row')}" if rows else "")
+    )
+
+
+def _pruned_run(run: dict[str, Any]) -> str:
+    return (
+        f"clustering {run['id']} on {run['on']} of {run['created_at']:%Y-%m-%d %H:%M}: "
+        f"{count(run['clusters'], 'topic')}, {count(run['rows'], 'assignment row')}"
+    )
 
 
 def _bytes(n: int) -> str:

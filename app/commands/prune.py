@@ -1,5 +1,6 @@
-"""`prune`: remove stored models and score rows that nothing reads any more, so a database
-scored again and again does not grow without bound (storage/prune.py says what is kept)."""
+"""`prune`: remove stored models, score rows and superseded clustering runs that nothing reads
+any more, so a database scored and clustered again and again does not grow without bound
+(storage/prune.py says what is kept)."""
 
 from __future__ import annotations
 
@@ -12,13 +13,15 @@ from typing import Any
 from app.commands.common import note, safe_url
 from storage.engine import database_file, open_database, resolve_url
 
-DEFAULT_KEEP = 3  # versions of each kind: the newest, and two a user may still go back to
+# Versions of each kind, and clustering runs of each field: the newest, and two to look back at.
+DEFAULT_KEEP = 3
 
 
 def prune(args: argparse.Namespace) -> dict[str, Any]:
     """Plan the prune; unless `--dry-run`, delete in one transaction and give the space back
-    where the engine can in place. The summary lists what went (or would go), its bytes,
-    and the database file's size before and after."""
+    where the engine can in place. The summary lists what went (or would go): artefacts with
+    their bytes, clustering runs with their rows, and the database file's size before and
+    after."""
     from storage.prune import plan_prune, prune_stored, reclaim_space
 
     path = database_file(resolve_url(args.db))
@@ -26,7 +29,7 @@ def prune(args: argparse.Namespace) -> dict[str, Any]:
     engine = open_database(args.db, existing=True)
     try:
         plan = plan_prune(engine, keep=args.keep)
-        removing = not args.dry_run and bool(plan.remove or plan.score_rows)
+        removing = not args.dry_run and not plan.empty
         if removing:
             prune_stored(engine, plan)
             reclaim_space(engine)
@@ -55,6 +58,21 @@ def prune(args: argparse.Namespace) -> dict[str, Any]:
         "bytes": plan.bytes,
         "score_rows": sum(plan.score_rows.values()),
         "scorers": plan.score_rows,
+        "removed_runs": [
+            {
+                "id": r.id,
+                "on": r.on_field,
+                "created_at": r.created_at,
+                "clusters": r.clusters,
+                "rows": r.rows,
+            }
+            for r in plan.remove_runs
+        ],
+        "kept_runs": [
+            {"id": r.id, "on": r.on_field, "created_at": r.created_at} for r in plan.keep_runs
+        ],
+        "run_rows": plan.run_rows,
+        "retired_cluster_ids": list(plan.retire),
         "file_bytes_before": before,
         "file_bytes_after": _file_bytes(path) if removing else before,
     }

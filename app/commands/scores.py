@@ -448,11 +448,12 @@ def route(args: argparse.Namespace) -> dict[str, Any]:
 def _export_routing_table(args: argparse.Namespace) -> dict[str, Any]:
     """`route --export FILE`: the stored table with the instructions that beat the original
     answers. Missing folders are created, as `export --out` does; a table whose per-cluster
-    choices belong to an older clustering is written with a warning (its per-prompt rule
-    still holds)."""
+    choices belong to an older clustering (one clustered again since, or removed by `prune`,
+    which removes only superseded ones) is written with a warning (its per-prompt rule still
+    holds)."""
     from ingest.files import unwritable_reason
     from scoring.step import load_routing_table, newer_predictor
-    from storage.clusters import newer_run
+    from storage.clusters import newer_run, run_stored
 
     problem = unwritable_reason(args.export)
     if problem is not None:
@@ -461,6 +462,7 @@ def _export_routing_table(args: argparse.Namespace) -> dict[str, Any]:
     try:
         table = load_routing_table(engine)
         run_id = table["clustering_run_id"]
+        pruned = run_id is not None and not run_stored(engine, run_id)
         newer = None if run_id is None else newer_run(engine, run_id)
         stale_predictor = newer_predictor(engine)
         table["instructions"], left_out = _best_instructions(engine)
@@ -478,6 +480,13 @@ def _export_routing_table(args: argparse.Namespace) -> dict[str, Any]:
             "`score` ranked, --on): it routes each prompt by the predictor alone; run "
             "`convoscope cluster` then `convoscope score` to add them"
         )
+    if pruned:  # newer_run cannot name what replaced it: the run and its field are gone
+        warn(
+            f"the routing table's clusters are those of clustering run {run_id}, which "
+            "`convoscope prune` removed as superseded (it keeps the newest of each field): the "
+            "exchanges were clustered again since, so its per-cluster choices name clusters "
+            "that changed; run `convoscope score` for a table of the current clusters"
+        )
     if newer is not None:
         warn(
             f"the routing table's clusters are those of clustering run {run_id}, and the "
@@ -494,6 +503,7 @@ def _export_routing_table(args: argparse.Namespace) -> dict[str, Any]:
         "clusters": len(table["clusters"]),
         "clustering_run_id": run_id,
         "newer_clustering_run_id": None if newer is None else newer["id"],
+        "clustering_run_pruned": pruned,
         "newer_predictor_id": stale_predictor,
         "instructions": len(table["instructions"]),
         "instructions_left_out": left_out,
