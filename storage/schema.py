@@ -146,7 +146,7 @@ cluster_annotations = sa.Table(
     sa.Column("updated_at", sa.DateTime, nullable=False),
 )
 
-# Ids of clusters that no stored run holds since `prune` removed their runs (migration 0008):
+# Ids of clusters that no stored run holds since `prune` removed their runs (migration 0009):
 # a fresh cluster skips them as it skips the stored runs' ids, or the names, notes, tags and
 # instructions kept by id would land on an unrelated topic.
 retired_cluster_ids = sa.Table(

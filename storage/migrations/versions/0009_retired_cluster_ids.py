@@ -1,8 +1,8 @@
 """retired_cluster_ids: the cluster ids of clustering runs `prune` removed
 
-Revision ID: 0008
-Revises: 0007
-Create Date: 2027-01-12 10:00:00
+Revision ID: 0009
+Revises: 0008
+Create Date: 2026-12-07 14:05:00
 
 A fresh cluster takes an id no run has used, because names, notes, tags and instructions are
 kept by cluster id and must not land on an unrelated topic. "Used" was read from the stored
@@ -15,8 +15,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0008"
-down_revision = "0007"
+revision = "0009"
+down_revision = "0008"
 branch_labels = None
 depends_on = None
 
