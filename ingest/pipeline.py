@@ -240,7 +240,8 @@ def _reject(reject: Reject, summary: IngestSummary, rejects: _RejectsFile) -> No
     rejects.write(reject)
     if reject.line == 0:
         summary.unread_files += 1
-        summary.warnings.append(f"{reject.source}: not ingested: {reject.reason}")
+        reason = reject.reason.removeprefix(f"{reject.source}: ")  # named once is enough
+        summary.warnings.append(f"{reject.source}: not ingested: {reason}")
 
 
 def _check_forced_format(path: Path, config: IngestConfig, summary: IngestSummary) -> None:

@@ -98,6 +98,9 @@ def test_files_rejected_whole_are_warnings_and_all_of_them_fail(
     assert f"warning: {table}: not ingested: unknown field(s) in the column mapping" in err
     assert "respons" in err and "no file could be read" in err
     assert json.loads(out)["rejected"] == 1  # the summary is still printed
+    code, _, err = cli(capsys, "--db", db, "ingest", str(table))  # no mapping: no prompt
+    assert code == 2  # the file named once, as every warning names it ("F: not ingested: F: ...")
+    assert f"warning: {table}: not ingested: no prompt column" in err and err.count(str(table)) == 1
 
     log = tmp_path / "chat.jsonl"
     write_openai_jsonl(log, 2)
