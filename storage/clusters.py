@@ -215,9 +215,10 @@ def _annotate(engine: Engine, cluster_id: str, *, name: str | None, note: str | 
     return {field: values.get(field, before.get(field)) for field in ("name", "note")}
 
 
-def add_tag(engine: Engine, kind: str, target_id: str, tag: str) -> None:
-    """Tag a cluster or an exchange; tagging twice is a no-op, also when another process
-    tags the same target between this one's look-up and its insert (`insert_new_rows`)."""
+def add_tag(engine: Engine, kind: str, target_id: str, tag: str) -> bool:
+    """Tag a cluster or an exchange; False when it carried the tag already. Tagging twice is
+    a no-op, also when another process tags the same target between this one's look-up and
+    its insert (`insert_new_rows`)."""
     with engine.begin() as conn:
         exists = conn.execute(
             sa.select(sa.func.count())
@@ -227,6 +228,7 @@ def add_tag(engine: Engine, kind: str, target_id: str, tag: str) -> None:
         if not exists:
             row = {"target_kind": kind, "target_id": target_id, "tag": tag, "created_at": utcnow()}
             insert_new_rows(conn, tags, [row])
+    return not exists
 
 
 def remove_tag(engine: Engine, kind: str, target_id: str, tag: str) -> bool:

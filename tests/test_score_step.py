@@ -267,6 +267,7 @@ def test_score_trains_applies_and_reports_every_cluster(scored_db: str, tmp_path
         f"cluster {cluster_id} renamed to 'Travel'": ("rename", cluster_id, "Travel"),
         f"cluster {cluster_id} has its automatic name again": ("rename", cluster_id, ""),
         f"cluster {cluster_id} tagged 'weak'": ("tag", cluster_id, "weak"),
+        f"cluster {cluster_id} was already tagged 'weak'": ("tag", cluster_id, "weak"),
         f"tag 'weak' removed from cluster {cluster_id}": ("tag", cluster_id, "weak", "--remove"),
         "0 new exchanges assigned to the clusters of run": ("assign", "--device", "cpu"),
     }  # fmt: skip

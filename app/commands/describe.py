@@ -122,6 +122,8 @@ def describe(command: str, result: dict[str, Any]) -> str:
     if command == "tag":
         if result["removed"]:
             return f"tag {result['tag']!r} removed from cluster {result['cluster_id']}"
+        if result["already_tagged"]:
+            return f"cluster {result['cluster_id']} was already tagged {result['tag']!r}"
         return f"cluster {result['cluster_id']} tagged {result['tag']!r}"
     if command == "prune":
         return _describe_prune(result)

@@ -253,8 +253,9 @@ def tag(args: argparse.Namespace) -> dict[str, Any]:
     engine = open_database(args.db, existing=True)
     try:
         _require_cluster(engine, args.cluster_id)
+        added = None
         if not args.remove:
-            add_tag(engine, "cluster", args.cluster_id, args.tag)
+            added = add_tag(engine, "cluster", args.cluster_id, args.tag)
         elif not remove_tag(engine, "cluster", args.cluster_id, args.tag):
             carried = load_tags(engine, "cluster").get(args.cluster_id, [])
             raise UserError(
@@ -263,7 +264,8 @@ def tag(args: argparse.Namespace) -> dict[str, Any]:
             )
     finally:
         engine.dispose()
-    return {"cluster_id": args.cluster_id, "tag": args.tag, "removed": args.remove}
+    result = {"cluster_id": args.cluster_id, "tag": args.tag, "removed": args.remove}
+    return result | ({} if added is None else {"already_tagged": not added})
 
 
 def _require_cluster(engine: Engine, cluster_id: str) -> dict[str, Any]:
