@@ -926,6 +926,8 @@ def test_groups_carry_reward_weakness_and_weakest_topics(scored_db: str, tmp_pat
         assert first["name"] == listed[first["id"]]["name"]
     plain = convoscope("clusters", "--level", "1", db=scored_db, cwd=tmp_path).stdout
     assert plain.startswith("groups, weakest first\n")
+    both = convoscope("clusters", db=scored_db, cwd=tmp_path).stdout
+    assert both.startswith("topics, weakest first (low reward × traffic share)\nid ")
     assert plain.count("weakest topics: ") == len(groups) and "why: mean reward" in plain
 
 

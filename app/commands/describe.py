@@ -337,7 +337,10 @@ def _describe_clusters(result: dict[str, Any]) -> str:
     scored = any(c.get("scored_n") is not None for c in result["clusters"])
     topics = [c for c in result["clusters"] if c["level"] == 0]
     groups = [c for c in result["clusters"] if c["level"] != 0]
-    lines = [header, *map(_cluster_line, topics)] if topics else []
+    # Weakest first is by weakness (a low reward weighted by traffic), not by reward alone:
+    # without the heading the rewards read as a list sorted wrong.
+    ranked = "topics, weakest first (low reward × traffic share)" if scored else "topics"
+    lines = [ranked, header, *map(_cluster_line, topics)] if topics else []
     if groups:
         lines += [""] if lines else []
         lines += ["groups, weakest first" if scored else "groups", header]
