@@ -287,12 +287,18 @@ def test_score_trains_applies_and_reports_every_cluster(scored_db: str, tmp_path
     worse = save_instruction(engine, cluster_id, "Be terse.")  # the best mean, yet a loss
     set_instruction_reward(engine, worse["id"], 0.7, 0.8)
     save_instruction(engine, other, "Never scored.")
+    gone = save_instruction(engine, "t999", "A topic no longer routed to.")  # a gateway's dead end
+    set_instruction_reward(engine, gone["id"], 0.9, 0.1)
     engine.dispose()
     exported = convoscope("route", "--export", str(out), "--json", db=scored_db, cwd=tmp_path)
     assert exported.returncode == 0, exported.stderr
     summary = json.loads(exported.stdout)
     assert summary["instructions"] == 1
-    assert summary["instructions_left_out"] == {"not_scored": 1, "not_better_than_original": 1}
+    assert summary["instructions_left_out"] == {
+        "not_scored": 1,
+        "not_better_than_original": 1,
+        "cluster_not_in_table": 1,
+    }
     assert json.loads(out.read_text())["instructions"] == {
         cluster_id: {
             "version": 1,

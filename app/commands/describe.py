@@ -105,7 +105,8 @@ def describe(command: str, result: dict[str, Any]) -> str:
             f"{result['instructions']} with an instruction that beat the original answers; "
             f"instruction versions left out: {skipped['not_scored']} never scored (run "
             "`convoscope score`, then `convoscope replay report RUN`), "
-            f"{skipped['not_better_than_original']} no better than the original answers)"
+            f"{skipped['not_better_than_original']} no better than the original answers, "
+            f"{skipped['cluster_not_in_table']} of clusters the table does not route to)"
             + (
                 f"; its fast encoder copied to {result['encoder_folder']}"
                 if result.get("encoder_folder")

@@ -465,7 +465,8 @@ def _export_routing_table(args: argparse.Namespace) -> dict[str, Any]:
         pruned = run_id is not None and not run_stored(engine, run_id)
         newer = None if run_id is None else newer_run(engine, run_id)
         stale_predictor = newer_predictor(engine)
-        table["instructions"], left_out = _best_instructions(engine)
+        routed = {entry["cluster_id"] for entry in table["clusters"]}
+        table["instructions"], left_out = _best_instructions(engine, routed)
     finally:
         engine.dispose()
     if stale_predictor is not None:
@@ -589,20 +590,27 @@ def _route_prompts(args: argparse.Namespace) -> tuple[list[str], list[int], list
     return [r.fields["prompt"] for r in records], [r.line for r in records], rejected
 
 
-def _best_instructions(engine: Engine) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
-    """Per cluster, the best-scoring instruction version among those whose replay beat the
-    original answers to the same inputs, and how many versions were left out, by reason.
+def _best_instructions(
+    engine: Engine, routed: set[str]
+) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
+    """Per cluster of `routed` (the table's), the best-scoring instruction version among
+    those whose replay beat the original answers to the same inputs, and how many versions
+    were left out, by reason.
 
     A gateway applies what this table carries: a version never scored (no `replay report`
-    after `score`), or one that scored below the answers it would replace, is not carried.
-    A version scored before the original mean was stored (schema 0005) counts as unscored
-    until its run is reported again.
+    after `score`), or one that scored below the answers it would replace, is not carried,
+    nor one of a cluster the table routes no prompt to (a topic gone since, or another
+    field's), which no gateway would reach. A version scored before the original mean was
+    stored (schema 0005) counts as unscored until its run is reported again.
     """
     from storage.reports import load_instructions
 
     best: dict[str, dict[str, Any]] = {}
-    left_out = {"not_scored": 0, "not_better_than_original": 0}
+    left_out = {"not_scored": 0, "not_better_than_original": 0, "cluster_not_in_table": 0}
     for version in load_instructions(engine):
+        if version["cluster_id"] not in routed:
+            left_out["cluster_not_in_table"] += 1
+            continue
         score, original = version["mean_reward"], version["original_mean_reward"]
         if score is None or original is None:
             left_out["not_scored"] += 1
