@@ -23,7 +23,7 @@ from streamlit.testing.v1 import AppTest
 from app.export import COLUMNS
 from app.ui.launch import LAUNCH_DIR_ENV, child_environment, command, is_loopback
 from app.ui.render import escape_markdown, one_line
-from storage.clusters import load_clusters, save_cluster_run
+from storage.clusters import exchanges_in_clusters, load_clusters, save_cluster_run
 from storage.engine import open_database
 from storage.views import ViewFilter, keyword_search
 from tests.ui_database import (
@@ -534,6 +534,32 @@ def test_export_page_writes_names_tags_and_scores(
     assert len(records) == len(weakest)
     assert records[0]["messages"][-1]["role"] == "assistant"
     assert records[0]["metadata"]["cluster_label"] == "Refund trouble"
+
+
+def test_export_page_exports_the_cluster_picked_when_two_share_a_name(
+    fresh_db: BuiltDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two topics named alike were one label in "Only these clusters": picking the first
+    selected the other, and its rows were counted and exported instead."""
+    from storage.clusters import annotate_cluster
+
+    first, second = fresh_db.cluster_ids[:2]
+    engine = open_database(fresh_db.url)
+    for cid in (first, second):
+        annotate_cluster(engine, cid, name="Billing")
+    engine.dispose()
+
+    engine = open_database(fresh_db.url, read_only=True)
+    sizes = {
+        cid: len(exchanges_in_clusters(engine, fresh_db.run_id, cluster_id=cid))
+        for cid in (first, second)
+    }
+    engine.dispose()
+    for cid in (first, second):
+        at = _app(fresh_db.url, monkeypatch, "screens/export.py")
+        at.multiselect(key="export_clusters").select(cid).run()
+        assert at.multiselect(key="export_clusters").value == [cid]
+        assert _metric(at, "Rows to export") == f"{sizes[cid]:,}"
 
 
 def test_export_page_csv_is_safe_for_spreadsheets_unless_unticked(

@@ -137,6 +137,56 @@ def test_replay_runs_the_edited_instruction_and_shows_answers_side_by_side(
     assert INSTRUCTION in _texts(at)  # the version list and the run's instruction, as text
 
 
+def test_a_topic_named_like_its_group_replays_the_topic_with_its_instruction(
+    built: BuiltDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A group is often named like its weakest topic. The picker then listed both under one
+    label, a pick of the topic opened the group, and the instruction typed for the topic was
+    dropped: the replay went out without it, to the group's inputs."""
+    from storage.clusters import annotate_cluster
+
+    engine = open_database(built.url)
+    with engine.connect() as conn:
+        group = conn.execute(
+            sa.select(clusters.c.parent_id).where(clusters.c.id == built.weakest_id)
+        ).scalar_one()
+    annotate_cluster(engine, group, name="Refunds")
+    annotate_cluster(engine, built.weakest_id, name="Refunds")
+    members = exchanges_in_clusters(engine, built.run_id, cluster_id=built.weakest_id)
+    engine.dispose()
+
+    at = _page(built.url, monkeypatch)
+    at.selectbox(key="replay_cluster").select(built.weakest_id).run()
+    assert at.selectbox(key="replay_cluster").value == built.weakest_id
+    with OpenAIServer() as server:
+        at.text_area(key=f"replay_instruction_{built.weakest_id}").input(INSTRUCTION)
+        _run_from_page(at, server.base_url, sample=len(members))
+        received = list(server.received)
+    assert not at.exception, [e.value for e in at.exception]
+    assert len(received) == len(members)
+    assert all(r["body"]["messages"][0]["content"] == INSTRUCTION for r in received)
+    engine = open_database(built.url, read_only=True)
+    assert [v["text"] for v in load_instructions(engine, built.weakest_id)] == [INSTRUCTION]
+    engine.dispose()
+
+
+def test_two_runs_alike_each_open_on_their_own(
+    built: BuiltDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two runs of one model started in the same minute had the same label in "Open a run",
+    and picking the older one showed the newer one's answers."""
+    at = _page(built.url, monkeypatch)
+    with OpenAIServer() as server:
+        _run_from_page(at, server.base_url, sample=2)
+        _run_from_page(at, server.base_url, sample=2)
+    engine = open_database(built.url, read_only=True)
+    newer, older = (run["id"] for run in list_runs(engine))
+    engine.dispose()
+    for run_id in (older, newer):
+        at.selectbox(key="replay_open").select(run_id).run()
+        assert at.selectbox(key="replay_open").value == run_id
+
+
 def test_replay_page_empty_states(built: BuiltDatabase, monkeypatch: pytest.MonkeyPatch) -> None:
     engine = open_database(built.url)
     with engine.begin() as conn:

@@ -182,3 +182,13 @@ def distinct_labels(
     whose names begin alike), or one of `taken`, becomes that item's fuller label."""
     counts = Counter([*labels, *taken])
     return [f if counts[label] > 1 else label for label, f in zip(labels, fuller, strict=True)]
+
+
+def option_labels(ids: Sequence[str], names: Mapping[str, str], limit: int) -> dict[str, str]:
+    """One-line labels for a selectbox or multiselect of clusters, by id, all distinct.
+    Streamlit hands back the label the browser sends and maps it to the last option labelled
+    so: two clusters named alike (a group often takes its weakest topic's name) made a pick
+    of one select the other. A shared label is followed by the cluster's id."""
+    labels = [one_line(names.get(cid, cid), limit) for cid in ids]
+    fuller = [f"{label} ({cid})" for label, cid in zip(labels, ids, strict=True)]
+    return dict(zip(ids, distinct_labels(labels, fuller), strict=True))

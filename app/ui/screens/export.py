@@ -9,7 +9,7 @@ from datetime import datetime
 import streamlit as st
 
 from app.ui import data, exporting, shell
-from app.ui.render import one_line
+from app.ui.render import option_labels
 
 c = shell.ctx()
 st.title("Export")
@@ -99,12 +99,14 @@ with left:
     if c.run_id:
         table = data.cluster_table(c.url, c.version, c.run_id, c.flt, c.scorer)
         if not table.empty:
-            names = dict(zip(table["id"], table["name"], strict=True))
+            labels = option_labels(
+                list(table["id"]), dict(zip(table["id"], table["name"], strict=True)), 60
+            )
             cluster_ids = tuple(
                 st.multiselect(
                     "Only these clusters",
                     list(table["id"]),
-                    format_func=lambda cid: one_line(names[cid], 60),
+                    format_func=labels.__getitem__,
                     placeholder="All clusters",
                     key="export_clusters",
                 )

@@ -18,10 +18,12 @@ import streamlit as st
 
 from app.ui import data, shell
 from app.ui.render import (
+    distinct_labels,
     escape_markdown,
     fmt_float,
     fmt_share,
     one_line,
+    option_labels,
     safe_label,
     visible_controls,
 )
@@ -49,6 +51,7 @@ names = data.cluster_names(c.url, c.version, c.run_id)
 table = data.cluster_table(c.url, c.version, c.run_id, c.flt, c.scorer)
 weakest_first = [cid for cid in table["id"] if cid in names] if not table.empty else []
 ids = weakest_first + sorted(set(names) - set(weakest_first), key=lambda cid: names[cid].lower())
+labels = option_labels(ids, names, 80)
 if st.session_state.get("replay_cluster") not in names:
     picked_before = st.session_state.get(shell.PICK_KEY)
     st.session_state["replay_cluster"] = picked_before if picked_before in names else ids[0]
@@ -56,7 +59,7 @@ picked: str = st.selectbox(
     f"Cluster ({shell.cluster_order(table)})" if weakest_first else "Cluster",
     ids,
     key="replay_cluster",
-    format_func=lambda cid: one_line(names[cid], 80),
+    format_func=labels.__getitem__,
 )
 
 
@@ -249,7 +252,20 @@ def _run_label(run_id: str) -> str:
     )
 
 
-opened: str = st.selectbox("Open a run", list(by_id), key="replay_open", format_func=_run_label)
+# Two runs of one model started in the same minute read alike, and a pick of one opened the
+# other (Streamlit maps a label back to the last option so labelled): the run id tells them apart.
+run_labels = dict(
+    zip(
+        by_id,
+        distinct_labels(
+            [_run_label(rid) for rid in by_id], [f"{_run_label(rid)} · run {rid}" for rid in by_id]
+        ),
+        strict=True,
+    )
+)
+opened: str = st.selectbox(
+    "Open a run", list(by_id), key="replay_open", format_func=run_labels.__getitem__
+)
 run = by_id[opened]
 rows, overall = data.replay_pairs(c.url, c.version, opened, run["counts"]["done"])
 

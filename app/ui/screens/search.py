@@ -7,7 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from app.ui import data, shell
-from app.ui.render import MISSING, one_line, table_cells
+from app.ui.render import MISSING, one_line, option_labels, table_cells
 
 c = shell.ctx()
 st.title("Search")
@@ -104,10 +104,11 @@ if rows:
 clusters_hit = [cid for cid in dict.fromkeys(h["cluster_id"] for h in hits) if cid]
 if clusters_hit:
     pick_col, go_col = st.columns([4, 1], vertical_alignment="bottom")
+    hit_labels = option_labels(clusters_hit, names, 80)
     target = pick_col.selectbox(
         "Clusters of these hits",
         clusters_hit,
-        format_func=lambda cid: one_line(names.get(cid, cid), 80),
+        format_func=hit_labels.__getitem__,
         key="search_cluster",
     )
     if go_col.button("Open cluster", key="search_open", width="stretch"):
