@@ -601,11 +601,30 @@ def keyword_search(
     needle = text.strip().lower()
     if not needle:
         return []
-    match = sa.or_(
+    return _hits(engine, run_id, flt, scorer=scorer, where=_contains(needle), limit=limit)
+
+
+def keyword_count(engine: Engine, run_id: str | None, text: str, flt: ViewFilter) -> int:
+    """How many filtered exchanges `keyword_search` would find with no limit: the page shows
+    the first few and says how many there are, not the limit, as if it were all of them."""
+    needle = text.strip().lower()
+    if not needle:
+        return 0
+    query = (
+        sa.select(sa.func.count())
+        .select_from(_joined(run_id, None))
+        .where(_contains(needle), *_conditions(run_id, flt))
+    )
+    with engine.connect() as conn:
+        return int(conn.execute(query).scalar_one())
+
+
+def _contains(needle: str) -> sa.ColumnElement[bool]:
+    """Prompt or response contains `needle` (lower case), its LIKE wildcards escaped."""
+    return sa.or_(
         sa.func.lower(exchanges.c.prompt).contains(needle, autoescape=True),
         sa.func.lower(exchanges.c.response).contains(needle, autoescape=True),
     )
-    return _hits(engine, run_id, flt, scorer=scorer, where=match, limit=limit)
 
 
 def exchanges_by_ids(

@@ -467,6 +467,23 @@ def test_search_page_words_and_meaning_jump_to_cluster(
     assert at.selectbox(key="cluster_pick").value == fresh_db.weakest_id
 
 
+def test_search_by_words_says_how_many_hits_past_those_shown(
+    shared_db: BuiltDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A word found in 400 exchanges was reported as "50 hits": the page's limit, read as
+    the number of exchanges that contain it."""
+    engine = open_database(shared_db.url, read_only=True)
+    total = len(keyword_search(engine, shared_db.run_id, "e", ViewFilter(), limit=100_000))
+    engine.dispose()
+    at = _app(shared_db.url, monkeypatch, "screens/search.py")
+    at.get("button_group")[0].set_value("Words").run()
+    at.text_input(key="search_query").input("e").run()
+    assert not at.exception, [e.value for e in at.exception]
+    shown = len(at.dataframe[0].value)
+    assert total > shown
+    assert any(c.value.startswith(f"The first {shown} of {total:,} hits") for c in at.caption)
+
+
 def test_experts_page_leaderboard_and_heat_map(
     shared_db: BuiltDatabase, monkeypatch: pytest.MonkeyPatch
 ) -> None:

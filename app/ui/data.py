@@ -321,6 +321,13 @@ def keyword_search(
     )
 
 
+@st.cache_data(show_spinner=False, max_entries=64)
+def keyword_count(
+    url: str, version: tuple[Any, ...], run_id: str | None, text: str, flt: ViewFilter
+) -> int:
+    return read(url, lambda e: views.keyword_count(e, run_id, text, flt))
+
+
 @st.cache_data(show_spinner=False, max_entries=16)
 def expert_matrix(url: str, version: tuple[Any, ...], run_id: str) -> pd.DataFrame:
     return pd.DataFrame(read(url, lambda e: views.expert_matrix(e, run_id)))

@@ -77,7 +77,14 @@ shown = pd.DataFrame(
 )
 if not similarity:
     shown = shown.drop(columns=["Similarity"])
-st.caption(f"{len(hits)} hits · select a row to open its cluster")
+if similarity:
+    found = f"The {len(hits)} nearest in meaning"
+else:
+    total = data.keyword_count(c.url, c.version, c.run_id, query, c.flt)
+    found = (
+        f"{len(hits)} hits" if total <= len(hits) else f"The first {len(hits)} of {total:,} hits"
+    )
+st.caption(f"{found} · select a row to open its cluster")
 selection = st.dataframe(
     table_cells(shown),
     hide_index=True,
