@@ -321,6 +321,7 @@ def cluster_table(engine: Engine, run_id: str, flt: ViewFilter, *, scorer: str |
                 "name": display_name(row),
                 "auto_name": row["auto_name"],
                 "parent": parents.get(row["parent_id"]) if row["parent_id"] else None,
+                "parent_id": row["parent_id"],
                 "keywords": row["keywords"],
                 "tags": row["tags"],
                 "note": row["note"],

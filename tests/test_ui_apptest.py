@@ -374,6 +374,35 @@ def _recluster(engine: Engine, built: BuiltDatabase) -> None:
     save_cluster_reports(engine, run_id, load_cluster_reports(engine, built.run_id))
 
 
+def test_a_link_to_a_group_opens_its_first_topic_and_says_so(
+    shared_db: BuiltDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`?cluster=` with a group's id (`convoscope clusters` lists groups with topics) said
+    there was no such topic, "re-clustered away", and showed the run's weakest topic."""
+    group = shared_db.group_ids[1]
+    engine = open_database(shared_db.url, read_only=True)
+    members = {
+        one_line(c["name"], 80): c["id"]
+        for c in load_clusters(engine, shared_db.run_id)
+        if c["parent_id"] == group
+    }
+    engine.dispose()
+    monkeypatch.setenv("CONVOSCOPE_DB", shared_db.url)
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.switch_page("screens/cluster.py")
+    at.query_params["cluster"] = group
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert not [w.value for w in at.warning if w.value.startswith("No topic")]
+    (note,) = at.info
+    assert f"is a group of {len(members)} topics" in note.value
+    picker = at.selectbox(key="cluster_pick")  # options read "1. name", weakest first
+    first = next(
+        label.split(". ", 1)[1] for label in picker.options if label.split(". ", 1)[1] in members
+    )
+    assert picker.value == members[first]
+
+
 def test_log_text_is_shown_as_text_never_markup(
     shared_db: BuiltDatabase, monkeypatch: pytest.MonkeyPatch
 ) -> None:

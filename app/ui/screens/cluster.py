@@ -43,7 +43,18 @@ ids = list(table["id"])
 names = dict(zip(table["id"], table["name"], strict=True))
 linked = None if shell.PICK_KEY in st.session_state else st.query_params.get(shell.LINK_PARAM)
 wanted = st.session_state.get(shell.PICK_KEY) or linked
-if wanted not in names:
+# A group's id (`convoscope clusters` lists groups with topics): the page shows one topic,
+# so it opens the group's first in the list, said so; it was said to be no topic at all.
+members = table[table["parent_id"] == wanted] if wanted not in names else table.iloc[:0]
+if not members.empty:
+    group_id, wanted = wanted, members["id"].iloc[0]
+    st.info(
+        f"{safe_label(group_id, 40)} is a group of {len(members)} topics "
+        f"({safe_label(members['parent'].iloc[0], 60)}): showing its first topic "
+        f"({shell.cluster_order(table)}). The Overview lists the groups.",
+        icon=":material/account_tree:",
+    )
+elif wanted not in names:
     wanted = ids[0]
     if linked:  # opened from a link (not a pick gone with a switch of clustering): say so
         st.warning(
