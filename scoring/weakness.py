@@ -199,12 +199,15 @@ def _reason(
     else:
         verdict = "above"
     parts = [
-        f"mean reward {mean:.3f} [{lo:.3f}, {hi:.3f}] is {verdict} the overall {overall:.3f}",
+        # "clustered": the unassigned are in no topic's data, so this is not the mean of every
+        # exchange the UI's headline shows, and "the overall" read as that one.
+        f"mean reward {mean:.3f} [{lo:.3f}, {hi:.3f}] is {verdict} the clustered mean "
+        f"{overall:.3f}",
         traffic,
     ]
     for name, value in rates.items():
         base = overall_rates[name]
         if value is not None and base and value >= config.notable_ratio * base:
             label = name.replace("_", " ")
-            parts.append(f"{label} {value:.0%} vs {base:.0%} overall")
+            parts.append(f"{label} {value:.0%} vs {base:.0%} over clustered exchanges")
     return "; ".join(parts)

@@ -41,6 +41,8 @@ def test_weakness_ordering_and_reasons() -> None:
     top = ranked[0]
     assert top.reward_lower <= top.mean_reward <= top.reward_upper
     assert "surely below" in top.reason and "retry rate" in top.reason
+    overall = pd.concat(parts)["reward"].mean()  # of the clustered rows: named as such
+    assert f"surely below the clustered mean {overall:.3f}" in top.reason
     assert ranked[-1].weakness == 0.0
     assert ranked[1].retry_rate is None  # unknown signals are not a 0 % rate
     assert abs(sum(r.traffic_share for r in ranked) - 1.0) < 1e-9

@@ -41,7 +41,12 @@ cols[3].metric(
 cols[4].metric(
     "Mean reward",
     fmt_float(figures["reward_mean"]),
-    help=f"Scorer: {c.scorer}" if c.scorer else "Run `convoscope score` to get rewards",
+    help=(
+        f"Over every exchange the scores cover, unassigned ones included (a topic's 'why' "
+        f"compares it with the clustered mean). Scorer: {c.scorer}"
+        if c.scorer
+        else "Run `convoscope score` to get rewards"
+    ),
 )
 cols[5].metric("Retry rate", fmt_share(figures["retry_rate"]))
 
