@@ -104,6 +104,11 @@ def test_overview_headline_figures_and_weakest_first(
     assert at.dataframe[0].proto.placeholder == "—"  # an unknown rate is a dash, not "None"
     weakness = list(table["Weakness"])
     assert weakness == sorted(weakness, reverse=True)
+    # Shares and rates with one decimal, as percentages: Streamlit's "percent" dropped
+    # trailing zeros, so "2.8%" stood beside "3.74%" in one column.
+    columns = json.loads(at.dataframe[0].proto.columns)
+    assert {columns[name]["type_config"]["format"] for name in ("Share", "Ended")} == {"%.1f %%"}
+    assert table["Share"].sum() == pytest.approx(100.0)
     assert len(at.get("plotly_chart")) == 1
     assert not at.warning
 

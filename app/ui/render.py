@@ -109,6 +109,16 @@ def fmt_share(value: Any) -> str:
     return f"{100 * float(value):.1f} %"
 
 
+# Shares and rates in tables, as `fmt_share` writes them elsewhere: Streamlit's "percent"
+# format drops trailing zeros, so "2.8%" stood beside "3.74%" and "28%" in one column.
+PERCENT_FORMAT = "%.1f %%"
+
+
+def as_percent(values: pd.Series) -> pd.Series:
+    """Shares or rates (0–1; None unknown) as the percentages a PERCENT_FORMAT column shows."""
+    return pd.to_numeric(values, errors="coerce") * 100
+
+
 def fmt_ci(ci: Any, digits: int = 2) -> str:
     """[lo, hi] → "lo – hi"; nothing known → "—". A negative bound takes the minus sign
     (U+2212), not a hyphen: `table_cells` quotes a cell that starts with "-" for spreadsheets,

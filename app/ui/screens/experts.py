@@ -7,7 +7,15 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app.ui import data, shell
-from app.ui.render import MISSING, distinct_labels, fmt_ci, hover_text, table_cells
+from app.ui.render import (
+    MISSING,
+    PERCENT_FORMAT,
+    as_percent,
+    distinct_labels,
+    fmt_ci,
+    hover_text,
+    table_cells,
+)
 
 # The heat map and routing come from `convoscope score`'s reports, computed over the whole
 # clustering run: the sidebar filter cannot narrow them, so the page says so.
@@ -52,7 +60,7 @@ with left:
                         fmt_ci((lo, hi), 0)
                         for lo, hi in zip(board["lower"], board["upper"], strict=True)
                     ],
-                    win_share=board["wins"] / board["battles"],
+                    win_share=as_percent(board["wins"] / board["battles"]),
                     tied_with=board["tied_with"].map(lambda t: ", ".join(t)),
                 )[["rank", "model", "rating", "ci", "battles", "win_share", "tied_with"]]
             ),
@@ -66,7 +74,7 @@ with left:
                 "ci": "95 % CI",
                 "battles": "Battles",
                 "win_share": st.column_config.ProgressColumn(
-                    "Wins", format="percent", min_value=0.0, max_value=1.0
+                    "Wins", format=PERCENT_FORMAT, min_value=0.0, max_value=100.0
                 ),
                 "tied_with": "Tied with",
             },
@@ -130,7 +138,12 @@ if c.run_id:
     if not routes.empty:
         st.subheader("Routing suggestions, biggest gain first")
         st.dataframe(
-            table_cells(routes.drop(columns=["cluster_id"])),
+            table_cells(
+                routes.drop(columns=["cluster_id"]).assign(
+                    share=as_percent(routes["share"]),
+                    predicted_win_rate=as_percent(routes["predicted_win_rate"]),
+                )
+            ),
             hide_index=True,
             placeholder=MISSING,
             width="stretch",
@@ -138,14 +151,14 @@ if c.run_id:
                 "cluster": st.column_config.TextColumn("Cluster", width="large"),
                 "share": st.column_config.ProgressColumn(
                     "Share",
-                    format="percent",
+                    format=PERCENT_FORMAT,
                     min_value=0.0,
-                    max_value=float(routes["share"].max() or 1.0),
+                    max_value=float(routes["share"].max() or 1.0) * 100,
                 ),
                 "served_by": "Served by today",
                 "best_expert": "Best expert",
                 "predicted_win_rate": st.column_config.NumberColumn(
-                    "Predicted win rate", format="percent"
+                    "Predicted win rate", format=PERCENT_FORMAT
                 ),
                 "gain": st.column_config.NumberColumn("Gain", format="%+.2f"),
                 "cheapest_within_tolerance": "Cheapest within tolerance",

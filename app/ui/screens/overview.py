@@ -7,7 +7,16 @@ import pandas as pd
 import streamlit as st
 
 from app.ui import data, shell
-from app.ui.render import MISSING, fmt_ci, fmt_float, fmt_share, safe_label, table_cells
+from app.ui.render import (
+    MISSING,
+    PERCENT_FORMAT,
+    as_percent,
+    fmt_ci,
+    fmt_float,
+    fmt_share,
+    safe_label,
+    table_cells,
+)
 
 c = shell.ctx()
 st.title("Overview")
@@ -98,11 +107,11 @@ shown = pd.DataFrame(
         "Group": table["parent"],
         "Keywords": table["keywords"].map(lambda k: ", ".join(k[:6])),
         "Size": table["n"],
-        "Share": table["share"],
+        "Share": as_percent(table["share"]),
         "Reward": table["reward_mean"],
         "Reward 95 % CI": table["reward_ci"].map(fmt_ci),
-        "Retry": table["retry_rate"],
-        "Ended": table["end_rate"],
+        "Retry": as_percent(table["retry_rate"]),
+        "Ended": as_percent(table["end_rate"]),
         "Best expert": table["best_expert"],
         "Gain": table["gain"],
         "Weakness": table["weakness"],
@@ -110,7 +119,7 @@ shown = pd.DataFrame(
         "Tags": table["tags"].map(lambda t: ", ".join(t)),
     }
 )
-max_share = float(max(table["share"].max(), 1e-9))
+max_share = float(max(table["share"].max(), 1e-9)) * 100
 selection = st.dataframe(
     table_cells(shown),
     hide_index=True,
@@ -126,12 +135,12 @@ selection = st.dataframe(
         "Keywords": st.column_config.TextColumn(width="medium"),
         "Size": st.column_config.NumberColumn(format="%d", width="small"),
         "Share": st.column_config.ProgressColumn(
-            format="percent", min_value=0.0, max_value=max_share, width="small"
+            format=PERCENT_FORMAT, min_value=0.0, max_value=max_share, width="small"
         ),
         "Reward": st.column_config.NumberColumn(format="%.2f", width="small"),
-        "Reward 95 % CI": st.column_config.TextColumn(width="small"),
-        "Retry": st.column_config.NumberColumn(format="percent", width="small"),
-        "Ended": st.column_config.NumberColumn(format="percent", width="small"),
+        "Reward 95 % CI": st.column_config.TextColumn(width="medium"),
+        "Retry": st.column_config.NumberColumn(format=PERCENT_FORMAT, width="small"),
+        "Ended": st.column_config.NumberColumn(format=PERCENT_FORMAT, width="small"),
         "Best expert": st.column_config.TextColumn(width="small"),
         "Gain": st.column_config.NumberColumn(
             format="%+.2f", help="Predicted win-rate gain of routing to the best expert"
@@ -178,12 +187,12 @@ if not groups.empty:
                     "Group": groups["name"],
                     "Topics": groups["topics"],
                     "Size": groups["n"],
-                    "Share": groups["share"],
+                    "Share": as_percent(groups["share"]),
                     "Reward": groups["reward_mean"],
                     "Reward 95 % CI": groups["reward_ci"].map(fmt_ci),
-                    "Retry": groups["retry_rate"],
-                    "Edited": groups["edit_rate"],
-                    "Ended": groups["end_rate"],
+                    "Retry": as_percent(groups["retry_rate"]),
+                    "Edited": as_percent(groups["edit_rate"]),
+                    "Ended": as_percent(groups["end_rate"]),
                     "Weakness": groups["weakness"],
                     "Why": groups["reason"],
                     "Weakest topics": groups["weakest_topics"].map(lambda t: "; ".join(t)),
@@ -199,13 +208,13 @@ if not groups.empty:
             "Topics": st.column_config.NumberColumn(format="%d", width="small"),
             "Size": st.column_config.NumberColumn(format="%d", width="small"),
             "Share": st.column_config.ProgressColumn(
-                format="percent", min_value=0.0, max_value=1.0, width="small"
+                format=PERCENT_FORMAT, min_value=0.0, max_value=100.0, width="small"
             ),
             "Reward": st.column_config.NumberColumn(format="%.2f", width="small"),
-            "Reward 95 % CI": st.column_config.TextColumn(width="small"),
-            "Retry": st.column_config.NumberColumn(format="percent", width="small"),
-            "Edited": st.column_config.NumberColumn(format="percent", width="small"),
-            "Ended": st.column_config.NumberColumn(format="percent", width="small"),
+            "Reward 95 % CI": st.column_config.TextColumn(width="medium"),
+            "Retry": st.column_config.NumberColumn(format=PERCENT_FORMAT, width="small"),
+            "Edited": st.column_config.NumberColumn(format=PERCENT_FORMAT, width="small"),
+            "Ended": st.column_config.NumberColumn(format=PERCENT_FORMAT, width="small"),
             "Weakness": st.column_config.ProgressColumn(
                 format="%.2f",
                 min_value=0.0,
