@@ -594,7 +594,8 @@ def keyword_search(
     scorer: str | None = None,
     limit: int = 50,
 ) -> list[Row]:
-    """Filtered exchanges whose prompt or response contains `text` (case-insensitive).
+    """Filtered exchanges whose prompt or response contains `text` (case-insensitive),
+    lowest reward first when scored.
 
     `text` is a bound parameter and its `%`, `_` and escape characters are escaped, so a
     search for "100%" finds exactly that and never becomes a pattern or SQL.
@@ -674,7 +675,9 @@ def _hits(
         )
         .select_from(_joined(run_id, scorer))
         .where(where, *_conditions(run_id, flt))
-        .order_by(exchanges.c.id)
+        # Lowest reward first (the answers a search is usually after), then by id: by id
+        # alone the first 50 of many hits were an arbitrary draw.
+        .order_by(*((scores.c.value.asc().nulls_last(),) if scorer else ()), exchanges.c.id)
         .limit(limit)
     )
     with engine.connect() as conn:

@@ -506,16 +506,23 @@ def test_search_by_words_says_how_many_hits_past_those_shown(
 ) -> None:
     """A word found in 400 exchanges was reported as "50 hits": the page's limit, read as
     the number of exchanges that contain it."""
+    from storage.scores import latest_scorer
+
     engine = open_database(shared_db.url, read_only=True)
-    total = len(keyword_search(engine, shared_db.run_id, "e", ViewFilter(), limit=100_000))
+    scorer = latest_scorer(engine, "reward:")
+    every = keyword_search(engine, shared_db.run_id, "e", ViewFilter(), scorer=scorer, limit=10**5)
     engine.dispose()
     at = _app(shared_db.url, monkeypatch, "screens/search.py")
     at.get("button_group")[0].set_value("Words").run()
     at.text_input(key="search_query").input("e").run()
     assert not at.exception, [e.value for e in at.exception]
-    shown = len(at.dataframe[0].value)
-    assert total > shown
-    assert any(c.value.startswith(f"The first {shown} of {total:,} hits") for c in at.caption)
+    shown = at.dataframe[0].value
+    assert len(every) > len(shown)
+    first = f"The first {len(shown)} of {len(every):,} hits, lowest reward first"
+    assert any(c.value.startswith(first) for c in at.caption)
+    # The lowest rewards of all the hits, not the first ids: an arbitrary draw of them.
+    lowest = sorted(h["reward"] for h in every if h["reward"] is not None)[: len(shown)]
+    assert list(shown["Reward"]) == pytest.approx(lowest, abs=1e-6)
 
 
 def test_experts_page_leaderboard_and_heat_map(

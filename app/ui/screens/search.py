@@ -83,7 +83,7 @@ else:
     total = data.keyword_count(c.url, c.version, c.run_id, query, c.flt)
     found = (
         f"{len(hits)} hits" if total <= len(hits) else f"The first {len(hits)} of {total:,} hits"
-    )
+    ) + (", lowest reward first" if c.scorer else "")
 st.caption(f"{found} · select a row to open its cluster")
 selection = st.dataframe(
     table_cells(shown),
