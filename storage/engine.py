@@ -126,7 +126,9 @@ def make_engine(url: str, *, read_only: bool = False) -> Engine:
         # database). Several of them (connections to one database in a process are cheap),
         # so a reader can look things up while another connection streams a result: a
         # DuckDB connection runs one result at a time.
-        return sa.create_engine(parsed, connect_args=connect_args, poolclass=sa.pool.QueuePool)
+        engine = sa.create_engine(parsed, connect_args=connect_args, poolclass=sa.pool.QueuePool)
+        sa.event.listen(engine, "handle_error", _ctrl_c_as_interrupt)
+        return engine
     if backend == "sqlite":
         path = database_file(url)
         if path is not None:
@@ -186,6 +188,18 @@ def make_room(conn: Connection, *, committing: bool = False) -> None:
     wanted = int(index) * (2 if committing else 1) + _INDEX_RESERVE
     if current is not None and wanted > current:
         duck.execute(f"SET memory_limit = '{wanted}B'")  # a number, computed here
+
+
+def _ctrl_c_as_interrupt(context: sa.engine.ExceptionContext) -> BaseException | None:
+    """Ctrl-C during a DuckDB statement as the KeyboardInterrupt it is. DuckDB takes the
+    SIGINT itself to stop the statement and raises a bare `RuntimeError('Query interrupted')`,
+    which no command reads as Ctrl-C: an export or a score stopped so printed a traceback and
+    exited 1 instead of saying what was kept and how to finish. Returned, not raised, so
+    SQLAlchemy still closes the cursor and rolls back first."""
+    error = context.original_exception
+    if type(error) is RuntimeError and str(error) == "Query interrupted":
+        return KeyboardInterrupt()
+    return None
 
 
 def _make_parent(path: Path) -> None:

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,7 +20,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy.engine import Engine
 
 from storage.cache import StoredCache
-from storage.clusters import add_tag, annotate_cluster
+from storage.clusters import add_tag, annotate_cluster, load_tags
 from storage.engine import StorageError, database_file, make_engine, open_database, resolve_url
 from storage.logs import ExchangeFilter, iter_exchanges, store_batch, table_counts, utcnow
 from storage.schema import metadata, tags
@@ -637,4 +642,49 @@ def test_topic_and_group_reports_share_a_run_and_are_read_by_level(db_url: str) 
     assert list(load_cluster_reports(engine, "run1", level=None)) == ["t2", "g1", "t1"]
     save_cluster_reports(engine, "run1", {"t1": reports["t1"], "g1": {"weakness": 0.0}})
     assert list(load_cluster_reports(engine, "run1", level=None)) == ["t1", "g1"]
+    engine.dispose()
+
+
+_LONG_STATEMENT_UNDER_CTRL_C = """
+import sys
+import sqlalchemy as sa
+from storage.engine import open_database
+
+engine = open_database(sys.argv[1])
+try:
+    with engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO tags VALUES ('cluster', 't1', 'kept?', now())"))
+        print("running", flush=True)
+        # 3·10^10 rows: a minute, so the SIGINT lands inside DuckDB, not between statements.
+        conn.execute(sa.text("SELECT sum(range) FROM range(30000000000)"))
+    print("finished")
+except KeyboardInterrupt:
+    print("KeyboardInterrupt")
+except Exception as error:
+    print(f"{type(error).__name__}: {error}")
+"""
+
+
+def test_ctrl_c_during_a_duckdb_statement_is_an_interrupt_and_rolls_back(tmp_path: Path) -> None:
+    """DuckDB takes a SIGINT during a statement itself and raised `RuntimeError('Query
+    interrupted')`: an export or a score stopped with Ctrl-C printed a traceback and exited 1,
+    where Ctrl-C says what was kept and how to finish (exit 130)."""
+    db = f"duckdb:///{tmp_path / 'ctrl_c.duckdb'}"
+    open_database(db).dispose()
+    repo = Path(__file__).resolve().parents[1]
+    child = subprocess.Popen(
+        [sys.executable, "-c", _LONG_STATEMENT_UNDER_CTRL_C, db],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+    )
+    assert child.stdout is not None
+    assert child.stdout.readline().strip() == "running"
+    time.sleep(2.0)  # into the long statement
+    child.send_signal(signal.SIGINT)
+    out, err = child.communicate(timeout=60)
+    assert out.strip() == "KeyboardInterrupt", err
+    engine = open_database(db)
+    assert load_tags(engine, "cluster") == {}  # the transaction was rolled back whole
     engine.dispose()
