@@ -419,7 +419,7 @@ def _version(
     fingerprint: str,
 ) -> TrainedReward:
     """Store a trained model as a new version (its files, config, held-out metrics and the
-    fingerprint of its training data) and the scores it gave every exchange."""
+    fingerprint of its training data) with the scores it gave every exchange, as one."""
     with tempfile.TemporaryDirectory() as tmp:
         model.save(tmp)
         files = {
@@ -432,8 +432,8 @@ def _version(
         config=config,
         metrics=metrics,
         data_fingerprint=fingerprint,
+        scores=_by_exchange(frame, scores),
     )
-    _store(engine, model_id, frame, scores)
     return TrainedReward(model_id, scores, metrics)
 
 
@@ -467,8 +467,8 @@ def use_external(
         files={"source.txt": directory.encode()},
         config={"directory": directory},
         metrics=metrics,
+        scores=_by_exchange(frame, scores),
     )
-    _store(engine, model_id, frame, scores)
     return TrainedReward(model_id, scores, metrics)
 
 
@@ -485,7 +485,7 @@ def apply_reward(
         raise ValueError("no exchanges stored: ingest some first")
     frame["response"] = frame["response"].fillna("")
     scores = _model_scores(engine, stored, lambda one: _stored_scores(engine, one, frame, embed))
-    _store(engine, stored["id"], frame, scores)
+    store_scores(engine, f"reward:{stored['id']}", _by_exchange(frame, scores))
     return {
         "reward_model": stored["id"],
         "kind": stored["kind"],
@@ -650,5 +650,6 @@ def _text_scorer(stored: dict[str, Any]) -> TextScorer:
         return TransformerReward.load(tmp)
 
 
-def _store(engine: Engine, model_id: str, frame: pd.DataFrame, scores: np.ndarray) -> None:
-    store_scores(engine, f"reward:{model_id}", dict(zip(frame["id"], scores.tolist(), strict=True)))
+def _by_exchange(frame: pd.DataFrame, scores: np.ndarray) -> dict[str, float]:
+    """A model's scores by exchange id, as storage takes them."""
+    return dict(zip(frame["id"], scores.tolist(), strict=True))

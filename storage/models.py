@@ -17,8 +17,10 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from storage.engine import make_room
 from storage.logs import Row, utcnow
 from storage.schema import trained_models
+from storage.scores import write_scores
 
 
 def save_model(
@@ -29,8 +31,13 @@ def save_model(
     config: Mapping[str, Any],
     metrics: Mapping[str, Any],
     data_fingerprint: str | None = None,
+    scores: Mapping[str, float] | None = None,
+    scorer_prefix: str = "reward:",
 ) -> str:
-    """Store a trained artefact; returns its id."""
+    """Store a trained artefact; returns its id. With `scores` (exchange id → value), the
+    values it gave are stored in the same transaction, as scorer `<scorer_prefix><id>`: stored
+    apart, a process killed between the two left the newest model with no scores, which
+    `score reward apply` and `reward --file` then took as the current one."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
         for name, data in files.items():
@@ -48,6 +55,9 @@ def save_model(
                 payload=buffer.getvalue(),
             )
         )
+        if scores is not None:
+            write_scores(conn, f"{scorer_prefix}{model_id}", scores)
+            make_room(conn, committing=True)
     return model_id
 
 

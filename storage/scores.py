@@ -21,25 +21,31 @@ _INSERT_CHUNK = 50_000
 
 def store_scores(engine: Engine, scorer: str, values: Mapping[str, float]) -> int:
     """Store (or replace) one scorer's values for the given exchanges, atomically."""
+    with engine.begin() as conn:
+        write_scores(conn, scorer, values)
+        make_room(conn, committing=True)
+    return len(values)
+
+
+def write_scores(conn: Connection, scorer: str, values: Mapping[str, float]) -> None:
+    """`store_scores` inside the caller's transaction (a model and the scores it gave, as
+    one: `storage.models.save_model`)."""
     now = utcnow()
     ids = list(values)
-    with engine.begin() as conn:
-        # A new scorer (every `apply` of a new model) has nothing to replace: 200 deletes by id
-        # took 13 s of 20 at 1M.
-        if _has_values(conn, scorer):
-            for start in range(0, len(ids), _CHUNK):
-                chunk = ids[start : start + _CHUNK]
-                where = sa.and_(scores.c.scorer == scorer, scores.c.exchange_id.in_(chunk))
-                conn.execute(sa.delete(scores).where(where))
-        # A chunk of rows at a time: a dict per row for all of them held 100 MB at 100K.
-        for start in range(0, len(ids), _INSERT_CHUNK):
-            rows = [
-                {"exchange_id": i, "scorer": scorer, "value": float(values[i]), "created_at": now}
-                for i in ids[start : start + _INSERT_CHUNK]
-            ]
-            insert_rows(conn, scores, rows)
-        make_room(conn, committing=True)
-    return len(ids)
+    # A new scorer (every `apply` of a new model) has nothing to replace: 200 deletes by id
+    # took 13 s of 20 at 1M.
+    if _has_values(conn, scorer):
+        for start in range(0, len(ids), _CHUNK):
+            chunk = ids[start : start + _CHUNK]
+            where = sa.and_(scores.c.scorer == scorer, scores.c.exchange_id.in_(chunk))
+            conn.execute(sa.delete(scores).where(where))
+    # A chunk of rows at a time: a dict per row for all of them held 100 MB at 100K.
+    for start in range(0, len(ids), _INSERT_CHUNK):
+        rows = [
+            {"exchange_id": i, "scorer": scorer, "value": float(values[i]), "created_at": now}
+            for i in ids[start : start + _INSERT_CHUNK]
+        ]
+        insert_rows(conn, scores, rows)
 
 
 def _has_values(conn: Connection, scorer: str) -> bool:

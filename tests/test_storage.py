@@ -688,3 +688,29 @@ def test_ctrl_c_during_a_duckdb_statement_is_an_interrupt_and_rolls_back(tmp_pat
     engine = open_database(db)
     assert load_tags(engine, "cluster") == {}  # the transaction was rolled back whole
     engine.dispose()
+
+
+def test_a_model_and_its_scores_are_stored_as_one(db_url: str) -> None:
+    """A reward model and the scores it gave were two transactions: a `score` killed between
+    them left the newest model with no scores, which `score reward apply` and `reward --file`
+    then took as the current one. A failure while writing the scores now stores neither."""
+    from storage.models import model_ids, save_model
+    from storage.scores import latest_scorer, load_scores
+
+    engine = open_database(db_url)
+    kept = save_model(
+        engine, "reward_head", files={"m": b"1"}, config={}, metrics={}, scores={"e1": 0.5}
+    )
+    assert load_scores(engine, f"reward:{kept}") == {"e1": 0.5}
+    with pytest.raises(ValueError, match="could not convert"):  # met after the model's insert
+        save_model(
+            engine,
+            "reward_head",
+            files={"m": b"2"},
+            config={},
+            metrics={},
+            scores={"e1": 0.1, "e2": "not a number"},  # type: ignore[dict-item]
+        )
+    assert model_ids(engine, "reward_head") == [kept]
+    assert latest_scorer(engine, "reward:") == f"reward:{kept}"
+    engine.dispose()
