@@ -53,7 +53,7 @@ from storage.clusters import (
     load_clusters,
     load_tags,
 )
-from storage.engine import database_file
+from storage.engine import database_file, with_journals
 from storage.logs import (
     CONVERSATION_EXPORT_COLUMNS,
     BattleFilter,
@@ -227,10 +227,7 @@ def check_not_the_database(engine: Engine, out: Path) -> None:
     file = database_file(engine.url.render_as_string(hide_password=False))
     if file is None:
         return
-    database = file.expanduser().resolve()
-    journals = (".wal", "-wal", "-journal", "-shm")  # DuckDB's, then SQLite's
-    own = {database, *(database.with_name(database.name + j) for j in journals)}
-    if out.expanduser().resolve() in own:
+    if out.expanduser().resolve() in with_journals(file.expanduser().resolve()):
         raise ValueError(
             f"--out {out} is the database being exported (or its journal): "
             "writing there would replace it; choose another file"

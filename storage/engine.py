@@ -290,6 +290,13 @@ def database_file(url: str) -> Path | None:
     return Path(database)
 
 
+def with_journals(file: Path) -> list[Path]:
+    """A database file and the journals beside it that hold part of it (DuckDB's `.wal`,
+    SQLite's `-wal`, `-journal` and `-shm`), whether they exist now or not."""
+    journals = (".wal", "-wal", "-journal", "-shm")
+    return [file, *(file.with_name(file.name + end) for end in journals)]
+
+
 def _require_file(url: str) -> None:
     """A read-only open never creates a database: a missing file is an error, not an empty one."""
     path = database_file(url)

@@ -234,12 +234,14 @@ def get_judge_run(engine: Engine, run_id: str, judge: str) -> Row | None:
     return None if found is None else _live(dict(found), utcnow())
 
 
-def judge_runs_of(engine: Engine, run_id: str) -> list[Row]:
-    """Every judge run of a replay run, by judge name, with its live status (`_live`)."""
+def judge_statuses(engine: Engine, run_id: str) -> dict[str, str]:
+    """judge → how judging the run with it stands (running, done, incomplete: a judge run
+    whose process was killed is incomplete once its lease lapses, not running), by name."""
     query = sa.select(judge_runs).where(judge_runs.c.run_id == run_id).order_by(judge_runs.c.judge)
     with engine.connect() as conn:
         now = utcnow()
-        return [_live(dict(row), now) for row in conn.execute(query).mappings()]
+        rows = [_live(dict(row), now) for row in conn.execute(query).mappings()]
+    return {row["judge"]: row["status"] for row in rows}
 
 
 def get_run(engine: Engine, run_id: str) -> Row | None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from app.commands.common import note, safe_url
-from storage.engine import database_file, open_database, resolve_url
+from storage.engine import database_file, open_database, resolve_url, with_journals
 
 # Versions of each kind, and clustering runs of each field: the newest, and two to look back at.
 DEFAULT_KEEP = 3
@@ -79,12 +79,11 @@ def prune(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _file_bytes(path: Path | None) -> int | None:
-    """A database file's size with its write-ahead log (DuckDB's `.wal`, SQLite's `-wal`
-    and `-shm`), or None for a server or an in-memory database."""
+    """A database file's size with its journals, or None for a server or an in-memory
+    database."""
     if path is None:
         return None
-    files = [path, *(path.with_name(path.name + end) for end in (".wal", "-wal", "-shm"))]
-    return sum(f.stat().st_size for f in files if f.is_file())
+    return sum(f.stat().st_size for f in with_journals(path) if f.is_file())
 
 
 def _duckdb_compaction(path: Path) -> str:

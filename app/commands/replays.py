@@ -37,6 +37,7 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
     """Run or resume a replay, report on one (`replay report RUN`) or judge it."""
     from ingest.replay import ReplayError, compare
     from scoring.judge import JudgeError, results_by_judge
+    from storage.replay import judge_statuses
 
     if args.action in ("report", "judge") and not args.run_id:
         raise UserError(
@@ -86,7 +87,7 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
                     engine, args.run_id, cluster_of=cluster_of
                 ).items()
             }
-            report["judge_runs"] = _judge_statuses(engine, args.run_id)
+            report["judge_runs"] = judge_statuses(engine, args.run_id)
             report["clustering"] = clustering_used(args.on, run)  # whose clusters per_cluster has
             return report
         return _run_replay(engine, args)
@@ -314,14 +315,6 @@ def _judge(engine: Engine, args: argparse.Namespace) -> dict[str, Any]:
     if summary["sent"] and not summary["judged"]:  # as replay: a run where nothing worked
         raise NothingDone(f"none of the {count(summary['sent'], 'pair')} sent was judged", summary)
     return summary
-
-
-def _judge_statuses(engine: Engine, run_id: str) -> dict[str, str]:
-    """judge → how judging the run with it stands (running, done, incomplete: a judge run
-    whose process was killed is incomplete once its lease lapses, not running)."""
-    from storage.replay import judge_runs_of
-
-    return {row["judge"]: row["status"] for row in judge_runs_of(engine, run_id)}
 
 
 def _reward_advice(engine: Engine, report: dict[str, Any]) -> str | None:

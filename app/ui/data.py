@@ -541,9 +541,9 @@ def judge_result(url: str, run_id: str) -> dict[str, JudgeResult]:
 def judge_statuses(url: str, run_id: str) -> dict[str, str]:
     """How each judge of a run stands, by judge: running (a live process holds it), done,
     or incomplete (stopped before every verdict)."""
-    from storage.replay import judge_runs_of
+    from storage.replay import judge_statuses as statuses
 
-    return read(url, lambda e: {row["judge"]: row["status"] for row in judge_runs_of(e, run_id)})
+    return read(url, lambda e: statuses(e, run_id))
 
 
 def run_judge(url: str, run_id: str, config: JudgeConfig) -> JudgeSummary:
