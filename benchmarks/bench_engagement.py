@@ -81,7 +81,6 @@ def main() -> None:
             ("lengths", HeadConfig()),
         ):
             heads[kind] = trained = train_head(
-                engine,
                 frame,
                 lambda: embedded,
                 labels,
@@ -93,7 +92,6 @@ def main() -> None:
             )
             results[kind] = trained.metrics["engagement_auc"]
         lexical = train_lexical(
-            engine,
             frame,
             labels,
             empty,

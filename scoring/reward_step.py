@@ -40,7 +40,7 @@ from scoring.reward_head import HeadConfig, Pairs, RewardHead, head_features, si
 from scoring.reward_lexical import LexicalConfig, LexicalReward
 from scoring.reward_model import FineTuneConfig, join_context
 from storage.logs import iter_exchanges
-from storage.models import latest_model, load_model, model_ids, save_model
+from storage.models import NewModel, latest_model, load_model, model_ids, save_models
 from storage.scores import store_scores
 from storage.vectors import load_vectors
 
@@ -82,9 +82,23 @@ class SavedModel(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class TrainedReward:
-    model_id: str
+    """A reward model just trained (or pointed to), not stored yet: `store_rewards` stores
+    it with the members of its ensemble, as one."""
+
+    record: NewModel  # its files, config, metrics and scores, as storage takes them
     scores: np.ndarray  # one per row of the frame it was trained on
     metrics: dict[str, Any]
+
+    @property
+    def model_id(self) -> str:
+        return self.record.id
+
+
+def store_rewards(engine: Engine, trained: Sequence[TrainedReward]) -> None:
+    """Store reward models trained together, each with its scores, the last the newest: an
+    ensemble after its members. One transaction, so a `score` stopped between a member and
+    its ensemble leaves the previous reward model current, not a member alone."""
+    save_models(engine, [t.record for t in trained])
 
 
 def exchange_vectors(
@@ -190,7 +204,6 @@ def battle_pairs(frame: pd.DataFrame, battles: pd.DataFrame, keep: np.ndarray) -
 
 
 def train_head(
-    engine: Engine,
     frame: pd.DataFrame,
     embedded: Callable[[], tuple[np.ndarray, np.ndarray, str]],
     labels: pd.DataFrame,
@@ -228,7 +241,7 @@ def train_head(
         "features": features_kind,
     }
     fingerprint = training_fingerprint(frame["id"], label, weight, holdout, train_pairs)
-    return _version(engine, "reward_head", head, config_record, metrics, frame, scores, fingerprint)
+    return _version("reward_head", head, config_record, metrics, frame, scores, fingerprint)
 
 
 def train_finetuned(
@@ -249,12 +262,11 @@ def train_finetuned(
     model = TransformerReward(config)
     pairs = training_pairs(frame, battles, holdout, label_config)
     return _train_text_reward(
-        engine, "reward_finetuned", model, record, prompts, frame, labels, battles, holdout, pairs
+        "reward_finetuned", model, record, prompts, frame, labels, battles, holdout, pairs
     )
 
 
 def train_lexical(
-    engine: Engine,
     frame: pd.DataFrame,
     labels: pd.DataFrame,
     battles: pd.DataFrame,
@@ -269,7 +281,7 @@ def train_lexical(
     model = LexicalReward(config)
     pairs = training_pairs(frame, battles, holdout, label_config)
     return _train_text_reward(
-        engine, "reward_lexical", model, record, prompts, frame, labels, battles, holdout, pairs
+        "reward_lexical", model, record, prompts, frame, labels, battles, holdout, pairs
     )
 
 
@@ -290,7 +302,6 @@ class TextReward(TextScorer, SavedModel, Protocol):
 
 
 def _train_text_reward(
-    engine: Engine,
     kind: str,
     model: TextReward,
     config_record: dict[str, Any],
@@ -317,7 +328,7 @@ def _train_text_reward(
     scores = model.score(prompts, responses)
     metrics = reward_metrics(scores, label, holdout, battle_pairs(frame, battles, holdout))
     fingerprint = training_fingerprint(frame["id"], label, weight, holdout, train_pairs)
-    return _version(engine, kind, model, config_record, metrics, frame, scores, fingerprint)
+    return _version(kind, model, config_record, metrics, frame, scores, fingerprint)
 
 
 @dataclass(frozen=True, slots=True)
@@ -363,7 +374,6 @@ class Ensemble:
 
 
 def train_ensemble(
-    engine: Engine,
     members: Sequence[TrainedReward],
     frame: pd.DataFrame,
     labels: pd.DataFrame,
@@ -372,8 +382,8 @@ def train_ensemble(
     *,
     label_config: LabelConfig,
 ) -> TrainedReward:
-    """Store the ensemble of models just trained (and stored) on the same split: the newest
-    model, so `apply` and the reports use it."""
+    """The ensemble of models just trained on the same split, to be stored after them (the
+    newest model, so `apply` and the reports use it)."""
     ensemble = Ensemble.of(members, ~holdout)
     scores = ensemble.combine([m.scores for m in members])
     label = labels["label"].to_numpy(dtype=float)
@@ -384,9 +394,7 @@ def train_ensemble(
     fingerprint = training_fingerprint(
         frame["id"], label, weight, holdout, training_pairs(frame, battles, holdout, label_config)
     )
-    return _version(
-        engine, "reward_ensemble", ensemble, config_record, metrics, frame, scores, fingerprint
-    )
+    return _version("reward_ensemble", ensemble, config_record, metrics, frame, scores, fingerprint)
 
 
 def training_fingerprint(
@@ -409,7 +417,6 @@ def training_fingerprint(
 
 
 def _version(
-    engine: Engine,
     kind: str,
     model: SavedModel,
     config: dict[str, Any],
@@ -418,23 +425,15 @@ def _version(
     scores: np.ndarray,
     fingerprint: str,
 ) -> TrainedReward:
-    """Store a trained model as a new version (its files, config, held-out metrics and the
-    fingerprint of its training data) with the scores it gave every exchange, as one."""
+    """A trained model as a new version to store: its files, config, held-out metrics and the
+    fingerprint of its training data, with the scores it gave every exchange."""
     with tempfile.TemporaryDirectory() as tmp:
         model.save(tmp)
         files = {
             str(p.relative_to(tmp)): p.read_bytes() for p in Path(tmp).rglob("*") if p.is_file()
         }
-    model_id = save_model(
-        engine,
-        kind,
-        files=files,
-        config=config,
-        metrics=metrics,
-        data_fingerprint=fingerprint,
-        scores=_by_exchange(frame, scores),
-    )
-    return TrainedReward(model_id, scores, metrics)
+    record = NewModel(kind, files, config, metrics, fingerprint, _by_exchange(frame, scores))
+    return TrainedReward(record, scores, metrics)
 
 
 def use_external(
@@ -461,15 +460,14 @@ def use_external(
         everything,
         battle_pairs(frame, battles, everything),
     )
-    model_id = save_model(
-        engine,
+    record = NewModel(
         "reward_external",
         files={"source.txt": directory.encode()},
         config={"directory": directory},
         metrics=metrics,
         scores=_by_exchange(frame, scores),
     )
-    return TrainedReward(model_id, scores, metrics)
+    return TrainedReward(record, scores, metrics)
 
 
 def apply_reward(

@@ -41,6 +41,7 @@ from scoring.reward_step import (
     embedded_hashes,
     exchange_embeddings,
     reward_members,
+    store_rewards,
     train_ensemble,
     train_finetuned,
     train_head,
@@ -198,14 +199,27 @@ def train_reward(
     """The reward model `config` asks for, trained (or loaded), stored and applied to every
     row of `frame`. Responses are embedded only for a head whose feature set reads them."""
     if config.reward_model_dir:
-        return use_external(engine, frame, labels, battles, config.reward_model_dir)
-    names = reward_members(config.mode)
+        trained = [use_external(engine, frame, labels, battles, config.reward_model_dir)]
+    else:
+        trained = _train_members(engine, frame, labels, battles, config)
+    store_rewards(engine, trained)
+    return trained[-1]
+
+
+def _train_members(
+    engine: Engine,
+    frame: pd.DataFrame,
+    labels: pd.DataFrame,
+    battles: pd.DataFrame,
+    config: ScoreConfig,
+) -> list[TrainedReward]:
+    """The members `--mode` names, each trained on the same split, then their ensemble when
+    there are several (last: the one `apply` and the reports use)."""
     holdout = _holdout(frame, battles, config.holdout_share, config.seed)
     members: list[TrainedReward] = []
-    for name in names:
+    for name in reward_members(config.mode):
         if name == "head":
             trained = train_head(
-                engine,
                 frame,
                 lambda: exchange_embeddings(engine, list(frame["id"]), config.embed),
                 labels,
@@ -216,13 +230,7 @@ def train_reward(
             )
         elif name == "lexical":
             trained = train_lexical(
-                engine,
-                frame,
-                labels,
-                battles,
-                holdout,
-                config=config.lexical,
-                label_config=config.labels,
+                frame, labels, battles, holdout, config=config.lexical, label_config=config.labels
             )
         else:
             trained = train_finetuned(
@@ -236,10 +244,9 @@ def train_reward(
             )
         members.append(trained)
     if len(members) == 1:
-        return members[0]
-    return train_ensemble(
-        engine, members, frame, labels, battles, holdout, label_config=config.labels
-    )
+        return members
+    ensemble = train_ensemble(members, frame, labels, battles, holdout, label_config=config.labels)
+    return [*members, ensemble]
 
 
 def train_reward_only(engine: Engine, *, config: ScoreConfig) -> dict[str, Any]:
@@ -615,7 +622,11 @@ def _save_routing_table(
         engine,
         "routing_table",
         files={"routing_table.json": json.dumps(table).encode()},
-        config={"run_id": None if routed is None else routed.run_id, "predictor_id": predictor_id},
+        config={
+            "run_id": None if routed is None else routed.run_id,
+            "on": config.on,
+            "predictor_id": predictor_id,
+        },
         metrics={"clusters": len(table["clusters"])},
     )
 
@@ -732,9 +743,11 @@ def load_predictor(engine: Engine) -> tuple[WinPredictor, str]:
 
 def load_routing_table(engine: Engine) -> dict[str, Any]:
     """The newest routing table, with `clustering_run_id`: the clustering its per-cluster
-    choices were made for, so that a table left behind by a re-clustering can be told, and
-    `predictor_id`: the win predictor it was made with (None for tables stored before they
-    named it)."""
+    choices were made for, so that a table left behind by a re-clustering can be told;
+    `clustering_on`: the field `score` ranked (`--on`), so that once `prune` removed that
+    clustering the one that replaced it can still be named; and `predictor_id`: the win
+    predictor it was made with. The last two are None for tables stored before they were
+    kept."""
     stored = latest_model(engine, "routing_table")
     if stored is None and latest_model(engine, "win_predictor") is None:
         raise ValueError(
@@ -747,8 +760,13 @@ def load_routing_table(engine: Engine) -> dict[str, Any]:
             "per-cluster choices)"
         )
     table = json.load(io.BytesIO(stored["files"]["routing_table.json"]))
-    made_with = stored["config"].get("predictor_id")
-    return {**table, "clustering_run_id": stored["config"].get("run_id"), "predictor_id": made_with}
+    config = stored["config"]
+    return {
+        **table,
+        "clustering_run_id": config.get("run_id"),
+        "clustering_on": config.get("on"),
+        "predictor_id": config.get("predictor_id"),
+    }
 
 
 def newer_predictor(engine: Engine) -> str | None:

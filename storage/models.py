@@ -12,6 +12,8 @@ import json
 import uuid
 import zipfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -21,6 +23,21 @@ from storage.engine import make_room
 from storage.logs import Row, utcnow
 from storage.schema import trained_models
 from storage.scores import write_scores
+
+
+@dataclass(frozen=True, slots=True)
+class NewModel:
+    """A trained artefact not stored yet: what `save_models` writes. Its id is drawn here, so
+    an ensemble can name members stored in the same transaction."""
+
+    kind: str
+    files: Mapping[str, bytes]
+    config: Mapping[str, Any]
+    metrics: Mapping[str, Any]
+    data_fingerprint: str | None = None
+    scores: Mapping[str, float] | None = None  # exchange id → value, stored with the model
+    scorer_prefix: str = "reward:"
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
 def save_model(
@@ -34,31 +51,48 @@ def save_model(
     scores: Mapping[str, float] | None = None,
     scorer_prefix: str = "reward:",
 ) -> str:
-    """Store a trained artefact; returns its id. With `scores` (exchange id → value), the
-    values it gave are stored in the same transaction, as scorer `<scorer_prefix><id>`: stored
-    apart, a process killed between the two left the newest model with no scores, which
-    `score reward apply` and `reward --file` then took as the current one."""
+    """Store one trained artefact (`save_models`); returns its id."""
+    model = NewModel(kind, files, config, metrics, data_fingerprint, scores, scorer_prefix)
+    save_models(engine, [model])
+    return model.id
+
+
+def save_models(engine: Engine, models: Sequence[NewModel]) -> None:
+    """Store artefacts, each with the scores it gave (scorer `<scorer_prefix><id>`), in one
+    transaction and in order, the last the newest.
+
+    Stored apart, a process killed between two writes left a half: a model with no scores,
+    which `score reward apply` and `reward --file` then took as the current one; or an
+    ensemble's member, stored and scored, whose ensemble never came, so that member alone
+    became the current reward model and its scores the latest."""
+    payloads = [_zipped(model.files) for model in models]
+    created = utcnow()
+    with engine.begin() as conn:
+        for model, payload in zip(models, payloads, strict=True):
+            created = max(utcnow(), created + timedelta(microseconds=1))  # the last, newest
+            conn.execute(
+                sa.insert(trained_models).values(
+                    id=model.id,
+                    kind=model.kind,
+                    created_at=created,
+                    config=json.dumps(model.config, default=str),
+                    metrics=json.dumps(model.metrics, default=float),
+                    data_fingerprint=model.data_fingerprint,
+                    payload=payload,
+                )
+            )
+            if model.scores is not None:
+                write_scores(conn, f"{model.scorer_prefix}{model.id}", model.scores)
+        if any(model.scores is not None for model in models):
+            make_room(conn, committing=True)
+
+
+def _zipped(files: Mapping[str, bytes]) -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
         for name, data in files.items():
             archive.writestr(name, data)
-    model_id = uuid.uuid4().hex
-    with engine.begin() as conn:
-        conn.execute(
-            sa.insert(trained_models).values(
-                id=model_id,
-                kind=kind,
-                created_at=utcnow(),
-                config=json.dumps(config, default=str),
-                metrics=json.dumps(metrics, default=float),
-                data_fingerprint=data_fingerprint,
-                payload=buffer.getvalue(),
-            )
-        )
-        if scores is not None:
-            write_scores(conn, f"{scorer_prefix}{model_id}", scores)
-            make_room(conn, committing=True)
-    return model_id
+    return buffer.getvalue()
 
 
 def latest_model(engine: Engine, kind: str | Sequence[str]) -> Row | None:

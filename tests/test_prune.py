@@ -300,6 +300,9 @@ def test_prune_removes_superseded_clusterings_and_the_latest_still_serves(tmp_pa
     table = json.loads(routed.stdout)
     assert table["clustering_run_id"] == first and table["clustering_run_pruned"] is True
     assert "`convoscope prune` removed" in routed.stderr
+    # The table keeps the field it ranked, so the warning names the clustering that replaced it.
+    assert table["newer_clustering_run_id"] == third
+    assert f"(run {third}, the latest clustering of prompts)" in routed.stderr
 
     engine = open_database(db)
     assert cluster_ids_used(engine) == ever  # what a fresh id must skip, pruned runs' too

@@ -21,7 +21,13 @@ from ingest.pipeline import IngestConfig, ingest_paths
 from scoring.features import FEATURE_NAMES
 from scoring.labels import LabelConfig
 from scoring.reward_head import HeadConfig
-from scoring.reward_step import TrainedReward, exchange_embeddings, reward_members, train_head
+from scoring.reward_step import (
+    TrainedReward,
+    exchange_embeddings,
+    reward_members,
+    store_rewards,
+    train_head,
+)
 from scoring.step import (
     ReportCounts,
     ScoreConfig,
@@ -419,8 +425,7 @@ def _older_text_head(engine: Engine, frame: pd.DataFrame, embed: EmbedConfig) ->
     """A head as earlier releases trained it by default: on the prompt's and the response's
     `embed` vectors beside the text features, labelled by retries alone."""
     labels = pd.DataFrame({"label": np.where(frame["retried"].eq(True), 0.0, 1.0), "weight": 1.0})
-    return train_head(
-        engine,
+    trained = train_head(
         frame,
         lambda: exchange_embeddings(engine, list(frame["id"]), embed),
         labels,
@@ -430,6 +435,8 @@ def _older_text_head(engine: Engine, frame: pd.DataFrame, embed: EmbedConfig) ->
         label_config=LabelConfig(),
         features_kind=f"text:{len(FEATURE_NAMES)}",
     )
+    store_rewards(engine, [trained])
+    return trained
 
 
 def test_an_older_head_on_fast_vectors_still_scores(tmp_path: Path) -> None:

@@ -714,3 +714,36 @@ def test_a_model_and_its_scores_are_stored_as_one(db_url: str) -> None:
     assert model_ids(engine, "reward_head") == [kept]
     assert latest_scorer(engine, "reward:") == f"reward:{kept}"
     engine.dispose()
+
+
+def test_an_ensemble_and_its_members_are_stored_as_one(db_url: str) -> None:
+    """`score` stored each member of the default head+lexical ensemble, with its scores, before
+    the ensemble: killed between them, a member alone became the current reward model and
+    its scores the latest. Now a failure at the ensemble stores no member either, and stored
+    together the ensemble is the newest model and its scores the latest."""
+    from storage.models import NewModel, latest_model, model_ids, save_model, save_models
+    from storage.scores import latest_scorer
+
+    engine = open_database(db_url)
+    kept = save_model(engine, "reward_head", files={}, config={}, metrics={}, scores={"e1": 0.5})
+    kinds = ["reward_head", "reward_lexical", "reward_ensemble"]
+
+    def stored_together(ensemble_score: object) -> list[NewModel]:
+        head = NewModel("reward_head", {}, {}, {}, scores={"e1": 0.1})
+        lexical = NewModel("reward_lexical", {}, {}, {}, scores={"e1": 0.2})
+        members = {"members": [head.id, lexical.id]}
+        ensemble = NewModel("reward_ensemble", {}, members, {}, scores={"e1": ensemble_score})  # type: ignore[dict-item]
+        return [head, lexical, ensemble]
+
+    with pytest.raises(ValueError, match="could not convert"):  # met after both members
+        save_models(engine, stored_together("not a number"))
+    assert model_ids(engine, kinds) == [kept]
+    assert latest_scorer(engine, "reward:") == f"reward:{kept}"
+
+    head, lexical, ensemble = stored_together(0.3)
+    save_models(engine, [head, lexical, ensemble])
+    assert model_ids(engine, kinds) == [ensemble.id, lexical.id, head.id, kept]
+    newest = latest_model(engine, kinds)
+    assert newest is not None and newest["id"] == ensemble.id
+    assert latest_scorer(engine, "reward:") == f"reward:{ensemble.id}"
+    engine.dispose()

@@ -453,7 +453,7 @@ def _export_routing_table(args: argparse.Namespace) -> dict[str, Any]:
     holds)."""
     from ingest.files import unwritable_reason
     from scoring.step import load_routing_table, newer_predictor
-    from storage.clusters import newer_run, run_stored
+    from storage.clusters import latest_run, newer_run, run_stored
 
     problem = unwritable_reason(args.export)
     if problem is not None:
@@ -463,6 +463,8 @@ def _export_routing_table(args: argparse.Namespace) -> dict[str, Any]:
         table = load_routing_table(engine)
         run_id = table["clustering_run_id"]
         pruned = run_id is not None and not run_stored(engine, run_id)
+        on = table["clustering_on"]
+        current = latest_run(engine, on) if pruned and on is not None else None
         newer = None if run_id is None else newer_run(engine, run_id)
         stale_predictor = newer_predictor(engine)
         routed = {entry["cluster_id"] for entry in table["clusters"]}
@@ -481,12 +483,13 @@ def _export_routing_table(args: argparse.Namespace) -> dict[str, Any]:
             "`score` ranked, --on): it routes each prompt by the predictor alone; run "
             "`convoscope cluster` then `convoscope score` to add them"
         )
-    if pruned:  # newer_run cannot name what replaced it: the run and its field are gone
+    if pruned:  # newer_run cannot name what replaced it: the run is gone; its field is kept
+        since = "" if current is None else f" (run {current['id']}, the latest clustering of {on}s)"
         warn(
             f"the routing table's clusters are those of clustering run {run_id}, which "
             "`convoscope prune` removed as superseded (it keeps the newest of each field): the "
-            "exchanges were clustered again since, so its per-cluster choices name clusters "
-            "that changed; run `convoscope score` for a table of the current clusters"
+            f"exchanges were clustered again since{since}, so its per-cluster choices name "
+            "clusters that changed; run `convoscope score` for a table of the current clusters"
         )
     if newer is not None:
         warn(
@@ -503,7 +506,9 @@ def _export_routing_table(args: argparse.Namespace) -> dict[str, Any]:
         "encoder_folder": None if encoder_folder is None else str(encoder_folder),
         "clusters": len(table["clusters"]),
         "clustering_run_id": run_id,
-        "newer_clustering_run_id": None if newer is None else newer["id"],
+        "newer_clustering_run_id": (
+            newer["id"] if newer is not None else current["id"] if current is not None else None
+        ),
         "clustering_run_pruned": pruned,
         "newer_predictor_id": stale_predictor,
         "instructions": len(table["instructions"]),
