@@ -3,6 +3,11 @@
 A run is written in one transaction, so a crash leaves either the whole run or none of it.
 Names, notes and tags that people give are keyed by the stable cluster id, not by run, so
 they survive re-clustering; a person's name always wins over the automatic one.
+
+Rows added to a run after it is stored (`assign`'s assignments, `score`'s reports) confirm,
+in their own transaction, that the run is still there (`hold_run`): `prune` may remove a run
+that a newer `cluster` superseded while an `assign` or `score` of it was still computing, and
+rows written for it then were orphans no reader sees and no prune removes.
 """
 
 from __future__ import annotations
@@ -12,8 +17,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
+from storage.engine import StorageError
 from storage.logs import Row, insert_new_rows, insert_rows, utcnow
 from storage.schema import (
     assignments,
@@ -35,12 +41,72 @@ def save_cluster_run(
         insert_rows(conn, assignments, list(assignment_rows))
 
 
+class RunRemoved(StorageError):
+    """A write for a clustering run that `convoscope prune` removed while the command ran.
+
+    `prune` keeps the newest runs of each field, so this is a run a newer `cluster` superseded
+    after the command read it; nothing was stored for it, and running the command again works
+    on the latest clustering. A StorageError, so the CLI says it in one line (exit 2)."""
+
+    def __init__(self, run_id: str, *, stored: str, again: str) -> None:
+        super().__init__(
+            f"clustering run {run_id} was removed by `convoscope prune` while this ran (a "
+            f"newer `convoscope cluster` had superseded it), so its {stored} were not stored: "
+            f"run `convoscope {again}` again, which works on the latest clustering"
+        )
+        self.run_id = run_id
+
+
+def hold_run(conn: Connection, run_id: str, *, stored: str, again: str) -> None:
+    """Confirm, first thing in the caller's write transaction, that clustering run `run_id`
+    is stored, and keep `prune` from removing it until that transaction ends; raise
+    RunRemoved (the transaction then stores nothing) when it is gone.
+
+    A plain SELECT would not do: on SQLite the driver opens the transaction at its first
+    write, so the SELECT runs on its own and a prune can commit between it and the insert;
+    on PostgreSQL a prune's uncommitted delete is invisible to it. So:
+
+    - SQLite: a no-op UPDATE of the run's row. It opens the transaction and takes the
+      database's one write lock at once (waiting out a prune that holds it), on the newest
+      snapshot, so the check and every row written after it are one step for any prune;
+      its row count says whether the run is there.
+    - PostgreSQL: SELECT ... FOR KEY SHARE on the run's row, the lock a foreign-key check
+      takes: it waits for a prune that deleted the row to end (and then finds it gone), and
+      a prune's DELETE of the row waits for this transaction, after which it deletes the
+      rows this one wrote (`storage.prune` deletes the runs' rows before what hangs off them,
+      in later statements that see what committed meanwhile). Writers of one run do not
+      block each other.
+    - DuckDB: a plain SELECT; a DuckDB file has one writing process, so no prune runs beside.
+    """
+    where = cluster_runs.c.id == run_id
+    if conn.dialect.name == "sqlite":
+        touched = sa.update(cluster_runs).where(where).values(n_rows=cluster_runs.c.n_rows)
+        found = conn.execute(touched).rowcount > 0
+    else:
+        query = sa.select(cluster_runs.c.id).where(where)
+        if conn.dialect.name == "postgresql":
+            query = query.with_for_update(read=True, key_share=True)
+        found = conn.execute(query).first() is not None
+    if not found:
+        raise RunRemoved(run_id, stored=stored, again=again)
+
+
+def require_run(engine: Engine, run_id: str, *, stored: str, again: str) -> None:
+    """Raise RunRemoved when clustering run `run_id` is no longer stored: for a step that
+    read a run minutes ago (`assign` embeds first) to say so before it reads the run's
+    clusters, which would be none. Not a guard of a write: `hold_run` is."""
+    if not run_stored(engine, run_id):
+        raise RunRemoved(run_id, stored=stored, again=again)
+
+
 def add_assignments(engine: Engine, assignment_rows: Sequence[Row]) -> int:
-    """Assign new exchanges to an existing run's clusters; already assigned ones are kept."""
+    """Assign new exchanges to an existing run's clusters; already assigned ones are kept.
+    Raises RunRemoved, storing nothing, when `prune` removed the run meanwhile."""
     if not assignment_rows:
         return 0
     run_id = assignment_rows[0]["run_id"]
     with engine.begin() as conn:
+        hold_run(conn, run_id, stored="new assignments", again="assign")
         present = set(
             conn.execute(
                 sa.select(assignments.c.exchange_id).where(assignments.c.run_id == run_id)

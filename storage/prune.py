@@ -32,7 +32,10 @@ per-cluster choices were made for, but carries those clusters itself: its run is
 tell that the table is stale, which a removed run is by definition (`route --export` says so).
 
 The deletes are one transaction, so a failure keeps everything, and a second prune finds
-nothing more to remove.
+nothing more to remove. An `assign` or `score` that read a run before a newer `cluster`
+superseded it and this prune removed it stores nothing for it and says so
+(`storage.clusters.RunRemoved`); one whose write is in flight when the prune comes is waited
+for, and its rows go with the run (`prune_stored`).
 """
 
 from __future__ import annotations
@@ -292,7 +295,7 @@ def _cluster_ids_of(conn: Connection, run_ids: Sequence[str]) -> set[str]:
     return found
 
 
-# What hangs off a clustering run, each keyed by its `run_id`; `cluster_runs` goes last.
+# What hangs off a clustering run, each keyed by its `run_id`; deleted after `cluster_runs`.
 _RUN_TABLES = (cluster_reports, assignments, clusters)
 
 
@@ -300,16 +303,26 @@ def prune_stored(engine: Engine, plan: PrunePlan) -> None:
     """Delete the plan's artefacts, score rows and clustering runs, and record the cluster
     ids retired with the runs, in one transaction: a failure part-way (a full disk, a lost
     server) keeps every row. Runs' rows are deleted by run id, never listed: a run holds an
-    assignment row per exchange."""
+    assignment row per exchange.
+
+    The runs' own rows go first, what hangs off them after. An `assign` or `score` still
+    writing rows for a run holds that run's row (`storage.clusters.hold_run`) until it
+    commits: on PostgreSQL the delete of the run's row waits for it, and the deletes of its
+    assignments and reports, later statements, then see and remove what it wrote. With the
+    run's row deleted last, they ran first and missed the rows that writer had not yet
+    committed, which stayed as orphans (or the two deadlocked, where the writer went on to
+    replace reports the prune had deleted). A writer that comes after the delete finds the
+    run gone and stores nothing. (SQLite: the writer and the prune each hold the one write
+    lock for their whole transaction, so one of them goes entirely before the other.)"""
     run_ids = [run.id for run in plan.remove_runs]
     retired = [{"cluster_id": i, "retired_at": utcnow()} for i in plan.retire]
     with engine.begin() as conn:
         _delete_each(conn, scores, scores.c.scorer, plan.score_rows)
         _delete_in(conn, trained_models, trained_models.c.id, [a.id for a in plan.remove])
         insert_new_rows(conn, retired_cluster_ids, retired)
+        _delete_in(conn, cluster_runs, cluster_runs.c.id, run_ids)
         for table in _RUN_TABLES:
             _delete_each(conn, table, table.c.run_id, run_ids)
-        _delete_in(conn, cluster_runs, cluster_runs.c.id, run_ids)
         make_room(conn, committing=True)
 
 

@@ -5,7 +5,8 @@ weakness, which is a column so "weakest first" is a plain ORDER BY). Topics (lev
 their parent groups (level 1) are reported in the same table: cluster ids are unique within a
 run and the level lives in `clusters`, so a group's report needed no schema change. Writing a
 run's reports replaces that run's earlier ones (topics and groups together) in one
-transaction, so re-scoring is safe.
+transaction, so re-scoring is safe. A run `prune` removed while `score` ran gets no reports
+(`storage.clusters.hold_run`): they would be orphans no reader sees and no prune removes.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from storage.clusters import hold_run
 from storage.logs import Row, insert_rows, utcnow
 from storage.schema import cluster_reports, clusters, instructions
 from storage.scores import latest_scorer
@@ -29,7 +31,8 @@ SCORER_KEY = "reward_scorer"
 def save_cluster_reports(
     engine: Engine, run_id: str, reports: Mapping[str, Mapping[str, Any]]
 ) -> None:
-    """Replace the reports of `run_id` with `reports` (cluster id → JSON-able payload)."""
+    """Replace the reports of `run_id` with `reports` (cluster id → JSON-able payload).
+    Raises RunRemoved, storing nothing, when `prune` removed the run meanwhile."""
     now = utcnow()
     rows = [
         {
@@ -42,6 +45,7 @@ def save_cluster_reports(
         for cluster_id, payload in reports.items()
     ]
     with engine.begin() as conn:
+        hold_run(conn, run_id, stored="cluster reports", again="score")
         conn.execute(sa.delete(cluster_reports).where(cluster_reports.c.run_id == run_id))
         insert_rows(conn, cluster_reports, rows)
 
