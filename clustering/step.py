@@ -30,6 +30,7 @@ from storage.clusters import (
     latest_run,
     load_assignments,
     load_clusters,
+    require_run,
     save_cluster_run,
 )
 from storage.logs import table_counts, utcnow
@@ -177,6 +178,8 @@ def assign_new(engine: Engine, *, config: ClusterStepConfig) -> dict[str, Any]:
         )
     embed_exchanges(engine, config=embed, embedder=embedder, items=items)  # the new ones only
     topics = [c for c in load_clusters(engine, run["id"]) if c["level"] == 0]
+    if not topics:  # `prune` removed the run while this embedded: say so, not np.stack's error
+        require_run(engine, run["id"], stored="new assignments", again="assign")
     centroids = np.stack([np.frombuffer(c["centroid"], dtype="<f4") for c in topics])
     radii = np.array([c["radius"] for c in topics], dtype=np.float32)
     vectors = load_vectors(engine, embedder.name, [i.text_hash for i in items])

@@ -12,16 +12,24 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
+from clustering.stages import kmeans_clusterer, pca_reducer
+from clustering.step import ClusterStepConfig, cluster_exchanges
+from clustering.topics import ClusterConfig
+from ingest.embed_step import EmbedConfig
+from ingest.pipeline import IngestConfig, ingest_paths
 from storage.clusters import RunRemoved, add_assignments, latest_run, require_run
 from storage.engine import open_database
 from storage.prune import plan_prune, prune_stored
 from storage.reports import load_cluster_reports, save_cluster_reports
+from tests.test_ingest_pipeline import convoscope_here as convoscope
 from tests.test_prune import _run_rows, _synthetic_run
+from tests.test_score_step import _signal_log
 
 EXCHANGES = [f"{i:032x}" for i in range(4)]
 LATE = f"{99:032x}"  # an exchange the writer assigns after the run was read
@@ -191,3 +199,49 @@ def test_a_write_after_a_prune_began_finds_the_run_gone_and_stores_nothing(
     assert _run_rows(writing, newer)["assignments"] == len(EXCHANGES)
     writing.dispose()
     pruning.dispose()
+
+
+def test_assign_says_when_prune_removed_its_run_while_it_embedded(tmp_path: Path) -> None:
+    """`convoscope assign` reads the latest run, embeds the new exchanges (minutes on a
+    large log), then assigns them. A newer clustering and a prune meanwhile removed the run:
+    it failed with numpy's "need at least one array to stack"; it now says which run went,
+    why, and to run `assign` again (exit 2), and stores no assignment for the run."""
+    log = _signal_log(tmp_path / "chats.jsonl")
+    db = f"sqlite:///{tmp_path / 'race.sqlite'}"
+    engine = open_database(db)
+    ingest = IngestConfig(progress=False, rejects_path=tmp_path / "rejects.jsonl")
+    ingest_paths([log], engine=engine, config=ingest)
+    cluster_exchanges(
+        engine,
+        config=ClusterStepConfig(
+            embed=EmbedConfig(device="cpu", progress=False), topics=ClusterConfig(layout=False)
+        ),
+        reducer=pca_reducer(5),
+        clusterer=kmeans_clusterer(3),
+    )
+    read = latest_run(engine)["id"]
+    before = _run_rows(engine, read)["assignments"]
+    more = tmp_path / "more.jsonl"
+    more.write_text(log.read_text().replace("city number", "town number"))
+    ingest_paths([more], engine=engine, config=ingest)
+    pruned: list[str] = []
+
+    def cluster_and_prune(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.startswith("INSERT INTO vectors") and not pruned:  # assign's embedding
+            pruned.append(_synthetic_run(engine, "prompt", ["t9"], []))
+            prune_stored(engine, plan_prune(engine, keep=1))
+
+    sa.event.listen(sa.engine.Engine, "before_cursor_execute", cluster_and_prune)
+    try:
+        assigned = convoscope("assign", "--device", "cpu", db=db, cwd=tmp_path)
+    finally:
+        sa.event.remove(sa.engine.Engine, "before_cursor_execute", cluster_and_prune)
+    assert pruned and before > 0
+    assert assigned.returncode == 2, assigned.stderr
+    assert assigned.stderr.strip() == (
+        f"convoscope: error: clustering run {read} was removed by `convoscope prune` while "
+        "this ran (a newer `convoscope cluster` had superseded it), so its new assignments "
+        "were not stored: run `convoscope assign` again, which works on the latest clustering"
+    )
+    assert set(_run_rows(engine, read).values()) == {0}
+    engine.dispose()
