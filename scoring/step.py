@@ -628,6 +628,7 @@ def _save_routing_table(
             "predictor_id": predictor_id,
         },
         metrics={"clusters": len(table["clusters"])},
+        run_id=None if routed is None else routed.run_id,
     )
 
 

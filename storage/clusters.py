@@ -51,7 +51,8 @@ class RunRemoved(StorageError):
     def __init__(self, run_id: str, *, stored: str, again: str) -> None:
         super().__init__(
             f"clustering run {run_id} was removed by `convoscope prune` while this ran (a "
-            f"newer `convoscope cluster` had superseded it), so its {stored} were not stored: "
+            f"newer `convoscope cluster` had superseded it), so what it computed for that run "
+            f"({stored}) was not stored: "
             f"run `convoscope {again}` again, which works on the latest clustering"
         )
         self.run_id = run_id

@@ -19,6 +19,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from storage.clusters import hold_run
 from storage.engine import make_room
 from storage.logs import Row, utcnow
 from storage.schema import trained_models
@@ -37,6 +38,9 @@ class NewModel:
     data_fingerprint: str | None = None
     scores: Mapping[str, float] | None = None  # exchange id → value, stored with the model
     scorer_prefix: str = "reward:"
+    # The clustering run the artefact is made for (a routing table's per-cluster choices):
+    # held while it is stored, so it is never stored for a run `prune` removed meanwhile.
+    run_id: str | None = None
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
@@ -50,9 +54,10 @@ def save_model(
     data_fingerprint: str | None = None,
     scores: Mapping[str, float] | None = None,
     scorer_prefix: str = "reward:",
+    run_id: str | None = None,
 ) -> str:
     """Store one trained artefact (`save_models`); returns its id."""
-    model = NewModel(kind, files, config, metrics, data_fingerprint, scores, scorer_prefix)
+    model = NewModel(kind, files, config, metrics, data_fingerprint, scores, scorer_prefix, run_id)
     save_models(engine, [model])
     return model.id
 
@@ -68,6 +73,8 @@ def save_models(engine: Engine, models: Sequence[NewModel]) -> None:
     payloads = [_zipped(model.files) for model in models]
     created = utcnow()
     with engine.begin() as conn:
+        for run_id in {model.run_id for model in models} - {None}:
+            hold_run(conn, str(run_id), stored="routing table", again="score")
         for model, payload in zip(models, payloads, strict=True):
             created = max(utcnow(), created + timedelta(microseconds=1))  # the last, newest
             conn.execute(

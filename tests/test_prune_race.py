@@ -25,6 +25,7 @@ from ingest.embed_step import EmbedConfig
 from ingest.pipeline import IngestConfig, ingest_paths
 from storage.clusters import RunRemoved, add_assignments, latest_run, require_run
 from storage.engine import open_database
+from storage.models import model_ids, save_model
 from storage.prune import plan_prune, prune_stored
 from storage.reports import load_cluster_reports, save_cluster_reports
 from tests.test_ingest_pipeline import convoscope_here as convoscope
@@ -79,6 +80,11 @@ def test_writes_for_a_pruned_run_store_nothing_and_say_so(db_url: str) -> None:
     with pytest.raises(RunRemoved):
         require_run(engine, old, stored="new assignments", again="assign")
     assert set(_run_rows(engine, old).values()) == {0}
+    # `score`'s routing table names the run its per-cluster choices are for: refused too.
+    table = {"files": {"routing_table.json": b"{}"}, "config": {"run_id": old}, "metrics": {}}
+    with pytest.raises(RunRemoved, match=r"\(routing table\) was not stored"):
+        save_model(engine, "routing_table", **table, run_id=old)  # type: ignore[arg-type]
+    assert model_ids(engine, "routing_table") == []
 
     _assign_late(engine, newer)
     _report(engine, newer)
@@ -240,8 +246,9 @@ def test_assign_says_when_prune_removed_its_run_while_it_embedded(tmp_path: Path
     assert assigned.returncode == 2, assigned.stderr
     assert assigned.stderr.strip() == (
         f"convoscope: error: clustering run {read} was removed by `convoscope prune` while "
-        "this ran (a newer `convoscope cluster` had superseded it), so its new assignments "
-        "were not stored: run `convoscope assign` again, which works on the latest clustering"
+        "this ran (a newer `convoscope cluster` had superseded it), so what it computed for "
+        "that run (new assignments) was not stored: run `convoscope assign` again, which works "
+        "on the latest clustering"
     )
     assert set(_run_rows(engine, read).values()) == {0}
     engine.dispose()
