@@ -58,7 +58,7 @@ from scoring.routing import (
 from scoring.weakness import ClusterWeakness, WeaknessConfig, rank_clusters
 from storage.clusters import latest_run, load_assignments, load_clusters
 from storage.logs import iter_exchanges, load_battles
-from storage.models import latest_model, model_ids, save_model
+from storage.models import NewModel, latest_model, model_ids, save_models
 from storage.reports import SCORER_KEY, load_cluster_reports, save_cluster_reports
 from storage.scores import latest_scorer, load_scores
 from storage.vectors import load_vectors
@@ -161,13 +161,6 @@ def score_all(engine: Engine, *, config: ScoreConfig) -> dict[str, Any]:
         frame, prompts, prompt_feats, labels.frame["label"].to_numpy(), battles, config
     )
     if predictor is not None:
-        result["predictor"] = save_model(
-            engine,
-            "win_predictor",
-            files={"predictor.json": json.dumps(predictor.to_dict()).encode()},
-            config={"predictor": asdict(config.predictor), "encoder": encoder},
-            metrics={"experts": len(predictor.experts)},
-        )
         unknown = sorted(set(config.costs or ()) - set(predictor.experts))
         if unknown:  # a typo would otherwise leave that expert silently without a cost
             warnings.append(
@@ -185,7 +178,7 @@ def score_all(engine: Engine, *, config: ScoreConfig) -> dict[str, Any]:
         config,
     )
     if predictor is not None:
-        _save_routing_table(engine, predictor, result["predictor"], routed, encoder, config)
+        result["predictor"] = _save_predictor(engine, predictor, routed, encoder, config)
     return {**result, **counts.as_dict()}
 
 
@@ -597,19 +590,26 @@ def _cluster_reports(
     return counts, _Routed(run["id"], list(routes.values()), prompt_centroids(prompts, members))
 
 
-def _save_routing_table(
+def _save_predictor(
     engine: Engine,
     predictor: WinPredictor,
-    predictor_id: str,
     routed: _Routed | None,
     encoder: str,
     config: ScoreConfig,
-) -> None:
-    """Store the routing table of the predictor just stored, whether or not a clustering gave
-    it per-cluster choices. Saved only with per-cluster choices, the table `route --export`
-    wrote after `score --on response` with no response clustering was an older predictor's,
-    while `route TEXT` ranked with the new one, and nothing said so. `encoder` embedded the
-    predictor's inputs."""
+) -> str:
+    """Store the win predictor with its routing table, as one, whether or not a clustering
+    gave the table per-cluster choices; returns the predictor's id. `encoder` embedded the
+    predictor's inputs.
+
+    Apart, `route --export` could write an older predictor's table while `route TEXT` ranked
+    with the new one: after `score --on response` with no response clustering (only tables
+    with per-cluster choices were stored), or a `score` stopped between the two."""
+    stored = NewModel(
+        "win_predictor",
+        files={"predictor.json": json.dumps(predictor.to_dict()).encode()},
+        config={"predictor": asdict(config.predictor), "encoder": encoder},
+        metrics={"experts": len(predictor.experts)},
+    )
     table = routing_table(
         predictor,
         [] if routed is None else routed.routes,
@@ -618,18 +618,16 @@ def _save_routing_table(
         config=config.routing,
         use_cheapest=config.route_cheapest,
     )
-    save_model(
-        engine,
+    run_id = None if routed is None else routed.run_id
+    routing = NewModel(
         "routing_table",
         files={"routing_table.json": json.dumps(table).encode()},
-        config={
-            "run_id": None if routed is None else routed.run_id,
-            "on": config.on,
-            "predictor_id": predictor_id,
-        },
+        config={"run_id": run_id, "on": config.on, "predictor_id": stored.id},
         metrics={"clusters": len(table["clusters"])},
-        run_id=None if routed is None else routed.run_id,
+        run_id=run_id,
     )
+    save_models(engine, [stored, routing])
+    return stored.id
 
 
 def _routes(
@@ -772,8 +770,8 @@ def load_routing_table(engine: Engine) -> dict[str, Any]:
 
 def newer_predictor(engine: Engine) -> str | None:
     """The id of a win predictor stored after the newest routing table, which `route TEXT`
-    ranks with and the table does not reflect (a `score` stopped between the two, or a table
-    from before every predictor got one), or None when the table is current."""
+    ranks with and the table does not reflect (stored by a release that saved the two apart,
+    or before every predictor got a table), or None when the table is current."""
     newest = model_ids(engine, ["win_predictor", "routing_table"])
     predictors = model_ids(engine, "win_predictor")
     return newest[0] if newest and predictors and newest[0] == predictors[0] else None
