@@ -169,6 +169,8 @@ class ReplayReport:
     completion_tokens: int
     overall: RewardDiff | None
     per_cluster: dict[str, RewardDiff]
+    # What the run replayed (`selection_record`); None for a run stored before runs kept it
+    selection: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -181,17 +183,27 @@ def replay(
     select: Select = None,
     run_id: str | None = None,
     take_over: bool = False,
+    described: Mapping[str, Any] | None = None,
 ) -> ReplaySummary:
     """Create (or resume, when `run_id` names a stored run) a replay and run it to the end.
 
     `select` is an ExchangeFilter or a sequence of exchange ids (None: every logged exchange
     that is not itself a replay; replays' answers are inputs only when a filter names their
     run's source, never through a list of ids); it only matters when the run is created: a
-    resumed run keeps its items and sends those not done yet. A run another process still
-    drives (its lease not lapsed) is refused unless `take_over`: that process, if alive,
-    then stops at its next renewal.
+    resumed run keeps its items and sends those not done yet. `described` says what chose
+    those ids (`selection_record`'s keys: clusters with their names, tag, clustering field,
+    filters), stored with a new run: ids alone cannot say later what the run covered. A run
+    another process still drives (its lease not lapsed) is refused unless `take_over`: that
+    process, if alive, then stops at its next renewal.
     """
-    work = areplay(engine, config=config, select=select, run_id=run_id, take_over=take_over)
+    work = areplay(
+        engine,
+        config=config,
+        select=select,
+        run_id=run_id,
+        take_over=take_over,
+        described=described,
+    )
     return run_interruptible(work)
 
 
@@ -202,6 +214,7 @@ async def areplay(
     select: Select = None,
     run_id: str | None = None,
     take_over: bool = False,
+    described: Mapping[str, Any] | None = None,
 ) -> ReplaySummary:
     """`replay` for callers that already run an event loop."""
     started = time.perf_counter()
@@ -213,7 +226,7 @@ async def areplay(
     run = get_run(engine, run_id)
     resumed = run is not None
     if run is None:
-        _create(engine, lease, select, config)
+        _create(engine, lease, select, config, described)
     else:
         _check_same_run(run, config)
         holder = claim_run(engine, lease, take_over=take_over)
@@ -248,8 +261,14 @@ async def areplay(
     )
 
 
-def _create(engine: Engine, lease: Lease, select: Select, config: ReplayConfig) -> None:
-    """Store a new run of the selected inputs, held by `lease`."""
+def _create(
+    engine: Engine,
+    lease: Lease,
+    select: Select,
+    config: ReplayConfig,
+    described: Mapping[str, Any] | None,
+) -> None:
+    """Store a new run of the selected inputs, held by `lease`, with what selected them."""
     ids = select_inputs(engine, select, config=config)
     if not ids:
         raise ReplayError(
@@ -262,7 +281,10 @@ def _create(engine: Engine, lease: Lease, select: Select, config: ReplayConfig) 
         model=config.model,
         base_url=public_url(config.base_url),
         instruction=config.instruction,
-        params=_run_params(config),
+        params={
+            **_run_params(config),
+            "selection": selection_record(select, described, inputs=len(ids), config=config),
+        },
         exchange_ids=ids,
     )
 
@@ -283,6 +305,70 @@ def _taken_over(run_id: str) -> str:
         "lapsed): this one stopped sending; the answers it stored are kept, and the run is "
         "the other process's to finish"
     )
+
+
+def selection_record(
+    select: Select,
+    described: Mapping[str, Any] | None,
+    *,
+    inputs: int,
+    config: ReplayConfig,
+) -> dict[str, Any]:
+    """What a new run replays, as stored in its params under "selection": the clusters (id
+    and the name they had then: names change, and a later clustering reuses no id), the tag,
+    the clustering's `on` field and run, the filters, the sample asked for and the number of
+    inputs chosen. Always every key, so readers need no guessing; a filter given as `select`
+    is recorded when `described` does not say."""
+    record: dict[str, Any] = {
+        "clusters": [],
+        "tag": None,
+        "on": None,
+        "clustering_run": None,
+        "filters": {},
+    }
+    if isinstance(select, ExchangeFilter):
+        record["filters"] = _filters_of(select)
+    record.update(described or {})
+    record["clusters"] = [
+        {"id": str(c["id"]), "label": str(c.get("label") or c["id"])} for c in record["clusters"]
+    ]
+    record["filters"] = {key: list(values) for key, values in record["filters"].items() if values}
+    return {**record, "sample": config.sample, "inputs": inputs}
+
+
+def _filters_of(where: ExchangeFilter) -> dict[str, list[str]]:
+    """A filter's model and source values, by the `--filter` key that gives them."""
+    return {"model": list(where.models), "source": list(where.sources)}
+
+
+def selection_text(selection: Mapping[str, Any] | None, *, short: bool = False) -> str:
+    """A run's selection in a line of plain text ("selection not recorded" for a run stored
+    before runs recorded it). `short` (a picker's label) names clusters without their ids and
+    leaves out the clustering and the count. Cluster names and filter values come from the
+    logs: callers that render Markdown or HTML escape this line."""
+    if not selection:
+        return "selection not recorded"
+    clusters = ", ".join(
+        f"“{c.get('label') or c.get('id')}”" if short else f"{c.get('id')} “{c.get('label')}”"
+        for c in selection.get("clusters") or []
+    )
+    parts: list[str] = []
+    if selection.get("tag"):
+        parts.append(f"tag {selection['tag']}" + (f" ({clusters})" if clusters else ""))
+    elif clusters:
+        parts.append(f"cluster {clusters}")
+    if selection.get("on") and parts and not short:
+        parts.append(f"{selection['on']} clustering")
+    filters = selection.get("filters") or {}
+    parts += [f"{key}={','.join(values)}" for key, values in sorted(filters.items())]
+    if not parts:
+        parts.append("every saved input")
+    inputs = selection.get("inputs")
+    if inputs is not None and not short:
+        sample = selection.get("sample")
+        sampled = f" (sample of at most {sample:,})" if sample is not None else ""
+        parts.append(f"{inputs:,} input{'' if inputs == 1 else 's'}{sampled}")
+    return " · ".join(parts)
 
 
 def select_inputs(engine: Engine, select: Select, *, config: ReplayConfig) -> list[str]:
@@ -630,6 +716,7 @@ def compare(
         completion_tokens=sum(i["completion_tokens"] or 0 for i in done),
         overall=overall,
         per_cluster=per_cluster,
+        selection=run["params"].get("selection"),
     )
 
 

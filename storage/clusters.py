@@ -145,11 +145,16 @@ def latest_run(engine: Engine, on_field: str = DEFAULT_ON) -> Row | None:
 def newer_run(engine: Engine, run_id: str) -> Row | None:
     """The newest run of `run_id`'s `on` field when that is another run (the exchanges were
     clustered again since), else None: `run_id` is the newest, or is not stored."""
-    query = sa.select(cluster_runs.c.on_field).where(cluster_runs.c.id == run_id)
-    with engine.connect() as conn:
-        on_field = conn.execute(query).scalar()
+    on_field = run_field(engine, run_id)
     newest = None if on_field is None else latest_run(engine, on_field=on_field)
     return newest if newest is not None and newest["id"] != run_id else None
+
+
+def run_field(engine: Engine, run_id: str) -> str | None:
+    """The `on` field clustering run `run_id` clustered (None: no such run stored)."""
+    query = sa.select(cluster_runs.c.on_field).where(cluster_runs.c.id == run_id)
+    with engine.connect() as conn:
+        return conn.execute(query).scalar()
 
 
 def run_stored(engine: Engine, run_id: str) -> bool:

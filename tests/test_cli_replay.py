@@ -755,3 +755,73 @@ def test_an_empty_answer_is_a_failure_the_summary_names(tmp_path: Path) -> None:
     assert "1 done, 1 failed" in result.stdout
     said = "failures: empty answer: the endpoint answered with no text (finish_reason 'stop')"
     assert said in result.stdout and "Malformed" not in result.stdout
+
+
+def test_a_run_records_what_it_replayed_and_the_report_says_it(tmp_path: Path) -> None:
+    """A run stored its exchange ids only: `replay report` (and the UI) could not say which
+    cluster, tag or filter it replayed. The selection is stored with the run, cluster names
+    as they were then (a rename later does not rewrite history), and a run stored before
+    this says so rather than failing."""
+    import sqlalchemy as sa
+
+    from storage.clusters import add_tag, annotate_cluster
+    from storage.engine import open_database
+    from storage.schema import replay_runs
+
+    db = _clustered(tmp_path)
+    engine = open_database(db)
+    annotate_cluster(engine, "t0", name="Sums <b>bold</b>")
+    add_tag(engine, "cluster", "t1", "billing")
+    engine.dispose()
+    runs: dict[str, dict] = {}
+    with OpenAIServer() as server:
+        endpoint = ("--model", "m2", "--base-url", server.base_url, "--json")
+        for name, selection in (
+            ("cluster", ("--cluster", "t0", "--filter", "model=expert-1")),
+            ("tag", ("--tag", "billing", "--sample", "2")),
+            ("filter", ("--filter", "model=expert-2")),
+        ):
+            result = convoscope_here("replay", *endpoint, *selection, db=db, cwd=tmp_path)
+            assert result.returncode == 0, result.stderr
+            runs[name] = json.loads(result.stdout)
+    engine = open_database(db)
+    annotate_cluster(engine, "t0", name="Renamed since")
+    engine.dispose()
+
+    def report(run: dict, *flags: str) -> subprocess.CompletedProcess[str]:
+        done = convoscope_here("replay", "report", run["run_id"], *flags, db=db, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        return done
+
+    chosen = json.loads(report(runs["cluster"], "--json").stdout)["selection"]
+    assert chosen["clusters"] == [{"id": "t0", "label": "Sums <b>bold</b>"}]
+    assert (chosen["tag"], chosen["on"], chosen["filters"]) == (
+        None,
+        "prompt",
+        {"model": ["expert-1"]},
+    )
+    assert chosen["inputs"] == runs["cluster"]["items"] and chosen["clustering_run"]
+    said = report(runs["cluster"]).stdout
+    assert "replayed: cluster t0 “Sums <b>bold</b>” · prompt clustering · model=expert-1 · " in said
+
+    tagged = json.loads(report(runs["tag"], "--json").stdout)["selection"]
+    assert tagged["tag"] == "billing" and [c["id"] for c in tagged["clusters"]] == ["t1"]
+    assert (tagged["sample"], tagged["inputs"]) == (2, 2)
+    assert "replayed: tag billing (t1 “" in report(runs["tag"]).stdout
+
+    filtered = json.loads(report(runs["filter"], "--json").stdout)["selection"]
+    assert filtered["clusters"] == [] and filtered["filters"] == {"model": ["expert-2"]}
+    inputs = runs["filter"]["items"]
+    assert f"replayed: model=expert-2 · {inputs} inputs\n" in report(runs["filter"]).stdout
+
+    # A run stored before runs recorded their selection.
+    engine = open_database(db)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.update(replay_runs)
+            .where(replay_runs.c.id == runs["filter"]["run_id"])
+            .values(params=json.dumps({"sample": None, "seed": 0}))
+        )
+    engine.dispose()
+    assert json.loads(report(runs["filter"], "--json").stdout)["selection"] is None
+    assert "replayed: selection not recorded" in report(runs["filter"]).stdout

@@ -373,3 +373,49 @@ def test_empty_answers_are_listed_as_failures_named_so(
     reasons = [t for t in _texts(at) if "empty answer: the endpoint answered with no text" in t]
     assert len(reasons) == 3 and not any("Malformed" in t for t in _texts(at))
     assert "This run has no answered input yet." in [c.value for c in at.caption]
+
+
+def test_each_run_says_what_it_replayed(
+    built: BuiltDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Runs were told apart by model and time only: which topic each replayed was nowhere on
+    the page. The picker and the opened run name it (escaped: topic names come from the
+    logs); a run stored before runs recorded it says so, and the page still draws."""
+    from storage.schema import replay_runs
+    from storage.views import cluster_names
+
+    engine = open_database(built.url, read_only=True)
+    name = cluster_names(engine, built.run_id)[built.weakest_id]
+    engine.dispose()
+    at = _page(built.url, monkeypatch)
+    at.selectbox(key="replay_cluster").select(built.weakest_id).run()
+    with OpenAIServer() as server:
+        _run_from_page(at, server.base_url, sample=2)
+        _run_from_page(at, server.base_url, sample=3)
+    assert not at.exception, [e.value for e in at.exception]
+    engine = open_database(built.url)
+    newer, older = (run["id"] for run in list_runs(engine))
+    with engine.begin() as conn:  # as a run stored before this change
+        conn.execute(
+            sa.update(replay_runs).where(replay_runs.c.id == older).values(params='{"seed": 0}')
+        )
+    engine.dispose()
+    time.sleep(1.2)  # the runs are re-read at most once a second
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+
+    picker = at.selectbox(key="replay_open")
+    labels = dict(zip([newer, older], picker.options, strict=True))
+    assert labels[newer].startswith(f"{labels[newer][:16]} · test-model · cluster “")
+    assert labels[newer].endswith(" · 3/3 answered · done")
+    assert built.weakest_id not in labels[newer]  # a hash: the name says more in the space
+    assert "cluster" not in labels[older]
+    facts = next(c.value for c in at.caption if "endpoint" in c.value)
+    assert facts.startswith(f"replayed cluster {built.weakest_id} “")
+    assert "” · prompt clustering · 3 inputs \\(sample of at most 3\\) · model " in facts
+    assert "<img" in name and "\\<img src\\=x onerror" in facts
+    assert re.search(r"(?<!\\)[<>\[\]$`*]", facts) is None  # no markup left unescaped
+    at.selectbox(key="replay_open").select(older).run()
+    assert not at.exception, [e.value for e in at.exception]
+    facts = next(c.value for c in at.caption if "endpoint" in c.value)
+    assert facts.startswith("selection not recorded · model ")

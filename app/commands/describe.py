@@ -280,10 +280,13 @@ def _judge_line(label: str, r: dict[str, Any]) -> str:
 
 
 def _describe_replay_report(result: dict[str, Any]) -> str:
+    from ingest.replay import selection_text  # imported with the report it describes
+
     counts = result["counts"]
     lines = [
         f"replay {result['run_id']} ({result['model']}, {result['status']}): {result['pairs']} "
-        f"answered, {counts.get('failed', 0)} failed, {counts.get('pending', 0)} pending"
+        f"answered, {counts.get('failed', 0)} failed, {counts.get('pending', 0)} pending",
+        f"replayed: {selection_text(result.get('selection'))}",
     ]
     if result["overall"]:
         o = result["overall"]

@@ -170,14 +170,19 @@ def _run_replay(engine: Engine, args: argparse.Namespace) -> dict[str, Any]:
         # The library would start a new run under a mistyped id and send every input.
         raise UserError(f"no replay run {args.resume!r}")
     config = _replay_config(args, stored)
-    select = _replay_selection(engine, args)
+    select, described = _replay_selection(engine, args)
     run_id = args.resume or uuid.uuid4().hex  # known here, so an interrupt can name it
     # An instruction tried on a cluster becomes that cluster's next version, also when the run
     # is interrupted: `--resume` names no cluster, so it could not save it later.
     versioned = bool(config.instruction is not None and args.cluster and not args.resume)
     try:
         summary = run_replay(
-            engine, config=config, select=select, run_id=run_id, take_over=args.take_over
+            engine,
+            config=config,
+            select=select,
+            run_id=run_id,
+            take_over=args.take_over,
+            described=described,
         ).as_dict()
     except KeyboardInterrupt:
         if versioned and get_run(engine, run_id) is not None:
@@ -357,9 +362,12 @@ def _record_instruction_reward(engine: Engine, run_id: str, report: dict[str, An
             )
 
 
-def _replay_selection(engine: Engine, args: argparse.Namespace) -> ExchangeFilter | list[str]:
+def _replay_selection(
+    engine: Engine, args: argparse.Namespace
+) -> tuple[ExchangeFilter | list[str], dict[str, Any]]:
     """--cluster / --tag become exchange ids (those --filter matches, when it is given too);
-    --filter alone becomes an ExchangeFilter."""
+    --filter alone becomes an ExchangeFilter. With it, what the run records of them
+    (`ingest.replay.selection_record`): ids alone say nothing of what the run covered."""
     from storage.clusters import exchanges_in_clusters
     from storage.logs import iter_exchanges
 
@@ -373,8 +381,9 @@ def _replay_selection(engine: Engine, args: argparse.Namespace) -> ExchangeFilte
     spelled = ("--filter model={}", "--filter source={}")
     if unmatched := unmatched_models_and_sources(where, filter_options(engine), *spelled):
         raise UserError(f"nothing to replay: {'; '.join(unmatched)}")
+    described: dict[str, Any] = {"filters": {"model": where.models, "source": where.sources}}
     if not (args.cluster or args.tag):
-        return where
+        return where, described
     run = latest_run(engine, args.on)
     if run is None:
         raise UserError(
@@ -392,7 +401,22 @@ def _replay_selection(engine: Engine, args: argparse.Namespace) -> ExchangeFilte
         ids = [i for i in ids if i in matching]
         if not ids:
             raise UserError("no exchange matches both --cluster/--tag and --filter")
-    return ids
+    return ids, {**described, **_clusters_chosen(engine, run, args.cluster, args.tag)}
+
+
+def _clusters_chosen(
+    engine: Engine, run: dict[str, Any], cluster: str | None, tag: str | None
+) -> dict[str, Any]:
+    """The cluster asked for (or the clusters tagged so) with the names they have now, and the
+    clustering they are of: a run's record of them, kept when they are renamed or reclustered."""
+    from storage.clusters import load_clusters
+
+    chosen = [
+        {"id": c["id"], "label": c["name"]}
+        for c in load_clusters(engine, run["id"])
+        if c["id"] == cluster or (tag is not None and tag in c["tags"])
+    ]
+    return {"clusters": chosen, "tag": tag, "on": run["on_field"], "clustering_run": run["id"]}
 
 
 def _why_no_member(

@@ -503,7 +503,7 @@ def run_replay(
     its instruction as the cluster's next version, linked to the run. Returns the summary and
     the saved version (None without an instruction). Synchronous: the page waits on it."""
     from ingest.replay import REPLAY_SOURCE_PREFIX, replay
-    from storage.clusters import exchanges_in_clusters
+    from storage.clusters import exchanges_in_clusters, run_field
     from storage.replay import exchanges_by_id
     from storage.reports import save_instruction
 
@@ -511,7 +511,14 @@ def run_replay(
         ids = exchanges_in_clusters(engine, cluster_run_id, cluster_id=cluster_id)
         found = exchanges_by_id(engine, ids, columns=("id", "source"))
         inputs = [i for i in ids if not found[i]["source"].startswith(REPLAY_SOURCE_PREFIX)]
-        summary = replay(engine, config=config, select=inputs)
+        # Recorded with the run: its ids alone cannot say later which topic it replayed.
+        label = views.cluster_names(engine, cluster_run_id).get(cluster_id, cluster_id)
+        described = {
+            "clusters": [{"id": cluster_id, "label": label}],
+            "on": run_field(engine, cluster_run_id),
+            "clustering_run": cluster_run_id,
+        }
+        summary = replay(engine, config=config, select=inputs, described=described)
         saved = None
         if config.instruction is not None:
             saved = save_instruction(

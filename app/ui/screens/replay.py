@@ -27,7 +27,7 @@ from app.ui.render import (
     safe_label,
     visible_controls,
 )
-from ingest.replay import ReplayConfig, ReplayError
+from ingest.replay import ReplayConfig, ReplayError, selection_text
 from scoring.judge import JudgeConfig, JudgeError
 
 PAIRS_SHOWN = 50  # side-by-side answers drawn at once; the rest are counted
@@ -243,13 +243,34 @@ def _resume_command(url: str, run_id: str) -> str:
 
 
 def _run_label(run_id: str) -> str:
+    """Plain text (a selectbox renders no Markdown): when, which model, what it replayed (a
+    run stored before runs recorded that says nothing of it), how far it got."""
     run = by_id[run_id]
     counts = run["counts"]
     total = sum(counts.values())
+    selection = run["params"].get("selection")
+    short = selection_text(_names_cut(selection, 40), short=True) if selection else ""
+    covered = f"{one_line(short, 60)} · " if selection else ""
     return (
-        f"{run['created_at']:%Y-%m-%d %H:%M} · {one_line(run['model'], 40)} · "
+        f"{run['created_at']:%Y-%m-%d %H:%M} · {one_line(run['model'], 40)} · {covered}"
         f"{counts['done']}/{total} answered · {run['status']}"
     )
+
+
+def _selection_fact(selection: dict[str, Any] | None) -> str:
+    """What the opened run replayed, for its caption (escaped: cluster names and filter
+    values come from the logs)."""
+    if not selection:
+        return "selection not recorded"
+    return f"replayed {safe_label(selection_text(_names_cut(selection, 60)), 1000)}"
+
+
+def _names_cut(selection: dict[str, Any], limit: int) -> dict[str, Any]:
+    """The selection with each cluster name cut to `limit` characters: a long topic name
+    pushed what follows it (the clustering, the count) off the end of the line."""
+    clusters = selection.get("clusters") or []
+    cut = [{**c, "label": one_line(str(c.get("label") or c.get("id")), limit)} for c in clusters]
+    return {**selection, "clusters": cut}
 
 
 # Two runs of one model started in the same minute read alike, and a pick of one opened the
@@ -270,6 +291,7 @@ run = by_id[opened]
 rows, overall = data.replay_pairs(c.url, c.version, opened, run["counts"]["done"])
 
 facts = [
+    _selection_fact(run["params"].get("selection")),
     f"model {safe_label(run['model'], 60)}",
     f"endpoint {safe_label(run['base_url'], 80)}",
     f"{run['counts']['done']} answered",
