@@ -296,7 +296,7 @@ def test_verdicts_judged_from_the_cli_show_on_each_pair(
     said = [c.value for c in at.caption if c.value.startswith("LLM judge")]
     assert said == [
         "LLM judge busy\\*judge: at work in another process: its verdicts show here as they "
-        "are stored",
+        "are stored (if that process is dead, Judge with this model offers to take it over)",
         "LLM judge killed\\-judge: stopped before judging every pair; judge again with this "
         "model to finish",
     ]
@@ -419,3 +419,59 @@ def test_each_run_says_what_it_replayed(
     assert not at.exception, [e.value for e in at.exception]
     facts = next(c.value for c in at.caption if "endpoint" in c.value)
     assert facts.startswith("selection not recorded · model ")
+
+
+def test_a_judge_held_by_a_dead_process_is_taken_over_only_when_confirmed(
+    built: BuiltDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The page's only way past a judging held by a killed process was the CLI's
+    `replay judge RUN --model J --take-over`. Judge now says who holds it and offers a
+    take-over that sends nothing until the user confirms that process is dead; a lapsed
+    lease needs no take-over; nothing is offered where nothing is held."""
+    from storage.replay import Lease, claim_judge_run, get_judge_run
+    from tests.test_replay_judge import prefers_replayed
+
+    at = _page(built.url, monkeypatch)
+    with OpenAIServer() as server:
+        _run_from_page(at, server.base_url, sample=5)
+    run_id = at.selectbox(key="replay_open").value
+    engine = open_database(built.url)
+    dead = Lease(run_id, "killed-owner", 60.0, judge="judge-model")  # not lapsed for a minute
+    assert claim_judge_run(engine, dead) is None
+    engine.dispose()
+
+    with OpenAIServer(responder=prefers_replayed) as judge:
+        at.text_input(key="judge_model").input("judge-model")
+        at.text_input(key="judge_base_url").input(judge.base_url)
+        at.button(key="judge_run").click().run()
+        assert not at.exception, [e.value for e in at.exception]
+        assert judge.total_requests() == 0  # refused, not sent
+        warning = next(w.proto.body for w in at.warning if "Another process" in w.proto.body)
+        assert "judge\\-model since " in warning and "take it over now" in warning
+        assert not [e for e in at.error if "--take-over" in e.proto.body]  # not the CLI's way
+        assert at.button(key="judge_take_over").disabled  # not before the user confirms
+
+        at.checkbox(key="judge_take_over_sure").check().run()
+        assert judge.total_requests() == 0 and not at.button(key="judge_take_over").disabled
+        at.button(key="judge_take_over").click().run()
+        assert not at.exception, [e.value for e in at.exception]
+        assert judge.total_requests() == 5
+    assert any("5 judged" in s.proto.body for s in at.success)
+    assert not [b for b in at.button if b.key == "judge_take_over"]  # nothing held now
+    engine = open_database(built.url, read_only=True)
+    taken = get_judge_run(engine, run_id, "judge-model")
+    engine.dispose()
+    assert (taken["status"], taken["owner"]) == ("done", None)
+
+    # A killed judge whose lease lapsed: Judge takes it, with no take-over to confirm.
+    engine = open_database(built.url)
+    assert claim_judge_run(engine, Lease(run_id, "gone", 0.01, judge="other-judge")) is None
+    engine.dispose()
+    time.sleep(0.05)
+    with OpenAIServer(responder=prefers_replayed) as judge:
+        at.text_input(key="judge_model").input("other-judge")
+        at.text_input(key="judge_base_url").input(judge.base_url)
+        at.button(key="judge_run").click().run()
+        assert judge.total_requests() == 5
+    assert not at.exception, [e.value for e in at.exception]
+    assert not [b for b in at.button if b.key == "judge_take_over"]

@@ -553,15 +553,28 @@ def judge_statuses(url: str, run_id: str) -> dict[str, str]:
     return read(url, lambda e: statuses(e, run_id))
 
 
-def run_judge(url: str, run_id: str, config: JudgeConfig) -> JudgeSummary:
-    """Judge a run's answered pairs not judged by this model yet. Synchronous."""
+def run_judge(
+    url: str, run_id: str, config: JudgeConfig, *, take_over: bool = False
+) -> JudgeSummary:
+    """Judge a run's answered pairs not judged by this model yet. Synchronous. `take_over`
+    takes the judging from another process whose lease has not lapsed (`replay judge
+    --take-over`): only for one the user says is dead."""
     from scoring.judge import judge_replay
 
-    summary = write(url, lambda e: judge_replay(e, run_id, config=config))
+    summary = write(url, lambda e: judge_replay(e, run_id, config=config, take_over=take_over))
     judge_result.clear()
     judge_statuses.clear()
     replay_pairs.clear()
     return summary
+
+
+def judge_holder(url: str, run_id: str, judge: str) -> dict[str, Any] | None:
+    """The judge run of `run_id` with `judge` while a live process holds it (its lease not
+    lapsed: status "running"), else None. Not cached: a take-over is offered on it."""
+    from storage.replay import get_judge_run
+
+    found = read(url, lambda e: get_judge_run(e, run_id, judge))
+    return found if found is not None and found["status"] == "running" else None
 
 
 @st.cache_data(show_spinner=False, ttl=1.0, max_entries=16)

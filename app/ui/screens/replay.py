@@ -187,52 +187,117 @@ if st.session_state.get("replay_open") not in by_id:
     st.session_state["replay_open"] = runs[0]["id"]
 
 
+HELD_KEY = "judge_held"  # (run id, judge) whose judging another process held at the last try
+
+
 def _judge_form(run_id: str) -> None:
     """Ask a chat model which answer is better, pair by pair, in a random order."""
-    with st.expander("Judge these answers with an LLM"):
+    with st.expander("Judge these answers with an LLM", expanded=_held_here(run_id)):
         st.caption(
             "Sends each input with both answers, in a random order, to the judge model. Log "
             "text leaves this machine only when you press Judge."
         )
         with st.form("judge_form", border=False):
             left, right = st.columns(2)
-            judge_model = left.text_input("Judge model", key="judge_model")
-            judge_url = right.text_input(
+            left.text_input("Judge model", key="judge_model")
+            right.text_input(
                 "Judge base URL", key="judge_base_url", placeholder="http://127.0.0.1:8000/v1"
             )
-            judge_key = left.text_input(
-                "API key variable", value="OPENAI_API_KEY", key="judge_key_env"
-            )
-            judge_sample = right.number_input(
+            left.text_input("API key variable", value="OPENAI_API_KEY", key="judge_key_env")
+            right.number_input(
                 "Pairs to judge", min_value=1, max_value=100_000, value=50, key="judge_sample"
             )
             go = st.form_submit_button("Judge", key="judge_run")
-        if not go:
-            return
-        if not judge_model.strip() or not judge_url.strip().startswith(("http://", "https://")):
-            st.error("Give a judge model and an http(s) base URL.", icon=":material/error:")
-            return
-        config = JudgeConfig(
-            model=judge_model.strip(),
-            base_url=judge_url.strip(),
-            api_key_env=judge_key.strip() or "OPENAI_API_KEY",
-            sample=int(judge_sample),
-            progress=False,
-        )
-        with st.spinner("Judging…"):
-            try:
-                summary = data.run_judge(c.url, run_id, config)
-            except (JudgeError, openai.OpenAIError, ValueError) as error:
+        if go:
+            _judge(run_id, take_over=False)
+        elif _held_here(run_id):
+            _take_over_control(run_id)
+
+
+def _judge_config() -> JudgeConfig | None:
+    """The judge form's values as a config (None, said why, when they cannot be sent)."""
+    judge_model = st.session_state["judge_model"].strip()
+    judge_url = st.session_state["judge_base_url"].strip()
+    if not judge_model or not judge_url.startswith(("http://", "https://")):
+        st.error("Give a judge model and an http(s) base URL.", icon=":material/error:")
+        return None
+    return JudgeConfig(
+        model=judge_model,
+        base_url=judge_url,
+        api_key_env=st.session_state["judge_key_env"].strip() or "OPENAI_API_KEY",
+        sample=int(st.session_state["judge_sample"]),
+        progress=False,
+    )
+
+
+def _judge(run_id: str, *, take_over: bool) -> None:
+    """Judge the run with the form's judge; a judging another live process holds is not
+    sent but offered for take-over (`replay judge --take-over`), never taken silently."""
+    st.session_state.pop(HELD_KEY, None)
+    config = _judge_config()
+    if config is None:
+        return
+    with st.spinner("Judging…"):
+        try:
+            summary = data.run_judge(c.url, run_id, config, take_over=take_over)
+        except (JudgeError, openai.OpenAIError, ValueError) as error:
+            if not take_over and data.judge_holder(c.url, run_id, config.model) is not None:
+                st.session_state[HELD_KEY] = (run_id, config.model)
+                _take_over_control(run_id)
+            else:
                 st.error(escape_markdown(str(error)), icon=":material/error:")
-                return
-        left_out = summary.without_original
-        st.success(
-            f"{summary.judged} judged, {summary.already_judged} judged before, "
-            f"{summary.failed} without a verdict"
-            + (f", {left_out} saved inputs without an original answer left out" if left_out else "")
+            return
+    left_out = summary.without_original
+    st.success(
+        f"{summary.judged} judged, {summary.already_judged} judged before, "
+        f"{summary.failed} without a verdict"
+        + (f", {left_out} saved inputs without an original answer left out" if left_out else "")
+    )
+    for reason in summary.errors:
+        st.text(reason)
+
+
+def _held_here(run_id: str) -> bool:
+    """Whether the last try to judge this run found the form's judge held elsewhere."""
+    held = st.session_state.get(HELD_KEY)
+    return held is not None and held == (run_id, st.session_state.get("judge_model", "").strip())
+
+
+def _take_over_control(run_id: str) -> None:
+    """Say who holds the judging and offer to take it over, once the user confirms that
+    process is dead. When its lease has lapsed (or it let go) meanwhile, Judge takes it:
+    there is nothing to take over."""
+    judge = st.session_state[HELD_KEY][1]
+    holder = data.judge_holder(c.url, run_id, judge)
+    if holder is None:
+        st.session_state.pop(HELD_KEY, None)
+        st.info(
+            f"The process judging with {safe_label(judge, 60)} let go or its lease lapsed: "
+            "press Judge to finish the judging.",
+            icon=":material/info:",
         )
-        for reason in summary.errors:
-            st.text(reason)
+        return
+    since, until = (
+        f"{holder[key]:%Y-%m-%d %H:%M:%S} UTC" for key in ("owner_since", "lease_until")
+    )
+    slot = st.empty()  # emptied once taken over: what follows is the judging's own outcome
+    with slot.container():
+        st.warning(
+            f"Another process has been judging this run with {safe_label(judge, 60)} since "
+            f"{since}; it renews its lease while it works (now until {until}). Let it finish: "
+            f"its verdicts show here as they are stored, and after {until} with no renewal "
+            "Judge takes the judging. If that process is dead, take it over now. A process "
+            "still alive stops at its next renewal, but the pairs it had in flight were sent.",
+            icon=":material/lock:",
+        )
+        sure = st.checkbox(
+            f"The process judging with {safe_label(judge, 60)} is dead",
+            key="judge_take_over_sure",
+        )
+        taking = st.button("Take over and judge", key="judge_take_over", disabled=not sure)
+    if taking:
+        slot.empty()
+        _judge(run_id, take_over=True)
 
 
 def _resume_command(url: str, run_id: str) -> str:
@@ -336,7 +401,8 @@ for judge, verdict in data.judge_result(c.url, opened).items():
         f"{verdict.original_wins} lost",
     )
 _JUDGE_STATUS = {
-    "running": "at work in another process: its verdicts show here as they are stored",
+    "running": "at work in another process: its verdicts show here as they are stored (if "
+    "that process is dead, Judge with this model offers to take it over)",
     "incomplete": "stopped before judging every pair; judge again with this model to finish",
 }
 for judge, status in data.judge_statuses(c.url, opened).items():
