@@ -107,7 +107,9 @@ def test_overview_headline_figures_and_weakest_first(
     # Shares and rates with one decimal, as percentages: Streamlit's "percent" dropped
     # trailing zeros, so "2.8%" stood beside "3.74%" in one column.
     columns = json.loads(at.dataframe[0].proto.columns)
-    assert {columns[name]["type_config"]["format"] for name in ("Share", "Ended")} == {"%.1f %%"}
+    assert columns["Share"]["type_config"]["format"] == "%.1f %%"
+    group_columns = json.loads(at.dataframe[1].proto.columns)
+    assert group_columns["Ended"]["type_config"]["format"] == "%.1f %%"
     assert table["Share"].sum() == pytest.approx(100.0)
     assert len(at.get("plotly_chart")) == 1
     assert not at.warning
@@ -872,3 +874,36 @@ def test_the_topic_map_colours_every_cluster_when_names_repeat(
     assert len(names) == len(set(names))
     for cluster_id in (first, second, third):  # the id kept whole within the legend's width
         assert sum(name.endswith(f" ({cluster_id})") for name in names) == 1
+
+
+# The page's main column at a 1,400 px window (sidebar open), as Chromium lays it out; the
+# row-selection checkbox takes the first 33 px.
+MAIN_PX_AT_1400 = 938
+
+
+def test_the_cluster_table_and_map_legend_fit_a_1400_px_window(
+    shared_db: BuiltDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cluster table had 14 columns, 1,800 px wide, that scrolled sideways at 1,400 px,
+    and the map's legend beside it listed about 24 of a demo's 33 topics before scrolling.
+    The table keeps the columns that rank a topic, each sized, within the page's width (the
+    rest are on the topic's page), and the legend lies under the map, every topic listed."""
+    at = _app(shared_db.url, monkeypatch)
+    columns = json.loads(at.dataframe[0].proto.columns)
+    shown = list(at.dataframe[0].value.columns)
+    assert shown == [
+        "Cluster", "Group", "Size", "Share", "Reward", "Reward 95 % CI", "Weakness", "Why",
+    ]  # fmt: skip
+    widths = [columns[name]["width"] for name in shown]
+    assert all(isinstance(w, int) for w in widths), widths  # none left to its content
+    assert 33 + sum(widths) <= MAIN_PX_AT_1400
+    assert any("on each cluster's page" in c.value for c in at.caption)
+
+    spec = json.loads(at.get("plotly_chart")[0].proto.spec)
+    legend, height = spec["layout"]["legend"], spec["layout"]["height"]
+    listed = [t for t in spec["data"] if t.get("showlegend", True)]
+    assert len(listed) == len(spec["data"]) > 8  # every topic, and the unassigned points
+    assert legend["orientation"] == "h" and legend["y"] < 0  # under the map, not beside it
+    columns_fit = (MAIN_PX_AT_1400 - 40) // legend["entrywidth"]
+    rows = -(-len(listed) // columns_fit)
+    assert height >= 560 + rows * 19  # the figure grows by the legend's rows: none scrolls

@@ -12,13 +12,21 @@ import plotly.graph_objects as go
 
 from app.ui.render import hover_text
 
-MAX_LEGEND = 25  # clusters beyond this are drawn but not listed in the legend
+MAX_LEGEND = 60  # clusters beyond this are drawn but not listed in the legend
+MAP_HEIGHT = 560  # px of the map itself; the legend below it adds its rows
+# The legend lies under the map in columns of this width (a 40-character label fits), so
+# every topic listed shows at once: beside the map it listed about 24 of a demo's 33 topics
+# at 1,400 px and scrolled the rest out of sight.
+LEGEND_ENTRY_PX = 250
+LEGEND_ROW_PX = 20
+LEGEND_COLUMNS = 3  # per row at the narrowest width planned for (about 900 px of page)
 
 
 def topic_map(points: pd.DataFrame, color_by: str) -> go.Figure:
     """The 2-D topic map as WebGL scatter: one trace per cluster or model, or one trace
     coloured by reward. `points` carries x, y, cluster, model, reward and an escaped `hover`."""
     figure = go.Figure()
+    listed = 0
     if color_by == "Reward" and points["reward"].notna().any():
         figure.add_trace(
             go.Scattergl(
@@ -54,13 +62,34 @@ def topic_map(points: pd.DataFrame, color_by: str) -> go.Figure:
                     showlegend=rank < MAX_LEGEND,
                 )
             )
+        listed = min(groups.nunique(), MAX_LEGEND)
     figure.update_layout(
-        height=560,
+        height=MAP_HEIGHT + _legend_rows(listed) * LEGEND_ROW_PX,
         margin={"l": 0, "r": 0, "t": 10, "b": 0},
         xaxis={"visible": False},
         yaxis={"visible": False},
-        legend={"itemsizing": "constant", "font": {"size": 11}},
+        legend=_legend_below(),
         hoverlabel={"align": "left"},
         plot_bgcolor="rgba(0,0,0,0)",
     )
     return figure
+
+
+def _legend_rows(listed: int) -> int:
+    """Rows the legend below the map takes for `listed` entries (rounded up)."""
+    return -(-listed // LEGEND_COLUMNS)
+
+
+def _legend_below() -> dict[str, object]:
+    """A legend in fixed-width columns under the map: it wraps into as many columns as the
+    page's width holds, and the figure grows by its rows, so no entry scrolls out of view."""
+    return {
+        "orientation": "h",
+        "yanchor": "top",
+        "y": -0.01,
+        "xanchor": "left",
+        "x": 0,
+        "entrywidth": LEGEND_ENTRY_PX,
+        "itemsizing": "constant",
+        "font": {"size": 11},
+    }

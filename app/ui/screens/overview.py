@@ -101,22 +101,19 @@ if right.button(
 ):
     shell.jump_to_cluster(weakest["id"])
 
+# The columns that rank and explain a topic, sized to fit a 1,400 px window without scrolling
+# sideways (with every column it was 1,800 px wide); keywords, retry and end rates, the best
+# expert and tags are on the topic's own page, which selecting its row opens.
 shown = pd.DataFrame(
     {
         "Cluster": table["name"],
         "Group": table["parent"],
-        "Keywords": table["keywords"].map(lambda k: ", ".join(k[:6])),
         "Size": table["n"],
         "Share": as_percent(table["share"]),
         "Reward": table["reward_mean"],
         "Reward 95 % CI": table["reward_ci"].map(fmt_ci),
-        "Retry": as_percent(table["retry_rate"]),
-        "Ended": as_percent(table["end_rate"]),
-        "Best expert": table["best_expert"],
-        "Gain": table["gain"],
         "Weakness": table["weakness"],
         "Why": table["reason"],
-        "Tags": table["tags"].map(lambda t: ", ".join(t)),
     }
 )
 max_share = float(max(table["share"].max(), 1e-9)) * 100
@@ -130,28 +127,26 @@ selection = st.dataframe(
     selection_mode="single-row",
     key="cluster_table",
     column_config={
-        "Cluster": st.column_config.TextColumn(width="medium", pinned=True),
-        "Group": st.column_config.TextColumn(width="small"),
-        "Keywords": st.column_config.TextColumn(width="medium"),
-        "Size": st.column_config.NumberColumn(format="%d", width="small"),
+        "Cluster": st.column_config.TextColumn(width=190, pinned=True),
+        "Group": st.column_config.TextColumn(width=120),
+        "Size": st.column_config.NumberColumn(format="%d", width=55),
         "Share": st.column_config.ProgressColumn(
-            format=PERCENT_FORMAT, min_value=0.0, max_value=max_share, width="small"
+            format=PERCENT_FORMAT, min_value=0.0, max_value=max_share, width=80
         ),
-        "Reward": st.column_config.NumberColumn(format="%.2f", width="small"),
-        "Reward 95 % CI": st.column_config.TextColumn(width="medium"),
-        "Retry": st.column_config.NumberColumn(format=PERCENT_FORMAT, width="small"),
-        "Ended": st.column_config.NumberColumn(format=PERCENT_FORMAT, width="small"),
-        "Best expert": st.column_config.TextColumn(width="small"),
-        "Gain": st.column_config.NumberColumn(
-            format="%+.2f", help="Predicted win-rate gain of routing to the best expert"
-        ),
+        "Reward": st.column_config.NumberColumn(format="%.2f", width=60),
+        "Reward 95 % CI": st.column_config.TextColumn(width=110),
         "Weakness": st.column_config.ProgressColumn(
             format="%.2f",
             min_value=0.0,
             max_value=float(table["weakness"].fillna(0.0).max() or 1.0),
+            width=80,
         ),
-        "Why": st.column_config.TextColumn(width="large"),
+        "Why": st.column_config.TextColumn(width=190),
     },
+)
+st.caption(
+    "Keywords, retry and end rates, the best expert to route to and tags: on each "
+    "cluster's page (select its row)."
 )
 rows = selection.selection.rows if selection else []
 if rows:
