@@ -891,8 +891,10 @@ def test_the_cluster_table_and_map_legend_fit_a_1400_px_window(
     at = _app(shared_db.url, monkeypatch)
     columns = json.loads(at.dataframe[0].proto.columns)
     shown = list(at.dataframe[0].value.columns)
+    # The log names experts: where to route each topic stays beside its weakness.
     assert shown == [
-        "Cluster", "Group", "Size", "Share", "Reward", "Reward 95 % CI", "Weakness", "Why",
+        "Cluster", "Group", "Size", "Share", "Reward", "Reward 95 % CI", "Weakness",
+        "Best expert", "Gain", "Why",
     ]  # fmt: skip
     widths = [columns[name]["width"] for name in shown]
     assert all(isinstance(w, int) for w in widths), widths  # none left to its content

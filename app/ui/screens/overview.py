@@ -102,8 +102,11 @@ if right.button(
     shell.jump_to_cluster(weakest["id"])
 
 # The columns that rank and explain a topic, sized to fit a 1,400 px window without scrolling
-# sideways (with every column it was 1,800 px wide); keywords, retry and end rates, the best
-# expert and tags are on the topic's own page, which selecting its row opens.
+# sideways (with every column it was 1,800 px wide); keywords, retry and end rates and tags are
+# on the topic's own page, which selecting its row opens. Where the log names experts, where
+# to route each topic is what its routing owner reads here, so the best expert and the gain
+# stay, and the other text columns narrow for them.
+routed = bool(table["best_expert"].notna().any())
 shown = pd.DataFrame(
     {
         "Cluster": table["name"],
@@ -113,6 +116,7 @@ shown = pd.DataFrame(
         "Reward": table["reward_mean"],
         "Reward 95 % CI": table["reward_ci"].map(fmt_ci),
         "Weakness": table["weakness"],
+        **({"Best expert": table["best_expert"], "Gain": table["gain"]} if routed else {}),
         "Why": table["reason"],
     }
 )
@@ -127,8 +131,8 @@ selection = st.dataframe(
     selection_mode="single-row",
     key="cluster_table",
     column_config={
-        "Cluster": st.column_config.TextColumn(width=190, pinned=True),
-        "Group": st.column_config.TextColumn(width=120),
+        "Cluster": st.column_config.TextColumn(width=160 if routed else 190, pinned=True),
+        "Group": st.column_config.TextColumn(width=95 if routed else 120),
         "Size": st.column_config.NumberColumn(format="%d", width=55),
         "Share": st.column_config.ProgressColumn(
             format=PERCENT_FORMAT, min_value=0.0, max_value=max_share, width=80
@@ -141,12 +145,17 @@ selection = st.dataframe(
             max_value=float(table["weakness"].fillna(0.0).max() or 1.0),
             width=80,
         ),
-        "Why": st.column_config.TextColumn(width=190),
+        "Best expert": st.column_config.TextColumn(width=110),
+        "Gain": st.column_config.NumberColumn(
+            format="%+.2f", width=55, help="Predicted win-rate gain of routing to the best expert"
+        ),
+        "Why": st.column_config.TextColumn(width=100 if routed else 190),
     },
 )
 st.caption(
-    "Keywords, retry and end rates, the best expert to route to and tags: on each "
-    "cluster's page (select its row)."
+    "Keywords, retry and end rates"
+    + ("" if routed else ", the best expert to route to")
+    + " and tags: on each cluster's page (select its row)."
 )
 rows = selection.selection.rows if selection else []
 if rows:
