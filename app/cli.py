@@ -583,6 +583,12 @@ def build_parser() -> argparse.ArgumentParser:
         "unless given",
     )
     replay.add_argument(
+        "--against",
+        metavar="RUN",
+        help="replay report: also compare the run's answers with another run's, on the inputs "
+        "both answered (two instructions or two models on one cluster)",
+    )
+    replay.add_argument(
         "--take-over",
         action="store_true",
         help="with --resume (or replay judge): take the run from the process that drives it "

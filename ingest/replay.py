@@ -686,21 +686,8 @@ def compare(
     overall: RewardDiff | None = None
     per_cluster: dict[str, RewardDiff] = {}
     if scores is not None:
-        scored = [
-            (i["exchange_id"], scores[i["exchange_id"]], scores[i["response_exchange_id"]])
-            for i in compared
-            if i["exchange_id"] in scores and i["response_exchange_id"] in scores
-        ]
-        overall = _reward_diff([(o, n) for _, o, n in scored], n_boot=n_boot, seed=seed)
-        if cluster_of is not None:
-            groups: dict[str, list[tuple[float, float]]] = {}
-            for original, old, new in scored:
-                groups.setdefault(cluster_of.get(original, "unassigned"), []).append((old, new))
-            per_cluster = {
-                cluster: diff
-                for cluster, pairs in sorted(groups.items())
-                if (diff := _reward_diff(pairs, n_boot=n_boot, seed=seed)) is not None
-            }
+        paired = [(i["exchange_id"], i["exchange_id"], i["response_exchange_id"]) for i in compared]
+        overall, per_cluster = _paired_diffs(paired, scores, cluster_of, n_boot=n_boot, seed=seed)
     return ReplayReport(
         run_id=run_id,
         model=run["model"],
@@ -718,6 +705,100 @@ def compare(
         per_cluster=per_cluster,
         selection=run["params"].get("selection"),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class RunComparison:
+    """Two runs' answers to the inputs both answered: `run` as new, `against` as original in
+    each RewardDiff (a prompt change or a model swap measured against the last try, not only
+    against what was logged)."""
+
+    run_id: str
+    against: str
+    against_model: str
+    shared: int  # inputs both runs answered
+    only_run: int  # answered by `run` alone: left out
+    only_against: int
+    overall: RewardDiff | None
+    per_cluster: dict[str, RewardDiff]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def compare_runs(
+    engine: Engine,
+    run_id: str,
+    against: str,
+    *,
+    scores: Mapping[str, float] | None,
+    cluster_of: Mapping[str, str] | None = None,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> RunComparison:
+    """The reward of `run_id`'s answers against `against`'s on the saved inputs both
+    answered, paired by input (overall and per cluster of the input), so two instruction
+    versions or two models replayed on one cluster are compared on the same prompts."""
+    other = get_run(engine, against)
+    if other is None:
+        raise ReplayError(f"--against {against!r}: no such replay run")
+    if against == run_id:
+        raise ReplayError("--against names the run itself: give an earlier run to compare with")
+    answers = [_answers(engine, r) for r in (run_id, against)]
+    shared = sorted(set(answers[0]) & set(answers[1]))
+    overall: RewardDiff | None = None
+    per_cluster: dict[str, RewardDiff] = {}
+    if scores is not None:
+        paired = [(i, answers[1][i], answers[0][i]) for i in shared]
+        overall, per_cluster = _paired_diffs(paired, scores, cluster_of, n_boot=n_boot, seed=seed)
+    return RunComparison(
+        run_id=run_id,
+        against=against,
+        against_model=other["model"],
+        shared=len(shared),
+        only_run=len(answers[0]) - len(shared),
+        only_against=len(answers[1]) - len(shared),
+        overall=overall,
+        per_cluster=per_cluster,
+    )
+
+
+def _paired_diffs(
+    paired: Sequence[tuple[str, str, str]],
+    scores: Mapping[str, float],
+    cluster_of: Mapping[str, str] | None,
+    *,
+    n_boot: int,
+    seed: int,
+) -> tuple[RewardDiff | None, dict[str, RewardDiff]]:
+    """The reward difference of (input, baseline answer, new answer) triples where both
+    answers are scored: overall, and per cluster of the input when `cluster_of` is given."""
+    scored = [
+        (item, scores[old], scores[new])
+        for item, old, new in paired
+        if old in scores and new in scores
+    ]
+    overall = _reward_diff([(o, n) for _, o, n in scored], n_boot=n_boot, seed=seed)
+    if cluster_of is None:
+        return overall, {}
+    groups: dict[str, list[tuple[float, float]]] = {}
+    for item, old, new in scored:
+        groups.setdefault(cluster_of.get(item, "unassigned"), []).append((old, new))
+    per_cluster = {
+        cluster: diff
+        for cluster, diffs in sorted(groups.items())
+        if (diff := _reward_diff(diffs, n_boot=n_boot, seed=seed)) is not None
+    }
+    return overall, per_cluster
+
+
+def _answers(engine: Engine, run_id: str) -> dict[str, str]:
+    """Saved input id → the id of the run's stored answer to it."""
+    return {
+        item["exchange_id"]: item["response_exchange_id"]
+        for item in run_items(engine, run_id)
+        if item["status"] == DONE and item["response_exchange_id"]
+    }
 
 
 def pairs(engine: Engine, run_id: str) -> list[dict[str, Any]]:

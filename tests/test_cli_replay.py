@@ -358,6 +358,29 @@ def test_an_instruction_replayed_on_a_cluster_is_versioned(tmp_path: Path) -> No
     scored = [(v["version"], v["mean_reward"], v["original_mean_reward"]) for v in versions]
     assert scored == [(2, 0.25, 0.5), (1, 0.75, 0.5)]
 
+    # The second version against the first, on the same inputs: it lost every one.
+    against = ("replay", "report", runs[1], "--against", runs[0])
+    report = convoscope_here(*against, "--json", db=db, cwd=tmp_path)
+    assert report.returncode == 0, report.stderr
+    compared = json.loads(report.stdout)["against"]
+    n = compared["shared"]
+    assert n > 0 and (compared["only_run"], compared["only_against"]) == (0, 0)
+    o = compared["overall"]
+    assert (o["n"], o["mean_original"], o["mean_new"], o["win_rate"]) == (n, 0.75, 0.25, 0.0)
+    assert set(compared["per_cluster"]) == {"t0"} and compared["per_cluster"]["t0"]["n"] == n
+    text = convoscope_here(*against, db=db, cwd=tmp_path).stdout
+    assert f"against run {runs[0]} (m2): {n} inputs both answered" in text
+    assert "that run 0.750, this run 0.250, difference -0.500" in text
+    for args, said in (
+        (("replay", "report", runs[1], "--against", "nonexist"), "no such replay run"),
+        (("replay", "report", runs[1], "--against", runs[1]), "names the run itself"),
+        (("replay", "judge", runs[1], "--against", runs[0]), "--against"),
+        (("replay", "--model", "m", "--base-url", "http://127.0.0.1:9/v1", "--against", runs[0]),
+         "give it to `replay report RUN`"),
+    ):  # fmt: skip
+        refused = convoscope_here(*args, db=db, cwd=tmp_path)
+        assert refused.returncode == 2 and said in refused.stderr, refused.stderr
+
     # --filter with --cluster: both apply (the filter was ignored, the whole cluster sent).
     from storage.clusters import exchanges_in_clusters, latest_run
 

@@ -308,6 +308,8 @@ def _describe_replay_report(result: dict[str, Any]) -> str:
     for judge, status in result.get("judge_runs", {}).items():
         if status != "done":  # a judge still at work, or one stopped before every verdict
             lines.append(f"judge {judge}: {status}")
+    if against := result.get("against"):
+        lines += _against_lines(against)
     if result["per_cluster"]:
         lines.append(f"per cluster ({_clustering(result['clustering'])}):")
     for cluster, d in result["per_cluster"].items():
@@ -316,6 +318,35 @@ def _describe_replay_report(result: dict[str, Any]) -> str:
             f"({_diff_ci(d, ', ')}) new wins {d['win_rate']:.0%}"
         )
     return "\n".join(lines)
+
+
+def _against_lines(against: dict[str, Any]) -> list[str]:
+    """`replay report RUN --against OTHER`: this run's answers against the other run's."""
+    other = f"run {against['against']} ({against['against_model']})"
+    left = [
+        f"{n} answered by {who} alone"
+        for n, who in ((against["only_run"], "this run"), (against["only_against"], "that run"))
+        if n
+    ]
+    lines = [
+        f"against {other}: {count(against['shared'], 'input')} both answered"
+        + (f" ({', '.join(left)}, left out)" if left else "")
+    ]
+    o = against["overall"]
+    if o:
+        lines.append(
+            f"  reward: that run {o['mean_original']:.3f}, this run {o['mean_new']:.3f}, "
+            f"difference {o['mean_diff']:+.3f} ({_diff_ci(o, ' to ')}); this run wins "
+            f"{o['win_rate']:.0%} of {o['n']}"
+        )
+    elif against["shared"]:
+        lines.append("  reward: no reward scores yet (run `convoscope score`)")
+    for cluster, d in against["per_cluster"].items():
+        lines.append(
+            f"  {cluster:<8} n={d['n']:<5} reward diff {d['mean_diff']:+.3f} "
+            f"({_diff_ci(d, ', ')}) this run wins {d['win_rate']:.0%}"
+        )
+    return lines
 
 
 def _diff_ci(diff: dict[str, Any], between: str) -> str:

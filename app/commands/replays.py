@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # imported lazily at run time: it pulls in torch
 
 def replay(args: argparse.Namespace) -> dict[str, Any]:
     """Run or resume a replay, report on one (`replay report RUN`) or judge it."""
-    from ingest.replay import ReplayError, compare
+    from ingest.replay import ReplayError, compare, compare_runs
     from scoring.judge import JudgeError, results_by_judge
     from storage.replay import judge_statuses
 
@@ -53,6 +53,8 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
         )
     _refuse_unread_on(args)
     _refuse_unread_options(args)
+    if args.against and args.action != "report":  # a run or judge would silently ignore it
+        raise UserError("--against compares two runs' answers: give it to `replay report RUN`")
     taken = args.action == "judge" or (args.action == "run" and args.resume)
     if args.take_over and not taken:
         raise UserError(
@@ -89,6 +91,14 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
             }
             report["judge_runs"] = judge_statuses(engine, args.run_id)
             report["clustering"] = clustering_used(args.on, run)  # whose clusters per_cluster has
+            if args.against:
+                report["against"] = compare_runs(
+                    engine,
+                    args.run_id,
+                    args.against,
+                    scores=_reward_scores(engine),
+                    cluster_of=cluster_of,
+                ).as_dict()
             return report
         return _run_replay(engine, args)
     except (ReplayError, JudgeError) as error:
@@ -114,7 +124,7 @@ _ACTION_READS = {
             "take_over",
         }
     ),
-    "report": frozenset({"on"}),
+    "report": frozenset({"on", "against"}),
 }
 
 
