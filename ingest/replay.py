@@ -128,6 +128,8 @@ class ReplaySummary:
     pending: int  # inputs of the run still without an answer (failed ones included)
     seconds: float
     status: str  # done | incomplete
+    # What the run replays (`selection_record`); None for a run stored before runs kept it
+    selection: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -234,6 +236,8 @@ async def areplay(
             raise ReplayError(_held_elsewhere(holder))
     inputs = open_inputs(engine, run_id)
     before = item_counts(engine, run_id)
+    stored = get_run(engine, run_id)
+    selection = None if stored is None else stored["params"].get("selection")
     try:
         try:
             stats = await _send_all(engine, lease, inputs, config)
@@ -258,6 +262,7 @@ async def areplay(
         pending=after[PENDING] + after[FAILED],
         seconds=round(time.perf_counter() - started, 3),
         status=status,
+        selection=selection,
     )
 
 

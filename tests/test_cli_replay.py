@@ -816,6 +816,13 @@ def test_a_run_records_what_it_replayed_and_the_report_says_it(tmp_path: Path) -
         assert done.returncode == 0, done.stderr
         return done
 
+    # The run's own summary says what it replayed, as its report does.
+    assert runs["cluster"]["selection"]["clusters"] == [{"id": "t0", "label": "Sums <b>bold</b>"}]
+    with OpenAIServer() as server:
+        again = ("replay", "--model", "m2", "--base-url", server.base_url, "--tag", "billing")
+        said = convoscope_here(*again, db=db, cwd=tmp_path).stdout
+    assert said.startswith("replay ") and " (m2, tag billing (“" in said, said
+
     chosen = json.loads(report(runs["cluster"], "--json").stdout)["selection"]
     assert chosen["clusters"] == [{"id": "t0", "label": "Sums <b>bold</b>"}]
     assert (chosen["tag"], chosen["on"], chosen["filters"]) == (

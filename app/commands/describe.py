@@ -43,8 +43,11 @@ def describe(command: str, result: dict[str, Any]) -> str:
     if command == "replay" and "pairs" in result:
         return _describe_replay_report(result)
     if command == "replay" and "status" in result:
+        from ingest.replay import selection_text  # imported with the run it describes
+
         line = (
-            f"replay {result['run_id']} ({result['model']}): {result['done']} done, "
+            f"replay {result['run_id']} ({result['model']}, "
+            f"{selection_text(result.get('selection'), short=True)}): {result['done']} done, "
             f"{result['failed']} failed in {result['seconds']:.1f}s — status {result['status']}"
         )
         if result["pending"]:
