@@ -749,7 +749,7 @@ def compare_runs(
         raise ReplayError(f"--against {against!r}: no such replay run")
     if against == run_id:
         raise ReplayError("--against names the run itself: give an earlier run to compare with")
-    answers = [_answers(engine, r) for r in (run_id, against)]
+    answers = [answers_by_input(engine, r) for r in (run_id, against)]
     shared = sorted(set(answers[0]) & set(answers[1]))
     overall: RewardDiff | None = None
     per_cluster: dict[str, RewardDiff] = {}
@@ -797,8 +797,9 @@ def _paired_diffs(
     return overall, per_cluster
 
 
-def _answers(engine: Engine, run_id: str) -> dict[str, str]:
-    """Saved input id → the id of the run's stored answer to it."""
+def answers_by_input(engine: Engine, run_id: str) -> dict[str, str]:
+    """Saved input id → the id of the run's stored answer to it: the inputs a run answered,
+    which `compare_runs` pairs (and the UI lists apart where only one of two runs did)."""
     return {
         item["exchange_id"]: item["response_exchange_id"]
         for item in run_items(engine, run_id)

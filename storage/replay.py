@@ -380,6 +380,20 @@ def run_items(engine: Engine, run_id: str) -> list[Row]:
         return [dict(row) for row in conn.execute(query).mappings()]
 
 
+def runs_sharing_inputs(engine: Engine, run_id: str) -> dict[str, int]:
+    """Other run id → how many of `run_id`'s saved inputs it holds too (any status): the runs
+    whose answers can be set against this run's, input by input (`replay report --against`)."""
+    mine, theirs = replay_items.alias("mine"), replay_items.alias("theirs")
+    query = (
+        sa.select(theirs.c.run_id, sa.func.count())
+        .select_from(mine.join(theirs, mine.c.exchange_id == theirs.c.exchange_id))
+        .where(mine.c.run_id == run_id, theirs.c.run_id != run_id)
+        .group_by(theirs.c.run_id)
+    )
+    with engine.connect() as conn:
+        return {other: int(n) for other, n in conn.execute(query)}
+
+
 def store_verdicts(engine: Engine, verdicts: Sequence[Row], *, lease: Lease) -> None:
     """Store a judge's verdicts (battle rows) in one transaction that also renews its lease:
     LeaseLost, and nothing stored, when the judge run was taken over."""

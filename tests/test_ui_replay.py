@@ -475,3 +475,83 @@ def test_a_judge_held_by_a_dead_process_is_taken_over_only_when_confirmed(
         assert judge.total_requests() == 5
     assert not at.exception, [e.value for e in at.exception]
     assert not [b for b in at.button if b.key == "judge_take_over"]
+
+
+def test_a_run_is_compared_with_another_run_on_the_inputs_both_answered(
+    built: BuiltDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The page set a run's answers against the logged originals only: a second instruction
+    or another model could not be read against the last try, as `replay report RUN
+    --against OTHER` reads it. The opened run can now be compared with another run that
+    replayed some of its inputs: the reward difference with its CI, wins and per-cluster
+    figures, and the inputs one run alone answered."""
+    from ingest.replay import pairs
+    from storage.scores import store_scores
+    from storage.views import cluster_names
+    from tests.ui_database import SCORER
+
+    engine = open_database(built.url, read_only=True)
+    members = exchanges_in_clusters(engine, built.run_id, cluster_id=built.weakest_id)
+    name = cluster_names(engine, built.run_id)[built.weakest_id]
+    engine.dispose()
+    other_cluster = next(cid for cid in built.cluster_ids if cid != built.weakest_id)
+    at = _page(built.url, monkeypatch)
+    at.selectbox(key="replay_cluster").select(built.weakest_id).run()
+    # The first run fails the script-tag prompt (a 401 is not retried): only the second
+    # answers it. A third run replays another topic: it shares no input with them.
+    with OpenAIServer(faults=[Fault(status=401, prompt="<script>", times=1)]) as server:
+        at.text_input(key="replay_model").input("old*model")
+        at.text_input(key="replay_base_url").input(server.base_url)
+        at.number_input(key="replay_sample").set_value(len(members))
+        at.button(key="replay_run").click().run()
+    with OpenAIServer() as server:
+        _run_from_page(at, server.base_url, sample=len(members))
+        at.selectbox(key="replay_cluster").select(other_cluster).run()
+        _run_from_page(at, server.base_url, sample=2)
+    assert not at.exception, [e.value for e in at.exception]
+    engine = open_database(built.url)
+    elsewhere, second, first = (run["id"] for run in list_runs(engine))
+    rewards: dict[str, float] = {}
+    for run_id, reward in ((first, 0.75), (second, 0.25)):  # as `convoscope score` stores them
+        rewards |= {pair["new_id"]: reward for pair in pairs(engine, run_id)}
+    store_scores(engine, SCORER, rewards)
+    engine.dispose()
+    time.sleep(1.2)  # the runs and the version are re-read at most once a second
+
+    at.selectbox(key="replay_open").select(second).run()
+    assert not at.exception, [e.value for e in at.exception]
+    picker = at.selectbox(key="replay_against")
+    assert picker.value == ""  # none until picked: the page reads as before
+    labels = at.selectbox(key="replay_open").options
+    opened = dict(zip((elsewhere, second, first), labels, strict=True))
+    assert picker.options == ["None", opened[first]]  # labelled alike; not the other topic's
+    assert not [c for c in at.caption if c.value.startswith("Against run")]
+
+    picker.select(first).run()
+    assert not at.exception, [e.value for e in at.exception]
+    n = len(members) - 1
+    said = next(c.value for c in at.caption if c.value.startswith("Against run"))
+    assert said == (
+        f"Against run `{first}` (old\\*model): {n:,} inputs both answered "
+        "(1 answered by this run alone: left out)"
+    )
+    figures = {m.label: m.value for m in at.metric}
+    assert figures["That run's reward"] == "0.75" and figures["This run's reward"] == "0.25"
+    assert figures["Win rate of this run"] == "0.0 %" and figures["Paired inputs"] == str(n)
+    assert any(
+        c.value == f"Reward difference (this run − that run) -0.50, 95 % CI -0.50 to -0.50; "
+        f"this run wins 0, ties 0 and loses {n} of {n}."
+        for c in at.caption
+    )
+    table = next(d.value for d in at.dataframe if "Difference 95 % CI" in d.value.columns)
+    assert len(table) == 1 and table.iloc[0]["Pairs"] == n and "<img" in table.iloc[0]["Cluster"]
+    assert table.iloc[0]["Cluster"] == name and table.iloc[0]["Difference"] == -0.5
+    alone = next(e for e in at.expander if "alone" in e.label)
+    assert alone.label == "1 input answered by this run alone (left out)"
+    assert [t.value for t in alone.text] == [XSS_PROMPT_SHOWN]  # as text, never as markup
+
+    # Another run opened: the comparison is dropped, not carried to a run it cannot pair.
+    at.selectbox(key="replay_open").select(elsewhere).run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert not [s for s in at.selectbox if s.key == "replay_against"]
+    assert not [c for c in at.caption if c.value.startswith("Against run")]

@@ -34,7 +34,7 @@ from storage.logs import BattleFilter
 from storage.views import ViewFilter
 
 if TYPE_CHECKING:
-    from ingest.replay import ReplayConfig, ReplaySummary, RewardDiff
+    from ingest.replay import ReplayConfig, ReplaySummary, RewardDiff, RunComparison
     from scoring.judge import JudgeConfig, JudgeResult, JudgeSummary
 
 T = TypeVar("T")
@@ -492,6 +492,59 @@ def replay_pairs(
             row["judge"] = (verdict["judge"], verdict["winner"]) if verdict else None
         overall = compare(engine, run_id, scores=scores, n_boot=500).overall if scores else None
         return rows, overall
+
+    return read(url, build)
+
+
+@st.cache_data(show_spinner=False, ttl=1.0, max_entries=16)
+def runs_sharing_inputs(url: str, run_id: str) -> dict[str, int]:
+    """Other run id → how many of `run_id`'s inputs it holds too: the runs its answers can be
+    compared with. Expires like the runs: a run started in another process shares inputs
+    before the database version counts its answers."""
+    from storage.replay import runs_sharing_inputs as sharing
+
+    return read(url, lambda e: sharing(e, run_id))
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def run_comparison(
+    url: str,
+    version: tuple[Any, ...],
+    run_id: str,
+    against: str,
+    done: tuple[int, int],
+    cluster_run_id: str | None,
+    shown: int,
+) -> tuple[RunComparison, list[dict[str, Any]], list[dict[str, Any]]]:
+    """`run_id`'s answers against `against`'s on the inputs both answered, as `replay report
+    RUN --against OTHER` pairs them (overall and per topic of `cluster_run_id`, the clustering
+    the page shows), with the first `shown` inputs only `run_id` answered and only `against`
+    answered (id and prompt), which the comparison leaves out. `done` (both runs' answered
+    counts) keys the cache: a run resumed elsewhere answers more without a new version."""
+    from ingest.replay import answers_by_input, compare_runs
+    from storage.clusters import load_assignments
+    from storage.replay import exchanges_by_id
+    from storage.scores import latest_scores
+
+    def build(
+        engine: Engine,
+    ) -> tuple[RunComparison, list[dict[str, Any]], list[dict[str, Any]]]:
+        scores = latest_scores(engine, prefix="reward:") or None
+        cluster_of = None
+        if cluster_run_id is not None:
+            found = load_assignments(engine, cluster_run_id)
+            cluster_of = {k: v for k, v in found.items() if v is not None}
+        compared = compare_runs(
+            engine, run_id, against, scores=scores, cluster_of=cluster_of, n_boot=500
+        )
+        mine, theirs = (set(answers_by_input(engine, r)) for r in (run_id, against))
+        alone = [sorted(mine - theirs)[:shown], sorted(theirs - mine)[:shown]]
+        prompts = exchanges_by_id(engine, alone[0] + alone[1], columns=("id", "prompt"))
+        only_run, only_against = (
+            [{"id": i, "prompt": prompts[i]["prompt"] if i in prompts else None} for i in ids]
+            for ids in alone
+        )
+        return compared, only_run, only_against
 
     return read(url, build)
 
