@@ -108,8 +108,8 @@ def test_overview_headline_figures_and_weakest_first(
     # trailing zeros, so "2.8%" stood beside "3.74%" in one column.
     columns = json.loads(at.dataframe[0].proto.columns)
     assert columns["Share"]["type_config"]["format"] == "%.1f %%"
-    group_columns = json.loads(at.dataframe[1].proto.columns)
-    assert group_columns["Ended"]["type_config"]["format"] == "%.1f %%"
+    rates = next(d for d in at.dataframe if "Ended" in d.value.columns)  # the groups' rates
+    assert json.loads(rates.proto.columns)["Ended"]["type_config"]["format"] == "%.1f %%"
     assert table["Share"].sum() == pytest.approx(100.0)
     assert len(at.get("plotly_chart")) == 1
     assert not at.warning
@@ -887,7 +887,9 @@ def test_the_cluster_table_and_map_legend_fit_a_1400_px_window(
     """The cluster table had 14 columns, 1,800 px wide, that scrolled sideways at 1,400 px,
     and the map's legend beside it listed about 24 of a demo's 33 topics before scrolling.
     The table keeps the columns that rank a topic, each sized, within the page's width (the
-    rest are on the topic's page), and the legend lies under the map, every topic listed."""
+    rest are on the topic's page), and the legend lies under the map, every topic listed.
+    The groups table (about 1,875 px) keeps what ranks and explains a group, sized within
+    the page too; its retry, edit and end rates moved to a table under it."""
     at = _app(shared_db.url, monkeypatch)
     columns = json.loads(at.dataframe[0].proto.columns)
     shown = list(at.dataframe[0].value.columns)
@@ -900,6 +902,22 @@ def test_the_cluster_table_and_map_legend_fit_a_1400_px_window(
     assert all(isinstance(w, int) for w in widths), widths  # none left to its content
     assert 33 + sum(widths) <= MAIN_PX_AT_1400
     assert any("on each cluster's page" in c.value for c in at.caption)
+
+    groups = next(d for d in at.dataframe if "Weakest topics" in d.value.columns)
+    columns = json.loads(groups.proto.columns)
+    shown = list(groups.value.columns)
+    assert shown == [
+        "Group", "Topics", "Size", "Share", "Reward", "Reward 95 % CI", "Weakness", "Why",
+        "Weakest topics",
+    ]  # fmt: skip
+    assert groups.value["Weakness"].notna().all()  # ranked: every column has something to show
+    widths = [columns[name]["width"] for name in shown]
+    assert all(isinstance(w, int) for w in widths), widths
+    assert sum(widths) <= MAIN_PX_AT_1400  # no row-selection checkbox in this one
+    rates = next(d for d in at.dataframe if "Ended" in d.value.columns)
+    assert list(rates.value.columns) == ["Group", "Retry", "Edited", "Ended"]
+    assert list(rates.value["Group"]) == list(groups.value["Group"])
+    assert any("retry, edit and end rates are below" in c.value for c in at.caption)
 
     spec = json.loads(at.get("plotly_chart")[0].proto.spec)
     legend, height = spec["layout"]["legend"], spec["layout"]["height"]

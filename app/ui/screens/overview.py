@@ -184,6 +184,9 @@ if not groups.empty:
             "Each group pools the exchanges of its topics. This clustering has no "
             "`convoscope score` report yet, so there is no weakness, CI or weakest topic."
         )
+    # What ranks and explains a group, sized to fit a 1,400 px window as the cluster table
+    # does (with every column it was about 1,875 px wide and scrolled sideways). Its topics
+    # are the cluster table's rows naming it; its retry, edit and end rates are one click away.
     st.dataframe(
         table_cells(
             pd.DataFrame(
@@ -194,9 +197,6 @@ if not groups.empty:
                     "Share": as_percent(groups["share"]),
                     "Reward": groups["reward_mean"],
                     "Reward 95 % CI": groups["reward_ci"].map(fmt_ci),
-                    "Retry": as_percent(groups["retry_rate"]),
-                    "Edited": as_percent(groups["edit_rate"]),
-                    "Ended": as_percent(groups["end_rate"]),
                     "Weakness": groups["weakness"],
                     "Why": groups["reason"],
                     "Weakest topics": groups["weakest_topics"].map(lambda t: "; ".join(t)),
@@ -208,26 +208,51 @@ if not groups.empty:
         width="stretch",
         key="group_table",
         column_config={
-            "Group": st.column_config.TextColumn(width="medium", pinned=True),
-            "Topics": st.column_config.NumberColumn(format="%d", width="small"),
-            "Size": st.column_config.NumberColumn(format="%d", width="small"),
+            "Group": st.column_config.TextColumn(width=170, pinned=True),
+            "Topics": st.column_config.NumberColumn(format="%d", width=55),
+            "Size": st.column_config.NumberColumn(format="%d", width=55),
             "Share": st.column_config.ProgressColumn(
-                format=PERCENT_FORMAT, min_value=0.0, max_value=100.0, width="small"
+                format=PERCENT_FORMAT, min_value=0.0, max_value=100.0, width=80
             ),
-            "Reward": st.column_config.NumberColumn(format="%.2f", width="small"),
-            "Reward 95 % CI": st.column_config.TextColumn(width="medium"),
-            "Retry": st.column_config.NumberColumn(format=PERCENT_FORMAT, width="small"),
-            "Edited": st.column_config.NumberColumn(format=PERCENT_FORMAT, width="small"),
-            "Ended": st.column_config.NumberColumn(format=PERCENT_FORMAT, width="small"),
+            "Reward": st.column_config.NumberColumn(format="%.2f", width=60),
+            "Reward 95 % CI": st.column_config.TextColumn(width=110),
             "Weakness": st.column_config.ProgressColumn(
                 format="%.2f",
                 min_value=0.0,
                 max_value=float(groups["weakness"].fillna(0.0).max() or 1.0),
+                width=80,
             ),
-            "Why": st.column_config.TextColumn(width="large"),
-            "Weakest topics": st.column_config.TextColumn(width="large"),
+            "Why": st.column_config.TextColumn(width=150),
+            "Weakest topics": st.column_config.TextColumn(width=175),
         },
     )
+    st.caption(
+        "A group's topics are the cluster table's rows that name it as their group (select "
+        "one to open it); its retry, edit and end rates are below."
+    )
+    with st.expander("Retry, edit and end rates of each group"):
+        st.dataframe(
+            table_cells(
+                pd.DataFrame(
+                    {
+                        "Group": groups["name"],
+                        "Retry": as_percent(groups["retry_rate"]),
+                        "Edited": as_percent(groups["edit_rate"]),
+                        "Ended": as_percent(groups["end_rate"]),
+                    }
+                )
+            ),
+            hide_index=True,
+            placeholder=MISSING,
+            width="content",
+            key="group_rates",
+            column_config={
+                "Group": st.column_config.TextColumn(width=240),
+                "Retry": st.column_config.NumberColumn(format=PERCENT_FORMAT, width=80),
+                "Edited": st.column_config.NumberColumn(format=PERCENT_FORMAT, width=80),
+                "Ended": st.column_config.NumberColumn(format=PERCENT_FORMAT, width=80),
+            },
+        )
 
 st.subheader("Topic map")
 color_by = st.segmented_control(
