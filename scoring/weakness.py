@@ -200,9 +200,10 @@ def _reason(
         verdict = "above"
     parts = [
         # "clustered": the unassigned are in no topic's data, so this is not the mean of every
-        # exchange the UI's headline shows, and "the overall" read as that one.
-        f"mean reward {mean:.3f} [{lo:.3f}, {hi:.3f}] is {verdict} the clustered mean "
-        f"{overall:.3f}",
+        # exchange the UI's headline shows, and "the overall" read as that one. The verdict
+        # leads: the UI's narrow Why column shows a reason's start, and the figures after it
+        # stand in its own columns beside.
+        f"{verdict} the clustered mean {overall:.3f}: mean reward {mean:.3f} [{lo:.3f}, {hi:.3f}]",
         traffic,
     ]
     for name, value in rates.items():
