@@ -823,7 +823,11 @@ def routing_rows(engine: Engine, run_id: str) -> list[Row]:
 
 def battle_models(engine: Engine, flt: ViewFilter) -> list[Row]:
     """(model_a, model_b, winner) of every judged battle of two experts whose two sides pass
-    the filter: the input of a global leaderboard (an expert against itself ranks nothing)."""
+    the filter: the input of a global leaderboard (an expert against itself ranks nothing).
+
+    In battle id order: the leaderboard's seeded bootstrap resamples rows by position, so rows
+    in whatever order a join returns them (PostgreSQL's hash join differs from DuckDB's and
+    SQLite's) gave the same battles other CIs, ranks and ties on each engine."""
     a, b = exchanges.alias("a"), exchanges.alias("b")
     query = sa.select(
         a.c.model.label("model_a"), b.c.model.label("model_b"), battles.c.winner
@@ -840,7 +844,7 @@ def battle_models(engine: Engine, flt: ViewFilter) -> list[Row]:
     if flt.until is not None:
         query = query.where(a.c.created_at < flt.until)
     with engine.connect() as conn:
-        return [dict(r) for r in conn.execute(query).mappings()]
+        return [dict(r) for r in conn.execute(query.order_by(battles.c.id)).mappings()]
 
 
 # ----------------------------------------------------------------------------------- export
