@@ -8,12 +8,12 @@ never throws the rest away. Each result keeps its line number so callers can joi
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from ingest.files import UTF8_BOM
+from ingest.files import READ_ERRORS, UTF8_BOM, open_binary
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,8 +70,8 @@ def read_line_file(
     records: list[LineRecord] = []
     rejects: list[LineReject] = []
     opened = False
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, 1):
+    with open_binary(path) as handle:  # gzipped or not, as `ingest` reads files
+        for number, raw in _numbered_lines(handle, path, rejects):
             if number == 1:  # a Windows editor's BOM is no part of the first line, as in ingest
                 raw = raw.removeprefix(UTF8_BOM)
             try:
@@ -99,6 +99,20 @@ def read_line_file(
             else:
                 records.append(LineRecord(number, outcome))
     return records, rejects
+
+
+def _numbered_lines(
+    handle: BinaryIO, path: Path, rejects: list[LineReject]
+) -> Iterator[tuple[int, bytes]]:
+    """The file's lines, numbered from 1; a gzip stream cut short or damaged ends them with a
+    reject at the line it could not read, keeping the lines before it."""
+    number = 0
+    try:
+        for number, raw in enumerate(handle, 1):
+            yield number, raw
+    except READ_ERRORS as error:
+        reason = f"the file could not be read past here ({type(error).__name__}: {error})"
+        rejects.append(LineReject(str(path), number + 1, None, reason))
 
 
 def _parse(

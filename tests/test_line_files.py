@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -38,6 +39,30 @@ def test_a_bad_line_is_named_and_its_neighbours_kept(
     assert (reject.file, reject.line, reject.field) == (str(path), 2, field)
     assert reject.reason.startswith(reason)
     assert str(reject).startswith(f"{path}:2: ")
+
+
+def test_a_gzipped_file_is_read_as_ingest_reads_it_and_a_cut_one_keeps_its_lines(
+    tmp_path: Path,
+) -> None:
+    """`reward --file battles.jsonl.gz` rejected every line as "not valid UTF-8", where
+    `ingest` reads the same file: gzip is read transparently, and a stream cut short keeps
+    the lines before the cut, with a reject where it ends."""
+    lines = b"".join(
+        json.dumps({"prompt": f"p{i}", "response": "r" * 500 + str(i)}).encode() + b"\n"
+        for i in range(200)
+    )
+    whole = tmp_path / "pairs.jsonl.gz"
+    whole.write_bytes(gzip.compress(lines))
+    records, rejects = read_line_file(whole, ("prompt", "response"))
+    assert (len(records), rejects) == (200, [])
+    assert records[199].fields["prompt"] == "p199"
+
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(whole.read_bytes()[: len(whole.read_bytes()) // 2])
+    records, rejects = read_line_file(cut, ("prompt", "response"))
+    assert 0 < len(records) < 200 and [r.line for r in records] == list(range(1, len(records) + 1))
+    assert [(r.line, r.field) for r in rejects] == [(len(records) + 1, None)]
+    assert rejects[0].reason.startswith("the file could not be read past here (EOFError")
 
 
 def test_plain_lines_are_the_plain_field(tmp_path: Path) -> None:
