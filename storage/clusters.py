@@ -195,7 +195,13 @@ def cluster_ids_used(engine: Engine) -> set[str]:
 
 
 def load_clusters(engine: Engine, run_id: str) -> list[Row]:
-    """A run's clusters with the display name (a person's name wins) and tags."""
+    """A run's clusters with the display name (a person's name wins) and tags: topics then
+    groups, each largest first, equal sizes by id.
+
+    The id settles equal sizes: without it DuckDB returned them in the order they were stored
+    (the fit's), SQLite and PostgreSQL in id order, so `clusters` listed unscored topics of
+    one size in another order on each engine (the UI's `storage.views._cluster_rows` orders
+    the same way)."""
     query = (
         sa.select(
             clusters, cluster_annotations.c.name.label("user_name"), cluster_annotations.c.note
@@ -206,7 +212,7 @@ def load_clusters(engine: Engine, run_id: str) -> list[Row]:
             )
         )
         .where(clusters.c.run_id == run_id)
-        .order_by(clusters.c.level, clusters.c.size.desc())
+        .order_by(clusters.c.level, clusters.c.size.desc(), clusters.c.id)
     )
     with engine.connect() as conn:
         rows = [dict(r) for r in conn.execute(query).mappings()]

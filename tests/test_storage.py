@@ -645,6 +645,30 @@ def test_topic_and_group_reports_share_a_run_and_are_read_by_level(db_url: str) 
     engine.dispose()
 
 
+def test_clusters_of_one_size_load_in_one_order_on_every_engine(db_url: str) -> None:
+    """`clusters` lists unscored topics largest first in the order they load: of one size,
+    DuckDB gave them in the order stored (the fit's), SQLite and PostgreSQL in id order."""
+    from storage.clusters import load_clusters, save_cluster_run
+
+    engine = open_database(db_url)
+    run = {
+        "id": "run1",
+        "created_at": utcnow(),
+        "on_field": "prompt",
+        "embedder": "m",
+        "params": "{}",
+        "n_rows": 9,
+        "n_clusters": 4,
+        "unassigned_share": 0.0,
+        "events": None,
+    }
+    base = {"auto_name": "x", "keywords": "[]", "share": 0.25, "run_id": "run1", "level": 0}
+    stored = [("t2", 2), ("t10", 2), ("t3", 3), ("t1", 2), ("t0", 2)]  # not in id order
+    save_cluster_run(engine, run, [{**base, "id": i, "size": n} for i, n in stored], [])
+    assert [c["id"] for c in load_clusters(engine, "run1")] == ["t3", "t0", "t1", "t10", "t2"]
+    engine.dispose()
+
+
 _LONG_STATEMENT_UNDER_CTRL_C = """
 import sys
 import sqlalchemy as sa
