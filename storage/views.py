@@ -686,7 +686,11 @@ def _hits(
 
 def run_text_rows(engine: Engine, run_id: str) -> Iterator[list[Row]]:
     """(id, prompt, response, context) of every exchange assigned in a run, in batches: what
-    a semantic index needs to recompute the embedded text and find its vector."""
+    a semantic index needs to recompute the embedded text and find its vector.
+
+    Ordered by (conversation, turn) so parents come first, then by id, which two exchanges
+    at one turn (`storage.logs.iter_exchanges` says how) need: the index's row order breaks ties
+    between equal similarities (copies of one text), so it must not be the engine's."""
     columns = [exchanges.c.id, exchanges.c.prompt, exchanges.c.response, exchanges.c.context]
     columns, added = context_columns(columns)
     query = (
@@ -699,7 +703,7 @@ def run_text_rows(engine: Engine, run_id: str) -> Iterator[list[Row]]:
                 ),
             )
         )
-        .order_by(exchanges.c.conversation_id, exchanges.c.turn_index)  # parents first
+        .order_by(exchanges.c.conversation_id, exchanges.c.turn_index, exchanges.c.id)
     )
     yield from stream_with_contexts(engine, query, added, _CHUNK)
 
