@@ -403,9 +403,14 @@ def store_verdicts(engine: Engine, verdicts: Sequence[Row], *, lease: Lease) -> 
 
 
 def load_verdicts(engine: Engine, source: str) -> list[Row]:
-    """Judged battles stored under `source` (a replay's LLM-judge verdicts)."""
-    query = sa.select(
-        battles.c.exchange_a, battles.c.exchange_b, battles.c.winner, battles.c.judge
-    ).where(battles.c.source == source)
+    """Judged battles stored under `source` (a replay's LLM-judge verdicts), oldest first
+    (as stored, then by id): a pair judged by two judges has two verdicts, and the replay
+    page, which shows one verdict per pair, keeps the last: the one judged last. In the
+    table's own order it was whichever the engine's scan gave last."""
+    query = (
+        sa.select(battles.c.exchange_a, battles.c.exchange_b, battles.c.winner, battles.c.judge)
+        .where(battles.c.source == source)
+        .order_by(battles.c.ingested_at, battles.c.id)
+    )
     with engine.connect() as conn:
         return [dict(row) for row in conn.execute(query).mappings()]
