@@ -130,11 +130,14 @@ def latest_run(engine: Engine, on_field: str = DEFAULT_ON) -> Row | None:
 
     The one rule for "the latest clustering": each field's runs are their own topics, so the
     newest run of any field is not it (after `cluster --on response`, exports carried
-    response topics while `clusters` listed prompt ones)."""
+    response topics while `clusters` listed prompt ones).
+
+    Of runs stored at one time, the smallest id, as `storage.prune.stored_runs` orders them:
+    by time alone the pick was the engine's."""
     query = (
         sa.select(cluster_runs)
         .where(cluster_runs.c.on_field == on_field)
-        .order_by(cluster_runs.c.created_at.desc())
+        .order_by(cluster_runs.c.created_at.desc(), cluster_runs.c.id)
         .limit(1)
     )
     with engine.connect() as conn:

@@ -111,12 +111,16 @@ def latest_model(engine: Engine, kind: str | Sequence[str]) -> Row | None:
 
 
 def model_ids(engine: Engine, kind: str | Sequence[str]) -> list[str]:
-    """The stored artefacts of a kind (or of several), newest first: ids for a user to pick."""
+    """The stored artefacts of a kind (or of several), newest first: ids for a user to pick.
+
+    Of artefacts stored at one time, the smallest id first, as `storage.prune` orders them to
+    keep the newest: by time alone `latest_model` could take one that `prune --keep 1` then
+    removed, and another became the current model."""
     kinds = [kind] if isinstance(kind, str) else list(kind)
     query = (
         sa.select(trained_models.c.id)
         .where(trained_models.c.kind.in_(kinds))
-        .order_by(trained_models.c.created_at.desc())
+        .order_by(trained_models.c.created_at.desc(), trained_models.c.id)
     )
     with engine.connect() as conn:
         return list(conn.execute(query).scalars())

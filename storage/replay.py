@@ -253,10 +253,11 @@ def get_run(engine: Engine, run_id: str) -> Row | None:
 
 
 def list_runs(engine: Engine) -> list[Row]:
-    """Every run, newest first, with its item counts per status."""
+    """Every run, newest first (runs created at one time by id), with its item counts per
+    status."""
     with engine.connect() as conn:
         runs = conn.execute(
-            sa.select(replay_runs).order_by(replay_runs.c.created_at.desc())
+            sa.select(replay_runs).order_by(replay_runs.c.created_at.desc(), replay_runs.c.id)
         ).mappings()
         now = utcnow()
         rows = [_decoded(run, now) for run in runs]

@@ -54,12 +54,13 @@ def _has_values(conn: Connection, scorer: str) -> bool:
 
 
 def latest_scorer(engine: Engine, prefix: str) -> str | None:
-    """The most recently written scorer whose name starts with `prefix`."""
+    """The most recently written scorer whose name starts with `prefix`; of scorers written
+    at one time, the first by name (by time alone the pick was the engine's)."""
     query = (
         sa.select(scores.c.scorer)
         .where(scores.c.scorer.startswith(prefix, autoescape=True))
         .group_by(scores.c.scorer)
-        .order_by(sa.func.max(scores.c.created_at).desc())
+        .order_by(sa.func.max(scores.c.created_at).desc(), scores.c.scorer)
         .limit(1)
     )
     with engine.connect() as conn:
