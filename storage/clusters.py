@@ -244,15 +244,6 @@ def _one_line(name: str) -> str:
     return "".join(ch for ch in " ".join(name.split()) if ch.isprintable())
 
 
-def load_layout(engine: Engine, run_id: str) -> list[Row]:
-    """exchange id, cluster id and 2-D map position of every assigned row."""
-    query = sa.select(
-        assignments.c.exchange_id, assignments.c.cluster_id, assignments.c.x, assignments.c.y
-    ).where(assignments.c.run_id == run_id)
-    with engine.connect() as conn:
-        return [dict(r) for r in conn.execute(query).mappings()]
-
-
 def annotate_cluster(
     engine: Engine, cluster_id: str, *, name: str | None = None, note: str | None = None
 ) -> Row:
