@@ -740,16 +740,19 @@ def compare_runs(
     cluster_of: Mapping[str, str] | None = None,
     n_boot: int = 2000,
     seed: int = 0,
+    answers: Sequence[Mapping[str, str]] | None = None,
 ) -> RunComparison:
     """The reward of `run_id`'s answers against `against`'s on the saved inputs both
     answered, paired by input (overall and per cluster of the input), so two instruction
-    versions or two models replayed on one cluster are compared on the same prompts."""
+    versions or two models replayed on one cluster are compared on the same prompts.
+    `answers`: the two runs' `answers_by_input`, when the caller has read them already."""
     other = get_run(engine, against)
     if other is None:
         raise ReplayError(f"--against {against!r}: no such replay run")
     if against == run_id:
         raise ReplayError("--against names the run itself: give an earlier run to compare with")
-    answers = [answers_by_input(engine, r) for r in (run_id, against)]
+    if answers is None:
+        answers = [answers_by_input(engine, r) for r in (run_id, against)]
     shared = sorted(set(answers[0]) & set(answers[1]))
     overall: RewardDiff | None = None
     per_cluster: dict[str, RewardDiff] = {}

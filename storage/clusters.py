@@ -237,6 +237,12 @@ def load_assignments(engine: Engine, run_id: str) -> dict[str, str | None]:
         return dict(conn.execute(query).all())
 
 
+def topic_of(engine: Engine, run_id: str) -> dict[str, str]:
+    """exchange id → its topic in the run, for the exchanges it assigned to one (per-cluster
+    figures of a replay report and of the Replay page)."""
+    return {k: v for k, v in load_assignments(engine, run_id).items() if v is not None}
+
+
 def _one_line(name: str) -> str:
     """A cluster name as one line of printable text: `rename t3 $'two\nlines'` stored a line
     break that split the `clusters` table, and a control character (a bidi override) would

@@ -73,9 +73,9 @@ def save_models(engine: Engine, models: Sequence[NewModel]) -> None:
     payloads = [_zipped(model.files) for model in models]
     created = utcnow()
     with engine.begin() as conn:
-        for run_id in {model.run_id for model in models} - {None}:
-            hold_run(conn, str(run_id), stored="routing table", again="score")
         for model, payload in zip(models, payloads, strict=True):
+            if model.run_id is not None:
+                hold_run(conn, model.run_id, stored=model.kind.replace("_", " "), again="score")
             created = max(utcnow(), created + timedelta(microseconds=1))  # the last, newest
             conn.execute(
                 sa.insert(trained_models).values(

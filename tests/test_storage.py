@@ -606,6 +606,21 @@ def test_duckdb_connections_share_the_database_and_stream_side_by_side(
     engine.dispose()
 
 
+def _run_row(*, n_rows: int, n_clusters: int) -> dict[str, object]:
+    """A stored clustering run's row ("run1", on prompts), for tests of what hangs off it."""
+    return {
+        "id": "run1",
+        "created_at": utcnow(),
+        "on_field": "prompt",
+        "embedder": "m",
+        "params": "{}",
+        "n_rows": n_rows,
+        "n_clusters": n_clusters,
+        "unassigned_share": 0.0,
+        "events": None,
+    }
+
+
 def test_topic_and_group_reports_share_a_run_and_are_read_by_level(db_url: str) -> None:
     """Group reports live beside topic reports (no schema change): every reader asks for the
     level it shows, and a re-score replaces both together."""
@@ -613,17 +628,7 @@ def test_topic_and_group_reports_share_a_run_and_are_read_by_level(db_url: str) 
     from storage.reports import load_cluster_reports, save_cluster_reports
 
     engine = open_database(db_url)
-    run = {
-        "id": "run1",
-        "created_at": utcnow(),
-        "on_field": "prompt",
-        "embedder": "m",
-        "params": "{}",
-        "n_rows": 3,
-        "n_clusters": 2,
-        "unassigned_share": 0.0,
-        "events": None,
-    }
+    run = _run_row(n_rows=3, n_clusters=2)
     base = {"auto_name": "x", "keywords": "[]", "size": 1, "share": 0.5, "run_id": "run1"}
     save_cluster_run(
         engine,
@@ -651,17 +656,7 @@ def test_clusters_of_one_size_load_in_one_order_on_every_engine(db_url: str) -> 
     from storage.clusters import load_clusters, save_cluster_run
 
     engine = open_database(db_url)
-    run = {
-        "id": "run1",
-        "created_at": utcnow(),
-        "on_field": "prompt",
-        "embedder": "m",
-        "params": "{}",
-        "n_rows": 9,
-        "n_clusters": 4,
-        "unassigned_share": 0.0,
-        "events": None,
-    }
+    run = _run_row(n_rows=9, n_clusters=4)
     base = {"auto_name": "x", "keywords": "[]", "share": 0.25, "run_id": "run1", "level": 0}
     stored = [("t2", 2), ("t10", 2), ("t3", 3), ("t1", 2), ("t0", 2)]  # not in id order
     save_cluster_run(engine, run, [{**base, "id": i, "size": n} for i, n in stored], [])

@@ -73,9 +73,8 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
         if args.action == "report":
             run = latest_run(engine, args.on)
             cluster_of = _cluster_of(engine, run)
-            report = compare(
-                engine, args.run_id, scores=_reward_scores(engine), cluster_of=cluster_of
-            ).as_dict()
+            scores = _reward_scores(engine)  # every exchange's: read once for both comparisons
+            report = compare(engine, args.run_id, scores=scores, cluster_of=cluster_of).as_dict()
             _record_instruction_reward(engine, args.run_id, report)
             report["reward_advice"] = _reward_advice(engine, report)
             # Per judge: pooled, two judges' verdicts on the same pairs would double the count
@@ -96,7 +95,7 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
                     engine,
                     args.run_id,
                     args.against,
-                    scores=_reward_scores(engine),
+                    scores=scores,
                     cluster_of=cluster_of,
                 ).as_dict()
             return report
@@ -459,8 +458,6 @@ def _reward_scores(engine: Engine) -> dict[str, float] | None:
 
 def _cluster_of(engine: Engine, run: dict[str, Any] | None) -> dict[str, str] | None:
     """exchange id → its topic in `run` (the report's per-cluster figures), None unclustered."""
-    from storage.clusters import load_assignments
+    from storage.clusters import topic_of
 
-    if run is None:
-        return None
-    return {k: v for k, v in load_assignments(engine, run["id"]).items() if v is not None}
+    return None if run is None else topic_of(engine, run["id"])

@@ -522,7 +522,7 @@ def run_comparison(
     answered (id and prompt), which the comparison leaves out. `done` (both runs' answered
     counts) keys the cache: a run resumed elsewhere answers more without a new version."""
     from ingest.replay import answers_by_input, compare_runs
-    from storage.clusters import load_assignments
+    from storage.clusters import topic_of
     from storage.replay import exchanges_by_id
     from storage.scores import latest_scores
 
@@ -530,14 +530,18 @@ def run_comparison(
         engine: Engine,
     ) -> tuple[RunComparison, list[dict[str, Any]], list[dict[str, Any]]]:
         scores = latest_scores(engine, prefix="reward:") or None
-        cluster_of = None
-        if cluster_run_id is not None:
-            found = load_assignments(engine, cluster_run_id)
-            cluster_of = {k: v for k, v in found.items() if v is not None}
+        cluster_of = None if cluster_run_id is None else topic_of(engine, cluster_run_id)
+        answers = [answers_by_input(engine, r) for r in (run_id, against)]
         compared = compare_runs(
-            engine, run_id, against, scores=scores, cluster_of=cluster_of, n_boot=500
+            engine,
+            run_id,
+            against,
+            scores=scores,
+            cluster_of=cluster_of,
+            n_boot=500,
+            answers=answers,
         )
-        mine, theirs = (set(answers_by_input(engine, r)) for r in (run_id, against))
+        mine, theirs = (set(a) for a in answers)
         alone = [sorted(mine - theirs)[:shown], sorted(theirs - mine)[:shown]]
         prompts = exchanges_by_id(engine, alone[0] + alone[1], columns=("id", "prompt"))
         only_run, only_against = (
