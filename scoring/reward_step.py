@@ -40,7 +40,7 @@ from scoring.reward_head import HeadConfig, Pairs, RewardHead, head_features, si
 from scoring.reward_lexical import LexicalConfig, LexicalReward
 from scoring.reward_model import FineTuneConfig, join_context
 from storage.logs import iter_exchanges
-from storage.models import NewModel, latest_model, load_model, model_ids, save_models
+from storage.models import NewModel, latest_model, load_model, model_ids
 from storage.scores import store_scores
 from storage.vectors import load_vectors
 
@@ -82,8 +82,9 @@ class SavedModel(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class TrainedReward:
-    """A reward model just trained (or pointed to), not stored yet: `store_rewards` stores
-    it with the members of its ensemble, as one."""
+    """A reward model just trained (or pointed to), not stored yet: `score` stores it with
+    the members of its ensemble and the rest of what it made, as one
+    (`storage.reports.save_scored`)."""
 
     record: NewModel  # its files, config, metrics and scores, as storage takes them
     scores: np.ndarray  # one per row of the frame it was trained on
@@ -92,13 +93,6 @@ class TrainedReward:
     @property
     def model_id(self) -> str:
         return self.record.id
-
-
-def store_rewards(engine: Engine, trained: Sequence[TrainedReward]) -> None:
-    """Store reward models trained together, each with its scores, the last the newest: an
-    ensemble after its members. One transaction, so a `score` stopped between a member and
-    its ensemble leaves the previous reward model current, not a member alone."""
-    save_models(engine, [t.record for t in trained])
 
 
 def exchange_vectors(

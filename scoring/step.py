@@ -41,7 +41,6 @@ from scoring.reward_step import (
     embedded_hashes,
     exchange_embeddings,
     reward_members,
-    store_rewards,
     train_ensemble,
     train_finetuned,
     train_head,
@@ -58,8 +57,8 @@ from scoring.routing import (
 from scoring.weakness import ClusterWeakness, WeaknessConfig, rank_clusters
 from storage.clusters import latest_run, load_assignments, load_clusters
 from storage.logs import iter_exchanges, load_battles
-from storage.models import NewModel, latest_model, model_ids, save_models
-from storage.reports import SCORER_KEY, load_cluster_reports, save_cluster_reports
+from storage.models import NewModel, latest_model, model_ids
+from storage.reports import SCORER_KEY, load_cluster_reports, save_cluster_reports, save_scored
 from storage.scores import latest_scorer, load_scores
 from storage.vectors import load_vectors
 
@@ -131,6 +130,16 @@ class ReportCounts:
         return {"clusters": self.topics, "groups": self.groups}
 
 
+@dataclass(frozen=True, slots=True)
+class _RunReports:
+    """Reports of one clustering run (cluster id → payload), made but not stored yet; no run
+    when there was nothing clustered to report on."""
+
+    run_id: str | None = None
+    reports: dict[str, dict[str, Any]] = field(default_factory=dict)
+    counts: ReportCounts = ReportCounts()
+
+
 def score_all(engine: Engine, *, config: ScoreConfig) -> dict[str, Any]:
     """Train, apply and report; returns label counts, model ids and held-out metrics."""
     frame = _exchange_frame(engine)
@@ -140,7 +149,8 @@ def score_all(engine: Engine, *, config: ScoreConfig) -> dict[str, Any]:
     frame = _with_battle_outcomes(frame, battles)
     labels = joint_labels(frame, config.labels)
     prompt_hashes, encoder = embedded_hashes(engine, list(frame["id"]), config.embed, "prompt")
-    reward = train_reward(engine, frame, labels.frame, battles, config)
+    trained = train_reward(engine, frame, labels.frame, battles, config)
+    reward = trained[-1]
     warnings = [w for w in (rating_scale_warning(frame, config.labels),) if w]
     result: dict[str, Any] = {
         "exchanges": len(frame),
@@ -167,7 +177,7 @@ def score_all(engine: Engine, *, config: ScoreConfig) -> dict[str, Any]:
                 f"--costs names experts the predictor does not know: {', '.join(unknown)} "
                 f"(known: {', '.join(sorted(predictor.experts))})"
             )
-    counts, routed = _cluster_reports(
+    reports, routed = _cluster_reports(
         engine,
         frame,
         _Rewards(reward.scores, f"reward:{reward.model_id}"),
@@ -177,9 +187,12 @@ def score_all(engine: Engine, *, config: ScoreConfig) -> dict[str, Any]:
         battles,
         config,
     )
-    if predictor is not None:
-        result["predictor"] = _save_predictor(engine, predictor, routed, encoder, config)
-    return {**result, **counts.as_dict()}
+    later = [] if predictor is None else _predictor_records(predictor, routed, encoder, config)
+    # One transaction: a `score` stopped anywhere leaves the previous one's results whole.
+    save_scored(engine, [t.record for t in trained], reports.run_id, reports.reports, later)
+    if later:
+        result["predictor"] = later[0].id
+    return {**result, **reports.counts.as_dict()}
 
 
 def train_reward(
@@ -188,15 +201,13 @@ def train_reward(
     labels: pd.DataFrame,
     battles: pd.DataFrame,
     config: ScoreConfig,
-) -> TrainedReward:
-    """The reward model `config` asks for, trained (or loaded), stored and applied to every
-    row of `frame`. Responses are embedded only for a head whose feature set reads them."""
+) -> list[TrainedReward]:
+    """The reward model `config` asks for, trained (or loaded) and applied to every row of
+    `frame`, not stored yet: the last is the one that scores, after the members of its
+    ensemble. Responses are embedded only for a head whose feature set reads them."""
     if config.reward_model_dir:
-        trained = [use_external(engine, frame, labels, battles, config.reward_model_dir)]
-    else:
-        trained = _train_members(engine, frame, labels, battles, config)
-    store_rewards(engine, trained)
-    return trained[-1]
+        return [use_external(engine, frame, labels, battles, config.reward_model_dir)]
+    return _train_members(engine, frame, labels, battles, config)
 
 
 def _train_members(
@@ -249,7 +260,11 @@ def train_reward_only(engine: Engine, *, config: ScoreConfig) -> dict[str, Any]:
         raise ValueError("no exchanges stored: ingest some first")
     battles = pd.DataFrame(load_battles(engine))
     labels = joint_labels(_with_battle_outcomes(frame, battles), config.labels)
-    reward = train_reward(engine, frame, labels.frame, battles, config)
+    trained = train_reward(engine, frame, labels.frame, battles, config)
+    reward = trained[-1]
+    rewards = _Rewards(reward.scores, f"reward:{reward.model_id}")
+    reports = _refreshed_reports(engine, frame, rewards, battles, config)
+    save_scored(engine, [t.record for t in trained], reports.run_id, reports.reports)
     return {
         "exchanges": len(frame),
         "labels": labels.counts,
@@ -257,9 +272,7 @@ def train_reward_only(engine: Engine, *, config: ScoreConfig) -> dict[str, Any]:
         "reward_model": reward.model_id,
         "reward_metrics": reward.metrics,
         "warnings": [w for w in (rating_scale_warning(frame, config.labels),) if w],
-        **_refresh_reports(
-            engine, frame, _Rewards(reward.scores, f"reward:{reward.model_id}"), battles, config
-        ).as_dict(),
+        **reports.counts.as_dict(),
     }
 
 
@@ -276,25 +289,29 @@ def refresh_reports(engine: Engine, *, config: ScoreConfig) -> ReportCounts:
     frame = _exchange_frame(engine)
     frame = frame[frame["id"].isin(values.keys())].reset_index(drop=True)
     rewards = _Rewards(frame["id"].map(values).to_numpy(dtype=float), scorer)
-    return _refresh_reports(engine, frame, rewards, pd.DataFrame(load_battles(engine)), config)
+    battles = pd.DataFrame(load_battles(engine))
+    reports = _refreshed_reports(engine, frame, rewards, battles, config)
+    if reports.run_id is not None:
+        save_cluster_reports(engine, reports.run_id, reports.reports)
+    return reports.counts
 
 
-def _refresh_reports(
+def _refreshed_reports(
     engine: Engine,
     frame: pd.DataFrame,
     rewards: _Rewards,
     battles: pd.DataFrame,
     config: ScoreConfig,
-) -> ReportCounts:
-    """`refresh_reports` for rewards already in hand (one per row of `frame`); groups are
-    re-ranked too, so their figures never lag their topics'."""
+) -> _RunReports:
+    """`refresh_reports` for rewards already in hand (one per row of `frame`), not stored
+    yet; groups are re-ranked too, so their figures never lag their topics'."""
     run = latest_run(engine, on_field=config.on)
     if run is None or frame.empty:
-        return ReportCounts()
+        return _RunReports()
     assignment = load_assignments(engine, run["id"])
     data = _cluster_data(frame, rewards.values, assignment)
     if data.empty:
-        return ReportCounts()
+        return _RunReports()
     before = load_cluster_reports(engine, run["id"], level=None)
     ranked = rank_clusters(data, config=WeaknessConfig())
     parent_of = _parents(engine, run["id"])
@@ -312,8 +329,8 @@ def _refresh_reports(
             "leaderboard": _leaderboard_of(battles[battle_group == group_id], config)
         }
         reports[group_id] = {**kept, **figures}
-    save_cluster_reports(engine, run["id"], _stamped(reports, rewards.scorer))
-    return ReportCounts(topics=len(ranked), groups=len(groups))
+    counts = ReportCounts(topics=len(ranked), groups=len(groups))
+    return _RunReports(run["id"], _stamped(reports, rewards.scorer), counts)
 
 
 def _cluster_data(
@@ -533,17 +550,17 @@ def _cluster_reports(
     predictor: WinPredictor | None,
     battles: pd.DataFrame,
     config: ScoreConfig,
-) -> tuple[ReportCounts, _Routed | None]:
-    """Write one report per topic and one per parent group of the latest run (together, so
-    re-scoring replaces both); returns their counts and the topics' routes (None without a
-    predictor or a clustered topic)."""
+) -> tuple[_RunReports, _Routed | None]:
+    """One report per topic and one per parent group of the latest run (stored together, so
+    re-scoring replaces both), and the topics' routes (None without a predictor or a
+    clustered topic)."""
     run = latest_run(engine, on_field=config.on)
     if run is None:
-        return ReportCounts(), None
+        return _RunReports(), None
     assignment = load_assignments(engine, run["id"])
     data = _cluster_data(frame, rewards.values, assignment)
     if data.empty:
-        return ReportCounts(), None
+        return _RunReports(), None
     weakness = {w.cluster_id: w for w in rank_clusters(data, config=WeaknessConfig())}
     routes = {} if predictor is None else _routes(predictor, prompts, prompt_feats, data, config)
     reports: dict[str, dict[str, Any]] = {}
@@ -578,28 +595,26 @@ def _cluster_reports(
                 "cheapest_cost": route.cheapest_cost,
             },
         }
-    # Topics and groups in one transaction.
-    save_cluster_reports(engine, run["id"], _stamped(reports, rewards.scorer))
     counts = ReportCounts(topics=len(weakness), groups=len(groups))
+    stamped = _RunReports(run["id"], _stamped(reports, rewards.scorer), counts)
     if not routes:
-        return counts, None
+        return stamped, None
     members = {
         str(cid): topic.index.to_numpy()
         for cid, topic in data.groupby(data["cluster_id"].astype(str), sort=True)
     }
-    return counts, _Routed(run["id"], list(routes.values()), prompt_centroids(prompts, members))
+    routed = _Routed(run["id"], list(routes.values()), prompt_centroids(prompts, members))
+    return stamped, routed
 
 
-def _save_predictor(
-    engine: Engine,
+def _predictor_records(
     predictor: WinPredictor,
     routed: _Routed | None,
     encoder: str,
     config: ScoreConfig,
-) -> str:
-    """Store the win predictor with its routing table, as one, whether or not a clustering
-    gave the table per-cluster choices; returns the predictor's id. `encoder` embedded the
-    predictor's inputs.
+) -> list[NewModel]:
+    """The win predictor and its routing table, to store as one whether or not a clustering
+    gave the table per-cluster choices. `encoder` embedded the predictor's inputs.
 
     Apart, `route --export` could write an older predictor's table while `route TEXT` ranked
     with the new one: after `score --on response` with no response clustering (only tables
@@ -626,8 +641,7 @@ def _save_predictor(
         metrics={"clusters": len(table["clusters"])},
         run_id=run_id,
     )
-    save_models(engine, [stored, routing])
-    return stored.id
+    return [stored, routing]
 
 
 def _routes(

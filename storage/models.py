@@ -17,7 +17,7 @@ from datetime import timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from storage.clusters import hold_run
 from storage.engine import make_room
@@ -70,28 +70,33 @@ def save_models(engine: Engine, models: Sequence[NewModel]) -> None:
     which `score reward apply` and `reward --file` then took as the current one; or an
     ensemble's member, stored and scored, whose ensemble never came, so that member alone
     became the current reward model and its scores the latest."""
-    payloads = [_zipped(model.files) for model in models]
-    created = utcnow()
     with engine.begin() as conn:
-        for model, payload in zip(models, payloads, strict=True):
-            if model.run_id is not None:
-                hold_run(conn, model.run_id, stored=model.kind.replace("_", " "), again="score")
-            created = max(utcnow(), created + timedelta(microseconds=1))  # the last, newest
-            conn.execute(
-                sa.insert(trained_models).values(
-                    id=model.id,
-                    kind=model.kind,
-                    created_at=created,
-                    config=json.dumps(model.config, default=str),
-                    metrics=json.dumps(model.metrics, default=float),
-                    data_fingerprint=model.data_fingerprint,
-                    payload=payload,
-                )
-            )
-            if model.scores is not None:
-                write_scores(conn, f"{model.scorer_prefix}{model.id}", model.scores)
+        write_models(conn, models)
         if any(model.scores is not None for model in models):
             make_room(conn, committing=True)
+
+
+def write_models(conn: Connection, models: Sequence[NewModel]) -> None:
+    """`save_models` inside the caller's transaction (`storage.reports.save_scored` stores a
+    whole `score` as one)."""
+    created = utcnow()
+    for model in models:
+        if model.run_id is not None:
+            hold_run(conn, model.run_id, stored=model.kind.replace("_", " "), again="score")
+        created = max(utcnow(), created + timedelta(microseconds=1))  # the last, newest
+        conn.execute(
+            sa.insert(trained_models).values(
+                id=model.id,
+                kind=model.kind,
+                created_at=created,
+                config=json.dumps(model.config, default=str),
+                metrics=json.dumps(model.metrics, default=float),
+                data_fingerprint=model.data_fingerprint,
+                payload=_zipped(model.files),
+            )
+        )
+        if model.scores is not None:
+            write_scores(conn, f"{model.scorer_prefix}{model.id}", model.scores)
 
 
 def _zipped(files: Mapping[str, bytes]) -> bytes:

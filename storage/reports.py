@@ -17,10 +17,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from storage.clusters import hold_run
+from storage.engine import make_room
 from storage.logs import Row, insert_rows, utcnow
+from storage.models import NewModel, write_models
 from storage.schema import cluster_reports, clusters, instructions
 from storage.scores import latest_scorer
 
@@ -33,6 +35,36 @@ def save_cluster_reports(
 ) -> None:
     """Replace the reports of `run_id` with `reports` (cluster id → JSON-able payload).
     Raises RunRemoved, storing nothing, when `prune` removed the run meanwhile."""
+    with engine.begin() as conn:
+        write_cluster_reports(conn, run_id, reports)
+
+
+def save_scored(
+    engine: Engine,
+    models: Sequence[NewModel],
+    run_id: str | None,
+    reports: Mapping[str, Mapping[str, Any]],
+    later: Sequence[NewModel] = (),
+) -> None:
+    """What one `score` made, stored as one: the reward models with their scores, the reports
+    of clustering run `run_id` (none without a run), then `later` models (the win predictor
+    and its routing table), newer than the rewards.
+
+    Stored step by step, a `score` stopped between the rewards and the reports left the
+    cluster table ranked by the previous model beside the new model's rewards, and one stopped
+    before the predictor left `route` on an older predictor than the reports' routing."""
+    with engine.begin() as conn:
+        write_models(conn, models)
+        if run_id is not None:
+            write_cluster_reports(conn, run_id, reports)
+        write_models(conn, later)
+        make_room(conn, committing=True)
+
+
+def write_cluster_reports(
+    conn: Connection, run_id: str, reports: Mapping[str, Mapping[str, Any]]
+) -> None:
+    """`save_cluster_reports` inside the caller's transaction."""
     now = utcnow()
     rows = [
         {
@@ -44,10 +76,9 @@ def save_cluster_reports(
         }
         for cluster_id, payload in reports.items()
     ]
-    with engine.begin() as conn:
-        hold_run(conn, run_id, stored="cluster reports", again="score")
-        conn.execute(sa.delete(cluster_reports).where(cluster_reports.c.run_id == run_id))
-        insert_rows(conn, cluster_reports, rows)
+    hold_run(conn, run_id, stored="cluster reports", again="score")
+    conn.execute(sa.delete(cluster_reports).where(cluster_reports.c.run_id == run_id))
+    insert_rows(conn, cluster_reports, rows)
 
 
 def load_cluster_reports(
@@ -75,10 +106,12 @@ def load_cluster_reports(
 def stale_reports(engine: Engine, run_id: str) -> str | None:
     """Why the run's reports no longer match the stored rewards, or None when they do.
 
-    `score` stores a new reward model's scores before it rewrites the reports; stopped in
-    between, the table would rank clusters by the old model while every reward shown beside
-    it is the new one's. Reports name the scorer they came from (`SCORER_KEY`); reports
-    from before that mark, or a run not yet scored, are not judged.
+    `score` stores its rewards and reports as one (`save_scored`), but `score reward apply`
+    stores a model's scores before it re-ranks the reports, and `score --on response`
+    re-ranks that field's clustering only: the other run's table would then rank clusters
+    by the old model while every reward shown beside it is the new one's. Reports name the
+    scorer they came from (`SCORER_KEY`); reports from before that mark, or a run not yet
+    scored, are not judged.
     """
     query = sa.select(cluster_reports.c.payload).where(cluster_reports.c.run_id == run_id).limit(1)
     with engine.connect() as conn:
@@ -89,8 +122,9 @@ def stale_reports(engine: Engine, run_id: str) -> str | None:
         return None
     return (
         f"the cluster reports were computed from {used}, but the newest reward scores are "
-        f"{newest} (a `score` stopped before it finished?): run `convoscope score` again so "
-        "the weakness ranking, CIs and reasons follow the newest rewards"
+        f"{newest} (a `score` of another field, or a `score reward apply` stopped before it "
+        "finished?): run `convoscope score` again so the weakness ranking, CIs and reasons "
+        "follow the newest rewards"
     )
 
 

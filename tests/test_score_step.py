@@ -26,7 +26,6 @@ from scoring.reward_step import (
     TrainedReward,
     exchange_embeddings,
     reward_members,
-    store_rewards,
     train_head,
 )
 from scoring.step import (
@@ -39,8 +38,8 @@ from scoring.step import (
 )
 from storage.clusters import latest_run, load_assignments
 from storage.engine import open_database
-from storage.models import latest_model, load_model, model_ids
-from storage.reports import load_cluster_reports
+from storage.models import latest_model, load_model, model_ids, save_models
+from storage.reports import SCORER_KEY, load_cluster_reports
 from storage.scores import latest_scores
 from storage.vectors import missing_hashes
 from tests.test_ingest_pipeline import convoscope_here as convoscope  # many commands
@@ -396,6 +395,47 @@ def test_the_routing_table_is_always_the_newest_predictors(scored_db: str, tmp_p
     assert written["clusters"] == [] and written["theta"]  # each prompt by the predictor
 
 
+def test_a_score_stopped_at_its_last_write_leaves_the_previous_one_whole(scored_db: str) -> None:
+    """`score` stored the reward models, then the cluster reports, then the win predictor with
+    its routing table, each in a transaction of its own: stopped before the last, the reports
+    routed by an older predictor than `route` used, and stopped before the reports, the
+    table ranked clusters by the old model beside the new one's rewards. Now a failure at
+    the very last row (the routing table) stores none of it."""
+    import sqlalchemy as sa
+
+    from storage.scores import latest_scorer
+
+    engine = open_database(scored_db)
+    embed = EmbedConfig(device="cpu", progress=False)
+    first = score_all(engine, config=ScoreConfig(embed=embed, mode="head+lexical"))
+    run_id = latest_run(engine)["id"]
+    kinds = ["reward_head", "reward_lexical", "reward_ensemble", "win_predictor", "routing_table"]
+    models, reports = model_ids(engine, kinds), load_cluster_reports(engine, run_id, level=None)
+    assert latest_scorer(engine, "reward:") == f"reward:{first['reward_model']}"
+
+    def stop_at_the_table(_conn, _cursor, statement: str, parameters: object, *_: object) -> None:
+        if statement.startswith("INSERT INTO trained_models") and "'routing_table'" in repr(
+            parameters
+        ):
+            raise RuntimeError("stopped")
+
+    sa.event.listen(engine, "before_cursor_execute", stop_at_the_table)
+    with pytest.raises(RuntimeError, match="stopped"):
+        score_all(engine, config=ScoreConfig(embed=embed, mode="head+lexical", seed=1))
+    sa.event.remove(engine, "before_cursor_execute", stop_at_the_table)
+    assert model_ids(engine, kinds) == models
+    assert load_cluster_reports(engine, run_id, level=None) == reports
+    assert latest_scorer(engine, "reward:") == f"reward:{first['reward_model']}"
+
+    second = score_all(engine, config=ScoreConfig(embed=embed, mode="head+lexical", seed=1))
+    stored = model_ids(engine, kinds)
+    assert len(stored) == len(models) + 5 and stored[1] == second["predictor"]  # table newest
+    assert load_routing_table(engine)["predictor_id"] == second["predictor"]
+    stamps = {r[SCORER_KEY] for r in load_cluster_reports(engine, run_id, level=None).values()}
+    assert stamps == {f"reward:{second['reward_model']}"}
+    engine.dispose()
+
+
 def test_the_default_head_reads_no_embeddings_an_older_head_still_does(scored_db: str) -> None:
     """Embedding every answer was most of a first `score` on a CPU and lowered the head's
     accuracy: the default head reads the answers' structure only. A head stored before, on
@@ -436,7 +476,7 @@ def _older_text_head(engine: Engine, frame: pd.DataFrame, embed: EmbedConfig) ->
         label_config=LabelConfig(),
         features_kind=f"text:{len(FEATURE_NAMES)}",
     )
-    store_rewards(engine, [trained])
+    save_models(engine, [trained.record])
     return trained
 
 
