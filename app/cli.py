@@ -624,6 +624,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prune.set_defaults(handler=commands.prune)
 
+    status = sub.add_parser(
+        "status",
+        parents=[common],
+        help="what the database holds and the commands that would bring it up to date",
+        description="Counts of what is stored (logs, vectors, the latest clustering of each "
+        "field, reward scores, replays), what each step has not covered yet (exchanges no "
+        "clustering placed, exchanges with no reward, stale cluster reports) and the commands "
+        "to run next. Reads counts only, never the logs' text; never creates a database.",
+    )
+    status.set_defaults(handler=commands.status)
+
     run = sub.add_parser(
         "run",
         parents=[common, reading, embedding, topics],

@@ -144,3 +144,18 @@ def load_model(engine: Engine, model_id: str) -> Row | None:
     found["config"] = json.loads(found["config"] or "{}")
     found["metrics"] = json.loads(found["metrics"] or "{}")
     return found
+
+
+def model_info(engine: Engine, model_id: str) -> Row | None:
+    """One artefact's id, kind, time, config and metrics, without its payload (a fine-tuned
+    model's is over 100 MB): what a summary says of a model it does not run."""
+    columns = [trained_models.c[name] for name in ("id", "kind", "created_at", "config", "metrics")]
+    query = sa.select(*columns).where(trained_models.c.id == model_id)
+    with engine.connect() as conn:
+        row = conn.execute(query).mappings().first()
+    if row is None:
+        return None
+    found = dict(row)
+    found["config"] = json.loads(found["config"] or "{}")
+    found["metrics"] = json.loads(found["metrics"] or "{}")
+    return found

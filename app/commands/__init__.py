@@ -11,6 +11,7 @@ from app.commands.logs import export, ingest
 from app.commands.prune import DEFAULT_KEEP, prune
 from app.commands.replays import replay
 from app.commands.scores import reward, route, score
+from app.commands.status import status
 from app.commands.topics import assign, cluster, clusters, embed, rename, tag
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "route",
     "run",
     "score",
+    "status",
     "tag",
     "ui",
 ]

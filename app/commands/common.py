@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from storage.clusters import DEFAULT_ON, latest_runs
-from storage.engine import resolve_url
+from storage.engine import resolve_url, with_journals
 
 if TYPE_CHECKING:  # imported lazily at run time: it pulls in torch
     from sqlalchemy.engine import Engine
@@ -90,3 +91,11 @@ def no_clustering(engine: Engine, on: str) -> str:
 def clustering_used(on: str, run: dict[str, Any] | None) -> dict[str, Any]:
     """Which clustering a command's rows or figures are of, for its summary."""
     return {"on": on, "run_id": run["id"] if run else None}
+
+
+def file_bytes(path: Path | None) -> int | None:
+    """A database file's size with its journals, or None for a server or an in-memory
+    database."""
+    if path is None:
+        return None
+    return sum(f.stat().st_size for f in with_journals(path) if f.is_file())

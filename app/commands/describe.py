@@ -131,6 +131,8 @@ def describe(command: str, result: dict[str, Any]) -> str:
         return f"cluster {result['cluster_id']} tagged {result['tag']!r}"
     if command == "prune":
         return _describe_prune(result)
+    if command == "status":
+        return _describe_status(result)
     if command == "assign":
         return (
             f"{result['assigned']} new exchanges assigned to the clusters of run "
@@ -197,6 +199,88 @@ def _describe_prune(result: dict[str, Any]) -> str:
             f"database file {_bytes(before)} → {_bytes(after)} ({_bytes(before - after)} freed)"
         )
     return "\n".join(lines)
+
+
+def _describe_status(result: dict[str, Any]) -> str:
+    """One aligned block: a labelled line per part of the database (a part with several
+    items goes on over lines of its own), then the commands to run next, each with why."""
+    db, logs = result["database"], result["logs"]
+    size = "" if db["file_bytes"] is None else f", {_bytes(db['file_bytes'])}"
+    latest = logs["latest_ingest"]
+    steps = result["next"]
+    width = max((len(step["command"]) for step in steps), default=0)
+    parts = {
+        "database": [f"{db['url']} ({db['backend']}, schema {db['schema_revision']}{size})"],
+        "logs": [
+            f"{count(logs['conversations'], 'conversation')}, "
+            f"{count(logs['exchanges'], 'exchange')}, {count(logs['battles'], 'battle')}, "
+            f"{count(logs['models'], 'model')} named",
+            f"{count(logs['ingest_runs'], 'ingest')}"
+            + (f", the latest {latest:%Y-%m-%d %H:%M}" if latest else ""),
+        ],
+        "embeddings": [f"{n} vectors of {model}" for model, n in result["embeddings"].items()],
+        "clustering": [line for run in result["clusterings"] for line in _status_run(run)],
+        "reward": _status_reward(result["scoring"]),
+        "routing": _status_routing(result["scoring"]),
+        "replay": _status_replay(result["replay"]),
+        "next": [f"{step['command']:<{width}}  {step['why']}" for step in steps],
+    }
+    label = max(len(name) for name in parts) + 2
+    return "\n".join(
+        f"{name if n == 0 else '':<{label}}{line}"
+        for name, lines in parts.items()
+        for n, line in enumerate(
+            lines or ["nothing: the database is up to date" if name == "next" else "none"]
+        )
+    )
+
+
+def _status_run(run: dict[str, Any]) -> list[str]:
+    """One field's latest clustering: the run and its topics, then the exchanges it covers."""
+    reports = (
+        "reports stale" if run["reports_stale"] else "scored" if run["reports"] else "not scored"
+    )
+    return [
+        f"{run['on']}: run {run['run_id']} of {run['created_at']:%Y-%m-%d %H:%M}, "
+        f"{count(run['topics'], 'topic')} in {count(run['groups'], 'group')}",
+        f"  {run['placed']} placed, {run['unassigned']} unassigned, "
+        f"{run['not_placed']} not yet placed; {reports}",
+    ]
+
+
+def _status_reward(scoring: dict[str, Any]) -> list[str]:
+    """The reward model whose scores are read, what it has not scored, and its held-out
+    figures; nothing when no exchange is scored."""
+    if scoring["reward_scorer"] is None:
+        return []
+    model, unscored = scoring["reward_model"], f"{scoring['unscored']} exchanges unscored"
+    if model is None:  # scores whose model is not stored (written by hand, or pruned)
+        return [f"scores {scoring['reward_scorer']}, {unscored}"]
+    figures = _reward_figures(model["metrics"]) or "no held-out labels"
+    created = f"{model['created_at']:%Y-%m-%d %H:%M}"
+    return [f"{model['kind']} {model['id']} of {created}, {unscored}", f"  held out: {figures}"]
+
+
+def _status_routing(scoring: dict[str, Any]) -> list[str]:
+    """The ids `route` and `route --export` read, so a user can tell a re-score happened."""
+    stored = {"win predictor": scoring["win_predictor"], "routing table": scoring["routing_table"]}
+    return [f"{what} {id_}" for what, id_ in stored.items() if id_]
+
+
+def _status_replay(replay: dict[str, Any]) -> list[str]:
+    """How many replay and judge runs there are, then each one not done."""
+    if not replay["runs"]:
+        return []
+    runs = [f"{count(replay['runs'], 'replay run')}, {count(replay['judge_runs'], 'judge run')}"]
+    runs += [
+        f"  run {r['run_id']} ({r['model']}): {r['status']}, {r['pending']} pending, "
+        f"{r['failed']} failed"
+        for r in replay["open"]
+    ]
+    runs += [
+        f"  judge {j['judge']} of run {j['run_id']}: {j['status']}" for j in replay["open_judges"]
+    ]
+    return runs
 
 
 def _pruned_artefact(artefact: dict[str, Any]) -> str:

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from app.commands.common import note, safe_url
-from storage.engine import database_file, open_database, resolve_url, with_journals
+from app.commands.common import file_bytes, note, safe_url
+from storage.engine import database_file, open_database, resolve_url
 
 # Versions of each kind, and clustering runs of each field: the newest, and two to look back at.
 DEFAULT_KEEP = 3
@@ -25,7 +25,7 @@ def prune(args: argparse.Namespace) -> dict[str, Any]:
     from storage.prune import plan_prune, prune_stored, reclaim_space
 
     path = database_file(resolve_url(args.db))
-    before = _file_bytes(path)
+    before = file_bytes(path)
     engine = open_database(args.db, existing=True)
     try:
         plan = plan_prune(engine, keep=args.keep)
@@ -74,16 +74,8 @@ def prune(args: argparse.Namespace) -> dict[str, Any]:
         "run_rows": plan.run_rows,
         "retired_cluster_ids": list(plan.retire),
         "file_bytes_before": before,
-        "file_bytes_after": _file_bytes(path) if removing else before,
+        "file_bytes_after": file_bytes(path) if removing else before,
     }
-
-
-def _file_bytes(path: Path | None) -> int | None:
-    """A database file's size with its journals, or None for a server or an in-memory
-    database."""
-    if path is None:
-        return None
-    return sum(f.stat().st_size for f in with_journals(path) if f.is_file())
 
 
 def _duckdb_compaction(path: Path) -> str:
