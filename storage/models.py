@@ -138,11 +138,9 @@ def load_model(engine: Engine, model_id: str) -> Row | None:
         row = conn.execute(query).mappings().first()
     if row is None:
         return None
-    found = dict(row)
+    found = _parsed(row)
     with zipfile.ZipFile(io.BytesIO(bytes(found.pop("payload")))) as archive:
         found["files"] = {name: archive.read(name) for name in archive.namelist()}
-    found["config"] = json.loads(found["config"] or "{}")
-    found["metrics"] = json.loads(found["metrics"] or "{}")
     return found
 
 
@@ -153,8 +151,11 @@ def model_info(engine: Engine, model_id: str) -> Row | None:
     query = sa.select(*columns).where(trained_models.c.id == model_id)
     with engine.connect() as conn:
         row = conn.execute(query).mappings().first()
-    if row is None:
-        return None
+    return None if row is None else _parsed(row)
+
+
+def _parsed(row: Mapping[str, Any]) -> Row:
+    """A stored artefact's row with its config and metrics parsed."""
     found = dict(row)
     found["config"] = json.loads(found["config"] or "{}")
     found["metrics"] = json.loads(found["metrics"] or "{}")
