@@ -405,9 +405,9 @@ def store_verdicts(engine: Engine, verdicts: Sequence[Row], *, lease: Lease) -> 
 
 def load_verdicts(engine: Engine, source: str) -> list[Row]:
     """Judged battles stored under `source` (a replay's LLM-judge verdicts), oldest first
-    (as stored, then by id): a pair judged by two judges has two verdicts, and the replay
-    page, which shows one verdict per pair, keeps the last: the one judged last. In the
-    table's own order it was whichever the engine's scan gave last."""
+    (as stored, then by id): a pair judged again by one judge has two verdicts, and the
+    replay page, which shows each judge's verdict on a pair, keeps the one judged last. In
+    the table's own order it was whichever the engine's scan gave last."""
     query = (
         sa.select(battles.c.exchange_a, battles.c.exchange_b, battles.c.winner, battles.c.judge)
         .where(battles.c.source == source)

@@ -250,7 +250,7 @@ def test_judge_from_the_replay_page(built: BuiltDatabase, monkeypatch: pytest.Mo
     }
     captions = [c.value for c in at.caption]
     shown = ("Judge judge\\-model: the new answer", "Judge other\\*judge: the original")
-    assert sum(any(s in c for s in shown) for c in captions) == 5, captions  # a verdict a pair
+    assert sum(all(s in c for s in shown) for c in captions) == 5, captions  # both, each pair
 
 
 def test_verdicts_judged_from_the_cli_show_on_each_pair(

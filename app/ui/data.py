@@ -484,12 +484,13 @@ def replay_pairs(
     def build(engine: Engine) -> tuple[list[dict[str, Any]], RewardDiff | None]:
         rows = pairs(engine, run_id)
         scores = latest_scores(engine, prefix="reward:")
-        verdicts = {v["exchange_a"]: v for v in load_verdicts(engine, JUDGE_SOURCE_PREFIX + run_id)}
+        judged: dict[str, dict[str, str]] = {}  # original answer → judge → its latest winner
+        for verdict in load_verdicts(engine, JUDGE_SOURCE_PREFIX + run_id):  # oldest first
+            judged.setdefault(verdict["exchange_a"], {})[verdict["judge"]] = verdict["winner"]
         for row in rows:
             row["original_reward"] = scores.get(row["original_id"])
             row["new_reward"] = scores.get(row["new_id"])
-            verdict = verdicts.get(row["original_id"])
-            row["judge"] = (verdict["judge"], verdict["winner"]) if verdict else None
+            row["judges"] = judged.get(row["original_id"], {})
         overall = compare(engine, run_id, scores=scores, n_boot=500).overall if scores else None
         return rows, overall
 

@@ -441,7 +441,11 @@ for i, pair in enumerate(rows[:PAIRS_SHOWN], start=1):
             f"{latency}"
         )
         new.text(visible_controls(pair["new_response"] or "(empty answer)"))
-        if pair["judge"] is not None:
-            judge, winner = pair["judge"]
-            outcome = {"a": "the original", "b": "the new answer", "tie": "a tie"}[winner]
-            st.caption(f"Judge {safe_label(judge, 40)}: {outcome}")
+        if pair["judges"]:  # every judge's verdict: judges disagree, and that is worth seeing
+            outcome = {"a": "the original", "b": "the new answer", "tie": "a tie"}
+            st.caption(
+                " · ".join(
+                    f"Judge {safe_label(judge, 40)}: {outcome[winner]}"
+                    for judge, winner in pair["judges"].items()
+                )
+            )
