@@ -62,24 +62,30 @@ def run_counts(engine: Engine, run_id: str) -> Row:
     rows = sa.select(sa.func.count(), sa.func.count(assignments.c.cluster_id)).where(
         assignments.c.run_id == run_id
     )
-    has_row = sa.exists().where(
-        assignments.c.run_id == run_id, assignments.c.exchange_id == exchanges.c.id
-    )
-    missing = sa.select(sa.func.count()).select_from(exchanges).where(~has_row)
     reports = sa.select(sa.func.count()).where(cluster_reports.c.run_id == run_id)
     with engine.connect() as conn:
         by_level = {level: int(n) for level, n in conn.execute(levels)}
         n_rows, placed = conn.execute(rows).one()
-        not_placed = conn.execute(missing).scalar_one()
         n_reports = conn.execute(reports).scalar_one()
     return {
         "topics": by_level.get(0, 0),
         "groups": by_level.get(1, 0),
         "placed": int(placed),
         "unassigned": int(n_rows) - int(placed),
-        "not_placed": int(not_placed),
+        "not_placed": not_placed(engine, run_id),
         "reports": int(n_reports),
     }
+
+
+def not_placed(engine: Engine, run_id: str) -> int:
+    """Stored exchanges a clustering run has no assignment row for (ingested or replayed
+    after it): what `convoscope assign` would place (`run_counts`)."""
+    has_row = sa.exists().where(
+        assignments.c.run_id == run_id, assignments.c.exchange_id == exchanges.c.id
+    )
+    query = sa.select(sa.func.count()).select_from(exchanges).where(~has_row)
+    with engine.connect() as conn:
+        return int(conn.execute(query).scalar_one())
 
 
 def unscored(engine: Engine, scorer: str) -> int:

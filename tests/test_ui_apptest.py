@@ -131,6 +131,29 @@ def test_overview_says_when_its_ranking_is_from_an_older_reward_model(
     assert SCORER in warning and "convoscope score" in warning
 
 
+def test_overview_says_what_new_logs_are_waiting_for(
+    fresh_db: BuiltDatabase, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Logs ingested after the clustering are in no topic and have no reward until `assign`
+    and `score reward apply` run: the tables left them out and nothing on the page said so."""
+    from ingest.pipeline import IngestConfig, ingest_paths
+
+    at = _app(fresh_db.url, monkeypatch)
+    assert not [i for i in at.info if "convoscope assign" in i.proto.body]
+    log = tmp_path / "later.jsonl"
+    chats = [[{"role": "user", "content": f"later question {i}"}] for i in range(3)]
+    log.write_text("".join(json.dumps({"messages": m}) + "\n" for m in chats))
+    engine = open_database(fresh_db.url)
+    config = IngestConfig(progress=False, rejects_path=tmp_path / "rejects.jsonl")
+    assert ingest_paths([log], engine=engine, config=config).stored == 3
+    engine.dispose()
+    time.sleep(1.2)  # the database version is re-read at most once a second
+    at = _app(fresh_db.url, monkeypatch)
+    infos = [i.proto.body for i in at.info]
+    assert any(i.startswith("3 exchanges came after") and "convoscope assign" in i for i in infos)
+    assert any(i.startswith("3 exchanges have no reward") for i in infos), infos
+
+
 def test_overview_of_a_clustering_newer_than_its_scores_says_how_it_is_ordered(
     fresh_db: BuiltDatabase, monkeypatch: pytest.MonkeyPatch
 ) -> None:

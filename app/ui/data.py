@@ -200,6 +200,18 @@ def stale_reports(url: str, version: tuple[Any, ...], run_id: str) -> str | None
     return read(url, lambda e: stale_reports(e, run_id))
 
 
+@st.cache_data(show_spinner=False, max_entries=16)
+def behind(
+    url: str, version: tuple[Any, ...], run_id: str, scorer: str | None
+) -> tuple[int, int | None]:
+    """Stored exchanges the clustering has not placed, and those the scorer has not scored
+    (None without one): new logs the tables leave out until `assign` and `score reward
+    apply` run, which nothing on the page showed."""
+    from storage.status import not_placed, unscored
+
+    return read(url, lambda e: (not_placed(e, run_id), unscored(e, scorer) if scorer else None))
+
+
 @st.cache_data(show_spinner=False, max_entries=64)
 def cluster_table(
     url: str, version: tuple[Any, ...], run_id: str, flt: ViewFilter, scorer: str | None

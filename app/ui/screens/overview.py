@@ -72,6 +72,19 @@ if not ranked and not c.flt.active:
     shell.empty_state("unreported" if rewarded else "reports")
 elif ranked and (stale := data.stale_reports(c.url, c.version, c.run_id)):
     st.warning(f"Stale ranking: {stale}.", icon=":material/history:")
+new_rows, unscored = data.behind(c.url, c.version, c.run_id, c.scorer)
+if new_rows:
+    st.info(
+        f"{new_rows:,} exchanges came after this clustering and are in no topic yet: run "
+        "`convoscope assign` to place them in these topics (no refit, ids kept).",
+        icon=":material/schedule:",
+    )
+if unscored:
+    st.info(
+        f"{unscored:,} exchanges have no reward yet: run `convoscope score reward apply` to "
+        "score them with the current model.",
+        icon=":material/schedule:",
+    )
 
 # Weakness ranks the whole run's traffic: a filtered slice is ordered by its own mean reward.
 SLICE_NOTE = (
