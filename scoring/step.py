@@ -12,7 +12,9 @@
    suggestion and its weakness.
    Every parent group gets one too, from its exchanges (not its topics' means), ranked the
    same way, with its weakest topics, so a broad area that goes badly shows up as one line.
-Re-running replaces the reports and adds a new model version; nothing earlier is lost.
+Re-running replaces the reports and adds a new model version; nothing earlier is lost. What
+one run made is stored at its end, in one transaction (`storage.reports.save_scored`), so a
+stopped `score` leaves the previous one's results whole.
 """
 
 from __future__ import annotations
