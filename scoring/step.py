@@ -191,7 +191,8 @@ def score_all(engine: Engine, *, config: ScoreConfig) -> dict[str, Any]:
     )
     later = [] if predictor is None else _predictor_records(predictor, routed, encoder, config)
     # One transaction: a `score` stopped anywhere leaves the previous one's results whole.
-    save_scored(engine, [t.record for t in trained], reports.run_id, reports.reports, later)
+    models = [*(t.record for t in trained), *later]
+    save_scored(engine, models, reports.run_id, reports.reports)
     if later:
         result["predictor"] = later[0].id
     return {**result, **reports.counts.as_dict()}

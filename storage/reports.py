@@ -44,11 +44,10 @@ def save_scored(
     models: Sequence[NewModel],
     run_id: str | None,
     reports: Mapping[str, Mapping[str, Any]],
-    later: Sequence[NewModel] = (),
 ) -> None:
-    """What one `score` made, stored as one: the reward models with their scores, the reports
-    of clustering run `run_id` (none without a run), then `later` models (the win predictor
-    and its routing table), newer than the rewards.
+    """What one `score` made, stored as one: its models in order, the last the newest (the
+    reward models with their scores, then the win predictor and its routing table), and the
+    reports of clustering run `run_id` (none without a run).
 
     Stored step by step, a `score` stopped between the rewards and the reports left the
     cluster table ranked by the previous model beside the new model's rewards, and one stopped
@@ -57,7 +56,6 @@ def save_scored(
         write_models(conn, models)
         if run_id is not None:
             write_cluster_reports(conn, run_id, reports)
-        write_models(conn, later)
         make_room(conn, committing=True)
 
 
