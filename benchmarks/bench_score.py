@@ -7,9 +7,11 @@ Each size runs in its own process (its peak RSS is its own) on a fresh DuckDB fi
 synthetic multi-turn OpenAI chat log (seven experts, answers of varied length and layout),
 store a vector for every prompt, cluster (PCA + k-means: the step's own code, with the
 stages that scale), then `score` with its defaults (structural labels, head+lexical reward,
-expert win predictor, cluster reports). The vectors come from a stand-in embedder stored under
-the default encoder's name, because embedding 1M texts on a CPU takes hours and
-`bench_embed.py` measures that; every step then finds them cached, as after `convoscope embed`.
+expert win predictor, cluster reports), then `score reward apply` (the stored model scores
+every exchange again and the reports are re-ranked). The vectors come from a stand-in
+embedder stored under the default encoder's name, because embedding 1M texts on a CPU takes
+hours and `bench_embed.py` measures that; every step then finds them cached, as after
+`convoscope embed`.
 Ingest of the same file is the baseline each step is set beside.
 """
 
@@ -128,6 +130,20 @@ def _score(work: Path) -> dict[str, float]:
     return {"score": seconds, "score_peak_mb": _peak_mb()}
 
 
+def _apply(work: Path) -> dict[str, float]:
+    """`score reward apply` with the model `score` stored, in a process of its own."""
+    from ingest.embed_step import EmbedConfig
+    from scoring.step import ScoreConfig, apply_reward
+    from storage.engine import open_database
+
+    engine = open_database(f"duckdb:///{work / 'bench.duckdb'}")
+    start = time.perf_counter()
+    apply_reward(engine, config=ScoreConfig(embed=EmbedConfig(device="cpu", progress=False)))
+    seconds = time.perf_counter() - start
+    engine.dispose()
+    return {"apply": seconds, "apply_peak_mb": _peak_mb()}
+
+
 def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -143,6 +159,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="10K and 100K exchanges, no 1M")
     parser.add_argument("--prepare", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--score", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--apply", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.prepare:
@@ -151,11 +168,15 @@ def main() -> None:
     if args.score:
         print(json.dumps(_score(args.work)))
         return
+    if args.apply:
+        print(json.dumps(_apply(args.work)))
+        return
 
     sizes = (10_000, 100_000) if args.quick else (10_000, 100_000, 1_000_000)
     print(
         f"{'exchanges':>9} {'ingest s':>9} {'vectors s':>9} {'cluster s':>9} {'× ingest':>8} "
-        f"{'score s':>8} {'× ingest':>8} {'score/10K':>9} {'peak MB':>8} {'score MB':>8}"
+        f"{'score s':>8} {'× ingest':>8} {'score/10K':>9} {'apply s':>8} {'peak MB':>8} "
+        f"{'score MB':>8} {'apply MB':>8}"
     )
     per_10k: float | None = None
     for size in sizes:
@@ -163,17 +184,19 @@ def main() -> None:
             r = _run("--prepare", str(size), "--work", tmp)
             print(f"# {size:,}: ingested, embedded, clustered", file=sys.stderr, flush=True)
             r |= _run("--score", "--work", tmp)
+            r |= _run("--apply", "--work", tmp)
         unit = r["score"] / (r["exchanges"] / 10_000)
         per_10k = per_10k or unit
         print(
             f"{r['exchanges']:>9.0f} {r['ingest']:>9.1f} {r['vectors']:>9.1f} "
             f"{r['cluster']:>9.1f} {r['cluster'] / r['ingest']:>8.2f} {r['score']:>8.1f} "
-            f"{r['score'] / r['ingest']:>8.2f} {unit / per_10k:>9.2f} "
-            f"{r['prepare_peak_mb']:>8.0f} {r['score_peak_mb']:>8.0f}",
+            f"{r['score'] / r['ingest']:>8.2f} {unit / per_10k:>9.2f} {r['apply']:>8.1f} "
+            f"{r['prepare_peak_mb']:>8.0f} {r['score_peak_mb']:>8.0f} {r['apply_peak_mb']:>8.0f}",
             flush=True,
         )
     print("score/10K = score seconds per 10K exchanges over the smallest size's (1 = linear);")
-    print("peak MB = ingest, vectors and cluster in one process; score MB = score in its own")
+    print("peak MB = ingest, vectors and cluster in one process; score MB = score in its own;")
+    print("apply = `score reward apply` with the model `score` stored, in a process of its own")
 
 
 if __name__ == "__main__":

@@ -41,7 +41,6 @@ from scoring.reward_lexical import LexicalConfig, LexicalReward
 from scoring.reward_model import FineTuneConfig, join_context
 from storage.logs import iter_exchanges
 from storage.models import NewModel, latest_model, load_model, model_ids
-from storage.scores import store_scores
 from storage.vectors import load_vectors
 
 REWARD_KINDS = (
@@ -426,7 +425,7 @@ def _version(
         files = {
             str(p.relative_to(tmp)): p.read_bytes() for p in Path(tmp).rglob("*") if p.is_file()
         }
-    record = NewModel(kind, files, config, metrics, fingerprint, _by_exchange(frame, scores))
+    record = NewModel(kind, files, config, metrics, fingerprint, by_exchange(frame, scores))
     return TrainedReward(record, scores, metrics)
 
 
@@ -459,32 +458,25 @@ def use_external(
         files={"source.txt": directory.encode()},
         config={"directory": directory},
         metrics=metrics,
-        scores=_by_exchange(frame, scores),
+        scores=by_exchange(frame, scores),
     )
     return TrainedReward(record, scores, metrics)
 
 
-def apply_reward(
-    engine: Engine, *, model_id: str | None = None, embed: EmbedConfig | None = None
-) -> dict[str, Any]:
-    """Score every stored exchange with a stored reward model (the newest by default)."""
+def stored_rewards(
+    engine: Engine,
+    frame: pd.DataFrame,
+    *,
+    model_id: str | None = None,
+    embed: EmbedConfig | None = None,
+) -> tuple[dict[str, Any], np.ndarray]:
+    """A stored reward model (the newest by default) and its rewards for the frame's stored
+    exchanges (`id`, `prompt`, `response`), one per row, not stored: `score reward apply`
+    stores them together with the reports they re-rank (`scoring.step.apply_reward`)."""
     stored = _stored_reward(engine, model_id)
-    rows = [
-        r for batch in iter_exchanges(engine, columns=("id", "prompt", "response")) for r in batch
-    ]
-    frame = pd.DataFrame(rows, columns=["id", "prompt", "response"])
-    if frame.empty:
-        raise ValueError("no exchanges stored: ingest some first")
-    frame["response"] = frame["response"].fillna("")
-    scores = _model_scores(engine, stored, lambda one: _stored_scores(engine, one, frame, embed))
-    store_scores(engine, f"reward:{stored['id']}", _by_exchange(frame, scores))
-    return {
-        "reward_model": stored["id"],
-        "kind": stored["kind"],
-        "exchanges": len(frame),
-        "scorer": f"reward:{stored['id']}",
-        "mean_reward": float(np.mean(scores)),
-    }
+    texts = frame[["id", "prompt", "response"]].assign(response=frame["response"].fillna(""))
+    scores = _model_scores(engine, stored, lambda one: _stored_scores(engine, one, texts, embed))
+    return stored, scores
 
 
 def _model_scores(
@@ -642,6 +634,6 @@ def _text_scorer(stored: dict[str, Any]) -> TextScorer:
         return TransformerReward.load(tmp)
 
 
-def _by_exchange(frame: pd.DataFrame, scores: np.ndarray) -> dict[str, float]:
+def by_exchange(frame: pd.DataFrame, scores: np.ndarray) -> dict[str, float]:
     """A model's scores by exchange id, as storage takes them."""
     return dict(zip(frame["id"], scores.tolist(), strict=True))

@@ -40,9 +40,11 @@ from scoring.reward_model import FineTuneConfig
 from scoring.reward_step import (
     DEFAULT_MODE,
     TrainedReward,
+    by_exchange,
     embedded_hashes,
     exchange_embeddings,
     reward_members,
+    stored_rewards,
     train_ensemble,
     train_finetuned,
     train_head,
@@ -60,8 +62,7 @@ from scoring.weakness import ClusterWeakness, WeaknessConfig, rank_clusters
 from storage.clusters import latest_run, load_assignments, load_clusters
 from storage.logs import iter_exchanges, load_battles
 from storage.models import NewModel, latest_model, model_ids
-from storage.reports import SCORER_KEY, load_cluster_reports, save_cluster_reports, save_scored
-from storage.scores import latest_scorer, load_scores
+from storage.reports import SCORER_KEY, load_cluster_reports, save_scored
 from storage.vectors import load_vectors
 
 WEAKEST_TOPICS = 3  # a group report names this many of its weakest topics
@@ -192,7 +193,7 @@ def score_all(engine: Engine, *, config: ScoreConfig) -> dict[str, Any]:
     later = [] if predictor is None else _predictor_records(predictor, routed, encoder, config)
     # One transaction: a `score` stopped anywhere leaves the previous one's results whole.
     models = [*(t.record for t in trained), *later]
-    save_scored(engine, models, reports.run_id, reports.reports)
+    save_scored(engine, reports.run_id, reports.reports, models=models)
     if later:
         result["predictor"] = later[0].id
     return {**result, **reports.counts.as_dict()}
@@ -267,7 +268,7 @@ def train_reward_only(engine: Engine, *, config: ScoreConfig) -> dict[str, Any]:
     reward = trained[-1]
     rewards = _Rewards(reward.scores, f"reward:{reward.model_id}")
     reports = _refreshed_reports(engine, frame, rewards, battles, config)
-    save_scored(engine, [t.record for t in trained], reports.run_id, reports.reports)
+    save_scored(engine, reports.run_id, reports.reports, models=[t.record for t in trained])
     return {
         "exchanges": len(frame),
         "labels": labels.counts,
@@ -279,24 +280,34 @@ def train_reward_only(engine: Engine, *, config: ScoreConfig) -> dict[str, Any]:
     }
 
 
-def refresh_reports(engine: Engine, *, config: ScoreConfig) -> ReportCounts:
-    """Re-aggregate the cluster reports' reward figures (mean, CI, weakness and its reason)
-    from the newest stored reward scores, so that after `score reward train|apply` the
-    cluster table never shows an older model's rewards beside the new ones. Routing
-    suggestions and leaderboards do not depend on rewards: they are kept as `score` made
-    them. Returns how many reports were written."""
-    scorer = latest_scorer(engine, "reward:")
-    if scorer is None:
-        return ReportCounts()
-    values = load_scores(engine, scorer)
+def apply_reward(
+    engine: Engine, *, config: ScoreConfig, model_id: str | None = None
+) -> dict[str, Any]:
+    """`convoscope score reward apply`: a stored reward model (the newest by default) scores
+    every exchange again, and the cluster reports are re-ranked by those scores (mean, CI,
+    weakness and its reason; routing and leaderboards do not depend on rewards and are kept
+    as `score` made them).
+
+    The scores and the reports are stored as one: stored one after the other, an apply
+    stopped between them left the cluster table ranked by the previous model beside the new
+    one's rewards."""
     frame = _exchange_frame(engine)
-    frame = frame[frame["id"].isin(values.keys())].reset_index(drop=True)
-    rewards = _Rewards(frame["id"].map(values).to_numpy(dtype=float), scorer)
+    if frame.empty:
+        raise ValueError("no exchanges stored: ingest some first")
+    stored, scores = stored_rewards(engine, frame, model_id=model_id, embed=config.embed)
+    rewards = _Rewards(scores, f"reward:{stored['id']}")
     battles = pd.DataFrame(load_battles(engine))
     reports = _refreshed_reports(engine, frame, rewards, battles, config)
-    if reports.run_id is not None:
-        save_cluster_reports(engine, reports.run_id, reports.reports)
-    return reports.counts
+    given = {rewards.scorer: by_exchange(frame, scores)}
+    save_scored(engine, reports.run_id, reports.reports, scores=given)
+    return {
+        "reward_model": stored["id"],
+        "kind": stored["kind"],
+        "exchanges": len(frame),
+        "scorer": rewards.scorer,
+        "mean_reward": float(np.mean(scores)),
+        **reports.counts.as_dict(),
+    }
 
 
 def _refreshed_reports(
@@ -306,8 +317,8 @@ def _refreshed_reports(
     battles: pd.DataFrame,
     config: ScoreConfig,
 ) -> _RunReports:
-    """`refresh_reports` for rewards already in hand (one per row of `frame`), not stored
-    yet; groups are re-ranked too, so their figures never lag their topics'."""
+    """The latest run's reports re-ranked by rewards in hand (one per row of `frame`), not
+    stored yet; groups are re-ranked too, so their figures never lag their topics'."""
     run = latest_run(engine, on_field=config.on)
     if run is None or frame.empty:
         return _RunReports()

@@ -24,36 +24,33 @@ from storage.engine import make_room
 from storage.logs import Row, insert_rows, utcnow
 from storage.models import NewModel, write_models
 from storage.schema import cluster_reports, clusters, instructions
-from storage.scores import latest_scorer
+from storage.scores import latest_scorer, write_scores
 
 # The payload key naming the scorer (`reward:<model id>`) a report's reward figures come from.
 SCORER_KEY = "reward_scorer"
 
 
-def save_cluster_reports(
-    engine: Engine, run_id: str, reports: Mapping[str, Mapping[str, Any]]
-) -> None:
-    """Replace the reports of `run_id` with `reports` (cluster id → JSON-able payload).
-    Raises RunRemoved, storing nothing, when `prune` removed the run meanwhile."""
-    with engine.begin() as conn:
-        write_cluster_reports(conn, run_id, reports)
-
-
 def save_scored(
     engine: Engine,
-    models: Sequence[NewModel],
     run_id: str | None,
     reports: Mapping[str, Mapping[str, Any]],
+    *,
+    models: Sequence[NewModel] = (),
+    scores: Mapping[str, Mapping[str, float]] | None = None,
 ) -> None:
-    """What one `score` made, stored as one: its models in order, the last the newest (the
-    reward models with their scores, then the win predictor and its routing table), and the
-    reports of clustering run `run_id` (none without a run).
+    """What one `score` made, stored as one: the reports of clustering run `run_id`, which
+    replace its earlier ones (none without a run), its `models` in order, the last the
+    newest (the reward models with their scores, then the win predictor and its routing
+    table), and the `scores` a stored model gave again (scorer → exchange id → value: `score
+    reward apply`). Raises RunRemoved, storing nothing, when `prune` removed the run meanwhile.
 
     Stored step by step, a `score` stopped between the rewards and the reports left the
     cluster table ranked by the previous model beside the new model's rewards, and one stopped
     before the predictor left `route` on an older predictor than the reports' routing."""
     with engine.begin() as conn:
         write_models(conn, models)
+        for scorer, values in (scores or {}).items():
+            write_scores(conn, scorer, values)
         if run_id is not None:
             write_cluster_reports(conn, run_id, reports)
         make_room(conn, committing=True)
@@ -62,7 +59,7 @@ def save_scored(
 def write_cluster_reports(
     conn: Connection, run_id: str, reports: Mapping[str, Mapping[str, Any]]
 ) -> None:
-    """`save_cluster_reports` inside the caller's transaction."""
+    """The reports of `save_scored`, inside the caller's transaction."""
     now = utcnow()
     rows = [
         {
@@ -104,10 +101,10 @@ def load_cluster_reports(
 def stale_reports(engine: Engine, run_id: str) -> str | None:
     """Why the run's reports no longer match the stored rewards, or None when they do.
 
-    `score` stores its rewards and reports as one (`save_scored`), but `score reward apply`
-    stores a model's scores before it re-ranks the reports, and `score --on response`
-    re-ranks that field's clustering only: the other run's table would then rank clusters
-    by the old model while every reward shown beside it is the new one's. Reports name the
+    `score` and `score reward apply` store their rewards and reports as one (`save_scored`),
+    but each re-ranks one field's clustering (`--on`): after `score --on response`, the
+    prompt topics' table would rank clusters by the old model while every reward shown
+    beside it is the new one's. Reports name the
     scorer they came from (`SCORER_KEY`); reports from before that mark, or a run not yet
     scored, are not judged.
     """
@@ -120,9 +117,9 @@ def stale_reports(engine: Engine, run_id: str) -> str | None:
         return None
     return (
         f"the cluster reports were computed from {used}, but the newest reward scores are "
-        f"{newest} (a `score` of another field, or a `score reward apply` stopped before it "
-        "finished?): run `convoscope score` again so the weakness ranking, CIs and reasons "
-        "follow the newest rewards"
+        f"{newest} (a `score` or `score reward apply` of another field's topics?): run "
+        "`convoscope score` again so the weakness ranking, CIs and reasons follow the newest "
+        "rewards"
     )
 
 

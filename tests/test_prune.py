@@ -25,7 +25,7 @@ from storage.engine import open_database
 from storage.logs import utcnow
 from storage.models import model_ids, save_model
 from storage.prune import plan_prune, prune_stored, reclaim_space, stored_runs
-from storage.reports import load_cluster_reports, save_cluster_reports
+from storage.reports import load_cluster_reports, save_scored
 from storage.schema import assignments, cluster_reports, cluster_runs, clusters, trained_models
 from storage.scores import latest_scorer, load_scores, store_scores
 from tests.test_ingest_pipeline import convoscope_here as convoscope
@@ -121,7 +121,7 @@ def _synthetic_run(engine: sa.Engine, on: str, ids: list[str], exchanges: list[s
     ]
     rows = [{"run_id": run_id, "exchange_id": e, "cluster_id": ids[0]} for e in exchanges]
     save_cluster_run(engine, {**run, "events": None}, topics, rows)
-    save_cluster_reports(engine, run_id, {i: {"weakness": 0.5} for i in ids})
+    save_scored(engine, run_id, {i: {"weakness": 0.5} for i in ids})
     return run_id
 
 

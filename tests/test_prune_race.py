@@ -27,7 +27,7 @@ from storage.clusters import RunRemoved, add_assignments, latest_run, require_ru
 from storage.engine import open_database
 from storage.models import model_ids, save_model
 from storage.prune import plan_prune, prune_stored
-from storage.reports import load_cluster_reports, save_cluster_reports
+from storage.reports import load_cluster_reports, save_scored
 from tests.test_ingest_pipeline import convoscope_here as convoscope
 from tests.test_prune import _run_rows, _synthetic_run
 from tests.test_score_step import _signal_log
@@ -50,7 +50,7 @@ def _assign_late(engine: sa.Engine, run_id: str) -> None:
 
 
 def _report(engine: sa.Engine, run_id: str) -> None:
-    save_cluster_reports(engine, run_id, {"t0": {"weakness": 0.9}})
+    save_scored(engine, run_id, {"t0": {"weakness": 0.9}})
 
 
 # (what a writer stores, the statement it starts its rows with, the command to run again)

@@ -6,6 +6,7 @@ import gzip
 import itertools
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,12 +30,13 @@ from scoring.reward_step import (
     train_head,
 )
 from scoring.step import (
-    ReportCounts,
     ScoreConfig,
     _exchange_frame,
+    apply_reward,
     load_predictor,
     load_routing_table,
     score_all,
+    train_reward_only,
 )
 from storage.clusters import latest_run, load_assignments
 from storage.engine import open_database
@@ -195,14 +197,14 @@ def test_score_trains_applies_and_reports_every_cluster(scored_db: str, tmp_path
     assert result["clusters"] == 6
     rewards = latest_scores(engine, prefix="reward:")
     assert len(rewards) == result["exchanges"]
-    from scoring.reward_step import REWARD_KINDS, apply_reward
+    from scoring.reward_step import REWARD_KINDS
     from storage.models import latest_model
 
     assert latest_model(engine, "reward_head")["config"]["features"].startswith("structure:")
     default = latest_model(engine, REWARD_KINDS)  # head+lexical: their ensemble is the newest
     assert default["kind"] == "reward_ensemble" and default["id"] == result["reward_model"]
-    apply_reward(engine)  # the stored head, reloaded, reads the same inputs: the same scores
-    again = latest_scores(engine, prefix="reward:")
+    apply_reward(engine, config=config)  # the stored head, reloaded, reads the same inputs,
+    again = latest_scores(engine, prefix="reward:")  # so it gives the same scores
     assert all(again[i] == pytest.approx(r, abs=1e-5) for i, r in rewards.items())
 
     reports = load_cluster_reports(engine, latest_run(engine)["id"])
@@ -326,8 +328,8 @@ def test_score_trains_applies_and_reports_every_cluster(scored_db: str, tmp_path
     assert answer["reward_model"] == result["reward_model"]
     assert len(answer["scores"]) == 2 and all(np.isfinite(s["reward"]) for s in answer["scores"])
 
-    # A `score` stopped after storing a new model's scores, before the reports: `clusters`
-    # says the ranking is from the older model (it read as current).
+    # Reward scores newer than the reports' (as `score --on response` leaves the prompt
+    # topics): `clusters` says the ranking is from the older model (it read as current).
     from storage.scores import store_scores
 
     engine = open_database(scored_db)
@@ -436,12 +438,47 @@ def test_a_score_stopped_at_its_last_write_leaves_the_previous_one_whole(scored_
     engine.dispose()
 
 
+def test_an_apply_stopped_at_its_last_write_leaves_the_previous_one_whole(scored_db: str) -> None:
+    """`score reward apply` stored a model's scores, then re-ranked the reports, in two
+    transactions: stopped between them, the cluster table ranked topics by the previous
+    model beside the new one's rewards. Now a failure at its last write (the reports, after
+    the scores) stores none of it, and the apply run again stores both."""
+    import sqlalchemy as sa
+
+    from storage.reports import stale_reports
+    from storage.scores import latest_scorer
+
+    engine = open_database(scored_db)
+    config = ScoreConfig(embed=EmbedConfig(device="cpu", progress=False), mode="head+lexical")
+    first = score_all(engine, config=config)
+    run_id = latest_run(engine)["id"]
+    head = latest_model(engine, "reward_head")["id"]
+    rewards, reports = latest_scores(engine, prefix="reward:"), load_cluster_reports(engine, run_id)
+
+    def stop_at_the_reports(_conn, _cursor, statement: str, *_: object) -> None:
+        if statement.startswith("DELETE FROM cluster_reports"):  # the old ones, replaced
+            raise RuntimeError("stopped")
+
+    sa.event.listen(engine, "before_cursor_execute", stop_at_the_reports)
+    with pytest.raises(RuntimeError, match="stopped"):
+        apply_reward(engine, config=config, model_id=head)
+    sa.event.remove(engine, "before_cursor_execute", stop_at_the_reports)
+    assert latest_scorer(engine, "reward:") == f"reward:{first['reward_model']}"
+    assert latest_scores(engine, prefix="reward:") == rewards
+    assert load_cluster_reports(engine, run_id) == reports
+    assert stale_reports(engine, run_id) is None
+
+    applied = apply_reward(engine, config=config, model_id=head)
+    assert latest_scorer(engine, "reward:") == applied["scorer"] == f"reward:{head}"
+    stamps = {r[SCORER_KEY] for r in load_cluster_reports(engine, run_id, level=None).values()}
+    assert stamps == {f"reward:{head}"} and stale_reports(engine, run_id) is None
+    engine.dispose()
+
+
 def test_the_default_head_reads_no_embeddings_an_older_head_still_does(scored_db: str) -> None:
     """Embedding every answer was most of a first `score` on a CPU and lowered the head's
     accuracy: the default head reads the answers' structure only. A head stored before, on
     embeddings and text features, still scores with the inputs it was trained on."""
-    from scoring.reward_step import apply_reward
-
     engine = open_database(scored_db)
     embed = EmbedConfig(device="cpu", progress=False)
     responses = sorted({item.text_hash for item in exchange_texts(engine, on="response")})
@@ -455,7 +492,7 @@ def test_the_default_head_reads_no_embeddings_an_older_head_still_does(scored_db
     assert missing_hashes(engine, DEFAULT_MODEL_NAME, responses) == []  # it read them
     stored = load_model(engine, older.model_id)
     assert stored["config"]["encoder"] == DEFAULT_MODEL_NAME
-    applied = apply_reward(engine, model_id=older.model_id, embed=embed)
+    applied = apply_reward(engine, config=ScoreConfig(embed=embed), model_id=older.model_id)
     assert applied["exchanges"] == len(frame)
     rewards = latest_scores(engine, prefix="reward:")
     assert np.allclose([rewards[i] for i in frame["id"]], older.scores, atol=1e-5)
@@ -484,7 +521,7 @@ def test_an_older_head_on_fast_vectors_still_scores(tmp_path: Path) -> None:
     """A head an earlier release trained after `score --fast` stored its encoder as
     `all-MiniLM-L6-v2+model2vec-256`: `score reward apply` and `reward --file` looked that
     name up as a model on the hub and failed, so the upgraded database could not use it."""
-    from scoring.reward_step import apply_reward, score_texts
+    from scoring.reward_step import score_texts
 
     engine = open_database(f"duckdb:///{tmp_path / 'old.duckdb'}")
     config = IngestConfig(progress=False, rejects_path=tmp_path / "rejects.jsonl")
@@ -492,7 +529,9 @@ def test_an_older_head_on_fast_vectors_still_scores(tmp_path: Path) -> None:
     frame = _exchange_frame(engine)
     older = _older_text_head(engine, frame, EmbedConfig(device="cpu", progress=False, fast=True))
     assert load_model(engine, older.model_id)["config"]["encoder"].endswith("+model2vec-256")
-    apply_reward(engine, model_id=older.model_id, embed=EmbedConfig(progress=False))
+    apply_reward(
+        engine, config=ScoreConfig(embed=EmbedConfig(progress=False)), model_id=older.model_id
+    )
     rewards = latest_scores(engine, prefix="reward:")
     assert np.allclose([rewards[i] for i in frame["id"]], older.scores, atol=1e-5)
     first = frame["prompt"].str.startswith("Help me plan").to_numpy()  # no earlier turn
@@ -793,7 +832,6 @@ def test_reward_file_measures_battles_against_the_judge(
 def test_reward_train_finetune_then_apply(scored_db: str, tmp_path: Path) -> None:
     """`score reward train --mode finetune` fine-tunes MiniLM (a few steps here), stores it in
     the database; `apply` scores every exchange with it again, without training."""
-    from scoring.reward_step import apply_reward
     from storage.models import latest_model
 
     result = _train_reward("finetune", scored_db, tmp_path)
@@ -808,14 +846,14 @@ def test_reward_train_finetune_then_apply(scored_db: str, tmp_path: Path) -> Non
     _assert_reports_use(engine, before)  # the cluster table moved to the new model's rewards
     assert result["clusters"] > 0
 
-    applied = apply_reward(engine, model_id=result["reward_model"])
+    applied = apply_reward(engine, config=ScoreConfig(), model_id=result["reward_model"])
     assert applied["exchanges"] == result["exchanges"] and applied["kind"] == "reward_finetuned"
     after = latest_scores(engine, prefix="reward:")
     some = next(iter(before))
     assert after[some] == pytest.approx(before[some], abs=1e-4)  # the same model, reloaded
     listed = f"no stored reward model 'nope' \\(stored, newest first: {result['reward_model']}"
     with pytest.raises(ValueError, match=listed):
-        apply_reward(engine, model_id="nope")
+        apply_reward(engine, config=ScoreConfig(), model_id="nope")
     engine.dispose()
 
     reapplied = convoscope("score", "reward", "apply", "--json", db=scored_db, cwd=tmp_path)
@@ -846,7 +884,7 @@ def _assert_ensemble_trains_and_applies(scored_db: str, tmp_path: Path) -> None:
     ensemble (the newest);
     its rewards are the sum of the members' standardised rewards, and `apply` and
     `reward --file` use it."""
-    from scoring.reward_step import REWARD_KINDS, Ensemble, apply_reward
+    from scoring.reward_step import REWARD_KINDS, Ensemble
     from storage.models import latest_model, load_model
     from storage.scores import load_scores
 
@@ -867,7 +905,7 @@ def _assert_ensemble_trains_and_applies(scored_db: str, tmp_path: Path) -> None:
     assert [rewards[i] for i in ids] == pytest.approx(expected.tolist(), abs=1e-6)
     assert abs(float(np.mean(expected))) < 1.0  # standardised on the training rows
 
-    applied = apply_reward(engine)
+    applied = apply_reward(engine, config=ScoreConfig())
     assert applied["reward_model"] == stored["id"] and applied["kind"] == "reward_ensemble"
     again = load_scores(engine, f"reward:{stored['id']}")
     assert [again[i] for i in ids] == pytest.approx([rewards[i] for i in ids], abs=1e-4)
@@ -899,10 +937,9 @@ def test_groups_carry_reward_weakness_and_weakest_topics(scored_db: str, tmp_pat
     """A parent group is scored like a topic, over its own exchanges, in the same step: its
     CI is bootstrapped over them (not a mean of topic means), its weakness is on the topics'
     scale, it names its weakest topics, and re-scoring replaces it."""
-    from scoring.step import refresh_reports
     from scoring.weakness import bootstrap_mean_ci
     from storage.clusters import load_clusters
-    from storage.scores import store_scores
+    from storage.scores import latest_scorer
 
     engine = open_database(scored_db)
     config = ScoreConfig(embed=EmbedConfig(device="cpu", progress=False), mode="head")
@@ -960,12 +997,18 @@ def test_groups_carry_reward_weakness_and_weakest_topics(scored_db: str, tmp_pat
         assert any(pooled)  # unequal topics: the mean of their means is another figure
 
     check(latest_scores(engine, prefix="reward:"))
-    # Re-running leaves one report per topic and group, and new rewards reach the groups.
-    fresh = {e: float(i % 7) for i, e in enumerate(sorted(latest_scores(engine, prefix="reward:")))}
-    store_scores(engine, "reward:zz-later", fresh)
-    assert refresh_reports(engine, config=config) == ReportCounts(topics=6, groups=len(groups))
+    # Re-ranking leaves one report per topic and group, and new rewards reach the groups:
+    # another model's (`score reward train`), then the first one's again (`score reward apply`).
+    lexical = train_reward_only(engine, config=replace(config, mode="lexical"))
+    assert (lexical["clusters"], lexical["groups"]) == (6, len(groups))
+    check(latest_scores(engine, prefix="reward:"))
+    applied = apply_reward(engine, config=config, model_id=result["reward_model"])
+    assert (applied["clusters"], applied["groups"]) == (6, len(groups))
+    assert (
+        latest_scorer(engine, "reward:") == applied["scorer"] != f"reward:{lexical['reward_model']}"
+    )
     assert len(load_cluster_reports(engine, run["id"], level=None)) == 6 + len(groups)
-    check(fresh)
+    check(latest_scores(engine, prefix="reward:"))
     reports = load_cluster_reports(engine, run["id"], level=1)
     engine.dispose()
 

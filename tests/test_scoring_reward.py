@@ -351,8 +351,7 @@ def test_a_users_model_given_by_a_relative_path_is_found_from_anywhere(
     """`score --reward-model rm` stored "rm" as it was given: `score reward apply` (or
     `reward --file`) run from another folder then said the directory does not exist."""
     from ingest.pipeline import IngestConfig, ingest_paths
-    from scoring.reward_step import apply_reward
-    from scoring.step import ScoreConfig, train_reward_only
+    from scoring.step import ScoreConfig, apply_reward, train_reward_only
     from storage.engine import open_database
 
     work = tmp_path / "work"
@@ -370,7 +369,7 @@ def test_a_users_model_given_by_a_relative_path_is_found_from_anywhere(
     monkeypatch.chdir(work)
     trained = train_reward_only(engine, config=ScoreConfig(reward_model_dir="rm"))
     monkeypatch.chdir(tmp_path)
-    applied = apply_reward(engine)
+    applied = apply_reward(engine, config=ScoreConfig())
     engine.dispose()
     assert applied["reward_model"] == trained["reward_model"] and applied["exchanges"] == 4
 

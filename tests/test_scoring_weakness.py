@@ -149,7 +149,7 @@ def test_clusters_lists_equally_weak_topics_lowest_reward_first(
     from storage.clusters import save_cluster_run
     from storage.engine import open_database
     from storage.logs import utcnow
-    from storage.reports import save_cluster_reports
+    from storage.reports import save_scored
 
     db = f"duckdb:///{tmp_path / 'db.duckdb'}"
     engine = open_database(db)
@@ -167,7 +167,7 @@ def test_clusters_lists_equally_weak_topics_lowest_reward_first(
     save_cluster_run(engine, run, rows, [])
     figures = {"weak": (0.05, 0.1), "good-big": (0.0, 0.9), "fair-small": (0.0, 0.4)}
     reports = {cid: {"weakness": w, "reward_mean": r} for cid, (w, r) in figures.items()}
-    save_cluster_reports(engine, "run1", {**reports, "g1": {"weakness": 0.0, "reward_mean": 0.5}})
+    save_scored(engine, "run1", {**reports, "g1": {"weakness": 0.0, "reward_mean": 0.5}})
     engine.dispose()
 
     assert main(["--db", db, "--json", "clusters"]) == 0

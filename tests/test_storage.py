@@ -625,7 +625,7 @@ def test_topic_and_group_reports_share_a_run_and_are_read_by_level(db_url: str) 
     """Group reports live beside topic reports (no schema change): every reader asks for the
     level it shows, and a re-score replaces both together."""
     from storage.clusters import save_cluster_run
-    from storage.reports import load_cluster_reports, save_cluster_reports
+    from storage.reports import load_cluster_reports, save_scored
 
     engine = open_database(db_url)
     run = _run_row(n_rows=3, n_clusters=2)
@@ -641,11 +641,11 @@ def test_topic_and_group_reports_share_a_run_and_are_read_by_level(db_url: str) 
         [],
     )
     reports = {cid: {"weakness": w, "reason": cid} for cid, w in [("t1", 0.1), ("t2", 0.3)]}
-    save_cluster_reports(engine, "run1", {**reports, "g1": {"weakness": 0.2, "reason": "g"}})
+    save_scored(engine, "run1", {**reports, "g1": {"weakness": 0.2, "reason": "g"}})
     assert list(load_cluster_reports(engine, "run1")) == ["t2", "t1"]  # topics by default
     assert load_cluster_reports(engine, "run1", level=1) == {"g1": {"weakness": 0.2, "reason": "g"}}
     assert list(load_cluster_reports(engine, "run1", level=None)) == ["t2", "g1", "t1"]
-    save_cluster_reports(engine, "run1", {"t1": reports["t1"], "g1": {"weakness": 0.0}})
+    save_scored(engine, "run1", {"t1": reports["t1"], "g1": {"weakness": 0.0}})
     assert list(load_cluster_reports(engine, "run1", level=None)) == ["t1", "g1"]
     engine.dispose()
 

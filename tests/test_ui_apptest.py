@@ -370,7 +370,7 @@ def _recluster(engine: Engine, built: BuiltDatabase) -> None:
 
     import sqlalchemy as sa
 
-    from storage.reports import load_cluster_reports, save_cluster_reports
+    from storage.reports import load_cluster_reports, save_scored
     from storage.schema import assignments, clusters
 
     run_id = uuid.uuid4().hex
@@ -401,7 +401,7 @@ def _recluster(engine: Engine, built: BuiltDatabase) -> None:
         "events": None,
     }
     save_cluster_run(engine, run, old, rows)
-    save_cluster_reports(engine, run_id, load_cluster_reports(engine, built.run_id))
+    save_scored(engine, run_id, load_cluster_reports(engine, built.run_id))
 
 
 def test_a_link_to_a_group_opens_its_first_topic_and_says_so(

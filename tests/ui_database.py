@@ -26,7 +26,7 @@ from scoring.weakness import rank_clusters
 from storage.clusters import save_cluster_run
 from storage.engine import open_database
 from storage.logs import store_batch
-from storage.reports import SCORER_KEY, save_cluster_reports
+from storage.reports import SCORER_KEY, save_scored
 from storage.scores import store_scores
 
 MODELS = ("gpt-4o-mini", "llama-3-8b", "mistral-7b", "pygmalion-6b")
@@ -270,7 +270,7 @@ def build(
     parent_of = {cid: parent_ids[c % 2] for c, cid in enumerate(cluster_ids)}
     reports |= group_reports(signals, parent_of, rank_clusters(signals))
     # Marked with the scorer they came from, as `score` marks them.
-    save_cluster_reports(engine, run_id, {k: {**r, SCORER_KEY: SCORER} for k, r in reports.items()})
+    save_scored(engine, run_id, {k: {**r, SCORER_KEY: SCORER} for k, r in reports.items()})
     engine.dispose()
     return BuiltDatabase(
         url=url,

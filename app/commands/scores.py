@@ -31,9 +31,9 @@ def score(args: argparse.Namespace) -> dict[str, Any]:
     from scoring.labels import SIGNALS, LabelConfig
     from scoring.reward_head import STRUCTURAL_HEAD
     from scoring.reward_model import FineTuneConfig
-    from scoring.reward_step import apply_reward, reward_members
+    from scoring.reward_step import reward_members
     from scoring.routing import RoutingConfig
-    from scoring.step import ScoreConfig, refresh_reports, score_all, train_reward_only
+    from scoring.step import ScoreConfig, apply_reward, score_all, train_reward_only
     from storage.clusters import latest_run
 
     if args.what not in ([], ["reward", "train"], ["reward", "apply"]):
@@ -112,8 +112,7 @@ def score(args: argparse.Namespace) -> dict[str, Any]:
     engine = open_database(args.db, existing=True)
     try:
         if args.what == ["reward", "apply"]:
-            applied = apply_reward(engine, model_id=args.model_id, embed=config.embed)
-            return {**applied, **refresh_reports(engine, config=config).as_dict()}
+            return apply_reward(engine, config=config, model_id=args.model_id)
         if args.what == ["reward", "train"]:
             result = train_reward_only(engine, config=config)
         else:
