@@ -116,32 +116,20 @@ def _prepare(exchanges: int, work: Path) -> dict[str, float]:
     return {"exchanges": stored, "prepare_peak_mb": _peak_mb(), **seconds}
 
 
-def _score(work: Path) -> dict[str, float]:
-    """`score` with its defaults on the prepared database, in a process of its own."""
+def _step(name: str, work: Path) -> dict[str, float]:
+    """`score` with its defaults, or `score reward apply` with the model `score` stored, on the
+    prepared database, in a process of its own."""
     from ingest.embed_step import EmbedConfig
-    from scoring.step import ScoreConfig, score_all
+    from scoring.step import ScoreConfig, apply_reward, score_all
     from storage.engine import open_database
 
+    run = {"score": score_all, "apply": apply_reward}[name]
     engine = open_database(f"duckdb:///{work / 'bench.duckdb'}")
     start = time.perf_counter()
-    score_all(engine, config=ScoreConfig(embed=EmbedConfig(device="cpu", progress=False)))
+    run(engine, config=ScoreConfig(embed=EmbedConfig(device="cpu", progress=False)))
     seconds = time.perf_counter() - start
     engine.dispose()
-    return {"score": seconds, "score_peak_mb": _peak_mb()}
-
-
-def _apply(work: Path) -> dict[str, float]:
-    """`score reward apply` with the model `score` stored, in a process of its own."""
-    from ingest.embed_step import EmbedConfig
-    from scoring.step import ScoreConfig, apply_reward
-    from storage.engine import open_database
-
-    engine = open_database(f"duckdb:///{work / 'bench.duckdb'}")
-    start = time.perf_counter()
-    apply_reward(engine, config=ScoreConfig(embed=EmbedConfig(device="cpu", progress=False)))
-    seconds = time.perf_counter() - start
-    engine.dispose()
-    return {"apply": seconds, "apply_peak_mb": _peak_mb()}
+    return {name: seconds, f"{name}_peak_mb": _peak_mb()}
 
 
 def _peak_mb() -> float:
@@ -158,18 +146,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="10K and 100K exchanges, no 1M")
     parser.add_argument("--prepare", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--score", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--apply", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--step", choices=("score", "apply"), help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.prepare:
         print(json.dumps(_prepare(args.prepare, args.work)))
         return
-    if args.score:
-        print(json.dumps(_score(args.work)))
-        return
-    if args.apply:
-        print(json.dumps(_apply(args.work)))
+    if args.step:
+        print(json.dumps(_step(args.step, args.work)))
         return
 
     sizes = (10_000, 100_000) if args.quick else (10_000, 100_000, 1_000_000)
@@ -183,8 +167,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             r = _run("--prepare", str(size), "--work", tmp)
             print(f"# {size:,}: ingested, embedded, clustered", file=sys.stderr, flush=True)
-            r |= _run("--score", "--work", tmp)
-            r |= _run("--apply", "--work", tmp)
+            r |= _run("--step", "score", "--work", tmp)
+            r |= _run("--step", "apply", "--work", tmp)
         unit = r["score"] / (r["exchanges"] / 10_000)
         per_10k = per_10k or unit
         print(
