@@ -332,6 +332,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     embed = sub.add_parser("embed", parents=[common, embedding], help="embed stored exchanges")
+    embed.add_argument(
+        "--from",
+        dest="from_file",
+        type=Path,
+        metavar="FILE",
+        help="import vectors made elsewhere (JSONL or Parquet rows of exchange_id or text, "
+        "and vector) instead of embedding",
+    )
+    embed.add_argument(
+        "--name", help="with --from: what to call them (cluster with --model imported:NAME)"
+    )
     embed.set_defaults(handler=commands.embed)
 
     topics = argparse.ArgumentParser(add_help=False)

@@ -63,9 +63,26 @@ def umap_reducer(n_components: int = 5, *, n_neighbors: int = 15, seed: int | No
 
 def pca_reducer(n_components: int = 50, *, seed: int | None = 42) -> Reducer:
     """Linear reduction: fast and deterministic, a fallback when UMAP is too slow."""
-    from sklearn.decomposition import PCA
+    return _AtMostPCA(n_components, seed)
 
-    return PCA(n_components=n_components, random_state=seed)
+
+class _AtMostPCA:
+    """PCA to `n_components` dimensions, or to fewer when the rows or the vectors' own
+    dimensions are fewer (a small log, imported vectors): PCA refuses more, and a reduction
+    to what is there is no reduction to refuse."""
+
+    def __init__(self, n_components: int, seed: int | None) -> None:
+        self.n_components, self.seed = n_components, seed
+
+    def fit_transform(self, X: np.ndarray, /) -> np.ndarray:
+        from sklearn.decomposition import PCA
+
+        n_components = min(self.n_components, *np.shape(X))
+        self.pca = PCA(n_components=n_components, random_state=self.seed)
+        return self.pca.fit_transform(X)
+
+    def transform(self, X: np.ndarray, /) -> np.ndarray:
+        return self.pca.transform(X)
 
 
 def hdbscan_clusterer(

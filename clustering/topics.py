@@ -135,7 +135,9 @@ def fit_topics(
     # UMAP truncates neighbours to the rows there are, with a warning a user can do nothing
     # about; a small log just has fewer.
     neighbours = max(2, min(config.n_neighbors, len(fitted) - 1))
-    reducer = reducer or umap_reducer(config.n_components, n_neighbors=neighbours, seed=config.seed)
+    # Vectors of fewer dimensions than that (imported ones may be) are reduced to as many.
+    dims = min(config.n_components, unit.shape[1])
+    reducer = reducer or umap_reducer(dims, n_neighbors=neighbours, seed=config.seed)
     clusterer = clusterer or hdbscan_clusterer(
         min_size, min_samples=config.min_samples, selection=config.selection
     )

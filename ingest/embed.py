@@ -278,9 +278,18 @@ def load_embedder(
 
     `fast=True` returns a static (model2vec) embedder distilled once from the same model and
     cached under the user cache dir: far faster on CPU, somewhat less accurate (see
-    benchmarks/bench_embed.py); it ignores `device`.
+    benchmarks/bench_embed.py); it ignores `device`. `imported:NAME` names vectors a user
+    brought (`ingest.embed_import`): their embedder has them and makes no more.
     """
     name_or_path = name_or_path or str(default_model_path())
+    from ingest.embed_import import ImportedVectors, is_imported
+
+    if is_imported(name_or_path):  # vectors from a file: no model behind them
+        if fast:
+            raise EmbedderError(
+                f"--fast distils a model, and {name_or_path!r} names imported vectors, not one"
+            )
+        return ImportedVectors(name_or_path)
     if fast:
         from ingest.embed_fast import load_static_embedder
 

@@ -93,6 +93,13 @@ def load_vectors(engine: Engine, model: str, hashes: Sequence[str]) -> np.ndarra
     return matrix
 
 
+def vector_dim(engine: Engine, model: str) -> int | None:
+    """The length of `model`'s stored vectors (None before any is stored)."""
+    query = sa.select(vectors.c.dim).where(vectors.c.model == model).limit(1)
+    with engine.connect() as conn:
+        return conn.execute(query).scalar_one_or_none()
+
+
 def count_vectors(engine: Engine, model: str | None = None) -> int:
     query = sa.select(sa.func.count()).select_from(vectors)
     if model is not None:

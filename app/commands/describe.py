@@ -33,6 +33,12 @@ def describe(command: str, result: dict[str, Any]) -> str:
         )
     if command == "clusters":
         return _describe_clusters(result)
+    if command == "embed" and "already_stored" in result:  # vectors imported from a file
+        return (
+            f"imported {result['stored']} {result['model']} vectors ({result['dim']} numbers "
+            f"each), {result['already_stored']} already stored, {result['rejected']} rejected; "
+            f"cluster with `--model {result['model']}`"
+        )
     if command == "embed":
         return (
             f"{result['exchanges']} exchanges ({result['texts']} distinct {result['on']} texts): "

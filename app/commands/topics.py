@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import Engine
 
-from app.commands.common import UserError, embed_config, no_clustering, warn
+from app.commands.common import WARN_AT_MOST, UserError, embed_config, no_clustering, warn
 from storage.engine import open_database
 from storage.logs import table_counts
 
@@ -21,6 +21,10 @@ def embed(args: argparse.Namespace) -> dict[str, Any]:
     from ingest.embed import EmbedderError
     from ingest.embed_step import embed_exchanges
 
+    if args.from_file is not None:
+        return _import_vectors(args)
+    if args.name is not None:
+        raise UserError("--name names vectors imported with --from FILE")
     engine = open_database(args.db, existing=True)
     try:
         return embed_exchanges(engine, config=embed_config(args)).as_dict()
@@ -28,6 +32,44 @@ def embed(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError(str(error)) from error
     finally:
         engine.dispose()
+
+
+def _import_vectors(args: argparse.Namespace) -> dict[str, Any]:
+    """`embed --from FILE --name NAME`: vectors made elsewhere, stored as `imported:NAME`."""
+    from ingest.embed_import import import_vectors
+
+    options = ("model", "fast", "device", "batch_size")
+    unread = [f"--{o.replace('_', '-')}" for o in options if o in args.options_given]
+    if unread:
+        raise UserError(
+            f"--from imports vectors made elsewhere, so {', '.join(unread)} would go unused "
+            "(`--on` says which text of each exchange an `exchange_id` row's vector is for)"
+        )
+    if not args.name:
+        raise UserError(
+            "--from FILE needs --name NAME: the vectors are stored as imported:NAME, which "
+            "`cluster --model imported:NAME` reads"
+        )
+    path = args.from_file
+    if path.is_dir():
+        raise UserError(f"{path} is a folder: give the file of vectors")
+    if not path.is_file():
+        raise UserError(f"no such file: {path}")
+    engine = open_database(args.db, existing=True)
+    try:
+        summary = import_vectors(engine, path, name=args.name, on=args.on)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    finally:
+        engine.dispose()
+    for reject in summary.rejects[:WARN_AT_MOST]:
+        where = f"{reject['source']}:{reject['line']}"
+        warn(f"skipped {where}: {reject['field'] or 'row'}: {reject['reason']}")
+    if summary.rejected > WARN_AT_MOST:
+        warn(f"skipped {summary.rejected - WARN_AT_MOST} more bad rows (--json lists each)")
+    if summary.read and not (summary.stored or summary.already_stored):
+        raise UserError(f"{path}: no row could be imported ({summary.rejected} rejected)")
+    return summary.as_dict()
 
 
 def cluster_stages(args: argparse.Namespace) -> tuple[ClusterStepConfig, dict[str, Any]]:
@@ -132,15 +174,25 @@ def _llm_namer(args: argparse.Namespace, engine: Engine) -> Any:
 
 
 def assign(args: argparse.Namespace) -> dict[str, Any]:
+    from dataclasses import replace
+
     from clustering.step import ClusterStepConfig, assign_new
     from ingest.embed import EmbedderError
+    from ingest.embed_fast import split_embedder_name
     from storage.clusters import latest_run
 
     engine = open_database(args.db, existing=True)
     try:
-        if latest_run(engine, on_field=args.on) is None:  # "run `cluster`" made prompt topics
+        run = latest_run(engine, on_field=args.on)
+        if run is None:  # "run `cluster`" made prompt topics
             raise UserError(f"nothing to assign new exchanges to: {no_clustering(engine, args.on)}")
-        return assign_new(engine, config=ClusterStepConfig(embed=embed_config(args)))
+        embed = embed_config(args)
+        if not {"model", "fast"} & args.options_given:
+            # The clustering's own embedder: after `cluster --fast`, `--model DIR` or imported
+            # vectors, a plain `assign` (what `status` and the UI advise) refused MiniLM's.
+            model, fast = split_embedder_name(run["embedder"])
+            embed = replace(embed, model=model, fast=fast)
+        return assign_new(engine, config=ClusterStepConfig(embed=embed))
     except EmbedderError as error:
         raise UserError(str(error)) from error
     finally:

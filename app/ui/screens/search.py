@@ -51,6 +51,16 @@ if mode == "Meaning":
             icon=":material/warning:",
         )
         st.stop()
+    from ingest.embed_import import is_imported  # with the index's imports (torch), not before
+
+    if is_imported(index.embedder):
+        st.info(
+            f"This clustering's vectors were imported ({index.embedder}): there is no model "
+            "here to embed a query with. Search by words, or cluster with a model (`convoscope "
+            "cluster --model NAME`) to search by meaning.",
+            icon=":material/info:",
+        )
+        st.stop()
     # Ask for more than shown: the sidebar filter is applied to the nearest ones afterwards.
     nearest = data.semantic_search(index, query, limit * 4 if c.flt.active else limit)
     similarity = dict(nearest)
