@@ -142,6 +142,15 @@ def test_imported_vectors_are_clustered_and_assigned_without_a_model(
     )  # fmt: skip
     assert brought.returncode == 0, brought.stderr
     assert json.loads(brought.stdout)["stored"] == 3
+    holed = pa.table({"text": texts[:2], "vector": [on_axis[0], None]})  # a cell left empty
+    pq.write_table(holed, tmp_path / "holed.parquet")
+    read = convoscope(
+        "embed", "--from", str(tmp_path / "holed.parquet"), "--name", "mine", "--json",
+        db=db_url, cwd=tmp_path,
+    )  # fmt: skip
+    summary = json.loads(read.stdout)
+    assert (summary["already_stored"], summary["rejected"]) == (1, 1)
+    assert (summary["rejects"][0]["line"], summary["rejects"][0]["field"]) == (2, "vector")
     assigned = convoscope("assign", "--json", db=db_url, cwd=tmp_path)
     assert assigned.returncode == 0, assigned.stderr
     assert json.loads(assigned.stdout)["assigned"] == 3
