@@ -39,7 +39,8 @@ def _import_vectors(args: argparse.Namespace) -> dict[str, Any]:
     from ingest.embed_import import import_vectors
 
     options = ("model", "fast", "device", "batch_size")
-    unread = [f"--{o.replace('_', '-')}" for o in options if o in args.options_given]
+    given = getattr(args, "options_given", frozenset())
+    unread = [f"--{o.replace('_', '-')}" for o in options if o in given]
     if unread:
         raise UserError(
             f"--from imports vectors made elsewhere, so {', '.join(unread)} would go unused "
@@ -187,7 +188,7 @@ def assign(args: argparse.Namespace) -> dict[str, Any]:
         if run is None:  # "run `cluster`" made prompt topics
             raise UserError(f"nothing to assign new exchanges to: {no_clustering(engine, args.on)}")
         embed = embed_config(args)
-        if not {"model", "fast"} & args.options_given:
+        if not {"model", "fast"} & getattr(args, "options_given", frozenset()):
             # The clustering's own embedder: after `cluster --fast`, `--model DIR` or imported
             # vectors, a plain `assign` (what `status` and the UI advise) refused MiniLM's.
             model, fast = split_embedder_name(run["embedder"])
