@@ -281,9 +281,9 @@ def load_embedder(
     benchmarks/bench_embed.py); it ignores `device`. `imported:NAME` names vectors a user
     brought (`ingest.embed_import`): their embedder has them and makes no more.
     """
-    name_or_path = name_or_path or str(default_model_path())
-    from ingest.embed_import import ImportedVectors, is_imported
+    from ingest.embed_import import ImportedVectors, is_imported  # it imports this module
 
+    name_or_path = name_or_path or str(default_model_path())
     if is_imported(name_or_path):  # vectors from a file: no model behind them
         if fast:
             raise EmbedderError(

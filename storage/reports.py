@@ -104,9 +104,8 @@ def stale_reports(engine: Engine, run_id: str) -> str | None:
     `score` and `score reward apply` store their rewards and reports as one (`save_scored`),
     but each re-ranks one field's clustering (`--on`): after `score --on response`, the
     prompt topics' table would rank clusters by the old model while every reward shown
-    beside it is the new one's. Reports name the
-    scorer they came from (`SCORER_KEY`); reports from before that mark, or a run not yet
-    scored, are not judged.
+    beside it is the new one's. Reports name the scorer they came from (`SCORER_KEY`);
+    reports from before that mark, or a run not yet scored, are not judged.
     """
     query = sa.select(cluster_reports.c.payload).where(cluster_reports.c.run_id == run_id).limit(1)
     with engine.connect() as conn:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +61,24 @@ def embed_config(args: argparse.Namespace) -> EmbedConfig:
 
 # Bad lines named one by one on stderr; the JSON output lists them all.
 WARN_AT_MOST = 20
+
+
+def check_input_file(path: Path, what: str) -> None:
+    """Refuse a path that is no file to read, saying what it is instead: "no such file" for a
+    folder sent people looking for a path that is there."""
+    if path.is_dir():
+        raise UserError(f"{path} is a folder: give the file of {what}")
+    if not path.is_file():
+        raise UserError(f"no such file: {path}")
+
+
+def warn_skipped(bad: Sequence[object], more: str) -> None:
+    """Bad records of an input file on stderr, the first WARN_AT_MOST by name, then how many
+    `more` (e.g. "bad lines") there were."""
+    for item in bad[:WARN_AT_MOST]:
+        warn(f"skipped {item}")
+    if len(bad) > WARN_AT_MOST:
+        warn(f"skipped {len(bad) - WARN_AT_MOST} more {more}")
 
 
 def count(n: int, noun: str) -> str:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
@@ -14,7 +13,14 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import Engine
 
-from app.commands.common import WARN_AT_MOST, UserError, embed_config, no_clustering, warn
+from app.commands.common import (
+    UserError,
+    check_input_file,
+    embed_config,
+    no_clustering,
+    warn,
+    warn_skipped,
+)
 from app.line_files import LineRecord, NotLineDelimited, read_line_file
 from ingest.battles import parse_winner
 from storage.engine import open_database
@@ -390,19 +396,12 @@ def _read_line_file(
 ) -> tuple[list[LineRecord], list[dict[str, Any]]]:
     """A file's good lines, and its bad ones (warned about on stderr); no good line is an
     error. `shapes`: read_line_file's plain_field, alternative, optional and checks."""
-    if path.is_dir():  # "no such file" sent people looking for a path that is there
-        raise UserError(f"{path} is a folder: give the file of lines to read")
-    if not path.is_file():
-        raise UserError(f"no such file: {path}")
+    check_input_file(path, "lines to read")
     try:
         records, rejects = read_line_file(path, fields, **shapes)
     except NotLineDelimited as error:
         raise UserError(str(error)) from None
-    for reject in rejects[:WARN_AT_MOST]:
-        print(f"convoscope: warning: skipped {reject}", file=sys.stderr)
-    if len(rejects) > WARN_AT_MOST:
-        more = len(rejects) - WARN_AT_MOST
-        print(f"convoscope: warning: skipped {more} more bad lines", file=sys.stderr)
+    warn_skipped(rejects, "bad lines")
     if not records:
         first = f" (first: {rejects[0]})" if rejects else ""
         expected = f"JSONL objects with {', '.join(fields)}"

@@ -9,7 +9,14 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import Engine
 
-from app.commands.common import WARN_AT_MOST, UserError, embed_config, no_clustering, warn
+from app.commands.common import (
+    UserError,
+    check_input_file,
+    embed_config,
+    no_clustering,
+    warn,
+    warn_skipped,
+)
 from storage.engine import open_database
 from storage.logs import table_counts
 
@@ -52,10 +59,7 @@ def _import_vectors(args: argparse.Namespace) -> dict[str, Any]:
             "`cluster --model imported:NAME` reads"
         )
     path = args.from_file
-    if path.is_dir():
-        raise UserError(f"{path} is a folder: give the file of vectors")
-    if not path.is_file():
-        raise UserError(f"no such file: {path}")
+    check_input_file(path, "vectors")
     engine = open_database(args.db, existing=True)
     try:
         summary = import_vectors(engine, path, name=args.name, on=args.on)
@@ -63,11 +67,10 @@ def _import_vectors(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError(str(error)) from None
     finally:
         engine.dispose()
-    for reject in summary.rejects[:WARN_AT_MOST]:
-        where = f"{reject['source']}:{reject['line']}"
-        warn(f"skipped {where}: {reject['field'] or 'row'}: {reject['reason']}")
-    if summary.rejected > WARN_AT_MOST:
-        warn(f"skipped {summary.rejected - WARN_AT_MOST} more bad rows (--json lists each)")
+    bad = [
+        f"{r['source']}:{r['line']}: {r['field'] or 'row'}: {r['reason']}" for r in summary.rejects
+    ]
+    warn_skipped(bad, "bad rows (--json lists each)")
     if summary.read and not (summary.stored or summary.already_stored):
         raise UserError(f"{path}: no row could be imported ({summary.rejected} rejected)")
     return summary.as_dict()
