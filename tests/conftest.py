@@ -11,7 +11,8 @@ import pytest
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-def _shared_file(name: str) -> Path:
+def shared_data_file(name: str) -> Path:
+    """The path of `name` in ../shared/data; skips when absent, fails under CI."""
     path = SHARED_DATA / name
     if not path.exists():
         message = f"shared data file {path} is absent (it lives beside the repo, never in it)"
@@ -24,7 +25,7 @@ def _shared_file(name: str) -> Path:
 @pytest.fixture
 def shared_file() -> Callable[[str], Path]:
     """`shared_file("clinc150.json")`: path in ../shared/data; skips when absent, fails under CI."""
-    return _shared_file
+    return shared_data_file
 
 
 def _postgres_url() -> str | None:

@@ -28,7 +28,7 @@ def _ingested(tmp_path: Path, conversations: int = 4) -> str:
     log = tmp_path / "chat.jsonl"
     write_openai_jsonl(log, conversations)
     db = f"duckdb:///{tmp_path / 'replay.duckdb'}"
-    assert convoscope("ingest", str(log), db=db, cwd=tmp_path).returncode == 0
+    assert convoscope_here("ingest", str(log), db=db, cwd=tmp_path).returncode == 0
     return db
 
 
@@ -68,10 +68,10 @@ def test_a_source_filter_finds_the_file_by_its_absolute_path_from_another_folder
     (tmp_path / "elsewhere").mkdir()
     write_openai_jsonl(tmp_path / "logs" / "chat.jsonl", 2)
     db = f"duckdb:///{tmp_path / 'replay.duckdb'}"
-    ingest = convoscope("ingest", "logs/chat.jsonl", "--json", db=db, cwd=tmp_path)
+    ingest = convoscope_here("ingest", "logs/chat.jsonl", "--json", db=db, cwd=tmp_path)
     stored = json.loads(ingest.stdout)["stored"]  # under the source "logs/chat.jsonl"
     with OpenAIServer() as server:
-        result = convoscope(
+        result = convoscope_here(
             "replay", "--model", "m", "--base-url", server.base_url, "--json",
             "--filter", f"source={tmp_path / 'logs' / 'chat.jsonl'}",
             db=db, cwd=tmp_path / "elsewhere",
@@ -84,7 +84,7 @@ def test_failed_replay_says_why_and_how_to_resume(tmp_path: Path) -> None:
     db = _ingested(tmp_path)
     with OpenAIServer(faults=[Fault(status=401)]) as server:
         args = ("--model", "m", "--base-url", server.base_url, "--filter", "model=expert-1")
-        result = convoscope("replay", *args, db=db, cwd=tmp_path)
+        result = convoscope_here("replay", *args, db=db, cwd=tmp_path)
     assert result.returncode == 2, result.stderr  # nothing answered: a failure, still reported
     assert "none of the 2 inputs sent was answered" in result.stderr
     said = result.stdout
@@ -136,7 +136,7 @@ def test_an_interrupted_replay_names_the_run_to_resume(
     assert answered == 0  # it stopped on the interrupt, not because its requests finished
     resume = re.search(r"finish with `convoscope --db \S+ replay --resume ([0-9a-f]{32})`", err)
     assert resume, err
-    report = convoscope("replay", "report", resume.group(1), "--json", db=db, cwd=tmp_path)
+    report = convoscope_here("replay", "report", resume.group(1), "--json", db=db, cwd=tmp_path)
     assert report.returncode == 0, report.stderr  # the run it names exists
     assert json.loads(report.stdout)["status"] == "incomplete"  # not "running" forever
 
@@ -206,7 +206,7 @@ def test_the_readme_server_serves_in_the_background_until_killed(
 def test_a_replay_no_endpoint_answers_exits_2_with_its_summary(tmp_path: Path) -> None:
     db = _ingested(tmp_path)
     args = ("--model", "m", "--base-url", "http://127.0.0.1:1/v1", "--max-attempts", "1")
-    result = convoscope("replay", *args, "--filter", "model=expert-1", db=db, cwd=tmp_path)
+    result = convoscope_here("replay", *args, "--filter", "model=expert-1", db=db, cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert result.stderr.splitlines()[-1] == (
         "convoscope: error: none of the 2 inputs sent was answered"
@@ -229,14 +229,14 @@ def test_a_filter_key_given_twice_selects_either_value(
     replace the first, and 2 inputs were sent where 4 match."""
     db = _ingested(tmp_path)
     args = ("--model", "m", "--base-url", "http://127.0.0.1:1/v1", "--max-attempts", "1")
-    result = convoscope("replay", *args, *filters, db=db, cwd=tmp_path)
+    result = convoscope_here("replay", *args, *filters, db=db, cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert "none of the 4 inputs sent was answered" in result.stderr.splitlines()[-1]
 
 
 def test_a_bad_filter_names_the_filter_option(tmp_path: Path) -> None:
     args = ("replay", "--model", "m", "--base-url", "http://127.0.0.1:9/v1", "--filter", "model")
-    result = convoscope(*args, db=str(tmp_path / "never.duckdb"), cwd=tmp_path)
+    result = convoscope_here(*args, db=str(tmp_path / "never.duckdb"), cwd=tmp_path)
     assert result.returncode == 2
     assert "--filter expects key=value pairs, got 'model'" in result.stderr.splitlines()[-1]
 
@@ -254,7 +254,7 @@ def test_a_filter_naming_no_stored_model_or_source_says_which_and_what_is_stored
             ("model=expert-9", "--filter model=expert-9 matches no stored model (stored: expert-0"),
             ("source=chats.jsonl", "--filter source=chats.jsonl matches no stored source (stored:"),
         ]:
-            result = convoscope(*args, "--filter", given, db=db, cwd=tmp_path)
+            result = convoscope_here(*args, "--filter", given, db=db, cwd=tmp_path)
             assert result.returncode == 2
             assert said in result.stderr, result.stderr
         assert server.total_requests() == 0
@@ -278,7 +278,7 @@ def test_replay_options_are_checked_up_front_and_named(
 ) -> None:
     db = tmp_path / "never.duckdb"
     args = ("replay", "--model", "m", "--base-url", "http://127.0.0.1:9/v1", option, value)
-    result = convoscope(*args, db=str(db), cwd=tmp_path)
+    result = convoscope_here(*args, db=str(db), cwd=tmp_path)
     assert result.returncode == 2 and said in result.stderr.splitlines()[-1], result.stderr
     assert "goes after --" not in result.stderr  # a negative number is a value, not an option
     assert not db.exists()  # refused before anything was opened
@@ -286,7 +286,7 @@ def test_replay_options_are_checked_up_front_and_named(
 
 def test_replay_without_model_is_a_clear_error(tmp_path: Path) -> None:
     db = f"duckdb:///{tmp_path / 'x.duckdb'}"
-    result = convoscope("replay", "--base-url", "http://127.0.0.1:9/v1", db=db, cwd=tmp_path)
+    result = convoscope_here("replay", "--base-url", "http://127.0.0.1:9/v1", db=db, cwd=tmp_path)
     assert result.returncode == 2
     assert "--model" in result.stderr and "Traceback" not in result.stderr
 
@@ -324,7 +324,7 @@ def test_an_instruction_replayed_on_a_cluster_is_versioned(tmp_path: Path) -> No
             ("Answer with a number only.", "utf-8-sig"),
         ):
             instruction.write_text(text, encoding=encoding)
-            result = convoscope(
+            result = convoscope_here(
                 "replay", "--model", "m2", "--base-url", server.base_url, "--cluster", "t0",
                 "--instruction", str(instruction), "--json", db=db, cwd=tmp_path,
             )  # fmt: skip
@@ -350,7 +350,7 @@ def test_an_instruction_replayed_on_a_cluster_is_versioned(tmp_path: Path) -> No
     store_scores(engine, "reward:test", rewards)
     engine.dispose()
     for run_id in runs:
-        report = convoscope("replay", "report", run_id, "--json", db=db, cwd=tmp_path)
+        report = convoscope_here("replay", "report", run_id, "--json", db=db, cwd=tmp_path)
         assert report.returncode == 0, report.stderr
     engine = open_database(db)
     versions = load_instructions(engine, "t0")
@@ -393,7 +393,7 @@ def test_an_instruction_replayed_on_a_cluster_is_versioned(tmp_path: Path) -> No
     model, expected = models.most_common()[-1]
     assert 0 < expected < len(members)
     with OpenAIServer() as server:
-        both = convoscope(
+        both = convoscope_here(
             "replay", "--model", "m3", "--base-url", server.base_url, "--cluster", "t0",
             "--filter", f"model={model}", "--json", db=db, cwd=tmp_path,
         )  # fmt: skip
@@ -409,7 +409,7 @@ def test_an_instruction_replayed_on_a_cluster_is_versioned(tmp_path: Path) -> No
             "no exchange or cluster of the latest clustering on prompt is tagged 'nope'",
         ),
     ):
-        wrong = convoscope(
+        wrong = convoscope_here(
             "replay", "--model", "m3", "--base-url", "http://127.0.0.1:1/v1", option, value,
             db=db, cwd=tmp_path,
         )  # fmt: skip
@@ -427,7 +427,7 @@ def test_the_printed_resume_command_alone_finishes_the_run(
     monkeypatch.setenv("MY_KEY", "sk-mine")
     fails_once = Fault(prompt="What is 1 + 1?", status=500, times=1)
     with OpenAIServer(faults=[fails_once]) as server:
-        first = convoscope(
+        first = convoscope_here(
             "replay", "--model", "m", "--base-url", server.base_url, "--filter", "model=expert-1",
             "--instruction", str(instruction), "--api-key-env", "MY_KEY", "--max-attempts", "1",
             db=db, cwd=tmp_path,
@@ -446,7 +446,9 @@ def test_the_printed_resume_command_alone_finishes_the_run(
         assert last["body"]["model"] == "m"
         assert last["body"]["messages"][0] == {"role": "system", "content": "Answer in one word."}
         run_id = printed.group(1).split()[-1]
-        other = convoscope("replay", "--resume", run_id, "--model", "other", db=db, cwd=tmp_path)
+        other = convoscope_here(
+            "replay", "--resume", run_id, "--model", "other", db=db, cwd=tmp_path
+        )
     assert other.returncode == 2
     said = f"run {run_id} was started with model 'm', not 'other': resume it with what it was"
     assert said in other.stderr
@@ -455,14 +457,14 @@ def test_the_printed_resume_command_alone_finishes_the_run(
 def test_resume_of_an_unknown_run_is_an_error_and_sends_nothing(tmp_path: Path) -> None:
     db = _ingested(tmp_path)
     with OpenAIServer() as server:
-        result = convoscope(
+        result = convoscope_here(
             "replay", "--resume", "nonexist", "--model", "m", "--base-url", server.base_url,
             db=db, cwd=tmp_path,
         )  # fmt: skip
         assert result.returncode == 2
         assert "no replay run 'nonexist'" in result.stderr and "Traceback" not in result.stderr
         assert server.total_requests() == 0
-    report = convoscope("replay", "report", "nonexist", db=db, cwd=tmp_path)
+    report = convoscope_here("replay", "report", "nonexist", db=db, cwd=tmp_path)
     assert report.returncode == 2  # no run was created either
 
 
@@ -526,7 +528,7 @@ def test_an_interrupted_instruction_replay_on_a_cluster_still_saves_its_version(
     assert versions[0]["replay_run_id"] == resume.group(1)
 
     with OpenAIServer() as server:  # finishing the run saves no second version
-        done = convoscope("replay", "--resume", resume.group(1), "--base-url", server.base_url,
+        done = convoscope_here("replay", "--resume", resume.group(1), "--base-url", server.base_url,
                           db=db, cwd=tmp_path)  # fmt: skip
     assert done.returncode == 0, done.stderr
     engine = open_database(db)
@@ -571,7 +573,7 @@ def test_resuming_a_run_another_process_drives_is_refused_until_taken_over(
     if db_url.startswith("duckdb"):
         pytest.skip("a DuckDB file opens in one process at a time: no second one can resume")
     write_openai_jsonl(tmp_path / "chat.jsonl", 4)
-    assert convoscope("ingest", "chat.jsonl", db=db_url, cwd=tmp_path).returncode == 0
+    assert convoscope_here("ingest", "chat.jsonl", db=db_url, cwd=tmp_path).returncode == 0
     with OpenAIServer(delay_s=900) as held, OpenAIServer() as fast:
         first = _replaying(
             db_url, tmp_path, "--model", "m", "--base-url", held.base_url, "--timeout", "900",
@@ -580,7 +582,7 @@ def test_resuming_a_run_another_process_drives_is_refused_until_taken_over(
         try:
             run_id = _the_run_once_sent(db_url, held, 2)
             again = ("replay", "--resume", run_id, "--base-url", fast.base_url)
-            second = convoscope(*again, db=db_url, cwd=tmp_path)
+            second = convoscope_here(*again, db=db_url, cwd=tmp_path)
             assert second.returncode == 2, second.stderr
             said = f"run {run_id} is being replayed by another process since "
             assert said in second.stderr and f"--resume {run_id} --take-over`" in second.stderr
@@ -589,8 +591,8 @@ def test_resuming_a_run_another_process_drives_is_refused_until_taken_over(
             first.kill()
             first.communicate(timeout=60)
         # Killed: its lease has not lapsed, so the run stays refused until taken over.
-        assert convoscope(*again, db=db_url, cwd=tmp_path).returncode == 2
-        taken = convoscope(*again, "--take-over", "--json", db=db_url, cwd=tmp_path)
+        assert convoscope_here(*again, db=db_url, cwd=tmp_path).returncode == 2
+        taken = convoscope_here(*again, "--take-over", "--json", db=db_url, cwd=tmp_path)
         assert taken.returncode == 0, taken.stderr
         assert json.loads(taken.stdout)["status"] == "done"
         assert fast.requests == {"What is 1 + 1?": 1, "And doubled?": 1}
@@ -604,7 +606,7 @@ def test_a_killed_replays_run_is_incomplete_and_resumes_once_its_lease_lapses(
     if db_url.startswith("duckdb"):
         pytest.skip("a DuckDB file opens in one process at a time: the lease is the same")
     write_openai_jsonl(tmp_path / "chat.jsonl", 4)
-    assert convoscope("ingest", "chat.jsonl", db=db_url, cwd=tmp_path).returncode == 0
+    assert convoscope_here("ingest", "chat.jsonl", db=db_url, cwd=tmp_path).returncode == 0
     driver = (
         "import sys\n"
         "from ingest.replay import ReplayConfig, replay\n"
@@ -626,10 +628,10 @@ def test_a_killed_replays_run_is_incomplete_and_resumes_once_its_lease_lapses(
             first.kill()
             first.wait(timeout=60)
         time.sleep(1.5)  # the lease lapses
-        report = convoscope("replay", "report", run_id, "--json", db=db_url, cwd=tmp_path)
+        report = convoscope_here("replay", "report", run_id, "--json", db=db_url, cwd=tmp_path)
         assert json.loads(report.stdout)["status"] == "incomplete", report.stderr
         again = ("replay", "--resume", run_id, "--base-url", fast.base_url, "--json")
-        resumed = convoscope(*again, db=db_url, cwd=tmp_path)
+        resumed = convoscope_here(*again, db=db_url, cwd=tmp_path)
         assert resumed.returncode == 0, resumed.stderr
         assert json.loads(resumed.stdout)["done"] == 2 == fast.total_requests()
 
@@ -699,7 +701,7 @@ def test_a_live_replay_taken_over_stops_and_stores_nothing_more(
     if db_url.startswith("duckdb"):
         pytest.skip("a DuckDB file opens in one process at a time: no second one can resume")
     write_openai_jsonl(tmp_path / "chat.jsonl", 4)
-    assert convoscope("ingest", "chat.jsonl", db=db_url, cwd=tmp_path).returncode == 0
+    assert convoscope_here("ingest", "chat.jsonl", db=db_url, cwd=tmp_path).returncode == 0
     with OpenAIServer(delay_s=20) as slow, OpenAIServer() as fast:
         first = _replaying(
             db_url, tmp_path, "--model", "m", "--base-url", slow.base_url,
@@ -707,7 +709,7 @@ def test_a_live_replay_taken_over_stops_and_stores_nothing_more(
         )  # fmt: skip
         run_id = _the_run_once_sent(db_url, slow, 2)
         again = ("replay", "--resume", run_id, "--base-url", fast.base_url, "--take-over")
-        taken = convoscope(*again, db=db_url, cwd=tmp_path)
+        taken = convoscope_here(*again, db=db_url, cwd=tmp_path)
         assert taken.returncode == 0, taken.stderr
         _, err = first.communicate(timeout=300)
     assert first.returncode == 2, err

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.test_ingest_pipeline import convoscope, write_openai_jsonl
+from tests.test_ingest_pipeline import convoscope_here as convoscope  # in-process: faster
+from tests.test_ingest_pipeline import write_openai_jsonl
 
 FAST_TOPICS = ("--reducer", "pca", "--clusterer", "kmeans", "--k", "3")
 

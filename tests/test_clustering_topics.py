@@ -55,9 +55,9 @@ def clinc(shared_file_module: Callable[[str], Path]) -> Slice:
 @pytest.fixture(scope="module")
 def shared_file_module() -> Callable[[str], Path]:
     # conftest's `shared_file` is function-scoped; its helper is reused for module fixtures.
-    from conftest import _shared_file
+    from tests.conftest import shared_data_file
 
-    return _shared_file
+    return shared_data_file
 
 
 @pytest.fixture(scope="module")

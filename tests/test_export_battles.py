@@ -19,7 +19,7 @@ from storage.engine import open_database
 from storage.logs import store_batch, utcnow
 from storage.schema import battles, exchanges
 from tests.test_export_reingest import _stored
-from tests.test_ingest_pipeline import convoscope
+from tests.test_ingest_pipeline import convoscope_here
 
 GEMMA = "FuseChat-Gemma-2-9B-Instruct"  # model_b of the file's first 805 lines
 LLAMA = "FuseChat-Llama-3.2-1B-Instruct"  # model_b of the next 805
@@ -51,23 +51,23 @@ def _votes(out: Path) -> None:
 @pytest.fixture(scope="module")
 def source_db(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     """A DuckDB file holding 30 battles of each of two models (two files) and 6 repeated votes."""
-    from conftest import _shared_file  # `shared_file` is function-scoped; its helper is not
+    from tests.conftest import shared_data_file  # `shared_file` is function-scoped
 
-    shared = _shared_file("alpacaeval_battles_dev.jsonl.gz")
+    shared = shared_data_file("alpacaeval_battles_dev.jsonl.gz")
     folder = tmp_path_factory.mktemp("battles")
     _slice(shared, folder / "gemma.jsonl", 0, 30)
     _slice(shared, folder / "llama.jsonl", 805, 30)
     _votes(folder / "votes.jsonl")
     db = f"duckdb:///{folder / 'source.duckdb'}"
     paths = [str(folder / name) for name in ("gemma.jsonl", "llama.jsonl", "votes.jsonl")]
-    result = convoscope("ingest", *paths, "--json", db=db, cwd=folder)
+    result = convoscope_here("ingest", *paths, "--json", db=db, cwd=folder)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["battles_stored"] == 66
     return db, folder
 
 
 def _run(db: str, cwd: Path, *args: str) -> dict[str, Any]:
-    result = convoscope(*args, "--json", db=db, cwd=cwd)
+    result = convoscope_here(*args, "--json", db=db, cwd=cwd)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -209,7 +209,7 @@ def test_the_source_filter_and_a_filter_matching_nothing(
     votes = _export(db, tmp_path / "votes.jsonl", tmp_path, "--source", str(folder / "votes.jsonl"))
     assert (votes["rows"], votes["not_round_trip"]) == (6, 0)
 
-    result = convoscope(
+    result = convoscope_here(
         "export", "--format", "battles", "--out", str(tmp_path / "none.jsonl"),
         "--model", "no-such-model", db=db, cwd=tmp_path,
     )  # fmt: skip
@@ -217,7 +217,7 @@ def test_the_source_filter_and_a_filter_matching_nothing(
     assert "no rows exported to" in result.stdout
     assert "--model no-such-model is the model of no battle's answer" in result.stderr
     assert "nothing was written" in result.stderr and not (tmp_path / "none.jsonl").exists()
-    result = convoscope(
+    result = convoscope_here(
         "export", "--format", "battles", "--out", str(tmp_path / "gemma.jsonl"),
         "--model", "no-such-model", db=db, cwd=tmp_path,
     )  # fmt: skip
@@ -265,7 +265,7 @@ def test_a_verdict_on_answers_from_a_conversation_is_written_and_said_not_to_rou
     engine.dispose()
 
     out = tmp_path / "judged.jsonl"
-    result = convoscope(
+    result = convoscope_here(
         "export", "--format", "battles", "--out", str(out), "--json", db=db, cwd=tmp_path
     )
     assert result.returncode == 0, result.stderr
@@ -300,7 +300,7 @@ def test_a_battles_export_says_what_is_wrong(source_db: tuple[str, Path], tmp_pa
     out = tmp_path / "out.jsonl"
 
     def fails(*args: str, db: str = db) -> str:
-        result = convoscope("export", "--format", "battles", *args, db=db, cwd=tmp_path)
+        result = convoscope_here("export", "--format", "battles", *args, db=db, cwd=tmp_path)
         assert result.returncode == 2, result.stdout
         assert "Traceback" not in result.stderr
         return result.stderr

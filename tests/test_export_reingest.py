@@ -6,8 +6,6 @@ from __future__ import annotations
 import csv
 import importlib.metadata
 import json
-import subprocess
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,7 @@ from ingest.detect import detect_format
 from storage.engine import open_database
 from storage.logs import iter_exchanges
 from storage.schema import conversations, ingest_runs
-from tests.test_ingest_pipeline import convoscope, convoscope_here
+from tests.test_ingest_pipeline import convoscope_here
 
 T0 = 1_767_268_800  # 2026-01-01 12:00 UTC
 
@@ -104,17 +102,14 @@ def _conversations(db: str) -> dict[str, tuple[str | None, str | None, str | Non
         engine.dispose()
 
 
-Cli = Callable[..., subprocess.CompletedProcess[str]]
-
-
-def _ingest(db: str, path: Path, cwd: Path, *extra: str, cli: Cli = convoscope) -> dict[str, Any]:
-    result = cli("ingest", str(path), "--json", *extra, db=db, cwd=cwd)
+def _ingest(db: str, path: Path, cwd: Path, *extra: str) -> dict[str, Any]:
+    result = convoscope_here("ingest", str(path), "--json", *extra, db=db, cwd=cwd)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
 
 def _export(db: str, out: Path, cwd: Path) -> list[dict[str, Any]]:
-    result = convoscope("export", "--out", str(out), "--format", "jsonl", db=db, cwd=cwd)
+    result = convoscope_here("export", "--out", str(out), "--format", "jsonl", db=db, cwd=cwd)
     assert result.returncode == 0, result.stderr
     return [json.loads(line) for line in out.read_text().splitlines()]
 
@@ -239,7 +234,7 @@ def _exported_table(tmp_path: Path, suffix: str) -> tuple[str, dict[str, dict[st
     log = tmp_path / "chats.jsonl"
     _chat_log(log)
     a = f"duckdb:///{tmp_path / 'a.duckdb'}"
-    _ingest(a, log, tmp_path, cli=convoscope_here)
+    _ingest(a, log, tmp_path)
     export = tmp_path / f"export.{suffix}"
     _export_table(a, export, tmp_path)
     return a, _stored(a), export
@@ -287,14 +282,14 @@ def test_a_csv_or_parquet_export_ingests_back_under_the_same_ids(
     a, originals, export = _exported_table(tmp_path, suffix)
 
     # Into the database it came from: every row is already there.
-    again = _ingest(a, export, tmp_path, cli=convoscope_here)
+    again = _ingest(a, export, tmp_path)
     assert (again["read"], again["stored"], again["duplicates"], again["rejected"]) == (6, 0, 6, 0)
     assert _stored(a) == originals
     assert detect_format(export) == "convoscope"
 
     # Into a fresh database: the same ids and the same fields, NULL signals still NULL.
     b = f"duckdb:///{tmp_path / 'b.duckdb'}"
-    fresh = _ingest(b, export, tmp_path, cli=convoscope_here)
+    fresh = _ingest(b, export, tmp_path)
     assert (fresh["stored"], fresh["rejected"]) == (6, 0)
     copies = _stored(b)
     assert _as_exported(copies, suffix) == _as_exported(originals, suffix)  # Parquet: whole
@@ -314,7 +309,7 @@ def test_a_csv_or_parquet_export_ingests_back_under_the_same_ids(
     part = tmp_path / f"bot-1.{suffix}"
     _export_table(a, part, tmp_path, "--model", "bot-1")
     c = f"duckdb:///{tmp_path / 'c.duckdb'}"
-    assert _ingest(c, part, tmp_path, cli=convoscope_here)["stored"] == 4
+    assert _ingest(c, part, tmp_path)["stored"] == 4
     wanted = {i: r for i, r in originals.items() if r["model"] == "bot-1"}
     assert _as_exported(_stored(c), suffix) == _as_exported(wanted, suffix)
     eight = next(r for r in _stored(c).values() if r["response"] == "8.")
@@ -322,7 +317,7 @@ def test_a_csv_or_parquet_export_ingests_back_under_the_same_ids(
 
     # --format csv/parquet still reads the file as a log, for whoever means that.
     d = f"duckdb:///{tmp_path / 'd.duckdb'}"
-    as_log = _ingest(d, export, tmp_path, "--format", suffix, cli=convoscope_here)
+    as_log = _ingest(d, export, tmp_path, "--format", suffix)
     assert as_log["stored"] > 0 and _stored(d).keys().isdisjoint(originals)
 
 
@@ -333,7 +328,7 @@ def test_a_parquet_export_says_where_it_came_from(tmp_path: Path) -> None:
     log = tmp_path / "chats.jsonl"
     _chat_log(log)
     a = f"duckdb:///{tmp_path / 'a.duckdb'}"
-    _ingest(a, log, tmp_path, cli=convoscope_here)
+    _ingest(a, log, tmp_path)
     export = tmp_path / "bot-1.parquet"
     _export_table(a, export, tmp_path, "--model", "bot-1")
     about = json.loads(pq.read_schema(export).metadata[b"convoscope"])
@@ -357,7 +352,7 @@ def test_a_tampered_csv_or_parquet_export_row_is_rejected_with_its_line(
 
     b = f"duckdb:///{tmp_path / 'b.duckdb'}"
     rejects = tmp_path / "rejects.jsonl"
-    summary = _ingest(b, export, tmp_path, "--rejects", str(rejects), cli=convoscope_here)
+    summary = _ingest(b, export, tmp_path, "--rejects", str(rejects))
     assert (summary["stored"], summary["rejected"]) == (4, 2)
     found = [json.loads(line) for line in rejects.read_text().splitlines()]
     first = 2 if suffix == "csv" else 1  # the CSV line after the header, the Parquet row
@@ -383,7 +378,7 @@ def test_an_ordinary_csv_is_still_read_as_a_log(tmp_path: Path) -> None:
     assert detect_format(plain) == "csv"
     db = f"duckdb:///{tmp_path / 'a.duckdb'}"
     mapping = ("--map", "prompt=question,response=answer,model=bot")
-    summary = _ingest(db, plain, tmp_path, *mapping, cli=convoscope_here)
+    summary = _ingest(db, plain, tmp_path, *mapping)
     assert (summary["stored"], summary["conversations"], summary["rejected"]) == (2, 1, 0)
     second = next(r for r in _stored(db).values() if r["prompt"] == "And HTTP?")
     assert second["ended_conversation"] is True and second["turn_index"] == 3

@@ -9,7 +9,7 @@ import gzip
 import json
 from pathlib import Path
 
-from tests.test_ingest_pipeline import convoscope, convoscope_here
+from tests.test_ingest_pipeline import convoscope_here
 
 # Prompts a spreadsheet would run as a formula (OWASP's list: = + - @ tab CR), and safe ones.
 FORMULAS = [
@@ -39,7 +39,7 @@ def _database(tmp_path: Path) -> str:
     log = tmp_path / "chats.jsonl"
     log.write_text("".join(json.dumps(r) + "\n" for r in records))
     db = f"duckdb:///{tmp_path / 'x.duckdb'}"
-    result = convoscope("ingest", str(log), db=db, cwd=tmp_path)
+    result = convoscope_here("ingest", str(log), db=db, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     return db
 
@@ -54,7 +54,7 @@ def _cells(path: Path) -> list[dict[str, str]]:
 def test_a_default_csv_export_is_as_stored_and_counts_formula_cells(tmp_path: Path) -> None:
     db = _database(tmp_path)
     out = tmp_path / "out.csv"
-    result = convoscope("export", "--out", str(out), "--json", db=db, cwd=tmp_path)
+    result = convoscope_here("export", "--out", str(out), "--json", db=db, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     notes = [line for line in result.stderr.splitlines() if "--spreadsheet-safe" in line]
     assert notes == [
@@ -65,14 +65,16 @@ def test_a_default_csv_export_is_as_stored_and_counts_formula_cells(tmp_path: Pa
     assert json.loads(result.stdout)["formula_cells"] == len(FORMULAS)
     assert sorted(row["prompt"] for row in _cells(out)) == sorted(FORMULAS + PLAIN)
 
-    plain = convoscope("export", "--out", str(out), "--model", "plain-bot", db=db, cwd=tmp_path)
+    plain = convoscope_here(
+        "export", "--out", str(out), "--model", "plain-bot", db=db, cwd=tmp_path
+    )
     assert plain.returncode == 0 and "note" not in plain.stderr
 
 
 def test_spreadsheet_safe_prefixes_formula_cells_with_a_quote(tmp_path: Path) -> None:
     db = _database(tmp_path)
     out = tmp_path / "safe.csv.gz"  # a gzipped CSV is a CSV
-    result = convoscope("export", "--out", str(out), "--spreadsheet-safe", db=db, cwd=tmp_path)
+    result = convoscope_here("export", "--out", str(out), "--spreadsheet-safe", db=db, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "note" not in result.stderr
     rows = _cells(out)
@@ -86,7 +88,7 @@ def test_spreadsheet_safe_prefixes_formula_cells_with_a_quote(tmp_path: Path) ->
 def test_spreadsheet_safe_is_refused_for_other_formats(tmp_path: Path) -> None:
     db = _database(tmp_path)
     for args in (["--out", "o.jsonl"], ["--out", "o.csv", "--format", "parquet"]):
-        result = convoscope("export", *args, "--spreadsheet-safe", db=db, cwd=tmp_path)
+        result = convoscope_here("export", *args, "--spreadsheet-safe", db=db, cwd=tmp_path)
         assert result.returncode == 2
         chosen = "parquet" if "parquet" in args else "jsonl"
         assert (

@@ -82,13 +82,15 @@ def write_openai_jsonl(path: Path, n: int, *, bad_lines: dict[int, bytes] | None
 def test_ingest_reports_stores_and_is_idempotent(db_url: str, tmp_path: Path) -> None:
     log = tmp_path / "chat.jsonl"
     write_openai_jsonl(log, 50)
-    first = convoscope("ingest", str(log), "--json", db=db_url, cwd=tmp_path)
+    first = convoscope_here("ingest", str(log), "--json", db=db_url, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     summary = json.loads(first.stdout)
     assert (summary["read"], summary["stored"], summary["duplicates"]) == (100, 100, 0)
     assert summary["rejected"] == 0 and summary["rejects_file"] is None
 
-    again = json.loads(convoscope("ingest", str(log), "--json", db=db_url, cwd=tmp_path).stdout)
+    again = json.loads(
+        convoscope_here("ingest", str(log), "--json", db=db_url, cwd=tmp_path).stdout
+    )
     assert (again["stored"], again["duplicates"]) == (0, 100)
     engine = open_database(db_url)
     assert table_counts(engine) == {"conversations": 50, "exchanges": 100, "battles": 0}
@@ -223,7 +225,7 @@ def test_contexts_are_stored_once_and_read_whole(db_url: str, tmp_path: Path) ->
     log.write_text(
         "".join(json.dumps(c, ensure_ascii=False) + "\n" for c in _tricky_conversations())
     )
-    result = convoscope("ingest", str(log), "--json", db=db_url, cwd=tmp_path)
+    result = convoscope_here("ingest", str(log), "--json", db=db_url, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     # The contexts the split gives, encoded as every context was before references existed.
     expected = {}
@@ -272,7 +274,9 @@ def test_contexts_are_stored_once_and_read_whole(db_url: str, tmp_path: Path) ->
     assert max(len(context) for context, _ in stored) < 200
 
     out = tmp_path / "out.jsonl"
-    exported = convoscope("export", "--out", str(out), "--format", "jsonl", db=db_url, cwd=tmp_path)
+    exported = convoscope_here(
+        "export", "--out", str(out), "--format", "jsonl", db=db_url, cwd=tmp_path
+    )
     assert exported.returncode == 0, exported.stderr
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert {r["id"]: r["context"] for r in records} == {
@@ -291,7 +295,7 @@ def test_bad_records_are_rejected_with_file_line_and_reason(tmp_path: Path) -> N
     write_openai_jsonl(log, 10, bad_lines=bad)
     db = f"duckdb:///{tmp_path / 'x.duckdb'}"
     rejects = tmp_path / "rejects.jsonl"
-    result = convoscope(
+    result = convoscope_here(
         "ingest", str(log), "--json", "--rejects", str(rejects), db=db, cwd=tmp_path
     )
     assert result.returncode == 0, result.stderr
@@ -313,7 +317,7 @@ def test_empty_and_binary_files_are_reported_not_fatal(tmp_path: Path) -> None:
     good = tmp_path / "good.jsonl"
     write_openai_jsonl(good, 3)
     db = f"duckdb:///{tmp_path / 'x.duckdb'}"
-    result = convoscope(
+    result = convoscope_here(
         "ingest",
         str(empty),
         str(binary),
@@ -331,7 +335,7 @@ def test_empty_and_binary_files_are_reported_not_fatal(tmp_path: Path) -> None:
 
 
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
-    result = convoscope("ingest", str(tmp_path / "nope.jsonl"), db=":memory:", cwd=tmp_path)
+    result = convoscope_here("ingest", str(tmp_path / "nope.jsonl"), db=":memory:", cwd=tmp_path)
     assert result.returncode == 2
     assert "no such file" in result.stderr and "Traceback" not in result.stderr
 
@@ -347,7 +351,7 @@ def test_a_folder_stands_for_the_log_files_below_it(tmp_path: Path) -> None:
     (logs / "convoscope-rejects-20261205-120000.jsonl").write_text('{"file": "x"}\n')
     db = f"duckdb:///{tmp_path / 'x.duckdb'}"
 
-    result = convoscope("ingest", str(logs), "--json", db=db, cwd=tmp_path)
+    result = convoscope_here("ingest", str(logs), "--json", db=db, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert (summary["files"], summary["stored"], summary["rejected"]) == (2, 6, 0)
@@ -360,14 +364,14 @@ def test_a_folder_stands_for_the_log_files_below_it(tmp_path: Path) -> None:
     (logs / "bad.jsonl").write_text("not json\n")  # its reject goes to the folder's own file
     for _ in range(2):  # the second run found that file among the logs, and refused it
         own = ("ingest", str(logs), "--rejects", str(logs / "rejects.jsonl"), "--json")
-        result = convoscope(*own, db=db, cwd=tmp_path)
+        result = convoscope_here(*own, db=db, cwd=tmp_path)
         assert result.returncode == 0, result.stderr
         assert json.loads(result.stdout)["files"] == 3
     assert len((logs / "rejects.jsonl").read_text().splitlines()) == 2
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    result = convoscope("ingest", str(empty), db=db, cwd=tmp_path)
+    result = convoscope_here("ingest", str(empty), db=db, cwd=tmp_path)
     assert result.returncode == 2
     assert "no log files in folder" in result.stderr and "Traceback" not in result.stderr
 
@@ -403,7 +407,7 @@ def test_sigkill_mid_ingest_then_rerun_completes_without_duplicates(tmp_path: Pa
     engine.dispose()
     assert 0 < partial < 2 * n
 
-    rerun = convoscope("ingest", str(log), "--json", db=db, cwd=tmp_path)
+    rerun = convoscope_here("ingest", str(log), "--json", db=db, cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stderr
     summary = json.loads(rerun.stdout)
     assert summary["stored"] == 2 * n - partial
@@ -419,11 +423,11 @@ def test_export_round_trips_ids_and_signals(tmp_path: Path) -> None:
     log = tmp_path / "chat.jsonl"
     write_openai_jsonl(log, 6)
     db = f"duckdb:///{tmp_path / 'x.duckdb'}"
-    assert convoscope("ingest", str(log), db=db, cwd=tmp_path).returncode == 0
+    assert convoscope_here("ingest", str(log), db=db, cwd=tmp_path).returncode == 0
     import pandas as pd
 
     for fmt, name in [("csv", "out.csv"), ("parquet", "out.parquet"), ("jsonl", "out.jsonl")]:
-        result = convoscope(
+        result = convoscope_here(
             "export",
             "--out",
             str(tmp_path / name),
@@ -446,7 +450,7 @@ def test_export_round_trips_ids_and_signals(tmp_path: Path) -> None:
         assert set(frame["external_id"]) == {"conv-1", "conv-4"}
         assert {"conversation_id", "turn_index", "retried", "ended_conversation"} <= set(frame)
 
-    result = convoscope(
+    result = convoscope_here(
         "export", "--out", str(tmp_path / "ft.jsonl"), "--format", "openai", db=db, cwd=tmp_path
     )
     assert result.returncode == 0, result.stderr
@@ -550,7 +554,9 @@ def test_cut_damaged_and_too_deep_files_keep_what_is_readable(tmp_path: Path) ->
     first, middle, last = (openai_line(i) for i in (100, 101, 102))
     deep.write_text(f'{first}\n{middle[:-1]}, "extra": {nested}}}\n{last}\n')
     db = f"duckdb:///{tmp_path / 'x.duckdb'}"
-    result = convoscope("ingest", str(cut), str(damaged), str(deep), "--json", db=db, cwd=tmp_path)
+    result = convoscope_here(
+        "ingest", str(cut), str(damaged), str(deep), "--json", db=db, cwd=tmp_path
+    )
     assert "Traceback" not in result.stderr
     summary = json.loads(result.stdout)
     (cut_report,) = [t for t in summary["truncated"] if t["source"] == str(cut)]

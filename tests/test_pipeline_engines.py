@@ -157,9 +157,9 @@ def duckdb_run(
 
 @pytest.fixture(scope="module")
 def shared_data_battles() -> Path:
-    from tests.conftest import _shared_file
+    from tests.conftest import shared_data_file
 
-    return _shared_file("alpacaeval_battles_dev.jsonl.gz")
+    return shared_data_file("alpacaeval_battles_dev.jsonl.gz")
 
 
 def test_the_whole_job_gives_the_same_results_on_every_engine(

@@ -42,7 +42,8 @@ from storage.replay import (
     store_verdicts,
 )
 from tests.openai_server import Fault, OpenAIServer, last_user_message
-from tests.test_ingest_pipeline import REPO, convoscope
+from tests.test_ingest_pipeline import REPO
+from tests.test_ingest_pipeline import convoscope_here as convoscope  # in-process: faster
 from tests.test_replay import config_for, logged_db, question
 
 _ANSWERS = re.compile(r"\[Answer A\]\n(.*)\n\n\[Answer B\]\n(.*)\n\nCompare", re.DOTALL)

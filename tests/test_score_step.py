@@ -6,6 +6,7 @@ import gzip
 import itertools
 import json
 import re
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -44,6 +45,7 @@ from storage.models import latest_model, load_model, model_ids, save_models
 from storage.reports import SCORER_KEY, load_cluster_reports
 from storage.scores import latest_scores
 from storage.vectors import missing_hashes
+from tests.conftest import shared_data_file
 from tests.test_ingest_pipeline import convoscope_here as convoscope  # many commands
 
 
@@ -72,9 +74,21 @@ def _signal_log(path: Path) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def clustered_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder of `_clustered_db`, built once: ingesting, embedding and clustering it took
+    5-6 s, and most tests here start from it."""
+    folder = tmp_path_factory.mktemp("clustered")
+    _clustered_db(shared_data_file, folder)
+    return folder
+
+
 @pytest.fixture
-def scored_db(shared_file, tmp_path: Path) -> str:
-    return _clustered_db(shared_file, tmp_path)
+def scored_db(clustered_template: Path, tmp_path: Path) -> str:
+    """A copy of the clustered database (and the logs beside it) that this test may change."""
+    for path in clustered_template.iterdir():
+        shutil.copy2(path, tmp_path / path.name)
+    return f"duckdb:///{tmp_path / 'scored.duckdb'}"
 
 
 def _clustered_db(shared_file, tmp_path: Path, *, fast: bool = False) -> str:
