@@ -23,6 +23,7 @@ from app import commands
 from ingest.readers import FORMATS as INGEST_FORMATS
 from storage.clusters import DEFAULT_ON, ON_FIELDS
 from storage.engine import StorageError, explain_failure
+from storage.views import PERIODS
 
 Handler = Callable[[argparse.Namespace], dict[str, Any]]
 
@@ -406,6 +407,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     listing.add_argument("--level", type=int, choices=[0, 1], help="0 = topics, 1 = groups")
     listing.set_defaults(handler=commands.clusters)
+
+    trend = sub.add_parser(
+        "trend",
+        parents=[common, clustering],
+        help="topics over time (per day, week or month of the logs' times), most worsened first",
+    )
+    trend.add_argument(
+        "--by", choices=PERIODS, help="the period (default: by the span of the logs' times)"
+    )
+    trend.add_argument("--cluster", metavar="ID", help="only this topic")
+    trend.add_argument(
+        "--model", action="append", help="only exchanges this model served (repeat for more)"
+    )
+    trend.set_defaults(handler=commands.trend)
 
     rename = sub.add_parser("rename", parents=[common], help="give a cluster a name of your own")
     rename.add_argument("cluster_id")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -580,6 +580,128 @@ def reward_values(
         query = query.where(assignments.c.cluster_id == cluster_id)
     with engine.connect() as conn:
         return [float(v) for v in conn.execute(query).scalars()]
+
+
+# -------------------------------------------------------------------------------- over time
+
+PERIODS: tuple[str, ...] = ("day", "week", "month")
+
+
+def pick_period(first: date | None, last: date | None) -> str:
+    """The period that makes a readable series of [first, last]: days for up to a month of
+    logs, weeks for up to half a year, months beyond."""
+    if first is None or last is None:
+        return "week"
+    days = (last - first).days
+    return "day" if days <= 31 else "week" if days <= 183 else "month"
+
+
+def cluster_trend(
+    engine: Engine,
+    run_id: str,
+    flt: ViewFilter,
+    *,
+    scorer: str | None,
+    period: str | None = None,
+    cluster_id: str | None = None,
+) -> dict[str, Any]:
+    """The run's exchanges per period of their `created_at` (UTC): how many, how many the
+    scorer scored, their mean reward, retry and end rates, for each cluster (`rows`; cluster
+    None: not placed, outliers included) and for all of them (`totals`). `periods` lists every
+    period from the first to the last, empty ones too (a week without traffic is news);
+    `undated` counts the filtered exchanges without a time, which no period holds. `period`
+    None picks one from the times' span (`pick_period`)."""
+    terms = [*_conditions(run_id, flt)]
+    if cluster_id is not None:
+        terms.append(assignments.c.cluster_id == cluster_id)
+    joined = _joined(run_id, scorer)
+    dated = exchanges.c.created_at.is_not(None)
+    with engine.connect() as conn:
+        if period is None:
+            span = sa.select(
+                sa.func.min(exchanges.c.created_at), sa.func.max(exchanges.c.created_at)
+            )
+            first, last = conn.execute(span.select_from(joined).where(dated, *terms)).one()
+            period = pick_period(first, last)
+        start = _period_start(period, engine.dialect.name)
+        figures = (
+            start.label("start"),
+            sa.func.count().label("exchanges"),
+            (sa.func.count(scores.c.value) if scorer else sa.literal(0)).label("scored"),
+            (sa.func.avg(scores.c.value) if scorer else sa.null()).label("reward_mean"),
+            _flag_rate("retried").label("retry_rate"),
+            _rate(exchanges.c.ended_conversation).label("end_rate"),
+        )
+        by_cluster = sa.select(assignments.c.cluster_id, *figures).group_by(
+            assignments.c.cluster_id, start
+        )
+        rows = [
+            dict(row)
+            for row in conn.execute(by_cluster.select_from(joined).where(dated, *terms)).mappings()
+        ]
+        totals = [
+            dict(row)
+            for row in conn.execute(
+                sa.select(*figures).select_from(joined).where(dated, *terms).group_by(start)
+            ).mappings()
+        ]
+        undated = sa.select(sa.func.count()).select_from(_joined(run_id, None))
+        missing = conn.execute(undated.where(exchanges.c.created_at.is_(None), *terms)).scalar_one()
+    for row in (*rows, *totals):
+        row["start"] = _day(row["start"])
+    rows.sort(key=lambda r: (r["start"], r["cluster_id"] or ""))
+    totals.sort(key=lambda r: r["start"])
+    periods = _period_range(totals[0]["start"], totals[-1]["start"], period) if totals else []
+    return {
+        "period": period,
+        "periods": periods,
+        "rows": rows,
+        "totals": totals,
+        "undated": missing,
+    }
+
+
+def _period_start(period: str, dialect: str) -> sa.ColumnElement[Any]:
+    """The first day of the period (weeks start on Monday) that holds each exchange's
+    `created_at`. SQLite has no date_trunc; its date functions say the same. `period` is one
+    of PERIODS, never user text, and is written into the SQL as a constant: PostgreSQL
+    refuses a GROUP BY whose expression has other bound parameters than the selected one."""
+    if period not in PERIODS:
+        raise ValueError(f"the period is one of {', '.join(PERIODS)}, not {period!r}")
+    column = exchanges.c.created_at
+    if dialect == "sqlite":
+        if period == "day":
+            return sa.func.date(column)
+        if period == "week":  # back 6 days, then on to a Monday: this week's Monday
+            return sa.func.date(
+                column, sa.literal_column("'-6 days'"), sa.literal_column("'weekday 1'")
+            )
+        return sa.func.strftime(sa.literal_column("'%Y-%m-01'"), column)
+    return sa.func.date_trunc(sa.literal_column(f"'{period}'"), column)
+
+
+def _day(value: Any) -> str:
+    """A period's start, as each database returns it (datetime, date or text), in ISO form."""
+    if isinstance(value, datetime):
+        return value.date().isoformat()
+    if isinstance(value, date):
+        return value.isoformat()
+    return str(value)[:10]
+
+
+def _period_range(first: str, last: str, period: str) -> list[str]:
+    """Every period's start from `first` to `last` (both starts of `period`, ISO dates)."""
+    out = []
+    day, end = date.fromisoformat(first), date.fromisoformat(last)
+    while day <= end:
+        out.append(day.isoformat())
+        if period == "day":
+            day += timedelta(days=1)
+        elif period == "week":
+            day += timedelta(days=7)
+        else:
+            day = date(day.year + day.month // 12, day.month % 12 + 1, 1)
+    return out
 
 
 # ----------------------------------------------------------------------------------- search

@@ -13,6 +13,7 @@ from app.commands.replays import replay
 from app.commands.scores import reward, route, score
 from app.commands.status import status
 from app.commands.topics import assign, cluster, clusters, embed, rename, tag
+from app.commands.trend import trend
 
 __all__ = [
     "DEFAULT_KEEP",
@@ -36,5 +37,6 @@ __all__ = [
     "score",
     "status",
     "tag",
+    "trend",
     "ui",
 ]

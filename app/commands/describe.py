@@ -7,6 +7,8 @@ from typing import Any
 from app.commands.common import WARN_AT_MOST, count
 from app.export import BATTLES
 
+TREND_COLUMNS = 6  # periods in `trend`'s topic table (--json carries every one)
+
 
 def describe(command: str, result: dict[str, Any]) -> str:
     """A short human summary of a command's result (the JSON has everything)."""
@@ -33,6 +35,8 @@ def describe(command: str, result: dict[str, Any]) -> str:
         )
     if command == "clusters":
         return _describe_clusters(result)
+    if command == "trend":
+        return _describe_trend(result)
     if command == "embed" and "already_stored" in result:  # vectors imported from a file
         return (
             f"imported {result['stored']} {result['model']} vectors ({result['dim']} numbers "
@@ -527,3 +531,59 @@ def _describe_ingest(s: dict[str, Any]) -> str:
         roles = ", ".join(f"{k} ({v})" for k, v in s["unknown_roles"].items())
         lines.append(f"skipped messages with unknown roles: {roles}")
     return "\n".join(lines)
+
+
+def _describe_trend(result: dict[str, Any]) -> str:
+    """The totals per period, then one line per topic over the latest periods."""
+    if result["run_id"] is None:
+        return result["hint"]
+    period = result["period"]
+    if not result["periods"]:
+        return (
+            f"no exchange of the latest clustering on {result['on']} (run {result['run_id']}) "
+            "has a time: the logs give none (`created_at`, `timestamp`, `created`, "
+            "`sent_date` or `time`, per message or per conversation)"
+        )
+    rewards = f"rewards: {result['scorer']}" if result["scorer"] else "no rewards yet (`score`)"
+    lines = [
+        f"exchanges per {period} of their logged time (UTC), latest clustering on "
+        f"{result['on']}, run {result['run_id']}; {rewards}",
+        f"{period + ' of':<12} {'exchanges':>9} {'reward':>7} {'retry':>6} {'ended':>6}",
+    ]
+    for point in result["total"]["series"]:
+        lines.append(
+            f"{point['start']:<12} {point['exchanges']:>9} {_num(point['reward_mean']):>7} "
+            f"{_percent(point['retry_rate']):>6} {_percent(point['end_rate']):>6}"
+        )
+    shown = result["periods"][-TREND_COLUMNS:]
+    lines += [
+        "",
+        f"topics, most worsened first: exchanges per {period}"
+        + (
+            f" (the last {len(shown)}; --json has all)"
+            if len(shown) < len(result["periods"])
+            else ""
+        )
+        + ", then the reward of the latest and its change from the one before",
+        f"{'id':<8} "
+        + " ".join(f"{start[:7] if period == 'month' else start[5:]:>7}" for start in shown)
+        + "  reward (change)  name",
+    ]
+    for topic in result["clusters"]:
+        counts = " ".join(f"{p['exchanges']:>7}" for p in topic["series"][-len(shown) :])
+        latest = topic["series"][-1]["reward_mean"]
+        change = topic["reward_change"]
+        moved = f"{_num(latest)} ({change:+.2f})" if change is not None else _num(latest)
+        name = topic["name"] if topic["id"] else "(in no topic)"
+        lines.append(f"{topic['id'] or '-':<8} {counts}  {moved:<15}  {name}")
+    if result["undated"]:
+        lines.append(f"{result['undated']} exchanges have no logged time and are in no {period}")
+    return "\n".join(lines)
+
+
+def _num(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}"
+
+
+def _percent(value: float | None) -> str:
+    return "" if value is None else f"{value:.0%}"

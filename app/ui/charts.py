@@ -7,6 +7,8 @@ because Plotly renders a subset of HTML in hover labels and legends.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pandas as pd
 import plotly.graph_objects as go
 
@@ -93,3 +95,37 @@ def _legend_below() -> dict[str, object]:
         "itemsizing": "constant",
         "font": {"size": 11},
     }
+
+
+def trend_chart(trend: dict[str, Any]) -> go.Figure:
+    """A topic over time: its exchanges per period as bars, its mean reward as a line on a
+    second axis (a gap where a period has no scored exchange)."""
+    by_start = {row["start"]: row for row in trend["rows"]}
+    periods = trend["periods"]
+    counts = [by_start[p]["exchanges"] if p in by_start else 0 for p in periods]
+    rewards = [by_start[p]["reward_mean"] if p in by_start else None for p in periods]
+    figure = go.Figure(
+        go.Bar(x=periods, y=counts, name="exchanges", marker={"color": "#b0c4de"}, yaxis="y")
+    )
+    if any(r is not None for r in rewards):
+        figure.add_trace(
+            go.Scatter(
+                x=periods,
+                y=rewards,
+                name="mean reward",
+                mode="lines+markers",
+                connectgaps=False,
+                line={"color": "#d9534f"},
+                yaxis="y2",
+            )
+        )
+    figure.update_layout(
+        height=260,
+        margin={"l": 0, "r": 0, "t": 10, "b": 0},
+        yaxis={"title": "exchanges"},
+        yaxis2={"title": "mean reward", "overlaying": "y", "side": "right", "showgrid": False},
+        xaxis={"type": "category", "title": f"{trend['period']} of (UTC)"},
+        legend={"orientation": "h", "y": 1.12, "x": 0},
+        bargap=0.2,
+    )
+    return figure

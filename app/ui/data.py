@@ -306,6 +306,25 @@ def cluster_exchanges(
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
+def cluster_trend(
+    url: str,
+    version: tuple[Any, ...],
+    run_id: str,
+    cluster_id: str,
+    flt: ViewFilter,
+    scorer: str | None,
+    period: str | None,
+) -> dict[str, Any]:
+    """One topic per period of its exchanges' times (`storage.views.cluster_trend`)."""
+    return read(
+        url,
+        lambda e: views.cluster_trend(
+            e, run_id, flt, scorer=scorer, period=period, cluster_id=cluster_id
+        ),
+    )
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
 def reward_values(
     url: str,
     version: tuple[Any, ...],

@@ -9,7 +9,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from app.ui import data, shell
+from app.ui import charts, data, shell
 from app.ui.render import (
     MISSING,
     escape_markdown,
@@ -22,6 +22,7 @@ from app.ui.render import (
     table_cells,
 )
 from storage.clusters import add_tag, annotate_cluster, remove_tag
+from storage.views import PERIODS
 
 c = shell.ctx()
 if c.run_id is None:
@@ -117,7 +118,9 @@ elif not report:
 main, side = st.columns([3, 2], gap="large")
 
 with main:
-    worst_tab, typical_tab = st.tabs(["Worst exchanges", "Representative exchanges"])
+    worst_tab, typical_tab, trend_tab = st.tabs(
+        ["Worst exchanges", "Representative exchanges", "Over time"]
+    )
     with worst_tab:
         worst = data.cluster_exchanges(
             c.url, c.version, c.run_id, picked, c.flt, c.scorer, "worst", 8
@@ -134,6 +137,37 @@ with main:
             st.caption("The clustering stored no representatives for this cluster.")
         for i, exchange in enumerate(typical, start=1):
             exchange_block(exchange, index=i, expanded=i == 1)
+    with trend_tab:
+        period = st.radio(
+            "Per",
+            ["auto", *PERIODS],
+            horizontal=True,
+            key="trend_period",
+            label_visibility="collapsed",
+        )
+        trend = data.cluster_trend(
+            c.url,
+            c.version,
+            c.run_id,
+            picked,
+            c.flt,
+            c.scorer,
+            None if period == "auto" else period,
+        )
+        if not trend["periods"]:
+            st.caption(
+                "No exchange of this cluster has a logged time (a log's `created_at`, "
+                "`timestamp`, `created`, `sent_date` or `time`), so there is nothing to show "
+                "over time."
+            )
+        else:
+            st.plotly_chart(charts.trend_chart(trend), width="stretch", key="trend_chart")
+            undated = trend["undated"]
+            st.caption(
+                f"Exchanges and mean reward per {trend['period']} of their logged times"
+                + (f" ({undated:,} with no logged time not shown)" if undated else "")
+                + ". `convoscope trend` lists every topic this way, most worsened first."
+            )
 
 with side:
     st.subheader("Your notes")

@@ -1,0 +1,216 @@
+"""`convoscope trend`: the topics over time, on real database files of each engine (each
+buckets the times in its own SQL), through the CLI's `main`."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from clustering.stages import kmeans_clusterer, pca_reducer
+from clustering.step import ClusterStepConfig, cluster_exchanges
+from clustering.topics import ClusterConfig
+from ingest.embed_step import EmbedConfig
+from storage.engine import open_database
+from storage.logs import iter_exchanges
+from storage.scores import store_scores
+from tests.test_ingest_pipeline import convoscope_here as convoscope
+
+MONDAY = datetime(2026, 1, 12, 9, 30, tzinfo=UTC)
+# (week, topic, chats, retried): refunds go badly in the fourth week (February), poems do not;
+# nothing is logged in the third week.
+PLAN = [
+    (0, "refund", 4, False),
+    (0, "poem", 3, False),
+    (1, "refund", 5, False),
+    (1, "poem", 3, False),
+    (3, "refund", 6, True),
+    (3, "poem", 2, False),
+]
+
+
+def _chat(topic: str, i: int, when: datetime | None, retried: bool, model: str) -> dict[str, Any]:
+    prompt = (
+        f"I want a refund for order {i}, the parcel arrived broken"
+        if topic == "refund"
+        else f"Write a short poem about the sea at dawn, number {i}"
+    )
+    answer: dict[str, Any] = {"role": "assistant", "content": f"Answer {i} about {topic}."}
+    if retried:
+        answer["retried"] = True
+    record: dict[str, Any] = {"messages": [{"role": "user", "content": prompt}, answer]}
+    record["model"] = model
+    if when is not None:
+        record["created_at"] = when.isoformat()
+    return record
+
+
+def _log(path: Path, *, dated: bool = True) -> Path:
+    """The plan's chats (each day of its week one after another) and two without a time."""
+    lines = []
+    for week, topic, chats, retried in PLAN:
+        for k in range(chats):
+            when = MONDAY + timedelta(weeks=week, days=k % 7) if dated else None
+            model = "bot-b" if topic == "refund" and k % 2 else "bot-a"
+            lines.append(_chat(topic, len(lines), when, retried, model))
+    lines += [_chat("poem", 100, None, False, "bot-a"), _chat("refund", 101, None, False, "bot-a")]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def _clustered(db: str, tmp_path: Path, log: Path) -> dict[str, str]:
+    """Ingested, clustered into the two topics; a reward per exchange (its answer's number
+    over 100, minus 0.5 when retried) stored as a scorer's. Returns topic word → cluster id."""
+    done = convoscope(
+        "ingest", str(log), "--rejects", str(tmp_path / "r.jsonl"), db=db, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    engine = open_database(db)
+    cluster_exchanges(
+        engine,
+        config=ClusterStepConfig(
+            embed=EmbedConfig(device="cpu", progress=False), topics=ClusterConfig(layout=False)
+        ),
+        reducer=pca_reducer(2),
+        clusterer=kmeans_clusterer(2),
+    )
+    rows = [r for batch in iter_exchanges(engine) for r in batch]
+    rewards = {r["id"]: _reward(r) for r in rows}
+    store_scores(engine, "reward:test", rewards)
+    engine.dispose()
+    listed = convoscope("clusters", "--level", "0", "--json", db=db, cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    ids = {}
+    for cluster in json.loads(listed.stdout)["clusters"]:
+        word = "refund" if "refund" in cluster["keywords"] else "poem"
+        ids[word] = cluster["id"]
+    assert len(ids) == 2
+    return ids
+
+
+def _reward(row: dict[str, Any]) -> float:
+    number = int(row["response"].split()[1])
+    return number / 100 - (0.5 if row["retried"] else 0.0)
+
+
+def _trend(db: str, cwd: Path, *args: str) -> dict[str, Any]:
+    done = convoscope("trend", *args, "--json", db=db, cwd=cwd)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_topics_over_weeks_on_every_engine(db_url: str, tmp_path: Path) -> None:
+    ids = _clustered(db_url, tmp_path, _log(tmp_path / "chats.jsonl"))
+    result = _trend(db_url, tmp_path, "--by", "week")
+    assert result["period"] == "week" and result["scorer"] == "reward:test"
+    assert result["periods"] == ["2026-01-12", "2026-01-19", "2026-01-26", "2026-02-02"]
+    assert result["undated"] == 2
+    assert [p["exchanges"] for p in result["total"]["series"]] == [7, 8, 0, 8]
+
+    # Refunds first: their reward fell from the second week to the fourth (no third).
+    refund, poem = result["clusters"]
+    assert (refund["id"], poem["id"]) == (ids["refund"], ids["poem"])
+    assert [p["exchanges"] for p in refund["series"]] == [4, 5, 0, 6]
+    assert [p["retry_rate"] for p in refund["series"]] == [0.0, 0.0, None, 1.0]
+    assert refund["series"][0]["reward_mean"] == pytest.approx(0.015)  # answers 0-3 / 100
+    assert refund["series"][3]["reward_mean"] == pytest.approx(0.175 - 0.5)  # 15-20, retried
+    assert refund["series"][2]["reward_mean"] is None and refund["series"][2]["scored"] == 0
+    # A change needs both of the last two periods: the third week is empty, so there is none.
+    assert refund["reward_change"] is None and poem["reward_change"] is None
+
+    daily = _trend(db_url, tmp_path)  # 26 days of logs: days, picked from the span
+    assert daily["period"] == "day" and len(daily["periods"]) == 27
+    assert daily["periods"][0] == "2026-01-12" and daily["periods"][-1] == "2026-02-07"
+
+    only = _trend(db_url, tmp_path, "--by", "week", "--cluster", ids["refund"], "--model", "bot-b")
+    assert [c["id"] for c in only["clusters"]] == [ids["refund"]]
+    assert [p["exchanges"] for p in only["total"]["series"]] == [2, 2, 0, 3]
+    assert only["undated"] == 0
+
+    monthly = _trend(db_url, tmp_path, "--by", "month")
+    assert monthly["periods"] == ["2026-01-01", "2026-02-01"]
+    assert [p["exchanges"] for p in monthly["total"]["series"]] == [15, 8]
+    said = convoscope("trend", "--by", "week", db=db_url, cwd=tmp_path).stdout
+    assert "week of" in said and "2 exchanges have no logged time and are in no week" in said
+    assert said.index(ids["refund"]) < said.index(ids["poem"])
+
+
+def test_the_change_into_the_latest_period_ranks_the_topics(tmp_path: Path) -> None:
+    """By month: the refunds' reward fell into February, the poems' rose, so refunds lead."""
+    db = f"duckdb:///{tmp_path / 't.duckdb'}"
+    ids = _clustered(db, tmp_path, _log(tmp_path / "chats.jsonl"))
+    result = _trend(db, tmp_path, "--by", "month")
+    refund = next(c for c in result["clusters"] if c["id"] == ids["refund"])
+    jan, feb = refund["series"]
+    assert (jan["exchanges"], feb["exchanges"]) == (9, 6)
+    assert refund["reward_change"] == pytest.approx(-0.325 - 0.51 / 9)
+    poem = next(c for c in result["clusters"] if c["id"] == ids["poem"])
+    assert poem["reward_change"] == pytest.approx(0.215 - 0.09)
+    assert [c["id"] for c in result["clusters"]] == [ids["refund"], ids["poem"]]
+
+
+def test_logs_without_times_and_wrong_calls_say_so(tmp_path: Path) -> None:
+    db = f"duckdb:///{tmp_path / 't.duckdb'}"
+    log = _log(tmp_path / "chats.jsonl", dated=False)
+    assert convoscope("ingest", str(log), db=db, cwd=tmp_path).returncode == 0
+    nothing = convoscope("trend", db=db, cwd=tmp_path)
+    assert nothing.returncode == 0 and "no clusters on prompt yet" in nothing.stdout
+    _clustered(db, tmp_path, log)
+    undated = convoscope("trend", db=db, cwd=tmp_path)
+    assert undated.returncode == 0, undated.stderr
+    assert "has a time: the logs give none" in undated.stdout
+    assert _trend(db, tmp_path)["undated"] == 25
+    unknown = convoscope("trend", "--cluster", "c999", db=db, cwd=tmp_path)
+    assert unknown.returncode == 2 and "no topic 'c999'" in unknown.stderr
+    wrong = convoscope("trend", "--by", "year", db=db, cwd=tmp_path)
+    assert wrong.returncode == 2 and "invalid choice: 'year'" in wrong.stderr
+
+
+APP = str(Path(__file__).resolve().parents[1] / "app" / "ui" / "app.py")
+
+
+def _cluster_page(db: str, cluster_id: str, monkeypatch: pytest.MonkeyPatch) -> AppTest:
+    monkeypatch.setenv("CONVOSCOPE_DB", db)
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.switch_page("screens/cluster.py")
+    at.query_params["cluster"] = cluster_id
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def _trend_charts(at: AppTest) -> list[dict[str, Any]]:
+    """The page's charts of a topic over time: bars named "exchanges"."""
+    specs = [json.loads(chart.proto.spec) for chart in at.get("plotly_chart")]
+    return [spec for spec in specs if spec["data"] and spec["data"][0].get("name") == "exchanges"]
+
+
+def test_the_cluster_page_charts_its_topic_over_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = f"duckdb:///{tmp_path / 't.duckdb'}"
+    ids = _clustered(db, tmp_path, _log(tmp_path / "chats.jsonl"))
+    at = _cluster_page(db, ids["refund"], monkeypatch)
+    at.radio(key="trend_period").set_value("week").run()
+    (chart,) = _trend_charts(at)
+    bars, line = chart["data"]
+    assert bars["x"] == ["2026-01-12", "2026-01-19", "2026-01-26", "2026-02-02"]
+    assert bars["y"] == [4, 5, 0, 6]
+    assert line["y"][0] == pytest.approx(0.015) and line["y"][2] is None
+    assert any("(1 with no logged time not shown)" in c.value for c in at.caption)
+
+
+def test_the_cluster_page_says_when_no_exchange_has_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = f"duckdb:///{tmp_path / 't.duckdb'}"
+    ids = _clustered(db, tmp_path, _log(tmp_path / "chats.jsonl", dated=False))
+    at = _cluster_page(db, ids["poem"], monkeypatch)
+    assert not _trend_charts(at)
+    assert any(
+        c.value.startswith("No exchange of this cluster has a logged time") for c in at.caption
+    )
