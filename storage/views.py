@@ -10,6 +10,7 @@ cache and pickle cheaply.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
@@ -606,11 +607,11 @@ def cluster_trend(
     cluster_id: str | None = None,
 ) -> dict[str, Any]:
     """The run's exchanges per period of their `created_at` (UTC): how many, how many the
-    scorer scored, their mean reward, retry and end rates, for each cluster (`rows`; cluster
-    None: not placed, outliers included) and for all of them (`totals`). `periods` lists every
-    period from the first to the last, empty ones too (a week without traffic is news);
-    `undated` counts the filtered exchanges without a time, which no period holds. `period`
-    None picks one from the times' span (`pick_period`)."""
+    scorer scored, their mean reward and its sample SD, retry and end rates, for each
+    cluster (`rows`; cluster None: not placed, outliers included) and for all of them
+    (`totals`). `periods` lists every period from the first to the last, empty ones too (a
+    week without traffic is news); `undated` counts the filtered exchanges without a time,
+    which no period holds. `period` None picks one from the times' span (`pick_period`)."""
     terms = [*_conditions(run_id, flt)]
     if cluster_id is not None:
         terms.append(assignments.c.cluster_id == cluster_id)
@@ -629,6 +630,7 @@ def cluster_trend(
             sa.func.count().label("exchanges"),
             (sa.func.count(scores.c.value) if scorer else sa.literal(0)).label("scored"),
             (sa.func.avg(scores.c.value) if scorer else sa.null()).label("reward_mean"),
+            (sa.func.avg(scores.c.value * scores.c.value) if scorer else sa.null()).label("sq"),
             _flag_rate("retried").label("retry_rate"),
             _rate(exchanges.c.ended_conversation).label("end_rate"),
         )
@@ -649,6 +651,7 @@ def cluster_trend(
         missing = conn.execute(undated.where(exchanges.c.created_at.is_(None), *terms)).scalar_one()
     for row in (*rows, *totals):
         row["start"] = _day(row["start"])
+        row["reward_sd"] = _sample_sd(row.pop("sq"), row["reward_mean"], row["scored"])
     rows.sort(key=lambda r: (r["start"], r["cluster_id"] or ""))
     totals.sort(key=lambda r: r["start"])
     periods = _period_range(totals[0]["start"], totals[-1]["start"], period) if totals else []
@@ -659,6 +662,14 @@ def cluster_trend(
         "totals": totals,
         "undated": missing,
     }
+
+
+def _sample_sd(mean_square: float | None, mean: float | None, n: int) -> float | None:
+    """The sample standard deviation from a mean and a mean of squares (None below 2 values),
+    so a change between periods can carry its uncertainty without reading every value."""
+    if mean_square is None or mean is None or n < 2:
+        return None
+    return math.sqrt(max(mean_square - mean * mean, 0.0) * n / (n - 1))
 
 
 def _period_start(period: str, dialect: str) -> sa.ColumnElement[Any]:

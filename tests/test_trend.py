@@ -4,6 +4,8 @@ buckets the times in its own SQL), through the CLI's `main`."""
 from __future__ import annotations
 
 import json
+import math
+import statistics
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -148,8 +150,44 @@ def test_the_change_into_the_latest_period_ranks_the_topics(tmp_path: Path) -> N
     jan, feb = refund["series"]
     assert (jan["exchanges"], feb["exchanges"]) == (9, 6)
     assert refund["reward_change"] == pytest.approx(-0.325 - 0.51 / 9)
+    january = [i / 100 for i in (0, 1, 2, 3, 7, 8, 9, 10, 11)]  # the answers' numbers
+    february = [i / 100 - 0.5 for i in range(15, 21)]  # retried
+    error = math.sqrt(statistics.variance(january) / 9 + statistics.variance(february) / 6)
+    change = statistics.mean(february) - statistics.mean(january)
+    assert refund["reward_change_ci"] == pytest.approx(
+        [change - 1.96 * error, change + 1.96 * error], abs=1e-4
+    )
     poem = next(c for c in result["clusters"] if c["id"] == ids["poem"])
     assert poem["reward_change"] == pytest.approx(0.215 - 0.09)
+    assert [c["id"] for c in result["clusters"]] == [ids["refund"], ids["poem"]]
+
+
+def test_a_sure_drop_outranks_a_larger_one_chance_could_explain(tmp_path: Path) -> None:
+    """Poems fall further into February than refunds, but on two scattered rewards: the
+    refunds' small drop over fifteen steady ones is the surer, and comes first."""
+    db = f"duckdb:///{tmp_path / 't.duckdb'}"
+    ids = _clustered(db, tmp_path, _log(tmp_path / "chats.jsonl"))
+    engine = open_database(db)
+    rewards, february_poems = {}, 0
+    for row in (r for batch in iter_exchanges(engine) for r in batch):
+        if row["created_at"] is None:
+            continue
+        poem = "poem" in row["prompt"]
+        later = row["created_at"].month == 2
+        steady = 0.5 - (0.1 if later and not poem else 0.0)
+        if poem and later:
+            february_poems += 1
+            steady = -0.5 if february_poems == 1 else 0.9  # mean 0.2: down 0.3
+        rewards[row["id"]] = steady + (0.01 if row["response"].split()[1][-1] in "13579" else 0)
+    store_scores(engine, "reward:scattered", rewards)
+    engine.dispose()
+    result = _trend(db, tmp_path, "--by", "month")
+    assert result["scorer"] == "reward:scattered"
+    poem, refund = (
+        next(c for c in result["clusters"] if c["id"] == ids[t]) for t in ("poem", "refund")
+    )
+    assert poem["reward_change"] < refund["reward_change"] < 0
+    assert poem["reward_change_ci"][1] > 0 > refund["reward_change_ci"][1]
     assert [c["id"] for c in result["clusters"]] == [ids["refund"], ids["poem"]]
 
 

@@ -567,15 +567,17 @@ def _describe_trend(result: dict[str, Any]) -> str:
         + ", then the reward of the latest and its change from the one before",
         f"{'id':<8} "
         + " ".join(f"{start[:7] if period == 'month' else start[5:]:>7}" for start in shown)
-        + "  reward (change)  name",
+        + "  reward (change, 95% CI)          name",
     ]
     for topic in result["clusters"]:
         counts = " ".join(f"{p['exchanges']:>7}" for p in topic["series"][-len(shown) :])
         latest = topic["series"][-1]["reward_mean"]
         change = topic["reward_change"]
-        moved = f"{_num(latest)} ({change:+.2f})" if change is not None else _num(latest)
+        ci = topic["reward_change_ci"]
+        interval = f", {ci[0]:+.2f} to {ci[1]:+.2f}" if ci else ""
+        moved = f"{_num(latest)} ({change:+.2f}{interval})" if change is not None else _num(latest)
         name = topic["name"] if topic["id"] else "(in no topic)"
-        lines.append(f"{topic['id'] or '-':<8} {counts}  {moved:<15}  {name}")
+        lines.append(f"{topic['id'] or '-':<8} {counts}  {moved:<31}  {name}")
     if result["undated"]:
         lines.append(f"{result['undated']} exchanges have no logged time and are in no {period}")
     return "\n".join(lines)

@@ -10,12 +10,14 @@ latest.
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any
 
 from app.commands.common import UserError, no_clustering
 from storage.engine import open_database
 
-_FIGURES = ("exchanges", "scored", "reward_mean", "retry_rate", "end_rate")
+_FIGURES = ("exchanges", "scored", "reward_mean", "reward_sd", "retry_rate", "end_rate")
+Z95 = 1.959964  # a 95 % normal interval
 
 
 def trend(args: argparse.Namespace) -> dict[str, Any]:
@@ -66,25 +68,46 @@ def trend(args: argparse.Namespace) -> dict[str, Any]:
 
 def _series(rows: dict[str, dict[str, Any]], periods: list[str]) -> dict[str, Any]:
     """A period-by-period series (no exchanges: 0 and no rates) and the reward's change from
-    the period before the latest to the latest, where both have scored exchanges."""
+    the period before the latest to the latest, where both have scored exchanges, with its
+    95 % interval where both have two or more (a normal interval on the difference of means:
+    a period of a handful of exchanges moves a lot by chance, and says so)."""
     series = []
     for start in periods:
         row = rows.get(start)
         figures = {name: row[name] for name in _FIGURES} if row else _empty()
         series.append({"start": start, **figures})
-    change = None
+    change = low = high = None
     if len(series) >= 2 and series[-1]["scored"] and series[-2]["scored"]:
-        change = series[-1]["reward_mean"] - series[-2]["reward_mean"]
-    return {"series": series, "reward_change": change}
+        before, latest = series[-2], series[-1]
+        change = latest["reward_mean"] - before["reward_mean"]
+        if before["reward_sd"] is not None and latest["reward_sd"] is not None:
+            error = math.sqrt(
+                before["reward_sd"] ** 2 / before["scored"]
+                + latest["reward_sd"] ** 2 / latest["scored"]
+            )
+            low, high = change - Z95 * error, change + Z95 * error
+    return {"series": series, "reward_change": change, "reward_change_ci": _ci(low, high)}
+
+
+def _ci(low: float | None, high: float | None) -> list[float] | None:
+    return None if low is None or high is None else [low, high]
 
 
 def _empty() -> dict[str, Any]:
-    return {"exchanges": 0, "scored": 0, "reward_mean": None, "retry_rate": None, "end_rate": None}
+    return {name: 0 if name in {"exchanges", "scored"} else None for name in _FIGURES}
 
 
 def _most_worsened_first(topic: dict[str, Any]) -> tuple[Any, ...]:
-    """Topics whose reward fell most into the latest period first, then those without a
-    change (largest first); the exchanges no topic holds last."""
-    change = topic["reward_change"]
+    """Topics surest to have worsened into the latest period first: by the upper end of the
+    change's interval (as the weakness ranking goes by a lower bound), then by the change
+    where there is no interval; topics without a change follow, largest first, and the
+    exchanges no topic holds come last."""
+    change, ci = topic["reward_change"], topic["reward_change_ci"]
     size = sum(point["exchanges"] for point in topic["series"])
-    return (topic["id"] is None, change is None, change or 0.0, -size)
+    return (
+        topic["id"] is None,
+        change is None,
+        ci is None,
+        ci[1] if ci else change or 0.0,
+        -size,
+    )
