@@ -14,6 +14,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Sequence
+from datetime import UTC, date, datetime, time, timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn
@@ -90,6 +91,23 @@ def _rating_scale(text: str) -> tuple[float, float]:
     if not (all(math.isfinite(b) for b in bounds) and bounds[0] < bounds[1]):
         raise argparse.ArgumentTypeError(f"MIN must be below MAX, both numbers, got {text}")
     return bounds
+
+
+def _moment(text: str, *, end: bool) -> datetime:
+    """A date (a whole day: from its start, or with `end` up to its end) or an ISO date-time
+    (that instant), as stored: naive UTC (an offset is converted, none means UTC)."""
+    try:
+        if len(text.strip()) == 10:
+            day = date.fromisoformat(text.strip())
+            return datetime.combine(day + timedelta(days=1) if end else day, time.min)
+        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a date (2026-01-31) or an ISO date-time (2026-01-31T18:00), got {text!r}"
+        ) from None
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC).replace(tzinfo=None)
+    return moment
 
 
 def _whole_number(minimum: int) -> Callable[[str], int]:
@@ -228,6 +246,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="print a JSON summary on stdout",
     )
 
+    # Commands that select exchanges by their logged time, as the UI's Dates filter does.
+    dates = argparse.ArgumentParser(add_help=False)
+    dates.add_argument(
+        "--since",
+        type=partial(_moment, end=False),
+        metavar="DATE",
+        help="only exchanges logged on or after this day (or ISO date-time; UTC)",
+    )
+    dates.add_argument(
+        "--until",
+        type=partial(_moment, end=True),
+        metavar="DATE",
+        help="only exchanges logged up to the end of this day (or before this ISO date-time)",
+    )
+
     # Commands that act on "the latest clustering" take the newest run of this field
     # (storage.clusters.latest_run), the same default everywhere.
     clustering = argparse.ArgumentParser(add_help=False)
@@ -283,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser(
         "export",
-        parents=[common, clustering],
+        parents=[common, clustering, dates],
         help="write exchanges (or judged battles) to a file",
     )
     export.add_argument("--out", type=Path, required=True, help="output file")
@@ -410,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     trend = sub.add_parser(
         "trend",
-        parents=[common, clustering],
+        parents=[common, clustering, dates],
         help="topics over time (per day, week or month of the logs' times), most worsened first",
     )
     trend.add_argument(

@@ -191,6 +191,54 @@ def test_a_sure_drop_outranks_a_larger_one_chance_could_explain(tmp_path: Path) 
     assert [c["id"] for c in result["clusters"]] == [ids["refund"], ids["poem"]]
 
 
+def test_since_and_until_select_by_the_logged_time(tmp_path: Path) -> None:
+    """`export` and `trend` take the UI's Dates filter: a day given to --until counts whole."""
+    db = f"duckdb:///{tmp_path / 't.duckdb'}"
+    _clustered(db, tmp_path, _log(tmp_path / "chats.jsonl"))
+
+    def exported(*window: str) -> list[dict[str, Any]]:
+        out = tmp_path / "w.jsonl"
+        done = convoscope("export", "--out", str(out), *window, db=db, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        return [json.loads(line) for line in out.read_text().splitlines()]
+
+    second_week = exported("--since", "2026-01-19", "--until", "2026-01-25")
+    assert len(second_week) == 8  # 5 refunds, 3 poems
+    assert {row["created_at"][:10] for row in second_week} == {
+        f"2026-01-{d}" for d in range(19, 24)
+    }
+    assert len(exported("--until", "2026-01-12")) == 2  # the first day, whole
+    last = exported("--since", "2026-02-07T10:30:00+01:00")  # 09:30 UTC: the last refund
+    assert [row["created_at"] for row in last] == ["2026-02-07T09:30:00"]
+
+    weekly = _trend(db, tmp_path, "--by", "week", "--since", "2026-01-19")
+    assert weekly["periods"][0] == "2026-01-19"
+    assert [p["exchanges"] for p in weekly["total"]["series"]] == [8, 0, 8]
+    assert weekly["undated"] == 0  # an exchange without a time is in no window
+
+    later = convoscope("export", "--out", "x.jsonl", "--since", "2026-03-01", db=db, cwd=tmp_path)
+    assert later.returncode == 2
+    assert "the logs run from 2026-01-12 09:30 to 2026-02-07 09:30" in later.stderr
+    backwards = ("--since", "2026-02-02", "--until", "2026-01-31")
+    refused = convoscope("export", "--out", "x.jsonl", *backwards, db=db, cwd=tmp_path)
+    assert refused.returncode == 2
+    assert "--since 2026-02-02 00:00 is not before --until 2026-02-01 00:00" in refused.stderr
+    junk = convoscope("trend", "--since", "last week", db=db, cwd=tmp_path)
+    assert junk.returncode == 2 and "expected a date (2026-01-31)" in junk.stderr
+    battles = convoscope(
+        "export",
+        "--format",
+        "battles",
+        "--out",
+        "b.jsonl",
+        "--since",
+        "2026-01-19",
+        db=db,
+        cwd=tmp_path,
+    )
+    assert battles.returncode == 2 and "--since selects exchanges" in battles.stderr
+
+
 def test_logs_without_times_and_wrong_calls_say_so(tmp_path: Path) -> None:
     db = f"duckdb:///{tmp_path / 't.duckdb'}"
     log = _log(tmp_path / "chats.jsonl", dated=False)

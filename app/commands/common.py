@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -79,6 +80,18 @@ def warn_skipped(bad: Sequence[object], more: str) -> None:
         warn(f"skipped {item}")
     if len(bad) > WARN_AT_MOST:
         warn(f"skipped {len(bad) - WARN_AT_MOST} more {more}")
+
+
+def time_window(args: argparse.Namespace) -> tuple[datetime | None, datetime | None]:
+    """`--since` and `--until` (`app.cli` made them instants), refused when they leave no
+    time between them: the selection would be empty whatever is stored."""
+    since, until = args.since, args.until
+    if since is not None and until is not None and since >= until:
+        raise UserError(
+            f"--since {since:%Y-%m-%d %H:%M} is not before --until {until:%Y-%m-%d %H:%M} "
+            "(a day given to --until counts up to its end)"
+        )
+    return since, until
 
 
 def count(n: int, noun: str) -> str:

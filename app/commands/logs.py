@@ -13,6 +13,7 @@ from app.commands.common import (
     no_clustering,
     note,
     safe_url,
+    time_window,
     warn,
 )
 from app.export import (
@@ -95,6 +96,7 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
         return _export_battles(args)
     format = args.format or guess_format(args.out)
     check_spreadsheet_safe(format, args.spreadsheet_safe)  # before the database is opened
+    since, until = time_window(args)
     engine = open_database(args.db, read_only=True)  # export only reads: no write lock
     try:
         sources = matching_sources(engine, args.source)
@@ -103,7 +105,9 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
         elsewhere = run is None and bool(latest_runs(engine))  # another field is clustered
         selection = ExportSelection(
             run_id=run["id"] if run else None,
-            where=ExchangeFilter(models=tuple(args.model), sources=sources),
+            where=ExchangeFilter(
+                models=tuple(args.model), sources=sources, since=since, until=until
+            ),
             clusters=tuple(args.cluster),
             tags=tuple(args.tag),
             min_reward=args.min_reward,
@@ -163,6 +167,8 @@ def _export_battles(args: argparse.Namespace) -> dict[str, Any]:
         "--min-reward": args.min_reward is not None,
         "--max-reward": args.max_reward is not None,
         "--spreadsheet-safe": args.spreadsheet_safe,
+        "--since": args.since is not None,
+        "--until": args.until is not None,
     }
     given = [flag for flag, value in exchange_only.items() if value]
     if given:

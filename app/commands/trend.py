@@ -13,7 +13,7 @@ import argparse
 import math
 from typing import Any
 
-from app.commands.common import UserError, no_clustering
+from app.commands.common import UserError, no_clustering, time_window
 from storage.engine import open_database
 
 _FIGURES = ("exchanges", "scored", "reward_mean", "reward_sd", "retry_rate", "end_rate")
@@ -38,7 +38,8 @@ def trend(args: argparse.Namespace) -> dict[str, Any]:
                 f"(run {run['id']}): `convoscope clusters --level 0` lists its topics"
             )
         scorer = reward_scorer(engine)
-        flt = ViewFilter(models=tuple(args.model or ()))
+        since, until = time_window(args)
+        flt = ViewFilter(models=tuple(args.model or ()), since=since, until=until)
         found = cluster_trend(
             engine, run["id"], flt, scorer=scorer, period=args.by, cluster_id=args.cluster
         )
