@@ -77,6 +77,12 @@ def _search(at: AppTest) -> None:
     at.text_input(key="search_query").input("refund").run()
 
 
+def _weekly(at: AppTest) -> None:
+    """The cluster page's Over time tab, per week (tabs render together: the chart is drawn
+    on every visit, so this is the page with its trend query rerun for another period)."""
+    at.radio(key="trend_period").set_value("week").run()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="10K rows, fewer repeats")
@@ -118,6 +124,16 @@ def main() -> None:
             "screens/cluster.py",
             None,
             raw(lambda e: views.cluster_exchanges(e, run_id, weakest, flt, scorer=scorer)),
+        ),
+        (
+            "cluster by week",
+            "screens/cluster.py",
+            _weekly,
+            raw(
+                lambda e: views.cluster_trend(
+                    e, run_id, flt, scorer=scorer, period="week", cluster_id=weakest
+                )
+            ),
         ),
         (
             "search (words)",
