@@ -7,7 +7,8 @@ from typing import Any
 from app.commands.common import WARN_AT_MOST, count
 from app.export import BATTLES
 
-TREND_COLUMNS = 6  # periods in `trend`'s topic table (--json carries every one)
+# Periods `trend` prints: rows of its totals, columns of its topics (--json carries all).
+TREND_ROWS, TREND_COLUMNS = 36, 6
 
 
 def describe(command: str, result: dict[str, Any]) -> str:
@@ -550,12 +551,16 @@ def _describe_trend(result: dict[str, Any]) -> str:
         f"{result['on']}, run {result['run_id']}; {rewards}",
         f"{period + ' of':<12} {'exchanges':>9} {'reward':>7} {'retry':>6} {'ended':>6}",
     ]
-    for point in result["total"]["series"]:
+    totals = result["total"]["series"]
+    if len(totals) > TREND_ROWS:
+        lines.insert(1, f"the last {TREND_ROWS} of {len(totals)} {period}s (--json has all):")
+    for point in totals[-TREND_ROWS:]:
         lines.append(
             f"{point['start']:<12} {point['exchanges']:>9} {_num(point['reward_mean']):>7} "
             f"{_percent(point['retry_rate']):>6} {_percent(point['end_rate']):>6}"
         )
     shown = result["periods"][-TREND_COLUMNS:]
+    width = max([7, *(len(topic["id"] or "-") for topic in result["clusters"])])
     lines += [
         "",
         f"topics, most worsened first: exchanges per {period}"
@@ -565,7 +570,7 @@ def _describe_trend(result: dict[str, Any]) -> str:
             else ""
         )
         + ", then the reward of the latest and its change from the one before",
-        f"{'id':<8} "
+        f"{'id':<{width}} "
         + " ".join(f"{start[:7] if period == 'month' else start[5:]:>7}" for start in shown)
         + "  reward (change, 95% CI)          name",
     ]
@@ -577,7 +582,7 @@ def _describe_trend(result: dict[str, Any]) -> str:
         interval = f", {ci[0]:+.2f} to {ci[1]:+.2f}" if ci else ""
         moved = f"{_num(latest)} ({change:+.2f}{interval})" if change is not None else _num(latest)
         name = topic["name"] if topic["id"] else "(in no topic)"
-        lines.append(f"{topic['id'] or '-':<8} {counts}  {moved:<31}  {name}")
+        lines.append(f"{topic['id'] or '-':<{width}} {counts}  {moved:<31}  {name}")
     if result["undated"]:
         lines.append(f"{result['undated']} exchanges have no logged time and are in no {period}")
     return "\n".join(lines)
