@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from app.ui.render import escape_markdown
 from clustering.stages import kmeans_clusterer, pca_reducer
 from clustering.step import ClusterStepConfig, cluster_exchanges
 from clustering.topics import ClusterConfig
@@ -51,10 +52,10 @@ def _chat(topic: str, i: int, when: datetime | None, retried: bool, model: str) 
     return record
 
 
-def _log(path: Path, *, dated: bool = True) -> Path:
+def _log(path: Path, *, dated: bool = True, plan: list[tuple[int, str, int, bool]] = PLAN) -> Path:
     """The plan's chats (each day of its week one after another) and two without a time."""
     lines = []
-    for week, topic, chats, retried in PLAN:
+    for week, topic, chats, retried in plan:
         for k in range(chats):
             when = MONDAY + timedelta(weeks=week, days=k % 7) if dated else None
             model = "bot-b" if topic == "refund" and k % 2 else "bot-a"
@@ -300,3 +301,26 @@ def test_the_cluster_page_says_when_no_exchange_has_a_time(
     assert any(
         c.value.startswith("No exchange of this cluster has a logged time") for c in at.caption
     )
+
+
+def test_the_overview_names_the_topics_surely_worse_than_the_period_before(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Six weeks of both topics (weeks, picked from the span); refunds are retried in the last
+    one, so their reward falls by 0.5 while the poems' rises: only refunds are named."""
+    steady = [(week, topic, 4, False) for week in range(5) for topic in ("refund", "poem")]
+    plan = [*steady, (5, "refund", 5, True), (5, "poem", 4, False)]
+    db = f"duckdb:///{tmp_path / 't.duckdb'}"
+    ids = _clustered(db, tmp_path, _log(tmp_path / "chats.jsonl", plan=plan))
+    monkeypatch.setenv("CONVOSCOPE_DB", db)
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    (warning,) = [w.value for w in at.warning if w.value.startswith("Worse in the")]
+    assert warning.startswith("Worse in the week of 2026-02-16 than the week before")
+    said = _trend(db, tmp_path)  # the same topics, the same names, through the CLI
+    refund, poem = (
+        next(t for t in said["clusters"] if t["id"] == ids[w]) for w in ("refund", "poem")
+    )
+    assert f"{escape_markdown(refund['name'])} ({refund['reward_change']:+.2f})" in warning
+    assert escape_markdown(poem["name"]) not in warning and poem["reward_change"] > 0

@@ -324,6 +324,23 @@ def cluster_trend(
     )
 
 
+@st.cache_data(show_spinner=False, max_entries=16)
+def worsened(
+    url: str, version: tuple[Any, ...], run_id: str, flt: ViewFilter, scorer: str
+) -> tuple[str, str | None, list[dict[str, Any]]]:
+    """The topics whose reward surely fell into the latest period of the logs' times (the
+    period picked from their span), surest first: (period, its latest start, topics)."""
+    from scoring.trend import surely_worse, topic_series
+
+    def load(engine: Engine) -> tuple[dict[str, Any], dict[str, str]]:
+        found = views.cluster_trend(engine, run_id, flt, scorer=scorer)
+        return found, views.cluster_names(engine, run_id)
+
+    found, names = read(url, load)
+    topics = [t for t in topic_series(found, names) if t["id"] and surely_worse(t)]
+    return found["period"], (found["periods"] or [None])[-1], topics
+
+
 @st.cache_data(show_spinner=False, max_entries=64)
 def reward_values(
     url: str,

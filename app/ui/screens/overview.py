@@ -86,6 +86,20 @@ if unscored:
         icon=":material/schedule:",
     )
 
+if c.scorer:
+    period, latest, worse = data.worsened(c.url, c.version, c.run_id, c.flt, c.scorer)
+    if worse:
+        listed = "; ".join(
+            f"{safe_label(t['name'], 40)} ({t['reward_change']:+.2f})" for t in worse[:3]
+        )
+        more = f", and {len(worse) - 3} more" if len(worse) > 3 else ""
+        st.warning(
+            f"Worse in the {period} of {latest} than the {period} before, by more than chance "
+            f"explains: {listed}{more}. Each topic's page charts it (*Over time*); "
+            "`convoscope trend` lists every topic this way.",
+            icon=":material/trending_down:",
+        )
+
 # Weakness ranks the whole run's traffic: a filtered slice is ordered by its own mean reward.
 SLICE_NOTE = (
     "Under the filter: lowest filtered reward first. Weakness, why and the CI rank the whole "
