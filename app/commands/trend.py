@@ -22,6 +22,8 @@ def trend(args: argparse.Namespace) -> dict[str, Any]:
     from storage.clusters import latest_run, load_clusters
     from storage.views import ViewFilter, cluster_trend, reward_scorer
 
+    since, until = time_window(args)  # refused before the database is opened
+    flt = ViewFilter(models=tuple(args.model or ()), since=since, until=until)
     engine = open_database(args.db, read_only=True)  # reads only: beside other readers
     try:
         run = latest_run(engine, on_field=args.on)
@@ -34,8 +36,6 @@ def trend(args: argparse.Namespace) -> dict[str, Any]:
                 f"(run {run['id']}): `convoscope clusters --level 0` lists its topics"
             )
         scorer = reward_scorer(engine)
-        since, until = time_window(args)
-        flt = ViewFilter(models=tuple(args.model or ()), since=since, until=until)
         found = cluster_trend(
             engine, run["id"], flt, scorer=scorer, period=args.by, cluster_id=args.cluster
         )
@@ -48,6 +48,8 @@ def trend(args: argparse.Namespace) -> dict[str, Any]:
         "period": found["period"],
         "periods": found["periods"],
         "models": list(flt.models),
+        "since": since.isoformat() if since else None,
+        "until": until.isoformat() if until else None,
         "undated": found["undated"],
         "total": total_series(found),
         "clusters": topic_series(found, names),
