@@ -14,7 +14,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Sequence
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn
@@ -94,20 +94,11 @@ def _rating_scale(text: str) -> tuple[float, float]:
 
 
 def _moment(text: str, *, end: bool) -> datetime:
-    """A date (a whole day: from its start, or with `end` up to its end) or an ISO date-time
-    (that instant), as stored: naive UTC (an offset is converted, none means UTC)."""
+    """`--since`/`--until`: `commands.parse_moment`, its error as argparse's."""
     try:
-        if len(text.strip()) == 10:
-            day = date.fromisoformat(text.strip())
-            return datetime.combine(day + timedelta(days=1) if end else day, time.min)
-        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a date (2026-01-31) or an ISO date-time (2026-01-31T18:00), got {text!r}"
-        ) from None
-    if moment.tzinfo is not None:
-        moment = moment.astimezone(UTC).replace(tzinfo=None)
-    return moment
+        return commands.parse_moment(text, end=end)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _whole_number(minimum: int) -> Callable[[str], int]:
@@ -610,8 +601,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=_parse_filter,
         action="extend",
         default=[],
-        help="model=NAME,source=FILE; a key given again (here or in another --filter) adds "
-        "values: model=a,model=b replays both; with --cluster/--tag, narrows their exchanges",
+        help="model=NAME,source=FILE,since=DATE,until=DATE; a model or source given again "
+        "(here or in another --filter) adds values: model=a,model=b replays both; dates as "
+        "export's --since/--until; with --cluster/--tag, narrows their exchanges",
     )
     replay.add_argument(
         "--sample", type=_positive_int, help="replay (or judge) a deterministic sample of N inputs"

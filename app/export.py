@@ -288,7 +288,7 @@ def why_empty(engine: Engine, selection: ExportSelection, no_clustering: str) ->
         for t in selection.tags
         if t not in options["tags"]
     ]
-    reasons += _outside_the_logs(selection.where, options)
+    reasons += unmatched_window(selection.where, options)
     bounded = selection.min_reward is not None or selection.max_reward is not None
     if bounded and latest_scorer(engine, "reward:") is None:
         reasons.append("--min-reward/--max-reward: no reward scores yet (run `convoscope score`)")
@@ -297,20 +297,21 @@ def why_empty(engine: Engine, selection: ExportSelection, no_clustering: str) ->
     return reasons or ["each filter matches rows, but no row matches them all"]
 
 
-def _outside_the_logs(where: ExchangeFilter, options: Mapping[str, Any]) -> list[str]:
-    """Why `--since`/`--until` selected nothing: no stored exchange has a logged time, or the
-    window misses the times the logs span."""
+def unmatched_window(
+    where: ExchangeFilter, options: Mapping[str, Any], spelled: str = "--since/--until"
+) -> list[str]:
+    """Why a time window selected nothing: no stored exchange has a logged time, or the window
+    misses the times the logs span. `options` is `filter_options`; `spelled` names the
+    window's options as the command takes them."""
     if where.since is None and where.until is None:
         return []
     first, last = options["first"], options["last"]
     if first is None:
-        return ["--since/--until: no stored exchange has a logged time"]
+        return [f"{spelled}: no stored exchange has a logged time"]
     if (where.since is not None and where.since > last) or (
         where.until is not None and where.until <= first
     ):
-        return [
-            f"--since/--until: the logs run from {first:%Y-%m-%d %H:%M} to {last:%Y-%m-%d %H:%M}"
-        ]
+        return [f"{spelled}: the logs run from {first:%Y-%m-%d %H:%M} to {last:%Y-%m-%d %H:%M}"]
     return []
 
 

@@ -332,7 +332,7 @@ def selection_record(
         "filters": {},
     }
     if isinstance(select, ExchangeFilter):
-        record["filters"] = _filters_of(select)
+        record["filters"] = filters_of(select)
     record.update(described or {})
     record["clusters"] = [
         {"id": str(c["id"]), "label": str(c.get("label") or c["id"])} for c in record["clusters"]
@@ -341,9 +341,15 @@ def selection_record(
     return {**record, "sample": config.sample, "inputs": inputs}
 
 
-def _filters_of(where: ExchangeFilter) -> dict[str, list[str]]:
-    """A filter's model and source values, by the `--filter` key that gives them."""
-    return {"model": list(where.models), "source": list(where.sources)}
+def filters_of(where: ExchangeFilter) -> dict[str, list[str]]:
+    """A filter's values, by the `--filter` key that gives them (a window's ends as ISO
+    instants, UTC)."""
+    return {
+        "model": list(where.models),
+        "source": list(where.sources),
+        "since": [where.since.isoformat()] if where.since else [],
+        "until": [where.until.isoformat()] if where.until else [],
+    }
 
 
 def selection_text(selection: Mapping[str, Any] | None, *, short: bool = False) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,6 +22,7 @@ from ingest.embed_step import EmbedConfig
 from storage.engine import open_database
 from storage.logs import iter_exchanges
 from storage.scores import store_scores
+from tests.openai_server import OpenAIServer
 from tests.test_ingest_pipeline import convoscope_here as convoscope
 
 MONDAY = datetime(2026, 1, 12, 9, 30, tzinfo=UTC)
@@ -238,6 +240,53 @@ def test_since_and_until_select_by_the_logged_time(tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     assert battles.returncode == 2 and "--since selects exchanges" in battles.stderr
+
+
+def test_a_replay_of_the_inputs_logged_in_a_window(tmp_path: Path) -> None:
+    """`replay --filter since=,until=`: the fourth week's inputs go to the endpoint, and the run
+    records the window."""
+    db = f"duckdb:///{tmp_path / 't.duckdb'}"
+    log = _log(tmp_path / "chats.jsonl")
+    assert convoscope("ingest", str(log), db=db, cwd=tmp_path).returncode == 0
+    endpoint = ("--model", "new-bot", "--json")
+    with OpenAIServer() as server:
+        # Before the replay below stores its answers, which are logged now (December).
+        late = convoscope(
+            "replay",
+            *endpoint,
+            "--base-url",
+            server.base_url,
+            "--filter",
+            "since=2026-03-01",
+            db=db,
+            cwd=tmp_path,
+        )
+        window = "since=2026-02-02,until=2026-02-08,model=bot-a"
+        done = convoscope(
+            "replay",
+            *endpoint,
+            "--base-url",
+            server.base_url,
+            "--filter",
+            window,
+            db=db,
+            cwd=tmp_path,
+        )
+        assert done.returncode == 0, done.stderr
+        assert server.total_requests() == 5  # 3 of the 6 refunds, both poems: bot-a's
+        numbers = sorted(int(re.search(r"\d+", prompt).group()) for prompt in server.requests)
+        assert numbers == [15, 17, 19, 21, 22]  # the log's numbering of its chats
+        run_id = json.loads(done.stdout)["run_id"]
+        report = convoscope("replay", "report", run_id, db=db, cwd=tmp_path)
+        assert "since=2026-02-02T00:00:00 · until=2026-02-09T00:00:00" in report.stdout
+        twice = convoscope(
+            "replay", *endpoint, "--base-url", server.base_url, "--filter", "until=2026-02-01",
+            "--filter", "until=2026-02-03", db=db, cwd=tmp_path,
+        )  # fmt: skip
+        assert server.total_requests() == 5
+    assert late.returncode == 2
+    assert "--filter since=/until=: the logs run from 2026-01-12 09:30" in late.stderr
+    assert twice.returncode == 2 and "--filter gives until= twice" in twice.stderr
 
 
 def test_logs_without_times_and_wrong_calls_say_so(tmp_path: Path) -> None:

@@ -4,7 +4,7 @@ Kept apart from argument parsing (app/cli.py) so the UI and tests can call the s
 paths. Each module holds the commands of one stage; `describe` says any result in words.
 """
 
-from app.commands.common import Interrupted, NothingDone, UserError
+from app.commands.common import Interrupted, NothingDone, UserError, parse_moment
 from app.commands.describe import describe
 from app.commands.launch import demo, run, ui
 from app.commands.logs import export, ingest
@@ -28,6 +28,7 @@ __all__ = [
     "embed",
     "export",
     "ingest",
+    "parse_moment",
     "prune",
     "rename",
     "replay",

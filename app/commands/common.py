@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -82,14 +82,38 @@ def warn_skipped(bad: Sequence[object], more: str) -> None:
         warn(f"skipped {len(bad) - WARN_AT_MOST} more {more}")
 
 
+def parse_moment(text: str, *, end: bool) -> datetime:
+    """A date (a whole day: from its start, or with `end` up to its end) or an ISO date-time
+    (that instant), as stored: naive UTC (an offset is converted, none means UTC)."""
+    text = text.strip()
+    try:
+        if len(text) == 10:
+            day = date.fromisoformat(text)
+            return datetime.combine(day + timedelta(days=1) if end else day, time.min)
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(
+            f"expected a date (2026-01-31) or an ISO date-time (2026-01-31T18:00), got {text!r}"
+        ) from None
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC).replace(tzinfo=None)
+    return moment
+
+
 def time_window(args: argparse.Namespace) -> tuple[datetime | None, datetime | None]:
-    """`--since` and `--until` (`app.cli` made them instants), refused when they leave no
-    time between them: the selection would be empty whatever is stored."""
-    since, until = args.since, args.until
+    """`--since` and `--until` (`app.cli` made them instants), checked by `checked_window`."""
+    return checked_window(args.since, args.until)
+
+
+def checked_window(
+    since: datetime | None, until: datetime | None, names: tuple[str, str] = ("--since", "--until")
+) -> tuple[datetime | None, datetime | None]:
+    """The window, refused when it leaves no time between its ends: the selection would be
+    empty whatever is stored. `names` spell the two options as the command takes them."""
     if since is not None and until is not None and since >= until:
         raise UserError(
-            f"--since {since:%Y-%m-%d %H:%M} is not before --until {until:%Y-%m-%d %H:%M} "
-            "(a day given to --until counts up to its end)"
+            f"{names[0]} {since:%Y-%m-%d %H:%M} is not before {names[1]} {until:%Y-%m-%d %H:%M} "
+            f"(a day given to {names[1]} counts up to its end)"
         )
     return since, until
 

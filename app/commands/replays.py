@@ -8,6 +8,7 @@ import os
 import shlex
 import uuid
 from dataclasses import asdict
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -18,12 +19,14 @@ from app.commands.common import (
     Interrupted,
     NothingDone,
     UserError,
+    checked_window,
     clustering_used,
     count,
     no_clustering,
+    parse_moment,
     safe_url,
 )
-from app.export import matching_sources, unmatched_models_and_sources
+from app.export import matching_sources, unmatched_models_and_sources, unmatched_window
 from storage.clusters import latest_run
 from storage.engine import open_database
 from storage.logs import ExchangeFilter
@@ -371,26 +374,52 @@ def _record_instruction_reward(engine: Engine, run_id: str, report: dict[str, An
             )
 
 
+def _filter_window(pairs: list[tuple[str, str]]) -> tuple[datetime | None, datetime | None]:
+    """`--filter since=DATE,until=DATE`, as `export --since/--until` reads its dates."""
+    bounds: dict[str, datetime] = {}
+    for key, value in pairs:
+        if key not in ("since", "until"):
+            continue
+        if key in bounds:
+            raise UserError(f"--filter gives {key}= twice: a window has one of each end")
+        try:
+            bounds[key] = parse_moment(value, end=key == "until")
+        except ValueError as error:
+            raise UserError(f"--filter {key}=: {error}") from None
+    return checked_window(
+        bounds.get("since"), bounds.get("until"), ("--filter since=", "--filter until=")
+    )
+
+
 def _replay_selection(
     engine: Engine, args: argparse.Namespace
 ) -> tuple[ExchangeFilter | list[str], dict[str, Any]]:
     """--cluster / --tag become exchange ids (those --filter matches, when it is given too);
     --filter alone becomes an ExchangeFilter. With it, what the run records of them
     (`ingest.replay.selection_record`): ids alone say nothing of what the run covered."""
+    from ingest.replay import filters_of
     from storage.clusters import exchanges_in_clusters
     from storage.logs import iter_exchanges
 
-    unknown = {key for key, _ in args.filter} - {"model", "source"}
+    unknown = {key for key, _ in args.filter} - {"model", "source", "since", "until"}
     if unknown:
-        raise UserError(f"--filter takes model= and source=, not {', '.join(sorted(unknown))}")
+        raise UserError(
+            f"--filter takes model=, source=, since= and until=, not {', '.join(sorted(unknown))}"
+        )
+    since, until = _filter_window(args.filter)
     where = ExchangeFilter(
         models=tuple(dict.fromkeys(value for key, value in args.filter if key == "model")),
         sources=matching_sources(engine, [value for key, value in args.filter if key == "source"]),
+        since=since,
+        until=until,
     )
     spelled = ("--filter model={}", "--filter source={}")
-    if unmatched := unmatched_models_and_sources(where, filter_options(engine), *spelled):
+    options = filter_options(engine)
+    unmatched = unmatched_models_and_sources(where, options, *spelled)
+    unmatched += unmatched_window(where, options, "--filter since=/until=")
+    if unmatched:
         raise UserError(f"nothing to replay: {'; '.join(unmatched)}")
-    described: dict[str, Any] = {"filters": {"model": where.models, "source": where.sources}}
+    described: dict[str, Any] = {"filters": filters_of(where)}
     if not (args.cluster or args.tag):
         return where, described
     run = latest_run(engine, args.on)
