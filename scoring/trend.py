@@ -11,6 +11,7 @@ ranking goes by a lower bound.
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 from typing import Any
 
 _FIGURES = ("exchanges", "scored", "reward_mean", "reward_sd", "retry_rate", "end_rate")
@@ -36,11 +37,16 @@ def total_series(found: dict[str, Any]) -> dict[str, Any]:
     return _series({row["start"]: row for row in found["totals"]}, found)
 
 
-def surely_worse(topic: dict[str, Any]) -> bool:
-    """The topic's reward fell into the latest period by more than chance explains: the
-    whole 95 % interval of the change is below 0."""
-    ci = topic["reward_change_ci"]
-    return ci is not None and ci[1] < 0
+def surely_worse(topics: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The topics whose reward fell into the latest period by more than chance explains
+    across all of them: each change's interval is widened for the number of topics compared
+    (Bonferroni, 95 % for the family), so among 40 steady topics none is named by chance,
+    where a 95 % interval each would name about one."""
+    compared = [t for t in topics if t["id"] is not None and t["reward_change_se"] is not None]
+    if not compared:
+        return []
+    z = NormalDist().inv_cdf(1 - 0.025 / len(compared))
+    return [t for t in compared if t["reward_change"] + z * t["reward_change_se"] < 0]
 
 
 def _series(rows: dict[str, dict[str, Any]], found: dict[str, Any]) -> dict[str, Any]:
@@ -53,7 +59,7 @@ def _series(rows: dict[str, dict[str, Any]], found: dict[str, Any]) -> dict[str,
         row = rows.get(start)
         figures = {name: row[name] for name in _FIGURES} if row else _empty()
         series.append({"start": start, **figures})
-    change = low = high = None
+    change = error = None
     if len(series) >= 2 and series[-1]["scored"] and series[-2]["scored"]:
         before, latest = series[-2], series[-1]
         change = latest["reward_mean"] - before["reward_mean"]
@@ -62,12 +68,13 @@ def _series(rows: dict[str, dict[str, Any]], found: dict[str, Any]) -> dict[str,
                 before["reward_sd"] ** 2 / before["scored"]
                 + latest["reward_sd"] ** 2 / latest["scored"]
             )
-            low, high = change - Z95 * error, change + Z95 * error
-    return {"series": series, "reward_change": change, "reward_change_ci": _ci(low, high)}
-
-
-def _ci(low: float | None, high: float | None) -> list[float] | None:
-    return None if low is None or high is None else [low, high]
+    ci = None if change is None or error is None else [change - Z95 * error, change + Z95 * error]
+    return {
+        "series": series,
+        "reward_change": change,
+        "reward_change_se": error,
+        "reward_change_ci": ci,
+    }
 
 
 def _empty() -> dict[str, Any]:

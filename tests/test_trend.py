@@ -373,3 +373,19 @@ def test_the_overview_names_the_topics_surely_worse_than_the_period_before(
     )
     assert f"{escape_markdown(refund['name'])} ({refund['reward_change']:+.2f})" in warning
     assert escape_markdown(poem["name"]) not in warning and poem["reward_change"] > 0
+
+
+def test_the_topics_named_worse_survive_the_number_compared() -> None:
+    """A fall 2.5 standard errors deep is outside its own 95 % interval, so it would be named
+    beside one other topic, but not among 40, where about one would fall that far by chance;
+    a fall 4 errors deep is named among 40 too. Topics without an error are never named."""
+    from scoring.trend import surely_worse
+
+    def topic(name: str, change: float | None, error: float | None) -> dict[str, Any]:
+        return {"id": name, "name": name, "reward_change": change, "reward_change_se": error}
+
+    shallow, deep = topic("shallow", -0.25, 0.1), topic("deep", -0.4, 0.1)
+    steady = [topic(f"s{i}", 0.0, 0.1) for i in range(38)]
+    assert surely_worse([shallow, topic("s", 0.0, 0.1)]) == [shallow]
+    assert surely_worse([shallow, deep, *steady]) == [deep]
+    assert surely_worse([topic("one", -0.3, None), topic("none", None, None)]) == []

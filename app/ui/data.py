@@ -337,7 +337,7 @@ def worsened(
         return found, views.cluster_names(engine, run_id)
 
     found, names = read(url, load)
-    topics = [t for t in topic_series(found, names) if t["id"] and surely_worse(t)]
+    topics = surely_worse(topic_series(found, names))
     return found["period"], (found["periods"] or [None])[-1], topics
 
 

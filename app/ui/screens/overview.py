@@ -95,8 +95,8 @@ if c.scorer:
         more = f", and {len(worse) - 3} more" if len(worse) > 3 else ""
         st.warning(
             f"Worse in the {period} of {latest} than the {period} before, by more than chance "
-            f"explains: {listed}{more}. Each topic's page charts it (*Over time*); "
-            "`convoscope trend` lists every topic this way.",
+            f"explains across the topics: {listed}{more}. Each topic's page charts it "
+            "(*Over time*); `convoscope trend` lists every topic this way.",
             icon=":material/trending_down:",
         )
 
