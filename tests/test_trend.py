@@ -67,7 +67,7 @@ def _log(path: Path, *, dated: bool = True, plan: list[tuple[int, str, int, bool
     return path
 
 
-def _clustered(db: str, tmp_path: Path, log: Path) -> dict[str, str]:
+def _clustered(db: str, tmp_path: Path, log: Path, *, rewards: bool = True) -> dict[str, str]:
     """Ingested, clustered into the two topics; a reward per exchange (its answer's number
     over 100, minus 0.5 when retried) stored as a scorer's. Returns topic word → cluster id."""
     done = convoscope(
@@ -83,9 +83,9 @@ def _clustered(db: str, tmp_path: Path, log: Path) -> dict[str, str]:
         reducer=pca_reducer(2),
         clusterer=kmeans_clusterer(2),
     )
-    rows = [r for batch in iter_exchanges(engine) for r in batch]
-    rewards = {r["id"]: _reward(r) for r in rows}
-    store_scores(engine, "reward:test", rewards)
+    if rewards:
+        rows = [r for batch in iter_exchanges(engine) for r in batch]
+        store_scores(engine, "reward:test", {r["id"]: _reward(r) for r in rows})
     engine.dispose()
     listed = convoscope("clusters", "--level", "0", "--json", db=db, cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr
@@ -287,6 +287,17 @@ def test_a_replay_of_the_inputs_logged_in_a_window(tmp_path: Path) -> None:
     assert late.returncode == 2
     assert "--filter since=/until=: the logs run from 2026-01-12 09:30" in late.stderr
     assert twice.returncode == 2 and "--filter gives until= twice" in twice.stderr
+
+
+def test_before_any_reward_the_topics_come_largest_first(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 't.sqlite'}"
+    ids = _clustered(db, tmp_path, _log(tmp_path / "chats.jsonl"), rewards=False)
+    result = _trend(db, tmp_path, "--by", "month")
+    assert result["scorer"] is None
+    assert [c["id"] for c in result["clusters"]] == [ids["refund"], ids["poem"]]  # 15, 8
+    assert all(c["reward_change"] is None for c in result["clusters"])
+    said = convoscope("trend", "--by", "month", db=db, cwd=tmp_path).stdout
+    assert "topics, largest first: exchanges per month (no rewards to rank by yet" in said
 
 
 def test_logs_without_times_and_wrong_calls_say_so(tmp_path: Path) -> None:

@@ -563,13 +563,18 @@ def _describe_trend(result: dict[str, Any]) -> str:
     width = max([7, *(len(topic["id"] or "-") for topic in result["clusters"])])
     lines += [
         "",
-        f"topics, most worsened first: exchanges per {period}"
+        ("topics, most worsened first" if result["scorer"] else "topics, largest first")
+        + f": exchanges per {period}"
         + (
             f" (the last {len(shown)}; --json has all)"
             if len(shown) < len(result["periods"])
             else ""
         )
-        + ", then the reward of the latest and its change from the one before",
+        + (
+            ", then the reward of the latest and its change from the one before"
+            if result["scorer"]
+            else " (no rewards to rank by yet: `convoscope score`)"
+        ),
         f"{'id':<{width}} "
         + " ".join(f"{start[:7] if period == 'month' else start[5:]:>7}" for start in shown)
         + "  reward (change, 95% CI)          name",
