@@ -348,6 +348,10 @@ def test_the_cluster_page_charts_its_topic_over_time(
     assert bars["x"] == ["2026-01-12", "2026-01-19", "2026-01-26", "2026-02-02"]
     assert bars["y"] == [4, 5, 0, 6]
     assert line["y"][0] == pytest.approx(0.015) and line["y"][2] is None
+    first_week = [0.0, 0.01, 0.02, 0.03]  # the answers' numbers over 100
+    margin = 1.96 * statistics.stdev(first_week) / 2
+    assert line["error_y"]["array"][0] == pytest.approx(margin, abs=1e-4)
+    assert line["error_y"]["array"][2] is None
     assert any("(1 with no logged time not shown)" in c.value for c in at.caption)
 
 

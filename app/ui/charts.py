@@ -7,12 +7,14 @@ because Plotly renders a subset of HTML in hover labels and legends.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pandas as pd
 import plotly.graph_objects as go
 
 from app.ui.render import hover_text
+from scoring.trend import Z95
 
 MAX_LEGEND = 60  # clusters beyond this are drawn but not listed in the legend
 MAP_HEIGHT = 560  # px of the map itself; the legend below it adds its rows
@@ -99,11 +101,13 @@ def _legend_below() -> dict[str, object]:
 
 def trend_chart(trend: dict[str, Any]) -> go.Figure:
     """A topic over time: its exchanges per period as bars, its mean reward as a line on a
-    second axis (a gap where a period has no scored exchange)."""
+    second axis (a gap where a period has no scored exchange) with each mean's 95 % interval
+    as an error bar, so a swing over a handful of exchanges looks as unsure as it is."""
     by_start = {row["start"]: row for row in trend["rows"]}
     periods = trend["periods"]
     counts = [by_start[p]["exchanges"] if p in by_start else 0 for p in periods]
     rewards = [by_start[p]["reward_mean"] if p in by_start else None for p in periods]
+    margins = [_margin(by_start.get(p)) for p in periods]
     figure = go.Figure(
         go.Bar(x=periods, y=counts, name="exchanges", marker={"color": "#b0c4de"}, yaxis="y")
     )
@@ -116,6 +120,7 @@ def trend_chart(trend: dict[str, Any]) -> go.Figure:
                 mode="lines+markers",
                 connectgaps=False,
                 line={"color": "#d9534f"},
+                error_y={"type": "data", "array": margins, "thickness": 1, "width": 3},
                 yaxis="y2",
             )
         )
@@ -129,3 +134,10 @@ def trend_chart(trend: dict[str, Any]) -> go.Figure:
         bargap=0.2,
     )
     return figure
+
+
+def _margin(row: dict[str, Any] | None) -> float | None:
+    """Half the 95 % interval of a period's mean reward (None below two scored exchanges)."""
+    if row is None or row["reward_sd"] is None:
+        return None
+    return Z95 * row["reward_sd"] / math.sqrt(row["scored"])

@@ -164,7 +164,8 @@ with main:
             st.plotly_chart(charts.trend_chart(trend), width="stretch", key="trend_chart")
             undated = trend["undated"]
             st.caption(
-                f"Exchanges and mean reward per {trend['period']} of their logged times"
+                f"Exchanges and mean reward (bars: its 95 % interval) per {trend['period']} of "
+                "their logged times"
                 + (f" ({undated:,} with no logged time not shown)" if undated else "")
                 + ". `convoscope trend` lists every topic this way, most worsened first."
             )
