@@ -30,13 +30,27 @@ def schema_revision(engine: Engine) -> str | None:
 
 
 def ingest_summary(engine: Engine) -> Row:
-    """How many ingests ran, when the latest began, and how many models the exchanges name."""
+    """How many ingests ran, when the latest began, how many models the exchanges name, and
+    how many exchanges have a logged time and over what span (what `trend` can follow)."""
     runs = sa.select(sa.func.count(), sa.func.max(ingest_runs.c.started_at))
-    models = sa.select(sa.func.count(sa.distinct(exchanges.c.model)))
+    logged = exchanges.c.created_at
+    models = sa.select(
+        sa.func.count(sa.distinct(exchanges.c.model)),
+        sa.func.count(logged),
+        sa.func.min(logged),
+        sa.func.max(logged),
+    )
     with engine.connect() as conn:
         n_runs, latest = conn.execute(runs).one()
-        n_models = conn.execute(models).scalar_one()
-    return {"ingest_runs": int(n_runs), "latest_ingest": latest, "models": int(n_models)}
+        n_models, dated, first, last = conn.execute(models).one()
+    return {
+        "ingest_runs": int(n_runs),
+        "latest_ingest": latest,
+        "models": int(n_models),
+        "dated": int(dated),
+        "first_logged": first,
+        "last_logged": last,
+    }
 
 
 def vector_counts(engine: Engine) -> dict[str, int]:

@@ -103,6 +103,9 @@ def test_an_empty_database_says_what_to_run_first(db_url: str, tmp_path: Path) -
         "ingest_runs": 0,
         "latest_ingest": None,
         "models": 0,
+        "dated": 0,
+        "first_logged": None,
+        "last_logged": None,
     }
     assert status["embeddings"] == {} and status["clusterings"] == []
     assert status["scoring"]["reward_scorer"] is None and status["replay"]["runs"] == 0

@@ -214,6 +214,8 @@ def test_since_and_until_select_by_the_logged_time(tmp_path: Path) -> None:
     last = exported("--since", "2026-02-07T10:30:00+01:00")  # 09:30 UTC: the last refund
     assert [row["created_at"] for row in last] == ["2026-02-07T09:30:00"]
 
+    status = convoscope("status", db=db, cwd=tmp_path).stdout
+    assert "logged 2026-01-12 to 2026-02-07 (23 of 25 exchanges have a time" in status
     weekly = _trend(db, tmp_path, "--by", "week", "--since", "2026-01-19")
     assert weekly["periods"][0] == "2026-01-19"
     assert [p["exchanges"] for p in weekly["total"]["series"]] == [8, 0, 8]

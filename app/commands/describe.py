@@ -228,6 +228,7 @@ def _describe_status(result: dict[str, Any]) -> str:
             f"{count(logs['models'], 'model')} named",
             f"{count(logs['ingest_runs'], 'ingest')}"
             + (f", the latest {latest:%Y-%m-%d %H:%M}" if latest else ""),
+            *_status_times(logs),
         ],
         "embeddings": [f"{n} vectors of {model}" for model, n in result["embeddings"].items()],
         "clustering": [line for run in result["clusterings"] for line in _status_run(run)],
@@ -244,6 +245,18 @@ def _describe_status(result: dict[str, Any]) -> str:
             lines or ["nothing: the database is up to date" if name == "next" else "none"]
         )
     )
+
+
+def _status_times(logs: dict[str, Any]) -> list[str]:
+    """When the logged exchanges were logged, as far as the logs say (what `trend` follows)."""
+    if not logs["exchanges"]:
+        return []
+    if not logs["dated"]:
+        return ["no logged times (`trend` needs them)"]
+    return [
+        f"logged {logs['first_logged']:%Y-%m-%d} to {logs['last_logged']:%Y-%m-%d} "
+        f"({logs['dated']} of {logs['exchanges']} exchanges have a time: `convoscope trend`)"
+    ]
 
 
 def _status_run(run: dict[str, Any]) -> list[str]:
