@@ -397,9 +397,19 @@ def leftover(record: Mapping[str, Any], used: set[str] | frozenset[str]) -> dict
     return {k: v for k, v in record.items() if k not in used}
 
 
+# Keys a log may give a message's (or a conversation's) time under, first match wins.
+TIME_KEYS: tuple[str, ...] = ("created_at", "timestamp", "created", "sent_date", "time")
+
+
+def spelled_time_keys() -> str:
+    """TIME_KEYS as a message names them: "`created_at`, ... or `time`"."""
+    quoted = [f"`{key}`" for key in TIME_KEYS]
+    return f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+
+
 # Keys a log may use for each per-message signal, first match wins.
 _SIGNAL_KEYS: dict[str, tuple[str, ...]] = {
-    "created_at": ("created_at", "timestamp", "created", "sent_date", "time"),
+    "created_at": TIME_KEYS,
     "model": ("model", "model_name"),
     "external_id": ("id", "message_id"),
     "retried": ("retried", "regenerated"),

@@ -100,11 +100,6 @@ def parse_moment(text: str, *, end: bool) -> datetime:
     return moment
 
 
-def time_window(args: argparse.Namespace) -> tuple[datetime | None, datetime | None]:
-    """`--since` and `--until` (`app.cli` made them instants), checked by `checked_window`."""
-    return checked_window(args.since, args.until)
-
-
 def checked_window(
     since: datetime | None, until: datetime | None, names: tuple[str, str] = ("--since", "--until")
 ) -> tuple[datetime | None, datetime | None]:

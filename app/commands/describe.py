@@ -6,6 +6,7 @@ from typing import Any
 
 from app.commands.common import WARN_AT_MOST, count
 from app.export import BATTLES
+from ingest.readers import spelled_time_keys
 
 # Periods `trend` prints: rows of its totals, columns of its topics (--json carries all).
 TREND_ROWS, TREND_COLUMNS = 36, 6
@@ -555,8 +556,8 @@ def _describe_trend(result: dict[str, Any]) -> str:
     if not result["periods"]:
         return (
             f"no exchange of the latest clustering on {result['on']} (run {result['run_id']}) "
-            "has a time: the logs give none (`created_at`, `timestamp`, `created`, "
-            "`sent_date` or `time`, per message or per conversation)"
+            f"has a time: the logs give none ({spelled_time_keys()}, per message or per "
+            "conversation)"
         )
     rewards = f"rewards: {result['scorer']}" if result["scorer"] else "no rewards yet (`score`)"
     lines = [

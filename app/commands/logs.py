@@ -9,11 +9,11 @@ from typing import Any
 from app.commands.common import (
     NothingDone,
     UserError,
+    checked_window,
     clustering_used,
     no_clustering,
     note,
     safe_url,
-    time_window,
     warn,
 )
 from app.export import (
@@ -96,7 +96,7 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
         return _export_battles(args)
     format = args.format or guess_format(args.out)
     check_spreadsheet_safe(format, args.spreadsheet_safe)  # before the database is opened
-    since, until = time_window(args)
+    since, until = checked_window(args.since, args.until)
     engine = open_database(args.db, read_only=True)  # export only reads: no write lock
     try:
         sources = matching_sources(engine, args.source)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from app.commands.common import UserError, no_clustering, time_window
+from app.commands.common import UserError, checked_window, no_clustering
 from scoring.trend import topic_series, total_series
 from storage.engine import open_database
 
@@ -22,7 +22,7 @@ def trend(args: argparse.Namespace) -> dict[str, Any]:
     from storage.clusters import latest_run, load_clusters
     from storage.views import ViewFilter, cluster_trend, reward_scorer
 
-    since, until = time_window(args)  # refused before the database is opened
+    since, until = checked_window(args.since, args.until)  # refused before the database is opened
     flt = ViewFilter(models=tuple(args.model or ()), since=since, until=until)
     engine = open_database(args.db, read_only=True)  # reads only: beside other readers
     try:

@@ -21,6 +21,7 @@ from app.ui.render import (
     safe_label,
     table_cells,
 )
+from ingest.readers import spelled_time_keys
 from storage.clusters import add_tag, annotate_cluster, remove_tag
 from storage.views import PERIODS
 
@@ -156,9 +157,8 @@ with main:
         )
         if not trend["periods"]:
             st.caption(
-                "No exchange of this cluster has a logged time (a log's `created_at`, "
-                "`timestamp`, `created`, `sent_date` or `time`), so there is nothing to show "
-                "over time."
+                "No exchange of this cluster has a logged time (a log's "
+                f"{spelled_time_keys()}), so there is nothing to show over time."
             )
         else:
             st.plotly_chart(charts.trend_chart(trend), width="stretch", key="trend_chart")
